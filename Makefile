@@ -1,0 +1,54 @@
+# One entry point per task. Every target creates the virtualenv first, so a fresh clone needs
+# nothing but python3 (3.11+) and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast lint format typecheck gen-protos check-protos bench demo clean venv
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e clients/python -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the server: embedded PostgreSQL and Redis when none is configured, demo data loaded.
+run: $(STAMP)
+	$(PY) -m server.dev
+
+## The whole test suite against real Redis and PostgreSQL (found or started the same way).
+test: $(STAMP)
+	$(PY) -m pytest
+
+## Unit and integration tests without the multi-process load and fault tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy server storage clients/python/subsidy_client benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+gen-protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+## Fails when the checked-in generated code differs from what the protos produce.
+check-protos: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+## A short client session against a running server (make run in another terminal).
+demo: $(STAMP)
+	$(PY) -m subsidy_client.demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,10 @@
+"""Python client for the subsidy authorization gateway.
+
+``subsidy_client.v1`` holds the generated protobuf and gRPC code (with typed stubs);
+``AuthorizationClient`` is the thin typed client partner apps and terminals use.
+"""
+
+from subsidy_client.client import AuthorizationClient, Line, RetryPolicy
+from subsidy_client.errors import SubsidyError
+
+__all__ = ["AuthorizationClient", "Line", "RetryPolicy", "SubsidyError"]

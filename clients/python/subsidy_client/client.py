@@ -1,0 +1,186 @@
+"""A typed asyncio client for terminals and partner apps.
+
+- Signs every attempt (fresh timestamp and nonce) with the terminal's secret.
+- Every call has a deadline (``deadline_s``); a retry gets what is left of an overall budget.
+- Retries UNAVAILABLE and DEADLINE_EXCEEDED with the *same* request_id, so the gateway's
+  idempotency turns a retry into the first answer rather than a second reservation.
+- Raises the ``subsidy_client.errors`` subclass matching each failure.
+
+Example::
+
+    async with AuthorizationClient("127.0.0.1:50051", "t-01", secret) as client:
+        response = await client.authorize(campaign_id="demo", consumer_key=key,
+                                          lines=[Line("1", "6901234000016", 459900, "SN1")])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from subsidy_client import signing
+from subsidy_client.errors import DeadlineExceeded, SubsidyError, Unavailable, from_rpc_error
+from subsidy_client.v1 import authorization_pb2 as pb
+from subsidy_client.v1 import diagnostics_pb2
+
+ResponseT = TypeVar("ResponseT", bound=Message)
+SERVICE = "/subsidy.v1.AuthorizationService/"
+RETRYABLE = (Unavailable, DeadlineExceeded)
+
+
+@dataclass(frozen=True)
+class Line:
+    line_id: str
+    gtin: str
+    unit_price_fen: int
+    serial_number: str = ""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 1.0
+    total_budget_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff bounds must satisfy 0 <= initial <= max")
+
+
+class AuthorizationClient:
+    def __init__(
+        self,
+        target: str,
+        terminal_id: str,
+        secret: str,
+        *,
+        deadline_s: float = 2.0,
+        retry: RetryPolicy | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        if deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
+        self._terminal_id = terminal_id
+        self._secret = secret
+        self._deadline_s = deadline_s
+        self._retry = retry or RetryPolicy()
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(target)
+
+    async def __aenter__(self) -> AuthorizationClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def _call(self, method: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
+        body = request.SerializeToString()
+        stub = self._channel.unary_unary(
+            method, request_serializer=lambda raw: raw, response_deserializer=response_type.FromString
+        )
+        started = time.monotonic()
+        for attempt in range(1, self._retry.max_attempts + 1):
+            remaining_s = self._retry.total_budget_s - (time.monotonic() - started)
+            metadata = signing.signed_metadata(self._secret, method, self._terminal_id, body)
+            try:
+                response: ResponseT = await stub(body, timeout=min(self._deadline_s, remaining_s), metadata=metadata)
+                return response
+            except grpc.aio.AioRpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+            last_attempt = attempt == self._retry.max_attempts
+            if not isinstance(error, RETRYABLE) or last_attempt:
+                raise error
+            backoff_s = min(self._retry.backoff_max_s, self._retry.backoff_initial_s * 2 ** (attempt - 1))
+            backoff_s *= random.uniform(0.5, 1.0)
+            if time.monotonic() - started + backoff_s >= self._retry.total_budget_s:
+                raise error
+            await asyncio.sleep(backoff_s)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def authorize(
+        self,
+        *,
+        campaign_id: str,
+        consumer_key: str,
+        lines: Sequence[Line],
+        channel: int = pb.CHANNEL_POS,
+        request_id: str | None = None,
+    ) -> pb.AuthorizeResponse:
+        request = pb.AuthorizeRequest(
+            request_id=request_id or str(uuid.uuid4()),
+            campaign_id=campaign_id,
+            consumer_key=consumer_key,
+            channel=channel,  # type: ignore[arg-type]
+            lines=[
+                pb.LineItem(
+                    line_id=line.line_id,
+                    gtin=line.gtin,
+                    unit_price_fen=line.unit_price_fen,
+                    serial_number=line.serial_number,
+                )
+                for line in lines
+            ],
+        )
+        return await self.send_authorize(request)
+
+    async def send_authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
+        """Sends a prepared request as is (for callers that build messages themselves)."""
+        return await self._call(SERVICE + "Authorize", request, pb.AuthorizeResponse)
+
+    async def capture(self, authorization_id: str, *, request_id: str | None = None) -> pb.CaptureResponse:
+        request = pb.CaptureRequest(request_id=request_id or str(uuid.uuid4()), authorization_id=authorization_id)
+        return await self._call(SERVICE + "Capture", request, pb.CaptureResponse)
+
+    async def void(self, authorization_id: str, *, request_id: str | None = None) -> pb.VoidResponse:
+        request = pb.VoidRequest(request_id=request_id or str(uuid.uuid4()), authorization_id=authorization_id)
+        return await self._call(SERVICE + "Void", request, pb.VoidResponse)
+
+    async def refund(
+        self, authorization_id: str, line_ids: Sequence[str] = (), *, request_id: str | None = None
+    ) -> pb.RefundResponse:
+        request = pb.RefundRequest(
+            request_id=request_id or str(uuid.uuid4()), authorization_id=authorization_id, line_ids=list(line_ids)
+        )
+        return await self._call(SERVICE + "Refund", request, pb.RefundResponse)
+
+    async def get_authorization(self, authorization_id: str) -> pb.Authorization:
+        request = pb.GetAuthorizationRequest(authorization_id=authorization_id)
+        response = await self._call(SERVICE + "GetAuthorization", request, pb.GetAuthorizationResponse)
+        return response.authorization
+
+    async def echo(self, payload: bytes) -> bytes:
+        request = diagnostics_pb2.EchoRequest(payload=payload)
+        response = await self._call("/subsidy.v1.DiagnosticsService/Echo", request, diagnostics_pb2.EchoResponse)
+        return response.payload
+
+    async def call_raw(self, method: str, body: bytes, metadata: Any) -> bytes:
+        """Sends raw bytes with caller-chosen metadata: for tests of hostile input."""
+        stub = self._channel.unary_unary(
+            method, request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw
+        )
+        try:
+            result: bytes = await stub(body, timeout=self._deadline_s, metadata=metadata)
+            return result
+        except grpc.aio.AioRpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
+
+
+__all__ = ["AuthorizationClient", "Line", "RetryPolicy", "SubsidyError"]

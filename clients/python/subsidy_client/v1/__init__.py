@@ -1,0 +1,8 @@
+"""Generated from protos/subsidy/v1 by scripts/gen_protos.py. Do not edit."""
+
+from subsidy_client.v1 import authorization_pb2 as authorization_pb2
+from subsidy_client.v1 import authorization_pb2_grpc as authorization_pb2_grpc
+from subsidy_client.v1 import common_pb2 as common_pb2
+from subsidy_client.v1 import common_pb2_grpc as common_pb2_grpc
+from subsidy_client.v1 import diagnostics_pb2 as diagnostics_pb2
+from subsidy_client.v1 import diagnostics_pb2_grpc as diagnostics_pb2_grpc

@@ -1,0 +1,134 @@
+"""The application factory: ``create_server(config)`` builds a started-but-not-serving-yet
+gRPC server with its services, interceptors and background tasks; ``Application.stop``
+drains it. ``server.__main__`` runs one per worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+from subsidy_client.v1 import (
+    authorization_pb2,
+    authorization_pb2_grpc,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+)
+
+from server.auth import AuthInterceptor, CredentialCache
+from server.authorization import AuthorizationService
+from server.config import Config
+from server.diagnostics import DiagnosticsService
+from server.errors import ErrorInterceptor
+from storage.redis.keys import Keys
+from storage.redis.scripts import Scripts
+from storage.redis.store import RedisStore, StoreLimits
+
+log = logging.getLogger("subsidy.app")
+SERVICE_NAMES = (
+    authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
+    diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
+)
+
+
+@dataclass
+class Application:
+    server: grpc.aio.Server
+    port: int
+    redis: Redis
+    store: RedisStore
+    health: health_async.HealthServicer
+    config: Config
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in (*SERVICE_NAMES, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING first (load balancers move away), then drain in-flight
+        calls for up to the grace period, then stop background tasks and close the pool."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace_s)
+        self.stopping.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.redis.aclose()
+        log.info("stopped")
+
+
+async def run_sweeper(store: RedisStore, config: Config, stopping: asyncio.Event) -> None:
+    """Expires due holds in every process; the scripts make concurrent sweepers safe."""
+    while not stopping.is_set():
+        try:
+            expired = await store.expire_due_holds(config.sweep_batch_size)
+            if expired:
+                log.info("holds expired", extra={"count": expired})
+        except Exception:
+            log.warning("hold sweep failed", exc_info=True)
+        try:
+            await asyncio.wait_for(stopping.wait(), config.sweep_interval_ms / 1000)
+        except TimeoutError:
+            pass
+
+
+async def create_server(config: Config) -> Application:
+    redis = Redis.from_url(
+        config.redis_url,
+        socket_timeout=config.redis_timeout_s,
+        socket_connect_timeout=config.redis_timeout_s,
+        max_connections=config.redis_pool_size,
+        health_check_interval=30,
+    )
+    try:
+        keys = Keys(config.redis_prefix)
+        scripts = Scripts(redis)
+        await scripts.preload()
+        store = RedisStore(
+            redis,
+            keys,
+            scripts,
+            StoreLimits(
+                hold_ttl_s=config.hold_ttl_s,
+                idempotency_ttl_s=config.idempotency_ttl_s,
+                nonce_ttl_s=2 * config.auth_clock_skew_s,
+            ),
+        )
+        credentials = CredentialCache(redis, keys)
+        await credentials.refresh()
+        server = grpc.aio.server(
+            interceptors=[
+                ErrorInterceptor(),
+                AuthInterceptor(credentials, config.auth_clock_skew_s),
+            ],
+            options=[("grpc.so_reuseport", 1)],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
+            AuthorizationService(store, config.max_lines), server
+        )
+        diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsService(), server)
+        health_servicer = health_async.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in (*SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(config.listen)
+        if port == 0:
+            raise RuntimeError(f"could not bind {config.listen}")
+    except (Exception, asyncio.CancelledError):
+        await redis.aclose()
+        raise
+    application = Application(server, port, redis, store, health_servicer, config)
+    application.tasks.append(asyncio.create_task(run_sweeper(store, config, application.stopping)))
+    application.tasks.append(
+        asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))
+    )
+    return application

@@ -1,0 +1,227 @@
+"""AuthorizationService: validates, calls one script, turns its answer into a response."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_pb2
+
+from server.auth import caller
+from server.domain import validation
+from server.errors import ApiError, invalid_field
+from storage.redis.scripts import Reply
+from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore
+
+pb = authorization_pb2
+
+# Script error codes -> what the caller is told.
+SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
+    "NONCE_REUSED": (
+        grpc.StatusCode.UNAUTHENTICATED,
+        common_pb2.ERROR_REASON_UNAUTHENTICATED,
+        "nonce already used; sign every attempt with a fresh nonce",
+    ),
+    "IDEMPOTENCY_CONFLICT": (
+        grpc.StatusCode.ALREADY_EXISTS,
+        common_pb2.ERROR_REASON_IDEMPOTENCY_CONFLICT,
+        "request_id was already used with a different payload",
+    ),
+    "AUTHORIZATION_NOT_FOUND": (
+        grpc.StatusCode.NOT_FOUND,
+        common_pb2.ERROR_REASON_AUTHORIZATION_NOT_FOUND,
+        "no such authorization for this merchant",
+    ),
+    "INVALID_STATE": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_INVALID_STATE,
+        "the authorization's state does not allow this call",
+    ),
+    "LINE_ALREADY_REFUNDED": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_LINE_ALREADY_REFUNDED,
+        "the line was already refunded",
+    ),
+    "TERMINAL_MERCHANT_MISMATCH": (
+        grpc.StatusCode.PERMISSION_DENIED,
+        common_pb2.ERROR_REASON_PERMISSION_DENIED,
+        "the terminal was re-bound to another merchant; retry shortly",
+    ),
+}
+
+
+def payload_hash(method: str, request: Any) -> str:
+    """Identifies a request's payload for idempotency: same method and same fields, same hash."""
+    return hashlib.sha256(method.encode() + b"\n" + request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def raise_script_error(body: Mapping[str, Any]) -> None:
+    code = body["error"]
+    if code == "LINE_NOT_FOUND":
+        raise invalid_field("line_ids", f"line {body['line_id']} is not part of this authorization")
+    if code not in SCRIPT_ERRORS:
+        raise RuntimeError(f"script returned unknown error {code}")
+    status, reason, message = SCRIPT_ERRORS[code]
+    metadata = {key: str(value) for key, value in body.items() if key != "error"}
+    if "state" in metadata:
+        metadata["state"] = "AUTHORIZATION_STATE_" + metadata["state"]
+    raise ApiError(status, reason, message, metadata)
+
+
+def timestamp_ms(milliseconds: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(milliseconds)
+    return stamp
+
+
+def line_results(lines: list[dict[str, Any]]) -> list[authorization_pb2.LineResult]:
+    return [
+        pb.LineResult(
+            line_id=line["l"],
+            gtin=line["g"],
+            category=line["c"],
+            unit_price_fen=line["p"],
+            subsidy_fen=line["s"],
+            payable_fen=line["p"] - line["s"],
+            refunded=line["r"] == 1,
+        )
+        for line in lines
+    ]
+
+
+def authorization_message(view: Mapping[str, Any]) -> authorization_pb2.Authorization:
+    return pb.Authorization(
+        authorization_id=view["id"],
+        state=pb.AuthorizationState.Value("AUTHORIZATION_STATE_" + view["state"]),
+        campaign_id=view["campaign"],
+        merchant_id=view["merchant"],
+        terminal_id=view["terminal"],
+        channel=view["channel"],
+        lines=line_results(view["lines"]),
+        total_price_fen=view["total_fen"],
+        subsidy_fen=view["subsidy_fen"],
+        refunded_subsidy_fen=view["refunded_fen"],
+        created_at=timestamp_ms(view["created_ms"]),
+        hold_expires_at=timestamp_ms(view["expires_ms"]),
+        updated_at=timestamp_ms(view["updated_ms"]),
+    )
+
+
+def authorize_response(reply: Reply) -> authorization_pb2.AuthorizeResponse:
+    body = reply.body
+    replayed = reply.kind == "replay"
+    if body["decision"] == "DECLINED":
+        return pb.AuthorizeResponse(
+            decision=pb.DECISION_DECLINED,
+            decline_reason=body["reason"],
+            declined_line_id=body["line_id"],
+            replayed=replayed,
+        )
+    view = body["authorization"]
+    return pb.AuthorizeResponse(
+        decision=pb.DECISION_APPROVED,
+        authorization_id=view["id"],
+        lines=line_results(view["lines"]),
+        total_price_fen=view["total_fen"],
+        subsidy_fen=view["subsidy_fen"],
+        payable_fen=view["total_fen"] - view["subsidy_fen"],
+        hold_expires_at=timestamp_ms(view["expires_ms"]),
+        replayed=replayed,
+    )
+
+
+class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
+    def __init__(self, store: RedisStore, max_lines: int) -> None:
+        self._store = store
+        self._max_lines = max_lines
+
+    async def Authorize(
+        self, request: authorization_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
+    ) -> authorization_pb2.AuthorizeResponse:
+        validation.check_authorize(request, self._max_lines)
+        identity = caller()
+        reply = await self._store.authorize(
+            AuthorizeInput(
+                payload_hash=payload_hash("Authorize", request),
+                request_id=request.request_id,
+                terminal_id=identity.terminal_id,
+                merchant_id=identity.merchant_id,
+                nonce=identity.nonce,
+                campaign_id=request.campaign_id,
+                consumer_key=request.consumer_key,
+                channel=request.channel,
+                authorization_id=uuid.uuid4().hex,
+                lines=[
+                    LineInput(line.line_id, line.gtin, line.unit_price_fen, line.serial_number)
+                    for line in request.lines
+                ],
+            )
+        )
+        if reply.kind == "error":
+            raise_script_error(reply.body)
+        return authorize_response(reply)
+
+    def _lifecycle_input(self, method: str, request: Any) -> LifecycleInput:
+        identity = caller()
+        return LifecycleInput(
+            payload_hash=payload_hash(method, request),
+            request_id=request.request_id,
+            terminal_id=identity.terminal_id,
+            merchant_id=identity.merchant_id,
+            nonce=identity.nonce,
+            authorization_id=request.authorization_id,
+        )
+
+    async def Capture(
+        self, request: authorization_pb2.CaptureRequest, context: grpc.aio.ServicerContext
+    ) -> authorization_pb2.CaptureResponse:
+        validation.check_lifecycle(request.request_id, request.authorization_id)
+        reply = await self._store.capture(self._lifecycle_input("Capture", request))
+        if reply.kind == "error":
+            raise_script_error(reply.body)
+        return pb.CaptureResponse(
+            authorization=authorization_message(reply.body["authorization"]),
+            replayed=reply.kind == "replay",
+        )
+
+    async def Void(
+        self, request: authorization_pb2.VoidRequest, context: grpc.aio.ServicerContext
+    ) -> authorization_pb2.VoidResponse:
+        validation.check_lifecycle(request.request_id, request.authorization_id)
+        reply = await self._store.void(self._lifecycle_input("Void", request))
+        if reply.kind == "error":
+            raise_script_error(reply.body)
+        return pb.VoidResponse(
+            authorization=authorization_message(reply.body["authorization"]),
+            replayed=reply.kind == "replay",
+        )
+
+    async def Refund(
+        self, request: authorization_pb2.RefundRequest, context: grpc.aio.ServicerContext
+    ) -> authorization_pb2.RefundResponse:
+        validation.check_refund(request, self._max_lines)
+        reply = await self._store.refund(self._lifecycle_input("Refund", request), list(request.line_ids))
+        if reply.kind == "error":
+            raise_script_error(reply.body)
+        return pb.RefundResponse(
+            authorization=authorization_message(reply.body["authorization"]),
+            refunded_subsidy_fen=reply.body["refunded_fen"],
+            replayed=reply.kind == "replay",
+        )
+
+    async def GetAuthorization(
+        self, request: authorization_pb2.GetAuthorizationRequest, context: grpc.aio.ServicerContext
+    ) -> authorization_pb2.GetAuthorizationResponse:
+        validation.check_authorization_id(request.authorization_id)
+        identity = caller()
+        if not await self._store.claim_nonce(identity.terminal_id, identity.nonce):
+            raise_script_error({"error": "NONCE_REUSED"})
+        view = await self._store.get_authorization(request.authorization_id, identity.merchant_id)
+        if view is None:
+            raise_script_error({"error": "AUTHORIZATION_NOT_FOUND"})
+        assert view is not None
+        return pb.GetAuthorizationResponse(authorization=authorization_message(view))

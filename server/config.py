@@ -1,0 +1,103 @@
+"""Server configuration from environment variables, validated at start-up.
+
+Every variable is optional except where ``make run`` provides it; a bad value stops the
+server before it binds, with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+LISTEN_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = DEFAULT_LISTEN
+    workers: int = 1
+    pg_dsn: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "sg"
+    redis_timeout_s: float = 2.0
+    redis_pool_size: int = 64
+    hold_ttl_s: int = 900
+    idempotency_ttl_s: int = 86_400
+    auth_clock_skew_s: int = 300
+    max_lines: int = 20
+    sweep_interval_ms: int = 1000
+    sweep_batch_size: int = 500
+    credentials_refresh_ms: int = 1000
+    shutdown_grace_s: float = 10.0
+    max_concurrent_rpcs: int = 2000
+    use_uvloop: bool = True
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not LISTEN_PATTERN.match(self.listen):
+            raise ConfigError(f"SUBSIDY_LISTEN must be host:port, got {self.listen!r}")
+        _positive("SUBSIDY_WORKERS", self.workers, 64)
+        _positive("SUBSIDY_HOLD_TTL_S", self.hold_ttl_s, 7 * 86_400)
+        _positive("SUBSIDY_IDEMPOTENCY_TTL_S", self.idempotency_ttl_s, 90 * 86_400)
+        _positive("SUBSIDY_AUTH_CLOCK_SKEW_S", self.auth_clock_skew_s, 3600)
+        _positive("SUBSIDY_MAX_LINES", self.max_lines, 100)
+        _positive("SUBSIDY_SWEEP_INTERVAL_MS", self.sweep_interval_ms, 3_600_000)
+        _positive("SUBSIDY_SWEEP_BATCH_SIZE", self.sweep_batch_size, 10_000)
+        _positive("SUBSIDY_CREDENTIALS_REFRESH_MS", self.credentials_refresh_ms, 3_600_000)
+        _positive("SUBSIDY_REDIS_POOL_SIZE", self.redis_pool_size, 10_000)
+        _positive("SUBSIDY_MAX_CONCURRENT_RPCS", self.max_concurrent_rpcs, 100_000)
+        if not 0 < self.redis_timeout_s <= 60:
+            raise ConfigError("SUBSIDY_REDIS_TIMEOUT_S must be in (0, 60]")
+        if not 0 <= self.shutdown_grace_s <= 300:
+            raise ConfigError("SUBSIDY_SHUTDOWN_GRACE_S must be in [0, 300]")
+        if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", self.redis_prefix):
+            raise ConfigError("SUBSIDY_REDIS_PREFIX must be 1-40 characters of [A-Za-z0-9_.-]")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("SUBSIDY_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("SUBSIDY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def port(self) -> int:
+        match = LISTEN_PATTERN.match(self.listen)
+        assert match is not None
+        return int(match.group(2))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        values: dict[str, object] = {}
+        for name, default in defaults.__dict__.items():
+            variable = "SUBSIDY_" + name.upper()
+            if variable not in env:
+                continue
+            values[name] = _convert(variable, env[variable], default)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _positive(variable: str, value: int, maximum: int) -> None:
+    if not 0 < value <= maximum:
+        raise ConfigError(f"{variable} must be between 1 and {maximum}, got {value}")
+
+
+def _convert(variable: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as error:
+        raise ConfigError(f"{variable}: cannot read {raw!r} as {type(default).__name__}") from error
+    return raw

@@ -1,0 +1,63 @@
+"""``make run``: the gateway on a fresh machine with nothing configured.
+
+Finds PostgreSQL and Redis (SUBSIDY_PG_DSN / SUBSIDY_REDIS_URL, else the default local ports,
+else embedded servers under ./.data/), creates the ``subsidy_dev`` database, applies the
+migrations, loads examples/demo.yaml, writes the demo terminals' credentials to
+.data/credentials.json and serves on SUBSIDY_LISTEN (default 127.0.0.1:50051) until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from server.__main__ import main as server_main
+from server.config import Config
+from server.reference import load
+from storage.devenv import DevServices
+
+DATA_DIR = Path(".data")
+DEMO_FILE = Path("examples/demo.yaml")
+DEV_DATABASE = "subsidy_dev"
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+async def ensure_database(admin_dsn: str, database: str) -> None:
+    connection = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await connection.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await connection.close()
+
+
+def main() -> int:
+    DATA_DIR.mkdir(exist_ok=True)
+    with DevServices(DATA_DIR) as services:
+        pg_dsn = with_database(services.pg_dsn, DEV_DATABASE)
+        asyncio.run(ensure_database(services.pg_dsn, DEV_DATABASE))
+        os.environ["SUBSIDY_PG_DSN"] = pg_dsn
+        os.environ["SUBSIDY_REDIS_URL"] = services.redis_url
+        os.environ.setdefault("SUBSIDY_WORKERS", "2")
+        config = Config.from_env()
+        asyncio.run(load(config, DEMO_FILE, DATA_DIR / "credentials.json"))
+        print(
+            f"gateway: serving on {config.listen} with {config.workers} workers; demo terminals in"
+            f" {DATA_DIR / 'credentials.json'}; try `make demo` in another terminal; Ctrl-C stops",
+            file=sys.stderr,
+        )
+        return server_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Reference data (campaigns, rules, products, merchants, terminals) parsed and validated.
+
+Pure functions: a file or an operator call becomes these frozen dataclasses or a
+``ReferenceError`` naming the offending field. Nothing here touches a database.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from server.domain.gtin import is_valid_gtin13
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CATEGORY = re.compile(r"^[a-z0-9_]{1,32}$")
+# Upper bounds that keep every sum exact in Lua's doubles (see storage/redis/lua/_lib.lua).
+PRICE_FEN_MAX = 10_000_000_000
+BUDGET_FEN_MAX = 10_000_000_000_000
+GRADES = ("0", "1", "2", "3", "4", "5")
+
+
+class ReferenceError(ValueError):
+    """A reference record that cannot work; ``field`` is a dotted path to the culprit."""
+
+    def __init__(self, field_path: str, reason: str) -> None:
+        super().__init__(f"{field_path}: {reason}")
+        self.field = field_path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Rule:
+    category: str
+    kind: str  # "PERCENT" or "FIXED"
+    rates_bp: Mapping[str, int]
+    cap_fen: int
+    threshold_fen: int
+    off_fen: int
+    price_ceiling_fen: int
+    per_person_limit: int
+    budget_fen: int
+
+    def redis_json(self) -> dict[str, Any]:
+        """The rule as authorize.lua reads it."""
+        return {
+            "kind": self.kind,
+            "rates_bp": dict(self.rates_bp),
+            "cap_fen": self.cap_fen,
+            "threshold_fen": self.threshold_fen,
+            "off_fen": self.off_fen,
+            "price_ceiling_fen": self.price_ceiling_fen,
+            "per_person_limit": self.per_person_limit,
+        }
+
+
+@dataclass(frozen=True)
+class Campaign:
+    campaign_id: str
+    name: str
+    status: str
+    starts_at: datetime
+    ends_at: datetime
+    rules: Sequence[Rule]
+    region: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Product:
+    gtin: str
+    brand: str
+    model: str
+    category: str
+    energy_grade: int
+    reference_price_fen: int
+    serial_required: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class Terminal:
+    terminal_id: str
+    status: str
+    secret: str | None  # None: issue one when loading
+
+
+@dataclass(frozen=True)
+class Merchant:
+    merchant_id: str
+    name: str
+    licence_number: str
+    status: str
+    categories: Sequence[str]
+    terminals: Sequence[Terminal] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class ReferenceData:
+    campaigns: Sequence[Campaign]
+    products: Sequence[Product]
+    merchants: Sequence[Merchant]
+
+
+def _require(record: Mapping[str, Any], key: str, path: str) -> Any:
+    if key not in record or record[key] is None:
+        raise ReferenceError(f"{path}.{key}", "is required")
+    return record[key]
+
+
+def _integer(record: Mapping[str, Any], key: str, path: str, low: int, high: int, default: int | None = None) -> int:
+    value = record.get(key, default)
+    if value is None:
+        raise ReferenceError(f"{path}.{key}", "is required")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReferenceError(f"{path}.{key}", "must be an integer")
+    if not low <= value <= high:
+        raise ReferenceError(f"{path}.{key}", f"must be between {low} and {high}")
+    return value
+
+
+def _pattern(record: Mapping[str, Any], key: str, path: str, pattern: re.Pattern[str]) -> str:
+    value = _require(record, key, path)
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ReferenceError(f"{path}.{key}", f"must match {pattern.pattern}")
+    return value
+
+
+def _choice(record: Mapping[str, Any], key: str, path: str, choices: Sequence[str], default: str) -> str:
+    value = record.get(key, default)
+    if value not in choices:
+        raise ReferenceError(f"{path}.{key}", f"must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _timestamp(record: Mapping[str, Any], key: str, path: str) -> datetime:
+    value = _require(record, key, path)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as error:
+            raise ReferenceError(f"{path}.{key}", "must be an ISO-8601 timestamp") from error
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ReferenceError(f"{path}.{key}", "must be a timestamp with a UTC offset")
+    return value
+
+
+def parse_rule(record: Mapping[str, Any], path: str) -> Rule:
+    kind = _choice(record, "kind", path, ("PERCENT", "FIXED"), "PERCENT")
+    raw_rates = record.get("rates_bp", {}) or {}
+    if not isinstance(raw_rates, Mapping):
+        raise ReferenceError(f"{path}.rates_bp", "must map energy grade to basis points")
+    rates: dict[str, int] = {}
+    for grade, rate in raw_rates.items():
+        grade_key = str(grade)
+        if grade_key not in GRADES:
+            raise ReferenceError(f"{path}.rates_bp", f"unknown energy grade {grade_key!r}")
+        rates[grade_key] = _integer({"rate": rate}, "rate", f"{path}.rates_bp.{grade_key}", 0, 10_000)
+    rule = Rule(
+        category=_pattern(record, "category", path, CATEGORY),
+        kind=kind,
+        rates_bp=rates,
+        cap_fen=_integer(record, "cap_fen", path, 0, PRICE_FEN_MAX, 0),
+        threshold_fen=_integer(record, "threshold_fen", path, 0, PRICE_FEN_MAX, 0),
+        off_fen=_integer(record, "off_fen", path, 0, PRICE_FEN_MAX, 0),
+        price_ceiling_fen=_integer(record, "price_ceiling_fen", path, 0, PRICE_FEN_MAX, 0),
+        per_person_limit=_integer(record, "per_person_limit", path, 1, 1000),
+        budget_fen=_integer(record, "budget_fen", path, 0, BUDGET_FEN_MAX - 1),
+    )
+    if kind == "PERCENT" and not rates:
+        raise ReferenceError(f"{path}.rates_bp", "a PERCENT rule needs at least one grade's rate")
+    if kind == "PERCENT" and rule.cap_fen == 0:
+        raise ReferenceError(f"{path}.cap_fen", "a PERCENT rule needs a positive cap")
+    if kind == "FIXED" and rule.off_fen == 0:
+        raise ReferenceError(f"{path}.off_fen", "a FIXED rule needs a positive amount off")
+    if kind == "FIXED" and rule.off_fen > rule.threshold_fen:
+        raise ReferenceError(f"{path}.off_fen", "must not exceed threshold_fen")
+    return rule
+
+
+def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
+    starts_at = _timestamp(record, "starts_at", path)
+    ends_at = _timestamp(record, "ends_at", path)
+    if ends_at <= starts_at:
+        raise ReferenceError(f"{path}.ends_at", "must be after starts_at")
+    raw_rules = _require(record, "rules", path)
+    rules = [parse_rule(rule, f"{path}.rules[{index}]") for index, rule in enumerate(raw_rules)]
+    categories = [rule.category for rule in rules]
+    if len(set(categories)) != len(categories):
+        raise ReferenceError(f"{path}.rules", "each category may have one rule")
+    return Campaign(
+        campaign_id=_pattern(record, "id", path, IDENTIFIER),
+        name=str(record.get("name", record["id"])),
+        status=_choice(record, "status", path, ("ACTIVE", "PAUSED"), "ACTIVE"),
+        starts_at=starts_at,
+        ends_at=ends_at,
+        rules=tuple(rules),
+        region=record.get("region"),
+    )
+
+
+def parse_product(record: Mapping[str, Any], path: str) -> Product:
+    gtin = str(_require(record, "gtin", path))
+    if not is_valid_gtin13(gtin):
+        raise ReferenceError(f"{path}.gtin", "must be a GTIN-13 with a valid check digit")
+    return Product(
+        gtin=gtin,
+        brand=str(_require(record, "brand", path)),
+        model=str(_require(record, "model", path)),
+        category=_pattern(record, "category", path, CATEGORY),
+        energy_grade=_integer(record, "energy_grade", path, 0, 5, 0),
+        reference_price_fen=_integer(record, "reference_price_fen", path, 0, PRICE_FEN_MAX, 0),
+        serial_required=bool(record.get("serial_required", False)),
+        active=bool(record.get("active", True)),
+    )
+
+
+def parse_merchant(record: Mapping[str, Any], path: str) -> Merchant:
+    categories = record.get("categories", []) or []
+    for index, category in enumerate(categories):
+        if not isinstance(category, str) or not CATEGORY.match(category):
+            raise ReferenceError(f"{path}.categories[{index}]", f"must match {CATEGORY.pattern}")
+    terminals = [
+        Terminal(
+            terminal_id=_pattern(terminal, "id", f"{path}.terminals[{index}]", IDENTIFIER),
+            status=_choice(terminal, "status", f"{path}.terminals[{index}]", ("ACTIVE", "SUSPENDED"), "ACTIVE"),
+            secret=terminal.get("secret"),
+        )
+        for index, terminal in enumerate(record.get("terminals", []) or [])
+    ]
+    return Merchant(
+        merchant_id=_pattern(record, "id", path, IDENTIFIER),
+        name=str(_require(record, "name", path)),
+        licence_number=str(_require(record, "licence_number", path)),
+        status=_choice(record, "status", path, ("ACTIVE", "SUSPENDED"), "ACTIVE"),
+        categories=tuple(categories),
+        terminals=tuple(terminals),
+    )
+
+
+def parse_reference(document: Mapping[str, Any]) -> ReferenceData:
+    """Parses a whole reference file; raises ReferenceError at the first bad field."""
+    return ReferenceData(
+        campaigns=tuple(
+            parse_campaign(item, f"campaigns[{index}]")
+            for index, item in enumerate(document.get("campaigns", []) or [])
+        ),
+        products=tuple(
+            parse_product(item, f"products[{index}]") for index, item in enumerate(document.get("products", []) or [])
+        ),
+        merchants=tuple(
+            parse_merchant(item, f"merchants[{index}]")
+            for index, item in enumerate(document.get("merchants", []) or [])
+        ),
+    )

@@ -1,0 +1,125 @@
+"""Errors as google.rpc.Status with exactly one ErrorInfo, and the interceptor that maps
+every failure of a handler to one.
+
+Three causes, three treatments: the caller's bad input (``ApiError`` with a precise code and
+reason), a dependency failing (Redis timeouts become UNAVAILABLE so the caller retries with
+the same request_id), and a bug (INTERNAL; the traceback goes to the server log under an
+incident id, never to the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from redis import exceptions as redis_errors
+from subsidy_client.v1 import common_pb2
+
+DOMAIN = "subsidy.gateway"
+log = logging.getLogger("subsidy.errors")
+
+
+class ApiError(Exception):
+    """A failure the caller should see: a status code and an ErrorReason with metadata."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: int,
+        message: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = dict(metadata or {})
+
+    @property
+    def reason_name(self) -> str:
+        return common_pb2.ErrorReason.Name(self.reason).removeprefix("ERROR_REASON_")  # type: ignore[arg-type]
+
+
+def invalid_field(field: str, message: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        common_pb2.ERROR_REASON_INVALID_FIELD,
+        f"{field}: {message}",
+        {"field": field},
+    )
+
+
+def to_status(error: ApiError) -> Any:
+    info = error_details_pb2.ErrorInfo(reason=error.reason_name, domain=DOMAIN, metadata=error.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+def classify(exception: BaseException) -> ApiError:
+    """Maps an exception raised by a handler to what the caller is told."""
+    if isinstance(exception, ApiError):
+        return exception
+    if isinstance(exception, redis_errors.ConnectionError | redis_errors.TimeoutError | TimeoutError):
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            common_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
+            "a dependency did not answer; retry with the same request_id",
+        )
+    incident = uuid.uuid4().hex
+    log.error("internal error", extra={"incident": incident}, exc_info=exception)
+    return ApiError(
+        grpc.StatusCode.INTERNAL,
+        common_pb2.ERROR_REASON_INTERNAL,
+        f"internal error; incident {incident}",
+        {"incident": incident},
+    )
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost interceptor: no exception leaves a unary handler except as a rich status."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior: Behavior = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exception:
+                error = classify(exception)
+                if error.code != grpc.StatusCode.INTERNAL:
+                    log.info(
+                        "call failed",
+                        extra={
+                            "method": method,
+                            "code": error.code.name,
+                            "reason": error.reason_name,
+                        },
+                    )
+                await context.abort_with_status(to_status(error))
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

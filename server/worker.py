@@ -1,0 +1,39 @@
+"""One worker process: its own event loop (uvloop unless disabled), pools and server.
+
+Kept out of ``server.__main__`` so that spawned worker processes can import it by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from server import logs
+from server.app import create_server
+from server.config import Config
+
+log = logging.getLogger("subsidy.worker")
+
+
+async def serve(config: Config) -> None:
+    application = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await application.start()
+    await stop.wait()
+    log.info("shutting down")
+    await application.stop()
+
+
+def run_worker(config: Config) -> None:
+    logs.configure(config.log_level)
+    if config.use_uvloop:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
+    else:
+        asyncio.run(serve(config))

@@ -1,0 +1,135 @@
+"""Reference data in PostgreSQL: upserts from parsed files and reads for publishing."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from server.domain.reference import ReferenceData
+
+
+def issue_terminal_secret() -> str:
+    """A new terminal credential: 256 random bits, URL-safe text."""
+    return secrets.token_urlsafe(32)
+
+
+async def save_reference(connection: asyncpg.Connection, data: ReferenceData) -> dict[str, str]:
+    """Upserts everything in one transaction; returns terminal id -> secret for the terminals
+    in ``data``. A terminal keeps its existing secret unless the file sets one."""
+    credentials: dict[str, str] = {}
+    async with connection.transaction():
+        for campaign in data.campaigns:
+            await connection.execute(
+                "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region)"
+                " VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+                " ON CONFLICT (campaign_id) DO UPDATE SET name = excluded.name,"
+                " status = excluded.status, starts_at = excluded.starts_at,"
+                " ends_at = excluded.ends_at, region = excluded.region, updated_at = now()",
+                campaign.campaign_id,
+                campaign.name,
+                campaign.status,
+                campaign.starts_at,
+                campaign.ends_at,
+                orjson.dumps(campaign.region).decode() if campaign.region is not None else None,
+            )
+            await connection.execute("DELETE FROM campaign_rules WHERE campaign_id = $1", campaign.campaign_id)
+            await connection.executemany(
+                "INSERT INTO campaign_rules (campaign_id, category, kind, rates_bp, cap_fen,"
+                " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen)"
+                " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)",
+                [
+                    (
+                        campaign.campaign_id,
+                        rule.category,
+                        rule.kind,
+                        orjson.dumps(dict(rule.rates_bp)).decode(),
+                        rule.cap_fen,
+                        rule.threshold_fen,
+                        rule.off_fen,
+                        rule.price_ceiling_fen,
+                        rule.per_person_limit,
+                        rule.budget_fen,
+                    )
+                    for rule in campaign.rules
+                ],
+            )
+        await connection.executemany(
+            "INSERT INTO products (gtin, brand, model, category, energy_grade,"
+            " reference_price_fen, serial_required, active) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            " ON CONFLICT (gtin) DO UPDATE SET brand = excluded.brand, model = excluded.model,"
+            " category = excluded.category, energy_grade = excluded.energy_grade,"
+            " reference_price_fen = excluded.reference_price_fen,"
+            " serial_required = excluded.serial_required, active = excluded.active, updated_at = now()",
+            [
+                (
+                    product.gtin,
+                    product.brand,
+                    product.model,
+                    product.category,
+                    product.energy_grade,
+                    product.reference_price_fen,
+                    product.serial_required,
+                    product.active,
+                )
+                for product in data.products
+            ],
+        )
+        for merchant in data.merchants:
+            await connection.execute(
+                "INSERT INTO merchants (merchant_id, name, licence_number, status, categories)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (merchant_id) DO UPDATE SET"
+                " name = excluded.name, licence_number = excluded.licence_number,"
+                " status = excluded.status, categories = excluded.categories, updated_at = now()",
+                merchant.merchant_id,
+                merchant.name,
+                merchant.licence_number,
+                merchant.status,
+                list(merchant.categories),
+            )
+            for terminal in merchant.terminals:
+                secret = await connection.fetchval(
+                    "INSERT INTO terminals (terminal_id, merchant_id, status, secret)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (terminal_id) DO UPDATE SET"
+                    " merchant_id = excluded.merchant_id, status = excluded.status,"
+                    " secret = CASE WHEN $5 THEN excluded.secret ELSE terminals.secret END,"
+                    " updated_at = now() RETURNING secret",
+                    terminal.terminal_id,
+                    merchant.merchant_id,
+                    terminal.status,
+                    terminal.secret or issue_terminal_secret(),
+                    terminal.secret is not None,
+                )
+                credentials[terminal.terminal_id] = secret
+    return credentials
+
+
+@dataclass(frozen=True)
+class ReferenceSnapshot:
+    """Every reference row, as published to Redis."""
+
+    campaigns: list[dict[str, Any]]
+    rules: list[dict[str, Any]]
+    products: list[dict[str, Any]]
+    merchants: list[dict[str, Any]]
+    terminals: list[dict[str, Any]]
+
+
+async def fetch_reference(connection: asyncpg.Connection) -> ReferenceSnapshot:
+    """Reads all reference data in one repeatable-read snapshot, so a publication is consistent."""
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        campaigns = await connection.fetch("SELECT campaign_id, status, starts_at, ends_at FROM campaigns")
+        rules = await connection.fetch("SELECT * FROM campaign_rules")
+        products = await connection.fetch("SELECT * FROM products")
+        merchants = await connection.fetch("SELECT merchant_id, status, categories FROM merchants")
+        terminals = await connection.fetch("SELECT terminal_id, merchant_id, status, secret FROM terminals")
+    return ReferenceSnapshot(
+        campaigns=[dict(row) for row in campaigns],
+        rules=[dict(row) for row in rules],
+        products=[dict(row) for row in products],
+        merchants=[dict(row) for row in merchants],
+        terminals=[dict(row) for row in terminals],
+    )

@@ -1,0 +1,83 @@
+"""Redis key names. One hash tag per deployment prefix.
+
+Every key of a deployment shares the hash tag ``{prefix}``, so in a Redis Cluster they live in
+one slot and each Lua script stays atomic across idempotency records, terminals, budgets and
+the ledger stream. A district programme's load (thousands of authorizations per second) fits
+one Redis primary; sharding by campaign would change the tag to ``{prefix:campaign}`` and move
+idempotency records under it, which the key functions here make a local change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not PREFIX_PATTERN.match(self.prefix):
+            raise ValueError(f"redis key prefix must match {PREFIX_PATTERN.pattern}")
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.prefix + "}"
+
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of this deployment."""
+        return "{" + self.prefix + "}:*"
+
+    def nonce(self, terminal_id: str, nonce: str) -> str:
+        return f"{self.tag}:nonce:{terminal_id}:{nonce}"
+
+    def idempotency(self, terminal_id: str, request_id: str) -> str:
+        return f"{self.tag}:idem:{terminal_id}:{request_id}"
+
+    def terminal(self, terminal_id: str) -> str:
+        return f"{self.tag}:terminal:{terminal_id}"
+
+    def merchant(self, merchant_id: str) -> str:
+        return f"{self.tag}:merchant:{merchant_id}"
+
+    def campaign(self, campaign_id: str) -> str:
+        return f"{self.tag}:campaign:{campaign_id}"
+
+    def rules(self, campaign_id: str) -> str:
+        return f"{self.tag}:rules:{campaign_id}"
+
+    def budget(self, campaign_id: str) -> str:
+        return f"{self.tag}:budget:{campaign_id}"
+
+    def usage(self, campaign_id: str, consumer_key: str) -> str:
+        return f"{self.tag}:usage:{campaign_id}:{consumer_key}"
+
+    def authorization(self, authorization_id: str) -> str:
+        return f"{self.tag}:auth:{authorization_id}"
+
+    def product(self, gtin: str) -> str:
+        return f"{self.tag}:product:{gtin}"
+
+    def serial(self, gtin: str, serial_number: str) -> str:
+        return f"{self.tag}:serial:{gtin}:{serial_number}"
+
+    @property
+    def holds(self) -> str:
+        return f"{self.tag}:holds"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.tag}:ledger"
+
+    @property
+    def credentials(self) -> str:
+        """Hash: terminal id -> JSON {"merchant": ..., "secret": ...}."""
+        return f"{self.tag}:credentials"
+
+    @property
+    def reference_version(self) -> str:
+        """Incremented by every publication of reference data."""
+        return f"{self.tag}:reference_version"

@@ -1,0 +1,68 @@
+-- refund.lua: refunds captured lines (CAPTURED -> PARTIALLY_REFUNDED -> REFUNDED). Each
+-- refunded line gives its subsidy back to the budget, one unit back to the consumer's quota
+-- and frees its serial. A line is refunded at most once.
+--
+-- KEYS[1] authorization hash  KEYS[2] holds zset  KEYS[3] budget hash  KEYS[4] usage hash
+-- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8..] serial keys of the
+-- authorization's lines that carry a serial (derived by the caller from the immutable lines)
+--
+-- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] caller's merchant id  ARGV[4] idempotency
+-- ttl (s)  ARGV[5] nonce ttl (s)  ARGV[6] campaign id  ARGV[7] consumer key
+-- ARGV[8..] line ids to refund; none means every line not yet refunded.
+--
+-- Returns {kind, JSON}: {"authorization": view, "refunded_fen": n} or {"error": ...}.
+
+local keys = lifecycle_keys(8)
+local auth, now = begin_lifecycle(keys)
+if auth == nil then return now end
+if auth.state ~= 'CAPTURED' and auth.state ~= 'PARTIALLY_REFUNDED' then
+  return fail('INVALID_STATE', {state = auth.state})
+end
+
+-- Choose the lines; every check before the first write.
+local wanted, chosen = {}, {}
+for i = 8, #ARGV do wanted[ARGV[i]] = true end
+local explicit = #ARGV >= 8
+for _, line in ipairs(auth.lines) do
+  if not explicit or wanted[line.l] then
+    if line.r == 1 and explicit then return fail('LINE_ALREADY_REFUNDED', {line_id = line.l}) end
+    if line.r == 0 then chosen[#chosen + 1] = line end
+    wanted[line.l] = nil
+  end
+end
+local unknown = next(wanted)
+if unknown then return fail('LINE_NOT_FOUND', {line_id = unknown}) end
+
+local sums, counts, order = per_category(chosen)
+local refunded_fen = 0
+for _, category in ipairs(order) do
+  redis.call('HINCRBY', keys.budget, category .. ':spent', -sums[category])
+  redis.call('HINCRBY', keys.budget, category .. ':refunded', sums[category])
+  redis.call('HINCRBY', keys.usage, category, -counts[category])
+  refunded_fen = refunded_fen + sums[category]
+end
+local all_refunded = true
+for _, line in ipairs(auth.lines) do
+  for _, picked in ipairs(chosen) do if picked.l == line.l then line.r = 1 end end
+  if line.r == 0 then all_refunded = false end
+end
+-- Serial keys arrive in line order, one per line that carries a serial.
+local serial_index = 0
+for _, line in ipairs(auth.lines) do
+  if line.sn ~= '' then
+    serial_index = serial_index + 1
+    local serial_key = keys.serials[serial_index]
+    for _, picked in ipairs(chosen) do
+      if picked.l == line.l and redis.call('GET', serial_key) == auth.id then
+        redis.call('DEL', serial_key)
+      end
+    end
+  end
+end
+auth.state = all_refunded and 'REFUNDED' or 'PARTIALLY_REFUNDED'
+auth.refunded_fen = tonumber(auth.refunded_fen) + refunded_fen
+auth.updated_ms, auth.last_request_id = now, ARGV[2]
+redis.call('HSET', keys.auth, 'state', auth.state, 'lines', cjson.encode(auth.lines),
+  'refunded_fen', auth.refunded_fen, 'updated_ms', now, 'last_request_id', ARGV[2])
+emit(keys.stream, 'REFUNDED', auth, chosen, refunded_fen, now)
+return finish_lifecycle(auth, {refunded_fen = refunded_fen})

@@ -1,0 +1,102 @@
+"""Publishes reference data from PostgreSQL into the Redis hot-path cache.
+
+Budget counters (reserved, spent, refunded) and consumer usage are money state and are never
+touched here; only each category's released total is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from storage.postgres.reference import ReferenceSnapshot
+from storage.redis.keys import Keys
+
+BATCH_SIZE = 1000
+
+
+def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    iterator = iter(rows)
+    while batch := list(islice(iterator, BATCH_SIZE)):
+        yield batch
+
+
+def _epoch_ms(value: Any) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def rule_json(row: dict[str, Any]) -> bytes:
+    rates = row["rates_bp"]
+    if isinstance(rates, str):
+        rates = orjson.loads(rates)
+    return orjson.dumps(
+        {
+            "kind": row["kind"],
+            "rates_bp": rates,
+            "cap_fen": row["cap_fen"],
+            "threshold_fen": row["threshold_fen"],
+            "off_fen": row["off_fen"],
+            "price_ceiling_fen": row["price_ceiling_fen"],
+            "per_person_limit": row["per_person_limit"],
+        }
+    )
+
+
+async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapshot) -> int:
+    """Writes the snapshot into Redis; returns the new reference version."""
+    rules_by_campaign: dict[str, dict[str, bytes]] = {}
+    for row in snapshot.rules:
+        rules_by_campaign.setdefault(row["campaign_id"], {})[row["category"]] = rule_json(row)
+    async with redis.pipeline(transaction=True) as pipe:
+        for campaign in snapshot.campaigns:
+            campaign_id = campaign["campaign_id"]
+            pipe.hset(
+                keys.campaign(campaign_id),
+                mapping={
+                    "status": campaign["status"],
+                    "starts_ms": _epoch_ms(campaign["starts_at"]),
+                    "ends_ms": _epoch_ms(campaign["ends_at"]),
+                },
+            )
+            # Replace the rule set whole, so a category removed from the campaign disappears.
+            pipe.delete(keys.rules(campaign_id))
+            if rules_by_campaign.get(campaign_id):
+                pipe.hset(keys.rules(campaign_id), mapping=rules_by_campaign[campaign_id])
+        for row in snapshot.rules:
+            pipe.hset(keys.budget(row["campaign_id"]), f"{row['category']}:total", row["budget_fen"])
+        for merchant in snapshot.merchants:
+            scope = "," + ",".join(merchant["categories"]) + "," if merchant["categories"] else ""
+            pipe.hset(
+                keys.merchant(merchant["merchant_id"]), mapping={"status": merchant["status"], "categories": scope}
+            )
+        for terminal in snapshot.terminals:
+            pipe.hset(
+                keys.terminal(terminal["terminal_id"]),
+                mapping={"status": terminal["status"], "merchant": terminal["merchant_id"]},
+            )
+            pipe.hset(
+                keys.credentials,
+                terminal["terminal_id"],
+                orjson.dumps({"merchant": terminal["merchant_id"], "secret": terminal["secret"]}),
+            )
+        await pipe.execute()
+    for batch in _batches(snapshot.products):
+        async with redis.pipeline(transaction=False) as pipe:
+            for product in batch:
+                pipe.hset(
+                    keys.product(product["gtin"]),
+                    mapping={
+                        "active": "1" if product["active"] else "0",
+                        "category": product["category"],
+                        "grade": str(product["energy_grade"]),
+                        "reference_price_fen": product["reference_price_fen"],
+                        "serial_required": "1" if product["serial_required"] else "0",
+                    },
+                )
+            await pipe.execute()
+    version: int = await redis.incr(keys.reference_version)
+    return version
