@@ -31,6 +31,7 @@ from subsidy_client.v1 import common_pb2
 
 from server.errors import ApiError, invalid_field
 from storage.redis.keys import Keys
+from storage.redis.store import text
 
 log = logging.getLogger("subsidy.auth")
 NONCE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
@@ -69,7 +70,7 @@ class CredentialCache:
         self._redis = redis
         self._keys = keys
         self._credentials: dict[str, Credential] = {}
-        self._version: bytes | None = None
+        self._version: bytes | str | None = None
 
     async def refresh(self) -> None:
         version = await self._redis.get(self._keys.reference_version)
@@ -77,7 +78,7 @@ class CredentialCache:
             return
         raw = await self._redis.hgetall(self._keys.credentials)
         self._credentials = {
-            terminal.decode(): Credential(merchant_id=record["merchant"], secret=record["secret"])
+            text(terminal): Credential(merchant_id=record["merchant"], secret=record["secret"])
             for terminal, value in raw.items()
             for record in (orjson.loads(value),)
         }

@@ -55,11 +55,12 @@ async def _main(dsn: str) -> None:
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dsn", required=True, help="PostgreSQL DSN")
     arguments = parser.parse_args()
     asyncio.run(_main(arguments.dsn))
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def rule_json(row: dict[str, Any]) -> bytes:
 
 async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapshot) -> int:
     """Writes the snapshot into Redis; returns the new reference version."""
-    rules_by_campaign: dict[str, dict[str, bytes]] = {}
+    rules_by_campaign: dict[str | bytes, Any] = {}
     for row in snapshot.rules:
         rules_by_campaign.setdefault(row["campaign_id"], {})[row["category"]] = rule_json(row)
     async with redis.pipeline(transaction=True) as pipe:

@@ -114,9 +114,9 @@ class RedisStore:
         """The keys of an authorization's lifecycle scripts, from its immutable fields."""
         key = self.keys.authorization(authorization_id)
         campaign, consumer, raw_lines = await self.redis.hmget(key, ["campaign", "consumer", "lines"])
-        if campaign is None:
+        if campaign is None or consumer is None or raw_lines is None:
             return None
-        campaign_id, consumer_key = campaign.decode(), consumer.decode()
+        campaign_id, consumer_key = text(campaign), text(consumer)
         keys = [
             key,
             self.keys.holds,
@@ -165,7 +165,7 @@ class RedisStore:
         raw = await self.redis.hgetall(self.keys.authorization(authorization_id))
         if not raw:
             return None
-        fields = {key.decode(): value.decode() for key, value in raw.items()}
+        fields = {text(key): text(value) for key, value in raw.items()}
         if fields["merchant"] != merchant_id:
             return None
         return authorization_view(fields)
@@ -186,7 +186,7 @@ class RedisStore:
         due = await self.redis.zrangebyscore(self.keys.holds, "-inf", now_ms, start=0, num=limit)
         expired = 0
         for raw_id in due:
-            authorization_id = raw_id.decode()
+            authorization_id = text(raw_id)  # type: ignore[arg-type]  # plain members: no scores asked
             found = await self._lifecycle_keys(authorization_id)
             if found is None:
                 await self.redis.zrem(self.keys.holds, authorization_id)
@@ -194,6 +194,11 @@ class RedisStore:
             reply = await self._scripts.call("expire_hold", found[0], [])
             expired += 1 if reply.body.get("expired") else 0
         return expired
+
+
+def text(value: bytes | str) -> str:
+    """redis-py returns bytes (decode_responses is off for speed); names and ids are ASCII."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def authorization_view(fields: dict[str, str]) -> dict[str, Any]:

@@ -76,7 +76,7 @@ BY_CODE: dict[grpc.StatusCode, type[SubsidyError]] = {
 def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> SubsidyError:
     code = error.code()
     reason, metadata = code.name, {}
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):

@@ -1,0 +1,170 @@
+"""Shared fixtures: real PostgreSQL and Redis, an isolated database and key prefix per run,
+the test reference data, and an in-process gateway bound to an ephemeral port.
+
+PostgreSQL and Redis are found the way ``make run`` finds them (storage/devenv.py): the
+SUBSIDY_* variables, else the local default ports, else embedded servers under .data/test.
+Each run creates its own database and its own Redis key prefix and removes both at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+from redis.asyncio import Redis
+from subsidy_client import AuthorizationClient, RetryPolicy
+
+from server.app import Application, create_server
+from server.config import Config
+from server.domain.reference import parse_reference
+from storage.devenv import DevServices, Services
+from storage.postgres.migrate import migrate
+from storage.postgres.reference import fetch_reference, save_reference
+from storage.redis.keys import Keys
+from storage.redis.reference import publish_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_FILE = ROOT / "tests" / "fixtures" / "reference.yaml"
+
+
+@dataclass(frozen=True)
+class Environment:
+    pg_dsn: str
+    redis_url: str
+    prefix: str
+    credentials: dict[str, str]
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    def config(self, **overrides: Any) -> Config:
+        base = Config(
+            listen="127.0.0.1:0",
+            pg_dsn=self.pg_dsn,
+            redis_url=self.redis_url,
+            redis_prefix=self.prefix,
+            hold_ttl_s=600,
+            # Background work is slow by default so that command counts stay exact; tests of
+            # expiry start their own gateway with a fast sweeper.
+            sweep_interval_ms=3_600_000,
+            credentials_refresh_ms=3_600_000,
+            shutdown_grace_s=1.0,
+            log_level="WARNING",
+        )
+        return replace(base, **overrides)
+
+
+def with_database(dsn: str, database: str) -> str:
+    from server.dev import with_database as swap
+
+    return swap(dsn, database)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    (ROOT / ".data").mkdir(exist_ok=True)
+    with DevServices(ROOT / ".data" / "test") as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+async def environment(services: Services) -> AsyncIterator[Environment]:
+    database = f"subsidy_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(services.pg_dsn, timeout=10)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    prefix = f"test{secrets.token_hex(4)}"
+    pg_dsn = with_database(services.pg_dsn, database)
+    env = Environment(pg_dsn=pg_dsn, redis_url=services.redis_url, prefix=prefix, credentials={})
+    try:
+        credentials = await load_document(env, yaml.safe_load(REFERENCE_FILE.read_text()))
+        yield replace(env, credentials=credentials)
+    finally:
+        redis = Redis.from_url(services.redis_url)
+        async for key in redis.scan_iter(match=Keys(prefix).pattern(), count=1000):
+            await redis.delete(key)
+        await redis.aclose()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+async def load_document(env: Environment, document: dict[str, Any]) -> dict[str, str]:
+    """Loads reference data into the run's database and publishes it to its Redis prefix."""
+    connection = await asyncpg.connect(env.pg_dsn, timeout=10)
+    redis = Redis.from_url(env.redis_url)
+    try:
+        await migrate(connection)
+        credentials = await save_reference(connection, parse_reference(document))
+        await publish_reference(redis, env.keys, await fetch_reference(connection))
+    finally:
+        await connection.close()
+        await redis.aclose()
+    return credentials
+
+
+@asynccontextmanager
+async def running_gateway(config: Config) -> AsyncIterator[Application]:
+    application = await create_server(config)
+    await application.start()
+    try:
+        yield application
+    finally:
+        await application.stop()
+
+
+@pytest.fixture(scope="session")
+async def gateway(environment: Environment) -> AsyncIterator[Application]:
+    async with running_gateway(environment.config()) as application:
+        yield application
+
+
+@pytest.fixture(scope="session")
+async def redis(environment: Environment) -> AsyncIterator[Redis]:
+    client = Redis.from_url(environment.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def clients(environment: Environment, gateway: Application) -> AsyncIterator[dict[str, AuthorizationClient]]:
+    """One client per test terminal, keyed by terminal id; no retries, so each call is one attempt."""
+    made = {
+        terminal: AuthorizationClient(
+            f"127.0.0.1:{gateway.port}", terminal, secret, deadline_s=5.0, retry=RetryPolicy(max_attempts=1)
+        )
+        for terminal, secret in environment.credentials.items()
+    }
+    yield made
+    await asyncio.gather(*(client.close() for client in made.values()))
+
+
+@pytest.fixture
+def client(clients: dict[str, AuthorizationClient]) -> AuthorizationClient:
+    return clients["t-main-01"]
+
+
+def consumer_key() -> str:
+    """A fresh consumer key (what a partner app derives from an ID number), unique per call."""
+    return secrets.token_hex(32)
+
+
+def serial() -> str:
+    return "SN" + uuid.uuid4().hex[:16].upper()
+
+
+async def snapshot(redis: Redis, keys: Keys) -> dict[bytes, bytes | None]:
+    """Every key of the run and its serialized value, to prove a call changed nothing."""
+    state: dict[bytes, bytes | None] = {}
+    async for key in redis.scan_iter(match=keys.pattern(), count=1000):
+        state[key] = await redis.dump(key)
+    return state
