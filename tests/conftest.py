@@ -162,9 +162,21 @@ def serial() -> str:
     return "SN" + uuid.uuid4().hex[:16].upper()
 
 
-async def snapshot(redis: Redis, keys: Keys) -> dict[bytes, bytes | None]:
-    """Every key of the run and its serialized value, to prove a call changed nothing."""
-    state: dict[bytes, bytes | None] = {}
+async def snapshot(redis: Redis, keys: Keys) -> dict[bytes, Any]:
+    """Every key of the run and its logical value, to prove a call changed nothing.
+
+    Values are read per type rather than with DUMP: a hash's DUMP bytes can change when a read
+    triggers an incremental rehash, though its contents did not."""
+    readers = {
+        b"string": redis.get,
+        b"hash": redis.hgetall,
+        b"zset": lambda key: redis.zrange(key, 0, -1, withscores=True),
+        b"stream": redis.xrange,
+        b"set": redis.smembers,
+        b"list": lambda key: redis.lrange(key, 0, -1),
+    }
+    state: dict[bytes, Any] = {}
     async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-        state[key] = await redis.dump(key)
+        kind = await redis.type(key)
+        state[key] = (kind, await readers[kind](key))
     return state

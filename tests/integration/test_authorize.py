@@ -170,7 +170,11 @@ async def test_budget_exhausted_declines_what_the_budget_cannot_cover(
         (await authorize(client, Line("1", FRIDGE_G2, 100_000), campaign="c-tight-budget")).decline_reason
         for _ in range(3)
     ]
-    assert decisions == [pb.DECLINE_REASON_UNSPECIFIED, pb.DECLINE_REASON_UNSPECIFIED, pb.DECLINE_REASON_BUDGET_EXHAUSTED]
+    assert decisions == [
+        pb.DECLINE_REASON_UNSPECIFIED,
+        pb.DECLINE_REASON_UNSPECIFIED,
+        pb.DECLINE_REASON_BUDGET_EXHAUSTED,
+    ]
 
 
 async def test_reason_precedence_over_lines(client: AuthorizationClient) -> None:

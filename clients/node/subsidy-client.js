@@ -1,0 +1,137 @@
+'use strict';
+// A minimal client for subsidy.v1.AuthorizationService, built from protos/ at runtime (no
+// generated code). Every call is signed over its exact request bytes, so this module
+// serializes each request itself, signs the bytes and hands them to grpc-js unchanged.
+
+const crypto = require('node:crypto');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
+
+const PROTOS = path.resolve(__dirname, '../../protos');
+const SERVICE = 'subsidy.v1.AuthorizationService';
+
+// keepCase: fields keep their proto names (request_id, unit_price_fen, ...).
+// longs: Number is exact for fen amounts below 2^53. google/protobuf/timestamp.proto comes
+// from proto-loader's bundled well-known types.
+const definition = protoLoader.loadSync('subsidy/v1/authorization.proto', {
+  includeDirs: [PROTOS],
+  keepCase: true,
+  longs: Number,
+  enums: String,
+  defaults: true,
+});
+const methods = definition[SERVICE];
+
+// google.rpc.Status and google.rpc.ErrorInfo (public googleapis messages, not bundled with
+// proto-loader), declared here to decode the grpc-status-details-bin trailer.
+const rpc = protobuf.Root.fromJSON({
+  nested: {
+    google: {
+      nested: {
+        rpc: {
+          nested: {
+            Any: { fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } },
+            Status: {
+              fields: {
+                code: { type: 'int32', id: 1 },
+                message: { type: 'string', id: 2 },
+                details: { rule: 'repeated', type: 'Any', id: 3 },
+              },
+            },
+            ErrorInfo: {
+              fields: {
+                reason: { type: 'string', id: 1 },
+                domain: { type: 'string', id: 2 },
+                metadata: { keyType: 'string', type: 'string', id: 3 },
+              },
+            },
+          },
+        },
+      },
+    },
+  },
+});
+const Status = rpc.lookupType('google.rpc.Status');
+const ErrorInfo = rpc.lookupType('google.rpc.ErrorInfo');
+const ERROR_INFO_URL = 'type.googleapis.com/google.rpc.ErrorInfo';
+const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
+
+/** A failed call: `code` (numeric gRPC status), `codeName`, `reason` (ErrorInfo reason, e.g.
+ * INVALID_FIELD), `details` (server message) and `metadata` (ErrorInfo metadata). */
+class SubsidyError extends Error {
+  constructor(code, reason, details, metadata) {
+    const codeName = CODE_NAMES[code] || String(code);
+    super(`${codeName} ${reason}: ${details}`);
+    this.name = 'SubsidyError';
+    this.code = code;
+    this.codeName = codeName;
+    this.reason = reason;
+    this.details = details;
+    this.metadata = metadata;
+  }
+}
+
+function toSubsidyError(error) {
+  let reason = CODE_NAMES[error.code] || String(error.code);
+  let metadata = {};
+  const [raw] = (error.metadata && error.metadata.get('grpc-status-details-bin')) || [];
+  if (raw) {
+    for (const detail of Status.decode(raw).details) {
+      if (detail.type_url === ERROR_INFO_URL) {
+        const info = ErrorInfo.decode(detail.value);
+        reason = info.reason;
+        metadata = { ...info.metadata };
+      }
+    }
+  }
+  return new SubsidyError(error.code, reason, error.details || '', metadata);
+}
+
+/** The signature recipe (see clients/python/subsidy_client/signing.py). */
+function signedMetadata(secret, fullMethod, terminalId, body) {
+  const timestamp = String(Date.now());
+  const nonce = crypto.randomBytes(18).toString('base64url'); // 24 chars of [A-Za-z0-9_-]
+  const bodyDigest = crypto.createHash('sha256').update(body).digest('hex');
+  const message = `${fullMethod}\n${terminalId}\n${timestamp}\n${nonce}\n${bodyDigest}`;
+  const metadata = new grpc.Metadata();
+  metadata.set('x-subsidy-terminal', terminalId);
+  metadata.set('x-subsidy-timestamp', timestamp);
+  metadata.set('x-subsidy-nonce', nonce);
+  metadata.set('x-subsidy-signature', crypto.createHmac('sha256', Buffer.from(secret, 'utf8')).update(message).digest('hex'));
+  return metadata;
+}
+
+function createClient({ target, terminalId, secret, deadlineMs = 5000 }) {
+  const client = new grpc.Client(target, grpc.credentials.createInsecure());
+
+  function call(name, request) {
+    const method = methods[name];
+    const body = method.requestSerialize(request); // the exact bytes that are signed and sent
+    const metadata = signedMetadata(secret, method.path, terminalId, body);
+    return new Promise((resolve, reject) => {
+      client.makeUnaryRequest(
+        method.path,
+        (bytes) => bytes,
+        method.responseDeserialize,
+        body,
+        metadata,
+        { deadline: Date.now() + deadlineMs },
+        (error, response) => (error ? reject(toSubsidyError(error)) : resolve(response)),
+      );
+    });
+  }
+
+  return {
+    /** request: an AuthorizeRequest as a plain object with proto field names. */
+    authorize: (request) => call('Authorize', { request_id: crypto.randomUUID(), ...request }),
+    capture: (authorizationId, requestId = crypto.randomUUID()) =>
+      call('Capture', { request_id: requestId, authorization_id: authorizationId }),
+    getAuthorization: (authorizationId) =>
+      call('GetAuthorization', { authorization_id: authorizationId }).then((response) => response.authorization),
+    close: () => client.close(),
+  };
+}
+
+module.exports = { createClient, signedMetadata, SubsidyError };

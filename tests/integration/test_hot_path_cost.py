@@ -1,0 +1,107 @@
+"""Counted, not assumed: one Redis command per Authorize, and no PostgreSQL on the hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from subsidy_client import AuthorizationClient, Line
+from subsidy_client.v1 import authorization_pb2 as pb
+
+from storage.devenv import Services
+from tests.conftest import Environment, consumer_key, serial
+
+AUTHORIZATIONS = 50
+
+
+async def command_calls(redis: Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(values["calls"]) for name, values in stats.items()}
+
+
+async def watch_commands(redis: Redis, sentinel: str, ready: asyncio.Event) -> list[dict[str, Any]]:
+    """Every command Redis executes until the sentinel ECHO, via MONITOR."""
+    seen: list[dict[str, Any]] = []
+    async with redis.monitor() as monitor:
+        ready.set()
+        while True:
+            command = await monitor.next_command()
+            if sentinel in command["command"]:
+                return seen
+            seen.append(command)
+
+
+async def test_authorize_is_exactly_one_redis_command(environment: Environment, client: AuthorizationClient) -> None:
+    """50 authorizations (approvals and declines) cost exactly 50 client commands, all EVALSHA.
+
+    INFO commandstats counts the EVALSHA calls (and, separately, the commands the script runs
+    inside Redis); MONITOR shows which commands came from a client rather than from the script
+    ("lua"), so nothing else travelled between gateway and Redis. The gateway's background tasks
+    are idle in tests (hour-long intervals), and nothing else uses this Redis during the suite."""
+    await client.authorize(campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", "6970000000024", 1000)])
+    sentinel = "end-of-watch-" + uuid.uuid4().hex
+    # The test's own probes (INFO, ECHO) go through one connection, opened before watching.
+    probe = Redis.from_url(environment.redis_url, single_connection_client=True)
+    probe_address = (await probe.client_info())["addr"]
+    ready = asyncio.Event()
+    watcher_client = Redis.from_url(environment.redis_url)
+    watcher = asyncio.create_task(watch_commands(watcher_client, sentinel, ready))
+    await ready.wait()
+    before = await command_calls(probe)
+    decisions = []
+    for index in range(AUTHORIZATIONS):
+        gtin = "6970000000017" if index % 5 else "6970000000109"  # every fifth is declined
+        response = await client.authorize(
+            campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", gtin, 300_000, serial())]
+        )
+        decisions.append(response.decision)
+    after = await command_calls(probe)
+    await probe.echo(sentinel)
+    commands = await asyncio.wait_for(watcher, timeout=10)
+    await watcher_client.aclose()
+    await probe.aclose()
+    assert after["evalsha"] - before["evalsha"] == AUTHORIZATIONS
+    from_clients = [
+        entry["command"].split()[0].upper()
+        for entry in commands
+        if entry["client_type"] != "lua" and f"{entry['client_address']}:{entry['client_port']}" != probe_address
+    ]
+    assert from_clients == ["EVALSHA"] * AUTHORIZATIONS
+    scripted = [entry for entry in commands if entry["client_type"] == "lua"]
+    assert scripted, "MONITOR should also show the commands the script ran inside Redis"
+    assert decisions.count(pb.DECISION_DECLINED) == AUTHORIZATIONS // 5
+
+
+async def test_authorize_touches_no_postgres(
+    services: Services, environment: Environment, client: AuthorizationClient
+) -> None:
+    """While authorizations are answered, no session is connected to the gateway's database and
+    its transaction counters do not move."""
+    database = environment.pg_dsn.rsplit("/", 1)[1].split("?")[0]
+    admin = await asyncpg.connect(services.pg_dsn, timeout=10)
+    try:
+
+        async def activity() -> tuple[int, int]:
+            await admin.execute("SELECT pg_stat_clear_snapshot()")
+            transactions = await admin.fetchval(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", database
+            )
+            sessions = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = $1", database)
+            return int(transactions), int(sessions)
+
+        before = await activity()
+        for _ in range(AUTHORIZATIONS):
+            response = await client.authorize(
+                campaign_id="c-main",
+                consumer_key=consumer_key(),
+                lines=[Line("1", "6970000000017", 300_000, serial())],
+            )
+            assert response.decision == pb.DECISION_APPROVED
+        during = await activity()
+    finally:
+        await admin.close()
+    assert before[1] == during[1] == 0
+    assert during[0] == before[0]
