@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from subsidy_client.v1 import (
     authorization_pb2,
     authorization_pb2_grpc,
@@ -80,13 +80,17 @@ async def run_sweeper(store: RedisStore, config: Config, stopping: asyncio.Event
 
 
 async def create_server(config: Config) -> Application:
-    redis = Redis.from_url(
+    # A bounded pool that queues callers for a free connection (for at most the Redis timeout)
+    # rather than failing at once when a burst exceeds it.
+    pool = BlockingConnectionPool.from_url(
         config.redis_url,
+        max_connections=config.redis_pool_size,
+        timeout=config.redis_timeout_s,
         socket_timeout=config.redis_timeout_s,
         socket_connect_timeout=config.redis_timeout_s,
-        max_connections=config.redis_pool_size,
         health_check_interval=30,
     )
+    redis = Redis(connection_pool=pool)
     try:
         keys = Keys(config.redis_prefix)
         scripts = Scripts(redis)
@@ -108,7 +112,13 @@ async def create_server(config: Config) -> Application:
                 ErrorInterceptor(),
                 AuthInterceptor(credentials, config.auth_clock_skew_s),
             ],
-            options=[("grpc.so_reuseport", 1)],
+            options=[
+                ("grpc.so_reuseport", 1),
+                # gRPC core cancels calls queued beyond 1,000 (soft) waiting for the application to
+                # pick them up, which a flash crowd reaches at once; queue more, still bounded.
+                ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
+            ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(

@@ -36,7 +36,8 @@ class Config:
     sweep_batch_size: int = 500
     credentials_refresh_ms: int = 1000
     shutdown_grace_s: float = 10.0
-    max_concurrent_rpcs: int = 2000
+    max_concurrent_rpcs: int = 4096
+    max_pending_rpcs: int = 10_000
     use_uvloop: bool = True
     log_level: str = "INFO"
 
@@ -53,6 +54,7 @@ class Config:
         _positive("SUBSIDY_CREDENTIALS_REFRESH_MS", self.credentials_refresh_ms, 3_600_000)
         _positive("SUBSIDY_REDIS_POOL_SIZE", self.redis_pool_size, 10_000)
         _positive("SUBSIDY_MAX_CONCURRENT_RPCS", self.max_concurrent_rpcs, 100_000)
+        _positive("SUBSIDY_MAX_PENDING_RPCS", self.max_pending_rpcs, 1_000_000)
         if not 0 < self.redis_timeout_s <= 60:
             raise ConfigError("SUBSIDY_REDIS_TIMEOUT_S must be in (0, 60]")
         if not 0 <= self.shutdown_grace_s <= 300:

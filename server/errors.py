@@ -9,6 +9,7 @@ incident id, never to the caller).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -104,6 +105,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return await behavior(request, context)
             except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                # The caller went away or its deadline passed; nothing to answer.
+                log.info("call cancelled", extra={"method": method})
                 raise
             except Exception as exception:
                 error = classify(exception)

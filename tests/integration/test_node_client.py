@@ -1,0 +1,81 @@
+"""The Node.js example client (clients/node) against a real gateway: a partner in another
+language can integrate from protos/ alone, signing requests as subsidy_client.signing does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from server.app import Application
+from tests.conftest import ROOT, Environment
+
+NODE_CLIENT = ROOT / "clients" / "node"
+FRIDGE_G1 = "6970000000017"
+
+
+async def run(*command: str, cwd: Path, timeout_s: float) -> tuple[int, str, str]:
+    """Runs a command without blocking the event loop the in-process gateway is serving on."""
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def ensure_node_modules() -> str:
+    """The path of node, after installing clients/node's locked dependencies if needed; skips
+    the test when node is missing or the dependencies cannot be installed."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not on PATH")
+    if (NODE_CLIENT / "node_modules").is_dir():
+        return node
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("clients/node/node_modules is missing and npm is not on PATH to run `npm ci`")
+    try:
+        code, _, stderr = await run(npm, "ci", "--no-audit", "--no-fund", cwd=NODE_CLIENT, timeout_s=300)
+    except TimeoutError:
+        pytest.skip("clients/node/node_modules is missing and `npm ci` did not finish within 300 s")
+    if code != 0:
+        pytest.skip(f"clients/node/node_modules is missing and `npm ci` failed: {stderr.strip()[-500:]}")
+    return node
+
+
+@pytest.mark.timeout(420)
+async def test_node_demo_authorizes_captures_and_reads_back(
+    environment: Environment, gateway: Application, tmp_path: Path
+) -> None:
+    node = await ensure_node_modules()
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(
+        json.dumps(
+            {
+                "target": f"127.0.0.1:{gateway.port}",
+                "terminals": {"t-main-01": environment.credentials["t-main-01"]},
+            }
+        )
+    )
+
+    code, stdout, stderr = await run(
+        node, "demo.js", str(credentials), "c-main", FRIDGE_G1, "300000", cwd=NODE_CLIENT, timeout_s=60
+    )
+
+    assert code == 0, f"demo.js failed:\n{stdout}\n{stderr}"
+    steps = {line["step"]: line for line in map(json.loads, stdout.splitlines())}
+    assert steps["authorize"]["decision"] == "DECISION_APPROVED"
+    assert steps["authorize"]["subsidy_fen"] == 60_000
+    assert steps["authorize"]["payable_fen"] == 240_000
+    assert steps["capture"]["state"] == "AUTHORIZATION_STATE_CAPTURED"
+    assert steps["get"]["state"] == "AUTHORIZATION_STATE_CAPTURED"
+    assert steps["get"]["subsidy_fen"] == 60_000
