@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from storage.redis.scripts import Reply
 from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore
 
 pb = authorization_pb2
+log = logging.getLogger("subsidy.authorization")
 
 # Script error codes -> what the caller is told.
 SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
@@ -163,7 +165,20 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
         )
         if reply.kind == "error":
             raise_script_error(reply.body)
-        return authorize_response(reply)
+        response = authorize_response(reply)
+        if log.isEnabledFor(logging.DEBUG):
+            # Identifiers only: never the consumer key, prices or serials.
+            log.debug(
+                "authorize",
+                extra={
+                    "terminal": identity.terminal_id,
+                    "request_id": request.request_id,
+                    "decision": pb.Decision.Name(response.decision),
+                    "reason": pb.DeclineReason.Name(response.decline_reason),
+                    "replayed": response.replayed,
+                },
+            )
+        return response
 
     def _lifecycle_input(self, method: str, request: Any) -> LifecycleInput:
         identity = caller()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import re
 import secrets
 import signal
 import socket
@@ -80,7 +81,7 @@ async def server_processes(environment: Environment, port: int, log_path: Path) 
         "SUBSIDY_PG_DSN": environment.pg_dsn,
         "SUBSIDY_REDIS_URL": environment.redis_url,
         "SUBSIDY_REDIS_PREFIX": environment.prefix,
-        "SUBSIDY_LOG_LEVEL": "INFO",
+        "SUBSIDY_LOG_LEVEL": "DEBUG",  # every call logged: the log scan below reads them all
         "SUBSIDY_SWEEP_INTERVAL_MS": "3600000",
     }
     with log_path.open("wb") as log:
@@ -156,6 +157,20 @@ async def run_clients(jobs: list[Job]) -> list[Outcome]:
     return [outcome for result in results for outcome in result]
 
 
+ID_NUMBER = re.compile(r"(?<![0-9])[1-9][0-9]{5}(19|20)[0-9]{2}(0[1-9]|1[0-2])[0-9]{5}[0-9Xx](?![0-9])")
+PHONE_NUMBER = re.compile(r"(?<![0-9])1[3-9][0-9]{9}(?![0-9])")
+
+
+def assert_no_personal_data(log: str, outcomes: list[Outcome]) -> None:
+    """The server's logs hold no ID number, phone number, consumer key or device serial."""
+    assert log.count('"msg":"authorize"') >= REQUESTS, "the server did not log every call"
+    assert not ID_NUMBER.search(log)
+    assert not PHONE_NUMBER.search(log)
+    for outcome in outcomes[:200]:
+        assert outcome.consumer not in log
+        assert outcome.serial not in log
+
+
 async def check_invariants(redis: Redis, environment: Environment, campaign_id: str, outcomes: list[Outcome]) -> None:
     keys = environment.keys
     assert len(outcomes) == REQUESTS
@@ -202,6 +217,7 @@ async def test_budget_quota_and_serials_hold_across_processes(
         cpu_used = [sum(worker.cpu_times()[:2]) - before for worker, before in zip(workers, cpu_before, strict=True)]
     assert min(cpu_used) > 0.2, f"one server process did no work: {cpu_used}"
     await check_invariants(redis, environment, campaign_id, outcomes)
+    assert_no_personal_data((tmp_path / "server.log").read_text(), outcomes)
 
 
 async def test_invariants_hold_when_a_server_process_is_killed(
