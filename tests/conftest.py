@@ -166,17 +166,24 @@ async def snapshot(redis: Redis, keys: Keys) -> dict[bytes, Any]:
     """Every key of the run and its logical value, to prove a call changed nothing.
 
     Values are read per type rather than with DUMP: a hash's DUMP bytes can change when a read
-    triggers an incremental rehash, though its contents did not."""
-    readers = {
-        b"string": redis.get,
-        b"hash": redis.hgetall,
-        b"zset": lambda key: redis.zrange(key, 0, -1, withscores=True),
-        b"stream": redis.xrange,
-        b"set": redis.smembers,
-        b"list": lambda key: redis.lrange(key, 0, -1),
-    }
-    state: dict[bytes, Any] = {}
-    async for key in redis.scan_iter(match=keys.pattern(), count=1000):
-        kind = await redis.type(key)
-        state[key] = (kind, await readers[kind](key))
-    return state
+    triggers an incremental rehash, though its contents did not. Reads are pipelined, since the
+    multi-process tests leave tens of thousands of keys behind."""
+    names = [key async for key in redis.scan_iter(match=keys.pattern(), count=10_000)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in names:
+            pipe.type(key)
+        kinds = await pipe.execute()
+    async with redis.pipeline(transaction=False) as pipe:
+        for key, kind in zip(names, kinds, strict=True):
+            if kind == b"string":
+                pipe.get(key)
+            elif kind == b"hash":
+                pipe.hgetall(key)
+            elif kind == b"zset":
+                pipe.zrange(key, 0, -1, withscores=True)
+            elif kind == b"stream":
+                pipe.xrange(key)
+            else:
+                raise AssertionError(f"unexpected key type {kind!r} for {key!r}")
+        values = await pipe.execute()
+    return {key: (kind, value) for key, kind, value in zip(names, kinds, values, strict=True)}

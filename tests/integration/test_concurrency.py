@@ -157,8 +157,9 @@ async def run_clients(jobs: list[Job]) -> list[Outcome]:
     return [outcome for result in results for outcome in result]
 
 
-ID_NUMBER = re.compile(r"(?<![0-9])[1-9][0-9]{5}(19|20)[0-9]{2}(0[1-9]|1[0-2])[0-9]{5}[0-9Xx](?![0-9])")
-PHONE_NUMBER = re.compile(r"(?<![0-9])1[3-9][0-9]{9}(?![0-9])")
+# Standalone tokens only: the same digits inside a UUID or a hex id are not a phone number.
+ID_NUMBER = re.compile(r"(?<![0-9A-Za-z-])[1-9][0-9]{5}(19|20)[0-9]{2}(0[1-9]|1[0-2])[0-9]{5}[0-9Xx](?![0-9A-Za-z-])")
+PHONE_NUMBER = re.compile(r"(?<![0-9A-Za-z-])1[3-9][0-9]{9}(?![0-9A-Za-z-])")
 
 
 def assert_no_personal_data(log: str, outcomes: list[Outcome]) -> None:
