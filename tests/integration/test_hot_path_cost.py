@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 from redis.asyncio import Redis
@@ -80,7 +81,7 @@ async def test_authorize_touches_no_postgres(
 ) -> None:
     """While authorizations are answered, no session is connected to the gateway's database and
     its transaction counters do not move."""
-    database = environment.pg_dsn.rsplit("/", 1)[1].split("?")[0]
+    database = urlsplit(environment.pg_dsn).path.lstrip("/")
     admin = await asyncpg.connect(services.pg_dsn, timeout=10)
     try:
 
