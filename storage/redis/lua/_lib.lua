@@ -57,18 +57,25 @@ end
 
 -- Appends one ledger event. The event carries everything the ledger needs to post it and
 -- to rebuild the Redis counters from history: per-line category, subsidy and serial.
-local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms)
+local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payload_hash)
   local event = {
     type = event_type, authorization_id = auth.id, campaign = auth.campaign,
     merchant = auth.merchant, terminal = auth.terminal, consumer = auth.consumer,
-    request_id = auth.last_request_id, amount_fen = amount_fen, at_ms = at_ms, lines = lines,
+    request_id = auth.last_request_id, payload_hash = payload_hash or '', amount_fen = amount_fen,
+    at_ms = at_ms, lines = lines,
+    -- The authorization as it stands after this event, so the ledger's authorizations table
+    -- can be written from any single event, whatever order a redelivery brings them in.
+    state = auth.state, channel = tonumber(auth.channel), total_fen = tonumber(auth.total_fen),
+    subsidy_fen = tonumber(auth.subsidy_fen), refunded_fen = tonumber(auth.refunded_fen),
+    created_ms = tonumber(auth.created_ms), expires_ms = tonumber(auth.expires_ms),
+    all_lines = auth.lines,
   }
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
 
 -- Releases a PENDING hold (void or expiry): budget reservation, consumer quota and serials.
 -- keys: {auth=, holds=, budget=, usage=, stream=, serials={serial key per line with a serial}}
-local function release_hold(keys, auth, new_state, at_ms, request_id)
+local function release_hold(keys, auth, new_state, at_ms, request_id, payload_hash)
   local sums, counts, order = per_category(auth.lines)
   for _, category in ipairs(order) do
     redis.call('HINCRBY', keys.budget, category .. ':reserved', -sums[category])
@@ -83,7 +90,7 @@ local function release_hold(keys, auth, new_state, at_ms, request_id)
   auth.last_request_id = request_id
   redis.call('HSET', keys.auth, 'state', new_state, 'updated_ms', at_ms,
     'last_request_id', request_id)
-  emit(keys.stream, new_state, auth, auth.lines, tonumber(auth.subsidy_fen), at_ms)
+  emit(keys.stream, new_state, auth, auth.lines, tonumber(auth.subsidy_fen), at_ms, payload_hash)
 end
 
 -- Returns the stored answer for an idempotency key: nil when unused, or (answer, conflict).

@@ -156,7 +156,7 @@ redis.call('HSET', KEYS[9], 'id', authorization_id, 'state', 'PENDING', 'campaig
   'refunded_fen', 0, 'created_ms', now, 'expires_ms', expires_ms, 'updated_ms', now,
   'request_id', request_id, 'last_request_id', request_id)
 redis.call('ZADD', KEYS[10], expires_ms, authorization_id)
-emit(KEYS[11], 'AUTHORIZED', auth, lines, subsidy_fen, now)
+emit(KEYS[11], 'AUTHORIZED', auth, lines, subsidy_fen, now, payload_hash)
 local answer = cjson.encode({decision = 'APPROVED', authorization = auth_view(auth)})
 remember(KEYS[2], payload_hash, answer, idempotency_ttl_s)
 return {'new', answer}

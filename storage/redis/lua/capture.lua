@@ -26,6 +26,6 @@ if auth.state == 'PENDING' then
   redis.call('ZREM', keys.holds, auth.id)
   auth.state, auth.updated_ms, auth.last_request_id = 'CAPTURED', now, ARGV[2]
   redis.call('HSET', keys.auth, 'state', 'CAPTURED', 'updated_ms', now, 'last_request_id', ARGV[2])
-  emit(keys.stream, 'CAPTURED', auth, auth.lines, tonumber(auth.subsidy_fen), now)
+  emit(keys.stream, 'CAPTURED', auth, auth.lines, tonumber(auth.subsidy_fen), now, ARGV[1])
 end
 return finish_lifecycle(auth)

@@ -64,5 +64,5 @@ auth.refunded_fen = tonumber(auth.refunded_fen) + refunded_fen
 auth.updated_ms, auth.last_request_id = now, ARGV[2]
 redis.call('HSET', keys.auth, 'state', auth.state, 'lines', cjson.encode(auth.lines),
   'refunded_fen', auth.refunded_fen, 'updated_ms', now, 'last_request_id', ARGV[2])
-emit(keys.stream, 'REFUNDED', auth, chosen, refunded_fen, now)
+emit(keys.stream, 'REFUNDED', auth, chosen, refunded_fen, now, ARGV[1])
 return finish_lifecycle(auth, {refunded_fen = refunded_fen})

@@ -14,7 +14,7 @@ local keys = lifecycle_keys(8)
 local auth, now = begin_lifecycle(keys)
 if auth == nil then return now end
 if auth.state == 'PENDING' then
-  release_hold(keys, auth, 'VOIDED', now, ARGV[2])
+  release_hold(keys, auth, 'VOIDED', now, ARGV[2], ARGV[1])
 elseif auth.state ~= 'VOIDED' then
   return fail('INVALID_STATE', {state = auth.state})
 end

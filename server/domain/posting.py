@@ -1,0 +1,91 @@
+"""Double-entry posting rules and the hash chain: pure functions, no I/O.
+
+Each ledger event moves one amount per category between two accounts of the campaign:
+
+| event      | debit               | credit              |
+|------------|---------------------|---------------------|
+| AUTHORIZED | PENDING             | AVAILABLE           |
+| CAPTURED   | MERCHANT_RECEIVABLE | PENDING             |
+| VOIDED     | AVAILABLE           | PENDING             |
+| EXPIRED    | AVAILABLE           | PENDING             |
+| REFUNDED   | AVAILABLE           | MERCHANT_RECEIVABLE |
+
+Balances are debits minus credits: PENDING is the held subsidy (Redis ``reserved``),
+MERCHANT_RECEIVABLE the captured subsidy still owed (Redis ``spent``), and AVAILABLE is minus
+the budget in use. Every event's debits equal its credits, so the whole ledger balances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+FLOWS: Mapping[str, tuple[str, str]] = {
+    "AUTHORIZED": ("PENDING", "AVAILABLE"),
+    "CAPTURED": ("MERCHANT_RECEIVABLE", "PENDING"),
+    "VOIDED": ("AVAILABLE", "PENDING"),
+    "EXPIRED": ("AVAILABLE", "PENDING"),
+    "REFUNDED": ("AVAILABLE", "MERCHANT_RECEIVABLE"),
+}
+# Unit changes to a consumer's per-category usage, and whether the event releases serials.
+USAGE_DELTA: Mapping[str, int] = {"AUTHORIZED": 1, "CAPTURED": 0, "VOIDED": -1, "EXPIRED": -1, "REFUNDED": -1}
+
+
+@dataclass(frozen=True)
+class Posting:
+    category: str
+    account: str
+    debit_fen: int
+    credit_fen: int
+
+
+def amounts_by_category(lines: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    sums: dict[str, int] = {}
+    for line in lines:
+        sums[line["c"]] = sums.get(line["c"], 0) + int(line["s"])
+    return sums
+
+
+def postings(event_type: str, lines: Iterable[Mapping[str, Any]]) -> list[Posting]:
+    """The balanced postings of one event, in category order; zero amounts post nothing."""
+    debit_account, credit_account = FLOWS[event_type]
+    result: list[Posting] = []
+    for category, amount in sorted(amounts_by_category(lines).items()):
+        if amount == 0:
+            continue
+        result.append(Posting(category, debit_account, amount, 0))
+        result.append(Posting(category, credit_account, 0, amount))
+    return result
+
+
+def entry_hash(
+    prev_hash: str,
+    campaign_id: str,
+    entry_seq: int,
+    event_id: str,
+    authorization_id: str,
+    posting: Posting,
+    merchant_id: str,
+    occurred_ms: int,
+) -> str:
+    """SHA-256 over the previous hash and every field of the entry: altering, removing or
+    reordering any entry breaks every hash after it."""
+    material = "|".join(
+        (
+            prev_hash,
+            campaign_id,
+            str(entry_seq),
+            event_id,
+            authorization_id,
+            posting.category,
+            posting.account,
+            merchant_id,
+            str(posting.debit_fen),
+            str(posting.credit_fen),
+            str(occurred_ms),
+        )
+    )
+    return hashlib.sha256(material.encode()).hexdigest()

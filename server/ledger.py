@@ -1,0 +1,205 @@
+"""Ledger commands: ``python -m server.ledger writer|verify|reconcile|rebuild|lag``.
+
+- ``writer``: runs the ledger writer until SIGTERM/SIGINT, serving ``/metrics`` (Prometheus) and
+  ``/health`` (JSON lag details) on SUBSIDY_WRITER_METRICS_LISTEN when set.
+- ``verify``: recomputes the hash chains; exit status 1 at the first break.
+- ``reconcile``: Redis counters against the ledger; exit status 1 on any difference.
+- ``rebuild``: restores Redis counters from the ledger (after a Redis loss); refuses while the
+  stream still holds unwritten events unless ``--force``.
+- ``lag``: the stream backlog, as JSON.
+
+Every command prints JSON on stdout (``--json``) or a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from typing import Any
+
+import asyncpg
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from redis.asyncio import Redis
+
+from server import logs
+from server.config import Config
+from storage.postgres.audit import rebuild, reconcile, verify
+from storage.postgres.migrate import migrate
+from storage.postgres.writer import LedgerWriter, WriterConfig, lag
+from storage.redis.keys import Keys
+
+log = logging.getLogger("subsidy.ledger")
+
+
+def writer_config(config: Config) -> WriterConfig:
+    return WriterConfig(
+        pg_dsn=config.pg_dsn,
+        redis_url=config.redis_url,
+        prefix=config.redis_prefix,
+        consumer=config.writer_consumer,
+        batch_size=config.writer_batch_size,
+        block_ms=config.writer_block_ms,
+        claim_idle_ms=config.writer_claim_idle_ms,
+        max_deliveries=config.writer_max_deliveries,
+        crash_at=config.writer_crash_at,
+        crash_after_batches=config.writer_crash_after_batches,
+    )
+
+
+class WriterMetrics:
+    """Prometheus gauges and counters of the writer, refreshed from Redis on each scrape."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+        self.registry = CollectorRegistry()
+        labels = ["prefix"]
+        self.stream_length = Gauge(
+            "subsidy_ledger_stream_length", "Entries in the ledger stream", labels, registry=self.registry
+        )
+        self.backlog = Gauge(
+            "subsidy_ledger_backlog", "Events not yet written to PostgreSQL", labels, registry=self.registry
+        )
+        self.oldest_age = Gauge(
+            "subsidy_ledger_oldest_unwritten_age_seconds",
+            "Age of the oldest unwritten event",
+            labels,
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "subsidy_ledger_dead_letters",
+            "Entries in the dead-letter stream (alert when > 0)",
+            labels,
+            registry=self.registry,
+        )
+        self.written = Counter(
+            "subsidy_ledger_events_written", "Events written to PostgreSQL", labels, registry=self.registry
+        )
+        self._written_seen = 0
+
+    async def snapshot(self) -> dict[str, Any]:
+        current = await lag(self.writer.redis, self.writer.keys, self.writer.config.group)
+        prefix = self.writer.config.prefix
+        self.stream_length.labels(prefix).set(current.stream_length)
+        self.backlog.labels(prefix).set(current.backlog)
+        self.oldest_age.labels(prefix).set(current.oldest_unwritten_age_s)
+        self.dead_letters.labels(prefix).set(current.dead_letters)
+        self.written.labels(prefix).inc(self.writer.stats.events_written - self._written_seen)
+        self._written_seen = self.writer.stats.events_written
+        return {
+            **dataclasses.asdict(current),
+            "backlog": current.backlog,
+            "stats": dataclasses.asdict(self.writer.stats),
+        }
+
+
+async def serve_metrics(metrics: WriterMetrics, listen: str) -> asyncio.Server:
+    """A minimal HTTP endpoint: GET /metrics (Prometheus text) and GET /health (JSON)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace")
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            path = request_line.split(" ")[1] if " " in request_line else "/"
+            details = await metrics.snapshot()
+            if path == "/metrics":
+                status, kind, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+            elif path == "/health":
+                healthy = details["dead_letters"] == 0
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                kind, body = "application/json", orjson.dumps({"status": "ok" if healthy else "degraded", **details})
+            else:
+                status, kind, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+            writer.write((head + "Connection: close\r\n\r\n").encode() + body)
+            await writer.drain()
+        except (Exception, asyncio.CancelledError):  # a bad scrape must not stop the writer
+            log.warning("metrics request failed", exc_info=True)
+        finally:
+            writer.close()
+
+    host, port = listen.rsplit(":", 1)
+    return await asyncio.start_server(handle, host, int(port))
+
+
+async def run_writer(config: Config) -> None:
+    redis = Redis.from_url(config.redis_url, socket_timeout=10)
+    connection = await asyncpg.connect(config.pg_dsn, timeout=10)
+    try:
+        await migrate(connection)
+    finally:
+        await connection.close()
+    writer = LedgerWriter(writer_config(config), redis)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    server = (
+        await serve_metrics(WriterMetrics(writer), config.writer_metrics_listen)
+        if config.writer_metrics_listen
+        else None
+    )
+    try:
+        await writer.run(stopping)
+    finally:
+        if server is not None:
+            server.close()
+        await redis.aclose()
+
+
+async def with_connections(config: Config, action: str, force: bool) -> tuple[int, Any]:
+    redis = Redis.from_url(config.redis_url, socket_timeout=30)
+    connection = await asyncpg.connect(config.pg_dsn, timeout=10)
+    keys = Keys(config.redis_prefix)
+    try:
+        if action == "verify":
+            report = await verify(connection)
+            return (0 if report.ok else 1), dataclasses.asdict(report)
+        if action == "reconcile":
+            differences = await reconcile(connection, redis, keys)
+            return (1 if differences else 0), {"differences": [dataclasses.asdict(item) for item in differences]}
+        if action == "lag":
+            return 0, dataclasses.asdict(await lag(redis, keys, "ledger-writer"))
+        current = await lag(redis, keys, "ledger-writer")
+        if current.backlog and not force:
+            return 2, {"error": f"{current.backlog} events are not yet written; drain the writer or use --force"}
+        counters = await rebuild(connection, redis, keys)
+        return 0, {
+            "budget_counters": len(counters.budget),
+            "usage_counters": len(counters.usage),
+            "serials": len(counters.serials),
+        }
+    finally:
+        await connection.close()
+        await redis.aclose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("writer", help="run the ledger writer")
+    commands.add_parser("verify", help="recompute the hash chains")
+    commands.add_parser("reconcile", help="compare Redis counters with the ledger")
+    rebuild_parser = commands.add_parser("rebuild", help="restore Redis counters from the ledger")
+    rebuild_parser.add_argument("--force", action="store_true", help="rebuild although events are unwritten")
+    commands.add_parser("lag", help="the stream backlog")
+    arguments = parser.parse_args()
+    config = Config.from_env()
+    if not config.pg_dsn:
+        parser.error("SUBSIDY_PG_DSN must be set")
+    logs.configure(config.log_level)
+    if arguments.command == "writer":
+        asyncio.run(run_writer(config))
+        return 0
+    status, result = asyncio.run(with_connections(config, arguments.command, getattr(arguments, "force", False)))
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Writing ledger events to PostgreSQL, exactly once, in one transaction per batch.
+
+``write_batch`` inserts the batch's events with ``ON CONFLICT (event_id) DO NOTHING``; only the
+events that were new are posted (double entry, hash-chained per campaign), applied to the
+authorizations table and recorded as long-lived idempotency records. A redelivered batch
+therefore changes nothing, whatever point a previous writer died at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from server.domain.posting import FLOWS, GENESIS_HASH, entry_hash, postings
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+REQUIRED_FIELDS = ("type", "authorization_id", "campaign", "merchant", "terminal", "consumer", "amount_fen", "at_ms")
+
+
+class MalformedEvent(ValueError):
+    """A stream entry that cannot be a ledger event; it goes to the dead-letter stream."""
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    event_id: str
+    payload: dict[str, Any]
+
+    @property
+    def order(self) -> tuple[int, int]:
+        milliseconds, sequence = self.event_id.split("-")
+        return int(milliseconds), int(sequence)
+
+
+def parse_event(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LedgerEvent:
+    event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    try:
+        payload = orjson.loads(fields[b"e"])
+    except (KeyError, orjson.JSONDecodeError) as error:
+        raise MalformedEvent(f"{event_id}: no JSON payload") from error
+    missing = [name for name in REQUIRED_FIELDS if name not in payload]
+    if missing or payload["type"] not in FLOWS or not isinstance(payload.get("lines"), list):
+        raise MalformedEvent(f"{event_id}: missing or invalid fields {missing}")
+    return LedgerEvent(event_id, payload)
+
+
+def from_ms(milliseconds: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=milliseconds)
+
+
+def to_ms(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    new_events: int
+    duplicates: int  # events already in PostgreSQL (a redelivery)
+    reused_request_ids: int  # actions whose request id had acted before (see duplicate_requests)
+
+
+async def write_batch(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> BatchResult:
+    """Writes a batch in one transaction; safe to call again with any of the same events."""
+    ordered = sorted(events, key=lambda event: event.order)
+    async with connection.transaction():
+        inserted = await _insert_events(connection, ordered)
+        new = [event for event in ordered if event.event_id in inserted]
+        if new:
+            await _post_entries(connection, new)
+            await _apply_authorizations(connection, new)
+            reused = await _record_idempotency(connection, new)
+        else:
+            reused = 0
+    return BatchResult(new_events=len(new), duplicates=len(ordered) - len(new), reused_request_ids=reused)
+
+
+async def _insert_events(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> set[str]:
+    columns: list[list[Any]] = [[] for _ in range(14)]
+    for event in events:
+        payload = event.payload
+        milliseconds, sequence = event.order
+        values = (
+            event.event_id,
+            milliseconds,
+            sequence,
+            payload["type"],
+            payload["authorization_id"],
+            payload["campaign"],
+            payload["merchant"],
+            payload["terminal"],
+            payload["consumer"],
+            payload.get("request_id", ""),
+            int(payload["amount_fen"]),
+            from_ms(int(payload["at_ms"])),
+            orjson.dumps(payload["lines"]).decode(),
+            orjson.dumps(payload).decode(),
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    rows = await connection.fetch(
+        "INSERT INTO ledger_events (event_id, event_ms, event_seq, event_type, authorization_id, campaign_id,"
+        " merchant_id, terminal_id, consumer_key, request_id, amount_fen, occurred_at, lines, payload)"
+        " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],"
+        " $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::timestamptz[], $13::jsonb[],"
+        " $14::jsonb[]) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        *columns,
+    )
+    return {row["event_id"] for row in rows}
+
+
+async def _post_entries(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> None:
+    campaigns = sorted({event.payload["campaign"] for event in events})
+    await connection.execute(
+        "INSERT INTO ledger_chain_heads (campaign_id, last_seq, last_hash)"
+        " SELECT unnest($1::text[]), 0, $2 ON CONFLICT (campaign_id) DO NOTHING",
+        campaigns,
+        GENESIS_HASH,
+    )
+    # Locked in a fixed order, so two writers never deadlock on each other's chains.
+    heads = await connection.fetch(
+        "SELECT campaign_id, last_seq, last_hash FROM ledger_chain_heads"
+        " WHERE campaign_id = ANY($1::text[]) ORDER BY campaign_id FOR UPDATE",
+        campaigns,
+    )
+    chain = {row["campaign_id"]: (int(row["last_seq"]), str(row["last_hash"])) for row in heads}
+    records: list[tuple[Any, ...]] = []
+    for event in events:
+        payload = event.payload
+        campaign_id, occurred_ms = payload["campaign"], int(payload["at_ms"])
+        for posting in postings(payload["type"], payload["lines"]):
+            seq, prev_hash = chain[campaign_id]
+            seq += 1
+            digest = entry_hash(
+                prev_hash,
+                campaign_id,
+                seq,
+                event.event_id,
+                payload["authorization_id"],
+                posting,
+                payload["merchant"],
+                occurred_ms,
+            )
+            records.append(
+                (
+                    campaign_id,
+                    seq,
+                    event.event_id,
+                    payload["type"],
+                    payload["authorization_id"],
+                    posting.category,
+                    posting.account,
+                    payload["merchant"],
+                    posting.debit_fen,
+                    posting.credit_fen,
+                    from_ms(occurred_ms),
+                    prev_hash,
+                    digest,
+                )
+            )
+            chain[campaign_id] = (seq, digest)
+    if records:
+        await connection.copy_records_to_table(
+            "ledger_entries",
+            records=records,
+            columns=[
+                "campaign_id",
+                "entry_seq",
+                "event_id",
+                "event_type",
+                "authorization_id",
+                "category",
+                "account",
+                "merchant_id",
+                "debit_fen",
+                "credit_fen",
+                "occurred_at",
+                "prev_hash",
+                "entry_hash",
+            ],
+        )
+    await connection.execute(
+        "UPDATE ledger_chain_heads AS head SET last_seq = new.seq, last_hash = new.hash"
+        " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS new(campaign_id, seq, hash)"
+        " WHERE head.campaign_id = new.campaign_id",
+        list(chain),
+        [seq for seq, _ in chain.values()],
+        [digest for _, digest in chain.values()],
+    )
+
+
+async def _apply_authorizations(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> None:
+    """Each event carries the authorization as it stood after it; the newest event wins, so the
+    order in which redeliveries arrive does not matter."""
+    rows = []
+    for event in events:
+        payload = event.payload
+        milliseconds, sequence = event.order
+        rows.append(
+            (
+                payload["authorization_id"],
+                payload["campaign"],
+                payload["merchant"],
+                payload["terminal"],
+                payload["consumer"],
+                int(payload.get("channel", 0)),
+                payload.get("state", payload["type"]),
+                int(payload.get("total_fen", 0)),
+                int(payload.get("subsidy_fen", 0)),
+                int(payload.get("refunded_fen", 0)),
+                orjson.dumps(payload.get("all_lines", payload["lines"])).decode(),
+                from_ms(int(payload.get("created_ms", payload["at_ms"]))),
+                from_ms(int(payload.get("expires_ms", payload["at_ms"]))),
+                from_ms(int(payload["at_ms"])),
+                milliseconds,
+                sequence,
+            )
+        )
+    await connection.executemany(
+        "INSERT INTO authorizations (authorization_id, campaign_id, merchant_id, terminal_id, consumer_key,"
+        " channel, state, total_price_fen, subsidy_fen, refunded_fen, lines, created_at, hold_expires_at,"
+        " updated_at, last_event_ms, last_event_seq)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14, $15, $16)"
+        " ON CONFLICT (authorization_id) DO UPDATE SET state = excluded.state,"
+        " refunded_fen = excluded.refunded_fen, lines = excluded.lines, updated_at = excluded.updated_at,"
+        " last_event_ms = excluded.last_event_ms, last_event_seq = excluded.last_event_seq"
+        " WHERE (authorizations.last_event_ms, authorizations.last_event_seq)"
+        " < (excluded.last_event_ms, excluded.last_event_seq)",
+        rows,
+    )
+
+
+async def _record_idempotency(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> int:
+    """Records (terminal, request id) for every acting event; returns how many request ids had
+    already acted before, which are written to duplicate_requests for follow-up."""
+    acting = [event for event in events if event.payload.get("request_id")]
+    if not acting:
+        return 0
+    inserted = await connection.fetch(
+        "INSERT INTO idempotency_records (terminal_id, request_id, payload_hash, event_type, authorization_id,"
+        " event_id) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
+        " ON CONFLICT (terminal_id, request_id) DO NOTHING RETURNING event_id",
+        [event.payload["terminal"] for event in acting],
+        [event.payload["request_id"] for event in acting],
+        [event.payload.get("payload_hash", "") for event in acting],
+        [event.payload["type"] for event in acting],
+        [event.payload["authorization_id"] for event in acting],
+        [event.event_id for event in acting],
+    )
+    recorded = {row["event_id"] for row in inserted}
+    reused = [event for event in acting if event.event_id not in recorded]
+    if reused:
+        await connection.execute(
+            "INSERT INTO duplicate_requests (event_id, terminal_id, request_id, authorization_id,"
+            " first_authorization_id, resolution)"
+            " SELECT new.event_id, new.terminal_id, new.request_id, new.authorization_id, first.authorization_id,"
+            " 'RECORDED' FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+            " AS new(event_id, terminal_id, request_id, authorization_id)"
+            " JOIN idempotency_records AS first USING (terminal_id, request_id)"
+            " ON CONFLICT (event_id) DO NOTHING",
+            [event.event_id for event in reused],
+            [event.payload["terminal"] for event in reused],
+            [event.payload["request_id"] for event in reused],
+            [event.payload["authorization_id"] for event in reused],
+        )
+    return len(reused)
