@@ -409,3 +409,32 @@ async def test_a_request_id_reused_after_redis_forgot_it_is_caught(services: Ser
             second.authorization_id,
             first.authorization_id,
         )
+
+
+async def test_poison_events_go_to_the_dead_letter_stream(services: Services) -> None:
+    """An entry that is not a ledger event, and one PostgreSQL keeps refusing, end in the
+    dead-letter stream (the latter after max_deliveries attempts); the good events around them
+    are written, and the dead-letter gauge rises."""
+    async with ledger_world(services) as (env, _gateway, client):
+        redis = Redis.from_url(env.redis_url)
+        await redis.xadd(env.keys.ledger, {"e": "not json"})
+        expected = await traffic(client, 2)
+        # Well-formed, but PostgreSQL refuses it: a negative amount breaks a CHECK constraint.
+        refused = await redis.xadd(
+            env.keys.ledger,
+            {
+                "e": '{"type":"AUTHORIZED","authorization_id":"x","campaign":"c-main","merchant":"m","terminal":"t",'
+                '"consumer":"c","amount_fen":-5,"at_ms":1,"lines":[]}'
+            },
+        )
+        writer = LedgerWriter(
+            WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix, max_deliveries=3), redis
+        )
+        await writer.drain()
+        dead = await redis.xrange(writer.dead_letter_stream)
+        assert [fields[b"reason"] for _, fields in dead] == [b"malformed event", b"CheckViolationError"]
+        assert dead[1][1][b"source_id"] == refused
+        assert writer.stats.dead_letters == 2
+        assert (await lag(redis, env.keys, "ledger-writer")).dead_letters == 2
+        await redis.aclose()
+        assert await ledger_counts(env) == (expected, expected)
