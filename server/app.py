@@ -18,6 +18,8 @@ from subsidy_client.v1 import (
     authorization_pb2_grpc,
     diagnostics_pb2,
     diagnostics_pb2_grpc,
+    reporting_pb2,
+    reporting_pb2_grpc,
 )
 
 from server.auth import AuthInterceptor, CredentialCache
@@ -25,6 +27,7 @@ from server.authorization import AuthorizationService
 from server.config import Config
 from server.diagnostics import DiagnosticsService
 from server.errors import ErrorInterceptor
+from server.reporting import ReportingService
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
 from storage.redis.store import RedisStore, StoreLimits
@@ -33,6 +36,7 @@ log = logging.getLogger("subsidy.app")
 SERVICE_NAMES = (
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
+    reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
 )
 
 
@@ -44,6 +48,7 @@ class Application:
     store: RedisStore
     health: health_async.HealthServicer
     config: Config
+    reporting: ReportingService
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -60,6 +65,7 @@ class Application:
         await self.server.stop(self.config.shutdown_grace_s)
         self.stopping.set()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.reporting.close()
         await self.redis.aclose()
         log.info("stopped")
 
@@ -125,6 +131,8 @@ async def create_server(config: Config) -> Application:
             AuthorizationService(store, config.max_lines), server
         )
         diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsService(), server)
+        reporting = ReportingService(store, config.pg_dsn)
+        reporting_pb2_grpc.add_ReportingServiceServicer_to_server(reporting, server)
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
@@ -136,7 +144,7 @@ async def create_server(config: Config) -> Application:
     except (Exception, asyncio.CancelledError):
         await redis.aclose()
         raise
-    application = Application(server, port, redis, store, health_servicer, config)
+    application = Application(server, port, redis, store, health_servicer, config, reporting)
     application.tasks.append(asyncio.create_task(run_sweeper(store, config, application.stopping)))
     application.tasks.append(
         asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))

@@ -39,24 +39,44 @@ TERMINAL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PROTECTED_PREFIX = "/subsidy.v1."
 
 
+TERMINAL, OPERATOR = "terminal", "operator"
+
+
 @dataclass(frozen=True)
 class Caller:
+    """Who is calling: a terminal (with its merchant) or an operator (merchant empty)."""
+
     terminal_id: str
     merchant_id: str
     nonce: str
+    role: str = TERMINAL
 
 
 @dataclass(frozen=True)
 class Credential:
     merchant_id: str
     secret: str
+    role: str
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Credential:
+        record = orjson.loads(raw)
+        return cls(merchant_id=record.get("merchant", ""), secret=record["secret"], role=record.get("role", TERMINAL))
 
 
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
 
 
-def caller() -> Caller:
-    return current_caller.get()
+def caller(role: str | None = None) -> Caller:
+    """The authenticated caller; with ``role``, refuses any other kind of caller."""
+    identity = current_caller.get()
+    if role is not None and identity.role != role:
+        raise ApiError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            common_pb2.ERROR_REASON_PERMISSION_DENIED,
+            f"this method is for {role} credentials",
+        )
+    return identity
 
 
 def unauthenticated(message: str) -> ApiError:
@@ -77,11 +97,7 @@ class CredentialCache:
         if version == self._version and self._credentials:
             return
         raw = await self._redis.hgetall(self._keys.credentials)
-        self._credentials = {
-            text(terminal): Credential(merchant_id=record["merchant"], secret=record["secret"])
-            for terminal, value in raw.items()
-            for record in (orjson.loads(value),)
-        }
+        self._credentials = {text(caller_id): Credential.from_json(value) for caller_id, value in raw.items()}
         self._version = version
 
     async def run_refresher(self, interval_ms: int, stopping: asyncio.Event) -> None:
@@ -101,8 +117,7 @@ class CredentialCache:
             # A terminal onboarded since the last refresh: look it up once, off the hot path.
             raw = await self._redis.hget(self._keys.credentials, terminal_id)
             if raw is not None:
-                record = orjson.loads(raw)
-                found = Credential(merchant_id=record["merchant"], secret=record["secret"])
+                found = Credential.from_json(raw)
                 self._credentials[terminal_id] = found
         return found
 
@@ -134,7 +149,7 @@ async def authenticate(
     expected = signing.signature(secret, method, terminal_id, int(timestamp), nonce, body)
     if credential is None or not hmac.compare_digest(expected, presented):
         raise unauthenticated("unknown terminal or bad signature")
-    return Caller(terminal_id=terminal_id, merchant_id=credential.merchant_id, nonce=nonce)
+    return Caller(terminal_id=terminal_id, merchant_id=credential.merchant_id, nonce=nonce, role=credential.role)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_pb2
 
-from server.auth import caller
+from server.auth import TERMINAL, caller
 from server.domain import validation
 from server.errors import ApiError, invalid_field
 from storage.redis.scripts import Reply
@@ -145,7 +145,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
         self, request: authorization_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.AuthorizeResponse:
         validation.check_authorize(request, self._max_lines)
-        identity = caller()
+        identity = caller(TERMINAL)
         reply = await self._store.authorize(
             AuthorizeInput(
                 payload_hash=payload_hash("Authorize", request),
@@ -181,7 +181,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
         return response
 
     def _lifecycle_input(self, method: str, request: Any) -> LifecycleInput:
-        identity = caller()
+        identity = caller(TERMINAL)
         return LifecycleInput(
             payload_hash=payload_hash(method, request),
             request_id=request.request_id,
@@ -232,7 +232,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
         self, request: authorization_pb2.GetAuthorizationRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.GetAuthorizationResponse:
         validation.check_authorization_id(request.authorization_id)
-        identity = caller()
+        identity = caller(TERMINAL)
         if not await self._store.claim_nonce(identity.terminal_id, identity.nonce):
             raise_script_error({"error": "NONCE_REUSED"})
         view = await self._store.get_authorization(request.authorization_id, identity.merchant_id)

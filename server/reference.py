@@ -35,15 +35,18 @@ def read_reference(path: Path) -> ReferenceData:
     return parse_reference(document)
 
 
-def write_credentials(path: Path, credentials: dict[str, str], target: str) -> None:
+def write_credentials(path: Path, credentials: dict[str, str], terminal_ids: set[str], target: str) -> None:
     """Terminal credentials for demo clients and onboarding, mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = orjson.loads(path.read_bytes()) if path.exists() else {}
     terminals = existing.get("terminals", {})
-    terminals.update(credentials)
+    terminals.update({caller: secret for caller, secret in credentials.items() if caller in terminal_ids})
+    operators = existing.get("operators", {})
+    operators.update({caller: secret for caller, secret in credentials.items() if caller not in terminal_ids})
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
-        handle.write(orjson.dumps({"target": target, "terminals": terminals}, option=orjson.OPT_INDENT_2))
+        document = {"target": target, "terminals": terminals, "operators": operators}
+        handle.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
 async def load(config: Config, path: Path, credentials_out: Path | None) -> int:
@@ -58,10 +61,11 @@ async def load(config: Config, path: Path, credentials_out: Path | None) -> int:
         await connection.close()
         await redis.aclose()
     if credentials_out is not None:
-        write_credentials(credentials_out, credentials, config.listen)
+        terminal_ids = {terminal.terminal_id for merchant in data.merchants for terminal in merchant.terminals}
+        write_credentials(credentials_out, credentials, terminal_ids, config.listen)
     print(
         f"loaded {path}: {len(data.campaigns)} campaigns, {len(data.products)} products,"
-        f" {len(data.merchants)} merchants, {len(credentials)} terminals; reference version {version}",
+        f" {len(data.merchants)} merchants, {len(data.operators)} operators; reference version {version}",
         file=sys.stderr,
     )
     return version

@@ -97,10 +97,19 @@ class Merchant:
 
 
 @dataclass(frozen=True)
+class Operator:
+    operator_id: str
+    name: str
+    status: str
+    secret: str | None  # None: issue one when loading
+
+
+@dataclass(frozen=True)
 class ReferenceData:
     campaigns: Sequence[Campaign]
     products: Sequence[Product]
     merchants: Sequence[Merchant]
+    operators: Sequence[Operator] = ()
 
 
 def _require(record: Mapping[str, Any], key: str, path: str) -> Any:
@@ -239,8 +248,28 @@ def parse_merchant(record: Mapping[str, Any], path: str) -> Merchant:
     )
 
 
+def parse_operator(record: Mapping[str, Any], path: str) -> Operator:
+    return Operator(
+        operator_id=_pattern(record, "id", path, IDENTIFIER),
+        name=str(_require(record, "name", path)),
+        status=_choice(record, "status", path, ("ACTIVE", "SUSPENDED"), "ACTIVE"),
+        secret=record.get("secret"),
+    )
+
+
 def parse_reference(document: Mapping[str, Any]) -> ReferenceData:
     """Parses a whole reference file; raises ReferenceError at the first bad field."""
+    data = _parse_sections(document)
+    # Terminals and operators share one credential namespace.
+    callers = [terminal.terminal_id for merchant in data.merchants for terminal in merchant.terminals]
+    for index, operator in enumerate(data.operators):
+        if operator.operator_id in callers:
+            raise ReferenceError(f"operators[{index}].id", "is already a terminal id")
+        callers.append(operator.operator_id)
+    return data
+
+
+def _parse_sections(document: Mapping[str, Any]) -> ReferenceData:
     return ReferenceData(
         campaigns=tuple(
             parse_campaign(item, f"campaigns[{index}]")
@@ -252,5 +281,9 @@ def parse_reference(document: Mapping[str, Any]) -> ReferenceData:
         merchants=tuple(
             parse_merchant(item, f"merchants[{index}]")
             for index, item in enumerate(document.get("merchants", []) or [])
+        ),
+        operators=tuple(
+            parse_operator(item, f"operators[{index}]")
+            for index, item in enumerate(document.get("operators", []) or [])
         ),
     )

@@ -18,8 +18,8 @@ def issue_terminal_secret() -> str:
 
 
 async def save_reference(connection: asyncpg.Connection, data: ReferenceData) -> dict[str, str]:
-    """Upserts everything in one transaction; returns terminal id -> secret for the terminals
-    in ``data``. A terminal keeps its existing secret unless the file sets one."""
+    """Upserts everything in one transaction; returns caller id -> secret for the terminals and
+    operators in ``data``. A caller keeps its existing secret unless the file sets one."""
     credentials: dict[str, str] = {}
     async with connection.transaction():
         for campaign in data.campaigns:
@@ -104,6 +104,18 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                     terminal.secret is not None,
                 )
                 credentials[terminal.terminal_id] = secret
+        for operator in data.operators:
+            credentials[operator.operator_id] = await connection.fetchval(
+                "INSERT INTO operators (operator_id, name, status, secret) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (operator_id) DO UPDATE SET name = excluded.name, status = excluded.status,"
+                " secret = CASE WHEN $5 THEN excluded.secret ELSE operators.secret END, updated_at = now()"
+                " RETURNING secret",
+                operator.operator_id,
+                operator.name,
+                operator.status,
+                operator.secret or issue_terminal_secret(),
+                operator.secret is not None,
+            )
     return credentials
 
 
@@ -116,6 +128,7 @@ class ReferenceSnapshot:
     products: list[dict[str, Any]]
     merchants: list[dict[str, Any]]
     terminals: list[dict[str, Any]]
+    operators: list[dict[str, Any]]
 
 
 async def fetch_reference(connection: asyncpg.Connection) -> ReferenceSnapshot:
@@ -126,10 +139,12 @@ async def fetch_reference(connection: asyncpg.Connection) -> ReferenceSnapshot:
         products = await connection.fetch("SELECT * FROM products")
         merchants = await connection.fetch("SELECT merchant_id, status, categories FROM merchants")
         terminals = await connection.fetch("SELECT terminal_id, merchant_id, status, secret FROM terminals")
+        operators = await connection.fetch("SELECT operator_id, status, secret FROM operators")
     return ReferenceSnapshot(
         campaigns=[dict(row) for row in campaigns],
         rules=[dict(row) for row in rules],
         products=[dict(row) for row in products],
         merchants=[dict(row) for row in merchants],
         terminals=[dict(row) for row in terminals],
+        operators=[dict(row) for row in operators],
     )

@@ -81,8 +81,16 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
             pipe.hset(
                 keys.credentials,
                 terminal["terminal_id"],
-                orjson.dumps({"merchant": terminal["merchant_id"], "secret": terminal["secret"]}),
+                orjson.dumps({"role": "terminal", "merchant": terminal["merchant_id"], "secret": terminal["secret"]}),
             )
+        for operator in snapshot.operators:
+            # A suspended operator's credential is withdrawn; a suspended terminal's is kept so
+            # that its calls get the TERMINAL_INACTIVE decline.
+            if operator["status"] == "ACTIVE":
+                record = {"role": "operator", "merchant": "", "secret": operator["secret"]}
+                pipe.hset(keys.credentials, operator["operator_id"], orjson.dumps(record))
+            else:
+                pipe.hdel(keys.credentials, operator["operator_id"])
         await pipe.execute()
     for batch in _batches(snapshot.products):
         async with redis.pipeline(transaction=False) as pipe:

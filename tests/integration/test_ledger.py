@@ -17,8 +17,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from subsidy_client import AuthorizationClient, Line, RetryPolicy
-from subsidy_client.errors import InvalidState
+from subsidy_client import AuthorizationClient, Line, ReportingClient, RetryPolicy
+from subsidy_client.errors import InvalidState, PermissionDenied, Unauthenticated
 from subsidy_client.v1 import authorization_pb2 as pb
 
 from server.app import Application
@@ -438,3 +438,37 @@ async def test_poison_events_go_to_the_dead_letter_stream(services: Services) ->
         assert (await lag(redis, env.keys, "ledger-writer")).dead_letters == 2
         await redis.aclose()
         assert await ledger_counts(env) == (expected, expected)
+
+
+async def test_reporting_rpcs_reconcile_for_operators_only(services: Services) -> None:
+    """ReportingService answers operator credentials: Reconcile lists no difference once the
+    ledger has drained, then the exact difference after a Redis counter is altered; terminals
+    (and suspended operators) are refused, and operators cannot authorize."""
+    async with ledger_world(services) as (env, gateway, client):
+        expected = await traffic(client, 6)
+        target = f"127.0.0.1:{gateway.port}"
+        operator = ReportingClient(
+            target, "op-auditor", env.credentials["op-auditor"], retry=RetryPolicy(max_attempts=1)
+        )
+        status = await operator.get_ledger_status()
+        assert (status.stream_length, status.undelivered) == (expected, expected)
+        redis = Redis.from_url(env.redis_url)
+        await LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis).drain()
+        clean = await operator.reconcile()
+        assert (list(clean.differences), clean.ledger_backlog) == ([], 0)
+        await redis.hincrby(env.keys.budget("c-main"), "fridge:spent", 7)
+        tampered = await operator.reconcile()
+        assert [(item.kind, item.key, item.redis_value - item.ledger_value) for item in tampered.differences] == [
+            ("budget", "c-main:fridge:spent", 7)
+        ]
+        await redis.aclose()
+        with pytest.raises(PermissionDenied):
+            await ReportingClient(target, "t-main-01", env.credentials["t-main-01"]).reconcile()
+        with pytest.raises(Unauthenticated):
+            await ReportingClient(target, "op-gone", env.credentials["op-gone"]).reconcile()
+        as_terminal = AuthorizationClient(target, "op-auditor", env.credentials["op-auditor"])
+        with pytest.raises(PermissionDenied):
+            await as_terminal.authorize(
+                campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", WASHER, 1000)]
+            )
+        await operator.close()

@@ -4,7 +4,7 @@
 ``AuthorizationClient`` is the thin typed client partner apps and terminals use.
 """
 
-from subsidy_client.client import AuthorizationClient, Line, RetryPolicy
+from subsidy_client.client import AuthorizationClient, Line, ReportingClient, RetryPolicy, SignedClient
 from subsidy_client.errors import SubsidyError
 
-__all__ = ["AuthorizationClient", "Line", "RetryPolicy", "SubsidyError"]
+__all__ = ["AuthorizationClient", "Line", "ReportingClient", "RetryPolicy", "SignedClient", "SubsidyError"]

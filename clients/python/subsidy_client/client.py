@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -30,10 +30,11 @@ from google.protobuf.message import Message
 from subsidy_client import signing
 from subsidy_client.errors import DeadlineExceeded, SubsidyError, Unavailable, from_rpc_error
 from subsidy_client.v1 import authorization_pb2 as pb
-from subsidy_client.v1 import diagnostics_pb2
+from subsidy_client.v1 import diagnostics_pb2, reporting_pb2
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 SERVICE = "/subsidy.v1.AuthorizationService/"
+REPORTING = "/subsidy.v1.ReportingService/"
 RETRYABLE = (Unavailable, DeadlineExceeded)
 
 
@@ -59,7 +60,9 @@ class RetryPolicy:
             raise ValueError("backoff bounds must satisfy 0 <= initial <= max")
 
 
-class AuthorizationClient:
+class SignedClient:
+    """A channel whose every call is signed with one caller's credential (terminal or operator)."""
+
     def __init__(
         self,
         target: str,
@@ -79,7 +82,7 @@ class AuthorizationClient:
         self._owns_channel = channel is None
         self._channel = channel or grpc.aio.insecure_channel(target)
 
-    async def __aenter__(self) -> AuthorizationClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -114,6 +117,26 @@ class AuthorizationClient:
                 raise error
             await asyncio.sleep(backoff_s)
         raise AssertionError("unreachable: the loop returns or raises")
+
+    async def echo(self, payload: bytes) -> bytes:
+        request = diagnostics_pb2.EchoRequest(payload=payload)
+        response = await self._call("/subsidy.v1.DiagnosticsService/Echo", request, diagnostics_pb2.EchoResponse)
+        return response.payload
+
+    async def call_raw(self, method: str, body: bytes, metadata: Any) -> bytes:
+        """Sends raw bytes with caller-chosen metadata: for tests of hostile input."""
+        stub = self._channel.unary_unary(
+            method, request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw
+        )
+        try:
+            result: bytes = await stub(body, timeout=self._deadline_s, metadata=metadata)
+            return result
+        except grpc.aio.AioRpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
+
+
+class AuthorizationClient(SignedClient):
+    """For terminals and e-commerce checkouts: the authorization hot path."""
 
     async def authorize(
         self,
@@ -166,21 +189,17 @@ class AuthorizationClient:
         response = await self._call(SERVICE + "GetAuthorization", request, pb.GetAuthorizationResponse)
         return response.authorization
 
-    async def echo(self, payload: bytes) -> bytes:
-        request = diagnostics_pb2.EchoRequest(payload=payload)
-        response = await self._call("/subsidy.v1.DiagnosticsService/Echo", request, diagnostics_pb2.EchoResponse)
-        return response.payload
 
-    async def call_raw(self, method: str, body: bytes, metadata: Any) -> bytes:
-        """Sends raw bytes with caller-chosen metadata: for tests of hostile input."""
-        stub = self._channel.unary_unary(
-            method, request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw
-        )
-        try:
-            result: bytes = await stub(body, timeout=self._deadline_s, metadata=metadata)
-            return result
-        except grpc.aio.AioRpcError as rpc_error:
-            raise from_rpc_error(rpc_error) from None
+class ReportingClient(SignedClient):
+    """For operators (auditors, the bureau): reconciliation and ledger status."""
+
+    async def reconcile(self) -> reporting_pb2.ReconcileResponse:
+        request = reporting_pb2.ReconcileRequest()
+        return await self._call(REPORTING + "Reconcile", request, reporting_pb2.ReconcileResponse)
+
+    async def get_ledger_status(self) -> reporting_pb2.GetLedgerStatusResponse:
+        request = reporting_pb2.GetLedgerStatusRequest()
+        return await self._call(REPORTING + "GetLedgerStatus", request, reporting_pb2.GetLedgerStatusResponse)
 
 
-__all__ = ["AuthorizationClient", "Line", "RetryPolicy", "SubsidyError"]
+__all__ = ["AuthorizationClient", "Line", "ReportingClient", "RetryPolicy", "SignedClient", "SubsidyError"]

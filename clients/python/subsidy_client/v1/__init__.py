@@ -6,3 +6,5 @@ from subsidy_client.v1 import common_pb2 as common_pb2
 from subsidy_client.v1 import common_pb2_grpc as common_pb2_grpc
 from subsidy_client.v1 import diagnostics_pb2 as diagnostics_pb2
 from subsidy_client.v1 import diagnostics_pb2_grpc as diagnostics_pb2_grpc
+from subsidy_client.v1 import reporting_pb2 as reporting_pb2
+from subsidy_client.v1 import reporting_pb2_grpc as reporting_pb2_grpc
