@@ -16,17 +16,27 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from subsidy_client.v1 import (
     authorization_pb2,
     authorization_pb2_grpc,
+    campaign_pb2,
+    campaign_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
     diagnostics_pb2,
     diagnostics_pb2_grpc,
+    merchant_pb2,
+    merchant_pb2_grpc,
     reporting_pb2,
     reporting_pb2_grpc,
 )
 
 from server.auth import AuthInterceptor, CredentialCache
 from server.authorization import AuthorizationService
+from server.campaigns import CampaignService
+from server.catalog import CatalogService
 from server.config import Config
 from server.diagnostics import DiagnosticsService
 from server.errors import ErrorInterceptor
+from server.merchants import MerchantService
+from server.operations import LazyPool, OperatorDeps
 from server.reporting import ReportingService
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
@@ -37,6 +47,9 @@ SERVICE_NAMES = (
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
     reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
+    campaign_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
+    catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+    merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
 )
 
 
@@ -48,7 +61,7 @@ class Application:
     store: RedisStore
     health: health_async.HealthServicer
     config: Config
-    reporting: ReportingService
+    operator_pool: LazyPool
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -65,7 +78,7 @@ class Application:
         await self.server.stop(self.config.shutdown_grace_s)
         self.stopping.set()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.reporting.close()
+        await self.operator_pool.close()
         await self.redis.aclose()
         log.info("stopped")
 
@@ -131,8 +144,12 @@ async def create_server(config: Config) -> Application:
             AuthorizationService(store, config.max_lines), server
         )
         diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsService(), server)
-        reporting = ReportingService(store, config.pg_dsn)
-        reporting_pb2_grpc.add_ReportingServiceServicer_to_server(reporting, server)
+        operator_pool = LazyPool(config.pg_dsn)
+        deps = OperatorDeps(operator_pool, store)
+        reporting_pb2_grpc.add_ReportingServiceServicer_to_server(ReportingService(deps), server)
+        campaign_pb2_grpc.add_CampaignServiceServicer_to_server(CampaignService(deps), server)
+        catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogService(deps), server)
+        merchant_pb2_grpc.add_MerchantServiceServicer_to_server(MerchantService(deps), server)
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
@@ -144,7 +161,7 @@ async def create_server(config: Config) -> Application:
     except (Exception, asyncio.CancelledError):
         await redis.aclose()
         raise
-    application = Application(server, port, redis, store, health_servicer, config, reporting)
+    application = Application(server, port, redis, store, health_servicer, config, operator_pool)
     application.tasks.append(asyncio.create_task(run_sweeper(store, config, application.stopping)))
     application.tasks.append(
         asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))

@@ -168,8 +168,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(PROTECTED_PREFIX):
             return handler
+        if handler.stream_unary is not None:
+            return self._stream_unary(handler, method)
         if handler.unary_unary is None:
-            raise RuntimeError(f"{method}: streaming methods need their own authentication")
+            raise RuntimeError(f"{method}: only unary and client-streaming methods are authenticated")
         behavior = handler.unary_unary
         deserialize = handler.request_deserializer
 
@@ -192,5 +194,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             authenticated,
             request_deserializer=keep_bytes,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _stream_unary(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """Client-streaming calls: the metadata is sent before any message, so the signature
+        covers the method, caller, time and nonce with the SHA-256 of empty bytes as the body;
+        the stream's content is protected by TLS, not by the signature."""
+        behavior = handler.stream_unary
+
+        async def authenticated(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            identity = await authenticate(self._credentials, self._clock_skew_s, method, b"", _metadata(context))
+            current_caller.set(identity)
+            return await behavior(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            authenticated,
+            request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

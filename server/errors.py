@@ -97,9 +97,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.stream_unary is None):
             return handler
-        behavior: Behavior = handler.unary_unary
+        behavior: Behavior = handler.unary_unary or handler.stream_unary
         method = handler_call_details.method
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -124,7 +124,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     )
                 await context.abort_with_status(to_status(error))
 
-        return grpc.unary_unary_rpc_method_handler(
+        make_handler = (
+            grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        )
+        return make_handler(
             guarded,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

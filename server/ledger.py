@@ -1,7 +1,8 @@
 """Ledger commands: ``python -m server.ledger writer|verify|reconcile|rebuild|lag``.
 
 - ``writer``: runs the ledger writer until SIGTERM/SIGINT, serving ``/metrics`` (Prometheus) and
-  ``/health`` (JSON lag details) on SUBSIDY_WRITER_METRICS_LISTEN when set.
+  ``/health`` (JSON lag details) on SUBSIDY_WRITER_METRICS_LISTEN when set. The same process
+  republishes reference changes whose publication failed after commit.
 - ``verify``: recomputes the hash chains; exit status 1 at the first break.
 - ``reconcile``: Redis counters against the ledger; exit status 1 on any difference.
 - ``rebuild``: restores Redis counters from the ledger (after a Redis loss); refuses while the

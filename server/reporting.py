@@ -1,51 +1,33 @@
 """ReportingService: reconciliation and ledger status for operators (auditors, the bureau).
 
-Off the hot path by construction: the PostgreSQL pool is created on the first reporting call
-and used by nothing else, so a gateway that only authorizes never opens a PostgreSQL
-connection.
+Off the hot path by construction: the operator services' PostgreSQL pool is opened on the
+first operator call, so a gateway that only authorizes never opens a PostgreSQL connection.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-import asyncpg
 import grpc
 from subsidy_client.v1 import reporting_pb2, reporting_pb2_grpc
 
 from server.auth import OPERATOR, caller
+from server.operations import OperatorDeps
 from storage.postgres.audit import reconcile
 from storage.postgres.writer import lag
-from storage.redis.store import RedisStore
 
 LEDGER_GROUP = "ledger-writer"
 
 
 class ReportingService(reporting_pb2_grpc.ReportingServiceServicer):
-    def __init__(self, store: RedisStore, pg_dsn: str) -> None:
-        self._store = store
-        self._pg_dsn = pg_dsn
-        self._pool: asyncpg.Pool | None = None
-        self._pool_lock = asyncio.Lock()
-
-    async def _connections(self) -> asyncpg.Pool:
-        async with self._pool_lock:
-            if self._pool is None:
-                if not self._pg_dsn:
-                    raise RuntimeError("SUBSIDY_PG_DSN is not configured; reporting needs PostgreSQL")
-                self._pool = await asyncpg.create_pool(self._pg_dsn, min_size=0, max_size=2, timeout=10)
-            return self._pool
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+    def __init__(self, deps: OperatorDeps) -> None:
+        self._store = deps.store
+        self._pool = deps.pool
 
     async def Reconcile(
         self, request: reporting_pb2.ReconcileRequest, context: grpc.aio.ServicerContext
     ) -> reporting_pb2.ReconcileResponse:
         caller(OPERATOR)
         backlog = await lag(self._store.redis, self._store.keys, LEDGER_GROUP)
-        pool = await self._connections()
+        pool = await self._pool.get()
         async with pool.acquire() as connection:
             differences = await reconcile(connection, self._store.redis, self._store.keys)
         return reporting_pb2.ReconcileResponse(

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
+import shapely.geometry
+
 from server.domain.gtin import is_valid_gtin13
 
 IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -42,18 +45,8 @@ class Rule:
     price_ceiling_fen: int
     per_person_limit: int
     budget_fen: int
-
-    def redis_json(self) -> dict[str, Any]:
-        """The rule as authorize.lua reads it."""
-        return {
-            "kind": self.kind,
-            "rates_bp": dict(self.rates_bp),
-            "cap_fen": self.cap_fen,
-            "threshold_fen": self.threshold_fen,
-            "off_fen": self.off_fen,
-            "price_ceiling_fen": self.price_ceiling_fen,
-            "per_person_limit": self.per_person_limit,
-        }
+    # (release time, amount) pairs in release order; empty: the whole budget is released.
+    tranches: Sequence[tuple[datetime, int]] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +58,8 @@ class Campaign:
     ends_at: datetime
     rules: Sequence[Rule]
     region: Mapping[str, Any] | None = None
+    qualification_validity_s: int = 0
+    refund_policy: str = "COUNT_AS_USED"
 
 
 @dataclass(frozen=True)
@@ -176,6 +171,7 @@ def parse_rule(record: Mapping[str, Any], path: str) -> Rule:
         price_ceiling_fen=_integer(record, "price_ceiling_fen", path, 0, PRICE_FEN_MAX, 0),
         per_person_limit=_integer(record, "per_person_limit", path, 1, 1000),
         budget_fen=_integer(record, "budget_fen", path, 0, BUDGET_FEN_MAX - 1),
+        tranches=_parse_tranches(record.get("tranches") or [], f"{path}.tranches"),
     )
     if kind == "PERCENT" and not rates:
         raise ReferenceError(f"{path}.rates_bp", "a PERCENT rule needs at least one grade's rate")
@@ -185,7 +181,49 @@ def parse_rule(record: Mapping[str, Any], path: str) -> Rule:
         raise ReferenceError(f"{path}.off_fen", "a FIXED rule needs a positive amount off")
     if kind == "FIXED" and rule.off_fen > rule.threshold_fen:
         raise ReferenceError(f"{path}.off_fen", "must not exceed threshold_fen")
+    if sum(amount for _, amount in rule.tranches) > rule.budget_fen:
+        raise ReferenceError(f"{path}.tranches", "the tranches add up to more than budget_fen")
     return rule
+
+
+def _parse_tranches(records: Sequence[Any], path: str) -> tuple[tuple[datetime, int], ...]:
+    tranches = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise ReferenceError(f"{path}[{index}]", "must have release_at and amount_fen")
+        tranches.append(
+            (
+                _timestamp(record, "release_at", f"{path}[{index}]"),
+                _integer(record, "amount_fen", f"{path}[{index}]", 1, BUDGET_FEN_MAX - 1),
+            )
+        )
+    times = [moment for moment, _ in tranches]
+    if times != sorted(times) or len(set(times)) != len(times):
+        raise ReferenceError(path, "release times must be strictly increasing")
+    return tuple(tranches)
+
+
+def parse_region(value: Any, path: str) -> Mapping[str, Any] | None:
+    """A GeoJSON Polygon or MultiPolygon (WGS-84 longitude, latitude) that shapely finds valid."""
+    if value in (None, "", {}):
+        return None
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError as error:
+            raise ReferenceError(path, "must be GeoJSON") from error
+    if not isinstance(value, Mapping) or value.get("type") not in ("Polygon", "MultiPolygon"):
+        raise ReferenceError(path, "must be a GeoJSON Polygon or MultiPolygon")
+    try:
+        geometry = shapely.geometry.shape(value)
+    except (ValueError, TypeError, IndexError, AttributeError) as error:
+        raise ReferenceError(path, f"is not valid GeoJSON: {error}") from error
+    if geometry.is_empty or not geometry.is_valid:
+        raise ReferenceError(path, "is not a valid polygon (empty or self-intersecting)")
+    min_x, min_y, max_x, max_y = geometry.bounds
+    if not (-180 <= min_x <= max_x <= 180 and -90 <= min_y <= max_y <= 90):
+        raise ReferenceError(path, "coordinates must be longitude, latitude in degrees")
+    return dict(value)
 
 
 def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
@@ -205,7 +243,11 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
         starts_at=starts_at,
         ends_at=ends_at,
         rules=tuple(rules),
-        region=record.get("region"),
+        region=parse_region(record.get("region"), f"{path}.region"),
+        qualification_validity_s=_integer(record, "qualification_validity_s", path, 0, 366 * 86_400, 0),
+        refund_policy=_choice(
+            record, "refund_policy", path, ("RESTORE_ON_FULL_REFUND", "COUNT_AS_USED"), "COUNT_AS_USED"
+        ),
     )
 
 

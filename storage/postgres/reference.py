@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,13 @@ import asyncpg
 import orjson
 
 from server.domain.reference import ReferenceData
+
+
+async def bump_reference_version(connection: asyncpg.Connection) -> int:
+    """Called inside every transaction that changes reference data; the publisher brings Redis
+    up to this version."""
+    version: int = await connection.fetchval("UPDATE reference_version SET version = version + 1 RETURNING version")
+    return version
 
 
 def issue_terminal_secret() -> str:
@@ -24,23 +32,27 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
     async with connection.transaction():
         for campaign in data.campaigns:
             await connection.execute(
-                "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region)"
-                " VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+                "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region,"
+                " qualification_validity_s, refund_policy) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)"
                 " ON CONFLICT (campaign_id) DO UPDATE SET name = excluded.name,"
                 " status = excluded.status, starts_at = excluded.starts_at,"
-                " ends_at = excluded.ends_at, region = excluded.region, updated_at = now()",
+                " ends_at = excluded.ends_at, region = excluded.region,"
+                " qualification_validity_s = excluded.qualification_validity_s,"
+                " refund_policy = excluded.refund_policy, updated_at = now()",
                 campaign.campaign_id,
                 campaign.name,
                 campaign.status,
                 campaign.starts_at,
                 campaign.ends_at,
                 orjson.dumps(campaign.region).decode() if campaign.region is not None else None,
+                campaign.qualification_validity_s,
+                campaign.refund_policy,
             )
             await connection.execute("DELETE FROM campaign_rules WHERE campaign_id = $1", campaign.campaign_id)
             await connection.executemany(
                 "INSERT INTO campaign_rules (campaign_id, category, kind, rates_bp, cap_fen,"
-                " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen)"
-                " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10)",
+                " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen, tranches)"
+                " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb)",
                 [
                     (
                         campaign.campaign_id,
@@ -53,10 +65,17 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                         rule.price_ceiling_fen,
                         rule.per_person_limit,
                         rule.budget_fen,
+                        orjson.dumps(
+                            [
+                                {"release_at": moment.isoformat(), "amount_fen": amount}
+                                for moment, amount in rule.tranches
+                            ]
+                        ).decode(),
                     )
                     for rule in campaign.rules
                 ],
             )
+        await bump_reference_version(connection)
         await connection.executemany(
             "INSERT INTO products (gtin, brand, model, category, energy_grade,"
             " reference_price_fen, serial_required, active) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -131,15 +150,49 @@ class ReferenceSnapshot:
     operators: list[dict[str, Any]]
 
 
-async def fetch_reference(connection: asyncpg.Connection) -> ReferenceSnapshot:
-    """Reads all reference data in one repeatable-read snapshot, so a publication is consistent."""
+async def fetch_reference(
+    connection: asyncpg.Connection,
+    *,
+    campaign_ids: Sequence[str] | None = None,
+    merchant_ids: Sequence[str] | None = None,
+    gtins: Sequence[str] | None = None,
+    operator_ids: Sequence[str] | None = None,
+) -> ReferenceSnapshot:
+    """Reads reference data in one repeatable-read snapshot, so a publication is consistent.
+    Each filter limits one kind of row (terminals follow their merchants); None means all rows
+    of that kind, an empty sequence none."""
+
+    def scope(values: Sequence[str] | None) -> list[str] | None:
+        return None if values is None else list(values)
+
     async with connection.transaction(isolation="repeatable_read", readonly=True):
-        campaigns = await connection.fetch("SELECT campaign_id, status, starts_at, ends_at FROM campaigns")
-        rules = await connection.fetch("SELECT * FROM campaign_rules")
-        products = await connection.fetch("SELECT * FROM products")
-        merchants = await connection.fetch("SELECT merchant_id, status, categories FROM merchants")
-        terminals = await connection.fetch("SELECT terminal_id, merchant_id, status, secret FROM terminals")
-        operators = await connection.fetch("SELECT operator_id, status, secret FROM operators")
+        campaigns = await connection.fetch(
+            "SELECT campaign_id, status, starts_at, ends_at FROM campaigns"
+            " WHERE $1::text[] IS NULL OR campaign_id = ANY($1::text[])",
+            scope(campaign_ids),
+        )
+        rules = await connection.fetch(
+            "SELECT * FROM campaign_rules WHERE $1::text[] IS NULL OR campaign_id = ANY($1::text[])",
+            scope(campaign_ids),
+        )
+        products = await connection.fetch(
+            "SELECT * FROM products WHERE $1::text[] IS NULL OR gtin = ANY($1::text[])", scope(gtins)
+        )
+        merchants = await connection.fetch(
+            "SELECT merchant_id, status, categories FROM merchants"
+            " WHERE $1::text[] IS NULL OR merchant_id = ANY($1::text[])",
+            scope(merchant_ids),
+        )
+        terminals = await connection.fetch(
+            "SELECT terminal_id, merchant_id, status, secret FROM terminals"
+            " WHERE $1::text[] IS NULL OR merchant_id = ANY($1::text[])",
+            scope(merchant_ids),
+        )
+        operators = await connection.fetch(
+            "SELECT operator_id, status, secret FROM operators"
+            " WHERE $1::text[] IS NULL OR operator_id = ANY($1::text[])",
+            scope(operator_ids),
+        )
     return ReferenceSnapshot(
         campaigns=[dict(row) for row in campaigns],
         rules=[dict(row) for row in rules],

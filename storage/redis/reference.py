@@ -7,6 +7,7 @@ touched here; only each category's released total is set.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any
 
@@ -17,6 +18,7 @@ from storage.postgres.reference import ReferenceSnapshot
 from storage.redis.keys import Keys
 
 BATCH_SIZE = 1000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
@@ -42,8 +44,20 @@ def rule_json(row: dict[str, Any]) -> bytes:
             "off_fen": row["off_fen"],
             "price_ceiling_fen": row["price_ceiling_fen"],
             "per_person_limit": row["per_person_limit"],
+            "tranches": tranche_schedule(row.get("tranches")),
         }
     )
+
+
+def tranche_schedule(raw: Any) -> list[list[int]]:
+    """Tranches as authorize.lua reads them: [release ms, cumulative fen released], in order."""
+    tranches = orjson.loads(raw) if isinstance(raw, str | bytes) else list(raw or [])
+    timed = sorted((datetime.fromisoformat(item["release_at"]), int(item["amount_fen"])) for item in tranches)
+    schedule, cumulative = [], 0
+    for moment, amount in timed:
+        cumulative += amount
+        schedule.append([(moment - EPOCH) // timedelta(milliseconds=1), cumulative])
+    return schedule
 
 
 async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapshot) -> int:

@@ -123,6 +123,24 @@ class SignedClient:
         response = await self._call("/subsidy.v1.DiagnosticsService/Echo", request, diagnostics_pb2.EchoResponse)
         return response.payload
 
+    async def _stream_call(
+        self, method: str, requests: Sequence[Message], response_type: type[ResponseT], timeout_s: float
+    ) -> ResponseT:
+        """A client-streaming call, signed over an empty body (see subsidy_client.signing).
+        Not retried: a stream is not replayable from here; the request_id in its first message
+        makes a repeated call safe."""
+        stub = self._channel.stream_unary(
+            method,
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=response_type.FromString,
+        )
+        metadata = signing.signed_metadata(self._secret, method, self._terminal_id, b"")
+        try:
+            response: ResponseT = await stub(iter(requests), timeout=timeout_s, metadata=metadata)
+            return response
+        except grpc.aio.AioRpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
+
     async def call_raw(self, method: str, body: bytes, metadata: Any) -> bytes:
         """Sends raw bytes with caller-chosen metadata: for tests of hostile input."""
         stub = self._channel.unary_unary(

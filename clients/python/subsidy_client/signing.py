@@ -11,6 +11,8 @@ Every call carries four metadata entries:
 
 The request bytes are exactly the serialized message sent on the wire, so any client that can
 serialize a protobuf message and compute an HMAC can sign (see clients/node for JavaScript).
+For client-streaming calls (catalog import) the body is empty bytes: metadata travels before
+the messages, and TLS protects the stream's content.
 """
 
 from __future__ import annotations

@@ -124,9 +124,20 @@ for _, category in ipairs(order) do
     return decline(CONSUMER_LIMIT_REACHED, first_line_of(category))
   end
 end
+-- The released budget: the whole budget, or the tranches due by now (cumulative amounts).
+local function released(category, total)
+  local tranches = rules[category].tranches
+  if tranches == nil or #tranches == 0 then return total end
+  local amount = 0
+  for _, tranche in ipairs(tranches) do
+    if tranche[1] <= now then amount = tranche[2] end
+  end
+  return math.min(amount, total)
+end
 for _, category in ipairs(order) do
   local budget = redis.call('HMGET', KEYS[7], category .. ':total', category .. ':reserved', category .. ':spent')
-  local available = tonumber(budget[1] or '0') - tonumber(budget[2] or '0') - tonumber(budget[3] or '0')
+  local available = released(category, tonumber(budget[1] or '0')) - tonumber(budget[2] or '0')
+    - tonumber(budget[3] or '0')
   if sums[category] > available then return decline(BUDGET_EXHAUSTED, first_line_of(category)) end
 end
 

@@ -2,9 +2,15 @@
 
 from subsidy_client.v1 import authorization_pb2 as authorization_pb2
 from subsidy_client.v1 import authorization_pb2_grpc as authorization_pb2_grpc
+from subsidy_client.v1 import campaign_pb2 as campaign_pb2
+from subsidy_client.v1 import campaign_pb2_grpc as campaign_pb2_grpc
+from subsidy_client.v1 import catalog_pb2 as catalog_pb2
+from subsidy_client.v1 import catalog_pb2_grpc as catalog_pb2_grpc
 from subsidy_client.v1 import common_pb2 as common_pb2
 from subsidy_client.v1 import common_pb2_grpc as common_pb2_grpc
 from subsidy_client.v1 import diagnostics_pb2 as diagnostics_pb2
 from subsidy_client.v1 import diagnostics_pb2_grpc as diagnostics_pb2_grpc
+from subsidy_client.v1 import merchant_pb2 as merchant_pb2
+from subsidy_client.v1 import merchant_pb2_grpc as merchant_pb2_grpc
 from subsidy_client.v1 import reporting_pb2 as reporting_pb2
 from subsidy_client.v1 import reporting_pb2_grpc as reporting_pb2_grpc

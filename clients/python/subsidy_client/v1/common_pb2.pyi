@@ -71,6 +71,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """DEADLINE_EXCEEDED: the caller's deadline passed before the server could answer."""
     ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 11
     """PERMISSION_DENIED: the terminal is authenticated but not allowed to act on this object."""
+    ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 12
+    """NOT_FOUND: the named campaign, product, merchant, store or terminal does not exist;
+    ErrorInfo.metadata["kind"] and ["id"] name it.
+    """
+    ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 13
+    """ALREADY_EXISTS: an object with this id exists already; metadata["kind"] and ["id"] name it."""
+    ERROR_REASON_STORE_OUTSIDE_REGION: _ErrorReason.ValueType  # 14
+    """FAILED_PRECONDITION: a physical store's location lies outside every campaign region."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons carried in google.rpc.ErrorInfo.reason (domain
@@ -103,6 +111,14 @@ ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 10
 """DEADLINE_EXCEEDED: the caller's deadline passed before the server could answer."""
 ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 11
 """PERMISSION_DENIED: the terminal is authenticated but not allowed to act on this object."""
+ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 12
+"""NOT_FOUND: the named campaign, product, merchant, store or terminal does not exist;
+ErrorInfo.metadata["kind"] and ["id"] name it.
+"""
+ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 13
+"""ALREADY_EXISTS: an object with this id exists already; metadata["kind"] and ["id"] name it."""
+ERROR_REASON_STORE_OUTSIDE_REGION: ErrorReason.ValueType  # 14
+"""FAILED_PRECONDITION: a physical store's location lies outside every campaign region."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
