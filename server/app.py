@@ -121,7 +121,9 @@ async def create_server(config: Config) -> Application:
             StoreLimits(
                 hold_ttl_s=config.hold_ttl_s,
                 idempotency_ttl_s=config.idempotency_ttl_s,
-                nonce_ttl_s=2 * config.auth_clock_skew_s,
+                # Twice the accepted skew (a timestamp can be early or late), plus a margin for the
+                # clocks of the gateway and Redis differing.
+                nonce_ttl_s=2 * config.auth_clock_skew_s + 60,
             ),
         )
         credentials = CredentialCache(redis, keys)

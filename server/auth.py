@@ -37,6 +37,8 @@ log = logging.getLogger("subsidy.auth")
 NONCE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 TERMINAL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PROTECTED_PREFIX = "/subsidy.v1."
+MISS_TTL_S = 1.0
+MISSES_MAX = 10_000
 
 
 TERMINAL, OPERATOR = "terminal", "operator"
@@ -91,6 +93,7 @@ class CredentialCache:
         self._keys = keys
         self._credentials: dict[str, Credential] = {}
         self._version: bytes | str | None = None
+        self._misses: dict[str, float] = {}
 
     async def refresh(self) -> None:
         version = await self._redis.get(self._keys.reference_version)
@@ -113,12 +116,21 @@ class CredentialCache:
 
     async def get(self, terminal_id: str) -> Credential | None:
         found = self._credentials.get(terminal_id)
-        if found is None:
-            # A terminal onboarded since the last refresh: look it up once, off the hot path.
-            raw = await self._redis.hget(self._keys.credentials, terminal_id)
-            if raw is not None:
-                found = Credential.from_json(raw)
-                self._credentials[terminal_id] = found
+        if found is not None:
+            return found
+        # A caller onboarded since the last refresh: look it up, at most once a second per id
+        # (and for a bounded number of ids), so unknown ids cannot turn into Redis load.
+        now = time.monotonic()
+        if now - self._misses.get(terminal_id, -MISS_TTL_S) < MISS_TTL_S:
+            return None
+        raw = await self._redis.hget(self._keys.credentials, terminal_id)
+        if raw is None:
+            if len(self._misses) >= MISSES_MAX:
+                self._misses.clear()
+            self._misses[terminal_id] = now
+            return None
+        found = Credential.from_json(raw)
+        self._credentials[terminal_id] = found
         return found
 
 

@@ -48,12 +48,27 @@ SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
         common_pb2.ERROR_REASON_LINE_ALREADY_REFUNDED,
         "the line was already refunded",
     ),
+    "TERMINAL_INACTIVE": (
+        grpc.StatusCode.PERMISSION_DENIED,
+        common_pb2.ERROR_REASON_PERMISSION_DENIED,
+        "the terminal is suspended (or no longer bound to this merchant)",
+    ),
+    "MERCHANT_INACTIVE": (
+        grpc.StatusCode.PERMISSION_DENIED,
+        common_pb2.ERROR_REASON_PERMISSION_DENIED,
+        "the merchant is suspended",
+    ),
     "TERMINAL_MERCHANT_MISMATCH": (
         grpc.StatusCode.PERMISSION_DENIED,
         common_pb2.ERROR_REASON_PERMISSION_DENIED,
         "the terminal was re-bound to another merchant; retry shortly",
     ),
 }
+
+
+def canonical_serial(serial_number: str) -> str:
+    """One device, one key: serials are compared without regard to case ("sn1" is "SN1")."""
+    return serial_number.upper()
 
 
 def payload_hash(method: str, request: Any) -> str:
@@ -158,7 +173,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
                 channel=request.channel,
                 authorization_id=uuid.uuid4().hex,
                 lines=[
-                    LineInput(line.line_id, line.gtin, line.unit_price_fen, line.serial_number)
+                    LineInput(line.line_id, line.gtin, line.unit_price_fen, canonical_serial(line.serial_number))
                     for line in request.lines
                 ],
             )

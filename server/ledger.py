@@ -167,8 +167,9 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
         if action == "lag":
             return 0, dataclasses.asdict(await lag(redis, keys, "ledger-writer"))
         current = await lag(redis, keys, "ledger-writer")
-        if current.backlog and not force:
-            return 2, {"error": f"{current.backlog} events are not yet written; drain the writer or use --force"}
+        if (current.backlog or current.dead_letters) and not force:
+            problem = f"{current.backlog} events are not yet written and {current.dead_letters} are dead-lettered"
+            return 2, {"error": problem + "; drain the writer and resolve dead letters first, or use --force"}
         counters = await rebuild(connection, redis, keys)
         return 0, {
             "budget_counters": len(counters.budget),

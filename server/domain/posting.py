@@ -70,9 +70,10 @@ def entry_hash(
     posting: Posting,
     merchant_id: str,
     occurred_ms: int,
+    event_digest: str,
 ) -> str:
-    """SHA-256 over the previous hash and every field of the entry: altering, removing or
-    reordering any entry breaks every hash after it."""
+    """SHA-256 over the previous hash, every field of the entry and its event's content digest:
+    altering, removing or reordering any entry, or altering its event, breaks every hash after it."""
     material = "|".join(
         (
             prev_hash,
@@ -86,6 +87,7 @@ def entry_hash(
             str(posting.debit_fen),
             str(posting.credit_fen),
             str(occurred_ms),
+            event_digest,
         )
     )
     return hashlib.sha256(material.encode()).hexdigest()

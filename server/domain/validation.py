@@ -72,9 +72,10 @@ def _check_lines(lines: Sequence[authorization_pb2.LineItem], max_lines: int) ->
         if line.serial_number:
             if not SERIAL.match(line.serial_number):
                 raise invalid_field(f"{path}.serial_number", "must be 1-64 characters of [A-Za-z0-9_./-]")
-            if (line.gtin, line.serial_number) in devices:
+            device = (line.gtin, line.serial_number.upper())
+            if device in devices:
                 raise invalid_field(f"{path}.serial_number", "the same device appears twice in this request")
-            devices.add((line.gtin, line.serial_number))
+            devices.add(device)
 
 
 def check_lifecycle(request_id: str, authorization_id: str) -> None:

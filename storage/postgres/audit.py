@@ -16,10 +16,11 @@ from typing import Any
 
 import asyncpg
 import orjson
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from server.domain.posting import GENESIS_HASH, Posting, entry_hash
-from storage.postgres.ledger import to_ms
+from storage.postgres.ledger import payload_digest, to_ms
 from storage.redis.keys import Keys
 
 
@@ -47,18 +48,22 @@ async def verify(connection: asyncpg.Connection) -> VerifyReport:
     """Recomputes each campaign's chain in sequence order; the first break per campaign is reported."""
     breaks: list[ChainBreak] = []
     checked = debit_total = credit_total = 0
-    heads = {
-        row["campaign_id"]: (row["last_seq"], row["last_hash"])
-        for row in await connection.fetch("SELECT * FROM ledger_chain_heads")
-    }
     async with connection.transaction(isolation="repeatable_read", readonly=True):
+        # Heads and entries from one snapshot, so a batch committing meanwhile is not a "break".
+        heads = {
+            row["campaign_id"]: (row["last_seq"], row["last_hash"])
+            for row in await connection.fetch("SELECT * FROM ledger_chain_heads")
+        }
         campaigns = [
             row["campaign_id"] for row in await connection.fetch("SELECT DISTINCT campaign_id FROM ledger_entries")
         ]
         for campaign_id in sorted(set(campaigns) | set(heads)):
             expected_prev, expected_seq, broken = GENESIS_HASH, 0, False
             async for row in connection.cursor(
-                "SELECT * FROM ledger_entries WHERE campaign_id = $1 ORDER BY entry_seq", campaign_id, prefetch=2000
+                "SELECT entry.*, event.payload AS event_payload FROM ledger_entries AS entry"
+                " JOIN ledger_events AS event USING (event_id) WHERE entry.campaign_id = $1 ORDER BY entry.entry_seq",
+                campaign_id,
+                prefetch=2000,
             ):
                 checked += 1
                 debit_total += row["debit_fen"]
@@ -76,6 +81,7 @@ async def verify(connection: asyncpg.Connection) -> VerifyReport:
                     posting,
                     row["merchant_id"],
                     to_ms(row["occurred_at"]),
+                    payload_digest(orjson.loads(row["event_payload"])),
                 )
                 problem = ""
                 if row["entry_seq"] != expected_seq:
@@ -83,7 +89,7 @@ async def verify(connection: asyncpg.Connection) -> VerifyReport:
                 elif row["prev_hash"] != expected_prev:
                     problem = "prev_hash does not match the previous entry's hash"
                 elif digest != row["entry_hash"]:
-                    problem = "entry content does not match its hash (altered)"
+                    problem = "entry or its event does not match its hash (altered)"
                 if problem:
                     breaks.append(ChainBreak(campaign_id, expected_seq, problem))
                     broken = True
@@ -221,6 +227,9 @@ async def rebuild(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> C
     for (campaign_id, category, name), value in counters.budget.items():
         budgets[keys.budget(campaign_id)][f"{category}:{name}"] = value
     authorizations = await connection.fetch("SELECT * FROM authorizations")
+    last_event = await connection.fetchrow(
+        "SELECT event_ms, event_seq FROM ledger_events ORDER BY event_ms DESC, event_seq DESC LIMIT 1"
+    )
     async with redis.pipeline(transaction=True) as pipe:
         for key in stale:
             pipe.delete(key)
@@ -237,7 +246,24 @@ async def rebuild(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> C
             if row["state"] == "PENDING":
                 pipe.zadd(keys.holds, {row["authorization_id"]: to_ms(row["hold_expires_at"])})
         await pipe.execute()
+    if last_event is not None:
+        await _advance_stream_id(redis, keys, f"{last_event['event_ms']}-{last_event['event_seq']}")
     return counters
+
+
+async def _advance_stream_id(redis: Redis, keys: Keys, last_written: str) -> None:
+    """A new stream must never hand out an id the ledger already holds (a Redis clock behind
+    the old one would): move its last id past the ledger's newest event."""
+    client: Any = redis
+    try:
+        await client.xgroup_create(keys.ledger, "ledger-writer", id="0", mkstream=True)
+    except redis_errors.ResponseError as error:  # BUSYGROUP: the group exists already
+        if "BUSYGROUP" not in str(error):
+            raise
+    info = await client.xinfo_stream(keys.ledger)
+    current = _text(info["last-generated-id"])
+    if tuple(map(int, current.split("-"))) < tuple(map(int, last_written.split("-"))):
+        await client.execute_command("XSETID", keys.ledger, last_written)
 
 
 def _authorization_hash(row: Any) -> dict[str, Any]:

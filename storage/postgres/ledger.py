@@ -8,6 +8,7 @@ therefore changes nothing, whatever point a previous writer died at.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,11 @@ REQUIRED_FIELDS = ("type", "authorization_id", "campaign", "merchant", "terminal
 
 class MalformedEvent(ValueError):
     """A stream entry that cannot be a ledger event; it goes to the dead-letter stream."""
+
+
+class EventCollision(Exception):
+    """An event whose id is already in the ledger with different content (a stream id reused,
+    e.g. after a Redis loss without ``rebuild``): never silently treated as a redelivery."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,23 @@ def parse_event(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LedgerEven
     missing = [name for name in REQUIRED_FIELDS if name not in payload]
     if missing or payload["type"] not in FLOWS or not isinstance(payload.get("lines"), list):
         raise MalformedEvent(f"{event_id}: missing or invalid fields {missing}")
+    for line in payload["lines"]:
+        if not (
+            isinstance(line, dict)
+            and isinstance(line.get("c"), str)
+            and isinstance(line.get("s"), int)
+            and line["s"] >= 0
+            and isinstance(line.get("g"), str)
+            and isinstance(line.get("sn", ""), str)
+        ):
+            raise MalformedEvent(f"{event_id}: a line lacks its category, subsidy, gtin or serial")
     return LedgerEvent(event_id, payload)
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    """A canonical digest of an event's content (sorted keys), chained into its ledger entries so
+    that altering an event row is as detectable as altering an entry."""
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def from_ms(milliseconds: int) -> datetime:
@@ -69,6 +91,7 @@ async def write_batch(connection: asyncpg.Connection, events: Sequence[LedgerEve
     ordered = sorted(events, key=lambda event: event.order)
     async with connection.transaction():
         inserted = await _insert_events(connection, ordered)
+        await _check_redeliveries(connection, [event for event in ordered if event.event_id not in inserted])
         new = [event for event in ordered if event.event_id in inserted]
         if new:
             await _post_entries(connection, new)
@@ -113,6 +136,20 @@ async def _insert_events(connection: asyncpg.Connection, events: Sequence[Ledger
     return {row["event_id"] for row in rows}
 
 
+async def _check_redeliveries(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> None:
+    """An event id already written must carry the same content; otherwise it is a collision."""
+    if not events:
+        return
+    rows = await connection.fetch(
+        "SELECT event_id, payload FROM ledger_events WHERE event_id = ANY($1::text[])",
+        [event.event_id for event in events],
+    )
+    stored = {row["event_id"]: payload_digest(orjson.loads(row["payload"])) for row in rows}
+    for event in events:
+        if stored.get(event.event_id) != payload_digest(event.payload):
+            raise EventCollision(f"event id {event.event_id} is in the ledger with different content")
+
+
 async def _post_entries(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> None:
     campaigns = sorted({event.payload["campaign"] for event in events})
     await connection.execute(
@@ -144,6 +181,7 @@ async def _post_entries(connection: asyncpg.Connection, events: Sequence[LedgerE
                 posting,
                 payload["merchant"],
                 occurred_ms,
+                payload_digest(payload),
             )
             records.append(
                 (
@@ -205,7 +243,7 @@ async def _apply_authorizations(connection: asyncpg.Connection, events: Sequence
                 payload["authorization_id"],
                 payload["campaign"],
                 payload["merchant"],
-                payload["terminal"],
+                payload.get("authorization_terminal", payload["terminal"]),
                 payload["consumer"],
                 int(payload.get("channel", 0)),
                 payload.get("state", payload["type"]),

@@ -29,18 +29,15 @@ import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from storage.postgres.ledger import LedgerEvent, MalformedEvent, parse_event, write_batch
+from storage.postgres.ledger import EventCollision, LedgerEvent, MalformedEvent, parse_event, write_batch
 from storage.redis.keys import Keys
 
 log = logging.getLogger("subsidy.writer")
 CRASH_POINTS = ("", "before_commit", "after_commit", "after_ack")
-PG_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-)
+# PostgreSQL refusing the data itself (SQLSTATE classes 22 and 23), and events that collide with
+# a different event of the same id: retrying cannot help, so such an event is dead-lettered
+# after max_deliveries. Every other failure is treated as PostgreSQL being unavailable.
+DETERMINISTIC_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, EventCollision)
 
 
 @dataclass(frozen=True)
@@ -152,23 +149,29 @@ class LedgerWriter:
         if events:
             try:
                 await self._write(events)
-            except PG_ERRORS as error:
-                # PostgreSQL is unreachable: keep everything pending and back off; the next step
-                # reads this consumer's pending entries again.
-                self.stats.postgres_failures += 1
-                await self._drop_connection()
-                log.warning("postgres unavailable; will retry", extra={"error": type(error).__name__})
-                await asyncio.sleep(self._backoff_s)
-                self._backoff_s = min(self._backoff_s * 2, self.config.retry_backoff_max_s)
-                return 0
-            except asyncpg.PostgresError:
+            except DETERMINISTIC_ERRORS:
+                # PostgreSQL refuses something in this batch's data: find which event.
                 await self._drop_connection()
                 await self._isolate(events)
+            except (Exception, asyncio.CancelledError) as error:
+                if isinstance(error, asyncio.CancelledError) or isinstance(error, redis_errors.RedisError):
+                    raise
+                # Anything else (connection lost, failover to read-only, disk full, timeouts) is
+                # the database's condition, not the events': keep everything pending and back off.
+                await self._postgres_unavailable(error)
+                return 0
         self._backoff_s = 0.1
         self.stats.batches += 1
         if self.config.trim:
             await self.trim_acknowledged()
         return len(entries)
+
+    async def _postgres_unavailable(self, error: BaseException) -> None:
+        self.stats.postgres_failures += 1
+        await self._drop_connection()
+        log.warning("postgres unavailable; will retry", extra={"error": type(error).__name__})
+        await asyncio.sleep(self._backoff_s)
+        self._backoff_s = min(self._backoff_s * 2, self.config.retry_backoff_max_s)
 
     async def _write(self, events: list[LedgerEvent]) -> None:
         connection = await self._pg()
@@ -191,15 +194,14 @@ class LedgerWriter:
             self._connection = None
 
     async def _isolate(self, events: list[LedgerEvent]) -> None:
-        """A batch PostgreSQL refused: write its events one by one, so one bad event cannot hold
-        back the rest; an event that keeps failing is dead-lettered after max_deliveries."""
+        """A batch PostgreSQL refused for its data: write its events one by one, so one bad event
+        cannot hold back the rest; an event refused ``max_deliveries`` times is dead-lettered.
+        A failure that is not about the data stops the isolation (the batch stays pending)."""
         deliveries = await self._delivery_counts([event.event_id for event in events])
         for event in events:
             try:
                 await self._write([event])
-            except PG_ERRORS:
-                raise
-            except asyncpg.PostgresError as error:
+            except DETERMINISTIC_ERRORS as error:
                 await self._drop_connection()
                 if deliveries.get(event.event_id, 1) >= self.config.max_deliveries:
                     fields = {b"e": orjson.dumps(event.payload)}
@@ -209,7 +211,11 @@ class LedgerWriter:
 
     async def _delivery_counts(self, event_ids: list[str]) -> dict[str, int]:
         pending = await self.redis.xpending_range(
-            self.keys.ledger, self.config.group, min=min(event_ids), max=max(event_ids), count=len(event_ids) * 2
+            self.keys.ledger,
+            self.config.group,
+            min=min(event_ids, key=_order),
+            max=max(event_ids, key=_order),
+            count=len(event_ids) * 2,
         )
         return {_text(item["message_id"]): int(item["times_delivered"]) for item in pending}
 
@@ -245,6 +251,9 @@ class LedgerWriter:
                 await self.step()
             except (redis_errors.ConnectionError, redis_errors.TimeoutError):
                 log.warning("redis unavailable; will retry")
+                await asyncio.sleep(1.0)
+            except Exception:  # a bug must not crash-loop the writer; entries stay pending
+                log.error("ledger writer step failed", exc_info=True)
                 await asyncio.sleep(1.0)
         # Shutdown: what this writer holds is either written and acknowledged above, or still
         # pending in the group, where the next writer (or this one restarted) takes it up.

@@ -138,6 +138,8 @@ class RedisStore:
             *base_keys[:5],
             self.keys.idempotency(request.terminal_id, request.request_id),
             self.keys.nonce(request.terminal_id, request.nonce),
+            self.keys.terminal(request.terminal_id),
+            self.keys.merchant(request.merchant_id),
             *base_keys[5:],
         ]
         args: list[str | int] = [
@@ -148,6 +150,7 @@ class RedisStore:
             self._limits.nonce_ttl_s,
             campaign_id,
             consumer_key,
+            request.terminal_id,
             *extra,
         ]
         return await self._scripts.call(name, script_keys, args)

@@ -24,7 +24,7 @@ from subsidy_client.v1 import authorization_pb2 as pb
 from server.app import Application
 from server.ledger import WriterMetrics, serve_metrics
 from storage.devenv import Services
-from storage.postgres.audit import rebuild, reconcile, verify
+from storage.postgres.audit import rebuild, reconcile, redis_counters, verify
 from storage.postgres.reference import fetch_reference
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.reference import publish_reference
@@ -279,6 +279,7 @@ async def test_a_concurrent_burst_reconciles_to_the_fen(services: Services) -> N
         writer = LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis)
         await writer.drain()
         await assert_ledger_matches(env, expected)
+        before_loss = await redis_counters(redis, env.keys)
         # Lose every money counter in Redis, then rebuild them from the ledger.
         for pattern in ("usage", "serial", "budget", "auth", "holds"):
             doomed = [key async for key in redis.scan_iter(match=f"{env.keys.tag}:{pattern}*")]
@@ -290,7 +291,7 @@ async def test_a_concurrent_burst_reconciles_to_the_fen(services: Services) -> N
             # As after a real loss: re-publish the reference data, then rebuild the money state.
             await publish_reference(redis, env.keys, await fetch_reference(connection))
             await rebuild(connection, redis, env.keys)
-            assert await reconcile(connection, redis, env.keys) == []
+            assert (await redis_counters(redis, env.keys)).nonzero() == before_loss.nonzero()
         finally:
             await connection.close()
         # The rebuilt state still enforces the limits: the captured fridge's owner and device are
@@ -339,8 +340,21 @@ async def test_ledger_rows_are_append_only_and_tampering_is_detected(services: S
             report = await verify(connection)
             assert not report.ok
             assert [(item.entry_seq, item.problem) for item in report.breaks] == [
-                (3, "entry content does not match its hash (altered)")
+                (3, "entry or its event does not match its hash (altered)")
             ]
+            # An event's content is covered too: altering a line of an event breaks its entries.
+            await connection.execute("SET session_replication_role = replica")
+            await connection.execute(
+                "UPDATE ledger_entries SET debit_fen = debit_fen - 100 WHERE entry_seq = 3 AND debit_fen > 0"
+            )
+            event_id = await connection.fetchval("SELECT event_id FROM ledger_entries WHERE entry_seq = 5")
+            await connection.execute(
+                "UPDATE ledger_events SET payload = jsonb_set(payload, '{consumer}', '\"someone-else\"')"
+                " WHERE event_id = $1",
+                event_id,
+            )
+            await connection.execute("SET session_replication_role = origin")
+            assert [item.entry_seq for item in (await verify(connection)).breaks] == [5]
         finally:
             await connection.close()
 
@@ -472,3 +486,25 @@ async def test_reporting_rpcs_reconcile_for_operators_only(services: Services) -
                 campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", WASHER, 1000)]
             )
         await operator.close()
+
+
+async def test_a_database_that_refuses_writes_is_an_outage_not_poison(services: Services) -> None:
+    """PostgreSQL answering but refusing writes (a failover left it read-only) must not send
+    valid events to the dead-letter stream: they stay pending until it accepts writes again."""
+    async with ledger_world(services) as (env, _gateway, client):
+        expected = await traffic(client, 3)
+        separator = "&" if "?" in env.pg_dsn else "?"
+        read_only = f"{env.pg_dsn}{separator}default_transaction_read_only=on"
+        redis = Redis.from_url(env.redis_url)
+        stuck = LedgerWriter(
+            WriterConfig(pg_dsn=read_only, redis_url=env.redis_url, prefix=env.prefix, max_deliveries=2), redis
+        )
+        await stuck.ensure_group()
+        for _ in range(6):
+            await stuck.step(block=False)
+        current = await lag(redis, env.keys, "ledger-writer")
+        assert (current.dead_letters, current.backlog) == (0, expected)
+        assert stuck.stats.postgres_failures >= 6
+        await LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis).drain()
+        await redis.aclose()
+        await assert_ledger_matches(env, expected)

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line
-from subsidy_client.errors import IdempotencyConflict, InvalidArgument, InvalidState, NotFound
+from subsidy_client.errors import IdempotencyConflict, InvalidArgument, InvalidState, NotFound, PermissionDenied
 from subsidy_client.v1 import authorization_pb2 as pb
 
 from tests.conftest import Environment, consumer_key, load_document, running_gateway, serial
@@ -291,3 +291,49 @@ async def test_hold_expiry_releases_once_even_when_racing_capture(
         assert events == ["AUTHORIZED", state.removeprefix("AUTHORIZATION_STATE_")]
     for response in approved:
         assert await redis.zscore(environment.keys.holds, response.authorization_id) is None
+
+
+async def test_a_suspended_terminal_cannot_move_money(
+    environment: Environment, clients: dict[str, AuthorizationClient]
+) -> None:
+    """Capture, void and refund are refused to a suspended terminal (PERMISSION_DENIED), though
+    the authorization belongs to its merchant; an active till of the same merchant may act."""
+    approved = await clients["t-main-01"].authorize(
+        campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", WASHER, 100_000)]
+    )
+    suspended = clients["t-main-off"]
+    for call in (suspended.capture, suspended.void, suspended.refund):
+        with pytest.raises(PermissionDenied):
+            await call(approved.authorization_id)
+    assert (await clients["t-main-02"].capture(approved.authorization_id)).authorization.state == (
+        pb.AUTHORIZATION_STATE_CAPTURED
+    )
+
+
+async def test_serials_are_one_device_whatever_their_case(client: AuthorizationClient) -> None:
+    """ "sn-abc" and "SN-ABC" are the same device: the second sale is declined."""
+    device = serial()
+    first = await client.authorize(
+        campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", FRIDGE_G1, 300_000, device.lower())]
+    )
+    assert first.decision == pb.DECISION_APPROVED
+    second = await client.authorize(
+        campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", FRIDGE_G1, 300_000, device.upper())]
+    )
+    assert second.decline_reason == pb.DECLINE_REASON_SERIAL_ALREADY_SUBSIDISED
+
+
+async def test_ledger_events_name_the_terminal_that_acted(
+    environment: Environment, redis: Redis, clients: dict[str, AuthorizationClient]
+) -> None:
+    """A capture by another till of the merchant is recorded under that till, with the
+    authorizing terminal kept beside it."""
+    approved = await clients["t-main-01"].authorize(
+        campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", WASHER, 100_000)]
+    )
+    await clients["t-main-02"].capture(approved.authorization_id)
+    events = await ledger_events(redis, environment, approved.authorization_id)
+    assert [(event["type"], event["terminal"], event["authorization_terminal"]) for event in events] == [
+        ("AUTHORIZED", "t-main-01", "t-main-01"),
+        ("CAPTURED", "t-main-02", "t-main-01"),
+    ]

@@ -60,7 +60,10 @@ end
 local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payload_hash)
   local event = {
     type = event_type, authorization_id = auth.id, campaign = auth.campaign,
-    merchant = auth.merchant, terminal = auth.terminal, consumer = auth.consumer,
+    -- The terminal that acted (capture, void and refund may come from another till of the
+    -- same merchant); expiry is the server's own act, recorded under the authorizing terminal.
+    merchant = auth.merchant, terminal = auth.acting_terminal or auth.terminal,
+    authorization_terminal = auth.terminal, consumer = auth.consumer,
     request_id = auth.last_request_id, payload_hash = payload_hash or '', amount_fen = amount_fen,
     at_ms = at_ms, lines = lines,
     -- The authorization as it stands after this event, so the ledger's authorizations table
@@ -119,14 +122,19 @@ local function lifecycle_keys(first_serial)
     serials = serials}
 end
 
--- The common opening of capture, void and refund (KEYS[6] idempotency, KEYS[7] nonce;
--- ARGV[1] payload hash, ARGV[3] caller's merchant, ARGV[5] nonce ttl, ARGV[6] campaign,
--- ARGV[7] consumer key). Returns auth and now, or nil and the reply to return at once.
+-- The common opening of capture, void and refund (KEYS[6] idempotency, KEYS[7] nonce,
+-- KEYS[8] the calling terminal, KEYS[9] its merchant; ARGV[1] payload hash, ARGV[3] caller's
+-- merchant, ARGV[5] nonce ttl, ARGV[6] campaign, ARGV[7] consumer key, ARGV[8] calling
+-- terminal). Returns auth and now, or nil and the reply to return at once.
 local function begin_lifecycle(keys)
   if not claim_nonce(KEYS[7], tonumber(ARGV[5])) then return nil, fail('NONCE_REUSED') end
   local stored, conflict = idempotent_answer(KEYS[6], ARGV[1])
   if conflict then return nil, fail('IDEMPOTENCY_CONFLICT') end
   if stored then return nil, {'replay', stored} end
+  -- A suspended terminal or merchant may not move money, in either direction.
+  local terminal = redis.call('HMGET', KEYS[8], 'status', 'merchant')
+  if terminal[1] ~= 'ACTIVE' or terminal[2] ~= ARGV[3] then return nil, fail('TERMINAL_INACTIVE') end
+  if redis.call('HGET', KEYS[9], 'status') ~= 'ACTIVE' then return nil, fail('MERCHANT_INACTIVE') end
   local auth = load_auth(keys.auth)
   -- Another merchant's authorization is reported as absent, so ids cannot be probed.
   if auth == nil or auth.merchant ~= ARGV[3] then return nil, fail('AUTHORIZATION_NOT_FOUND') end
@@ -137,6 +145,7 @@ local function begin_lifecycle(keys)
   if auth.state == 'PENDING' and now >= tonumber(auth.expires_ms) then
     release_hold(keys, auth, 'EXPIRED', now, '')
   end
+  auth.acting_terminal = ARGV[8]
   return auth, now
 end
 

@@ -3,16 +3,18 @@
 -- and frees its serial. A line is refunded at most once.
 --
 -- KEYS[1] authorization hash  KEYS[2] holds zset  KEYS[3] budget hash  KEYS[4] usage hash
--- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8..] serial keys of the
--- authorization's lines that carry a serial (derived by the caller from the immutable lines)
+-- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8] calling terminal hash
+-- KEYS[9] its merchant hash  KEYS[10..] serial keys of the authorization's lines that carry a
+-- serial (derived by the caller from the immutable lines)
 --
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] caller's merchant id  ARGV[4] idempotency
--- ttl (s)  ARGV[5] nonce ttl (s)  ARGV[6] campaign id  ARGV[7] consumer key
--- ARGV[8..] line ids to refund; none means every line not yet refunded.
+-- ttl (s)  ARGV[5] nonce ttl (s)  ARGV[6] campaign id  ARGV[7] consumer key  ARGV[8] calling
+-- terminal id
+-- ARGV[9..] line ids to refund; none means every line not yet refunded.
 --
 -- Returns {kind, JSON}: {"authorization": view, "refunded_fen": n} or {"error": ...}.
 
-local keys = lifecycle_keys(8)
+local keys = lifecycle_keys(10)
 local auth, now = begin_lifecycle(keys)
 if auth == nil then return now end
 if auth.state ~= 'CAPTURED' and auth.state ~= 'PARTIALLY_REFUNDED' then
@@ -21,8 +23,8 @@ end
 
 -- Choose the lines; every check before the first write.
 local wanted, chosen = {}, {}
-for i = 8, #ARGV do wanted[ARGV[i]] = true end
-local explicit = #ARGV >= 8
+for i = 9, #ARGV do wanted[ARGV[i]] = true end
+local explicit = #ARGV >= 9
 for _, line in ipairs(auth.lines) do
   if not explicit or wanted[line.l] then
     if line.r == 1 and explicit then return fail('LINE_ALREADY_REFUNDED', {line_id = line.l}) end

@@ -2,15 +2,17 @@
 -- quota and the serials go back. Voiding an already VOIDED authorization returns it as it is.
 --
 -- KEYS[1] authorization hash  KEYS[2] holds zset  KEYS[3] budget hash  KEYS[4] usage hash
--- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8..] serial keys of the
--- authorization's lines that carry a serial (derived by the caller from the immutable lines)
+-- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8] calling terminal hash
+-- KEYS[9] its merchant hash  KEYS[10..] serial keys of the authorization's lines that carry a
+-- serial (derived by the caller from the immutable lines)
 --
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] caller's merchant id  ARGV[4] idempotency
--- ttl (s)  ARGV[5] nonce ttl (s)  ARGV[6] campaign id  ARGV[7] consumer key
+-- ttl (s)  ARGV[5] nonce ttl (s)  ARGV[6] campaign id  ARGV[7] consumer key  ARGV[8] calling
+-- terminal id
 --
 -- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE", "state": ...}.
 
-local keys = lifecycle_keys(8)
+local keys = lifecycle_keys(10)
 local auth, now = begin_lifecycle(keys)
 if auth == nil then return now end
 if auth.state == 'PENDING' then
