@@ -1,12 +1,233 @@
-"""CampaignService: create, update and read campaigns; live budget status."""
+"""CampaignService: create, update and read campaigns; live budget status.
+
+The request's Campaign message becomes the same document a reference file holds and is
+validated by the same pure rules (server.domain.reference), so a rule that cannot work is
+refused with INVALID_ARGUMENT naming the field (``campaign.rules[0].cap_fen``) however it
+arrives. Budget counters are never written here: they are money state (Redis and the ledger).
+"""
 
 from __future__ import annotations
 
-from subsidy_client.v1 import campaign_pb2_grpc
+from datetime import UTC, datetime
+from typing import Any
 
-from server.operations import OperatorDeps
+import grpc
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
+
+from server.auth import OPERATOR, caller
+from server.domain.reference import Campaign, ReferenceError, parse_campaign
+from server.errors import invalid_field
+from server.operations import OperatorDeps, Scope, already_exists, begin_action, not_found, publish_scope, record
+from storage.postgres.reference import save_campaign
+from storage.redis.reference import tranche_schedule
+
+pb = campaign_pb2
+KINDS: dict[int, str] = {pb.RULE_KIND_PERCENT: "PERCENT", pb.RULE_KIND_FIXED: "FIXED"}
+STATUSES: dict[int, str] = {pb.CAMPAIGN_STATUS_ACTIVE: "ACTIVE", pb.CAMPAIGN_STATUS_PAUSED: "PAUSED"}
+POLICIES: dict[int, str] = {
+    pb.REFUND_POLICY_RESTORE_ON_FULL_REFUND: "RESTORE_ON_FULL_REFUND",
+    pb.REFUND_POLICY_COUNT_AS_USED: "COUNT_AS_USED",
+}
+
+
+def _time(stamp: Timestamp, present: bool) -> str | None:
+    return stamp.ToDatetime(tzinfo=UTC).isoformat() if present else None
+
+
+def _enum(value: int, names: dict[int, str], field: str, default: str | None = None) -> str:
+    if value in names:
+        return names[value]
+    if value == 0 and default is not None:
+        return default
+    raise invalid_field(field, "must be one of " + ", ".join(sorted(names.values())))
+
+
+def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
+    """The Campaign message as a reference-file record (see examples/campaigns/*.yaml)."""
+    rules = []
+    for index, rule in enumerate(message.rules):
+        path = f"campaign.rules[{index}]"
+        grades = [rate.energy_grade for rate in rule.rates]
+        if len(set(grades)) != len(grades):
+            raise invalid_field(f"{path}.rates", "each energy grade may appear once")
+        rules.append(
+            {
+                "category": rule.category,
+                "kind": _enum(rule.kind, KINDS, f"{path}.kind"),
+                "rates_bp": {str(rate.energy_grade): rate.rate_bp for rate in rule.rates},
+                "cap_fen": rule.cap_fen,
+                "threshold_fen": rule.threshold_fen,
+                "off_fen": rule.off_fen,
+                "price_ceiling_fen": rule.price_ceiling_fen,
+                "per_person_limit": rule.per_person_limit,
+                "budget_fen": rule.budget_fen,
+                "tranches": [
+                    {
+                        "release_at": _time(tranche.release_at, tranche.HasField("release_at")),
+                        "amount_fen": tranche.amount_fen,
+                    }
+                    for tranche in rule.tranches
+                ],
+            }
+        )
+    return {
+        "id": message.campaign_id,
+        "name": message.name or message.campaign_id,
+        "status": _enum(message.status, STATUSES, "campaign.status", default="ACTIVE"),
+        "starts_at": _time(message.starts_at, message.HasField("starts_at")),
+        "ends_at": _time(message.ends_at, message.HasField("ends_at")),
+        "region": message.region_geojson or None,
+        "rules": rules,
+        "qualification_validity_s": message.qualification_validity_s,
+        "refund_policy": _enum(message.refund_policy, POLICIES, "campaign.refund_policy", default="COUNT_AS_USED"),
+    }
+
+
+def parse_request_campaign(message: campaign_pb2.Campaign) -> Campaign:
+    try:
+        return parse_campaign(campaign_document(message), "campaign")
+    except ReferenceError as error:
+        raise invalid_field(error.field.replace("campaign.id", "campaign.campaign_id"), error.reason) from None
+
+
+def _stamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
+    kinds = {name: value for value, name in KINDS.items()}
+    region = row["region"]
+    return pb.Campaign(
+        campaign_id=row["campaign_id"],
+        name=row["name"],
+        status=next(value for value, name in STATUSES.items() if name == row["status"]),
+        starts_at=_stamp(row["starts_at"]),
+        ends_at=_stamp(row["ends_at"]),
+        region_geojson=region if isinstance(region, str) else (orjson.dumps(region).decode() if region else ""),
+        qualification_validity_s=row["qualification_validity_s"],
+        refund_policy=next(value for value, name in POLICIES.items() if name == row["refund_policy"]),
+        rules=[
+            pb.CategoryRule(
+                category=rule["category"],
+                kind=kinds[rule["kind"]],
+                rates=[
+                    pb.GradeRate(energy_grade=int(grade), rate_bp=rate)
+                    for grade, rate in sorted(orjson.loads(rule["rates_bp"]).items())
+                ],
+                cap_fen=rule["cap_fen"],
+                threshold_fen=rule["threshold_fen"],
+                off_fen=rule["off_fen"],
+                price_ceiling_fen=rule["price_ceiling_fen"],
+                per_person_limit=rule["per_person_limit"],
+                budget_fen=rule["budget_fen"],
+                tranches=[
+                    pb.BudgetTranche(
+                        release_at=_stamp(datetime.fromisoformat(tranche["release_at"])),
+                        amount_fen=tranche["amount_fen"],
+                    )
+                    for tranche in orjson.loads(rule["tranches"])
+                ],
+            )
+            for rule in rules
+        ],
+    )
 
 
 class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
     def __init__(self, deps: OperatorDeps) -> None:
         self._deps = deps
+
+    async def _read(self, campaign_id: str) -> campaign_pb2.Campaign:
+        pool = await self._deps.pool.get()
+        async with pool.acquire() as connection:
+            row = await connection.fetchrow("SELECT * FROM campaigns WHERE campaign_id = $1", campaign_id)
+            if row is None:
+                raise not_found("campaign", campaign_id)
+            rules = await connection.fetch(
+                "SELECT * FROM campaign_rules WHERE campaign_id = $1 ORDER BY category", campaign_id
+            )
+        return campaign_message(row, list(rules))
+
+    async def _save(self, method: str, request: Any, must_exist: bool) -> tuple[campaign_pb2.Campaign, int]:
+        action = begin_action(method, request, "campaign", request.campaign.campaign_id)
+        campaign = parse_request_campaign(request.campaign)
+        pool = await self._deps.pool.get()
+        async with pool.acquire() as connection, connection.transaction():
+            exists = await connection.fetchval(
+                "SELECT true FROM campaigns WHERE campaign_id = $1 FOR UPDATE", campaign.campaign_id
+            )
+            version = await record(
+                connection, action, campaign_document(request.campaign), Scope(campaign_ids=(campaign.campaign_id,))
+            )
+            if version is not None:
+                if must_exist and not exists:
+                    raise not_found("campaign", campaign.campaign_id)
+                if not must_exist and exists:
+                    raise already_exists("campaign", campaign.campaign_id)
+                await save_campaign(connection, campaign)
+        published = await publish_scope(
+            pool, self._deps.redis, self._deps.keys, Scope(campaign_ids=(campaign.campaign_id,)), version
+        )
+        return await self._read(campaign.campaign_id), published
+
+    async def CreateCampaign(
+        self, request: campaign_pb2.CreateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.CreateCampaignResponse:
+        campaign, version = await self._save("CreateCampaign", request, must_exist=False)
+        return pb.CreateCampaignResponse(campaign=campaign, reference_version=version)
+
+    async def UpdateCampaign(
+        self, request: campaign_pb2.UpdateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.UpdateCampaignResponse:
+        campaign, version = await self._save("UpdateCampaign", request, must_exist=True)
+        return pb.UpdateCampaignResponse(campaign=campaign, reference_version=version)
+
+    async def GetCampaign(
+        self, request: campaign_pb2.GetCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.GetCampaignResponse:
+        caller(OPERATOR)
+        return pb.GetCampaignResponse(campaign=await self._read(request.campaign_id))
+
+    async def GetBudgetStatus(
+        self, request: campaign_pb2.GetBudgetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> campaign_pb2.GetBudgetStatusResponse:
+        caller(OPERATOR)
+        campaign = await self._read(request.campaign_id)
+        seconds, microseconds = await self._deps.redis.time()
+        now_ms = seconds * 1000 + microseconds // 1000
+        raw = await self._deps.redis.hgetall(self._deps.keys.budget(request.campaign_id))
+        counters = {(key.decode() if isinstance(key, bytes) else key): int(value) for key, value in raw.items()}
+        categories = []
+        for rule in campaign.rules:
+            schedule = tranche_schedule(
+                [
+                    {"release_at": t.release_at.ToDatetime(tzinfo=UTC).isoformat(), "amount_fen": t.amount_fen}
+                    for t in rule.tranches
+                ]
+            )
+            released = min(
+                rule.budget_fen,
+                max([amount for moment, amount in schedule if moment <= now_ms], default=0)
+                if schedule
+                else rule.budget_fen,
+            )
+            reserved = counters.get(f"{rule.category}:reserved", 0)
+            spent = counters.get(f"{rule.category}:spent", 0)
+            categories.append(
+                pb.CategoryBudget(
+                    category=rule.category,
+                    budget_fen=rule.budget_fen,
+                    released_fen=released,
+                    reserved_fen=reserved,
+                    spent_fen=spent,
+                    refunded_fen=counters.get(f"{rule.category}:refunded", 0),
+                    available_fen=released - reserved - spent,
+                )
+            )
+        as_of = Timestamp()
+        as_of.FromMilliseconds(now_ms)
+        return pb.GetBudgetStatusResponse(campaign_id=request.campaign_id, categories=categories, as_of=as_of)

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from server.domain.reference import ReferenceData
+from server.domain.reference import Campaign, ReferenceData
 
 
 async def bump_reference_version(connection: asyncpg.Connection) -> int:
@@ -25,56 +25,59 @@ def issue_terminal_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> None:
+    """Upserts one campaign and replaces its rules (budget counters live in Redis and the
+    ledger, never here). Call inside a transaction."""
+    await connection.execute(
+        "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region,"
+        " qualification_validity_s, refund_policy) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)"
+        " ON CONFLICT (campaign_id) DO UPDATE SET name = excluded.name,"
+        " status = excluded.status, starts_at = excluded.starts_at,"
+        " ends_at = excluded.ends_at, region = excluded.region,"
+        " qualification_validity_s = excluded.qualification_validity_s,"
+        " refund_policy = excluded.refund_policy, updated_at = now()",
+        campaign.campaign_id,
+        campaign.name,
+        campaign.status,
+        campaign.starts_at,
+        campaign.ends_at,
+        orjson.dumps(campaign.region).decode() if campaign.region is not None else None,
+        campaign.qualification_validity_s,
+        campaign.refund_policy,
+    )
+    await connection.execute("DELETE FROM campaign_rules WHERE campaign_id = $1", campaign.campaign_id)
+    await connection.executemany(
+        "INSERT INTO campaign_rules (campaign_id, category, kind, rates_bp, cap_fen,"
+        " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen, tranches)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb)",
+        [
+            (
+                campaign.campaign_id,
+                rule.category,
+                rule.kind,
+                orjson.dumps(dict(rule.rates_bp)).decode(),
+                rule.cap_fen,
+                rule.threshold_fen,
+                rule.off_fen,
+                rule.price_ceiling_fen,
+                rule.per_person_limit,
+                rule.budget_fen,
+                orjson.dumps(
+                    [{"release_at": moment.isoformat(), "amount_fen": amount} for moment, amount in rule.tranches]
+                ).decode(),
+            )
+            for rule in campaign.rules
+        ],
+    )
+
+
 async def save_reference(connection: asyncpg.Connection, data: ReferenceData) -> dict[str, str]:
     """Upserts everything in one transaction; returns caller id -> secret for the terminals and
     operators in ``data``. A caller keeps its existing secret unless the file sets one."""
     credentials: dict[str, str] = {}
     async with connection.transaction():
         for campaign in data.campaigns:
-            await connection.execute(
-                "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region,"
-                " qualification_validity_s, refund_policy) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)"
-                " ON CONFLICT (campaign_id) DO UPDATE SET name = excluded.name,"
-                " status = excluded.status, starts_at = excluded.starts_at,"
-                " ends_at = excluded.ends_at, region = excluded.region,"
-                " qualification_validity_s = excluded.qualification_validity_s,"
-                " refund_policy = excluded.refund_policy, updated_at = now()",
-                campaign.campaign_id,
-                campaign.name,
-                campaign.status,
-                campaign.starts_at,
-                campaign.ends_at,
-                orjson.dumps(campaign.region).decode() if campaign.region is not None else None,
-                campaign.qualification_validity_s,
-                campaign.refund_policy,
-            )
-            await connection.execute("DELETE FROM campaign_rules WHERE campaign_id = $1", campaign.campaign_id)
-            await connection.executemany(
-                "INSERT INTO campaign_rules (campaign_id, category, kind, rates_bp, cap_fen,"
-                " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen, tranches)"
-                " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb)",
-                [
-                    (
-                        campaign.campaign_id,
-                        rule.category,
-                        rule.kind,
-                        orjson.dumps(dict(rule.rates_bp)).decode(),
-                        rule.cap_fen,
-                        rule.threshold_fen,
-                        rule.off_fen,
-                        rule.price_ceiling_fen,
-                        rule.per_person_limit,
-                        rule.budget_fen,
-                        orjson.dumps(
-                            [
-                                {"release_at": moment.isoformat(), "amount_fen": amount}
-                                for moment, amount in rule.tranches
-                            ]
-                        ).decode(),
-                    )
-                    for rule in campaign.rules
-                ],
-            )
+            await save_campaign(connection, campaign)
         await bump_reference_version(connection)
         await connection.executemany(
             "INSERT INTO products (gtin, brand, model, category, energy_grade,"

@@ -75,6 +75,7 @@ class SignedClient:
     ) -> None:
         if deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
+        self._target = target
         self._terminal_id = terminal_id
         self._secret = secret
         self._deadline_s = deadline_s
