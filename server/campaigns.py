@@ -24,9 +24,9 @@ from storage.postgres.reference import save_campaign
 from storage.redis.reference import tranche_schedule
 
 pb = campaign_pb2
-KINDS: dict[int, str] = {pb.RULE_KIND_PERCENT: "PERCENT", pb.RULE_KIND_FIXED: "FIXED"}
-STATUSES: dict[int, str] = {pb.CAMPAIGN_STATUS_ACTIVE: "ACTIVE", pb.CAMPAIGN_STATUS_PAUSED: "PAUSED"}
-POLICIES: dict[int, str] = {
+KINDS: dict[Any, str] = {pb.RULE_KIND_PERCENT: "PERCENT", pb.RULE_KIND_FIXED: "FIXED"}
+STATUSES: dict[Any, str] = {pb.CAMPAIGN_STATUS_ACTIVE: "ACTIVE", pb.CAMPAIGN_STATUS_PAUSED: "PAUSED"}
+POLICIES: dict[Any, str] = {
     pb.REFUND_POLICY_RESTORE_ON_FULL_REFUND: "RESTORE_ON_FULL_REFUND",
     pb.REFUND_POLICY_COUNT_AS_USED: "COUNT_AS_USED",
 }
@@ -36,7 +36,7 @@ def _time(stamp: Timestamp, present: bool) -> str | None:
     return stamp.ToDatetime(tzinfo=UTC).isoformat() if present else None
 
 
-def _enum(value: int, names: dict[int, str], field: str, default: str | None = None) -> str:
+def _enum(value: int, names: dict[Any, str], field: str, default: str | None = None) -> str:
     if value in names:
         return names[value]
     if value == 0 and default is not None:
