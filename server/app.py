@@ -126,7 +126,7 @@ async def create_server(config: Config) -> Application:
                 nonce_ttl_s=2 * config.auth_clock_skew_s + 60,
             ),
         )
-        credentials = CredentialCache(redis, keys)
+        credentials = CredentialCache(redis, keys, nonce_ttl_s=store.nonce_ttl_s)
         await credentials.refresh()
         server = grpc.aio.server(
             interceptors=[

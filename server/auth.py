@@ -88,9 +88,10 @@ def unauthenticated(message: str) -> ApiError:
 class CredentialCache:
     """Terminal id -> credential, loaded from Redis and reloaded when the version changes."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, nonce_ttl_s: int = 660) -> None:
         self._redis = redis
         self._keys = keys
+        self._nonce_ttl_s = nonce_ttl_s
         self._credentials: dict[str, Credential] = {}
         self._version: bytes | str | None = None
         self._misses: dict[str, float] = {}
@@ -113,6 +114,17 @@ class CredentialCache:
                 await asyncio.wait_for(stopping.wait(), interval_ms / 1000)
             except TimeoutError:
                 pass
+
+    async def claim_operator_nonce(self, identity: Caller) -> None:
+        """Operator calls record their nonce here (one Redis call, off the hot path); terminal
+        calls record it inside their own script, in the same round trip as the call."""
+        if identity.role != OPERATOR:
+            return
+        claimed = await self._redis.set(
+            self._keys.nonce(identity.terminal_id, identity.nonce), b"1", nx=True, ex=self._nonce_ttl_s
+        )
+        if not claimed:
+            raise unauthenticated("nonce already used; sign every attempt with a fresh nonce")
 
     async def get(self, terminal_id: str) -> Credential | None:
         found = self._credentials.get(terminal_id)
@@ -198,6 +210,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def authenticated(request: tuple[bytes, Any], context: grpc.aio.ServicerContext) -> Any:
             body, message = request
             identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
+            await self._credentials.claim_operator_nonce(identity)
             current_caller.set(identity)
             if message is None:
                 raise invalid_field("request", "is not a valid protobuf message for this method")
@@ -217,6 +230,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         async def authenticated(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             identity = await authenticate(self._credentials, self._clock_skew_s, method, b"", _metadata(context))
+            await self._credentials.claim_operator_nonce(identity)
             current_caller.set(identity)
             return await behavior(requests, context)
 

@@ -73,6 +73,10 @@ class RedisStore:
         self._scripts = scripts
         self._limits = limits
 
+    @property
+    def nonce_ttl_s(self) -> int:
+        return self._limits.nonce_ttl_s
+
     async def authorize(self, request: AuthorizeInput) -> Reply:
         keys = self.keys
         script_keys = [
