@@ -165,37 +165,24 @@ async def fetch_reference(
     Each filter limits one kind of row (terminals follow their merchants); None means all rows
     of that kind, an empty sequence none."""
 
-    def scope(values: Sequence[str] | None) -> list[str] | None:
-        return None if values is None else list(values)
+    async def rows(query: str, column: str, values: Sequence[str] | None) -> list[asyncpg.Record]:
+        # Two statements rather than "$1 IS NULL OR id = ANY($1)": that form lets PostgreSQL's
+        # generic plan (after five runs) scan the whole table for every element of the array.
+        if values is None:
+            return list(await connection.fetch(query))
+        return list(await connection.fetch(f"{query} WHERE {column} = ANY($1::text[])", list(values)))
 
     async with connection.transaction(isolation="repeatable_read", readonly=True):
-        campaigns = await connection.fetch(
-            "SELECT campaign_id, status, starts_at, ends_at FROM campaigns"
-            " WHERE $1::text[] IS NULL OR campaign_id = ANY($1::text[])",
-            scope(campaign_ids),
+        campaigns = await rows(
+            "SELECT campaign_id, status, starts_at, ends_at FROM campaigns", "campaign_id", campaign_ids
         )
-        rules = await connection.fetch(
-            "SELECT * FROM campaign_rules WHERE $1::text[] IS NULL OR campaign_id = ANY($1::text[])",
-            scope(campaign_ids),
+        rules = await rows("SELECT * FROM campaign_rules", "campaign_id", campaign_ids)
+        products = await rows("SELECT * FROM products", "gtin", gtins)
+        merchants = await rows("SELECT merchant_id, status, categories FROM merchants", "merchant_id", merchant_ids)
+        terminals = await rows(
+            "SELECT terminal_id, merchant_id, status, secret FROM terminals", "merchant_id", merchant_ids
         )
-        products = await connection.fetch(
-            "SELECT * FROM products WHERE $1::text[] IS NULL OR gtin = ANY($1::text[])", scope(gtins)
-        )
-        merchants = await connection.fetch(
-            "SELECT merchant_id, status, categories FROM merchants"
-            " WHERE $1::text[] IS NULL OR merchant_id = ANY($1::text[])",
-            scope(merchant_ids),
-        )
-        terminals = await connection.fetch(
-            "SELECT terminal_id, merchant_id, status, secret FROM terminals"
-            " WHERE $1::text[] IS NULL OR merchant_id = ANY($1::text[])",
-            scope(merchant_ids),
-        )
-        operators = await connection.fetch(
-            "SELECT operator_id, status, secret FROM operators"
-            " WHERE $1::text[] IS NULL OR operator_id = ANY($1::text[])",
-            scope(operator_ids),
-        )
+        operators = await rows("SELECT operator_id, status, secret FROM operators", "operator_id", operator_ids)
     return ReferenceSnapshot(
         campaigns=[dict(row) for row in campaigns],
         rules=[dict(row) for row in rules],
