@@ -1,0 +1,962 @@
+"""The scenarios: what is measured, against what, in which order.
+
+A :class:`Bench` owns the run's processes (a dedicated Redis, the bench databases, the gateway,
+the baseline, the client pool) and measures one *phase* at a time: every client process drives
+the same server for the same window while this process samples CPU at the window's edges.
+
+Comparisons alternate short rounds (A B A B ...) within one run, so that drift in the machine's
+background load hits both sides alike; each comparison reports the ratio of the medians and the
+spread of the per-pair ratios as its noise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import baseline as baseline_module
+from benchmarks import services
+from benchmarks.histogram import Histogram, LatencySummary
+from benchmarks.loadgen import ClientPool, PhaseResult, PhaseSpec
+from benchmarks.profiling import Profile, summarize_profile
+from benchmarks.services import (
+    BENCH_DATA,
+    GatewaySettings,
+    MachineCpu,
+    RedisServer,
+    ServerProcess,
+    Terminal,
+    say,
+)
+from storage.devenv import DevServices
+
+SCENARIOS = ("transport", "baseline", "open_loop", "scaling", "ledger_lag", "flash_crowd")
+HOLD_TTL_S = 7 * 86_400  # no hold expires during a run: the sweeper stays idle
+# The Echo payload is as long as a serialized one-line AuthorizeRequest, so both calls carry
+# about the same bytes in each direction.
+ECHO_PAYLOAD_BYTES = 150
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run does, fixed before it starts (the CLI builds it)."""
+
+    quick: bool
+    scenarios: tuple[str, ...]
+    round_s: float  # one A/B round's measured window
+    round_warmup_s: float  # unmeasured lead-in of each round
+    pairs: int  # A/B pairs per comparison
+    scaling_pairs: int
+    open_loop_s: float
+    open_loop_warmup_s: float
+    open_loop_fractions: tuple[float, ...]
+    open_loop_pairs: int  # gateway/baseline/Echo turns at each equal rate
+    ledger_s: float  # ledger lag: seconds of load with the writer running
+    drain_timeout_s: float  # ledger lag: longest wait for the backlog to reach zero
+    initial_warmup_s: float  # once per server, before anything is measured
+    clients: int
+    channels: int  # per client process
+    concurrency: int  # closed loop, all client processes together
+    baseline_pool_size: int
+    profile: str  # "auto" (when a target is missed), "always" or "never"
+    profile_s: float
+    output: Path
+    command: str
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    at: float
+    server_s: float
+    workers_s: tuple[float, ...]
+    store_s: float
+    clients_s: float
+    machine: MachineCpu
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One phase against one server: throughput, latency, and CPU per 1,000 calls."""
+
+    label: str
+    server: str
+    method: str
+    mode: str
+    concurrency: int
+    offered_per_s: float
+    window_s: float
+    throughput_per_s: float
+    latency: LatencySummary
+    send_lag: LatencySummary | None
+    outcomes: dict[str, int]
+    errors: int
+    not_sent: int
+    unfinished: int
+    server_cpu_ms_per_1k: float
+    server_cpu_cores: float
+    worker_cpu_shares: tuple[float, ...]
+    store: str
+    store_cpu_ms_per_1k: float
+    client_cpu_ms_per_1k: float
+    client_cpu_cores: float
+    machine_busy_fraction: float
+    # Busy CPU of the machine not spent by the server, its store or the clients: other
+    # programs on the machine (e.g. a test suite). Rounds where it is high were disturbed.
+    outside_cpu_cores: float
+    histogram: str  # HDR, encoded (microseconds)
+    send_lag_histogram: str = ""
+
+
+def merge(measurements: list[Measurement]) -> Measurement:
+    """Several phases of the same load on the same server as one: histograms merged, rates
+    and CPU per call weighted by the calls of each phase."""
+    first = measurements[0]
+    if len(measurements) == 1:
+        return first
+    latency, send_lag = Histogram(), Histogram()
+    outcomes: Counter[str] = Counter()
+    for measurement in measurements:
+        latency.add(Histogram.decode(measurement.histogram))
+        if measurement.send_lag_histogram:
+            send_lag.add(Histogram.decode(measurement.send_lag_histogram))
+        outcomes.update(measurement.outcomes)
+    calls = [m.throughput_per_s * m.window_s for m in measurements]
+    total_calls, total_s = sum(calls), sum(m.window_s for m in measurements)
+
+    def per_call(name: str) -> float:
+        spent = sum(getattr(m, name) * count for m, count in zip(measurements, calls, strict=True))
+        return spent / total_calls if total_calls else math.nan
+
+    def per_second(name: str) -> float:
+        return float(sum(getattr(m, name) * m.window_s for m in measurements)) / total_s
+
+    return Measurement(
+        label=first.label,
+        server=first.server,
+        method=first.method,
+        mode=first.mode,
+        concurrency=first.concurrency,
+        offered_per_s=first.offered_per_s,
+        window_s=total_s,
+        throughput_per_s=total_calls / total_s,
+        latency=LatencySummary.of(latency),
+        send_lag=LatencySummary.of(send_lag) if first.send_lag is not None else None,
+        outcomes=dict(outcomes),
+        errors=sum(m.errors for m in measurements),
+        not_sent=sum(m.not_sent for m in measurements),
+        unfinished=sum(m.unfinished for m in measurements),
+        server_cpu_ms_per_1k=per_call("server_cpu_ms_per_1k"),
+        server_cpu_cores=per_second("server_cpu_cores"),
+        worker_cpu_shares=first.worker_cpu_shares,
+        store=first.store,
+        store_cpu_ms_per_1k=per_call("store_cpu_ms_per_1k"),
+        client_cpu_ms_per_1k=per_call("client_cpu_ms_per_1k"),
+        client_cpu_cores=per_second("client_cpu_cores"),
+        machine_busy_fraction=per_second("machine_busy_fraction"),
+        outside_cpu_cores=per_second("outside_cpu_cores"),
+        histogram=latency.encode(),
+        send_lag_histogram=send_lag.encode(),
+    )
+
+
+@dataclass
+class Target:
+    """A server under test and the store process(es) it spends CPU in."""
+
+    name: str
+    process: ServerProcess
+    store: str
+    store_pids: Callable[[], list[int]]
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A / B over alternating rounds: ratio of the medians, and the per-pair spread."""
+
+    value: float
+    pair_min: float
+    pair_max: float
+    pairs: int  # pairs the value and range come from
+    pairs_disturbed: int = 0  # pairs left out: another program took CPU during one of the rounds
+
+    @property
+    def noise(self) -> float:
+        """Half the per-pair range, relative to the value: the ± this comparison carries."""
+        if self.value == 0 or math.isnan(self.value):
+            return math.nan
+        return (self.pair_max - self.pair_min) / 2 / self.value
+
+    @staticmethod
+    def of(a: Sequence[float], b: Sequence[float], clean: Sequence[bool] | None = None) -> Ratio:
+        """Ratio of the medians over the clean pairs when at least ``CLEAN_PAIRS_MIN`` are
+        clean, else over all pairs; the range is over the same pairs."""
+        keep = list(clean) if clean is not None else [True] * len(a)
+        if sum(keep) < CLEAN_PAIRS_MIN:
+            keep = [True] * len(a)
+        a = [value for value, kept in zip(a, keep, strict=True) if kept]
+        b = [value for value, kept in zip(b, keep, strict=True) if kept]
+        per_pair = [x / y if y else math.nan for x, y in zip(a, b, strict=True)]
+        median_b = statistics.median(b)
+        value = statistics.median(a) / median_b if median_b else math.nan
+        return Ratio(
+            value=value,
+            pair_min=min(per_pair),
+            pair_max=max(per_pair),
+            pairs=len(per_pair),
+            pairs_disturbed=len(keep) - len(per_pair),
+        )
+
+
+# A round is disturbed when programs other than the server, its store and the clients took this
+# much CPU during its window (the machine's other tenants, e.g. a test suite). Fixed before any
+# result was looked at; pairs with a disturbed round leave the headline ratios when enough clean
+# pairs remain, and are shown, marked, either way.
+OUTSIDE_CORES_DISTURBED = 0.25
+CLEAN_PAIRS_MIN = 3
+
+
+def disturbed(measurement: Measurement) -> bool:
+    return measurement.outside_cpu_cores > OUTSIDE_CORES_DISTURBED
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Alternating closed-loop rounds of A and B at the same concurrency."""
+
+    name: str
+    a: str
+    b: str
+    rounds_a: list[Measurement]
+    rounds_b: list[Measurement]
+    throughput: Ratio
+    server_cpu: Ratio
+    latency_a: LatencySummary  # merged over A's rounds
+    latency_b: LatencySummary
+    p99: Ratio  # per-round p99, A / B
+
+
+@dataclass(frozen=True)
+class OpenLoopPoint:
+    """An open-loop phase at ``fraction`` of ``basis_per_s`` (a closed-loop maximum)."""
+
+    fraction: float
+    basis: str  # whose maximum: "gateway" or "baseline"
+    basis_per_s: float
+    measurement: Measurement  # the phases merged
+    phases: list[Measurement] = field(default_factory=list)  # alternating with other servers
+
+
+@dataclass
+class RunResult:
+    plan: Plan
+    environment: dict[str, Any] = field(default_factory=dict)
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    open_loop_gateway: list[OpenLoopPoint] = field(default_factory=list)
+    open_loop_equal: list[tuple[OpenLoopPoint, OpenLoopPoint]] = field(default_factory=list)  # (gateway, baseline)
+    open_loop_floor: list[OpenLoopPoint] = field(default_factory=list)  # Echo at the equal-load rates
+    open_loop_aof: list[OpenLoopPoint] = field(default_factory=list)  # AOF everysec, then always
+    ledger: dict[str, Any] = field(default_factory=dict)
+    stubs: dict[str, dict[str, str]] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    started_at: str = ""
+    finished_at: str = ""
+    elapsed_s: float = 0.0
+
+
+def summarize(
+    label: str,
+    target: Target,
+    spec: PhaseSpec,
+    offered_per_s: float,
+    results: list[PhaseResult],
+    before: CpuSnapshot,
+    after: CpuSnapshot,
+) -> Measurement:
+    latency = Histogram()
+    send_lag = Histogram()
+    outcomes: Counter[str] = Counter()
+    for result in results:
+        latency.add(Histogram.decode(result.latency))
+        send_lag.add(Histogram.decode(result.send_lag))
+        outcomes.update(result.outcomes)
+    window_s = after.at - before.at
+    completed = sum(result.completed_in_window for result in results)
+    per_1k = 1_000_000.0 / completed if completed else math.nan  # seconds -> ms per 1,000 calls
+    workers_used = [end - start for start, end in zip(before.workers_s, after.workers_s, strict=False)]
+    workers_total = sum(workers_used)
+    machine_total = after.machine.total - before.machine.total
+    machine_busy_s = (after.machine.busy - before.machine.busy) / services.CLOCK_TICKS_PER_S
+    ours_s = (
+        (after.server_s - before.server_s) + (after.store_s - before.store_s) + (after.clients_s - before.clients_s)
+    )
+    good = {"APPROVED", "OK"}
+    return Measurement(
+        label=label,
+        server=target.name,
+        method=spec.method,
+        mode=spec.mode,
+        concurrency=spec.concurrency * len(results),
+        offered_per_s=offered_per_s,
+        window_s=window_s,
+        throughput_per_s=completed / window_s,
+        latency=LatencySummary.of(latency),
+        send_lag=LatencySummary.of(send_lag) if spec.mode == "open" else None,
+        outcomes=dict(outcomes),
+        errors=sum(count for outcome, count in outcomes.items() if outcome not in good),
+        not_sent=sum(result.not_sent for result in results),
+        unfinished=sum(result.unfinished for result in results),
+        server_cpu_ms_per_1k=(after.server_s - before.server_s) * per_1k,
+        server_cpu_cores=(after.server_s - before.server_s) / window_s,
+        worker_cpu_shares=tuple(used / workers_total for used in workers_used) if workers_total else (),
+        store=target.store,
+        store_cpu_ms_per_1k=(after.store_s - before.store_s) * per_1k,
+        client_cpu_ms_per_1k=(after.clients_s - before.clients_s) * per_1k,
+        client_cpu_cores=(after.clients_s - before.clients_s) / window_s,
+        machine_busy_fraction=(after.machine.busy - before.machine.busy) / machine_total if machine_total else 0.0,
+        outside_cpu_cores=max(machine_busy_s - ours_s, 0.0) / window_s,
+        histogram=latency.encode(),
+        send_lag_histogram=send_lag.encode() if spec.mode == "open" else "",
+    )
+
+
+def _sleep_until(instant: float) -> None:
+    delay = instant - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+class Bench:
+    """Starts what a run needs, measures phases, stops everything it started."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.prefix = "bench" + secrets.token_hex(4)
+        self.redis: dict[str, RedisServer] = {}
+        self.servers: list[ServerProcess] = []
+        self.targets: dict[str, Target] = {}
+        self.terminals: list[Terminal] = []
+        self.document: dict[str, Any] = {}
+        self.admin_dsn = ""
+        self.gateway_dsn = ""
+        self.baseline_dsn = ""
+        self.pool = ClientPool(plan.clients)
+        self._devservices: Any = None
+        self._started = time.monotonic()
+
+    # ---- lifecycle
+
+    def start(self) -> dict[str, Any]:
+        """Starts Redis, PostgreSQL (found or embedded), the databases, the reference data, the
+        gateway, the baseline and the clients; returns the environment facts for the report."""
+        main_redis = self.start_redis("always")
+        # DevServices resolves Redis too; point it at ours so only PostgreSQL is found/started.
+        os.environ["SUBSIDY_REDIS_URL"] = main_redis.url
+        self._devservices = DevServices(services.ROOT / ".data")
+        found = self._devservices.start()
+        self.admin_dsn = found.pg_dsn
+        self.gateway_dsn = services.with_database(self.admin_dsn, services.GATEWAY_DATABASE)
+        self.baseline_dsn = services.with_database(self.admin_dsn, services.BASELINE_DATABASE)
+        self.document, self.terminals = services.reference_document(self.plan.clients)
+        services.run_async(services.recreate_database(self.admin_dsn, services.GATEWAY_DATABASE))
+        services.run_async(
+            services.load_gateway_reference(self.gateway_dsn, main_redis.url, self.prefix, self.document)
+        )
+        self.log("reference data loaded (gateway database, Redis)")
+        self.start_gateway("gateway", GatewaySettings(), main_redis)
+        if {"baseline", "open_loop"} & set(self.plan.scenarios):
+            services.run_async(services.recreate_database(self.admin_dsn, services.BASELINE_DATABASE))
+            services.run_async(baseline_module.prepare_database(self.baseline_dsn, self.document))
+            self.start_baseline(main_redis)
+        self.pool.start()
+        self.log(f"{self.plan.clients} client processes ready (pids {self.pool.pids})")
+        for target in self.targets.values():
+            self.warm(target)
+        return {
+            "redis": {
+                "binary": main_redis.binary,
+                "version": main_redis.version(),
+                "appendonly": "yes",
+                "appendfsync": main_redis.appendfsync,
+                "dedicated": True,
+            },
+            "postgres": {
+                **services.run_async(services.postgres_facts(self.admin_dsn)),
+                "embedded": found.pg_embedded,
+            },
+            "key_prefix": self.prefix,
+        }
+
+    def start_redis(self, appendfsync: str) -> RedisServer:
+        server = RedisServer(appendfsync, appendfsync)
+        server.start()
+        self.redis[appendfsync] = server
+        return server
+
+    def start_gateway(self, name: str, settings: GatewaySettings, redis_server: RedisServer) -> Target:
+        process = services.gateway_process(name, settings, redis_server.url, self.prefix, self.gateway_dsn, HOLD_TTL_S)
+        process.start()
+        process.wait_workers(settings.workers)
+        self.servers.append(process)
+        self.log(
+            f"{name}: python -m server on {process.target} (workers {settings.workers},"
+            f" uvloop {settings.use_uvloop}, redis appendfsync {redis_server.appendfsync})"
+        )
+        target = Target(
+            name, process, f"redis ({redis_server.appendfsync})", lambda: [redis_server.pid], settings.workers
+        )
+        self.targets[name] = target
+        return target
+
+    def start_baseline(self, redis_server: RedisServer) -> Target:
+        process = services.baseline_process(
+            "baseline", redis_server.url, self.prefix, self.baseline_dsn, self.plan.baseline_pool_size, HOLD_TTL_S
+        )
+        process.start()
+        self.servers.append(process)
+        self.log(f"baseline: python -m benchmarks.baseline on {process.target} (pool {self.plan.baseline_pool_size})")
+        target = Target(
+            "baseline",
+            process,
+            "postgres backends",
+            lambda: services.postgres_backend_pids(services.BASELINE_DATABASE),
+        )
+        self.targets["baseline"] = target
+        return target
+
+    def stop_target(self, name: str) -> None:
+        target = self.targets.pop(name)
+        target.process.stop()
+        self.servers.remove(target.process)
+
+    def close(self) -> None:
+        self.pool.close()
+        for process in reversed(self.servers):
+            process.stop()
+        self.servers.clear()
+        for redis_server in self.redis.values():
+            client = redis_server.client()
+            try:
+                services.delete_prefix_keys(client, self.prefix)
+            except Exception as error:  # the server may already be gone; its data goes next anyway
+                say(f"redis[{redis_server.name}]: could not delete bench keys: {error}")
+            finally:
+                client.close()
+            redis_server.stop()
+            redis_server.remove_data()
+        self.redis.clear()
+        if self.admin_dsn:
+            for database in (services.GATEWAY_DATABASE, services.BASELINE_DATABASE):
+                try:
+                    services.run_async(services.drop_database(self.admin_dsn, database))
+                except Exception as error:
+                    say(f"postgres: could not drop {database}: {error}")
+        if self._devservices is not None:
+            self._devservices.stop()
+
+    def log(self, message: str) -> None:
+        say(f"[{time.monotonic() - self._started:7.1f}s] {message}")
+
+    # ---- state between scenarios
+
+    def reset_state(self) -> None:
+        """Between scenarios: empty the bench Redis (then republish the reference data and
+        rewrite the AOF, so no phase carries the last one's memory or a due AOF rewrite) and
+        vacuum the baseline's tables (fair to it: the hot row's dead versions go)."""
+        for redis_server in self.redis.values():
+            client = redis_server.client()
+            try:
+                client.flushall()
+            finally:
+                client.close()
+            services.run_async(services.republish_reference(self.gateway_dsn, redis_server.url, self.prefix))
+            redis_server.rewrite_aof()
+        if "baseline" in self.targets:
+            services.run_async(baseline_module.vacuum(self.baseline_dsn))
+
+    # ---- phases
+
+    def _specs(
+        self,
+        target: Target,
+        method: str,
+        mode: str,
+        start_at: float,
+        warmup_s: float,
+        duration_s: float,
+        *,
+        concurrency: int = 0,
+        rate_per_s: float = 0.0,
+    ) -> list[PhaseSpec]:
+        clients = self.plan.clients
+        return [
+            PhaseSpec(
+                target=target.process.target,
+                method=method,
+                mode=mode,
+                start_at=start_at,
+                warmup_s=warmup_s,
+                duration_s=duration_s,
+                terminal_id=self.terminals[worker].terminal_id,
+                secret=self.terminals[worker].secret,
+                campaign_id=services.CAMPAIGN_ID,
+                gtin=services.GTIN,
+                price_fen=services.PRICE_FEN,
+                concurrency=max(1, concurrency // clients) if mode == "closed" else 0,
+                rate_per_s=rate_per_s / clients if mode == "open" else 0.0,
+                offset_s=worker / rate_per_s if mode == "open" else 0.0,
+                echo_payload_bytes=ECHO_PAYLOAD_BYTES,
+                channels=self.plan.channels,
+            )
+            for worker in range(clients)
+        ]
+
+    def _snapshot(self, target: Target, store_pids: list[int], worker_pids: list[int]) -> CpuSnapshot:
+        return CpuSnapshot(
+            at=time.monotonic(),
+            server_s=target.process.cpu_s(),
+            workers_s=tuple(services.process_cpu_s(pid, include_reaped_children=False) for pid in worker_pids),
+            store_s=services.pids_cpu_s(store_pids),
+            clients_s=services.pids_cpu_s(self.pool.pids),
+            machine=MachineCpu.read(),
+        )
+
+    def measure(
+        self,
+        label: str,
+        target: Target,
+        method: str,
+        mode: str,
+        *,
+        warmup_s: float,
+        duration_s: float,
+        concurrency: int = 0,
+        rate_per_s: float = 0.0,
+        during: Callable[[float, float], None] | None = None,
+    ) -> Measurement:
+        """One phase; ``during(window_start, window_end)`` runs here while the clients work
+        (after the window-start CPU sample)."""
+        start_at = time.monotonic() + 0.3
+        specs = self._specs(
+            target, method, mode, start_at, warmup_s, duration_s, concurrency=concurrency, rate_per_s=rate_per_s
+        )
+        store_pids = target.store_pids()
+        worker_pids = target.process.worker_pids()
+        edges: list[CpuSnapshot] = []
+
+        def sample_edges() -> None:
+            _sleep_until(specs[0].window_start)
+            edges.append(self._snapshot(target, store_pids, worker_pids))
+            if during is not None:
+                during(specs[0].window_start, specs[0].window_end)
+            _sleep_until(specs[0].window_end)
+            edges.append(self._snapshot(target, store_pids, worker_pids))
+
+        results = self.pool.run(specs, on_wait=sample_edges)
+        measurement = summarize(label, target, specs[0], rate_per_s, results, edges[0], edges[1])
+        self.log(describe(measurement))
+        return measurement
+
+    def warm(self, target: Target) -> None:
+        """Connections, caches and allocator warm before anything counts."""
+        method = "authorize"
+        self.measure(
+            f"warm-up {target.name}",
+            target,
+            method,
+            "closed",
+            warmup_s=0.0,
+            duration_s=self.plan.initial_warmup_s,
+            concurrency=self.plan.concurrency,
+        )
+        if target.name == "gateway":
+            self.measure(
+                "warm-up echo",
+                target,
+                "echo",
+                "closed",
+                warmup_s=0.0,
+                duration_s=max(1.0, self.plan.initial_warmup_s / 2),
+                concurrency=self.plan.concurrency,
+            )
+
+    def closed_round(self, label: str, target: Target, method: str) -> Measurement:
+        return self.measure(
+            label,
+            target,
+            method,
+            "closed",
+            warmup_s=self.plan.round_warmup_s,
+            duration_s=self.plan.round_s,
+            concurrency=self.plan.concurrency,
+        )
+
+    def alternate(self, name: str, a: tuple[str, Target, str], b: tuple[str, Target, str], pairs: int) -> Comparison:
+        """A B A B ... closed-loop rounds at the same concurrency."""
+        rounds_a: list[Measurement] = []
+        rounds_b: list[Measurement] = []
+        for index in range(pairs):
+            self.log(f"{name}: pair {index + 1}/{pairs}")
+            rounds_a.append(self.closed_round(a[0], a[1], a[2]))
+            rounds_b.append(self.closed_round(b[0], b[1], b[2]))
+        return compare(name, a[0], b[0], rounds_a, rounds_b)
+
+
+def compare(name: str, a: str, b: str, rounds_a: list[Measurement], rounds_b: list[Measurement]) -> Comparison:
+    clean = [not disturbed(x) and not disturbed(y) for x, y in zip(rounds_a, rounds_b, strict=True)]
+    merged_a, merged_b = Histogram(), Histogram()
+    for measurement in rounds_a:
+        merged_a.add(Histogram.decode(measurement.histogram))
+    for measurement in rounds_b:
+        merged_b.add(Histogram.decode(measurement.histogram))
+    return Comparison(
+        name=name,
+        a=a,
+        b=b,
+        rounds_a=rounds_a,
+        rounds_b=rounds_b,
+        throughput=Ratio.of([m.throughput_per_s for m in rounds_a], [m.throughput_per_s for m in rounds_b], clean),
+        server_cpu=Ratio.of(
+            [m.server_cpu_ms_per_1k for m in rounds_a], [m.server_cpu_ms_per_1k for m in rounds_b], clean
+        ),
+        latency_a=LatencySummary.of(merged_a),
+        latency_b=LatencySummary.of(merged_b),
+        p99=Ratio.of([m.latency.p99_ms for m in rounds_a], [m.latency.p99_ms for m in rounds_b], clean),
+    )
+
+
+def describe(measurement: Measurement) -> str:
+    offered = f" offered {measurement.offered_per_s:,.0f}/s" if measurement.mode == "open" else ""
+    trouble = ""
+    if measurement.errors or measurement.not_sent or measurement.unfinished:
+        trouble = f" errors {measurement.errors} not-sent {measurement.not_sent} unfinished {measurement.unfinished}"
+    return (
+        f"  {measurement.label:<24} {measurement.mode:<6}{offered} {measurement.throughput_per_s:8,.0f}/s"
+        f" p50 {measurement.latency.p50_ms:6.2f} p99 {measurement.latency.p99_ms:7.2f} ms"
+        f" server {measurement.server_cpu_ms_per_1k:6.0f} CPU-ms/1k, clients {measurement.client_cpu_cores:4.2f} cores,"
+        f" machine {measurement.machine_busy_fraction:4.0%} busy,"
+        f" outside {measurement.outside_cpu_cores:4.2f} cores{trouble}"
+    )
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def run_transport(bench: Bench, result: RunResult) -> None:
+    """Scenario 2 (and the CPU headline): Authorize vs Echo on the same gateway, alternating."""
+    gateway = bench.targets["gateway"]
+    result.comparisons["transport"] = bench.alternate(
+        "authorize vs echo", ("authorize", gateway, "authorize"), ("echo", gateway, "echo"), bench.plan.pairs
+    )
+
+
+def run_baseline(bench: Bench, result: RunResult) -> None:
+    """Scenario 3: the gateway vs one PostgreSQL transaction per request, same hot budget."""
+    result.comparisons["baseline"] = bench.alternate(
+        "gateway vs baseline",
+        ("gateway", bench.targets["gateway"], "authorize"),
+        ("baseline", bench.targets["baseline"], "authorize"),
+        bench.plan.pairs,
+    )
+    approved, subsidy, reserved = services.run_async(baseline_module.ledger_matches_budget(bench.baseline_dsn))
+    result.checks["baseline_ledger"] = {
+        "approved_rows": approved,
+        "ledger_subsidy_fen": subsidy,
+        "budget_reserved_fen": reserved,
+        "consistent": subsidy == reserved,
+    }
+
+
+def closed_loop_maximum(bench: Bench, result: RunResult, name: str) -> float:
+    """The median closed-loop Authorize throughput of ``name`` measured so far in this run, or
+    a fresh closed-loop round when none was."""
+    for comparison in result.comparisons.values():
+        for rounds in (comparison.rounds_a, comparison.rounds_b):
+            if rounds and rounds[0].server == name and rounds[0].method == "authorize":
+                return statistics.median(m.throughput_per_s for m in rounds)
+    return bench.closed_round(f"{name} max", bench.targets[name], "authorize").throughput_per_s
+
+
+def run_open_loop(bench: Bench, result: RunResult) -> None:
+    """Scenario 1, open loop: fixed arrival rates as fractions of the closed-loop maxima.
+
+    First the gateway at fractions of its own maximum. Then, at each fraction of the
+    *baseline's* maximum (a load both can carry), the gateway, the baseline and Echo (the
+    transport floor) in turn, ``open_loop_pairs`` times, so a disturbance from outside lands on
+    all three alike; each side's phases are merged."""
+    plan = bench.plan
+    gateway_max = closed_loop_maximum(bench, result, "gateway")
+    for fraction in plan.open_loop_fractions:
+        result.open_loop_gateway.append(open_point(bench, "gateway", fraction, "gateway", gateway_max))
+    if "baseline" not in bench.targets:
+        return
+    baseline_max = closed_loop_maximum(bench, result, "baseline")
+    for fraction in plan.open_loop_fractions:
+        sides: dict[str, list[Measurement]] = {"gateway": [], "baseline": [], "echo": []}
+        for _ in range(plan.open_loop_pairs):
+            for side, name, method in (
+                ("gateway", "gateway", "authorize"),
+                ("baseline", "baseline", "authorize"),
+                ("echo", "gateway", "echo"),
+            ):
+                sides[side].append(open_phase(bench, name, fraction, "baseline", baseline_max, method))
+        points = {
+            side: OpenLoopPoint(fraction, "baseline", baseline_max, merge(phases), phases)
+            for side, phases in sides.items()
+        }
+        result.open_loop_equal.append((points["gateway"], points["baseline"]))
+        result.open_loop_floor.append(points["echo"])
+
+
+def open_phase(
+    bench: Bench, name: str, fraction: float, basis: str, basis_per_s: float, method: str = "authorize"
+) -> Measurement:
+    return bench.measure(
+        f"{name} {method} @{fraction:.0%} of {basis} max",
+        bench.targets[name],
+        method,
+        "open",
+        warmup_s=bench.plan.open_loop_warmup_s,
+        duration_s=bench.plan.open_loop_s,
+        rate_per_s=fraction * basis_per_s,
+    )
+
+
+def open_point(
+    bench: Bench, name: str, fraction: float, basis: str, basis_per_s: float, method: str = "authorize"
+) -> OpenLoopPoint:
+    measurement = open_phase(bench, name, fraction, basis, basis_per_s, method)
+    return OpenLoopPoint(fraction, basis, basis_per_s, measurement, [measurement])
+
+
+AOF_LATENCY_FRACTION = 0.5
+SCALING_VARIANTS = (
+    ("2 workers", GatewaySettings(workers=2, use_uvloop=True), "always"),
+    ("uvloop off", GatewaySettings(workers=1, use_uvloop=False), "always"),
+    ("AOF everysec", GatewaySettings(workers=1, use_uvloop=True), "everysec"),
+)
+
+
+def run_scaling(bench: Bench, result: RunResult) -> None:
+    """Scenario 5: each variant alternates with the reference gateway (1 worker, uvloop on,
+    AOF always), one variant at a time, so only one extra server is up."""
+    reference = bench.targets["gateway"]
+    for variant, settings, appendfsync in SCALING_VARIANTS:
+        redis_server = bench.redis.get(appendfsync) or bench.start_redis(appendfsync)
+        if appendfsync != "always":
+            services.run_async(services.republish_reference(bench.gateway_dsn, redis_server.url, bench.prefix))
+        name = "gateway " + variant
+        target = bench.start_gateway(name, settings, redis_server)
+        try:
+            if not bench.plan.quick:
+                bench.warm(target)
+            comparison = bench.alternate(
+                f"{variant} vs reference",
+                (variant, target, "authorize"),
+                ("reference", reference, "authorize"),
+                bench.plan.scaling_pairs,
+            )
+            result.comparisons["scaling: " + variant] = comparison
+            if appendfsync != "always" and not bench.plan.quick:
+                # What an fsync per write costs in latency: both at the same moderate rate.
+                basis = statistics.median(m.throughput_per_s for m in comparison.rounds_b)
+                result.open_loop_aof = [
+                    open_point(bench, name, AOF_LATENCY_FRACTION, "gateway", basis),
+                    open_point(bench, "gateway", AOF_LATENCY_FRACTION, "gateway", basis),
+                ]
+        finally:
+            bench.stop_target(name)
+
+
+def run_ledger_lag(bench: Bench, result: RunResult) -> None:
+    """Scenario 6: the ledger writer (``python -m server.ledger writer``, its own process, as
+    ``make run`` starts it) drains the stream while the gateway takes closed-loop Authorize
+    load. Sampled every 250 ms: ``XLEN {prefix}:ledger`` (the writer trims what it has
+    acknowledged, so the length is the backlog) and the group's pending count; after the load
+    stops, the time until both are zero. When the writer is not there, says so and measures
+    nothing."""
+    try:
+        from storage.postgres.writer import WriterConfig
+    except ImportError:
+        result.ledger = {"status": "not measured: ledger writer not built"}
+        return
+    # The group the writer uses by default (server.ledger does not override it).
+    group = WriterConfig(pg_dsn="", redis_url="", prefix=bench.prefix).group
+    plan, gateway = bench.plan, bench.targets["gateway"]
+    redis_server = bench.redis["always"]
+    writer = services.writer_process("ledger-writer", redis_server.url, bench.prefix, bench.gateway_dsn)
+    writer.start(wait_serving=False)
+    bench.servers.append(writer)
+    client = redis_server.client()
+    try:
+        deadline = time.monotonic() + 30.0
+        while not services.ledger_backlog(client, bench.prefix, group).group_exists:
+            if time.monotonic() > deadline or not writer.running():
+                raise RuntimeError(f"the ledger writer did not create its group; log: {writer.log_path}")
+            time.sleep(0.1)
+        samples: list[tuple[float, int, int]] = []
+
+        def sample(window_start: float, window_end: float) -> None:
+            while time.monotonic() < window_end - 0.25:
+                backlog = services.ledger_backlog(client, bench.prefix, group)
+                samples.append((time.monotonic() - window_start, backlog.stream_length, backlog.pending))
+                time.sleep(0.25)
+
+        writer_cpu_before = writer.cpu_s()
+        load = bench.measure(
+            "gateway + ledger writer",
+            gateway,
+            "authorize",
+            "closed",
+            warmup_s=plan.round_warmup_s,
+            duration_s=plan.ledger_s,
+            concurrency=plan.concurrency,
+            during=sample,
+        )
+        load_stopped = time.monotonic()
+        at_stop = services.ledger_backlog(client, bench.prefix, group)
+        drained_after_s: float | None = None
+        while time.monotonic() - load_stopped < plan.drain_timeout_s:
+            backlog = services.ledger_backlog(client, bench.prefix, group)
+            if backlog.stream_length == 0 and backlog.pending == 0:
+                drained_after_s = time.monotonic() - load_stopped
+                break
+            time.sleep(0.1)
+        writer_cpu_s = writer.cpu_s() - writer_cpu_before
+        events = services.run_async(services.count_ledger_events(bench.gateway_dsn))
+    finally:
+        client.close()
+        writer.stop()
+        bench.servers.remove(writer)
+    lengths = sorted(length for _, length, _ in samples) or [0]
+    result.ledger = {
+        "status": "measured",
+        "group": group,
+        "load": load,
+        "stream_length_p50": lengths[len(lengths) // 2],
+        "stream_length_max": lengths[-1],
+        "pending_max": max((pending for _, _, pending in samples), default=0),
+        "stream_length_at_stop": at_stop.stream_length,
+        "drained_after_s": drained_after_s,
+        "drain_timeout_s": plan.drain_timeout_s,
+        "events_written": events,
+        "writer_cpu_ms_per_1k_events": writer_cpu_s * 1_000_000 / events if events else math.nan,
+        "writer_cpu_s": writer_cpu_s,
+        "samples": samples,
+    }
+
+
+def run_flash_crowd(bench: Bench, result: RunResult) -> None:
+    """Scenario 7: not yet; the qualification feature it exercises does not exist."""
+    del bench
+    result.stubs["flash_crowd"] = {
+        "status": "not yet: the qualification feature (QualificationService.ClaimQualification) does not exist",
+        "how": "later: an open-loop burst of ClaimQualification far above the sustained rate on one campaign's"
+        " quota, then Authorize against the claimed qualifications; latency from intended send time,"
+        " and no quota issued twice",
+    }
+
+
+RUNNERS: dict[str, Callable[[Bench, RunResult], None]] = {
+    "transport": run_transport,
+    "baseline": run_baseline,
+    "open_loop": run_open_loop,
+    "scaling": run_scaling,
+    "ledger_lag": run_ledger_lag,
+    "flash_crowd": run_flash_crowd,
+}
+
+
+def run_scenarios(bench: Bench, result: RunResult) -> None:
+    for name in bench.plan.scenarios:
+        bench.log(f"scenario {name}")
+        if name != "flash_crowd":
+            bench.reset_state()
+        RUNNERS[name](bench, result)
+
+
+# --------------------------------------------------------------------------- profiling
+
+# py-spy's default (blocking) sampling with --native stalls the server at high rates (at 250 Hz
+# the gateway fell from ~800 to ~40 calls/s); at 50 Hz it costs it about a fifth of its
+# throughput, which leaves the profile's proportions representative.
+PY_SPY_RATE_HZ = 50
+
+
+def py_spy_binary() -> str:
+    candidate = Path(sys.executable).parent / "py-spy"
+    found = str(candidate) if candidate.exists() else shutil.which("py-spy")
+    if found is None:
+        raise RuntimeError("py-spy not found (it is a dev dependency: make venv)")
+    return found
+
+
+def profile_gateway(bench: Bench, method: str, duration_s: float, directory: Path) -> Profile:
+    """``py-spy record --native`` on the gateway process while the clients drive ``method``
+    closed-loop; summarized per 1,000 calls completed meanwhile."""
+    target = bench.targets["gateway"]
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = directory / f"{method}.pyspy.txt"
+    raw.unlink(missing_ok=True)
+
+    def record(window_start: float, window_end: float) -> None:
+        del window_start
+        command = [
+            py_spy_binary(),
+            "record",
+            "--native",
+            "--rate",
+            str(PY_SPY_RATE_HZ),
+            "--duration",
+            str(max(1, int(window_end - time.monotonic()))),
+            "--pid",
+            str(target.process.pid),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ]
+        completed = subprocess.run(command, capture_output=True, timeout=duration_s + 60, check=False)
+        if completed.returncode != 0:
+            say(f"py-spy failed ({completed.returncode}): {completed.stderr.decode(errors='replace')[-500:]}")
+
+    measurement = bench.measure(
+        f"profile {method}",
+        target,
+        method,
+        "closed",
+        warmup_s=1.0,
+        duration_s=duration_s,
+        concurrency=bench.plan.concurrency,
+        during=record,
+    )
+    calls = round(measurement.throughput_per_s * measurement.window_s)
+    return summarize_profile(method, raw, PY_SPY_RATE_HZ, calls, measurement.server_cpu_ms_per_1k)
+
+
+def run_profiles(bench: Bench, result: RunResult) -> None:
+    """Where the time goes: the same closed loop for Authorize and for Echo under py-spy, so
+    the difference between the two profiles is what Authorize adds to the transport floor."""
+    bench.log("profile: py-spy --native on the gateway, Authorize then Echo")
+    bench.reset_state()
+    directory = BENCH_DATA / "profiles"
+    for method in ("authorize", "echo"):
+        result.profiles[method] = profile_gateway(bench, method, bench.plan.profile_s, directory)
