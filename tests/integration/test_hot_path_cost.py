@@ -106,3 +106,18 @@ async def test_authorize_touches_no_postgres(
         await admin.close()
     assert before[1] == during[1] == 0
     assert during[0] == before[0]
+
+
+async def test_authorize_survives_a_script_cache_flush(redis: Redis, client: AuthorizationClient) -> None:
+    """After Redis forgets its scripts (a restart, SCRIPT FLUSH), the next calls answer NOSCRIPT
+    and are retried with the script reloaded: concurrent authorizations still succeed."""
+    await redis.script_flush()
+    responses = await asyncio.gather(
+        *(
+            client.authorize(
+                campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("1", "6970000000017", 300_000, serial())]
+            )
+            for _ in range(5)
+        )
+    )
+    assert [response.decision for response in responses] == [pb.DECISION_APPROVED] * 5
