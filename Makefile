@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint format typecheck gen-protos check-protos bench demo clean venv
+.PHONY: reset run test test-fast lint format typecheck gen-protos check-protos bench demo clean venv
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(STAMP)
 ## Run the server: embedded PostgreSQL and Redis when none is configured, demo data loaded.
 run: $(STAMP)
 	$(PY) -m server.dev
+
+## Forget make run's data (database subsidy_dev, Redis prefix sg); the next make run starts afresh.
+reset: $(STAMP)
+	$(PY) -m server.dev --reset
 
 ## The whole test suite against real Redis and PostgreSQL (found or started the same way).
 test: $(STAMP)

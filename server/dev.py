@@ -5,7 +5,8 @@ else embedded servers under ./.data/ with Redis in the durable profile: AOF, app
 always), creates the ``subsidy_dev`` database, applies the migrations, loads
 examples/demo.yaml, writes the demo terminals' credentials to .data/credentials.json, starts
 the ledger writer (metrics on 127.0.0.1:9464) and serves on SUBSIDY_LISTEN (default
-127.0.0.1:50051) until Ctrl-C.
+127.0.0.1:50051) until Ctrl-C. Its data persists between runs (database ``subsidy_dev``, Redis
+prefix ``sg``); ``python -m server.dev --reset`` (``make reset``) forgets it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import redis
+import redis.asyncio
 
 from server.__main__ import main as server_main
 from server.config import Config
 from server.reference import load
 from storage.devenv import DevServices
+from storage.redis.keys import Keys
 
 DATA_DIR = Path(".data")
 DEMO_FILE = Path("examples/demo.yaml")
@@ -65,10 +68,31 @@ def warn_if_not_durable(redis_url: str) -> None:
         )
 
 
+async def reset(admin_dsn: str, redis_url: str, prefix: str) -> None:
+    """Forgets the development data: drops the database and deletes the prefix's Redis keys."""
+    connection = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{DEV_DATABASE}" WITH (FORCE)')
+    finally:
+        await connection.close()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        doomed = [key async for key in client.scan_iter(match=Keys(prefix).pattern(), count=10_000)]
+        for start in range(0, len(doomed), 1000):
+            await client.unlink(*doomed[start : start + 1000])
+    finally:
+        await client.aclose()
+
+
 def main() -> int:
     DATA_DIR.mkdir(exist_ok=True)
     with DevServices(DATA_DIR) as services:
         pg_dsn = with_database(services.pg_dsn, DEV_DATABASE)
+        if "--reset" in sys.argv[1:]:
+            prefix = os.environ.get("SUBSIDY_REDIS_PREFIX", Config().redis_prefix)
+            asyncio.run(reset(services.pg_dsn, services.redis_url, prefix))
+            print(f"reset: dropped database {DEV_DATABASE} and the Redis keys of prefix {prefix}", file=sys.stderr)
+            return 0
         asyncio.run(ensure_database(services.pg_dsn, DEV_DATABASE))
         os.environ["SUBSIDY_PG_DSN"] = pg_dsn
         os.environ["SUBSIDY_REDIS_URL"] = services.redis_url
@@ -83,6 +107,11 @@ def main() -> int:
         print(
             f"ledger writer: pid {writer.pid}, metrics and lag on http://{os.environ['SUBSIDY_WRITER_METRICS_LISTEN']}"
             "/metrics and /health",
+            file=sys.stderr,
+        )
+        print(
+            "for the ledger and reference commands (README):"
+            f" export SUBSIDY_PG_DSN='{pg_dsn}' SUBSIDY_REDIS_URL='{services.redis_url}'",
             file=sys.stderr,
         )
         print(
