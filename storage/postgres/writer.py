@@ -239,7 +239,7 @@ class LedgerWriter:
         milliseconds, sequence = last_delivered.split("-")
         keep_from = f"{milliseconds}-{int(sequence) + 1}"
         summary = await self.redis.xpending(self.keys.ledger, self.config.group)
-        if summary["pending"]:
+        if summary["pending"] and summary["min"] is not None:
             keep_from = min(keep_from, _text(summary["min"]), key=_order)
         await self.redis.xtrim(self.keys.ledger, minid=keep_from)
 
@@ -315,8 +315,11 @@ async def lag(redis: Redis, keys: Keys, group: str) -> Lag:
     next_undelivered = await redis.xrange(keys.ledger, min=first_undelivered, count=1)
     oldest_ms: list[int] = []
     if pending:
+        # A separate call: the writer may have acknowledged everything in between.
         summary = await redis.xpending(keys.ledger, group)
-        oldest_ms.append(_order(_text(summary["min"]))[0])
+        pending = int(summary["pending"])
+        if pending and summary["min"] is not None:
+            oldest_ms.append(_order(_text(summary["min"]))[0])
     if next_undelivered:
         oldest_ms.append(_order(_text(next_undelivered[0][0]))[0])
     age_s = max((now_ms - min(oldest_ms)) / 1000, 0.0) if oldest_ms else 0.0
