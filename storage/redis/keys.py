@@ -64,6 +64,32 @@ class Keys:
     def serial(self, gtin: str, serial_number: str) -> str:
         return f"{self.tag}:serial:{gtin}:{serial_number}"
 
+    def qualification(self, redemption_code: str) -> str:
+        """Hash: one qualification (see claim_qualification.lua)."""
+        return f"{self.tag}:qual:{redemption_code}"
+
+    def qualification_quota(self, campaign_id: str) -> str:
+        """Hash: <category>:claimed -> qualifications issued and not returned to the pool."""
+        return f"{self.tag}:qquota:{campaign_id}"
+
+    def qualification_holder(self, campaign_id: str, consumer_key: str) -> str:
+        """Hash: category -> the consumer's qualifications not returned to the pool."""
+        return f"{self.tag}:qholder:{campaign_id}:{consumer_key}"
+
+    def consumer_qualifications(self, consumer_key: str) -> str:
+        """Sorted set: the consumer's redemption codes scored by issue time (ms)."""
+        return f"{self.tag}:quals:{consumer_key}"
+
+    @property
+    def qualification_expiry(self) -> str:
+        """Sorted set: redemption codes scored by expiry (ms), for the sweeper."""
+        return f"{self.tag}:qexpiry"
+
+    def external_consumer(self, consumer_key: str) -> str:
+        """Hash: category -> id of the service provider that reported the consumer using it
+        (imported from exchange files; see server/exchange.py)."""
+        return f"{self.tag}:xconsumer:{consumer_key}"
+
     @property
     def holds(self) -> str:
         return f"{self.tag}:holds"

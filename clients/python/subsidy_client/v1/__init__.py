@@ -10,7 +10,11 @@ from subsidy_client.v1 import common_pb2 as common_pb2
 from subsidy_client.v1 import common_pb2_grpc as common_pb2_grpc
 from subsidy_client.v1 import diagnostics_pb2 as diagnostics_pb2
 from subsidy_client.v1 import diagnostics_pb2_grpc as diagnostics_pb2_grpc
+from subsidy_client.v1 import exchange_pb2 as exchange_pb2
+from subsidy_client.v1 import exchange_pb2_grpc as exchange_pb2_grpc
 from subsidy_client.v1 import merchant_pb2 as merchant_pb2
 from subsidy_client.v1 import merchant_pb2_grpc as merchant_pb2_grpc
+from subsidy_client.v1 import qualification_pb2 as qualification_pb2
+from subsidy_client.v1 import qualification_pb2_grpc as qualification_pb2_grpc
 from subsidy_client.v1 import reporting_pb2 as reporting_pb2
 from subsidy_client.v1 import reporting_pb2_grpc as reporting_pb2_grpc

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esubsidy/v1/authorization.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x08LineItem\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0c\n\x04gtin\x18\x02 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x03 \x01(\x03\x12\x15\n\rserial_number\x18\x04 \x01(\t\"\x9c\x01\n\x10\x41uthorizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63onsumer_key\x18\x03 \x01(\t\x12$\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x13.subsidy.v1.Channel\x12#\n\x05lines\x18\x05 \x03(\x0b\x32\x14.subsidy.v1.LineItem\"\x91\x01\n\nLineResult\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0c\n\x04gtin\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x04 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\x05 \x01(\x03\x12\x13\n\x0bpayable_fen\x18\x06 \x01(\x03\x12\x10\n\x08refunded\x18\x07 \x01(\x08\"\xd3\x02\n\x11\x41uthorizeResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.subsidy.v1.Decision\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\x12%\n\x05lines\x18\x03 \x03(\x0b\x32\x16.subsidy.v1.LineResult\x12\x17\n\x0ftotal_price_fen\x18\x04 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\x05 \x01(\x03\x12\x13\n\x0bpayable_fen\x18\x06 \x01(\x03\x12\x33\n\x0fhold_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0e\x64\x65\x63line_reason\x18\x08 \x01(\x0e\x32\x19.subsidy.v1.DeclineReason\x12\x18\n\x10\x64\x65\x63lined_line_id\x18\t \x01(\t\x12\x10\n\x08replayed\x18\n \x01(\x08\"\xc5\x03\n\rAuthorization\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.subsidy.v1.AuthorizationState\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x04 \x01(\t\x12\x13\n\x0bterminal_id\x18\x05 \x01(\t\x12$\n\x07\x63hannel\x18\x06 \x01(\x0e\x32\x13.subsidy.v1.Channel\x12%\n\x05lines\x18\x07 \x03(\x0b\x32\x16.subsidy.v1.LineResult\x12\x17\n\x0ftotal_price_fen\x18\x08 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\t \x01(\x03\x12\x1c\n\x14refunded_subsidy_fen\x18\n \x01(\x03\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fhold_expires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x0e\x43\x61ptureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\"U\n\x0f\x43\x61ptureResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization\x12\x10\n\x08replayed\x18\x02 \x01(\x08\";\n\x0bVoidRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\"R\n\x0cVoidResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"O\n\rRefundRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\x12\x10\n\x08line_ids\x18\x03 \x03(\t\"r\n\x0eRefundResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization\x12\x1c\n\x14refunded_subsidy_fen\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"3\n\x17GetAuthorizationRequest\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\"L\n\x18GetAuthorizationResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization*G\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x43HANNEL_POS\x10\x01\x12\x12\n\x0e\x43HANNEL_ONLINE\x10\x02*R\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_APPROVED\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_DECLINED\x10\x02*\xe9\x04\n\rDeclineReason\x12\x1e\n\x1a\x44\x45\x43LINE_REASON_UNSPECIFIED\x10\x00\x12$\n DECLINE_REASON_TERMINAL_INACTIVE\x10\x01\x12$\n DECLINE_REASON_MERCHANT_INACTIVE\x10\x02\x12%\n!DECLINE_REASON_CAMPAIGN_NOT_FOUND\x10\x03\x12&\n\"DECLINE_REASON_CAMPAIGN_NOT_ACTIVE\x10\x04\x12\'\n#DECLINE_REASON_PRODUCT_NOT_ELIGIBLE\x10\x05\x12\'\n#DECLINE_REASON_CATEGORY_NOT_COVERED\x10\x06\x12\x30\n,DECLINE_REASON_MERCHANT_CATEGORY_NOT_ALLOWED\x10\x07\x12%\n!DECLINE_REASON_GRADE_NOT_ELIGIBLE\x10\x08\x12&\n\"DECLINE_REASON_PRICE_ABOVE_CEILING\x10\t\x12(\n$DECLINE_REASON_PRICE_BELOW_THRESHOLD\x10\n\x12\"\n\x1e\x44\x45\x43LINE_REASON_SERIAL_REQUIRED\x10\x0b\x12,\n(DECLINE_REASON_SERIAL_ALREADY_SUBSIDISED\x10\x0c\x12)\n%DECLINE_REASON_CONSUMER_LIMIT_REACHED\x10\r\x12#\n\x1f\x44\x45\x43LINE_REASON_BUDGET_EXHAUSTED\x10\x0e*\x8b\x02\n\x12\x41uthorizationState\x12#\n\x1f\x41UTHORIZATION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41UTHORIZATION_STATE_PENDING\x10\x01\x12 \n\x1c\x41UTHORIZATION_STATE_CAPTURED\x10\x02\x12\x1e\n\x1a\x41UTHORIZATION_STATE_VOIDED\x10\x03\x12\x1f\n\x1b\x41UTHORIZATION_STATE_EXPIRED\x10\x04\x12*\n&AUTHORIZATION_STATE_PARTIALLY_REFUNDED\x10\x05\x12 \n\x1c\x41UTHORIZATION_STATE_REFUNDED\x10\x06\x32\xff\x02\n\x14\x41uthorizationService\x12H\n\tAuthorize\x12\x1c.subsidy.v1.AuthorizeRequest\x1a\x1d.subsidy.v1.AuthorizeResponse\x12\x42\n\x07\x43\x61pture\x12\x1a.subsidy.v1.CaptureRequest\x1a\x1b.subsidy.v1.CaptureResponse\x12\x39\n\x04Void\x12\x17.subsidy.v1.VoidRequest\x1a\x18.subsidy.v1.VoidResponse\x12?\n\x06Refund\x12\x19.subsidy.v1.RefundRequest\x1a\x1a.subsidy.v1.RefundResponse\x12]\n\x10GetAuthorization\x12#.subsidy.v1.GetAuthorizationRequest\x1a$.subsidy.v1.GetAuthorizationResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esubsidy/v1/authorization.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x08LineItem\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0c\n\x04gtin\x18\x02 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x03 \x01(\x03\x12\x15\n\rserial_number\x18\x04 \x01(\t\"\xb5\x01\n\x10\x41uthorizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63onsumer_key\x18\x03 \x01(\t\x12$\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x13.subsidy.v1.Channel\x12#\n\x05lines\x18\x05 \x03(\x0b\x32\x14.subsidy.v1.LineItem\x12\x17\n\x0fredemption_code\x18\x06 \x01(\t\"\x91\x01\n\nLineResult\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0c\n\x04gtin\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x16\n\x0eunit_price_fen\x18\x04 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\x05 \x01(\x03\x12\x13\n\x0bpayable_fen\x18\x06 \x01(\x03\x12\x10\n\x08refunded\x18\x07 \x01(\x08\"\xd3\x02\n\x11\x41uthorizeResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.subsidy.v1.Decision\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\x12%\n\x05lines\x18\x03 \x03(\x0b\x32\x16.subsidy.v1.LineResult\x12\x17\n\x0ftotal_price_fen\x18\x04 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\x05 \x01(\x03\x12\x13\n\x0bpayable_fen\x18\x06 \x01(\x03\x12\x33\n\x0fhold_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0e\x64\x65\x63line_reason\x18\x08 \x01(\x0e\x32\x19.subsidy.v1.DeclineReason\x12\x18\n\x10\x64\x65\x63lined_line_id\x18\t \x01(\t\x12\x10\n\x08replayed\x18\n \x01(\x08\"\xc5\x03\n\rAuthorization\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.subsidy.v1.AuthorizationState\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x04 \x01(\t\x12\x13\n\x0bterminal_id\x18\x05 \x01(\t\x12$\n\x07\x63hannel\x18\x06 \x01(\x0e\x32\x13.subsidy.v1.Channel\x12%\n\x05lines\x18\x07 \x03(\x0b\x32\x16.subsidy.v1.LineResult\x12\x17\n\x0ftotal_price_fen\x18\x08 \x01(\x03\x12\x13\n\x0bsubsidy_fen\x18\t \x01(\x03\x12\x1c\n\x14refunded_subsidy_fen\x18\n \x01(\x03\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fhold_expires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x0e\x43\x61ptureRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\"U\n\x0f\x43\x61ptureResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization\x12\x10\n\x08replayed\x18\x02 \x01(\x08\";\n\x0bVoidRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\"R\n\x0cVoidResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"O\n\rRefundRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uthorization_id\x18\x02 \x01(\t\x12\x10\n\x08line_ids\x18\x03 \x03(\t\"r\n\x0eRefundResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization\x12\x1c\n\x14refunded_subsidy_fen\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"3\n\x17GetAuthorizationRequest\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\"L\n\x18GetAuthorizationResponse\x12\x30\n\rauthorization\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Authorization*G\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x43HANNEL_POS\x10\x01\x12\x12\n\x0e\x43HANNEL_ONLINE\x10\x02*R\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_APPROVED\x10\x01\x12\x15\n\x11\x44\x45\x43ISION_DECLINED\x10\x02*\xf7\x06\n\rDeclineReason\x12\x1e\n\x1a\x44\x45\x43LINE_REASON_UNSPECIFIED\x10\x00\x12$\n DECLINE_REASON_TERMINAL_INACTIVE\x10\x01\x12$\n DECLINE_REASON_MERCHANT_INACTIVE\x10\x02\x12%\n!DECLINE_REASON_CAMPAIGN_NOT_FOUND\x10\x03\x12&\n\"DECLINE_REASON_CAMPAIGN_NOT_ACTIVE\x10\x04\x12\'\n#DECLINE_REASON_PRODUCT_NOT_ELIGIBLE\x10\x05\x12\'\n#DECLINE_REASON_CATEGORY_NOT_COVERED\x10\x06\x12\x30\n,DECLINE_REASON_MERCHANT_CATEGORY_NOT_ALLOWED\x10\x07\x12%\n!DECLINE_REASON_GRADE_NOT_ELIGIBLE\x10\x08\x12&\n\"DECLINE_REASON_PRICE_ABOVE_CEILING\x10\t\x12(\n$DECLINE_REASON_PRICE_BELOW_THRESHOLD\x10\n\x12\"\n\x1e\x44\x45\x43LINE_REASON_SERIAL_REQUIRED\x10\x0b\x12,\n(DECLINE_REASON_SERIAL_ALREADY_SUBSIDISED\x10\x0c\x12)\n%DECLINE_REASON_CONSUMER_LIMIT_REACHED\x10\r\x12#\n\x1f\x44\x45\x43LINE_REASON_BUDGET_EXHAUSTED\x10\x0e\x12)\n%DECLINE_REASON_QUALIFICATION_REQUIRED\x10\x0f\x12*\n&DECLINE_REASON_QUALIFICATION_NOT_FOUND\x10\x10\x12+\n\'DECLINE_REASON_QUALIFICATION_NOT_USABLE\x10\x11\x12(\n$DECLINE_REASON_QUALIFICATION_EXPIRED\x10\x12\x12\x32\n.DECLINE_REASON_QUALIFICATION_CATEGORY_MISMATCH\x10\x13\x12*\n&DECLINE_REASON_CONSUMER_USED_ELSEWHERE\x10\x14*\x8b\x02\n\x12\x41uthorizationState\x12#\n\x1f\x41UTHORIZATION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x41UTHORIZATION_STATE_PENDING\x10\x01\x12 \n\x1c\x41UTHORIZATION_STATE_CAPTURED\x10\x02\x12\x1e\n\x1a\x41UTHORIZATION_STATE_VOIDED\x10\x03\x12\x1f\n\x1b\x41UTHORIZATION_STATE_EXPIRED\x10\x04\x12*\n&AUTHORIZATION_STATE_PARTIALLY_REFUNDED\x10\x05\x12 \n\x1c\x41UTHORIZATION_STATE_REFUNDED\x10\x06\x32\xff\x02\n\x14\x41uthorizationService\x12H\n\tAuthorize\x12\x1c.subsidy.v1.AuthorizeRequest\x1a\x1d.subsidy.v1.AuthorizeResponse\x12\x42\n\x07\x43\x61pture\x12\x1a.subsidy.v1.CaptureRequest\x1a\x1b.subsidy.v1.CaptureResponse\x12\x39\n\x04Void\x12\x17.subsidy.v1.VoidRequest\x1a\x18.subsidy.v1.VoidResponse\x12?\n\x06Refund\x12\x19.subsidy.v1.RefundRequest\x1a\x1a.subsidy.v1.RefundResponse\x12]\n\x10GetAuthorization\x12#.subsidy.v1.GetAuthorizationRequest\x1a$.subsidy.v1.GetAuthorizationResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +33,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.authorization_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rcn.subsidy.v1P\001Z\024subsidy/v1;subsidyv1'
-  _globals['_CHANNEL']._serialized_start=1898
-  _globals['_CHANNEL']._serialized_end=1969
-  _globals['_DECISION']._serialized_start=1971
-  _globals['_DECISION']._serialized_end=2053
-  _globals['_DECLINEREASON']._serialized_start=2056
-  _globals['_DECLINEREASON']._serialized_end=2673
-  _globals['_AUTHORIZATIONSTATE']._serialized_start=2676
-  _globals['_AUTHORIZATIONSTATE']._serialized_end=2943
+  _globals['_CHANNEL']._serialized_start=1923
+  _globals['_CHANNEL']._serialized_end=1994
+  _globals['_DECISION']._serialized_start=1996
+  _globals['_DECISION']._serialized_end=2078
+  _globals['_DECLINEREASON']._serialized_start=2081
+  _globals['_DECLINEREASON']._serialized_end=2968
+  _globals['_AUTHORIZATIONSTATE']._serialized_start=2971
+  _globals['_AUTHORIZATIONSTATE']._serialized_end=3238
   _globals['_LINEITEM']._serialized_start=79
   _globals['_LINEITEM']._serialized_end=167
   _globals['_AUTHORIZEREQUEST']._serialized_start=170
-  _globals['_AUTHORIZEREQUEST']._serialized_end=326
-  _globals['_LINERESULT']._serialized_start=329
-  _globals['_LINERESULT']._serialized_end=474
-  _globals['_AUTHORIZERESPONSE']._serialized_start=477
-  _globals['_AUTHORIZERESPONSE']._serialized_end=816
-  _globals['_AUTHORIZATION']._serialized_start=819
-  _globals['_AUTHORIZATION']._serialized_end=1272
-  _globals['_CAPTUREREQUEST']._serialized_start=1274
-  _globals['_CAPTUREREQUEST']._serialized_end=1336
-  _globals['_CAPTURERESPONSE']._serialized_start=1338
-  _globals['_CAPTURERESPONSE']._serialized_end=1423
-  _globals['_VOIDREQUEST']._serialized_start=1425
-  _globals['_VOIDREQUEST']._serialized_end=1484
-  _globals['_VOIDRESPONSE']._serialized_start=1486
-  _globals['_VOIDRESPONSE']._serialized_end=1568
-  _globals['_REFUNDREQUEST']._serialized_start=1570
-  _globals['_REFUNDREQUEST']._serialized_end=1649
-  _globals['_REFUNDRESPONSE']._serialized_start=1651
-  _globals['_REFUNDRESPONSE']._serialized_end=1765
-  _globals['_GETAUTHORIZATIONREQUEST']._serialized_start=1767
-  _globals['_GETAUTHORIZATIONREQUEST']._serialized_end=1818
-  _globals['_GETAUTHORIZATIONRESPONSE']._serialized_start=1820
-  _globals['_GETAUTHORIZATIONRESPONSE']._serialized_end=1896
-  _globals['_AUTHORIZATIONSERVICE']._serialized_start=2946
-  _globals['_AUTHORIZATIONSERVICE']._serialized_end=3329
+  _globals['_AUTHORIZEREQUEST']._serialized_end=351
+  _globals['_LINERESULT']._serialized_start=354
+  _globals['_LINERESULT']._serialized_end=499
+  _globals['_AUTHORIZERESPONSE']._serialized_start=502
+  _globals['_AUTHORIZERESPONSE']._serialized_end=841
+  _globals['_AUTHORIZATION']._serialized_start=844
+  _globals['_AUTHORIZATION']._serialized_end=1297
+  _globals['_CAPTUREREQUEST']._serialized_start=1299
+  _globals['_CAPTUREREQUEST']._serialized_end=1361
+  _globals['_CAPTURERESPONSE']._serialized_start=1363
+  _globals['_CAPTURERESPONSE']._serialized_end=1448
+  _globals['_VOIDREQUEST']._serialized_start=1450
+  _globals['_VOIDREQUEST']._serialized_end=1509
+  _globals['_VOIDRESPONSE']._serialized_start=1511
+  _globals['_VOIDRESPONSE']._serialized_end=1593
+  _globals['_REFUNDREQUEST']._serialized_start=1595
+  _globals['_REFUNDREQUEST']._serialized_end=1674
+  _globals['_REFUNDRESPONSE']._serialized_start=1676
+  _globals['_REFUNDRESPONSE']._serialized_end=1790
+  _globals['_GETAUTHORIZATIONREQUEST']._serialized_start=1792
+  _globals['_GETAUTHORIZATIONREQUEST']._serialized_end=1843
+  _globals['_GETAUTHORIZATIONRESPONSE']._serialized_start=1845
+  _globals['_GETAUTHORIZATIONRESPONSE']._serialized_end=1921
+  _globals['_AUTHORIZATIONSERVICE']._serialized_start=3241
+  _globals['_AUTHORIZATIONSERVICE']._serialized_end=3624
 # @@protoc_insertion_point(module_scope)

@@ -95,6 +95,18 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """13. The consumer reached the per-person limit for the category."""
     DECLINE_REASON_BUDGET_EXHAUSTED: _DeclineReason.ValueType  # 14
     """14. The category's released budget cannot cover the subsidy."""
+    DECLINE_REASON_QUALIFICATION_REQUIRED: _DeclineReason.ValueType  # 15
+    """15. The campaign issues qualifications and the request carries no redemption code."""
+    DECLINE_REASON_QUALIFICATION_NOT_FOUND: _DeclineReason.ValueType  # 16
+    """16. No such qualification for this consumer and campaign (or the campaign issues none)."""
+    DECLINE_REASON_QUALIFICATION_NOT_USABLE: _DeclineReason.ValueType  # 17
+    """17. The qualification is reserved by another payment, redeemed, expired or cancelled."""
+    DECLINE_REASON_QUALIFICATION_EXPIRED: _DeclineReason.ValueType  # 18
+    """18. The qualification's validity has passed (its quota goes back to the pool)."""
+    DECLINE_REASON_QUALIFICATION_CATEGORY_MISMATCH: _DeclineReason.ValueType  # 19
+    """19. A line's category is not the qualification's category."""
+    DECLINE_REASON_CONSUMER_USED_ELSEWHERE: _DeclineReason.ValueType  # 20
+    """20. Another service provider reported that this consumer used the category."""
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why an authorization was declined. When several apply, the one listed first here is
@@ -130,6 +142,18 @@ DECLINE_REASON_CONSUMER_LIMIT_REACHED: DeclineReason.ValueType  # 13
 """13. The consumer reached the per-person limit for the category."""
 DECLINE_REASON_BUDGET_EXHAUSTED: DeclineReason.ValueType  # 14
 """14. The category's released budget cannot cover the subsidy."""
+DECLINE_REASON_QUALIFICATION_REQUIRED: DeclineReason.ValueType  # 15
+"""15. The campaign issues qualifications and the request carries no redemption code."""
+DECLINE_REASON_QUALIFICATION_NOT_FOUND: DeclineReason.ValueType  # 16
+"""16. No such qualification for this consumer and campaign (or the campaign issues none)."""
+DECLINE_REASON_QUALIFICATION_NOT_USABLE: DeclineReason.ValueType  # 17
+"""17. The qualification is reserved by another payment, redeemed, expired or cancelled."""
+DECLINE_REASON_QUALIFICATION_EXPIRED: DeclineReason.ValueType  # 18
+"""18. The qualification's validity has passed (its quota goes back to the pool)."""
+DECLINE_REASON_QUALIFICATION_CATEGORY_MISMATCH: DeclineReason.ValueType  # 19
+"""19. A line's category is not the qualification's category."""
+DECLINE_REASON_CONSUMER_USED_ELSEWHERE: DeclineReason.ValueType  # 20
+"""20. Another service provider reported that this consumer used the category."""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _AuthorizationState:
@@ -203,6 +227,7 @@ class AuthorizeRequest(_message.Message):
     CONSUMER_KEY_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
+    REDEMPTION_CODE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """UUID chosen by the caller; a retry MUST reuse it. Same id + same payload returns the
     first answer; same id + different payload fails with ALREADY_EXISTS / IDEMPOTENCY_CONFLICT.
@@ -214,6 +239,11 @@ class AuthorizeRequest(_message.Message):
     under the programme key (64 characters). Never the ID number itself.
     """
     channel: Global___Channel.ValueType
+    redemption_code: _builtins.str
+    """The consumer's qualification (QualificationService), required by campaigns that issue
+    qualifications and refused by the others. Its consumer, category and expiry are checked
+    in the same atomic step as the rest; one qualification per payment.
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineItem]:
         """1 to 20 lines (the server's configured maximum)."""
@@ -226,10 +256,11 @@ class AuthorizeRequest(_message.Message):
         consumer_key: _builtins.str = ...,
         channel: Global___Channel.ValueType = ...,
         lines: _abc.Iterable[Global___LineItem] | None = ...,
+        redemption_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "channel", b"channel", "consumer_key", b"consumer_key", "lines", b"lines", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "channel", b"channel", "consumer_key", b"consumer_key", "lines", b"lines", "redemption_code", b"redemption_code", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -148,6 +148,8 @@ class CategoryRule(_message.Message):
     PER_PERSON_LIMIT_FIELD_NUMBER: _builtins.int
     BUDGET_FEN_FIELD_NUMBER: _builtins.int
     TRANCHES_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_QUOTA_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_TRANCHES_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     """Lowercase identifier, e.g. "fridge", "phone", "general"."""
     kind: Global___RuleKind.ValueType
@@ -162,6 +164,10 @@ class CategoryRule(_message.Message):
     """Units per person over the campaign (one per category per person: 1)."""
     budget_fen: _builtins.int
     """The category's whole budget, in fen."""
+    qualification_quota: _builtins.int
+    """Campaigns that issue qualifications: how many the category issues in all (0: as many as
+    the budget funds, budget_fen / off_fen or / cap_fen), optionally released in tranches.
+    """
     @_builtins.property
     def rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GradeRate]:
         """PERCENT: the rate per grade; grades absent earn nothing (GRADE_NOT_ELIGIBLE)."""
@@ -173,6 +179,8 @@ class CategoryRule(_message.Message):
         more than budget_fen.
         """
 
+    @_builtins.property
+    def qualification_tranches(self) -> _containers.RepeatedCompositeFieldContainer[Global___QualificationTranche]: ...
     def __init__(
         self,
         *,
@@ -186,14 +194,41 @@ class CategoryRule(_message.Message):
         per_person_limit: _builtins.int = ...,
         budget_fen: _builtins.int = ...,
         tranches: _abc.Iterable[Global___BudgetTranche] | None = ...,
+        qualification_quota: _builtins.int = ...,
+        qualification_tranches: _abc.Iterable[Global___QualificationTranche] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_fen", b"budget_fen", "cap_fen", b"cap_fen", "category", b"category", "kind", b"kind", "off_fen", b"off_fen", "per_person_limit", b"per_person_limit", "price_ceiling_fen", b"price_ceiling_fen", "rates", b"rates", "threshold_fen", b"threshold_fen", "tranches", b"tranches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_fen", b"budget_fen", "cap_fen", b"cap_fen", "category", b"category", "kind", b"kind", "off_fen", b"off_fen", "per_person_limit", b"per_person_limit", "price_ceiling_fen", b"price_ceiling_fen", "qualification_quota", b"qualification_quota", "qualification_tranches", b"qualification_tranches", "rates", b"rates", "threshold_fen", b"threshold_fen", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CategoryRule: _TypeAlias = CategoryRule  # noqa: Y015
+
+@_typing.final
+class QualificationTranche(_message.Message):
+    """Qualifications released at a set time (for example 20:00 every day), first come first served."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_AT_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    @_builtins.property
+    def release_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        release_at: _timestamp_pb2.Timestamp | None = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["release_at", b"release_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "release_at", b"release_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualificationTranche: _TypeAlias = QualificationTranche  # noqa: Y015
 
 @_typing.final
 class Campaign(_message.Message):
@@ -208,6 +243,8 @@ class Campaign(_message.Message):
     RULES_FIELD_NUMBER: _builtins.int
     QUALIFICATION_VALIDITY_S_FIELD_NUMBER: _builtins.int
     REFUND_POLICY_FIELD_NUMBER: _builtins.int
+    LOCATION_MAX_ACCURACY_M_FIELD_NUMBER: _builtins.int
+    LOCATION_MAX_AGE_S_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """1-64 characters of [A-Za-z0-9_.-]."""
     name: _builtins.str
@@ -217,6 +254,11 @@ class Campaign(_message.Message):
     qualification_validity_s: _builtins.int
     """How long a claimed qualification stays valid, in seconds (0: not used by this campaign)."""
     refund_policy: Global___RefundPolicy.ValueType
+    location_max_accuracy_m: _builtins.int
+    """Claims: the largest accepted accuracy radius of the phone's fix, in metres, and its
+    greatest age, in seconds (0: the defaults, 100 m and 300 s).
+    """
+    location_max_age_s: _builtins.int
     @_builtins.property
     def starts_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -235,10 +277,12 @@ class Campaign(_message.Message):
         rules: _abc.Iterable[Global___CategoryRule] | None = ...,
         qualification_validity_s: _builtins.int = ...,
         refund_policy: Global___RefundPolicy.ValueType = ...,
+        location_max_accuracy_m: _builtins.int = ...,
+        location_max_age_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "starts_at", b"starts_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "ends_at", b"ends_at", "name", b"name", "qualification_validity_s", b"qualification_validity_s", "refund_policy", b"refund_policy", "region_geojson", b"region_geojson", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "qualification_validity_s", b"qualification_validity_s", "refund_policy", b"refund_policy", "region_geojson", b"region_geojson", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
