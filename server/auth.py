@@ -41,7 +41,9 @@ MISS_TTL_S = 1.0
 MISSES_MAX = 10_000
 
 
-TERMINAL, OPERATOR = "terminal", "operator"
+# Callers: cashier terminals (with their merchant), operators (staff and auditors), partner
+# consumer apps (QualificationService) and other service providers (ExchangeService).
+TERMINAL, OPERATOR, PARTNER, PROVIDER = "terminal", "operator", "partner", "provider"
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,10 @@ class CredentialCache:
                 pass
 
     async def claim_operator_nonce(self, identity: Caller) -> None:
-        """Operator calls record their nonce here (one Redis call, off the hot path); terminal
-        calls record it inside their own script, in the same round trip as the call."""
-        if identity.role != OPERATOR:
+        """Operator and provider calls record their nonce here (one Redis call, off the hot
+        path); terminal and partner calls record it inside their own script or handler, in the
+        same round trip as the call."""
+        if identity.role not in (OPERATOR, PROVIDER):
             return
         claimed = await self._redis.set(
             self._keys.nonce(identity.terminal_id, identity.nonce), b"1", nx=True, ex=self._nonce_ttl_s

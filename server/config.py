@@ -49,6 +49,15 @@ class Config:
     writer_crash_at: str = ""
     writer_crash_after_batches: int = 1
     log_level: str = "INFO"
+    # The programme key: consumer key = HMAC-SHA256(programme key, ID number). The same key at
+    # every service provider of the programme; at least 32 bytes. Without it, claims are refused.
+    programme_key: str = ""
+    # Sweeper of qualifications past their validity (runs beside the hold sweeper).
+    qualification_sweep_batch_size: int = 500
+    # Cross-provider exchange: this provider's id in exchange files, and the key shared with
+    # the other providers that signs and verifies the daily files (at least 32 bytes).
+    provider_id: str = "local"
+    exchange_key: str = ""
 
     def __post_init__(self) -> None:
         if not LISTEN_PATTERN.match(self.listen):
@@ -80,6 +89,13 @@ class Config:
             raise ConfigError("SUBSIDY_WRITER_METRICS_LISTEN must be host:port")
         if self.writer_crash_at not in ("", "before_commit", "after_commit", "after_ack"):
             raise ConfigError("SUBSIDY_WRITER_CRASH_AT must be before_commit, after_commit or after_ack")
+        if self.programme_key and len(self.programme_key.encode()) < 32:
+            raise ConfigError("SUBSIDY_PROGRAMME_KEY must be at least 32 bytes")
+        if self.exchange_key and len(self.exchange_key.encode()) < 32:
+            raise ConfigError("SUBSIDY_EXCHANGE_KEY must be at least 32 bytes")
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.provider_id):
+            raise ConfigError("SUBSIDY_PROVIDER_ID must be 1-64 characters of [A-Za-z0-9_.-]")
+        _positive("SUBSIDY_QUALIFICATION_SWEEP_BATCH_SIZE", self.qualification_sweep_batch_size, 10_000)
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("SUBSIDY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 
