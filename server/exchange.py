@@ -22,7 +22,7 @@ import asyncio
 import hashlib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 
@@ -150,7 +150,7 @@ class ImportSummary:
     # Facts also true here: the same consumer used the category through us as well, or the
     # same device was subsidised by one of our authorizations (which keeps its serial key).
     consumers_also_local: int
-    serials_also_local: list[str] = field(default_factory=list)
+    serials_also_local: list[str]
 
 
 async def import_file(
