@@ -24,6 +24,8 @@ from subsidy_client.v1 import (
     diagnostics_pb2_grpc,
     merchant_pb2,
     merchant_pb2_grpc,
+    qualification_pb2,
+    qualification_pb2_grpc,
     reporting_pb2,
     reporting_pb2_grpc,
 )
@@ -37,6 +39,7 @@ from server.diagnostics import DiagnosticsService
 from server.errors import ErrorInterceptor
 from server.merchants import MerchantService
 from server.operations import LazyPool, OperatorDeps
+from server.qualification import QualificationService
 from server.reporting import ReportingService
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
@@ -50,6 +53,7 @@ SERVICE_NAMES = (
     campaign_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
+    qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
 )
 
 
@@ -84,7 +88,8 @@ class Application:
 
 
 async def run_sweeper(store: RedisStore, config: Config, stopping: asyncio.Event) -> None:
-    """Expires due holds in every process; the scripts make concurrent sweepers safe."""
+    """Expires due holds and qualifications in every process; the scripts make concurrent
+    sweepers safe."""
     while not stopping.is_set():
         try:
             expired = await store.expire_due_holds(config.sweep_batch_size)
@@ -92,6 +97,12 @@ async def run_sweeper(store: RedisStore, config: Config, stopping: asyncio.Event
                 log.info("holds expired", extra={"count": expired})
         except Exception:
             log.warning("hold sweep failed", exc_info=True)
+        try:
+            expired = await store.expire_due_qualifications(config.qualification_sweep_batch_size)
+            if expired:
+                log.info("qualifications expired", extra={"count": expired})
+        except Exception:
+            log.warning("qualification sweep failed", exc_info=True)
         try:
             await asyncio.wait_for(stopping.wait(), config.sweep_interval_ms / 1000)
         except TimeoutError:
@@ -152,6 +163,9 @@ async def create_server(config: Config) -> Application:
         campaign_pb2_grpc.add_CampaignServiceServicer_to_server(CampaignService(deps), server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogService(deps), server)
         merchant_pb2_grpc.add_MerchantServiceServicer_to_server(MerchantService(deps), server)
+        qualification_pb2_grpc.add_QualificationServiceServicer_to_server(
+            QualificationService(store, config.programme_key), server
+        )
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):

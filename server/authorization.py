@@ -125,6 +125,7 @@ def authorization_message(view: Mapping[str, Any]) -> authorization_pb2.Authoriz
         created_at=timestamp_ms(view["created_ms"]),
         hold_expires_at=timestamp_ms(view["expires_ms"]),
         updated_at=timestamp_ms(view["updated_ms"]),
+        redemption_code=view.get("qualification", ""),
     )
 
 
@@ -172,6 +173,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
                 consumer_key=request.consumer_key,
                 channel=request.channel,
                 authorization_id=uuid.uuid4().hex,
+                redemption_code=request.redemption_code,
                 lines=[
                     LineInput(line.line_id, line.gtin, line.unit_price_fen, canonical_serial(line.serial_number))
                     for line in request.lines

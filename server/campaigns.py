@@ -70,9 +70,17 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
                     }
                     for tranche in rule.tranches
                 ],
+                "qualification_quota": rule.qualification_quota,
+                "qualification_tranches": [
+                    {
+                        "release_at": _time(tranche.release_at, tranche.HasField("release_at")),
+                        "count": tranche.count,
+                    }
+                    for tranche in rule.qualification_tranches
+                ],
             }
         )
-    return {
+    document: dict[str, Any] = {
         "id": message.campaign_id,
         "name": message.name or message.campaign_id,
         "status": _enum(message.status, STATUSES, "campaign.status", default="ACTIVE"),
@@ -83,6 +91,12 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
         "qualification_validity_s": message.qualification_validity_s,
         "refund_policy": _enum(message.refund_policy, POLICIES, "campaign.refund_policy", default="COUNT_AS_USED"),
     }
+    # 0 in the message means "the default" (proto3 has no absent scalars).
+    if message.location_max_accuracy_m:
+        document["location_max_accuracy_m"] = message.location_max_accuracy_m
+    if message.location_max_age_s:
+        document["location_max_age_s"] = message.location_max_age_s
+    return document
 
 
 def parse_request_campaign(message: campaign_pb2.Campaign) -> Campaign:
@@ -110,6 +124,8 @@ def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
         region_geojson=region if isinstance(region, str) else (orjson.dumps(region).decode() if region else ""),
         qualification_validity_s=row["qualification_validity_s"],
         refund_policy=next(value for value, name in POLICIES.items() if name == row["refund_policy"]),
+        location_max_accuracy_m=row["location_max_accuracy_m"],
+        location_max_age_s=row["location_max_age_s"],
         rules=[
             pb.CategoryRule(
                 category=rule["category"],
@@ -130,6 +146,13 @@ def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
                         amount_fen=tranche["amount_fen"],
                     )
                     for tranche in orjson.loads(rule["tranches"])
+                ],
+                qualification_quota=rule["qualification_quota"],
+                qualification_tranches=[
+                    pb.QualificationTranche(
+                        release_at=_stamp(datetime.fromisoformat(tranche["release_at"])), count=tranche["count"]
+                    )
+                    for tranche in orjson.loads(rule["qualification_tranches"])
                 ],
             )
             for rule in rules

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from subsidy_client import AuthorizationClient, RetryPolicy
 
 from server.app import Application, create_server
 from server.config import Config
+from server.domain.identity import check_digit
+from server.domain.identity import consumer_key as derive_consumer_key
 from server.domain.reference import parse_reference
 from storage.devenv import DevServices, Services
 from storage.postgres.migrate import migrate
@@ -35,6 +38,8 @@ from storage.redis.reference import publish_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_FILE = ROOT / "tests" / "fixtures" / "reference.yaml"
+# The programme key of the test gateways (consumer key = HMAC-SHA256 of the ID number under it).
+PROGRAMME_KEY = "test-programme-key-0123456789abcdef0123456789"
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Environment:
             credentials_refresh_ms=3_600_000,
             shutdown_grace_s=1.0,
             log_level="WARNING",
+            programme_key=PROGRAMME_KEY,
         )
         return replace(base, **overrides)
 
@@ -165,6 +171,19 @@ def client(clients: dict[str, AuthorizationClient]) -> AuthorizationClient:
 def consumer_key() -> str:
     """A fresh consumer key (what a partner app derives from an ID number), unique per call."""
     return secrets.token_hex(32)
+
+
+def id_number() -> str:
+    """A fresh, valid resident ID number (Hangzhou region code, a real birth date, a random
+    sequence and the GB 11643 check character); unique enough per call for the tests."""
+    born = date(1950, 1, 1) + timedelta(days=secrets.randbelow(365 * 50))
+    first = f"330109{born:%Y%m%d}{secrets.randbelow(1000):03d}"
+    return first + check_digit(first)
+
+
+def consumer_key_of(number: str) -> str:
+    """The consumer key the test gateways derive from an ID number."""
+    return derive_consumer_key(PROGRAMME_KEY.encode(), number)
 
 
 def serial() -> str:

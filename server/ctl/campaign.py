@@ -51,6 +51,8 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
         region_geojson=orjson.dumps(campaign.region).decode() if campaign.region else "",
         qualification_validity_s=campaign.qualification_validity_s,
         refund_policy={name: value for value, name in POLICIES.items()}[campaign.refund_policy],
+        location_max_accuracy_m=campaign.location_max_accuracy_m,
+        location_max_age_s=campaign.location_max_age_s,
         rules=[
             pb.CategoryRule(
                 category=rule.category,
@@ -64,6 +66,11 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
                 budget_fen=rule.budget_fen,
                 tranches=[
                     pb.BudgetTranche(release_at=_stamp(moment), amount_fen=amount) for moment, amount in rule.tranches
+                ],
+                qualification_quota=rule.qualification_quota,
+                qualification_tranches=[
+                    pb.QualificationTranche(release_at=_stamp(moment), count=count)
+                    for moment, count in rule.qualification_tranches
                 ],
             )
             for rule in campaign.rules

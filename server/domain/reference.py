@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CATEGORY = re.compile(r"^[a-z0-9_]{1,32}$")
 # Upper bounds that keep every sum exact in Lua's doubles (see storage/redis/lua/_lib.lua).
 PRICE_FEN_MAX = 10_000_000_000
+QUOTA_MAX = 1_000_000_000
 BUDGET_FEN_MAX = 10_000_000_000_000
 GRADES = ("0", "1", "2", "3", "4", "5")
 
@@ -47,6 +48,10 @@ class Rule:
     budget_fen: int
     # (release time, amount) pairs in release order; empty: the whole budget is released.
     tranches: Sequence[tuple[datetime, int]] = ()
+    # Campaigns that issue qualifications: how many in all, and (release time, count) pairs;
+    # without tranches the whole quota is released when the campaign starts.
+    qualification_quota: int = 0
+    qualification_tranches: Sequence[tuple[datetime, int]] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,13 @@ class Campaign:
     region: Mapping[str, Any] | None = None
     qualification_validity_s: int = 0
     refund_policy: str = "COUNT_AS_USED"
+    location_max_accuracy_m: int = 100
+    location_max_age_s: int = 300
+
+    @property
+    def issues_qualifications(self) -> bool:
+        """Such a campaign's Authorize needs a redemption code; others refuse one."""
+        return self.qualification_validity_s > 0
 
 
 @dataclass(frozen=True)
@@ -100,11 +112,23 @@ class Operator:
 
 
 @dataclass(frozen=True)
+class Partner:
+    """A partner consumer app (APP) or another service provider (PROVIDER)."""
+
+    partner_id: str
+    name: str
+    kind: str
+    status: str
+    secret: str | None  # None: issue one when loading
+
+
+@dataclass(frozen=True)
 class ReferenceData:
     campaigns: Sequence[Campaign]
     products: Sequence[Product]
     merchants: Sequence[Merchant]
     operators: Sequence[Operator] = ()
+    partners: Sequence[Partner] = ()
 
 
 def _require(record: Mapping[str, Any], key: str, path: str) -> Any:
@@ -172,6 +196,10 @@ def parse_rule(record: Mapping[str, Any], path: str) -> Rule:
         per_person_limit=_integer(record, "per_person_limit", path, 1, 1000),
         budget_fen=_integer(record, "budget_fen", path, 0, BUDGET_FEN_MAX - 1),
         tranches=_parse_tranches(record.get("tranches") or [], f"{path}.tranches"),
+        qualification_quota=_integer(record, "qualification_quota", path, 0, QUOTA_MAX, 0),
+        qualification_tranches=_parse_tranches(
+            record.get("qualification_tranches") or [], f"{path}.qualification_tranches", "count"
+        ),
     )
     if kind == "PERCENT" and not rates:
         raise ReferenceError(f"{path}.rates_bp", "a PERCENT rule needs at least one grade's rate")
@@ -186,15 +214,19 @@ def parse_rule(record: Mapping[str, Any], path: str) -> Rule:
     return rule
 
 
-def _parse_tranches(records: Sequence[Any], path: str) -> tuple[tuple[datetime, int], ...]:
+def _parse_tranches(
+    records: Sequence[Any], path: str, amount_key: str = "amount_fen"
+) -> tuple[tuple[datetime, int], ...]:
+    if not isinstance(records, Sequence) or isinstance(records, str):
+        raise ReferenceError(path, "must be a list")
     tranches = []
     for index, record in enumerate(records):
         if not isinstance(record, Mapping):
-            raise ReferenceError(f"{path}[{index}]", "must have release_at and amount_fen")
+            raise ReferenceError(f"{path}[{index}]", f"must have release_at and {amount_key}")
         tranches.append(
             (
                 _timestamp(record, "release_at", f"{path}[{index}]"),
-                _integer(record, "amount_fen", f"{path}[{index}]", 1, BUDGET_FEN_MAX - 1),
+                _integer(record, amount_key, f"{path}[{index}]", 1, BUDGET_FEN_MAX - 1),
             )
         )
     times = [moment for moment, _ in tranches]
@@ -236,6 +268,9 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
     categories = [rule.category for rule in rules]
     if len(set(categories)) != len(categories):
         raise ReferenceError(f"{path}.rules", "each category may have one rule")
+    validity_s = _integer(record, "qualification_validity_s", path, 0, 366 * 86_400, 0)
+    if validity_s > 0:
+        rules = [_with_quota(rule, f"{path}.rules[{index}]") for index, rule in enumerate(rules)]
     return Campaign(
         campaign_id=_pattern(record, "id", path, IDENTIFIER),
         name=str(record.get("name", record["id"])),
@@ -244,11 +279,23 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
         ends_at=ends_at,
         rules=tuple(rules),
         region=parse_region(record.get("region"), f"{path}.region"),
-        qualification_validity_s=_integer(record, "qualification_validity_s", path, 0, 366 * 86_400, 0),
+        qualification_validity_s=validity_s,
         refund_policy=_choice(
             record, "refund_policy", path, ("RESTORE_ON_FULL_REFUND", "COUNT_AS_USED"), "COUNT_AS_USED"
         ),
+        location_max_accuracy_m=_integer(record, "location_max_accuracy_m", path, 1, 100_000, 100),
+        location_max_age_s=_integer(record, "location_max_age_s", path, 1, 86_400, 300),
     )
+
+
+def _with_quota(rule: Rule, path: str) -> Rule:
+    """A qualification-issuing rule's quota: as given, else as many as the budget funds."""
+    quota = rule.qualification_quota or rule.budget_fen // (rule.off_fen if rule.kind == "FIXED" else rule.cap_fen)
+    if quota < 1:
+        raise ReferenceError(f"{path}.qualification_quota", "the campaign issues qualifications: must be positive")
+    if sum(count for _, count in rule.qualification_tranches) > quota:
+        raise ReferenceError(f"{path}.qualification_tranches", "the tranches add up to more than the quota")
+    return replace(rule, qualification_quota=quota)
 
 
 def parse_product(record: Mapping[str, Any], path: str) -> Product:
@@ -299,6 +346,16 @@ def parse_operator(record: Mapping[str, Any], path: str) -> Operator:
     )
 
 
+def parse_partner(record: Mapping[str, Any], path: str) -> Partner:
+    return Partner(
+        partner_id=_pattern(record, "id", path, IDENTIFIER),
+        name=str(_require(record, "name", path)),
+        kind=_choice(record, "kind", path, ("APP", "PROVIDER"), "APP"),
+        status=_choice(record, "status", path, ("ACTIVE", "SUSPENDED"), "ACTIVE"),
+        secret=record.get("secret"),
+    )
+
+
 def parse_reference(document: Mapping[str, Any]) -> ReferenceData:
     """Parses a whole reference file; raises ReferenceError at the first bad field."""
     data = _parse_sections(document)
@@ -308,6 +365,10 @@ def parse_reference(document: Mapping[str, Any]) -> ReferenceData:
         if operator.operator_id in callers:
             raise ReferenceError(f"operators[{index}].id", "is already a terminal id")
         callers.append(operator.operator_id)
+    for index, partner in enumerate(data.partners):
+        if partner.partner_id in callers:
+            raise ReferenceError(f"partners[{index}].id", "is already a terminal or operator id")
+        callers.append(partner.partner_id)
     return data
 
 
@@ -327,5 +388,8 @@ def _parse_sections(document: Mapping[str, Any]) -> ReferenceData:
         operators=tuple(
             parse_operator(item, f"operators[{index}]")
             for index, item in enumerate(document.get("operators", []) or [])
+        ),
+        partners=tuple(
+            parse_partner(item, f"partners[{index}]") for index, item in enumerate(document.get("partners", []) or [])
         ),
     )

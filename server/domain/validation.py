@@ -18,6 +18,8 @@ LINE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 SERIAL = re.compile(r"^[A-Za-z0-9_./-]{1,64}$")
 CONSUMER_KEY = re.compile(r"^[0-9a-f]{64}$")
 AUTHORIZATION_ID = re.compile(r"^[0-9a-f]{32}$")
+# Crockford base32 (no I, L, O, U), 16 characters: 80 random bits.
+REDEMPTION_CODE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{16}$")
 KNOWN_CHANNELS = frozenset(authorization_pb2.Channel.values()) - {authorization_pb2.CHANNEL_UNSPECIFIED}
 
 
@@ -43,7 +45,14 @@ def check_authorize(request: authorization_pb2.AuthorizeRequest, max_lines: int)
         raise invalid_field("consumer_key", "must be 64 lowercase hex characters (HMAC-SHA256)")
     if request.channel not in KNOWN_CHANNELS:
         raise invalid_field("channel", "must be CHANNEL_POS or CHANNEL_ONLINE")
+    if request.redemption_code:
+        check_redemption_code(request.redemption_code)
     _check_lines(request.lines, max_lines)
+
+
+def check_redemption_code(value: str) -> None:
+    if not REDEMPTION_CODE.match(value):
+        raise invalid_field("redemption_code", "must be 16 characters of Crockford base32 (0-9, A-Z without I L O U)")
 
 
 def _check_lines(lines: Sequence[authorization_pb2.LineItem], max_lines: int) -> None:

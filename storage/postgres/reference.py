@@ -30,12 +30,15 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
     ledger, never here). Call inside a transaction."""
     await connection.execute(
         "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region,"
-        " qualification_validity_s, refund_policy) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)"
+        " qualification_validity_s, refund_policy, location_max_accuracy_m, location_max_age_s)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)"
         " ON CONFLICT (campaign_id) DO UPDATE SET name = excluded.name,"
         " status = excluded.status, starts_at = excluded.starts_at,"
         " ends_at = excluded.ends_at, region = excluded.region,"
         " qualification_validity_s = excluded.qualification_validity_s,"
-        " refund_policy = excluded.refund_policy, updated_at = now()",
+        " refund_policy = excluded.refund_policy,"
+        " location_max_accuracy_m = excluded.location_max_accuracy_m,"
+        " location_max_age_s = excluded.location_max_age_s, updated_at = now()",
         campaign.campaign_id,
         campaign.name,
         campaign.status,
@@ -44,12 +47,15 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
         orjson.dumps(campaign.region).decode() if campaign.region is not None else None,
         campaign.qualification_validity_s,
         campaign.refund_policy,
+        campaign.location_max_accuracy_m,
+        campaign.location_max_age_s,
     )
     await connection.execute("DELETE FROM campaign_rules WHERE campaign_id = $1", campaign.campaign_id)
     await connection.executemany(
         "INSERT INTO campaign_rules (campaign_id, category, kind, rates_bp, cap_fen,"
-        " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen, tranches)"
-        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb)",
+        " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen, tranches,"
+        " qualification_quota, qualification_tranches)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13::jsonb)",
         [
             (
                 campaign.campaign_id,
@@ -64,6 +70,13 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
                 rule.budget_fen,
                 orjson.dumps(
                     [{"release_at": moment.isoformat(), "amount_fen": amount} for moment, amount in rule.tranches]
+                ).decode(),
+                rule.qualification_quota,
+                orjson.dumps(
+                    [
+                        {"release_at": moment.isoformat(), "count": count}
+                        for moment, count in rule.qualification_tranches
+                    ]
                 ).decode(),
             )
             for rule in campaign.rules
@@ -138,6 +151,20 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                 operator.secret or issue_terminal_secret(),
                 operator.secret is not None,
             )
+        for partner in data.partners:
+            credentials[partner.partner_id] = await connection.fetchval(
+                "INSERT INTO partners (partner_id, name, kind, status, secret) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (partner_id) DO UPDATE SET name = excluded.name, kind = excluded.kind,"
+                " status = excluded.status,"
+                " secret = CASE WHEN $6 THEN excluded.secret ELSE partners.secret END, updated_at = now()"
+                " RETURNING secret",
+                partner.partner_id,
+                partner.name,
+                partner.kind,
+                partner.status,
+                partner.secret or issue_terminal_secret(),
+                partner.secret is not None,
+            )
     return credentials
 
 
@@ -151,6 +178,7 @@ class ReferenceSnapshot:
     merchants: list[dict[str, Any]]
     terminals: list[dict[str, Any]]
     operators: list[dict[str, Any]]
+    partners: list[dict[str, Any]]
 
 
 async def fetch_reference(
@@ -174,7 +202,10 @@ async def fetch_reference(
 
     async with connection.transaction(isolation="repeatable_read", readonly=True):
         campaigns = await rows(
-            "SELECT campaign_id, status, starts_at, ends_at FROM campaigns", "campaign_id", campaign_ids
+            "SELECT campaign_id, status, starts_at, ends_at, region, qualification_validity_s, refund_policy,"
+            " location_max_accuracy_m, location_max_age_s FROM campaigns",
+            "campaign_id",
+            campaign_ids,
         )
         rules = await rows("SELECT * FROM campaign_rules", "campaign_id", campaign_ids)
         products = await rows("SELECT * FROM products", "gtin", gtins)
@@ -183,6 +214,8 @@ async def fetch_reference(
             "SELECT terminal_id, merchant_id, status, secret FROM terminals", "merchant_id", merchant_ids
         )
         operators = await rows("SELECT operator_id, status, secret FROM operators", "operator_id", operator_ids)
+        # Few rows, changed only by reference loads: always published whole.
+        partners = await rows("SELECT partner_id, kind, status, secret FROM partners", "partner_id", None)
     return ReferenceSnapshot(
         campaigns=[dict(row) for row in campaigns],
         rules=[dict(row) for row in rules],
@@ -190,4 +223,5 @@ async def fetch_reference(
         merchants=[dict(row) for row in merchants],
         terminals=[dict(row) for row in terminals],
         operators=[dict(row) for row in operators],
+        partners=[dict(row) for row in partners],
     )

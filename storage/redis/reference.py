@@ -27,6 +27,12 @@ def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
+def _region_text(region: Any) -> str:
+    if region is None:
+        return ""
+    return region if isinstance(region, str) else orjson.dumps(region).decode()
+
+
 def _epoch_ms(value: Any) -> int:
     return int(value.timestamp() * 1000)
 
@@ -45,14 +51,16 @@ def rule_json(row: dict[str, Any]) -> bytes:
             "price_ceiling_fen": row["price_ceiling_fen"],
             "per_person_limit": row["per_person_limit"],
             "tranches": tranche_schedule(row.get("tranches")),
+            "q_quota": row.get("qualification_quota", 0),
+            "q_tranches": tranche_schedule(row.get("qualification_tranches"), "count"),
         }
     )
 
 
-def tranche_schedule(raw: Any) -> list[list[int]]:
-    """Tranches as authorize.lua reads them: [release ms, cumulative fen released], in order."""
+def tranche_schedule(raw: Any, amount_key: str = "amount_fen") -> list[list[int]]:
+    """Tranches as the scripts read them: [release ms, cumulative amount released], in order."""
     tranches = orjson.loads(raw) if isinstance(raw, str | bytes) else list(raw or [])
-    timed = sorted((datetime.fromisoformat(item["release_at"]), int(item["amount_fen"])) for item in tranches)
+    timed = sorted((datetime.fromisoformat(item["release_at"]), int(item[amount_key])) for item in tranches)
     schedule, cumulative = [], 0
     for moment, amount in timed:
         cumulative += amount
@@ -74,6 +82,13 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                     "status": campaign["status"],
                     "starts_ms": _epoch_ms(campaign["starts_at"]),
                     "ends_ms": _epoch_ms(campaign["ends_at"]),
+                    # Qualifications: validity (0: the campaign issues none), what a full refund
+                    # does, and the claim's location rules and region (read by the service).
+                    "q_validity_s": campaign.get("qualification_validity_s", 0),
+                    "q_refund": campaign.get("refund_policy", "COUNT_AS_USED"),
+                    "loc_accuracy_m": campaign.get("location_max_accuracy_m", 100),
+                    "loc_age_s": campaign.get("location_max_age_s", 300),
+                    "region": _region_text(campaign.get("region")),
                 },
             )
             # Replace the rule set whole, so a category removed from the campaign disappears.
@@ -105,6 +120,13 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                 pipe.hset(keys.credentials, operator["operator_id"], orjson.dumps(record))
             else:
                 pipe.hdel(keys.credentials, operator["operator_id"])
+        for partner in snapshot.partners:
+            if partner["status"] == "ACTIVE":
+                role = "partner" if partner["kind"] == "APP" else "provider"
+                record = {"role": role, "merchant": "", "secret": partner["secret"]}
+                pipe.hset(keys.credentials, partner["partner_id"], orjson.dumps(record))
+            else:
+                pipe.hdel(keys.credentials, partner["partner_id"])
         await pipe.execute()
     for batch in _batches(snapshot.products):
         async with redis.pipeline(transaction=False) as pipe:

@@ -15,7 +15,16 @@ import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("authorize", "capture", "void", "refund", "expire_hold")
+SCRIPT_NAMES = (
+    "authorize",
+    "capture",
+    "void",
+    "refund",
+    "expire_hold",
+    "claim_qualification",
+    "cancel_qualification",
+    "expire_qualification",
+)
 
 
 def script_source(name: str) -> str:

@@ -39,6 +39,7 @@ class AuthorizeInput:
     channel: int
     authorization_id: str
     lines: Sequence[LineInput]
+    redemption_code: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,32 @@ class LifecycleInput:
     merchant_id: str
     nonce: str
     authorization_id: str
+
+
+@dataclass(frozen=True)
+class ClaimInput:
+    payload_hash: str
+    request_id: str
+    partner_id: str
+    nonce: str
+    campaign_id: str
+    category: str
+    consumer_key: str
+    redemption_code: str
+    # 0, or the ClaimDeclineReason the location check produced.
+    location_verdict: int
+    masked_id_number: str
+    masked_phone_number: str
+    location_cell: str
+
+
+@dataclass(frozen=True)
+class CancelInput:
+    payload_hash: str
+    request_id: str
+    partner_id: str
+    nonce: str
+    redemption_code: str
 
 
 @dataclass(frozen=True)
@@ -91,6 +118,9 @@ class RedisStore:
             keys.authorization(request.authorization_id),
             keys.holds,
             keys.ledger,
+            # Without a code the script never reads this key; it still holds the slot.
+            keys.qualification(request.redemption_code),
+            keys.external_consumer(request.consumer_key),
         ]
         args: list[str | int] = [
             request.payload_hash,
@@ -105,6 +135,7 @@ class RedisStore:
             self._limits.idempotency_ttl_s,
             self._limits.nonce_ttl_s,
             len(request.lines),
+            request.redemption_code,
         ]
         for line in request.lines:
             script_keys.append(keys.product(line.gtin))
@@ -114,37 +145,48 @@ class RedisStore:
             args.extend([line.line_id, line.gtin, line.unit_price_fen, line.serial_number])
         return await self._scripts.call("authorize", script_keys, args)
 
-    async def _lifecycle_keys(self, authorization_id: str) -> tuple[list[str], str, str] | None:
+    async def _lifecycle_keys(self, authorization_id: str) -> LifecycleKeys | None:
         """The keys of an authorization's lifecycle scripts, from its immutable fields."""
         key = self.keys.authorization(authorization_id)
-        campaign, consumer, raw_lines = await self.redis.hmget(key, ["campaign", "consumer", "lines"])
+        campaign, consumer, raw_lines, code = await self.redis.hmget(
+            key, ["campaign", "consumer", "lines", "qualification"]
+        )
         if campaign is None or consumer is None or raw_lines is None:
             return None
         campaign_id, consumer_key = text(campaign), text(consumer)
-        keys = [
+        base = [
             key,
             self.keys.holds,
             self.keys.budget(campaign_id),
             self.keys.usage(campaign_id, consumer_key),
             self.keys.ledger,
         ]
-        for line in orjson.loads(raw_lines):
-            if line["sn"]:
-                keys.append(self.keys.serial(line["g"], line["sn"]))
-        return keys, campaign_id, consumer_key
+        serials = [self.keys.serial(line["g"], line["sn"]) for line in orjson.loads(raw_lines) if line["sn"]]
+        qualification = self._qualification_keys(text(code) if code else "", campaign_id, consumer_key)
+        return LifecycleKeys(base, qualification, serials, campaign_id, consumer_key)
+
+    def _qualification_keys(self, code: str, campaign_id: str, consumer_key: str) -> list[str]:
+        """A qualification's hash, its campaign's quota, its holder's claims and the expiry set
+        (placeholders the scripts never touch when ``code`` is empty)."""
+        return [
+            self.keys.qualification(code),
+            self.keys.qualification_quota(campaign_id),
+            self.keys.qualification_holder(campaign_id, consumer_key),
+            self.keys.qualification_expiry,
+        ]
 
     async def _lifecycle(self, name: str, request: LifecycleInput, extra: Sequence[str]) -> Reply:
         found = await self._lifecycle_keys(request.authorization_id)
         if found is None:
             return NOT_FOUND
-        base_keys, campaign_id, consumer_key = found
         script_keys = [
-            *base_keys[:5],
+            *found.base,
             self.keys.idempotency(request.terminal_id, request.request_id),
             self.keys.nonce(request.terminal_id, request.nonce),
             self.keys.terminal(request.terminal_id),
             self.keys.merchant(request.merchant_id),
-            *base_keys[5:],
+            *found.qualification,
+            *found.serials,
         ]
         args: list[str | int] = [
             request.payload_hash,
@@ -152,8 +194,8 @@ class RedisStore:
             request.merchant_id,
             self._limits.idempotency_ttl_s,
             self._limits.nonce_ttl_s,
-            campaign_id,
-            consumer_key,
+            found.campaign_id,
+            found.consumer_key,
             request.terminal_id,
             *extra,
         ]
@@ -198,7 +240,106 @@ class RedisStore:
             if found is None:
                 await self.redis.zrem(self.keys.holds, authorization_id)
                 continue
-            reply = await self._scripts.call("expire_hold", found[0], [])
+            reply = await self._scripts.call("expire_hold", [*found.base, *found.qualification, *found.serials], [])
+            expired += 1 if reply.body.get("expired") else 0
+        return expired
+
+    async def claim(self, request: ClaimInput) -> Reply:
+        keys = self.keys
+        script_keys = [
+            keys.nonce(request.partner_id, request.nonce),
+            keys.idempotency(request.partner_id, request.request_id),
+            keys.campaign(request.campaign_id),
+            keys.rules(request.campaign_id),
+            keys.qualification_quota(request.campaign_id),
+            keys.qualification_holder(request.campaign_id, request.consumer_key),
+            keys.external_consumer(request.consumer_key),
+            keys.qualification(request.redemption_code),
+            keys.consumer_qualifications(request.consumer_key),
+            keys.qualification_expiry,
+        ]
+        args: list[str | int] = [
+            request.payload_hash,
+            request.request_id,
+            request.partner_id,
+            request.campaign_id,
+            request.category,
+            request.consumer_key,
+            request.redemption_code,
+            request.location_verdict,
+            self._limits.idempotency_ttl_s,
+            self._limits.nonce_ttl_s,
+            request.masked_id_number,
+            request.masked_phone_number,
+            request.location_cell,
+        ]
+        return await self._scripts.call("claim_qualification", script_keys, args)
+
+    async def cancel_qualification(self, request: CancelInput) -> Reply:
+        campaign, consumer = await self.redis.hmget(
+            self.keys.qualification(request.redemption_code), ["campaign", "consumer"]
+        )
+        if campaign is None or consumer is None:
+            return Reply(kind="error", body={"error": "QUALIFICATION_NOT_FOUND"})
+        campaign_id, consumer_key = text(campaign), text(consumer)
+        script_keys = [
+            self.keys.nonce(request.partner_id, request.nonce),
+            self.keys.idempotency(request.partner_id, request.request_id),
+            *self._qualification_keys(request.redemption_code, campaign_id, consumer_key),
+        ]
+        args: list[str | int] = [
+            request.payload_hash,
+            request.request_id,
+            request.partner_id,
+            self._limits.idempotency_ttl_s,
+            self._limits.nonce_ttl_s,
+            campaign_id,
+            consumer_key,
+        ]
+        return await self._scripts.call("cancel_qualification", script_keys, args)
+
+    async def get_qualification(self, redemption_code: str, partner_id: str) -> dict[str, Any] | None:
+        """The qualification's view; None when absent or claimed through another partner."""
+        raw = await self.redis.hgetall(self.keys.qualification(redemption_code))
+        fields = {text(key): text(value) for key, value in raw.items()}
+        if not fields or fields.get("partner") != partner_id:
+            return None
+        return qualification_view(fields)
+
+    async def list_qualifications(
+        self, consumer_key: str, partner_id: str, campaign_id: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """The consumer's qualifications through this partner (and campaign), newest first."""
+        codes = await self.redis.zrevrange(self.keys.consumer_qualifications(consumer_key), 0, -1)
+        views: list[dict[str, Any]] = []
+        for start in range(0, len(codes), 100):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for code in codes[start : start + 100]:
+                    pipe.hgetall(self.keys.qualification(text(code)))  # type: ignore[arg-type]  # no scores asked
+                records = await pipe.execute()
+            for raw in records:
+                fields = {text(key): text(value) for key, value in raw.items()}
+                if fields and fields["partner"] == partner_id and campaign_id in ("", fields["campaign"]):
+                    views.append(qualification_view(fields))
+                    if len(views) == limit:
+                        return views
+        return views
+
+    async def expire_due_qualifications(self, limit: int) -> int:
+        """Expires up to ``limit`` ISSUED qualifications past their validity; returns how many.
+        Concurrent sweepers and a racing redemption are safe: the script acts only on ISSUED."""
+        seconds, microseconds = await self.redis.time()
+        now_ms = seconds * 1000 + microseconds // 1000
+        due = await self.redis.zrangebyscore(self.keys.qualification_expiry, "-inf", now_ms, start=0, num=limit)
+        expired = 0
+        for raw_code in due:
+            code = text(raw_code)  # type: ignore[arg-type]  # plain members: no scores asked
+            campaign, consumer = await self.redis.hmget(self.keys.qualification(code), ["campaign", "consumer"])
+            if campaign is None or consumer is None:
+                await self.redis.zrem(self.keys.qualification_expiry, code)
+                continue
+            script_keys = self._qualification_keys(code, text(campaign), text(consumer))
+            reply = await self._scripts.call("expire_qualification", script_keys, [code])
             expired += 1 if reply.body.get("expired") else 0
         return expired
 
@@ -206,6 +347,35 @@ class RedisStore:
 def text(value: bytes | str) -> str:
     """redis-py returns bytes (decode_responses is off for speed); names and ids are ASCII."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class LifecycleKeys:
+    """An authorization's keys for its lifecycle scripts (see lifecycle_keys in _lib.lua)."""
+
+    base: list[str]
+    qualification: list[str]
+    serials: list[str]
+    campaign_id: str
+    consumer_key: str
+
+
+def qualification_view(fields: dict[str, str]) -> dict[str, Any]:
+    """The same view the scripts return (qualification_view in _lib.lua), from a raw hash."""
+    return {
+        "code": fields["code"],
+        "state": fields["state"],
+        "campaign": fields["campaign"],
+        "category": fields["category"],
+        "consumer": fields["consumer"],
+        "issued_ms": int(fields["issued_ms"]),
+        "expires_ms": int(fields["expires_ms"]),
+        "updated_ms": int(fields["updated_ms"]),
+        "authorization": fields.get("authorization", ""),
+        "masked_id": fields.get("masked_id", ""),
+        "masked_phone": fields.get("masked_phone", ""),
+        "cell": fields.get("cell", ""),
+    }
 
 
 def authorization_view(fields: dict[str, str]) -> dict[str, Any]:
@@ -224,4 +394,5 @@ def authorization_view(fields: dict[str, str]) -> dict[str, Any]:
         "created_ms": int(fields["created_ms"]),
         "expires_ms": int(fields["expires_ms"]),
         "updated_ms": int(fields["updated_ms"]),
+        "qualification": fields.get("qualification", ""),
     }

@@ -6,8 +6,10 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
-from subsidy_client import AuthorizationClient, Line, RetryPolicy, SubsidyError
+from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SubsidyError
 from subsidy_client.v1 import authorization_pb2 as pb
+from subsidy_client.v1 import common_pb2
+from subsidy_client.v1 import qualification_pb2 as qpb
 
 
 @dataclass(frozen=True)
@@ -83,3 +85,82 @@ async def _run(job: Job) -> list[Outcome]:
 
 def run_job(job: Job) -> list[Outcome]:
     return asyncio.run(_run(job))
+
+
+@dataclass(frozen=True)
+class ClaimJob:
+    """One client process's share of a flash crowd: claims (request_id, ID number) fired at once
+    from a phone at ``latitude``, ``longitude`` (WGS-84)."""
+
+    target: str
+    partner_id: str
+    secret: str
+    campaign_id: str
+    category: str
+    latitude: float
+    longitude: float
+    fix_time_ms: int
+    requests: list[tuple[str, str]]
+    channels: int
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    request_id: str
+    id_number: str
+    decision: str
+    reason: str
+    redemption_code: str
+    consumer_key: str
+    error: str
+
+
+async def _run_claims(job: ClaimJob) -> list[ClaimOutcome]:
+    channels = [
+        grpc.aio.insecure_channel(job.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(job.channels)
+    ]
+    clients = [
+        QualificationClient(
+            job.target, job.partner_id, job.secret, deadline_s=60.0, retry=RetryPolicy(max_attempts=1), channel=channel
+        )
+        for channel in channels
+    ]
+    location = common_pb2.Location(
+        latitude=job.latitude,
+        longitude=job.longitude,
+        coordinate_system=common_pb2.COORDINATE_SYSTEM_WGS84,
+        accuracy_m=15.0,
+    )
+
+    async def one(index: int, request_id: str, id_number: str) -> ClaimOutcome:
+        try:
+            response = await clients[index % len(clients)].claim(
+                campaign_id=job.campaign_id,
+                category=job.category,
+                id_number=id_number,
+                location=location,
+                fix_time_ms=job.fix_time_ms,
+                request_id=request_id,
+            )
+        except SubsidyError as error:
+            return ClaimOutcome(request_id, id_number, "ERROR", "", "", "", f"{error.code.name} {error.message}")
+        return ClaimOutcome(
+            request_id,
+            id_number,
+            qpb.ClaimDecision.Name(response.decision),
+            qpb.ClaimDeclineReason.Name(response.decline_reason),
+            response.qualification.redemption_code,
+            response.qualification.consumer_key,
+            "",
+        )
+
+    try:
+        return await asyncio.gather(*(one(index, *request) for index, request in enumerate(job.requests)))
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def run_claim_job(job: ClaimJob) -> list[ClaimOutcome]:
+    return asyncio.run(_run_claims(job))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,16 +17,28 @@ from typing import Any
 import asyncpg
 import pytest
 from click.testing import CliRunner
-from subsidy_client import AuthorizationClient, Line, RetryPolicy, SignedClient
+from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SignedClient
 from subsidy_client.errors import InvalidArgument, NotFound, PermissionDenied
 from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import campaign_pb2 as pb
+from subsidy_client.v1 import qualification_pb2 as qpb
+from subsidy_client.v1.common_pb2 import COORDINATE_SYSTEM_WGS84, Location
 
 from server.ctl import main as subsidyctl
 from server.ctl.campaign import campaigns_from_file
 from server.domain.gtin import gtin13_check_digit
 from storage.devenv import Services
-from tests.conftest import ROOT, Environment, consumer_key, isolated_environment, load_document, running_gateway, serial
+from tests.conftest import (
+    ROOT,
+    Environment,
+    consumer_key,
+    consumer_key_of,
+    id_number,
+    isolated_environment,
+    load_document,
+    running_gateway,
+    serial,
+)
 
 SERVICE = "/subsidy.v1.CampaignService/"
 EXAMPLES = ROOT / "examples" / "campaigns"
@@ -93,11 +106,18 @@ async def update(operator: SignedClient, campaign: pb.Campaign) -> pb.UpdateCamp
 
 
 async def buy(
-    terminal: AuthorizationClient, campaign: str, product: str, price_fen: int, person: str | None = None
+    terminal: AuthorizationClient,
+    campaign: str,
+    product: str,
+    price_fen: int,
+    person: str | None = None,
+    redemption_code: str = "",
 ) -> apb.AuthorizeResponse:
     code, _, _, needs_serial = PRODUCTS[product]
     line = Line("1", code, price_fen, serial() if needs_serial else "")
-    return await terminal.authorize(campaign_id=campaign, consumer_key=person or consumer_key(), lines=[line])
+    return await terminal.authorize(
+        campaign_id=campaign, consumer_key=person or consumer_key(), lines=[line], redemption_code=redemption_code
+    )
 
 
 def subsidy(response: apb.AuthorizeResponse) -> int | str:
@@ -140,17 +160,53 @@ async def test_the_2025_digital_product_rules_give_the_published_subsidies(servi
 
 
 async def test_hangzhou_style_vouchers_take_their_amount_off_at_their_threshold(services: Services) -> None:
-    """ "5 off 20", "10 off 40", "20 off 80": the fixed amount at or above the minimum spend, nothing
-    below it, one voucher of each kind per person; the daily 20:00 tranches release the budget."""
-    async with campaign_world(services) as (_env, operator, terminal):
+    """ "5 off 20", "10 off 40", "20 off 80": each voucher is claimed first (a qualification),
+    then takes its fixed amount off at or above the minimum spend, nothing below it; one voucher
+    of each kind per person; the daily 20:00 tranches release the budget."""
+    async with campaign_world(services) as (env, operator, terminal):
         for campaign in campaigns_from_file(EXAMPLES / "hangzhou-vouchers.yaml"):
             await create(operator, campaign)
-        person = consumer_key()
-        assert subsidy(await buy(terminal, "hz-voucher-5off20", "goods", 1_999, person)) == "PRICE_BELOW_THRESHOLD"
-        assert subsidy(await buy(terminal, "hz-voucher-5off20", "goods", 2_000, person)) == 500
-        assert subsidy(await buy(terminal, "hz-voucher-5off20", "goods", 9_900, person)) == "CONSUMER_LIMIT_REACHED"
-        assert subsidy(await buy(terminal, "hz-voucher-10off40", "goods", 4_500, person)) == 1_000
-        assert subsidy(await buy(terminal, "hz-voucher-20off80", "goods", 8_000, person)) == 2_000
+        async with QualificationClient(
+            terminal.target, "p-wallet-01", env.credentials["p-wallet-01"], retry=RetryPolicy(max_attempts=1)
+        ) as wallet:
+            person = id_number()
+            key = consumer_key_of(person)
+
+            async def claim(campaign: str) -> str:
+                claimed = await wallet.claim(
+                    campaign_id=campaign,
+                    category="general",
+                    id_number=person,
+                    location=Location(
+                        latitude=30.18, longitude=120.26, coordinate_system=COORDINATE_SYSTEM_WGS84, accuracy_m=20.0
+                    ),
+                    fix_time_ms=int(time.time() * 1000),
+                )
+                assert claimed.decision == qpb.CLAIM_DECISION_ISSUED, claimed
+                return claimed.qualification.redemption_code
+
+            five = await claim("hz-voucher-5off20")
+            assert (
+                subsidy(await buy(terminal, "hz-voucher-5off20", "goods", 1_999, key, five)) == "PRICE_BELOW_THRESHOLD"
+            )
+            assert subsidy(await buy(terminal, "hz-voucher-5off20", "goods", 2_000, key)) == "QUALIFICATION_REQUIRED"
+            assert subsidy(await buy(terminal, "hz-voucher-5off20", "goods", 2_000, key, five)) == 500
+            # The voucher is now held by that payment: a second payment cannot use it.
+            assert (
+                subsidy(await buy(terminal, "hz-voucher-5off20", "goods", 9_900, key, five)) == "CONSUMER_LIMIT_REACHED"
+            )
+            assert (
+                subsidy(
+                    await buy(terminal, "hz-voucher-10off40", "goods", 4_500, key, await claim("hz-voucher-10off40"))
+                )
+                == 1_000
+            )
+            assert (
+                subsidy(
+                    await buy(terminal, "hz-voucher-20off80", "goods", 8_000, key, await claim("hz-voucher-20off80"))
+                )
+                == 2_000
+            )
         status = await operator._call(
             SERVICE + "GetBudgetStatus",
             pb.GetBudgetStatusRequest(campaign_id="hz-voucher-5off20"),

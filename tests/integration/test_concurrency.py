@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from tests.conftest import ROOT, Environment, consumer_key, load_document
+from tests.conftest import PROGRAMME_KEY, ROOT, Environment, consumer_key, load_document
 from tests.integration.loadgen import Job, Outcome, run_job
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,9 @@ async def load_campaign(environment: Environment) -> str:
 
 
 @asynccontextmanager
-async def server_processes(environment: Environment, port: int, log_path: Path) -> AsyncIterator[psutil.Process]:
+async def server_processes(
+    environment: Environment, port: int, log_path: Path, sweep_interval_ms: int = 3_600_000
+) -> AsyncIterator[psutil.Process]:
     """``python -m server`` with 2 workers, as in production; yields the parent process."""
     env = {
         **os.environ,
@@ -82,7 +84,8 @@ async def server_processes(environment: Environment, port: int, log_path: Path) 
         "SUBSIDY_REDIS_URL": environment.redis_url,
         "SUBSIDY_REDIS_PREFIX": environment.prefix,
         "SUBSIDY_LOG_LEVEL": "DEBUG",  # every call logged: the log scan below reads them all
-        "SUBSIDY_SWEEP_INTERVAL_MS": "3600000",
+        "SUBSIDY_SWEEP_INTERVAL_MS": str(sweep_interval_ms),
+        "SUBSIDY_PROGRAMME_KEY": PROGRAMME_KEY,
     }
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(

@@ -301,6 +301,12 @@ async def test_online_store_needs_no_location(world: World) -> None:
 async def test_without_any_campaign_region_every_location_is_accepted(services: Services) -> None:
     """When no campaign has a region nothing restricts location: a West Lake store is accepted."""
     async with isolated_environment(services) as env:
+        # The shared fixture's qualification campaigns have a region; this world has none.
+        connection = await asyncpg.connect(env.pg_dsn)
+        try:
+            await connection.execute("UPDATE campaigns SET region = NULL")
+        finally:
+            await connection.close()
         async with running_gateway(env.config()) as application:
             async with operator_client(env, f"127.0.0.1:{application.port}") as operator:
                 merchant_id = unique("m")

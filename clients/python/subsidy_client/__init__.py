@@ -4,7 +4,22 @@
 ``AuthorizationClient`` is the thin typed client partner apps and terminals use.
 """
 
-from subsidy_client.client import AuthorizationClient, Line, ReportingClient, RetryPolicy, SignedClient
+from subsidy_client.client import (
+    AuthorizationClient,
+    Line,
+    QualificationClient,
+    ReportingClient,
+    RetryPolicy,
+    SignedClient,
+)
 from subsidy_client.errors import SubsidyError
 
-__all__ = ["AuthorizationClient", "Line", "ReportingClient", "RetryPolicy", "SignedClient", "SubsidyError"]
+__all__ = [
+    "AuthorizationClient",
+    "Line",
+    "QualificationClient",
+    "ReportingClient",
+    "RetryPolicy",
+    "SignedClient",
+    "SubsidyError",
+]

@@ -26,15 +26,17 @@ from typing import Any, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from subsidy_client import signing
 from subsidy_client.errors import DeadlineExceeded, SubsidyError, Unavailable, from_rpc_error
 from subsidy_client.v1 import authorization_pb2 as pb
-from subsidy_client.v1 import diagnostics_pb2, reporting_pb2
+from subsidy_client.v1 import common_pb2, diagnostics_pb2, qualification_pb2, reporting_pb2
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 SERVICE = "/subsidy.v1.AuthorizationService/"
 REPORTING = "/subsidy.v1.ReportingService/"
+QUALIFICATION = "/subsidy.v1.QualificationService/"
 RETRYABLE = (Unavailable, DeadlineExceeded)
 
 
@@ -94,6 +96,11 @@ class SignedClient:
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close()
+
+    @property
+    def target(self) -> str:
+        """The gateway address this client calls."""
+        return self._target
 
     async def _call(self, method: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
         body = request.SerializeToString()
@@ -165,12 +172,14 @@ class AuthorizationClient(SignedClient):
         lines: Sequence[Line],
         channel: int = pb.CHANNEL_POS,
         request_id: str | None = None,
+        redemption_code: str = "",
     ) -> pb.AuthorizeResponse:
         request = pb.AuthorizeRequest(
             request_id=request_id or str(uuid.uuid4()),
             campaign_id=campaign_id,
             consumer_key=consumer_key,
             channel=channel,  # type: ignore[arg-type]
+            redemption_code=redemption_code,
             lines=[
                 pb.LineItem(
                     line_id=line.line_id,
@@ -209,6 +218,69 @@ class AuthorizationClient(SignedClient):
         return response.authorization
 
 
+class QualificationClient(SignedClient):
+    """For partner consumer apps: claiming, reading and cancelling qualifications (vouchers).
+    The ID number is sent as typed; the gateway turns it into the consumer key."""
+
+    async def claim(
+        self,
+        *,
+        campaign_id: str,
+        category: str,
+        id_number: str,
+        location: common_pb2.Location,
+        fix_time_ms: int,
+        mock_location: bool = False,
+        phone_number: str = "",
+        request_id: str | None = None,
+    ) -> qualification_pb2.ClaimQualificationResponse:
+        fix_time = Timestamp()
+        fix_time.FromMilliseconds(fix_time_ms)
+        request = qualification_pb2.ClaimQualificationRequest(
+            request_id=request_id or str(uuid.uuid4()),
+            campaign_id=campaign_id,
+            category=category,
+            consumer=qualification_pb2.ConsumerIdentity(id_number=id_number, phone_number=phone_number),
+            device_location=qualification_pb2.DeviceLocation(
+                location=location, fix_time=fix_time, mock_location=mock_location
+            ),
+        )
+        return await self.send_claim(request)
+
+    async def send_claim(
+        self, request: qualification_pb2.ClaimQualificationRequest
+    ) -> qualification_pb2.ClaimQualificationResponse:
+        return await self._call(
+            QUALIFICATION + "ClaimQualification", request, qualification_pb2.ClaimQualificationResponse
+        )
+
+    async def get(self, redemption_code: str) -> qualification_pb2.Qualification:
+        request = qualification_pb2.GetQualificationRequest(redemption_code=redemption_code)
+        response = await self._call(
+            QUALIFICATION + "GetQualification", request, qualification_pb2.GetQualificationResponse
+        )
+        return response.qualification
+
+    async def list(self, id_number: str, campaign_id: str = "") -> list[qualification_pb2.Qualification]:
+        request = qualification_pb2.ListQualificationsRequest(
+            consumer=qualification_pb2.ConsumerIdentity(id_number=id_number), campaign_id=campaign_id
+        )
+        response = await self._call(
+            QUALIFICATION + "ListQualifications", request, qualification_pb2.ListQualificationsResponse
+        )
+        return list(response.qualifications)
+
+    async def cancel(
+        self, redemption_code: str, *, request_id: str | None = None
+    ) -> qualification_pb2.CancelQualificationResponse:
+        request = qualification_pb2.CancelQualificationRequest(
+            request_id=request_id or str(uuid.uuid4()), redemption_code=redemption_code
+        )
+        return await self._call(
+            QUALIFICATION + "CancelQualification", request, qualification_pb2.CancelQualificationResponse
+        )
+
+
 class ReportingClient(SignedClient):
     """For operators (auditors, the bureau): reconciliation and ledger status."""
 
@@ -221,4 +293,12 @@ class ReportingClient(SignedClient):
         return await self._call(REPORTING + "GetLedgerStatus", request, reporting_pb2.GetLedgerStatusResponse)
 
 
-__all__ = ["AuthorizationClient", "Line", "ReportingClient", "RetryPolicy", "SignedClient", "SubsidyError"]
+__all__ = [
+    "AuthorizationClient",
+    "Line",
+    "QualificationClient",
+    "ReportingClient",
+    "RetryPolicy",
+    "SignedClient",
+    "SubsidyError",
+]

@@ -39,6 +39,7 @@ local function auth_view(auth)
     total_fen = tonumber(auth.total_fen), subsidy_fen = tonumber(auth.subsidy_fen),
     refunded_fen = tonumber(auth.refunded_fen), created_ms = tonumber(auth.created_ms),
     expires_ms = tonumber(auth.expires_ms), updated_ms = tonumber(auth.updated_ms),
+    qualification = auth.qualification or '',
   }
 end
 
@@ -76,8 +77,52 @@ local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payl
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
 
+-- The view of a qualification, as stored in idempotency records and returned.
+local function qualification_view(q)
+  return {
+    code = q.code, state = q.state, campaign = q.campaign, category = q.category,
+    consumer = q.consumer, issued_ms = tonumber(q.issued_ms), expires_ms = tonumber(q.expires_ms),
+    updated_ms = tonumber(q.updated_ms), authorization = q.authorization or '',
+    masked_id = q.masked_id or '', masked_phone = q.masked_phone or '', cell = q.cell or '',
+  }
+end
+
+local function load_hash(key)
+  local raw = redis.call('HGETALL', key)
+  if #raw == 0 then return nil end
+  local record = {}
+  for i = 1, #raw, 2 do record[raw[i]] = raw[i + 1] end
+  return record
+end
+
+-- Gives a qualification's quota back to the pool and the consumer's claim back (expiry,
+-- cancellation): called exactly once per qualification, on its one transition out of use.
+-- qkeys: {qual=, quota=, holder=, expiry=}
+local function return_qualification(qkeys, q, new_state, at_ms)
+  redis.call('HINCRBY', qkeys.quota, q.category .. ':claimed', -1)
+  redis.call('HINCRBY', qkeys.holder, q.category, -1)
+  redis.call('ZREM', qkeys.expiry, q.code)
+  q.state, q.updated_ms, q.authorization = new_state, at_ms, ''
+  redis.call('HSET', qkeys.qual, 'state', new_state, 'updated_ms', at_ms, 'authorization', '')
+end
+
+-- A RESERVED qualification whose authorization was voided or expired: ISSUED again until its
+-- own expiry, or EXPIRED (quota back to the pool) when that has passed meanwhile.
+local function unreserve_qualification(qkeys, auth, at_ms)
+  if (auth.qualification or '') == '' then return end
+  local q = load_hash(qkeys.qual)
+  if q == nil or q.state ~= 'RESERVED' or q.authorization ~= auth.id then return end
+  if at_ms >= tonumber(q.expires_ms) then
+    return_qualification(qkeys, q, 'EXPIRED', at_ms)
+  else
+    redis.call('HSET', qkeys.qual, 'state', 'ISSUED', 'updated_ms', at_ms, 'authorization', '')
+    redis.call('ZADD', qkeys.expiry, q.expires_ms, q.code)
+  end
+end
+
 -- Releases a PENDING hold (void or expiry): budget reservation, consumer quota and serials.
--- keys: {auth=, holds=, budget=, usage=, stream=, serials={serial key per line with a serial}}
+-- keys: {auth=, holds=, budget=, usage=, stream=, serials={serial key per line with a serial},
+--        qual=, quota=, holder=, expiry= (the authorization's qualification, if any)}
 local function release_hold(keys, auth, new_state, at_ms, request_id, payload_hash)
   local sums, counts, order = per_category(auth.lines)
   for _, category in ipairs(order) do
@@ -88,6 +133,7 @@ local function release_hold(keys, auth, new_state, at_ms, request_id, payload_ha
     if redis.call('GET', serial_key) == auth.id then redis.call('DEL', serial_key) end
   end
   redis.call('ZREM', keys.holds, auth.id)
+  unreserve_qualification(keys, auth, at_ms)
   auth.state = new_state
   auth.updated_ms = at_ms
   auth.last_request_id = request_id
@@ -114,16 +160,21 @@ local function claim_nonce(nonce_key, ttl_s)
   return redis.call('SET', nonce_key, '1', 'NX', 'EX', ttl_s) ~= false
 end
 
--- The keys of capture, void, refund and expire_hold: KEYS[1..5] then serial keys from `first_serial`.
-local function lifecycle_keys(first_serial)
+-- The keys of capture, void, refund and expire_hold: KEYS[1..5], the four keys of the
+-- authorization's qualification from `first_qualification` (placeholders, never touched, when
+-- it has none), then serial keys.
+local function lifecycle_keys(first_qualification)
   local serials = {}
-  for i = first_serial, #KEYS do serials[#serials + 1] = KEYS[i] end
+  for i = first_qualification + 4, #KEYS do serials[#serials + 1] = KEYS[i] end
+  local q = first_qualification
   return {auth = KEYS[1], holds = KEYS[2], budget = KEYS[3], usage = KEYS[4], stream = KEYS[5],
+    qual = KEYS[q], quota = KEYS[q + 1], holder = KEYS[q + 2], expiry = KEYS[q + 3],
     serials = serials}
 end
 
 -- The common opening of capture, void and refund (KEYS[6] idempotency, KEYS[7] nonce,
--- KEYS[8] the calling terminal, KEYS[9] its merchant; ARGV[1] payload hash, ARGV[3] caller's
+-- KEYS[8] the calling terminal, KEYS[9] its merchant, KEYS[10..13] the qualification's keys;
+-- ARGV[1] payload hash, ARGV[3] caller's
 -- merchant, ARGV[5] nonce ttl, ARGV[6] campaign, ARGV[7] consumer key, ARGV[8] calling
 -- terminal). Returns auth and now, or nil and the reply to return at once.
 local function begin_lifecycle(keys)

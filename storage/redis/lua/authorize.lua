@@ -11,13 +11,16 @@
 -- KEYS[9]  authorization hash   written on approval
 -- KEYS[10] holds        zset    authorization id scored by hold expiry (ms)
 -- KEYS[11] ledger       stream  one event per reservation
--- KEYS[12 + 2(i-1)]     product hash of line i: active, category, grade, reference_price_fen, serial_required
--- KEYS[13 + 2(i-1)]     serial key of line i: P:serial:<gtin>:<serial> (unused when no serial)
+-- KEYS[12] qualification hash   the redemption code's (a placeholder, never read, without one)
+-- KEYS[13] external     hash    category -> provider that reported this consumer using it
+-- KEYS[14 + 2(i-1)]     product hash of line i: active, category, grade, reference_price_fen, serial_required
+-- KEYS[15 + 2(i-1)]     serial key of line i: P:serial:<gtin>:<serial> (unused when no serial)
 --
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] terminal id  ARGV[4] merchant id
 -- ARGV[5] campaign id   ARGV[6] consumer key  ARGV[7] channel (int)  ARGV[8] new authorization id
 -- ARGV[9] hold ttl (s)  ARGV[10] idempotency ttl (s)  ARGV[11] nonce ttl (s)  ARGV[12] line count n
--- ARGV[13 + 4(i-1) ..]  line i: line id, gtin, unit price (fen), serial ("" when none)
+-- ARGV[13] redemption code ("" when none)
+-- ARGV[14 + 4(i-1) ..]  line i: line id, gtin, unit price (fen), serial ("" when none)
 --
 -- Returns {kind, JSON} (see _lib.lua); the answer is {"decision": "APPROVED", "authorization": ...}
 -- or {"decision": "DECLINED", "reason": <DeclineReason number>, "line_id": ...}.
@@ -28,12 +31,15 @@ local PRODUCT_NOT_ELIGIBLE, CATEGORY_NOT_COVERED, MERCHANT_CATEGORY_NOT_ALLOWED 
 local GRADE_NOT_ELIGIBLE, PRICE_ABOVE_CEILING, PRICE_BELOW_THRESHOLD = 8, 9, 10
 local SERIAL_REQUIRED, SERIAL_ALREADY_SUBSIDISED = 11, 12
 local CONSUMER_LIMIT_REACHED, BUDGET_EXHAUSTED = 13, 14
+local QUALIFICATION_REQUIRED, QUALIFICATION_NOT_FOUND, QUALIFICATION_NOT_USABLE = 15, 16, 17
+local QUALIFICATION_EXPIRED, QUALIFICATION_CATEGORY_MISMATCH, CONSUMER_USED_ELSEWHERE = 18, 19, 20
 
 local payload_hash, request_id = ARGV[1], ARGV[2]
 local terminal_id, merchant_id, campaign_id = ARGV[3], ARGV[4], ARGV[5]
 local consumer_key, channel, authorization_id = ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local hold_ttl_s, idempotency_ttl_s, nonce_ttl_s = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local line_count = tonumber(ARGV[12])
+local redemption_code = ARGV[13]
 
 if not claim_nonce(KEYS[1], nonce_ttl_s) then return fail('NONCE_REUSED') end
 local stored, conflict = idempotent_answer(KEYS[2], payload_hash)
@@ -55,7 +61,7 @@ if terminal[1] ~= 'ACTIVE' then return decline(TERMINAL_INACTIVE) end
 if terminal[2] ~= merchant_id then return fail('TERMINAL_MERCHANT_MISMATCH') end
 local merchant = redis.call('HMGET', KEYS[4], 'status', 'categories')
 if merchant[1] ~= 'ACTIVE' then return decline(MERCHANT_INACTIVE) end
-local campaign = redis.call('HMGET', KEYS[5], 'status', 'starts_ms', 'ends_ms')
+local campaign = redis.call('HMGET', KEYS[5], 'status', 'starts_ms', 'ends_ms', 'q_validity_s')
 if campaign[1] ~= 'ACTIVE' then return decline(CAMPAIGN_NOT_FOUND) end
 if now < tonumber(campaign[2]) or now >= tonumber(campaign[3]) then
   return decline(CAMPAIGN_NOT_ACTIVE)
@@ -86,9 +92,9 @@ local function note(reason, line_id)
   if worst_reason == nil or reason < worst_reason then worst_reason, worst_line = reason, line_id end
 end
 for i = 1, line_count do
-  local base = 13 + 4 * (i - 1)
+  local base = 14 + 4 * (i - 1)
   local line_id, gtin, price, serial = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
-  local product = redis.call('HMGET', KEYS[12 + 2 * (i - 1)],
+  local product = redis.call('HMGET', KEYS[14 + 2 * (i - 1)],
     'active', 'category', 'grade', 'reference_price_fen', 'serial_required')
   local category = product[2]
   if product[1] ~= '1' then
@@ -104,7 +110,7 @@ for i = 1, line_count do
       note(reason, line_id)
     elseif product[5] == '1' and serial == '' then
       note(SERIAL_REQUIRED, line_id)
-    elseif serial ~= '' and redis.call('EXISTS', KEYS[13 + 2 * (i - 1)]) == 1 then
+    elseif serial ~= '' and redis.call('EXISTS', KEYS[15 + 2 * (i - 1)]) == 1 then
       note(SERIAL_ALREADY_SUBSIDISED, line_id)
     else
       lines[#lines + 1] = {l = line_id, g = gtin, c = category, p = price, s = subsidy, sn = serial, r = 0}
@@ -141,6 +147,31 @@ for _, category in ipairs(order) do
   if sums[category] > available then return decline(BUDGET_EXHAUSTED, first_line_of(category)) end
 end
 
+-- The qualification: required by campaigns that issue them, refused by the others. Its
+-- consumer and campaign must match (else it is reported as absent, so codes cannot be probed).
+local qualification = nil
+if tonumber(campaign[4] or '0') > 0 then
+  if redemption_code == '' then return decline(QUALIFICATION_REQUIRED) end
+  local q = redis.call('HMGET', KEYS[12], 'state', 'campaign', 'consumer', 'category', 'expires_ms')
+  if q[1] == false or q[2] ~= campaign_id or q[3] ~= consumer_key then
+    return decline(QUALIFICATION_NOT_FOUND)
+  end
+  if q[1] ~= 'ISSUED' then return decline(QUALIFICATION_NOT_USABLE) end
+  if now >= tonumber(q[5]) then return decline(QUALIFICATION_EXPIRED) end
+  for _, line in ipairs(lines) do
+    if line.c ~= q[4] then return decline(QUALIFICATION_CATEGORY_MISMATCH, line.l) end
+  end
+  qualification = redemption_code
+elseif redemption_code ~= '' then
+  return decline(QUALIFICATION_NOT_FOUND)
+end
+-- Another service provider reported this consumer using one of the categories.
+for _, category in ipairs(order) do
+  if redis.call('HEXISTS', KEYS[13], category) == 1 then
+    return decline(CONSUMER_USED_ELSEWHERE, first_line_of(category))
+  end
+end
+
 -- Every check passed: reserve, record, and append the ledger event.
 local total_fen, subsidy_fen = 0, 0
 for _, line in ipairs(lines) do
@@ -152,7 +183,7 @@ for _, category in ipairs(order) do
   redis.call('HINCRBY', KEYS[8], category, counts[category])
 end
 for i, line in ipairs(lines) do
-  if line.sn ~= '' then redis.call('SET', KEYS[13 + 2 * (i - 1)], authorization_id) end
+  if line.sn ~= '' then redis.call('SET', KEYS[15 + 2 * (i - 1)], authorization_id) end
 end
 local expires_ms = now + hold_ttl_s * 1000
 local auth = {
@@ -160,12 +191,16 @@ local auth = {
   terminal = terminal_id, consumer = consumer_key, channel = channel, lines = lines,
   total_fen = total_fen, subsidy_fen = subsidy_fen, refunded_fen = 0, created_ms = now,
   expires_ms = expires_ms, updated_ms = now, last_request_id = request_id,
+  qualification = qualification or '',
 }
 redis.call('HSET', KEYS[9], 'id', authorization_id, 'state', 'PENDING', 'campaign', campaign_id,
   'merchant', merchant_id, 'terminal', terminal_id, 'consumer', consumer_key, 'channel', channel,
   'lines', cjson.encode(lines), 'total_fen', total_fen, 'subsidy_fen', subsidy_fen,
   'refunded_fen', 0, 'created_ms', now, 'expires_ms', expires_ms, 'updated_ms', now,
-  'request_id', request_id, 'last_request_id', request_id)
+  'request_id', request_id, 'last_request_id', request_id, 'qualification', qualification or '')
+if qualification then
+  redis.call('HSET', KEYS[12], 'state', 'RESERVED', 'authorization', authorization_id, 'updated_ms', now)
+end
 redis.call('ZADD', KEYS[10], expires_ms, authorization_id)
 emit(KEYS[11], 'AUTHORIZED', auth, lines, subsidy_fen, now, payload_hash)
 local answer = cjson.encode({decision = 'APPROVED', authorization = auth_view(auth)})

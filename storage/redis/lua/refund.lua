@@ -4,8 +4,9 @@
 --
 -- KEYS[1] authorization hash  KEYS[2] holds zset  KEYS[3] budget hash  KEYS[4] usage hash
 -- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8] calling terminal hash
--- KEYS[9] its merchant hash  KEYS[10..] serial keys of the authorization's lines that carry a
--- serial (derived by the caller from the immutable lines)
+-- KEYS[9] its merchant hash  KEYS[10..13] the authorization's qualification: hash, campaign
+-- quota hash, holder hash, expiry zset (placeholders when it has none)  KEYS[14..] serial keys
+-- of the lines that carry a serial (derived by the caller from the immutable lines)
 --
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] caller's merchant id  ARGV[4] idempotency
 -- ttl (s)  ARGV[5] nonce ttl (s)  ARGV[6] campaign id  ARGV[7] consumer key  ARGV[8] calling
@@ -59,6 +60,17 @@ for _, line in ipairs(auth.lines) do
         redis.call('DEL', serial_key)
       end
     end
+  end
+end
+-- The campaign's refund rule (fixed on the qualification when it was claimed): one refund of
+-- the whole payment within the qualification's validity restores it with its original expiry;
+-- a partial, split or late refund counts as used.
+if all_refunded and #chosen == #auth.lines and (auth.qualification or '') ~= '' then
+  local q = load_hash(keys.qual)
+  if q ~= nil and q.state == 'REDEEMED' and q.authorization == auth.id
+      and q.refund_policy == 'RESTORE_ON_FULL_REFUND' and now < tonumber(q.expires_ms) then
+    redis.call('HSET', keys.qual, 'state', 'ISSUED', 'authorization', '', 'updated_ms', now)
+    redis.call('ZADD', keys.expiry, q.expires_ms, q.code)
   end
 end
 auth.state = all_refunded and 'REFUNDED' or 'PARTIALLY_REFUNDED'

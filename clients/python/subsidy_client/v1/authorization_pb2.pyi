@@ -379,6 +379,7 @@ class Authorization(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     HOLD_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    REDEMPTION_CODE_FIELD_NUMBER: _builtins.int
     authorization_id: _builtins.str
     state: Global___AuthorizationState.ValueType
     campaign_id: _builtins.str
@@ -388,6 +389,8 @@ class Authorization(_message.Message):
     total_price_fen: _builtins.int
     subsidy_fen: _builtins.int
     refunded_subsidy_fen: _builtins.int
+    redemption_code: _builtins.str
+    """The qualification this payment redeems (empty for campaigns that issue none)."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineResult]: ...
     @_builtins.property
@@ -412,10 +415,11 @@ class Authorization(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         hold_expires_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        redemption_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "channel", b"channel", "created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "lines", b"lines", "merchant_id", b"merchant_id", "refunded_subsidy_fen", b"refunded_subsidy_fen", "state", b"state", "subsidy_fen", b"subsidy_fen", "terminal_id", b"terminal_id", "total_price_fen", b"total_price_fen", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "channel", b"channel", "created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "lines", b"lines", "merchant_id", b"merchant_id", "redemption_code", b"redemption_code", "refunded_subsidy_fen", b"refunded_subsidy_fen", "state", b"state", "subsidy_fen", b"subsidy_fen", "terminal_id", b"terminal_id", "total_price_fen", b"total_price_fen", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

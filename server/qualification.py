@@ -1,0 +1,277 @@
+"""QualificationService: the consumer's ID number becomes a consumer key here, the phone's
+location becomes a verdict here, and one script claims, atomically, against the quota.
+
+The raw ID number and phone number live only in the request message: they are validated,
+turned into the consumer key (HMAC-SHA256 under the programme key) and masked forms, and are
+never stored, logged or hashed into an idempotency record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from subsidy_client.v1 import common_pb2, qualification_pb2, qualification_pb2_grpc
+
+from server.auth import PARTNER, caller
+from server.authorization import payload_hash, raise_script_error, timestamp_ms
+from server.domain import identity, location, validation
+from server.domain.geo import CoordinateError, Region, region_from_text, to_wgs84
+from server.domain.reference import CATEGORY, IDENTIFIER
+from server.errors import ApiError, invalid_field
+from storage.redis.store import CancelInput, ClaimInput, RedisStore, text
+
+pb = qualification_pb2
+log = logging.getLogger("subsidy.qualification")
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+LIST_LIMIT = 100
+# How long a process trusts its copy of a campaign's location rules and region.
+CAMPAIGN_CACHE_S = 1.0
+
+
+def new_redemption_code() -> str:
+    """16 characters of Crockford base32: 80 random bits, unguessable and easy to type."""
+    number = int.from_bytes(secrets.token_bytes(10), "big")
+    return "".join(CROCKFORD[(number >> (5 * index)) & 31] for index in range(16))
+
+
+@dataclass(frozen=True)
+class Consumer:
+    key: str
+    masked_id_number: str
+    masked_phone_number: str
+    phone_digest: str
+
+
+def qualification_message(view: Mapping[str, Any]) -> qualification_pb2.Qualification:
+    return pb.Qualification(
+        redemption_code=view["code"],
+        state=pb.QualificationState.Value("QUALIFICATION_STATE_" + view["state"]),
+        campaign_id=view["campaign"],
+        category=view["category"],
+        consumer_key=view["consumer"],
+        issued_at=timestamp_ms(view["issued_ms"]),
+        expires_at=timestamp_ms(view["expires_ms"]),
+        updated_at=timestamp_ms(view["updated_ms"]),
+        authorization_id=view["authorization"],
+        masked_id_number=view["masked_id"],
+        masked_phone_number=view["masked_phone"],
+        location_cell=view["cell"],
+    )
+
+
+def not_found(code: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.NOT_FOUND,
+        common_pb2.ERROR_REASON_NOT_FOUND,
+        "no such qualification for this partner",
+        {"kind": "qualification", "id": code},
+    )
+
+
+class CampaignLocations:
+    """Each campaign's location rule and prepared region, re-read from Redis at most once a
+    second per campaign (an operator's change reaches every process within that)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._cached: dict[str, tuple[float, tuple[location.LocationRule, Region | None] | None]] = {}
+
+    async def get(self, campaign_id: str) -> tuple[location.LocationRule, Region | None] | None:
+        now = time.monotonic()
+        cached = self._cached.get(campaign_id)
+        if cached is not None and now - cached[0] < CAMPAIGN_CACHE_S:
+            return cached[1]
+        accuracy, age, region = await self._store.redis.hmget(
+            self._store.keys.campaign(campaign_id), ["loc_accuracy_m", "loc_age_s", "region"]
+        )
+        found = None
+        if accuracy is not None and age is not None:
+            region_text = text(region) if region else ""
+            found = (
+                location.LocationRule(max_accuracy_m=float(accuracy), max_age_s=int(age)),
+                region_from_text(region_text) if region_text else None,
+            )
+        if len(self._cached) > 1000:
+            self._cached.clear()
+        self._cached[campaign_id] = (now, found)
+        return found
+
+
+class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
+    def __init__(self, store: RedisStore, programme_key: str) -> None:
+        self._store = store
+        self._programme_key = programme_key.encode()
+        self._campaigns = CampaignLocations(store)
+
+    def _consumer(self, message: qualification_pb2.ConsumerIdentity, field: str) -> Consumer:
+        if not self._programme_key:
+            raise ApiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                common_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
+                "the gateway has no programme key configured (SUBSIDY_PROGRAMME_KEY)",
+            )
+        if not message.id_number:
+            raise invalid_field(f"{field}.id_number", "is required")
+        try:
+            number = identity.validate_id_number(message.id_number)
+        except identity.IdentityError as error:
+            raise invalid_field(f"{field}.id_number", str(error)) from None
+        masked_phone = phone_digest = ""
+        if message.phone_number:
+            try:
+                masked_phone = identity.mask_phone(message.phone_number)
+            except identity.IdentityError as error:
+                raise invalid_field(f"{field}.phone_number", str(error)) from None
+            phone_digest = hmac.new(self._programme_key, message.phone_number.encode(), hashlib.sha256).hexdigest()
+        return Consumer(
+            key=identity.consumer_key(self._programme_key, number),
+            masked_id_number=identity.mask_id_number(number),
+            masked_phone_number=masked_phone,
+            phone_digest=phone_digest,
+        )
+
+    async def ClaimQualification(
+        self, request: qualification_pb2.ClaimQualificationRequest, context: grpc.aio.ServicerContext
+    ) -> qualification_pb2.ClaimQualificationResponse:
+        partner = caller(PARTNER)
+        validation.check_request_id(request.request_id)
+        if not IDENTIFIER.match(request.campaign_id):
+            raise invalid_field("campaign_id", "must be 1-64 characters of [A-Za-z0-9_.-]")
+        if not CATEGORY.match(request.category):
+            raise invalid_field("category", "must be 1-32 characters of [a-z0-9_]")
+        consumer = self._consumer(request.consumer, "consumer")
+        if not request.HasField("device_location") or not request.device_location.HasField("location"):
+            raise invalid_field("device_location.location", "is required")
+        device = request.device_location
+        now_ms = int(time.time() * 1000)
+        fix_ms = device.fix_time.ToMilliseconds() if device.HasField("fix_time") else 0
+        try:
+            point = to_wgs84(device.location.latitude, device.location.longitude, device.location.coordinate_system)
+            location.check_fix(device.location.accuracy_m, fix_ms, now_ms)
+        except CoordinateError as error:
+            prefix = "device_location" if error.field == "fix_time" else "device_location.location"
+            raise invalid_field(f"{prefix}.{error.field}", error.reason) from None
+        found = await self._campaigns.get(request.campaign_id)
+        verdict = location.ACCEPTED
+        if found is not None:
+            rule, region = found
+            verdict = location.verdict(
+                point, device.location.accuracy_m, fix_ms, device.mock_location, now_ms, rule, region
+            )
+        # The idempotency hash covers the request with the ID and phone numbers replaced by
+        # keyed digests: a stored hash must not be a way to brute-force an ID number.
+        scrubbed = qualification_pb2.ClaimQualificationRequest()
+        scrubbed.CopyFrom(request)
+        scrubbed.consumer.id_number = consumer.key
+        scrubbed.consumer.phone_number = consumer.phone_digest
+        reply = await self._store.claim(
+            ClaimInput(
+                payload_hash=payload_hash("ClaimQualification", scrubbed),
+                request_id=request.request_id,
+                partner_id=partner.terminal_id,
+                nonce=partner.nonce,
+                campaign_id=request.campaign_id,
+                category=request.category,
+                consumer_key=consumer.key,
+                redemption_code=new_redemption_code(),
+                location_verdict=verdict,
+                masked_id_number=consumer.masked_id_number,
+                masked_phone_number=consumer.masked_phone_number,
+                location_cell=location.coarse_cell(point),
+            )
+        )
+        if reply.kind == "error":
+            if reply.body["error"] == "UNKNOWN_CATEGORY":
+                raise invalid_field("category", "the campaign has no rule for this category")
+            raise_script_error(reply.body)
+        body = reply.body
+        replayed = reply.kind == "replay"
+        if log.isEnabledFor(logging.DEBUG):
+            # Identifiers only: never the ID number, phone, consumer key or location.
+            log.debug(
+                "claim",
+                extra={
+                    "partner": partner.terminal_id,
+                    "request_id": request.request_id,
+                    "decision": body["decision"],
+                    "reason": body.get("reason", 0),
+                    "replayed": replayed,
+                },
+            )
+        if body["decision"] == "DECLINED":
+            return pb.ClaimQualificationResponse(
+                decision=pb.CLAIM_DECISION_DECLINED, decline_reason=body["reason"], replayed=replayed
+            )
+        return pb.ClaimQualificationResponse(
+            decision=pb.CLAIM_DECISION_ISSUED,
+            qualification=qualification_message(body["qualification"]),
+            replayed=replayed,
+        )
+
+    async def _claim_read_nonce(self) -> str:
+        partner = caller(PARTNER)
+        if not await self._store.claim_nonce(partner.terminal_id, partner.nonce):
+            raise_script_error({"error": "NONCE_REUSED"})
+        return partner.terminal_id
+
+    async def GetQualification(
+        self, request: qualification_pb2.GetQualificationRequest, context: grpc.aio.ServicerContext
+    ) -> qualification_pb2.GetQualificationResponse:
+        caller(PARTNER)
+        validation.check_redemption_code(request.redemption_code)
+        partner_id = await self._claim_read_nonce()
+        view = await self._store.get_qualification(request.redemption_code, partner_id)
+        if view is None:
+            raise not_found(request.redemption_code)
+        return pb.GetQualificationResponse(qualification=qualification_message(view))
+
+    async def ListQualifications(
+        self, request: qualification_pb2.ListQualificationsRequest, context: grpc.aio.ServicerContext
+    ) -> qualification_pb2.ListQualificationsResponse:
+        caller(PARTNER)
+        consumer = self._consumer(request.consumer, "consumer")
+        if request.campaign_id and not IDENTIFIER.match(request.campaign_id):
+            raise invalid_field("campaign_id", "must be 1-64 characters of [A-Za-z0-9_.-]")
+        partner_id = await self._claim_read_nonce()
+        views = await self._store.list_qualifications(consumer.key, partner_id, request.campaign_id, LIST_LIMIT)
+        return pb.ListQualificationsResponse(qualifications=[qualification_message(view) for view in views])
+
+    async def CancelQualification(
+        self, request: qualification_pb2.CancelQualificationRequest, context: grpc.aio.ServicerContext
+    ) -> qualification_pb2.CancelQualificationResponse:
+        partner = caller(PARTNER)
+        validation.check_request_id(request.request_id)
+        validation.check_redemption_code(request.redemption_code)
+        reply = await self._store.cancel_qualification(
+            CancelInput(
+                payload_hash=payload_hash("CancelQualification", request),
+                request_id=request.request_id,
+                partner_id=partner.terminal_id,
+                nonce=partner.nonce,
+                redemption_code=request.redemption_code,
+            )
+        )
+        if reply.kind == "error":
+            error = reply.body["error"]
+            if error == "QUALIFICATION_NOT_FOUND":
+                raise not_found(request.redemption_code)
+            if error == "INVALID_STATE":
+                raise ApiError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    common_pb2.ERROR_REASON_INVALID_STATE,
+                    "only an ISSUED qualification can be cancelled",
+                    {"state": "QUALIFICATION_STATE_" + reply.body["state"]},
+                )
+            raise_script_error(reply.body)
+        return pb.CancelQualificationResponse(
+            qualification=qualification_message(reply.body["qualification"]), replayed=reply.kind == "replay"
+        )
