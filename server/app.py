@@ -22,6 +22,8 @@ from subsidy_client.v1 import (
     catalog_pb2_grpc,
     diagnostics_pb2,
     diagnostics_pb2_grpc,
+    exchange_pb2,
+    exchange_pb2_grpc,
     merchant_pb2,
     merchant_pb2_grpc,
     qualification_pb2,
@@ -37,6 +39,7 @@ from server.catalog import CatalogService
 from server.config import Config
 from server.diagnostics import DiagnosticsService
 from server.errors import ErrorInterceptor
+from server.exchange import ExchangeService
 from server.merchants import MerchantService
 from server.operations import LazyPool, OperatorDeps
 from server.qualification import QualificationService
@@ -54,6 +57,7 @@ SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
     qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
+    exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name,
 )
 
 
@@ -166,6 +170,7 @@ async def create_server(config: Config) -> Application:
         qualification_pb2_grpc.add_QualificationServiceServicer_to_server(
             QualificationService(store, config.programme_key), server
         )
+        exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(ExchangeService(store, operator_pool), server)
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
