@@ -17,13 +17,22 @@ import re
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy
-from subsidy_client.errors import IdempotencyConflict, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from subsidy_client.errors import (
+    IdempotencyConflict,
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
@@ -521,3 +530,106 @@ def qualification_campaign(
             }
         ],
     }
+
+
+async def test_tranches_open_at_their_time_first_come_first_served(services: Services) -> None:
+    """Two tranches of 3: before the first opens every claim is NOT_YET_RELEASED; once it opens
+    exactly 3 are issued and the rest find the quota exhausted until the second opens."""
+    async with isolated_environment(services) as env, running_gateway(env.config()) as gateway:
+        opens = time.time() + 2.0
+        tranches = [
+            {"release_at": datetime.fromtimestamp(opens, UTC).isoformat(), "count": 3},
+            {"release_at": datetime.fromtimestamp(opens + 2.0, UTC).isoformat(), "count": 3},
+        ]
+        await load_document(
+            env,
+            {
+                "campaigns": [
+                    qualification_campaign(
+                        "c-tranche", "COUNT_AS_USED", 3600, 1, quota=6, qualification_tranches=tranches
+                    )
+                ]
+            },
+        )
+        async with QualificationClient(
+            f"127.0.0.1:{gateway.port}",
+            "p-wallet-01",
+            env.credentials["p-wallet-01"],
+            retry=RetryPolicy(max_attempts=1),
+        ) as wallet:
+
+            async def crowd(size: int) -> Counter[str]:
+                answers = await asyncio.gather(*(claim(wallet, id_number(), campaign="c-tranche") for _ in range(size)))
+                return Counter(decision(answer) for answer in answers)
+
+            assert await crowd(5) == {"NOT_YET_RELEASED": 5}
+            await asyncio.sleep(max(0.0, opens - time.time()) + 0.1)
+            assert await crowd(10) == {"ISSUED": 3, "QUOTA_EXHAUSTED": 7}
+            await asyncio.sleep(max(0.0, opens + 2.0 - time.time()) + 0.1)
+            assert await crowd(10) == {"ISSUED": 3, "QUOTA_EXHAUSTED": 7}
+            assert await crowd(2) == {"QUOTA_EXHAUSTED": 2}
+
+
+async def test_an_unredeemed_qualification_expires_and_its_quota_returns(services: Services) -> None:
+    """Validity 1 s, quota 1: once the sweeper expires the first, someone else can claim it,
+    and the first person can claim again."""
+    async with (
+        isolated_environment(services) as env,
+        running_gateway(env.config(sweep_interval_ms=50)) as gateway,
+    ):
+        await load_document(env, {"campaigns": [qualification_campaign("c-short", "COUNT_AS_USED", 1, 1, quota=1)]})
+        async with QualificationClient(
+            f"127.0.0.1:{gateway.port}",
+            "p-wallet-01",
+            env.credentials["p-wallet-01"],
+            retry=RetryPolicy(max_attempts=1),
+        ) as wallet:
+            first, second = id_number(), id_number()
+            code = await issued(wallet, first, "c-short")
+            assert decision(await claim(wallet, second, campaign="c-short")) == "QUOTA_EXHAUSTED"
+            for _ in range(100):
+                if (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_EXPIRED:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_EXPIRED
+            await issued(wallet, second, "c-short")
+            redis = Redis.from_url(env.redis_url)
+            try:
+                assert await redis.hget(env.keys.qualification_quota("c-short"), "general:claimed") == b"1"
+                assert (
+                    await redis.hget(env.keys.qualification_holder("c-short", consumer_key_of(first)), "general")
+                    == b"0"
+                )
+            finally:
+                await redis.aclose()
+
+
+@pytest.mark.parametrize("code", ["SHORT", "0" * 17, "OOOOOOOOOOOOOOOO", "abcdefghjkmnpqrs", "0000-0000-0000-00"])
+async def test_malformed_redemption_codes_are_refused_naming_the_field(
+    wallet: QualificationClient, client: AuthorizationClient, code: str
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        await client.authorize(
+            campaign_id="c-qual",
+            consumer_key=consumer_key_of(id_number()),
+            lines=[Line("1", GOODS, 3_000)],
+            redemption_code=code,
+        )
+    assert refused.value.metadata["field"] == "redemption_code"
+    with pytest.raises(InvalidArgument) as refused:
+        await wallet.get(code)
+    assert refused.value.metadata["field"] == "redemption_code"
+    with pytest.raises(InvalidArgument) as refused:
+        await wallet.cancel(code)
+    assert refused.value.metadata["field"] == "redemption_code"
+
+
+async def test_a_suspended_partner_app_is_unauthenticated(environment: Environment, gateway: Application) -> None:
+    async with QualificationClient(
+        f"127.0.0.1:{gateway.port}",
+        "p-wallet-gone",
+        environment.credentials["p-wallet-gone"],
+        retry=RetryPolicy(max_attempts=1),
+    ) as withdrawn:
+        with pytest.raises(Unauthenticated):
+            await claim(withdrawn, id_number())
