@@ -2,11 +2,13 @@
 
 - ``writer``: runs the ledger writer until SIGTERM/SIGINT, serving ``/metrics`` (Prometheus) and
   ``/health`` (JSON lag details) on SUBSIDY_WRITER_METRICS_LISTEN when set. The same process
-  republishes reference changes whose publication failed after commit.
+  republishes reference changes whose publication failed after commit, and mirrors
+  qualifications into PostgreSQL (storage/postgres/qualifications.py).
 - ``verify``: recomputes the hash chains; exit status 1 at the first break.
 - ``reconcile``: Redis counters against the ledger; exit status 1 on any difference.
-- ``rebuild``: restores Redis counters from the ledger (after a Redis loss); refuses while the
-  stream still holds unwritten events unless ``--force``.
+- ``rebuild``: restores Redis counters from the ledger and qualifications from their mirror
+  (after a Redis loss); refuses while either stream still holds unwritten entries unless
+  ``--force``.
 - ``lag``: the stream backlog, as JSON.
 
 Every command prints JSON on stdout (``--json``) or a short table.
@@ -31,6 +33,7 @@ from server import logs
 from server.config import Config
 from storage.postgres.audit import rebuild, reconcile, verify
 from storage.postgres.migrate import migrate
+from storage.postgres.qualifications import QualificationMirror, restore_qualifications
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.keys import Keys
 
@@ -136,6 +139,14 @@ async def run_writer(config: Config) -> None:
     finally:
         await connection.close()
     writer = LedgerWriter(writer_config(config), redis)
+    # Qualifications are not money: their own stream and consumer group, in this same process.
+    mirror = QualificationMirror(
+        redis,
+        Keys(config.redis_prefix),
+        config.pg_dsn,
+        consumer=config.writer_consumer,
+        block_ms=config.writer_block_ms,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -145,9 +156,12 @@ async def run_writer(config: Config) -> None:
         if config.writer_metrics_listen
         else None
     )
+    mirroring = asyncio.create_task(mirror.run(stopping))
     try:
         await writer.run(stopping)
     finally:
+        stopping.set()
+        await asyncio.gather(mirroring, return_exceptions=True)
         if server is not None:
             server.close()
         await redis.aclose()
@@ -167,14 +181,20 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
         if action == "lag":
             return 0, dataclasses.asdict(await lag(redis, keys, "ledger-writer"))
         current = await lag(redis, keys, "ledger-writer")
-        if (current.backlog or current.dead_letters) and not force:
-            problem = f"{current.backlog} events are not yet written and {current.dead_letters} are dead-lettered"
+        unmirrored = await redis.xlen(keys.qualification_events)
+        if (current.backlog or current.dead_letters or unmirrored) and not force:
+            problem = (
+                f"{current.backlog} events are not yet written, {current.dead_letters} are dead-lettered"
+                f" and {unmirrored} qualification changes are not yet mirrored"
+            )
             return 2, {"error": problem + "; drain the writer and resolve dead letters first, or use --force"}
         counters = await rebuild(connection, redis, keys)
+        qualifications = await restore_qualifications(connection, redis, keys)
         return 0, {
             "budget_counters": len(counters.budget),
             "usage_counters": len(counters.usage),
             "serials": len(counters.serials),
+            "qualifications": qualifications,
         }
     finally:
         await connection.close()

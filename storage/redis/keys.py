@@ -85,6 +85,12 @@ class Keys:
         """Sorted set: redemption codes scored by expiry (ms), for the sweeper."""
         return f"{self.tag}:qexpiry"
 
+    @property
+    def qualification_events(self) -> str:
+        """Stream: every qualification's new state after each change, which the ledger writer
+        process mirrors into PostgreSQL (storage/postgres/qualifications.py)."""
+        return f"{self.tag}:qualification_events"
+
     def external_consumer(self, consumer_key: str) -> str:
         """Hash: category -> id of the service provider that reported the consumer using it
         (imported from exchange files; see server/exchange.py)."""

@@ -121,6 +121,7 @@ class RedisStore:
             # Without a code the script never reads this key; it still holds the slot.
             keys.qualification(request.redemption_code),
             keys.external_consumer(request.consumer_key),
+            keys.qualification_events,
         ]
         args: list[str | int] = [
             request.payload_hash,
@@ -166,13 +167,14 @@ class RedisStore:
         return LifecycleKeys(base, qualification, serials, campaign_id, consumer_key)
 
     def _qualification_keys(self, code: str, campaign_id: str, consumer_key: str) -> list[str]:
-        """A qualification's hash, its campaign's quota, its holder's claims and the expiry set
-        (placeholders the scripts never touch when ``code`` is empty)."""
+        """A qualification's hash, its campaign's quota, its holder's claims, the expiry set and
+        the qualification stream (placeholders the scripts never touch when ``code`` is empty)."""
         return [
             self.keys.qualification(code),
             self.keys.qualification_quota(campaign_id),
             self.keys.qualification_holder(campaign_id, consumer_key),
             self.keys.qualification_expiry,
+            self.keys.qualification_events,
         ]
 
     async def _lifecycle(self, name: str, request: LifecycleInput, extra: Sequence[str]) -> Reply:
@@ -257,6 +259,7 @@ class RedisStore:
             keys.qualification(request.redemption_code),
             keys.consumer_qualifications(request.consumer_key),
             keys.qualification_expiry,
+            keys.qualification_events,
         ]
         args: list[str | int] = [
             request.payload_hash,

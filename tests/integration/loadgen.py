@@ -102,6 +102,8 @@ class ClaimJob:
     fix_time_ms: int
     requests: list[tuple[str, str]]
     channels: int
+    # Retries (same request_id) of UNAVAILABLE answers: a burst can outlast the Redis pool wait.
+    max_attempts: int = 8
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,12 @@ async def _run_claims(job: ClaimJob) -> list[ClaimOutcome]:
     ]
     clients = [
         QualificationClient(
-            job.target, job.partner_id, job.secret, deadline_s=60.0, retry=RetryPolicy(max_attempts=1), channel=channel
+            job.target,
+            job.partner_id,
+            job.secret,
+            deadline_s=60.0,
+            retry=RetryPolicy(max_attempts=job.max_attempts, backoff_initial_s=0.1, total_budget_s=120.0),
+            channel=channel,
         )
         for channel in channels
     ]

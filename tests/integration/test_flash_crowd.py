@@ -116,6 +116,8 @@ async def test_ten_thousand_claims_issue_exactly_the_quota_once_per_person(
     assert len(workers) == 2 and min(cpu_used) > 0.2, f"one server process did no work: {cpu_used}"
 
     assert len(outcomes) == CLAIMS
+    # Every claim got a definite answer (a claim answered UNAVAILABLE was retried with the same
+    # request_id, so a retry returned the first answer rather than claiming twice).
     assert Counter(outcome.error for outcome in outcomes if outcome.error) == Counter()
     issued = [outcome for outcome in outcomes if outcome.decision == "CLAIM_DECISION_ISSUED"]
     declined = Counter(outcome.reason for outcome in outcomes if outcome.decision == "CLAIM_DECISION_DECLINED")

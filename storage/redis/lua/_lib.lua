@@ -95,15 +95,23 @@ local function load_hash(key)
   return record
 end
 
+-- Appends the qualification as it now stands to the qualification stream, from which the
+-- ledger writer process mirrors it into PostgreSQL (storage/postgres/qualifications.py).
+local function mirror_qualification(stream_key, qual_key)
+  local q = load_hash(qual_key)
+  if q ~= nil then redis.call('XADD', stream_key, '*', 'q', cjson.encode(q)) end
+end
+
 -- Gives a qualification's quota back to the pool and the consumer's claim back (expiry,
 -- cancellation): called exactly once per qualification, on its one transition out of use.
--- qkeys: {qual=, quota=, holder=, expiry=}
+-- qkeys: {qual=, quota=, holder=, expiry=, events=}
 local function return_qualification(qkeys, q, new_state, at_ms)
   redis.call('HINCRBY', qkeys.quota, q.category .. ':claimed', -1)
   redis.call('HINCRBY', qkeys.holder, q.category, -1)
   redis.call('ZREM', qkeys.expiry, q.code)
   q.state, q.updated_ms, q.authorization = new_state, at_ms, ''
   redis.call('HSET', qkeys.qual, 'state', new_state, 'updated_ms', at_ms, 'authorization', '')
+  mirror_qualification(qkeys.events, qkeys.qual)
 end
 
 -- A RESERVED qualification whose authorization was voided or expired: ISSUED again until its
@@ -117,12 +125,13 @@ local function unreserve_qualification(qkeys, auth, at_ms)
   else
     redis.call('HSET', qkeys.qual, 'state', 'ISSUED', 'updated_ms', at_ms, 'authorization', '')
     redis.call('ZADD', qkeys.expiry, q.expires_ms, q.code)
+    mirror_qualification(qkeys.events, qkeys.qual)
   end
 end
 
 -- Releases a PENDING hold (void or expiry): budget reservation, consumer quota and serials.
 -- keys: {auth=, holds=, budget=, usage=, stream=, serials={serial key per line with a serial},
---        qual=, quota=, holder=, expiry= (the authorization's qualification, if any)}
+--        qual=, quota=, holder=, expiry=, events= (the authorization's qualification, if any)}
 local function release_hold(keys, auth, new_state, at_ms, request_id, payload_hash)
   local sums, counts, order = per_category(auth.lines)
   for _, category in ipairs(order) do
@@ -160,20 +169,20 @@ local function claim_nonce(nonce_key, ttl_s)
   return redis.call('SET', nonce_key, '1', 'NX', 'EX', ttl_s) ~= false
 end
 
--- The keys of capture, void, refund and expire_hold: KEYS[1..5], the four keys of the
--- authorization's qualification from `first_qualification` (placeholders, never touched, when
--- it has none), then serial keys.
+-- The keys of capture, void, refund and expire_hold: KEYS[1..5], the five keys of the
+-- authorization's qualification from `first_qualification` (hash, quota, holder, expiry set,
+-- qualification stream; placeholders, never touched, when it has none), then serial keys.
 local function lifecycle_keys(first_qualification)
   local serials = {}
-  for i = first_qualification + 4, #KEYS do serials[#serials + 1] = KEYS[i] end
+  for i = first_qualification + 5, #KEYS do serials[#serials + 1] = KEYS[i] end
   local q = first_qualification
   return {auth = KEYS[1], holds = KEYS[2], budget = KEYS[3], usage = KEYS[4], stream = KEYS[5],
     qual = KEYS[q], quota = KEYS[q + 1], holder = KEYS[q + 2], expiry = KEYS[q + 3],
-    serials = serials}
+    events = KEYS[q + 4], serials = serials}
 end
 
 -- The common opening of capture, void and refund (KEYS[6] idempotency, KEYS[7] nonce,
--- KEYS[8] the calling terminal, KEYS[9] its merchant, KEYS[10..13] the qualification's keys;
+-- KEYS[8] the calling terminal, KEYS[9] its merchant, KEYS[10..14] the qualification's keys;
 -- ARGV[1] payload hash, ARGV[3] caller's
 -- merchant, ARGV[5] nonce ttl, ARGV[6] campaign, ARGV[7] consumer key, ARGV[8] calling
 -- terminal). Returns auth and now, or nil and the reply to return at once.

@@ -13,8 +13,9 @@
 -- KEYS[11] ledger       stream  one event per reservation
 -- KEYS[12] qualification hash   the redemption code's (a placeholder, never read, without one)
 -- KEYS[13] external     hash    category -> provider that reported this consumer using it
--- KEYS[14 + 2(i-1)]     product hash of line i: active, category, grade, reference_price_fen, serial_required
--- KEYS[15 + 2(i-1)]     serial key of line i: P:serial:<gtin>:<serial> (unused when no serial)
+-- KEYS[14] qualification stream  the qualification's new state, mirrored into PostgreSQL
+-- KEYS[15 + 2(i-1)]     product hash of line i: active, category, grade, reference_price_fen, serial_required
+-- KEYS[16 + 2(i-1)]     serial key of line i: P:serial:<gtin>:<serial> (unused when no serial)
 --
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] terminal id  ARGV[4] merchant id
 -- ARGV[5] campaign id   ARGV[6] consumer key  ARGV[7] channel (int)  ARGV[8] new authorization id
@@ -94,7 +95,7 @@ end
 for i = 1, line_count do
   local base = 14 + 4 * (i - 1)
   local line_id, gtin, price, serial = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
-  local product = redis.call('HMGET', KEYS[14 + 2 * (i - 1)],
+  local product = redis.call('HMGET', KEYS[15 + 2 * (i - 1)],
     'active', 'category', 'grade', 'reference_price_fen', 'serial_required')
   local category = product[2]
   if product[1] ~= '1' then
@@ -110,7 +111,7 @@ for i = 1, line_count do
       note(reason, line_id)
     elseif product[5] == '1' and serial == '' then
       note(SERIAL_REQUIRED, line_id)
-    elseif serial ~= '' and redis.call('EXISTS', KEYS[15 + 2 * (i - 1)]) == 1 then
+    elseif serial ~= '' and redis.call('EXISTS', KEYS[16 + 2 * (i - 1)]) == 1 then
       note(SERIAL_ALREADY_SUBSIDISED, line_id)
     else
       lines[#lines + 1] = {l = line_id, g = gtin, c = category, p = price, s = subsidy, sn = serial, r = 0}
@@ -183,7 +184,7 @@ for _, category in ipairs(order) do
   redis.call('HINCRBY', KEYS[8], category, counts[category])
 end
 for i, line in ipairs(lines) do
-  if line.sn ~= '' then redis.call('SET', KEYS[15 + 2 * (i - 1)], authorization_id) end
+  if line.sn ~= '' then redis.call('SET', KEYS[16 + 2 * (i - 1)], authorization_id) end
 end
 local expires_ms = now + hold_ttl_s * 1000
 local auth = {
@@ -200,6 +201,7 @@ redis.call('HSET', KEYS[9], 'id', authorization_id, 'state', 'PENDING', 'campaig
   'request_id', request_id, 'last_request_id', request_id, 'qualification', qualification or '')
 if qualification then
   redis.call('HSET', KEYS[12], 'state', 'RESERVED', 'authorization', authorization_id, 'updated_ms', now)
+  mirror_qualification(KEYS[14], KEYS[12])
 end
 redis.call('ZADD', KEYS[10], expires_ms, authorization_id)
 emit(KEYS[11], 'AUTHORIZED', auth, lines, subsidy_fen, now, payload_hash)

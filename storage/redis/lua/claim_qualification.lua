@@ -11,6 +11,7 @@
 -- KEYS[8] qualification  hash    written when issued
 -- KEYS[9] consumer list  zset    the consumer's codes by issue time
 -- KEYS[10] expiry        zset    codes by expiry (ms), for the sweeper
+-- KEYS[11] qualification stream  the new qualification, mirrored into PostgreSQL
 --
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] partner id  ARGV[4] campaign id
 -- ARGV[5] category  ARGV[6] consumer key  ARGV[7] new redemption code
@@ -85,6 +86,7 @@ redis.call('HSET', KEYS[8], 'code', code, 'state', 'ISSUED', 'campaign', campaig
   'masked_id', ARGV[11], 'masked_phone', ARGV[12], 'cell', ARGV[13], 'request_id', request_id)
 redis.call('ZADD', KEYS[9], now, code)
 redis.call('ZADD', KEYS[10], expires_ms, code)
+mirror_qualification(KEYS[11], KEYS[8])
 local answer = cjson.encode({decision = 'ISSUED', qualification = qualification_view(q)})
 remember(KEYS[2], payload_hash, answer, idempotency_ttl_s)
 return {'new', answer}

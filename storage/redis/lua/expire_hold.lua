@@ -3,8 +3,8 @@
 -- runs first changes the state, and the other sees a non-PENDING authorization.
 --
 -- KEYS[1] authorization hash  KEYS[2] holds zset  KEYS[3] budget hash  KEYS[4] usage hash
--- KEYS[5] ledger stream  KEYS[6..9] the authorization's qualification keys (see _lib.lua)
--- KEYS[10..] serial keys of the authorization's lines with a serial
+-- KEYS[5] ledger stream  KEYS[6..10] the authorization's qualification keys (see _lib.lua)
+-- KEYS[11..] serial keys of the authorization's lines with a serial
 --
 -- Returns {kind, JSON}: {"expired": true|false, "state": ...}.
 

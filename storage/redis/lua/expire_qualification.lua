@@ -4,6 +4,7 @@
 -- ISSUED (a RESERVED one is settled when its authorization is captured, voided or expires).
 --
 -- KEYS[1] qualification hash  KEYS[2] campaign quota hash  KEYS[3] holder hash  KEYS[4] expiry zset
+-- KEYS[5] qualification stream
 -- ARGV[1] the redemption code
 --
 -- Returns {kind, JSON}: {"expired": true|false, "state": ...}.
@@ -19,5 +20,6 @@ if q.state ~= 'ISSUED' then
 end
 local now = now_ms()
 if now < tonumber(q.expires_ms) then return {'new', cjson.encode({expired = false, state = 'ISSUED'})} end
-return_qualification({qual = KEYS[1], quota = KEYS[2], holder = KEYS[3], expiry = KEYS[4]}, q, 'EXPIRED', now)
+local qkeys = {qual = KEYS[1], quota = KEYS[2], holder = KEYS[3], expiry = KEYS[4], events = KEYS[5]}
+return_qualification(qkeys, q, 'EXPIRED', now)
 return {'new', cjson.encode({expired = true, state = 'EXPIRED'})}

@@ -3,8 +3,9 @@
 --
 -- KEYS[1] authorization hash  KEYS[2] holds zset  KEYS[3] budget hash  KEYS[4] usage hash
 -- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8] calling terminal hash
--- KEYS[9] its merchant hash  KEYS[10..13] the authorization's qualification: hash, campaign
--- quota hash, holder hash, expiry zset (placeholders when it has none)  KEYS[14..] serial keys
+-- KEYS[9] its merchant hash  KEYS[10..14] the authorization's qualification: hash, campaign
+-- quota hash, holder hash, expiry zset, qualification stream (placeholders when it has none)
+-- KEYS[15..] serial keys
 -- of the lines that carry a serial (derived by the caller from the immutable lines)
 --
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] caller's merchant id  ARGV[4] idempotency

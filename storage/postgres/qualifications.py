@@ -1,0 +1,255 @@
+"""Qualifications mirrored into PostgreSQL, and restored from it after a Redis loss.
+
+Every script that changes a qualification appends its new state to the qualification stream
+(``mirror_qualification`` in _lib.lua). ``QualificationMirror`` runs in the ledger writer
+process beside the ledger writer: a consumer of its own group on that stream that upserts each
+snapshot into ``qualifications`` and only then acknowledges and deletes the entries. Delivery
+is at least once; a snapshot never overwrites a newer one (the stream entry id orders them),
+so redelivery after a crash and two mirrors racing are both harmless.
+
+``restore_qualifications`` is the rebuild's half for qualifications: the hashes, each
+campaign's claimed count, each consumer's holdings, the consumer lists, the expiry set and each
+authorization's link to its qualification, all derived from the mirrored rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from storage.postgres.ledger import from_ms, to_ms
+from storage.redis.keys import Keys
+
+log = logging.getLogger("subsidy.qualifications")
+GROUP = "qualification-mirror"
+# States whose qualification is out of the pool (counted against the quota and the person).
+OUT_OF_POOL = ("ISSUED", "RESERVED", "REDEEMED")
+
+UPSERT = """
+INSERT INTO qualifications (redemption_code, state, campaign_id, category, consumer_key, partner_id,
+    issued_at, expires_at, updated_at, authorization_id, refund_policy, masked_id_number,
+    masked_phone_number, location_cell, request_id, last_event_ms, last_event_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+ON CONFLICT (redemption_code) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at,
+    authorization_id = excluded.authorization_id, last_event_ms = excluded.last_event_ms,
+    last_event_seq = excluded.last_event_seq
+WHERE (qualifications.last_event_ms, qualifications.last_event_seq)
+    < (excluded.last_event_ms, excluded.last_event_seq)
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
+    """A stream entry as the upsert's parameters; KeyError or ValueError when malformed."""
+    milliseconds, sequence = entry_id.split("-")
+    return (
+        payload["code"],
+        payload["state"],
+        payload["campaign"],
+        payload["category"],
+        payload["consumer"],
+        payload["partner"],
+        from_ms(int(payload["issued_ms"])),
+        from_ms(int(payload["expires_ms"])),
+        from_ms(int(payload["updated_ms"])),
+        payload.get("authorization", ""),
+        payload.get("refund_policy", "COUNT_AS_USED"),
+        payload.get("masked_id", ""),
+        payload.get("masked_phone", ""),
+        payload.get("cell", ""),
+        payload.get("request_id", ""),
+        int(milliseconds),
+        int(sequence),
+    )
+
+
+@dataclass
+class MirrorStats:
+    snapshots_written: int = 0
+    dead_letters: int = 0
+    postgres_failures: int = 0
+
+
+class QualificationMirror:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        pg_dsn: str,
+        consumer: str = "mirror-1",
+        batch_size: int = 500,
+        block_ms: int = 200,
+        claim_idle_ms: int = 30_000,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.stats = MirrorStats()
+        self._pg_dsn = pg_dsn
+        self._consumer = consumer
+        self._batch_size = batch_size
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._connection: asyncpg.Connection | None = None
+        self._backoff_s = 0.1
+
+    @property
+    def stream(self) -> str:
+        return self.keys.qualification_events
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis_errors.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def _read(self, block: bool) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """This consumer's pending entries, then a dead consumer's, then new ones."""
+        redis: Any = self.redis  # redis-py types stream replies loosely
+        own = await redis.xreadgroup(GROUP, self._consumer, {self.stream: "0"}, count=self._batch_size)
+        if own and own[0][1]:
+            return list(own[0][1])
+        claimed = await redis.xautoclaim(
+            self.stream, GROUP, self._consumer, self._claim_idle_ms, "0-0", count=self._batch_size
+        )
+        if claimed[1]:
+            return [entry for entry in claimed[1] if entry[1] is not None]
+        fresh = await redis.xreadgroup(
+            GROUP,
+            self._consumer,
+            {self.stream: ">"},
+            count=self._batch_size,
+            block=self._block_ms if block else None,
+        )
+        return list(fresh[0][1]) if fresh else []
+
+    async def step(self, block: bool = True) -> int:
+        """One batch: read, upsert in one transaction, then acknowledge and delete. Returns the
+        number of entries handled (0 when PostgreSQL is unavailable: they stay pending)."""
+        entries = await self._read(block)
+        if not entries:
+            return 0
+        parsed: list[tuple[bytes, tuple[Any, ...]]] = []
+        refused: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for raw_id, fields in entries:
+            try:
+                parsed.append((raw_id, snapshot_row(_text(raw_id), orjson.loads(fields[b"q"]))))
+            except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
+                refused.append((raw_id, fields))
+        try:
+            connection = await self._pg()
+            try:
+                async with connection.transaction():
+                    await connection.executemany(UPSERT, [row for _, row in parsed])
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+                # PostgreSQL refuses some row's data: write them one by one, set the refused aside.
+                fields_of = dict(entries)
+                for raw_id, row in parsed:
+                    try:
+                        await connection.execute(UPSERT, *row)
+                    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+                        refused.append((raw_id, fields_of[raw_id]))
+        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+            self.stats.postgres_failures += 1
+            log.warning("postgres unavailable for the qualification mirror", extra={"error": type(error).__name__})
+            if self._connection is not None:
+                self._connection.terminate()
+                self._connection = None
+            await asyncio.sleep(self._backoff_s)
+            self._backoff_s = min(self._backoff_s * 2, 5.0)
+            return 0
+        self._backoff_s = 0.1
+        for raw_id, fields in refused:
+            # Kept, never dropped: a human looks at the dead-letter stream.
+            await self.redis.xadd(self.stream + ":dead", {b"id": raw_id, **fields})  # type: ignore[dict-item]
+            self.stats.dead_letters += 1
+            log.error("qualification event dead-lettered", extra={"entry": _text(raw_id)})
+        ids = [raw_id for raw_id, _ in entries]
+        await self.redis.xack(self.stream, GROUP, *ids)
+        await self.redis.xdel(self.stream, *ids)
+        self.stats.snapshots_written += len(entries) - len(refused)
+        return len(entries)
+
+    async def _pg(self) -> asyncpg.Connection:
+        if self._connection is None or self._connection.is_closed():
+            self._connection = await asyncpg.connect(self._pg_dsn, timeout=5)
+        return self._connection
+
+    async def drain(self) -> None:
+        """Handles every entry present now (for tests and before a rebuild)."""
+        await self.ensure_group()
+        while await self.step(block=False):
+            pass
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.ensure_group()
+        while not stopping.is_set():
+            try:
+                await self.step()
+            except redis_errors.RedisError:
+                log.warning("redis unavailable for the qualification mirror", exc_info=True)
+                await asyncio.sleep(1.0)
+        if self._connection is not None:
+            await self._connection.close()
+
+
+async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> int:
+    """Rewrites every qualification key of Redis from the mirrored rows; returns how many
+    qualifications it restored. Part of ``rebuild`` (run with the streams drained)."""
+    rows = await connection.fetch("SELECT * FROM qualifications ORDER BY issued_at")
+    stale = []
+    for pattern in ("qual", "qquota", "qholder", "quals"):
+        stale += [key async for key in redis.scan_iter(match=f"{keys.tag}:{pattern}:*")]
+    claimed: Counter[tuple[str, str]] = Counter()
+    held: Counter[tuple[str, str, str]] = Counter()
+    async with redis.pipeline(transaction=True) as pipe:
+        for key in stale:
+            pipe.delete(key)
+        pipe.delete(keys.qualification_expiry)
+        for row in rows:
+            code = row["redemption_code"]
+            pipe.hset(
+                keys.qualification(code),
+                mapping={
+                    "code": code,
+                    "state": row["state"],
+                    "campaign": row["campaign_id"],
+                    "category": row["category"],
+                    "consumer": row["consumer_key"],
+                    "partner": row["partner_id"],
+                    "issued_ms": to_ms(row["issued_at"]),
+                    "expires_ms": to_ms(row["expires_at"]),
+                    "updated_ms": to_ms(row["updated_at"]),
+                    "authorization": row["authorization_id"],
+                    "refund_policy": row["refund_policy"],
+                    "masked_id": row["masked_id_number"],
+                    "masked_phone": row["masked_phone_number"],
+                    "cell": row["location_cell"],
+                    "request_id": row["request_id"],
+                },
+            )
+            pipe.zadd(keys.consumer_qualifications(row["consumer_key"]), {code: to_ms(row["issued_at"])})
+            if row["state"] in OUT_OF_POOL:
+                claimed[(row["campaign_id"], row["category"])] += 1
+                held[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
+            if row["state"] == "ISSUED":
+                pipe.zadd(keys.qualification_expiry, {code: to_ms(row["expires_at"])})
+            if row["state"] in ("RESERVED", "REDEEMED") and row["authorization_id"]:
+                pipe.hset(keys.authorization(row["authorization_id"]), "qualification", code)
+        for (campaign_id, category), count in claimed.items():
+            pipe.hset(keys.qualification_quota(campaign_id), f"{category}:claimed", count)
+        for (campaign_id, consumer_key, category), count in held.items():
+            pipe.hset(keys.qualification_holder(campaign_id, consumer_key), category, count)
+        await pipe.execute()
+    return len(rows)

@@ -1,0 +1,135 @@
+"""Qualifications mirrored into PostgreSQL by the writer process, and restored from there by
+``server.ledger rebuild`` after Redis loses everything."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+from redis.asyncio import Redis
+from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy
+from subsidy_client.v1 import authorization_pb2 as apb
+from subsidy_client.v1 import common_pb2
+from subsidy_client.v1 import qualification_pb2 as qpb
+
+from server.ledger import with_connections
+from storage.devenv import Services
+from storage.postgres.qualifications import GROUP, QualificationMirror
+from storage.postgres.reference import fetch_reference
+from storage.postgres.writer import LedgerWriter, WriterConfig
+from storage.redis.reference import publish_reference
+from tests.conftest import Environment, consumer_key_of, id_number, isolated_environment, running_gateway
+
+GOODS = "6970000000086"
+HERE = common_pb2.Location(
+    latitude=30.18, longitude=120.26, coordinate_system=common_pb2.COORDINATE_SYSTEM_WGS84, accuracy_m=10
+)
+
+
+async def mirrored(env: Environment) -> dict[str, asyncpg.Record]:
+    connection = await asyncpg.connect(env.pg_dsn)
+    try:
+        return {row["redemption_code"]: row for row in await connection.fetch("SELECT * FROM qualifications")}
+    finally:
+        await connection.close()
+
+
+async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Services) -> None:
+    async with isolated_environment(services) as env, running_gateway(env.config()) as gateway:
+        target = f"127.0.0.1:{gateway.port}"
+        one_attempt = RetryPolicy(max_attempts=1)
+        redis = Redis.from_url(env.redis_url)
+        async with (
+            QualificationClient(target, "p-wallet-01", env.credentials["p-wallet-01"], retry=one_attempt) as app,
+            AuthorizationClient(target, "t-main-01", env.credentials["t-main-01"], retry=one_attempt) as till,
+        ):
+
+            async def claimed(person: str) -> str:
+                response = await app.claim(
+                    campaign_id="c-qual",
+                    category="general",
+                    id_number=person,
+                    location=HERE,
+                    fix_time_ms=int(time.time() * 1000),
+                )
+                assert response.decision == qpb.CLAIM_DECISION_ISSUED
+                return response.qualification.redemption_code
+
+            async def pay(person: str, code: str) -> str:
+                answer = await till.authorize(
+                    campaign_id="c-qual",
+                    consumer_key=consumer_key_of(person),
+                    lines=[Line("1", GOODS, 3_000)],
+                    redemption_code=code,
+                )
+                assert answer.decision == apb.DECISION_APPROVED
+                return answer.authorization_id
+
+            unused, redeemed, cancelled, reserved = (id_number() for _ in range(4))
+            codes = {person: await claimed(person) for person in (unused, redeemed, cancelled, reserved)}
+            await till.capture(await pay(redeemed, codes[redeemed]))
+            await app.cancel(codes[cancelled])
+            held_by = await pay(reserved, codes[reserved])
+
+            # A mirror that dies after reading (entries pending, nothing written) and its restart.
+            mirror = QualificationMirror(redis, env.keys, env.pg_dsn, consumer="mirror-test")
+            await mirror.ensure_group()
+            assert await mirror._read(block=False)
+            assert await mirrored(env) == {}
+            await QualificationMirror(redis, env.keys, env.pg_dsn, consumer="mirror-test").drain()
+            assert await redis.xlen(env.keys.qualification_events) == 0
+            assert (await redis.xpending(env.keys.qualification_events, GROUP))["pending"] == 0
+
+            rows = await mirrored(env)
+            assert {code: rows[code]["state"] for code in codes.values()} == {
+                codes[unused]: "ISSUED",
+                codes[redeemed]: "REDEEMED",
+                codes[cancelled]: "CANCELLED",
+                codes[reserved]: "RESERVED",
+            }
+            assert rows[codes[reserved]]["authorization_id"] == held_by
+            for person, code in codes.items():
+                live = await app.get(code)
+                assert rows[code]["consumer_key"] == consumer_key_of(person) == live.consumer_key
+                assert rows[code]["expires_at"].timestamp() * 1000 == live.expires_at.ToMilliseconds()
+                assert rows[code]["masked_id_number"] == live.masked_id_number
+                assert person not in str(dict(rows[code]))
+            quota_before = await redis.hget(env.keys.qualification_quota("c-qual"), "general:claimed")
+
+            # Redis loses everything of this deployment; the reference data is republished, the
+            # ledger writer drained, and the state rebuilt from PostgreSQL.
+            await LedgerWriter(
+                WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis
+            ).drain()
+            doomed = [key async for key in redis.scan_iter(match=env.keys.pattern(), count=10_000)]
+            await redis.delete(*doomed)
+            connection = await asyncpg.connect(env.pg_dsn)
+            try:
+                await publish_reference(redis, env.keys, await fetch_reference(connection))
+            finally:
+                await connection.close()
+            status, result = await with_connections(env.config(), "rebuild", force=False)
+            assert status == 0 and result["qualifications"] == len(rows)
+
+            assert await redis.hget(env.keys.qualification_quota("c-qual"), "general:claimed") == quota_before
+            for code in codes.values():
+                restored = await app.get(code)
+                assert (
+                    qpb.QualificationState.Name(restored.state).removeprefix("QUALIFICATION_STATE_")
+                    == (rows[code]["state"])
+                )
+            # The rebuilt state still works and still enforces: the reserved one is redeemed by
+            # capturing its payment; the unused one can be redeemed; nobody claims twice.
+            await till.capture(held_by)
+            assert (await app.get(codes[reserved])).state == qpb.QUALIFICATION_STATE_REDEEMED
+            await pay(unused, codes[unused])
+            again = await app.claim(
+                campaign_id="c-qual",
+                category="general",
+                id_number=redeemed,
+                location=HERE,
+                fix_time_ms=int(time.time() * 1000),
+            )
+            assert again.decline_reason == qpb.CLAIM_DECLINE_REASON_PERSON_LIMIT_REACHED
+            assert (await claimed(cancelled)) != codes[cancelled]  # a cancelled claim does not count
+        await redis.aclose()
