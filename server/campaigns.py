@@ -224,6 +224,8 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
         now_ms = seconds * 1000 + microseconds // 1000
         raw = await self._deps.redis.hgetall(self._deps.keys.budget(request.campaign_id))
         counters = {(key.decode() if isinstance(key, bytes) else key): int(value) for key, value in raw.items()}
+        raw = await self._deps.redis.hgetall(self._deps.keys.qualification_quota(request.campaign_id))
+        claimed = {(key.decode() if isinstance(key, bytes) else key): int(value) for key, value in raw.items()}
         categories = []
         for rule in campaign.rules:
             schedule = tranche_schedule(
@@ -238,6 +240,19 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
                 if schedule
                 else rule.budget_fen,
             )
+            quota_schedule = tranche_schedule(
+                [
+                    {"release_at": t.release_at.ToDatetime(tzinfo=UTC).isoformat(), "count": t.count}
+                    for t in rule.qualification_tranches
+                ],
+                "count",
+            )
+            qualifications_released = min(
+                rule.qualification_quota,
+                max([count for moment, count in quota_schedule if moment <= now_ms], default=0)
+                if quota_schedule
+                else rule.qualification_quota,
+            )
             reserved = counters.get(f"{rule.category}:reserved", 0)
             spent = counters.get(f"{rule.category}:spent", 0)
             categories.append(
@@ -249,6 +264,9 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
                     spent_fen=spent,
                     refunded_fen=counters.get(f"{rule.category}:refunded", 0),
                     available_fen=released - reserved - spent,
+                    qualification_quota=rule.qualification_quota,
+                    qualifications_released=qualifications_released,
+                    qualifications_claimed=claimed.get(f"{rule.category}:claimed", 0),
                 )
             )
         as_of = Timestamp()

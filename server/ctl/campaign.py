@@ -175,6 +175,12 @@ def status(settings: Settings, campaign_id: str) -> None:
             "spent": f"{item.spent_fen / 100:.2f}",
             "refunded": f"{item.refunded_fen / 100:.2f}",
             "available": f"{item.available_fen / 100:.2f}",
+            # Qualifications (vouchers): claimed / released of the quota; "-" when none issued.
+            "vouchers": (
+                f"{item.qualifications_claimed}/{item.qualifications_released} of {item.qualification_quota}"
+                if item.qualification_quota
+                else "-"
+            ),
         }
         for item in response.categories
     ]

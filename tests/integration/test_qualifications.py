@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy
+from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SignedClient
 from subsidy_client.errors import (
     IdempotencyConflict,
     InvalidArgument,
@@ -34,6 +34,7 @@ from subsidy_client.errors import (
     Unauthenticated,
 )
 from subsidy_client.v1 import authorization_pb2 as apb
+from subsidy_client.v1 import campaign_pb2 as cpb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
@@ -568,6 +569,20 @@ async def test_tranches_open_at_their_time_first_come_first_served(services: Ser
             await asyncio.sleep(max(0.0, opens + 2.0 - time.time()) + 0.1)
             assert await crowd(10) == {"ISSUED": 3, "QUOTA_EXHAUSTED": 7}
             assert await crowd(2) == {"QUOTA_EXHAUSTED": 2}
+        async with SignedClient(
+            f"127.0.0.1:{gateway.port}", "op-auditor", env.credentials["op-auditor"], retry=RetryPolicy(max_attempts=1)
+        ) as operator:
+            status = await operator._call(
+                "/subsidy.v1.CampaignService/GetBudgetStatus",
+                cpb.GetBudgetStatusRequest(campaign_id="c-tranche"),
+                cpb.GetBudgetStatusResponse,
+            )
+        general = status.categories[0]
+        assert (general.qualification_quota, general.qualifications_released, general.qualifications_claimed) == (
+            6,
+            6,
+            6,
+        )
 
 
 async def test_an_unredeemed_qualification_expires_and_its_quota_returns(services: Services) -> None:

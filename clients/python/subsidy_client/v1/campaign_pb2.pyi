@@ -450,6 +450,9 @@ class CategoryBudget(_message.Message):
     SPENT_FEN_FIELD_NUMBER: _builtins.int
     REFUNDED_FEN_FIELD_NUMBER: _builtins.int
     AVAILABLE_FEN_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_QUOTA_FIELD_NUMBER: _builtins.int
+    QUALIFICATIONS_RELEASED_FIELD_NUMBER: _builtins.int
+    QUALIFICATIONS_CLAIMED_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     budget_fen: _builtins.int
     released_fen: _builtins.int
@@ -462,6 +465,13 @@ class CategoryBudget(_message.Message):
     """Returned by refunds, cumulative."""
     available_fen: _builtins.int
     """released - reserved - spent."""
+    qualification_quota: _builtins.int
+    """Campaigns that issue qualifications: the quota, how many its tranches released so far, and
+    how many are out of the pool (issued, reserved or redeemed; expired and cancelled ones
+    return). All 0 for campaigns that issue none.
+    """
+    qualifications_released: _builtins.int
+    qualifications_claimed: _builtins.int
     def __init__(
         self,
         *,
@@ -472,10 +482,13 @@ class CategoryBudget(_message.Message):
         spent_fen: _builtins.int = ...,
         refunded_fen: _builtins.int = ...,
         available_fen: _builtins.int = ...,
+        qualification_quota: _builtins.int = ...,
+        qualifications_released: _builtins.int = ...,
+        qualifications_claimed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_fen", b"available_fen", "budget_fen", b"budget_fen", "category", b"category", "refunded_fen", b"refunded_fen", "released_fen", b"released_fen", "reserved_fen", b"reserved_fen", "spent_fen", b"spent_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_fen", b"available_fen", "budget_fen", b"budget_fen", "category", b"category", "qualification_quota", b"qualification_quota", "qualifications_claimed", b"qualifications_claimed", "qualifications_released", b"qualifications_released", "refunded_fen", b"refunded_fen", "released_fen", b"released_fen", "reserved_fen", b"reserved_fen", "spent_fen", b"spent_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
