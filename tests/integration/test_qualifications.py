@@ -24,7 +24,14 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SignedClient
+from subsidy_client import (
+    AuthorizationClient,
+    ExchangeClient,
+    Line,
+    QualificationClient,
+    RetryPolicy,
+    SignedClient,
+)
 from subsidy_client.errors import (
     IdempotencyConflict,
     InvalidArgument,
@@ -648,3 +655,22 @@ async def test_a_suspended_partner_app_is_unauthenticated(environment: Environme
     ) as withdrawn:
         with pytest.raises(Unauthenticated):
             await claim(withdrawn, id_number())
+
+
+async def test_another_provider_sees_a_redeemed_consumer_as_used(
+    wallet: QualificationClient, client: AuthorizationClient, environment: Environment, gateway: Application
+) -> None:
+    """Through the typed ExchangeClient: a consumer who paid with a voucher is reported as having
+    used the category; a stranger and an unknown device are not."""
+    person = id_number()
+    paid = await pay(client, person, await issued(wallet, person))
+    await client.capture(paid.authorization_id)
+    async with ExchangeClient(
+        f"127.0.0.1:{gateway.port}",
+        "p-peer-01",
+        environment.credentials["p-peer-01"],
+        retry=RetryPolicy(max_attempts=1),
+    ) as peer:
+        assert await peer.check_consumer(consumer_key_of(person), "general")
+        assert not await peer.check_consumer(consumer_key_of(id_number()), "general")
+        assert not await peer.check_serial(GOODS, "SN-NEVER-SOLD")

@@ -6,6 +6,7 @@
 
 from subsidy_client.client import (
     AuthorizationClient,
+    ExchangeClient,
     Line,
     QualificationClient,
     ReportingClient,
@@ -16,6 +17,7 @@ from subsidy_client.errors import SubsidyError
 
 __all__ = [
     "AuthorizationClient",
+    "ExchangeClient",
     "Line",
     "QualificationClient",
     "ReportingClient",

@@ -31,12 +31,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client import signing
 from subsidy_client.errors import DeadlineExceeded, SubsidyError, Unavailable, from_rpc_error
 from subsidy_client.v1 import authorization_pb2 as pb
-from subsidy_client.v1 import common_pb2, diagnostics_pb2, qualification_pb2, reporting_pb2
+from subsidy_client.v1 import common_pb2, diagnostics_pb2, exchange_pb2, qualification_pb2, reporting_pb2
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 SERVICE = "/subsidy.v1.AuthorizationService/"
 REPORTING = "/subsidy.v1.ReportingService/"
 QUALIFICATION = "/subsidy.v1.QualificationService/"
+EXCHANGE = "/subsidy.v1.ExchangeService/"
 RETRYABLE = (Unavailable, DeadlineExceeded)
 
 
@@ -281,6 +282,20 @@ class QualificationClient(SignedClient):
         )
 
 
+class ExchangeClient(SignedClient):
+    """For the other service providers of the programme: cross-provider duplicate checks."""
+
+    async def check_consumer(self, consumer_key: str, category: str) -> bool:
+        request = exchange_pb2.CheckConsumerRequest(consumer_key=consumer_key, category=category)
+        response = await self._call(EXCHANGE + "CheckConsumer", request, exchange_pb2.CheckConsumerResponse)
+        return response.used
+
+    async def check_serial(self, gtin: str, serial_number: str) -> bool:
+        request = exchange_pb2.CheckSerialRequest(gtin=gtin, serial_number=serial_number)
+        response = await self._call(EXCHANGE + "CheckSerial", request, exchange_pb2.CheckSerialResponse)
+        return response.subsidised
+
+
 class ReportingClient(SignedClient):
     """For operators (auditors, the bureau): reconciliation and ledger status."""
 
@@ -295,6 +310,7 @@ class ReportingClient(SignedClient):
 
 __all__ = [
     "AuthorizationClient",
+    "ExchangeClient",
     "Line",
     "QualificationClient",
     "ReportingClient",
