@@ -1,19 +1,25 @@
-"""Counted, not assumed: one Redis command per Authorize, and no PostgreSQL on the hot path."""
+"""Counted, not assumed: one Redis command per Authorize, and no PostgreSQL on the hot path; one
+script call per claim."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 import uuid
+from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 from redis.asyncio import Redis
-from subsidy_client import AuthorizationClient, Line
+from subsidy_client import AuthorizationClient, Line, QualificationClient
 from subsidy_client.v1 import authorization_pb2 as pb
+from subsidy_client.v1.common_pb2 import COORDINATE_SYSTEM_WGS84, Location
 
+from server.app import Application
 from storage.devenv import Services
-from tests.conftest import Environment, consumer_key, serial
+from tests.conftest import Environment, consumer_key, id_number, serial
 
 AUTHORIZATIONS = 50
 
@@ -121,3 +127,47 @@ async def test_authorize_survives_a_script_cache_flush(redis: Redis, client: Aut
         )
     )
     assert [response.decision for response in responses] == [pb.DECISION_APPROVED] * 5
+
+
+async def test_a_claim_is_one_script_call(environment: Environment, gateway: Application) -> None:
+    """30 claims cost 30 EVALSHA of the claim script; besides them only the campaign's location
+    rules are read (one HMGET, cached for a second per process)."""
+    async with QualificationClient(
+        f"127.0.0.1:{gateway.port}", "p-wallet-01", environment.credentials["p-wallet-01"]
+    ) as wallet:
+
+        async def claim() -> None:
+            await wallet.claim(
+                campaign_id="c-qual",
+                category="general",
+                id_number=id_number(),
+                location=Location(
+                    latitude=30.18, longitude=120.26, coordinate_system=COORDINATE_SYSTEM_WGS84, accuracy_m=9
+                ),
+                fix_time_ms=int(time.time() * 1000),
+            )
+
+        await claim()
+        sentinel = "end-of-watch-" + uuid.uuid4().hex
+        probe = Redis.from_url(environment.redis_url, single_connection_client=True)
+        probe_address = (await probe.client_info())["addr"]
+        ready = asyncio.Event()
+        watcher_client = Redis.from_url(environment.redis_url)
+        watcher = asyncio.create_task(watch_commands(watcher_client, sentinel, ready))
+        await ready.wait()
+        started = time.monotonic()
+        for _ in range(30):
+            await claim()
+        elapsed_s = time.monotonic() - started
+        await probe.echo(sentinel)
+        commands = await asyncio.wait_for(watcher, timeout=10)
+        await watcher_client.aclose()
+        await probe.aclose()
+    from_clients = Counter(
+        entry["command"].split()[0].upper()
+        for entry in commands
+        if entry["client_type"] != "lua" and f"{entry['client_address']}:{entry['client_port']}" != probe_address
+    )
+    assert from_clients["EVALSHA"] == 30
+    assert set(from_clients) <= {"EVALSHA", "HMGET"}
+    assert from_clients["HMGET"] <= math.ceil(elapsed_s) + 1
