@@ -19,13 +19,19 @@ from pathlib import Path
 from types import FrameType
 
 from benchmarks import report
-from benchmarks.loadgen import CLIENT_PROCESSES_MAX, CONCURRENCY_MAX
+from benchmarks.loadgen import CLIENT_PROCESSES_MAX, CONCURRENCY_MAX, CROWD_CLAIMS_MAX
 from benchmarks.scenarios import SCENARIOS, Bench, Plan, RunResult, run_profiles, run_scenarios
 from benchmarks.services import ROOT, MachineCpu, say
 
 DURATION_S_MAX = 120.0
 PAIRS_MAX = 20
 IDLE_SAMPLE_S = 1.0
+FLASH_CLAIMS_MIN = 100
+# The crowd presses at 20,000 a second from the opening (the default crowd within its first
+# second: about 10 times what the gateway answers here), and the partner apps keep at most 1,024
+# claims waiting on the gateway at once.
+FLASH_PRESSES_PER_S = 20_000.0
+FLASH_IN_FLIGHT = 1024
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -48,6 +54,15 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="closed loop: calls in flight in all (default 32)")
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) per client process")
     parser.add_argument("--baseline-pool-size", type=int, default=16, help="the baseline's asyncpg pool (default 16)")
+    parser.add_argument(
+        "--flash-claims",
+        type=int,
+        help="flash crowd: claims in each crowd (default 20,000, --quick 2,000); three quarters of them are"
+        " distinct people, the rest claim a second time",
+    )
+    parser.add_argument(
+        "--flash-quota", type=int, help="flash crowd: qualifications in the tranche (default a tenth of the claims)"
+    )
     parser.add_argument(
         "--profile",
         choices=("auto", "always", "never"),
@@ -73,6 +88,13 @@ def build_plan(arguments: argparse.Namespace, command: str) -> Plan:
         raise ValueError(f"--clients must be between 1 and {CLIENT_PROCESSES_MAX}")
     if not arguments.clients <= arguments.concurrency <= CONCURRENCY_MAX or arguments.concurrency % arguments.clients:
         raise ValueError(f"--concurrency must be a multiple of --clients, at most {CONCURRENCY_MAX}")
+    flash_claims = int(arguments.flash_claims or (2_000 if quick else 20_000))
+    if not FLASH_CLAIMS_MIN <= flash_claims <= CROWD_CLAIMS_MAX * arguments.clients:
+        raise ValueError(f"--flash-claims must be between {FLASH_CLAIMS_MIN} and {CROWD_CLAIMS_MAX:,} per client")
+    flash_people = flash_claims * 3 // 4
+    flash_quota = int(arguments.flash_quota or flash_claims // 10)
+    if not 1 <= flash_quota <= flash_people // 2:
+        raise ValueError("--flash-quota must be between 1 and half the crowd's people (three eighths of the claims)")
     return Plan(
         quick=quick,
         # Stable order: the open loop needs the closed-loop maxima the comparisons measure.
@@ -88,6 +110,12 @@ def build_plan(arguments: argparse.Namespace, command: str) -> Plan:
         ledger_s=2 * round_s,
         drain_timeout_s=60.0 if quick else 120.0,
         initial_warmup_s=1.5 if quick else 5.0,
+        flash_quota=flash_quota,
+        flash_claims=flash_claims,
+        flash_people=flash_people,
+        flash_bursts=1 if quick else max(1, min(pairs, 3)),
+        flash_in_flight=FLASH_IN_FLIGHT,
+        flash_arrival_s=flash_claims / FLASH_PRESSES_PER_S,
         clients=arguments.clients,
         channels=arguments.channels,
         concurrency=arguments.concurrency,
@@ -152,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     say("benchmarks: wrote " + ", ".join(str(path.relative_to(ROOT)) for path in paths if path.is_relative_to(ROOT)))
     for verdict in report.verdicts(result):
         print(f"{verdict.verdict:7} {verdict.name}: {verdict.value:.3f} (target {verdict.target})")
+    for line in report.flash_summary(result):
+        print(line)
     return status
 
 

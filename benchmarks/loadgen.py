@@ -7,7 +7,7 @@ new random consumer key, so the per-person limit never declines), serializes it 
 signs those bytes with a fresh nonce (``subsidy_client.signing``): the work every real
 terminal does, and no more.
 
-Two loop shapes:
+Three loop shapes:
 
 - **closed** (fixed concurrency): ``concurrency`` tasks each send, await the answer, send
   again. Measures maximum throughput; latency is send-to-answer.
@@ -16,6 +16,11 @@ Two loop shapes:
   server that falls behind therefore shows up in the latency rather than silently lowering the
   offered rate (no coordinated omission). How late sends actually left is recorded too
   (``send_lag``), so a client that cannot keep up is visible.
+- **crowd** (a finite flash crowd): a fixed list of ``ClaimQualification`` calls, each due at
+  ``start + its offset``, at most ``max_in_flight`` at a time; latency is counted from the due
+  time (what the person who pressed the button waited) and from the send (what the server took).
+  The process reports when each qualification was issued, so the orchestrator can tell when
+  the tranche ran out.
 
 All processes start a phase at the same ``time.monotonic()`` instant (CLOCK_MONOTONIC is
 system-wide on Linux) and count only what falls inside the same measurement window, which is
@@ -32,20 +37,23 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client import signing
-from subsidy_client.v1 import authorization_pb2, diagnostics_pb2
+from subsidy_client.v1 import authorization_pb2, common_pb2, diagnostics_pb2, qualification_pb2
 
 from benchmarks.histogram import Histogram
 
 AUTHORIZE_METHOD = "/subsidy.v1.AuthorizationService/Authorize"
 ECHO_METHOD = "/subsidy.v1.DiagnosticsService/Echo"
 METHODS = {"authorize": AUTHORIZE_METHOD, "echo": ECHO_METHOD}
+CLAIM_METHOD = "/subsidy.v1.QualificationService/ClaimQualification"
 
 # Limits on what one phase may ask of one client process.
 PHASE_S_MAX = 600.0
@@ -55,6 +63,7 @@ IN_FLIGHT_MAX = 4096
 CHANNELS_MAX = 64
 DEADLINE_S_MAX = 30.0
 CLIENT_PROCESSES_MAX = 16
+CROWD_CLAIMS_MAX = 100_000
 READY_TIMEOUT_S = 60.0
 RESULT_GRACE_S = 60.0
 
@@ -122,6 +131,68 @@ class PhaseResult:
     send_lag: str  # open loop: how late each measured call actually left
     not_sent: int  # open loop: arrivals never sent (client hopelessly behind): a failure
     unfinished: int  # calls still unanswered when the drain timeout ended the phase
+
+
+class Claim(NamedTuple):
+    """One press of the claim button: who, from where, and when (after the crowd's start)."""
+
+    person: int  # index into the orchestrator's list of people
+    id_number: str
+    latitude: float
+    longitude: float
+    coordinate_system: int  # common_pb2.CoordinateSystem
+    fix_age_ms: int  # how old the phone's fix is when the claim is sent
+    offset_s: float
+
+
+@dataclass(frozen=True)
+class CrowdSpec:
+    """One client process's share of a flash crowd: ``claims`` (ordered by offset) from a
+    partner app, each due at ``start_at + offset_s``, at most ``max_in_flight`` unanswered."""
+
+    target: str
+    partner_id: str
+    secret: str
+    campaign_id: str
+    category: str
+    start_at: float
+    claims: tuple[Claim, ...]
+    max_in_flight: int
+    channels: int = 4
+    deadline_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.claims) <= CROWD_CLAIMS_MAX:
+            raise ValueError(f"a crowd process sends 1..{CROWD_CLAIMS_MAX} claims")
+        if any(later.offset_s < earlier.offset_s for earlier, later in pairwise(self.claims)):
+            raise ValueError("claims must be ordered by offset")
+        if not 0 < self.max_in_flight <= IN_FLIGHT_MAX:
+            raise ValueError(f"max_in_flight must be in 1..{IN_FLIGHT_MAX}")
+        if not 0 < self.channels <= CHANNELS_MAX:
+            raise ValueError(f"channels must be in 1..{CHANNELS_MAX}")
+        if not 0 < self.deadline_s <= DEADLINE_S_MAX:
+            raise ValueError(f"deadline_s must be in (0, {DEADLINE_S_MAX:g}]")
+
+    @property
+    def last_due(self) -> float:
+        return self.start_at + self.claims[-1].offset_s
+
+
+@dataclass(frozen=True)
+class CrowdResult:
+    """One client process's account of a flash crowd (histograms HDR-encoded, microseconds)."""
+
+    worker: int
+    pid: int
+    answered: int
+    outcomes: dict[str, int]  # ISSUED, DECLINED_<reason> or a gRPC status name
+    wait: str  # from the due time to the answer: what the person waited
+    service: str  # from the send to the answer: what the server (and its queue) took
+    send_lag: str  # from the due time to the send: waiting for an in-flight slot
+    issued: list[tuple[float, int]]  # (answered at, person) of every ISSUED answer
+    first_sent: float
+    last_answered: float
+    unfinished: int
 
 
 @dataclass
@@ -254,6 +325,98 @@ async def open_loop(spec: PhaseSpec, caller: Caller) -> _Tally:
     return tally
 
 
+def claim_request(spec: CrowdSpec, claim: Claim) -> qualification_pb2.ClaimQualificationRequest:
+    """A fresh attempt (a new request id, not a retry) with a fix taken ``fix_age_ms`` ago."""
+    fix_time = Timestamp()
+    fix_time.FromMilliseconds(int(time.time() * 1000) - claim.fix_age_ms)
+    return qualification_pb2.ClaimQualificationRequest(
+        request_id=str(uuid.uuid4()),
+        campaign_id=spec.campaign_id,
+        category=spec.category,
+        consumer=qualification_pb2.ConsumerIdentity(id_number=claim.id_number),
+        device_location=qualification_pb2.DeviceLocation(
+            location=common_pb2.Location(
+                latitude=claim.latitude,
+                longitude=claim.longitude,
+                coordinate_system=claim.coordinate_system,  # type: ignore[arg-type]
+                accuracy_m=CROWD_ACCURACY_M,
+            ),
+            fix_time=fix_time,
+        ),
+    )
+
+
+CROWD_ACCURACY_M = 15.0  # a phone with GPS, outdoors
+
+
+def claim_label(response: qualification_pb2.ClaimQualificationResponse) -> str:
+    if response.decision == qualification_pb2.CLAIM_DECISION_ISSUED:
+        return "ISSUED"
+    reason = qualification_pb2.ClaimDeclineReason.Name(response.decline_reason)
+    return "DECLINED_" + reason.removeprefix("CLAIM_DECLINE_REASON_")
+
+
+async def crowd(worker: int, spec: CrowdSpec, channels: list[grpc.aio.Channel]) -> CrowdResult:
+    stubs = [channel.unary_unary(CLAIM_METHOD) for channel in channels]
+    wait, service, send_lag = Histogram(), Histogram(), Histogram()
+    outcomes: Counter[str] = Counter()
+    issued: list[tuple[float, int]] = []
+    sent_times: list[float] = []
+    answered_times: list[float] = []
+    slots = asyncio.Semaphore(spec.max_in_flight)
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def one(index: int, claim: Claim, due: float) -> None:
+        try:
+            body = claim_request(spec, claim).SerializeToString()
+            metadata = signing.signed_metadata(spec.secret, CLAIM_METHOD, spec.partner_id, body)
+            sent = time.monotonic()
+            try:
+                reply: bytes = await stubs[index % len(stubs)](body, timeout=spec.deadline_s, metadata=metadata)
+                outcome = claim_label(qualification_pb2.ClaimQualificationResponse.FromString(reply))
+            except grpc.aio.AioRpcError as error:
+                outcome = str(error.code().name)
+            answered = time.monotonic()
+        finally:
+            slots.release()
+        wait.record_us(int((answered - due) * 1e6))
+        service.record_us(int((answered - sent) * 1e6))
+        send_lag.record_us(int((sent - due) * 1e6))
+        outcomes[outcome] += 1
+        sent_times.append(sent)
+        answered_times.append(answered)
+        if outcome == "ISSUED":
+            issued.append((answered, claim.person))
+
+    for index, claim in enumerate(spec.claims):
+        due = spec.start_at + claim.offset_s
+        await _sleep_until(due)
+        # A full in-flight budget delays the send; the wait still counts from `due`.
+        await slots.acquire()
+        task = asyncio.create_task(one(index, claim, due))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    unfinished = 0
+    if in_flight:
+        _done, pending = await asyncio.wait(set(in_flight), timeout=spec.deadline_s + 5.0)
+        unfinished = len(pending)
+        for task in pending:
+            task.cancel()
+    return CrowdResult(
+        worker=worker,
+        pid=os.getpid(),
+        answered=sum(outcomes.values()),
+        outcomes=dict(outcomes),
+        wait=wait.encode(),
+        service=service.encode(),
+        send_lag=send_lag.encode(),
+        issued=issued,
+        first_sent=min(sent_times, default=spec.start_at),
+        last_answered=max(answered_times, default=spec.start_at),
+        unfinished=unfinished,
+    )
+
+
 class _ChannelCache:
     """Channels per target, kept across phases so no phase pays for connecting."""
 
@@ -303,12 +466,18 @@ async def _serve(worker: int, connection: Connection) -> None:
             message: tuple[str, Any] = await loop.run_in_executor(None, connection.recv)
             if message[0] == "stop":
                 return
+            spec = message[1]
             try:
-                result = await run_phase(worker, message[1], cache)
+                if isinstance(spec, CrowdSpec):
+                    outcome: PhaseResult | CrowdResult = await crowd(
+                        worker, spec, await cache.get(spec.target, spec.channels)
+                    )
+                else:
+                    outcome = await run_phase(worker, spec, cache)
             except Exception:
                 connection.send(("error", traceback.format_exc()))
                 continue
-            connection.send(("result", result))
+            connection.send(("result", outcome))
     finally:
         await cache.close()
 
@@ -353,13 +522,25 @@ class ClientPool:
     def run(self, specs: list[PhaseSpec], on_wait: Callable[[], None] | None = None) -> list[PhaseResult]:
         """Sends one spec to each process; ``on_wait`` runs (in this process) while they work,
         e.g. to sample CPU at the window's edges; then collects every result."""
+        longest = max(spec.window_end + spec.deadline_s for spec in specs)
+        results: list[PhaseResult] = self._run(specs, longest, on_wait)
+        return results
+
+    def run_crowd(self, specs: list[CrowdSpec], on_wait: Callable[[], None] | None = None) -> list[CrowdResult]:
+        """One flash crowd, a share per process; results once every claim is answered."""
+        # Every claim may wait for a slot behind all the others: allow each its deadline.
+        longest = max(spec.last_due + spec.deadline_s * (1 + len(spec.claims) / spec.max_in_flight) for spec in specs)
+        results: list[CrowdResult] = self._run(specs, longest, on_wait)
+        return results
+
+    def _run(self, specs: Sequence[Any], finished_by: float, on_wait: Callable[[], None] | None) -> list[Any]:
         assert len(specs) == self.count
         for connection, spec in zip(self._connections, specs, strict=True):
             connection.send(("run", spec))
         if on_wait is not None:
             on_wait()
-        longest = max(spec.window_end + spec.deadline_s for spec in specs) - time.monotonic()
-        results: list[PhaseResult] = []
+        longest = finished_by - time.monotonic()
+        results: list[Any] = []
         for connection in self._connections:
             if not connection.poll(max(longest, 0.0) + RESULT_GRACE_S):
                 raise RuntimeError("a client process did not report its phase in time")

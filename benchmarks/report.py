@@ -500,9 +500,7 @@ def markdown(result: RunResult, png_name: str) -> str:
             *scaling_section(scaling),
         ]
     lines += ["", "## 6. Ledger lag", "", *ledger_section(result)]
-    lines += ["", "## 7. Flash crowd", ""]
-    flash = result.stubs.get("flash_crowd")
-    lines.append(f"{flash['status']}. {flash['how']}." if flash else "Not run.")
+    lines += ["", "## 7. Flash crowd", "", *flash_section(result)]
     if result.profiles:
         lines += ["", "## Where the time goes (profile)", "", *profile_section(result.profiles)]
     return "\n".join(lines) + "\n"
@@ -588,6 +586,85 @@ def ledger_section(result: RunResult) -> list[str]:
         f" | {ledger['pending_max']:,} | {ledger['stream_length_at_stop']:,} | {drain_text}"
         f" | {ledger['events_written']:,} | {ledger['writer_cpu_ms_per_1k_events']:,.0f} |",
     ]
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
+
+
+def flash_section(result: RunResult) -> list[str]:
+    flash = result.flash_crowd
+    if flash is None:
+        return ["Not run."]
+    lines = [
+        f"At T a tranche of **{flash.quota:,}** qualifications opens (a fresh campaign each time, its whole quota"
+        f" in one `qualification_tranches` entry released at T, claimable from inside Xiaoshan District only) and"
+        f" a crowd of **{flash.claims:,} claims from {flash.people:,} people** ({flash.claims - flash.people:,}"
+        f" of them claim a second time; {flash.outside_region_people:,} are outside the district) presses within"
+        f" {flash.arrival_s:g} s of T ({flash.claims / flash.arrival_s:,.0f}/s), in random order. The partner"
+        f" apps keep at most {flash.in_flight:,} claims unanswered at once; a press that finds them all busy"
+        f" waits. Server: `{flash.server}` (`SUBSIDY_WORKERS={flash.workers}`). Every claim is a fresh signed"
+        " `ClaimQualification` with a valid resident ID number and a phone fix (WGS-84 or GCJ-02, up to 30 s old).",
+        "",
+        "| crowd | claims/s (T → last answer) | tranche exhausted after | wait p50 / p99 / p99.9 / max ms"
+        " | service p50 / p99 / p99.9 ms | issued (people) / counter / quota | declines | server CPU-ms/1k"
+        " | store CPU-ms/1k | server cores | worker CPU split | outside cores |",
+        "|---|---:|---:|---|---|---|---|---:|---:|---:|---|---:|",
+    ]
+    for burst in flash.bursts:
+        m, service = burst.measurement, burst.service
+        label = m.label + (" (disturbed)" if disturbed(m) else "")
+        declines = ", ".join(f"{reason} {count:,}" for reason, count in burst.decline_reasons.items())
+        errors = f"; **{m.errors:,} errors**" if m.errors else ""
+        lines.append(
+            f"| {label} | {_rate(m.throughput_per_s)} | {_seconds(burst.exhausted_after_s)}"
+            f" | {_ms(m.latency.p50_ms)} / {_ms(m.latency.p99_ms)} / {_ms(m.latency.p999_ms)} / {_ms(m.latency.max_ms)}"
+            f" | {_ms(service.p50_ms)} / {_ms(service.p99_ms)} / {_ms(service.p999_ms)}"
+            f" | {burst.issued:,} ({burst.issued_people:,}) / {burst.claimed_counter:,} / {flash.quota:,}"
+            f" **{'OK' if burst.correct else 'WRONG'}**{errors} | {declines}"
+            f" | {m.server_cpu_ms_per_1k:,.0f} | {m.store_cpu_ms_per_1k:,.0f} | {m.server_cpu_cores:.2f}"
+            f" | {' / '.join(f'{share:.0%}' for share in m.worker_cpu_shares) or '—'} | {m.outside_cpu_cores:.2f} |"
+        )
+    throughput, cpu = flash.throughput, flash.server_cpu
+    lines += [
+        "",
+        "Wait: from the press (the claim's due time) to the answer, the latency the person sees (HDR, merged over"
+        " the client processes). Service: from the send to the answer. Tranche exhausted: from T to the"
+        f" {flash.quota:,}th ISSUED answer. Issued: ISSUED answers (distinct people among them), the campaign's"
+        " claimed counter in Redis afterwards, and the quota; all three must be equal or the run fails.",
+        "",
+        "Reference: `Authorize`, closed loop, on the same server, before the first crowd and after each one:",
+        "",
+        ROUND_HEADER,
+        *(_round_row(f"{index} authorize", m) for index, m in enumerate(flash.references)),
+        "",
+        f"- claims/s during a crowd / Authorize calls/s (the rounds either side): **{throughput.value:.3f}**"
+        f" (per crowd {_spread(throughput)})",
+        f"- server CPU-ms per 1,000 calls, claim / Authorize: **{cpu.value:.3f}** (per crowd {_spread(cpu)})",
+    ]
+    return lines
+
+
+def flash_summary(result: RunResult) -> list[str]:
+    """One line per crowd for stdout: the numbers and the correctness check."""
+    flash = result.flash_crowd
+    if flash is None:
+        return []
+    lines = []
+    for burst in flash.bursts:
+        m = burst.measurement
+        lines.append(
+            f"{'OK' if burst.correct else 'WRONG':7} flash crowd {m.label}: issued {burst.issued:,} to"
+            f" {burst.issued_people:,} people, counter {burst.claimed_counter:,}, quota {flash.quota:,};"
+            f" {flash.claims:,} claims at {m.throughput_per_s:,.0f}/s, tranche exhausted after"
+            f" {_seconds(burst.exhausted_after_s)}, wait p50/p99/p99.9 {_ms(m.latency.p50_ms)}/{_ms(m.latency.p99_ms)}/"
+            f"{_ms(m.latency.p999_ms)} ms"
+        )
+    lines.append(
+        f"{'':7} flash crowd claims/s / Authorize calls/s: {flash.throughput.value:.3f}; server CPU per call"
+        f" claim / Authorize: {flash.server_cpu.value:.3f}"
+    )
+    return lines
 
 
 # --------------------------------------------------------------------------- plot

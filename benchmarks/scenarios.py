@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import secrets
 import shutil
 import statistics
@@ -22,13 +23,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+from subsidy_client.v1 import common_pb2
 
 from benchmarks import baseline as baseline_module
 from benchmarks import services
 from benchmarks.histogram import Histogram, LatencySummary
-from benchmarks.loadgen import ClientPool, PhaseResult, PhaseSpec
+from benchmarks.loadgen import Claim, ClientPool, CrowdResult, CrowdSpec, PhaseResult, PhaseSpec
 from benchmarks.profiling import Profile, summarize_profile
 from benchmarks.services import (
     BENCH_DATA,
@@ -39,6 +44,8 @@ from benchmarks.services import (
     Terminal,
     say,
 )
+from server.domain.geo import wgs84_to_gcj02
+from server.domain.identity import check_digit
 from storage.devenv import DevServices
 
 SCENARIOS = ("transport", "baseline", "open_loop", "scaling", "ledger_lag", "flash_crowd")
@@ -65,6 +72,12 @@ class Plan:
     ledger_s: float  # ledger lag: seconds of load with the writer running
     drain_timeout_s: float  # ledger lag: longest wait for the backlog to reach zero
     initial_warmup_s: float  # once per server, before anything is measured
+    flash_quota: int  # flash crowd: qualifications in the tranche
+    flash_claims: int  # claims in the crowd
+    flash_people: int  # distinct people among them (the rest claim a second time)
+    flash_bursts: int  # crowds, each on a fresh campaign, between Authorize reference rounds
+    flash_in_flight: int  # claims unanswered at once, all client processes together
+    flash_arrival_s: float  # the crowd's presses are spread uniformly over this long after the opening
     clients: int
     channels: int  # per client process
     concurrency: int  # closed loop, all client processes together
@@ -261,6 +274,41 @@ class OpenLoopPoint:
     phases: list[Measurement] = field(default_factory=list)  # alternating with other servers
 
 
+@dataclass(frozen=True)
+class FlashBurst:
+    """One flash crowd: a tranche of ``quota`` opens at T and the crowd's claims arrive."""
+
+    campaign_id: str
+    # The burst as one phase: claims/s from the opening to the last answer, latency from each
+    # claim's due time (the press of the button), CPU from the opening to the last answer.
+    measurement: Measurement
+    service: LatencySummary  # from the send to the answer (the server and its queue)
+    service_histogram: str
+    exhausted_after_s: float | None  # from the opening to the quota-th ISSUED answer
+    issued: int  # ISSUED answers
+    issued_people: int  # distinct people among them
+    claimed_counter: int  # the campaign's claimed counter in Redis afterwards
+    decline_reasons: dict[str, int]
+    correct: bool  # issued == issued_people == claimed_counter == quota, and no errors
+
+
+@dataclass(frozen=True)
+class FlashCrowd:
+    server: str
+    workers: int
+    quota: int
+    claims: int
+    people: int
+    outside_region_people: int
+    in_flight: int
+    arrival_s: float
+    bursts: list[FlashBurst]
+    # Authorize, closed loop, on the same server: before the first burst and after each one.
+    references: list[Measurement]
+    throughput: Ratio  # burst claims/s / Authorize calls/s (mean of the rounds either side)
+    server_cpu: Ratio  # server CPU-ms per 1,000: claims / Authorize
+
+
 @dataclass
 class RunResult:
     plan: Plan
@@ -271,7 +319,7 @@ class RunResult:
     open_loop_floor: list[OpenLoopPoint] = field(default_factory=list)  # Echo at the equal-load rates
     open_loop_aof: list[OpenLoopPoint] = field(default_factory=list)  # AOF everysec, then always
     ledger: dict[str, Any] = field(default_factory=dict)
-    stubs: dict[str, dict[str, str]] = field(default_factory=dict)
+    flash_crowd: FlashCrowd | None = None
     checks: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)
     started_at: str = ""
@@ -350,6 +398,7 @@ class Bench:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.prefix = "bench" + secrets.token_hex(4)
+        self.programme_key = secrets.token_hex(32)  # the gateways' SUBSIDY_PROGRAMME_KEY
         self.redis: dict[str, RedisServer] = {}
         self.servers: list[ServerProcess] = []
         self.targets: dict[str, Target] = {}
@@ -412,7 +461,9 @@ class Bench:
         return server
 
     def start_gateway(self, name: str, settings: GatewaySettings, redis_server: RedisServer) -> Target:
-        process = services.gateway_process(name, settings, redis_server.url, self.prefix, self.gateway_dsn, HOLD_TTL_S)
+        process = services.gateway_process(
+            name, settings, redis_server.url, self.prefix, self.gateway_dsn, HOLD_TTL_S, self.programme_key
+        )
         process.start()
         process.wait_workers(settings.workers)
         self.servers.append(process)
@@ -864,15 +915,272 @@ def run_ledger_lag(bench: Bench, result: RunResult) -> None:
     }
 
 
+# The crowd: a tenth claims a second time (a double tap, or a second phone), a few are outside
+# the district; everyone's phone reports a fresh GPS fix, from the system API (WGS-84) or a map
+# SDK (GCJ-02), half each.
+FLASH_LEAD_S = 2.0  # from loading the campaign to the tranche's opening
+FLASH_OUTSIDE_SHARE = 0.02
+FLASH_FIX_AGE_MS_MAX = 30_000
+FLASH_WARMUP_CLAIMS = 400
+# Known places (WGS-84), from examples/merchants/xiaoshan-region.geojson.yaml and tests/unit/test_geo.py.
+FLASH_INSIDE = ((30.18, 120.26), (30.23, 120.43), (30.05, 120.33), (29.95, 120.30), (30.10, 120.45))
+FLASH_OUTSIDE = ((30.208, 120.212), (30.25, 120.14))
+
+
+def resident_id_number(rng: random.Random) -> str:
+    """A valid 18-character resident ID number (Hangzhou region code, a real birth date, the
+    GB 11643 check character): as tests/conftest.py makes them."""
+    born = date(1950, 1, 1) + timedelta(days=rng.randrange(365 * 50))
+    first = f"330109{born:%Y%m%d}{rng.randrange(1000):03d}"
+    return first + check_digit(first)
+
+
+def crowd_claims(claims: int, people: int, arrival_s: float, rng: random.Random) -> tuple[list[Claim], int]:
+    """``claims`` presses by ``people`` distinct people (each presses once, ``claims - people``
+    of them twice), in random order, due uniformly over ``arrival_s``; returns them ordered by
+    due time, and how many people are outside the district."""
+    numbers: list[str] = []
+    seen: set[str] = set()
+    while len(numbers) < people:
+        number = resident_id_number(rng)
+        if number not in seen:
+            seen.add(number)
+            numbers.append(number)
+    outside = set(rng.sample(range(people), round(people * FLASH_OUTSIDE_SHARE)))
+    places: list[tuple[float, float, int]] = []
+    for person in range(people):
+        latitude, longitude = rng.choice(FLASH_OUTSIDE if person in outside else FLASH_INSIDE)
+        if person % 2:
+            latitude, longitude = wgs84_to_gcj02(latitude, longitude)
+            places.append((latitude, longitude, common_pb2.COORDINATE_SYSTEM_GCJ02))
+        else:
+            places.append((latitude, longitude, common_pb2.COORDINATE_SYSTEM_WGS84))
+    order = list(range(people)) + rng.sample(range(people), claims - people)
+    rng.shuffle(order)
+    offsets = sorted(rng.uniform(0.0, arrival_s) for _ in order)
+    crowd = [
+        Claim(person, numbers[person], *places[person], rng.randrange(FLASH_FIX_AGE_MS_MAX), offset)
+        for person, offset in zip(order, offsets, strict=True)
+    ]
+    return crowd, len(outside)
+
+
+def crowd_measurement(
+    label: str, target: Target, in_flight: int, results: list[CrowdResult], before: CpuSnapshot, after: CpuSnapshot
+) -> Measurement:
+    """The burst as a :class:`Measurement`: throughput over the opening to the last answer,
+    latency from each claim's due time, CPU over the snapshots (the opening to just after the
+    last answer: the server is idle in between)."""
+    latency, send_lag = Histogram(), Histogram()
+    outcomes: Counter[str] = Counter()
+    for result in results:
+        latency.add(Histogram.decode(result.wait))
+        send_lag.add(Histogram.decode(result.send_lag))
+        outcomes.update(result.outcomes)
+    answered = sum(result.answered for result in results)
+    window_s = max(result.last_answered for result in results) - before.at
+    cpu_window_s = after.at - before.at
+    per_1k = 1_000_000.0 / answered if answered else math.nan
+    workers_used = [end - start for start, end in zip(before.workers_s, after.workers_s, strict=False)]
+    workers_total = sum(workers_used)
+    machine_total = after.machine.total - before.machine.total
+    machine_busy_s = (after.machine.busy - before.machine.busy) / services.CLOCK_TICKS_PER_S
+    ours_s = (
+        (after.server_s - before.server_s) + (after.store_s - before.store_s) + (after.clients_s - before.clients_s)
+    )
+    return Measurement(
+        label=label,
+        server=target.name,
+        method="claim",
+        mode="burst",
+        concurrency=in_flight,
+        offered_per_s=math.nan,
+        window_s=window_s,
+        throughput_per_s=answered / window_s,
+        latency=LatencySummary.of(latency),
+        send_lag=LatencySummary.of(send_lag),
+        outcomes=dict(outcomes),
+        errors=sum(count for outcome, count in outcomes.items() if not outcome.startswith(("ISSUED", "DECLINED_"))),
+        not_sent=0,
+        unfinished=sum(result.unfinished for result in results),
+        server_cpu_ms_per_1k=(after.server_s - before.server_s) * per_1k,
+        server_cpu_cores=(after.server_s - before.server_s) / cpu_window_s,
+        worker_cpu_shares=tuple(used / workers_total for used in workers_used) if workers_total else (),
+        store=target.store,
+        store_cpu_ms_per_1k=(after.store_s - before.store_s) * per_1k,
+        client_cpu_ms_per_1k=(after.clients_s - before.clients_s) * per_1k,
+        client_cpu_cores=(after.clients_s - before.clients_s) / cpu_window_s,
+        machine_busy_fraction=(after.machine.busy - before.machine.busy) / machine_total if machine_total else 0.0,
+        outside_cpu_cores=max(machine_busy_s - ours_s, 0.0) / cpu_window_s,
+        histogram=latency.encode(),
+        send_lag_histogram=send_lag.encode(),
+    )
+
+
+def flash_burst(
+    bench: Bench, target: Target, partner_secret: str, label: str, quota: int, crowd: list[Claim]
+) -> FlashBurst:
+    """Loads a fresh campaign whose one tranche of ``quota`` opens ``FLASH_LEAD_S`` from now,
+    lets the crowd loose at the opening, and checks what was issued."""
+    plan = bench.plan
+    redis_server = bench.redis["always"]
+    campaign_id = "bench-flash-" + secrets.token_hex(4)
+    opening = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1 + FLASH_LEAD_S)
+    services.run_async(
+        services.load_gateway_reference(
+            bench.gateway_dsn,
+            redis_server.url,
+            bench.prefix,
+            services.flash_document(partner_secret, campaign_id, opening, quota),
+        )
+    )
+    # CLOCK_MONOTONIC is what the clients schedule by; the script compares the opening with
+    # Redis's clock (the same machine's wall clock).
+    start_at = time.monotonic() + (opening.timestamp() - time.time())
+    clients = plan.clients
+    specs = [
+        CrowdSpec(
+            target=target.process.target,
+            partner_id=services.PARTNER_ID,
+            secret=partner_secret,
+            campaign_id=campaign_id,
+            category=services.FLASH_CATEGORY,
+            start_at=start_at,
+            claims=tuple(crowd[worker::clients]),
+            max_in_flight=max(1, plan.flash_in_flight // clients),
+            channels=plan.channels,
+        )
+        for worker in range(clients)
+    ]
+    store_pids = target.store_pids()
+    worker_pids = target.process.worker_pids()
+    edges: list[CpuSnapshot] = []
+
+    def opening_edge() -> None:
+        _sleep_until(start_at)
+        edges.append(bench._snapshot(target, store_pids, worker_pids))
+
+    results = bench.pool.run_crowd(specs, on_wait=opening_edge)
+    edges.append(bench._snapshot(target, store_pids, worker_pids))
+    measurement = crowd_measurement(label, target, plan.flash_in_flight, results, edges[0], edges[1])
+    service = Histogram()
+    for result in results:
+        service.add(Histogram.decode(result.service))
+    issued = sorted(moment for result in results for moment, _ in result.issued)
+    issued_people = len({person for result in results for _, person in result.issued})
+    claimed = services.run_async(
+        services.quota_claimed(redis_server.url, bench.prefix, campaign_id, services.FLASH_CATEGORY)
+    )
+    burst = FlashBurst(
+        campaign_id=campaign_id,
+        measurement=measurement,
+        service=LatencySummary.of(service),
+        service_histogram=service.encode(),
+        exhausted_after_s=issued[quota - 1] - start_at if len(issued) >= quota else None,
+        issued=len(issued),
+        issued_people=issued_people,
+        claimed_counter=claimed,
+        decline_reasons={
+            outcome.removeprefix("DECLINED_"): count
+            for outcome, count in sorted(measurement.outcomes.items(), key=lambda item: -item[1])
+            if outcome.startswith("DECLINED_")
+        },
+        correct=len(issued) == issued_people == claimed == quota and measurement.errors == 0,
+    )
+    bench.log(describe_burst(burst, quota))
+    return burst
+
+
+def describe_burst(burst: FlashBurst, quota: int) -> str:
+    measurement = burst.measurement
+    exhausted = f"{burst.exhausted_after_s:.2f} s" if burst.exhausted_after_s is not None else "never"
+    return (
+        f"  {measurement.label:<24} {measurement.throughput_per_s:8,.0f} claims/s over {measurement.window_s:.1f} s,"
+        f" wait p50 {measurement.latency.p50_ms:,.0f} p99 {measurement.latency.p99_ms:,.0f}"
+        f" p99.9 {measurement.latency.p999_ms:,.0f} ms, service p99 {burst.service.p99_ms:,.0f} ms;"
+        f" tranche exhausted after {exhausted}; issued {burst.issued:,} to {burst.issued_people:,} people,"
+        f" counter {burst.claimed_counter:,}, quota {quota:,}: {'OK' if burst.correct else 'WRONG'};"
+        f" declines {burst.decline_reasons}; server {measurement.server_cpu_ms_per_1k:,.0f} CPU-ms/1k,"
+        f" outside {measurement.outside_cpu_cores:4.2f} cores"
+        + (f", errors {measurement.errors}" if measurement.errors else "")
+    )
+
+
+FLASH_SETTINGS = GatewaySettings(workers=2, use_uvloop=True)
+
+
 def run_flash_crowd(bench: Bench, result: RunResult) -> None:
-    """Scenario 7: not yet; the qualification feature it exercises does not exist."""
-    del bench
-    result.stubs["flash_crowd"] = {
-        "status": "not yet: the qualification feature (QualificationService.ClaimQualification) does not exist",
-        "how": "later: an open-loop burst of ClaimQualification far above the sustained rate on one campaign's"
-        " quota, then Authorize against the claimed qualifications; latency from intended send time,"
-        " and no quota issued twice",
-    }
+    """Scenario 7: at T a tranche of ``flash_quota`` qualifications opens and a crowd of
+    ``flash_claims`` claims (``flash_people`` people, the rest claiming twice) arrives, at most
+    ``flash_in_flight`` unanswered at once, against a 2-worker gateway. Authorize rounds on the
+    same server before the first crowd and after each give the reference. Fails the run when a
+    crowd was not issued exactly the quota, once per person."""
+    plan = bench.plan
+    partner_secret = secrets.token_urlsafe(32)
+    name = "gateway 2 workers (flash)"
+    target = bench.start_gateway(name, FLASH_SETTINGS, bench.redis["always"])
+    rng = random.Random()
+    try:
+        bench.warm(target)
+        # The claim path warm too (region, HMAC, the campaign cache); not measured.
+        warm_crowd, _ = crowd_claims(FLASH_WARMUP_CLAIMS, FLASH_WARMUP_CLAIMS, 0.5, rng)
+        flash_burst(bench, target, partner_secret, "warm-up crowd", FLASH_WARMUP_CLAIMS // 4, warm_crowd)
+        references = [bench.closed_round("authorize (reference)", target, "authorize")]
+        bursts: list[FlashBurst] = []
+        outside = 0
+        for index in range(plan.flash_bursts):
+            bench.log(f"flash crowd {index + 1}/{plan.flash_bursts}")
+            crowd, outside = crowd_claims(plan.flash_claims, plan.flash_people, plan.flash_arrival_s, rng)
+            bursts.append(flash_burst(bench, target, partner_secret, f"crowd {index + 1}", plan.flash_quota, crowd))
+            references.append(bench.closed_round("authorize (reference)", target, "authorize"))
+    finally:
+        bench.stop_target(name)
+    # The Authorize rounds either side of each burst are its reference.
+    around = list(pairwise(references))
+    clean = [
+        not (disturbed(burst.measurement) or disturbed(before) or disturbed(after))
+        for burst, (before, after) in zip(bursts, around, strict=True)
+    ]
+    result.flash_crowd = FlashCrowd(
+        server=name,
+        workers=FLASH_SETTINGS.workers,
+        quota=plan.flash_quota,
+        claims=plan.flash_claims,
+        people=plan.flash_people,
+        outside_region_people=outside,
+        in_flight=plan.flash_in_flight,
+        arrival_s=plan.flash_arrival_s,
+        bursts=bursts,
+        references=references,
+        throughput=Ratio.of(
+            [burst.measurement.throughput_per_s for burst in bursts],
+            [(r0.throughput_per_s + r1.throughput_per_s) / 2 for r0, r1 in around],
+            clean,
+        ),
+        server_cpu=Ratio.of(
+            [burst.measurement.server_cpu_ms_per_1k for burst in bursts],
+            [(r0.server_cpu_ms_per_1k + r1.server_cpu_ms_per_1k) / 2 for r0, r1 in around],
+            clean,
+        ),
+    )
+    result.checks["flash_crowd"] = [
+        {
+            "campaign_id": burst.campaign_id,
+            "quota": plan.flash_quota,
+            "issued": burst.issued,
+            "issued_people": burst.issued_people,
+            "claimed_counter": burst.claimed_counter,
+            "errors": burst.measurement.errors,
+            "correct": burst.correct,
+        }
+        for burst in bursts
+    ]
+    wrong = [index + 1 for index, burst in enumerate(bursts) if not burst.correct]
+    if wrong:
+        raise RuntimeError(
+            f"flash crowd: crowd(s) {wrong} were not issued exactly the quota of {plan.flash_quota:,}, once per"
+            f" person, without errors: {result.checks['flash_crowd']}"
+        )
 
 
 RUNNERS: dict[str, Callable[[Bench, RunResult], None]] = {
@@ -888,8 +1196,7 @@ RUNNERS: dict[str, Callable[[Bench, RunResult], None]] = {
 def run_scenarios(bench: Bench, result: RunResult) -> None:
     for name in bench.plan.scenarios:
         bench.log(f"scenario {name}")
-        if name != "flash_crowd":
-            bench.reset_state()
+        bench.reset_state()
         RUNNERS[name](bench, result)
 
 

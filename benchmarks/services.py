@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +50,14 @@ GTIN = "6970000000017"
 PRICE_FEN = 300_000  # 20% of it: 60,000 fen subsidy per approval
 BUDGET_FEN = 9_999_999_999_999  # the largest budget the validator accepts: ~166 million approvals
 MERCHANT_ID = "m-bench"
+
+# The flash crowd: a partner app, and campaigns that issue qualifications in one tranche.
+PARTNER_ID = "p-bench-01"
+FLASH_CATEGORY = "general"
+FLASH_VALIDITY_S = 7 * 86_400  # nothing expires during a run: the sweeper stays idle
+# The district the claims must come from (the project's example outline of Xiaoshan District,
+# 15 vertices); the crowd's phones are at known points inside and outside it.
+REGION_FILE = ROOT / "examples" / "merchants" / "xiaoshan-region.geojson.yaml"
 
 
 def say(message: str) -> None:
@@ -333,6 +342,38 @@ def reference_document(terminal_count: int) -> tuple[dict[str, Any], list[Termin
     return document, terminals
 
 
+def flash_document(partner_secret: str, campaign_id: str, release_at: datetime, quota: int) -> dict[str, Any]:
+    """The bench's partner app and one campaign whose whole qualification quota is one tranche
+    released at ``release_at``, claimable from inside the district only."""
+    region: dict[str, Any] = yaml.safe_load(REGION_FILE.read_text(encoding="utf-8"))
+    return {
+        "partners": [{"id": PARTNER_ID, "name": "Bench app", "kind": "APP", "secret": partner_secret}],
+        "campaigns": [
+            {
+                "id": campaign_id,
+                "name": "Benchmark: flash crowd",
+                "status": "ACTIVE",
+                "starts_at": "2020-01-01T00:00:00+00:00",
+                "ends_at": "2099-01-01T00:00:00+00:00",
+                "qualification_validity_s": FLASH_VALIDITY_S,
+                "region": region,
+                "rules": [
+                    {
+                        "category": FLASH_CATEGORY,
+                        "kind": "FIXED",
+                        "threshold_fen": 2_000,
+                        "off_fen": 500,
+                        "per_person_limit": 1,
+                        "budget_fen": 500 * quota,
+                        "qualification_quota": quota,
+                        "qualification_tranches": [{"release_at": release_at.isoformat(), "count": quota}],
+                    }
+                ],
+            }
+        ],
+    }
+
+
 def write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -390,6 +431,20 @@ async def load_gateway_reference(pg_dsn: str, redis_url: str, prefix: str, docum
         await load(config, path, None)
     finally:
         path.unlink(missing_ok=True)
+
+
+async def quota_claimed(redis_url: str, prefix: str, campaign_id: str, category: str) -> int:
+    """The campaign's claimed-qualifications counter, as the claim script keeps it."""
+    from redis.asyncio import Redis
+
+    from storage.redis.keys import Keys
+
+    client = Redis.from_url(redis_url)
+    try:
+        raw = await client.hget(Keys(prefix).qualification_quota(campaign_id), f"{category}:claimed")
+    finally:
+        await client.aclose()
+    return int(raw or 0)
 
 
 async def republish_reference(pg_dsn: str, redis_url: str, prefix: str) -> None:
@@ -512,7 +567,13 @@ class GatewaySettings:
 
 
 def gateway_process(
-    name: str, settings: GatewaySettings, redis_url: str, prefix: str, pg_dsn: str, hold_ttl_s: int
+    name: str,
+    settings: GatewaySettings,
+    redis_url: str,
+    prefix: str,
+    pg_dsn: str,
+    hold_ttl_s: int,
+    programme_key: str,
 ) -> ServerProcess:
     port = free_port()
     environment = clean_environment() | {
@@ -524,6 +585,8 @@ def gateway_process(
         "SUBSIDY_USE_UVLOOP": "true" if settings.use_uvloop else "false",
         # Holds outlive the run, so the expiry sweeper finds nothing to do during measurement.
         "SUBSIDY_HOLD_TTL_S": str(hold_ttl_s),
+        # Qualification claims turn ID numbers into consumer keys with it (>= 32 bytes).
+        "SUBSIDY_PROGRAMME_KEY": programme_key,
         "SUBSIDY_LOG_LEVEL": "INFO",
     }
     return ServerProcess(
