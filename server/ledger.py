@@ -181,7 +181,9 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
         if action == "lag":
             return 0, dataclasses.asdict(await lag(redis, keys, "ledger-writer"))
         current = await lag(redis, keys, "ledger-writer")
-        unmirrored = await redis.xlen(keys.qualification_events)
+        # Dead-lettered snapshots count too: rebuilding from rows they should have updated would
+        # restore stale states.
+        unmirrored = await redis.xlen(keys.qualification_events) + await redis.xlen(keys.qualification_events + ":dead")
         if (current.backlog or current.dead_letters or unmirrored) and not force:
             problem = (
                 f"{current.backlog} events are not yet written, {current.dead_letters} are dead-lettered"

@@ -45,9 +45,12 @@ def check_authorize(request: authorization_pb2.AuthorizeRequest, max_lines: int)
         raise invalid_field("consumer_key", "must be 64 lowercase hex characters (HMAC-SHA256)")
     if request.channel not in KNOWN_CHANNELS:
         raise invalid_field("channel", "must be CHANNEL_POS or CHANNEL_ONLINE")
+    _check_lines(request.lines, max_lines)
     if request.redemption_code:
         check_redemption_code(request.redemption_code)
-    _check_lines(request.lines, max_lines)
+        # A qualification is one discount on one unit: its quota counts units, like the budget.
+        if len(request.lines) != 1:
+            raise invalid_field("lines", "a payment that redeems a qualification has exactly one line")
 
 
 def check_redemption_code(value: str) -> None:

@@ -213,10 +213,18 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
         stale += [key async for key in redis.scan_iter(match=f"{keys.tag}:{pattern}:*")]
     claimed: Counter[tuple[str, str]] = Counter()
     held: Counter[tuple[str, str, str]] = Counter()
+    # Which qualification each payment redeemed, from the ledger (the mirror keeps only each
+    # qualification's latest holder): voided and refunded payments keep showing their code.
+    links = await connection.fetch(
+        "SELECT authorization_id, payload->>'qualification' AS code FROM ledger_events"
+        " WHERE event_type = 'AUTHORIZED' AND coalesce(payload->>'qualification', '') <> ''"
+    )
     async with redis.pipeline(transaction=True) as pipe:
         for key in stale:
             pipe.delete(key)
         pipe.delete(keys.qualification_expiry)
+        for link in links:
+            pipe.hset(keys.authorization(link["authorization_id"]), "qualification", link["code"])
         for row in rows:
             code = row["redemption_code"]
             pipe.hset(
@@ -245,11 +253,27 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
                 held[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
             if row["state"] == "ISSUED":
                 pipe.zadd(keys.qualification_expiry, {code: to_ms(row["expires_at"])})
-            if row["state"] in ("RESERVED", "REDEEMED") and row["authorization_id"]:
-                pipe.hset(keys.authorization(row["authorization_id"]), "qualification", code)
         for (campaign_id, category), count in claimed.items():
             pipe.hset(keys.qualification_quota(campaign_id), f"{category}:claimed", count)
         for (campaign_id, consumer_key, category), count in held.items():
             pipe.hset(keys.qualification_holder(campaign_id, consumer_key), category, count)
         await pipe.execute()
+    newest = await connection.fetchrow(
+        "SELECT last_event_ms, last_event_seq FROM qualifications ORDER BY last_event_ms DESC, last_event_seq DESC"
+        " LIMIT 1"
+    )
+    if newest is not None:
+        await _advance_stream_id(redis, keys, f"{newest['last_event_ms']}-{newest['last_event_seq']}")
     return len(rows)
+
+
+async def _advance_stream_id(redis: Redis, keys: Keys, last_mirrored: str) -> None:
+    """Snapshots are ordered by stream id: a new stream (a Redis whose clock is behind the lost
+    one's) must never hand out an id below what the table holds, or its snapshots would be
+    ignored as older."""
+    client: Any = redis
+    await QualificationMirror(redis, keys, "").ensure_group()
+    info = await client.xinfo_stream(keys.qualification_events)
+    current = _text(info["last-generated-id"])
+    if tuple(map(int, current.split("-"))) < tuple(map(int, last_mirrored.split("-"))):
+        await client.execute_command("XSETID", keys.qualification_events, last_mirrored)

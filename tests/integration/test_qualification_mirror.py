@@ -14,7 +14,7 @@ from subsidy_client.v1 import qualification_pb2 as qpb
 
 from server.ledger import with_connections
 from storage.devenv import Services
-from storage.postgres.qualifications import GROUP, QualificationMirror
+from storage.postgres.qualifications import GROUP, UPSERT, QualificationMirror, snapshot_row
 from storage.postgres.reference import fetch_reference
 from storage.postgres.writer import LedgerWriter, WriterConfig
 from storage.redis.reference import publish_reference
@@ -67,7 +67,10 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
 
             unused, redeemed, cancelled, reserved = (id_number() for _ in range(4))
             codes = {person: await claimed(person) for person in (unused, redeemed, cancelled, reserved)}
-            await till.capture(await pay(redeemed, codes[redeemed]))
+            captured = await pay(redeemed, codes[redeemed])
+            await till.capture(captured)
+            voided = await pay(unused, codes[unused])
+            await till.void(voided)  # the code goes back to ISSUED; the payment keeps its link
             await app.cancel(codes[cancelled])
             held_by = await pay(reserved, codes[reserved])
 
@@ -122,6 +125,9 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
             # capturing its payment; the unused one can be redeemed; nobody claims twice.
             await till.capture(held_by)
             assert (await app.get(codes[reserved])).state == qpb.QUALIFICATION_STATE_REDEEMED
+            # Both payments still show the code they redeemed (the link comes from the ledger).
+            assert (await till.get_authorization(captured)).redemption_code == codes[redeemed]
+            assert (await till.get_authorization(voided)).redemption_code == codes[unused]
             await pay(unused, codes[unused])
             again = await app.claim(
                 campaign_id="c-qual",
@@ -133,3 +139,42 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
             assert again.decline_reason == qpb.CLAIM_DECLINE_REASON_PERSON_LIMIT_REACHED
             assert (await claimed(cancelled)) != codes[cancelled]  # a cancelled claim does not count
         await redis.aclose()
+
+
+async def test_an_older_snapshot_never_overwrites_a_newer_one(services: Services) -> None:
+    """The mirror's ordering guard: a redelivered or late snapshot (a lower stream id) leaves the
+    row as the newer one made it; a newer one replaces it."""
+    async with isolated_environment(services) as env:
+        connection = await asyncpg.connect(env.pg_dsn)
+        try:
+            base = {
+                "code": "0123456789ABCDEF",
+                "state": "ISSUED",
+                "campaign": "c-qual",
+                "category": "general",
+                "consumer": "ab" * 32,
+                "partner": "p-wallet-01",
+                "issued_ms": 1_800_000_000_000,
+                "expires_ms": 1_800_003_600_000,
+                "updated_ms": 1_800_000_000_000,
+            }
+
+            async def write(entry_id: str, **changes: object) -> None:
+                await connection.execute(UPSERT, *snapshot_row(entry_id, {**base, **changes}))
+
+            async def state() -> str:
+                found: str = await connection.fetchval(
+                    "SELECT state FROM qualifications WHERE redemption_code = $1", base["code"]
+                )
+                return found
+
+            await write("1800000000000-0")
+            await write("1800000005000-0", state="RESERVED", authorization="a" * 32)
+            await write("1800000000000-0")  # the first snapshot redelivered
+            assert await state() == "RESERVED"
+            await write("1800000004999-7", state="CANCELLED")  # older, though a later seq
+            assert await state() == "RESERVED"
+            await write("1800000005000-1", state="REDEEMED")
+            assert await state() == "REDEEMED"
+        finally:
+            await connection.close()

@@ -467,53 +467,111 @@ async def test_no_id_or_phone_number_reaches_the_logs(
     assert phone not in rendered
 
 
-async def test_refund_restoration_follows_the_campaign_rule(
-    services: Services,
-) -> None:
-    """RESTORE_ON_FULL_REFUND: one refund of the whole payment within validity gives the
-    qualification back with its original expiry; a partial or split refund counts as used.
-    COUNT_AS_USED: any refund counts as used. A late refund (after expiry) counts as used."""
-    async with isolated_environment(services) as env, running_gateway(env.config()) as gateway:
-        await load_document(env, {"campaigns": [qualification_campaign("c-two", "RESTORE_ON_FULL_REFUND", 3600, 2)]})
+async def test_refund_restoration_follows_the_campaign_rule(services: Services) -> None:
+    """RESTORE_ON_FULL_REFUND: a refund within validity gives the qualification back with its
+    original expiry, still out of the pool, and once it then expires its quota returns once.
+    COUNT_AS_USED: a refund counts as used. A late refund (after expiry) counts as used. (A
+    payment that redeems a qualification has one line, so its refund is always whole.)"""
+    async with (
+        isolated_environment(services) as env,
+        running_gateway(env.config(sweep_interval_ms=50)) as gateway,
+    ):
         await load_document(env, {"campaigns": [qualification_campaign("c-late", "RESTORE_ON_FULL_REFUND", 2, 1)]})
         target = f"127.0.0.1:{gateway.port}"
         one_attempt = RetryPolicy(max_attempts=1)
+        redis = Redis.from_url(env.redis_url)
         async with (
             QualificationClient(target, "p-wallet-01", env.credentials["p-wallet-01"], retry=one_attempt) as wallet,
             AuthorizationClient(target, "t-main-01", env.credentials["t-main-01"], retry=one_attempt) as till,
         ):
 
-            async def bought(campaign: str, lines: int = 1) -> tuple[str, str, str]:
+            async def bought(campaign: str) -> tuple[str, str, str]:
                 person = id_number()
                 code = await issued(wallet, person, campaign)
-                approved = await pay(till, person, code, campaign, lines)
+                approved = await pay(till, person, code, campaign)
                 assert outcome(approved) == "APPROVED"
                 await till.capture(approved.authorization_id)
                 return person, code, approved.authorization_id
 
+            async def counts(campaign: str, person: str) -> tuple[int, int]:
+                claimed = await redis.hget(env.keys.qualification_quota(campaign), "general:claimed")
+                held = await redis.hget(env.keys.qualification_holder(campaign, consumer_key_of(person)), "general")
+                return int(claimed or 0), int(held or 0)
+
             # Full refund within validity, restoring rule: back to ISSUED, same expiry, usable.
             person, code, authorization = await bought("c-qual")
             expires = (await wallet.get(code)).expires_at
+            before = await counts("c-qual", person)
             await till.refund(authorization)
             restored = await wallet.get(code)
             assert restored.state == qpb.QUALIFICATION_STATE_ISSUED
             assert restored.expires_at == expires and restored.authorization_id == ""
+            assert await counts("c-qual", person) == before  # still the person's, still out of the pool
             assert outcome(await pay(till, person, code)) == "APPROVED"
-            # The same full refund under COUNT_AS_USED: used.
-            _, code, authorization = await bought("c-qual-used")
+            # The same refund under COUNT_AS_USED: used, and the person keeps it.
+            person, code, authorization = await bought("c-qual-used")
             await till.refund(authorization)
             assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_REDEEMED
-            # Partial refund, then the rest (a split refund): used, even once all is refunded.
-            _, code, authorization = await bought("c-two", lines=2)
-            await till.refund(authorization, ["0"])
-            assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_REDEEMED
-            await till.refund(authorization, ["1"])
-            assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_REDEEMED
-            # A late refund: the qualification's validity (2 s) has passed.
-            _, code, authorization = await bought("c-late")
+            assert (await counts("c-qual-used", person))[1] == 1
+            assert decision(await claim(wallet, person, campaign="c-qual-used")) == "PERSON_LIMIT_REACHED"
+            # Restored, then left to expire (validity 2 s): the quota comes back exactly once.
+            person, code, authorization = await bought("c-late")
+            await till.refund(authorization)
+            assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_ISSUED
+            await asyncio.sleep(max(0.0, (await wallet.get(code)).expires_at.ToMilliseconds() - now_ms()) / 1000 + 0.5)
+            assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_EXPIRED
+            assert await counts("c-late", person) == (0, 0)
+            # A late refund: captured, then refunded after the validity passed: used.
+            person, code, authorization = await bought("c-late")
             await asyncio.sleep(max(0.0, (await wallet.get(code)).expires_at.ToMilliseconds() - now_ms()) / 1000 + 0.2)
             await till.refund(authorization)
             assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_REDEEMED
+            assert await counts("c-late", person) == (1, 1)
+        await redis.aclose()
+
+
+async def test_a_held_qualification_comes_back_when_its_hold_expires(services: Services) -> None:
+    """Holds of 1 s, swept every 50 ms: a payment never captured releases its qualification to
+    ISSUED while the qualification is valid, and to EXPIRED (quota back, once) when its own
+    validity ended meanwhile; a capture after the hold expired is refused."""
+    async with (
+        isolated_environment(services) as env,
+        running_gateway(env.config(hold_ttl_s=1, sweep_interval_ms=50)) as gateway,
+    ):
+        await load_document(env, {"campaigns": [qualification_campaign("c-brief", "COUNT_AS_USED", 1, 1)]})
+        target = f"127.0.0.1:{gateway.port}"
+        one_attempt = RetryPolicy(max_attempts=1)
+        redis = Redis.from_url(env.redis_url)
+        async with (
+            QualificationClient(target, "p-wallet-01", env.credentials["p-wallet-01"], retry=one_attempt) as wallet,
+            AuthorizationClient(target, "t-main-01", env.credentials["t-main-01"], retry=one_attempt) as till,
+        ):
+            long_lived, brief = id_number(), id_number()
+            long_code = await issued(wallet, long_lived)  # c-qual: valid for an hour
+            brief_code = await issued(wallet, brief, "c-brief")  # valid for a second
+            long_hold = await pay(till, long_lived, long_code)
+            brief_hold = await pay(till, brief, brief_code, "c-brief")
+            assert outcome(long_hold) == outcome(brief_hold) == "APPROVED"
+            await asyncio.sleep(1.6)
+            assert (await wallet.get(long_code)).state == qpb.QUALIFICATION_STATE_ISSUED
+            assert (await wallet.get(brief_code)).state == qpb.QUALIFICATION_STATE_EXPIRED
+            with pytest.raises(InvalidState):
+                await till.capture(long_hold.authorization_id)
+            assert await redis.hget(env.keys.qualification_quota("c-brief"), "general:claimed") == b"0"
+            assert await redis.hget(env.keys.qualification_holder("c-brief", consumer_key_of(brief)), "general") == b"0"
+            assert outcome(await pay(till, long_lived, long_code)) == "APPROVED"  # usable again
+        await redis.aclose()
+
+
+async def test_a_payment_that_redeems_a_qualification_has_one_line(
+    wallet: QualificationClient, client: AuthorizationClient
+) -> None:
+    person = id_number()
+    code = await issued(wallet, person)
+    with pytest.raises(InvalidArgument) as refused:
+        await pay(client, person, code, lines=2)
+    assert refused.value.metadata["field"] == "lines"
+    assert (await wallet.get(code)).state == qpb.QUALIFICATION_STATE_ISSUED
 
 
 def qualification_campaign(

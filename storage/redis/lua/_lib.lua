@@ -72,7 +72,7 @@ local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payl
     state = auth.state, channel = tonumber(auth.channel), total_fen = tonumber(auth.total_fen),
     subsidy_fen = tonumber(auth.subsidy_fen), refunded_fen = tonumber(auth.refunded_fen),
     created_ms = tonumber(auth.created_ms), expires_ms = tonumber(auth.expires_ms),
-    all_lines = auth.lines,
+    all_lines = auth.lines, qualification = auth.qualification or '',
   }
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
