@@ -6,9 +6,9 @@
   qualifications into PostgreSQL (storage/postgres/qualifications.py).
 - ``verify``: recomputes the hash chains; exit status 1 at the first break.
 - ``reconcile``: Redis counters against the ledger; exit status 1 on any difference.
-- ``rebuild``: restores Redis counters from the ledger and qualifications from their mirror
-  (after a Redis loss); refuses while either stream still holds unwritten entries unless
-  ``--force``.
+- ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
+  other providers' reports from theirs (after a Redis loss); refuses while either stream still
+  holds unwritten entries unless ``--force``.
 - ``lag``: the stream backlog, as JSON.
 
 Every command prints JSON on stdout (``--json``) or a short table.
@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 
 from server import logs
 from server.config import Config
+from server.exchange import reapply
 from storage.postgres.audit import rebuild, reconcile, verify
 from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror, restore_qualifications
@@ -192,11 +193,19 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
             return 2, {"error": problem + "; drain the writer and resolve dead letters first, or use --force"}
         counters = await rebuild(connection, redis, keys)
         qualifications = await restore_qualifications(connection, redis, keys)
+        # The rebuild drops every serial key; other providers' reports come back from their table.
+        pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=1)
+        try:
+            imported = await reapply(pool, redis, keys)
+        finally:
+            await pool.close()
         return 0, {
             "budget_counters": len(counters.budget),
             "usage_counters": len(counters.usage),
             "serials": len(counters.serials),
             "qualifications": qualifications,
+            "imported_consumers": imported.consumers,
+            "imported_serials": imported.serials,
         }
     finally:
         await connection.close()

@@ -1,9 +1,10 @@
-"""Qualifications mirrored into PostgreSQL by the writer process, and restored from there by
-``server.ledger rebuild`` after Redis loses everything."""
+"""Qualifications mirrored into PostgreSQL by the writer process, and restored from there (with
+the other providers' imported reports) by ``server.ledger rebuild`` after Redis loses everything."""
 
 from __future__ import annotations
 
 import time
+from datetime import date
 
 import asyncpg
 from redis.asyncio import Redis
@@ -12,6 +13,8 @@ from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
+from server.domain.exchange_file import ConsumerRecord, SerialRecord, encode
+from server.exchange import import_file
 from server.ledger import with_connections
 from storage.devenv import Services
 from storage.postgres.qualifications import GROUP, UPSERT, QualificationMirror, snapshot_row
@@ -21,6 +24,7 @@ from storage.redis.reference import publish_reference
 from tests.conftest import Environment, consumer_key_of, id_number, isolated_environment, running_gateway
 
 GOODS = "6970000000086"
+FRIDGE = "6970000000017"  # serial required
 HERE = common_pb2.Location(
     latitude=30.18, longitude=120.26, coordinate_system=common_pb2.COORDINATE_SYSTEM_WGS84, accuracy_m=10
 )
@@ -98,6 +102,27 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
                 assert rows[code]["masked_id_number"] == live.masked_id_number
                 assert person not in str(dict(rows[code]))
             quota_before = await redis.hget(env.keys.qualification_quota("c-qual"), "general:claimed")
+            # Another provider's report, imported before the loss.
+            peer_person, peer_serial = id_number(), "PEER-SN-0001"
+            exchange_key = b"exchange-key-for-the-mirror-test-0123456789"
+            pool = await asyncpg.create_pool(env.pg_dsn, min_size=1, max_size=1)
+            try:
+                await import_file(
+                    pool,
+                    redis,
+                    env.keys,
+                    exchange_key,
+                    encode(
+                        "p-peer-01",
+                        date(2026, 11, 26),
+                        [ConsumerRecord(consumer_key_of(peer_person), "general")],
+                        [SerialRecord(FRIDGE, peer_serial)],
+                        exchange_key,
+                    ),
+                    own_provider_id="local",
+                )
+            finally:
+                await pool.close()
 
             # Redis loses everything of this deployment; the reference data is republished, the
             # ledger writer drained, and the state rebuilt from PostgreSQL.
@@ -113,6 +138,7 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
                 await connection.close()
             status, result = await with_connections(env.config(), "rebuild", force=False)
             assert status == 0 and result["qualifications"] == len(rows)
+            assert (result["imported_consumers"], result["imported_serials"]) == (1, 1)
 
             assert await redis.hget(env.keys.qualification_quota("c-qual"), "general:claimed") == quota_before
             for code in codes.values():
@@ -138,6 +164,21 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
             )
             assert again.decline_reason == qpb.CLAIM_DECLINE_REASON_PERSON_LIMIT_REACHED
             assert (await claimed(cancelled)) != codes[cancelled]  # a cancelled claim does not count
+            # The peer's reports hold again: its consumer and its device are declined.
+            used_elsewhere = await app.claim(
+                campaign_id="c-qual",
+                category="general",
+                id_number=peer_person,
+                location=HERE,
+                fix_time_ms=int(time.time() * 1000),
+            )
+            assert used_elsewhere.decline_reason == qpb.CLAIM_DECLINE_REASON_USED_ELSEWHERE
+            device = await till.authorize(
+                campaign_id="c-main",
+                consumer_key=consumer_key_of(id_number()),
+                lines=[Line("1", FRIDGE, 300_000, peer_serial)],
+            )
+            assert device.decline_reason == apb.DECLINE_REASON_SERIAL_ALREADY_SUBSIDISED
         await redis.aclose()
 
 
