@@ -1,6 +1,7 @@
 'use strict';
-// A minimal client for subsidy.v1.AuthorizationService, built from protos/ at runtime (no
-// generated code). Every call is signed over its exact request bytes, so this module
+// A minimal client for subsidy.v1.AuthorizationService (terminals) and
+// subsidy.v1.QualificationService (partner apps), built from protos/ at runtime (no generated
+// code). Every call is signed over its exact request bytes, so this module
 // serializes each request itself, signs the bytes and hands them to grpc-js unchanged.
 
 const crypto = require('node:crypto');
@@ -11,18 +12,19 @@ const protobuf = require('protobufjs');
 
 const PROTOS = path.resolve(__dirname, '../../protos');
 const SERVICE = 'subsidy.v1.AuthorizationService';
+const QUALIFICATIONS = 'subsidy.v1.QualificationService';
 
 // keepCase: fields keep their proto names (request_id, unit_price_fen, ...).
 // longs: Number is exact for fen amounts below 2^53. google/protobuf/timestamp.proto comes
 // from proto-loader's bundled well-known types.
-const definition = protoLoader.loadSync('subsidy/v1/authorization.proto', {
+const definition = protoLoader.loadSync(['subsidy/v1/authorization.proto', 'subsidy/v1/qualification.proto'], {
   includeDirs: [PROTOS],
   keepCase: true,
   longs: Number,
   enums: String,
   defaults: true,
 });
-const methods = definition[SERVICE];
+const methods = { ...definition[SERVICE], ...definition[QUALIFICATIONS] };
 
 // google.rpc.Status and google.rpc.ErrorInfo (public googleapis messages, not bundled with
 // proto-loader), declared here to decode the grpc-status-details-bin trailer.
@@ -130,6 +132,11 @@ function createClient({ target, terminalId, secret, deadlineMs = 5000 }) {
       call('Capture', { request_id: requestId, authorization_id: authorizationId }),
     getAuthorization: (authorizationId) =>
       call('GetAuthorization', { authorization_id: authorizationId }).then((response) => response.authorization),
+    /** For partner apps. request: a ClaimQualificationRequest as a plain object (the ID number
+     * in consumer.id_number; the gateway turns it into the consumer key). */
+    claimQualification: (request) => call('ClaimQualification', { request_id: crypto.randomUUID(), ...request }),
+    getQualification: (redemptionCode) =>
+      call('GetQualification', { redemption_code: redemptionCode }).then((response) => response.qualification),
     close: () => client.close(),
   };
 }

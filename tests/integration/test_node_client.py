@@ -79,3 +79,32 @@ async def test_node_demo_authorizes_captures_and_reads_back(
     assert steps["capture"]["state"] == "AUTHORIZATION_STATE_CAPTURED"
     assert steps["get"]["state"] == "AUTHORIZATION_STATE_CAPTURED"
     assert steps["get"]["subsidy_fen"] == 60_000
+
+
+@pytest.mark.timeout(420)
+async def test_node_partner_app_claims_a_voucher_that_a_till_redeems(
+    environment: Environment, gateway: Application, tmp_path: Path
+) -> None:
+    node = await ensure_node_modules()
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(
+        json.dumps(
+            {
+                "target": f"127.0.0.1:{gateway.port}",
+                "terminals": {"t-main-01": environment.credentials["t-main-01"]},
+                "partners": {"p-wallet-01": environment.credentials["p-wallet-01"]},
+            }
+        )
+    )
+
+    code, stdout, stderr = await run(
+        node, "voucher.js", str(credentials), "c-qual", "6970000000086", "3000", cwd=NODE_CLIENT, timeout_s=60
+    )
+
+    assert code == 0, f"voucher.js failed:\n{stdout}\n{stderr}"
+    steps = {line["step"]: line for line in map(json.loads, stdout.splitlines())}
+    assert steps["claim"]["decision"] == "CLAIM_DECISION_ISSUED"
+    assert steps["claim"]["state"] == "QUALIFICATION_STATE_ISSUED"
+    assert steps["redeem"] == {"step": "redeem", "decision": "DECISION_APPROVED", "subsidy_fen": 500}
+    assert steps["get"]["state"] == "QUALIFICATION_STATE_RESERVED"
+    assert steps["get"]["authorization_id"]
