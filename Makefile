@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: reset run test test-fast lint format typecheck gen-protos check-protos bench demo clean venv
+.PHONY: reset run test test-fast lint format gen-protos check-protos bench demo clean venv
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

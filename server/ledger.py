@@ -9,9 +9,10 @@
 - ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
   other providers' reports from theirs (after a Redis loss); refuses while either stream still
   holds unwritten entries unless ``--force``.
-- ``lag``: the stream backlog, as JSON.
+- ``lag``: the stream backlog, and the qualification mirror's (entries not yet mirrored and
+  dead-lettered), as JSON.
 
-Every command prints JSON on stdout (``--json``) or a short table.
+Every command prints JSON on stdout.
 """
 
 from __future__ import annotations
@@ -180,7 +181,11 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
             differences = await reconcile(connection, redis, keys)
             return (1 if differences else 0), {"differences": [dataclasses.asdict(item) for item in differences]}
         if action == "lag":
-            return 0, dataclasses.asdict(await lag(redis, keys, "ledger-writer"))
+            return 0, {
+                **dataclasses.asdict(await lag(redis, keys, "ledger-writer")),
+                "qualification_backlog": await redis.xlen(keys.qualification_events),
+                "qualification_dead_letters": await redis.xlen(keys.qualification_events + ":dead"),
+            }
         current = await lag(redis, keys, "ledger-writer")
         # Dead-lettered snapshots count too: rebuilding from rows they should have updated would
         # restore stale states.
@@ -213,7 +218,9 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m server.ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("writer", help="run the ledger writer")
     commands.add_parser("verify", help="recompute the hash chains")

@@ -59,6 +59,11 @@ async function main() {
 
     const held = await app.getQualification(qualification.redemption_code);
     console.log(JSON.stringify({ step: 'get', state: held.state, authorization_id: held.authorization_id }));
+
+    // The sale completes: the capture makes the voucher used.
+    await till.capture(paid.authorization_id);
+    const used = await app.getQualification(qualification.redemption_code);
+    console.log(JSON.stringify({ step: 'capture', state: used.state }));
   } finally {
     app.close();
     till.close();

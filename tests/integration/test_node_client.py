@@ -108,3 +108,4 @@ async def test_node_partner_app_claims_a_voucher_that_a_till_redeems(
     assert steps["redeem"] == {"step": "redeem", "decision": "DECISION_APPROVED", "subsidy_fen": 500}
     assert steps["get"]["state"] == "QUALIFICATION_STATE_RESERVED"
     assert steps["get"]["authorization_id"]
+    assert steps["capture"]["state"] == "QUALIFICATION_STATE_REDEEMED"
