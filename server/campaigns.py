@@ -21,7 +21,6 @@ from server.domain.reference import Campaign, ReferenceError, parse_campaign
 from server.errors import invalid_field
 from server.operations import OperatorDeps, Scope, already_exists, begin_action, not_found, publish_scope, record
 from storage.postgres.reference import save_campaign
-from storage.redis.reference import tranche_schedule
 
 pb = campaign_pb2
 KINDS: dict[Any, str] = {pb.RULE_KIND_PERCENT: "PERCENT", pb.RULE_KIND_FIXED: "FIXED"}
@@ -160,6 +159,14 @@ def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
     )
 
 
+def released_by(tranches: list[tuple[int, int]], total: int, now_ms: int) -> int:
+    """What a release schedule of (time in ms, amount) has released by ``now_ms``: the sum of the
+    tranches due, at most ``total``; without tranches, ``total``."""
+    if not tranches:
+        return total
+    return min(total, sum(amount for moment, amount in tranches if moment <= now_ms))
+
+
 class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
     def __init__(self, deps: OperatorDeps) -> None:
         self._deps = deps
@@ -228,30 +235,13 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
         claimed = {(key.decode() if isinstance(key, bytes) else key): int(value) for key, value in raw.items()}
         categories = []
         for rule in campaign.rules:
-            schedule = tranche_schedule(
-                [
-                    {"release_at": t.release_at.ToDatetime(tzinfo=UTC).isoformat(), "amount_fen": t.amount_fen}
-                    for t in rule.tranches
-                ]
+            released = released_by(
+                [(t.release_at.ToMilliseconds(), t.amount_fen) for t in rule.tranches], rule.budget_fen, now_ms
             )
-            released = min(
-                rule.budget_fen,
-                max([amount for moment, amount in schedule if moment <= now_ms], default=0)
-                if schedule
-                else rule.budget_fen,
-            )
-            quota_schedule = tranche_schedule(
-                [
-                    {"release_at": t.release_at.ToDatetime(tzinfo=UTC).isoformat(), "count": t.count}
-                    for t in rule.qualification_tranches
-                ],
-                "count",
-            )
-            qualifications_released = min(
+            qualifications_released = released_by(
+                [(t.release_at.ToMilliseconds(), t.count) for t in rule.qualification_tranches],
                 rule.qualification_quota,
-                max([count for moment, count in quota_schedule if moment <= now_ms], default=0)
-                if quota_schedule
-                else rule.qualification_quota,
+                now_ms,
             )
             reserved = counters.get(f"{rule.category}:reserved", 0)
             spent = counters.get(f"{rule.category}:spent", 0)

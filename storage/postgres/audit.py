@@ -248,23 +248,26 @@ async def rebuild(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> C
                 pipe.zadd(keys.holds, {row["authorization_id"]: to_ms(row["hold_expires_at"])})
         await pipe.execute()
     if last_event is not None:
-        await _advance_stream_id(redis, keys, f"{last_event['event_ms']}-{last_event['event_seq']}")
+        await advance_stream_id(
+            redis, keys.ledger, "ledger-writer", f"{last_event['event_ms']}-{last_event['event_seq']}"
+        )
     return counters
 
 
-async def _advance_stream_id(redis: Redis, keys: Keys, last_written: str) -> None:
-    """A new stream must never hand out an id the ledger already holds (a Redis clock behind
-    the old one would): move its last id past the ledger's newest event."""
+async def advance_stream_id(redis: Redis, stream: str, group: str, last_written: str) -> None:
+    """A new stream must never hand out an id PostgreSQL already holds (a Redis clock behind
+    the old one would): create it with its consumer group and move its last id past
+    ``last_written``."""
     client: Any = redis
     try:
-        await client.xgroup_create(keys.ledger, "ledger-writer", id="0", mkstream=True)
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
     except redis_errors.ResponseError as error:  # BUSYGROUP: the group exists already
         if "BUSYGROUP" not in str(error):
             raise
-    info = await client.xinfo_stream(keys.ledger)
+    info = await client.xinfo_stream(stream)
     current = _text(info["last-generated-id"])
     if tuple(map(int, current.split("-"))) < tuple(map(int, last_written.split("-"))):
-        await client.execute_command("XSETID", keys.ledger, last_written)
+        await client.execute_command("XSETID", stream, last_written)
 
 
 def _authorization_hash(row: Any) -> dict[str, Any]:

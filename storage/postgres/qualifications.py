@@ -25,8 +25,11 @@ import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from storage.postgres.audit import advance_stream_id
 from storage.postgres.ledger import from_ms, to_ms
+from storage.postgres.writer import read_group
 from storage.redis.keys import Keys
+from storage.redis.store import text
 
 log = logging.getLogger("subsidy.qualifications")
 GROUP = "qualification-mirror"
@@ -44,10 +47,6 @@ ON CONFLICT (redemption_code) DO UPDATE SET state = excluded.state, updated_at =
 WHERE (qualifications.last_event_ms, qualifications.last_event_seq)
     < (excluded.last_event_ms, excluded.last_event_seq)
 """
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
@@ -115,24 +114,15 @@ class QualificationMirror:
                 raise
 
     async def _read(self, block: bool) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """This consumer's pending entries, then a dead consumer's, then new ones."""
-        redis: Any = self.redis  # redis-py types stream replies loosely
-        own = await redis.xreadgroup(GROUP, self._consumer, {self.stream: "0"}, count=self._batch_size)
-        if own and own[0][1]:
-            return list(own[0][1])
-        claimed = await redis.xautoclaim(
-            self.stream, GROUP, self._consumer, self._claim_idle_ms, "0-0", count=self._batch_size
-        )
-        if claimed[1]:
-            return [entry for entry in claimed[1] if entry[1] is not None]
-        fresh = await redis.xreadgroup(
+        return await read_group(
+            self.redis,
+            self.stream,
             GROUP,
             self._consumer,
-            {self.stream: ">"},
-            count=self._batch_size,
-            block=self._block_ms if block else None,
+            self._batch_size,
+            self._claim_idle_ms,
+            self._block_ms if block else None,
         )
-        return list(fresh[0][1]) if fresh else []
 
     async def step(self, block: bool = True) -> int:
         """One batch: read, upsert in one transaction, then acknowledge and delete. Returns the
@@ -144,7 +134,7 @@ class QualificationMirror:
         refused: list[tuple[bytes, dict[bytes, bytes]]] = []
         for raw_id, fields in entries:
             try:
-                parsed.append((raw_id, snapshot_row(_text(raw_id), orjson.loads(fields[b"q"]))))
+                parsed.append((raw_id, snapshot_row(text(raw_id), orjson.loads(fields[b"q"]))))
             except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
                 refused.append((raw_id, fields))
         try:
@@ -174,7 +164,7 @@ class QualificationMirror:
             # Kept, never dropped: a human looks at the dead-letter stream.
             await self.redis.xadd(self.stream + ":dead", {b"id": raw_id, **fields})  # type: ignore[dict-item]
             self.stats.dead_letters += 1
-            log.error("qualification event dead-lettered", extra={"entry": _text(raw_id)})
+            log.error("qualification event dead-lettered", extra={"entry": text(raw_id)})
         ids = [raw_id for raw_id, _ in entries]
         await self.redis.xack(self.stream, GROUP, *ids)
         await self.redis.xdel(self.stream, *ids)
@@ -263,17 +253,7 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
         " LIMIT 1"
     )
     if newest is not None:
-        await _advance_stream_id(redis, keys, f"{newest['last_event_ms']}-{newest['last_event_seq']}")
+        # Snapshots are ordered by stream id: ids below the table's newest would be ignored.
+        last = f"{newest['last_event_ms']}-{newest['last_event_seq']}"
+        await advance_stream_id(redis, keys.qualification_events, GROUP, last)
     return len(rows)
-
-
-async def _advance_stream_id(redis: Redis, keys: Keys, last_mirrored: str) -> None:
-    """Snapshots are ordered by stream id: a new stream (a Redis whose clock is behind the lost
-    one's) must never hand out an id below what the table holds, or its snapshots would be
-    ignored as older."""
-    client: Any = redis
-    await QualificationMirror(redis, keys, "").ensure_group()
-    info = await client.xinfo_stream(keys.qualification_events)
-    current = _text(info["last-generated-id"])
-    if tuple(map(int, current.split("-"))) < tuple(map(int, last_mirrored.split("-"))):
-        await client.execute_command("XSETID", keys.qualification_events, last_mirrored)

@@ -78,6 +78,23 @@ class WriterStats:
     postgres_failures: int = 0
 
 
+async def read_group(
+    redis: Redis, stream: str, group: str, consumer: str, count: int, claim_idle_ms: int, block_ms: int | None
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """A consumer's next batch: its own pending entries first (left by its previous life), then
+    entries idle for ``claim_idle_ms`` in another consumer's pending list, then new ones."""
+    # redis-py's stubs type stream replies loosely; their shape is fixed by the commands.
+    client: Any = redis
+    own = await client.xreadgroup(group, consumer, {stream: "0"}, count=count)
+    if own and own[0][1]:
+        return list(own[0][1])
+    claimed = await client.xautoclaim(stream, group, consumer, claim_idle_ms, "0-0", count=count)
+    if claimed[1]:
+        return [entry for entry in claimed[1] if entry[1] is not None]
+    fresh = await client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    return list(fresh[0][1]) if fresh else []
+
+
 class LedgerWriter:
     def __init__(self, config: WriterConfig, redis: Redis) -> None:
         self.config = config
@@ -108,25 +125,16 @@ class LedgerWriter:
             await self._connection.close()
 
     async def _read(self, block: bool) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Own pending entries first, then a dead consumer's, then new ones."""
-        stream, group, consumer, count = (
+        config = self.config
+        return await read_group(
+            self.redis,
             self.keys.ledger,
-            self.config.group,
-            self.config.consumer,
-            self.config.batch_size,
+            config.group,
+            config.consumer,
+            config.batch_size,
+            config.claim_idle_ms,
+            config.block_ms if block else None,
         )
-        # redis-py's stubs type stream replies loosely; their shape is fixed by the commands.
-        redis: Any = self.redis
-        own = await redis.xreadgroup(group, consumer, {stream: "0"}, count=count)
-        if own and own[0][1]:
-            return list(own[0][1])
-        claimed = await redis.xautoclaim(stream, group, consumer, self.config.claim_idle_ms, "0-0", count=count)
-        if claimed[1]:
-            return [entry for entry in claimed[1] if entry[1] is not None]
-        fresh = await redis.xreadgroup(
-            group, consumer, {stream: ">"}, count=count, block=self.config.block_ms if block else None
-        )
-        return list(fresh[0][1]) if fresh else []
 
     def _crash_point(self, point: str) -> None:
         if self.config.crash_at == point and self.stats.batches + 1 >= self.config.crash_after_batches:

@@ -232,12 +232,10 @@ class RedisStore:
         Every server process runs this; two processes racing on one hold are safe because the
         script changes state only while the hold is PENDING.
         """
-        seconds, microseconds = await self.redis.time()
-        now_ms = seconds * 1000 + microseconds // 1000
-        due = await self.redis.zrangebyscore(self.keys.holds, "-inf", now_ms, start=0, num=limit)
+        due = await self._due(self.keys.holds, limit)
         expired = 0
         for raw_id in due:
-            authorization_id = text(raw_id)  # type: ignore[arg-type]  # plain members: no scores asked
+            authorization_id = text(raw_id)
             found = await self._lifecycle_keys(authorization_id)
             if found is None:
                 await self.redis.zrem(self.keys.holds, authorization_id)
@@ -245,6 +243,13 @@ class RedisStore:
             reply = await self._scripts.call("expire_hold", [*found.base, *found.qualification, *found.serials], [])
             expired += 1 if reply.body.get("expired") else 0
         return expired
+
+    async def _due(self, schedule: str, limit: int) -> list[bytes]:
+        """Up to ``limit`` members of a sorted set scored by a time (ms) that Redis TIME has passed."""
+        seconds, microseconds = await self.redis.time()
+        now_ms = seconds * 1000 + microseconds // 1000
+        due = await self.redis.zrangebyscore(schedule, "-inf", now_ms, start=0, num=limit)
+        return [member for member in due if isinstance(member, bytes)]  # plain members: no scores asked
 
     async def claim(self, request: ClaimInput) -> Reply:
         keys = self.keys
@@ -331,12 +336,10 @@ class RedisStore:
     async def expire_due_qualifications(self, limit: int) -> int:
         """Expires up to ``limit`` ISSUED qualifications past their validity; returns how many.
         Concurrent sweepers and a racing redemption are safe: the script acts only on ISSUED."""
-        seconds, microseconds = await self.redis.time()
-        now_ms = seconds * 1000 + microseconds // 1000
-        due = await self.redis.zrangebyscore(self.keys.qualification_expiry, "-inf", now_ms, start=0, num=limit)
+        due = await self._due(self.keys.qualification_expiry, limit)
         expired = 0
         for raw_code in due:
-            code = text(raw_code)  # type: ignore[arg-type]  # plain members: no scores asked
+            code = text(raw_code)
             campaign, consumer = await self.redis.hmget(self.keys.qualification(code), ["campaign", "consumer"])
             if campaign is None or consumer is None:
                 await self.redis.zrem(self.keys.qualification_expiry, code)
