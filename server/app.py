@@ -12,7 +12,10 @@ import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from subsidy_client.v1 import (
     authorization_pb2,
     authorization_pb2_grpc,
@@ -45,6 +48,7 @@ from server.operations import LazyPool, OperatorDeps
 from server.qualification import QualificationService
 from server.reporting import ReportingService
 from storage.redis.keys import Keys
+from storage.redis.migrations import migrate_serial_keys
 from storage.redis.scripts import Scripts
 from storage.redis.store import RedisStore, StoreLimits
 
@@ -122,13 +126,21 @@ async def create_server(config: Config) -> Application:
         timeout=config.redis_timeout_s,
         socket_timeout=config.redis_timeout_s,
         socket_connect_timeout=config.redis_timeout_s,
-        health_check_interval=30,
+        # A connection idle for a second is PINGed before use, and a call that finds its
+        # connection closed by the server (a Redis restart, CLIENT KILL, an idle timeout) is
+        # retried once on a fresh connection: every script is idempotent by request_id, so a
+        # second attempt never acts twice (at worst its nonce is refused and the client re-signs).
+        health_check_interval=1,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_errors.ConnectionError],
+        client_name=config.redis_client_name,
     )
     redis = Redis(connection_pool=pool)
     try:
         keys = Keys(config.redis_prefix)
         scripts = Scripts(redis)
         await scripts.preload()
+        await migrate_serial_keys(redis, keys)
         store = RedisStore(
             redis,
             keys,

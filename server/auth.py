@@ -34,8 +34,11 @@ from storage.redis.keys import Keys
 from storage.redis.store import text
 
 log = logging.getLogger("subsidy.auth")
-NONCE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-TERMINAL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+TERMINAL_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Milliseconds since the epoch: ASCII digits only (str.isdigit also accepts other scripts'
+# digits) and at most 15 of them, so the number always converts to a float (10**400 does not).
+TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,15}")
 PROTECTED_PREFIX = "/subsidy.v1."
 MISS_TTL_S = 1.0
 MISSES_MAX = 10_000
@@ -61,11 +64,19 @@ class Credential:
     merchant_id: str
     secret: str
     role: str
+    # The caller must connect with a client certificate naming it (reference data's
+    # require_client_certificate; checked by server.tls.ClientCertificatePolicy).
+    require_client_certificate: bool = False
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Credential:
         record = orjson.loads(raw)
-        return cls(merchant_id=record.get("merchant", ""), secret=record["secret"], role=record.get("role", TERMINAL))
+        return cls(
+            merchant_id=record.get("merchant", ""),
+            secret=record["secret"],
+            role=record.get("role", TERMINAL),
+            require_client_certificate=bool(record.get("mtls", False)),
+        )
 
 
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
@@ -166,7 +177,11 @@ async def authenticate(
     presented = metadata.get(signing.SIGNATURE_HEADER, "")
     if not (terminal_id and timestamp and nonce and presented):
         raise unauthenticated("missing credential metadata (x-subsidy-terminal, -timestamp, -nonce, -signature)")
-    if not TERMINAL_PATTERN.match(terminal_id) or not NONCE_PATTERN.match(nonce) or not timestamp.isdigit():
+    if not (
+        TERMINAL_PATTERN.fullmatch(terminal_id)
+        and NONCE_PATTERN.fullmatch(nonce)
+        and TIMESTAMP_PATTERN.fullmatch(timestamp)
+    ):
         raise unauthenticated("malformed credential metadata")
     if abs(time.time() * 1000 - int(timestamp)) > clock_skew_s * 1000:
         raise unauthenticated("timestamp outside the allowed clock skew")
@@ -182,9 +197,24 @@ async def authenticate(
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every unary subsidy.v1 call over the raw request bytes."""
 
-    def __init__(self, credentials: CredentialCache, clock_skew_s: int) -> None:
+    def __init__(
+        self,
+        credentials: CredentialCache,
+        clock_skew_s: int,
+        check_peer: Callable[[grpc.aio.ServicerContext, str, bool], None] | None = None,
+    ) -> None:
         self._credentials = credentials
         self._clock_skew_s = clock_skew_s
+        self._check_peer = check_peer
+
+    async def _transport_check(self, identity: Caller, context: grpc.aio.ServicerContext) -> None:
+        """Once the signing credential is resolved: the connection's client certificate must fit
+        it (server.tls.ClientCertificatePolicy; raises UNAUTHENTICATED). Before the nonce is
+        claimed and before the handler runs, so a refused call executes nothing."""
+        if self._check_peer is not None:
+            credential = await self._credentials.get(identity.terminal_id)
+            required = credential is not None and credential.require_client_certificate
+            self._check_peer(context, identity.terminal_id, required)
 
     async def intercept_service(
         self,
@@ -213,6 +243,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def authenticated(request: tuple[bytes, Any], context: grpc.aio.ServicerContext) -> Any:
             body, message = request
             identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
+            await self._transport_check(identity, context)
             await self._credentials.claim_operator_nonce(identity)
             current_caller.set(identity)
             if message is None:
@@ -233,6 +264,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         async def authenticated(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             identity = await authenticate(self._credentials, self._clock_skew_s, method, b"", _metadata(context))
+            await self._transport_check(identity, context)
             await self._credentials.claim_operator_nonce(identity)
             current_caller.set(identity)
             return await behavior(requests, context)

@@ -66,11 +66,6 @@ SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
 }
 
 
-def canonical_serial(serial_number: str) -> str:
-    """One device, one key: serials are compared without regard to case ("sn1" is "SN1")."""
-    return serial_number.upper()
-
-
 def payload_hash(method: str, request: Any) -> str:
     """Identifies a request's payload for idempotency: same method and same fields, same hash."""
     return hashlib.sha256(method.encode() + b"\n" + request.SerializeToString(deterministic=True)).hexdigest()
@@ -175,7 +170,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
                 authorization_id=uuid.uuid4().hex,
                 redemption_code=request.redemption_code,
                 lines=[
-                    LineInput(line.line_id, line.gtin, line.unit_price_fen, canonical_serial(line.serial_number))
+                    LineInput(line.line_id, line.gtin, line.unit_price_fen, line.serial_number)
                     for line in request.lines
                 ],
             )
@@ -211,7 +206,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     async def Capture(
         self, request: authorization_pb2.CaptureRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.CaptureResponse:
-        validation.check_lifecycle(request.request_id, request.authorization_id)
+        validation.check_lifecycle(request)
         reply = await self._store.capture(self._lifecycle_input("Capture", request))
         if reply.kind == "error":
             raise_script_error(reply.body)
@@ -223,7 +218,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     async def Void(
         self, request: authorization_pb2.VoidRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.VoidResponse:
-        validation.check_lifecycle(request.request_id, request.authorization_id)
+        validation.check_lifecycle(request)
         reply = await self._store.void(self._lifecycle_input("Void", request))
         if reply.kind == "error":
             raise_script_error(reply.body)
@@ -248,12 +243,14 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     async def GetAuthorization(
         self, request: authorization_pb2.GetAuthorizationRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.GetAuthorizationResponse:
-        validation.check_authorization_id(request.authorization_id)
+        authorization_id = validation.check_authorization_id(request.authorization_id)
         identity = caller(TERMINAL)
         if not await self._store.claim_nonce(identity.terminal_id, identity.nonce):
             raise_script_error({"error": "NONCE_REUSED"})
-        view = await self._store.get_authorization(request.authorization_id, identity.merchant_id)
+        view = await self._store.get_authorization(authorization_id, identity.terminal_id, identity.merchant_id)
         if view is None:
             raise_script_error({"error": "AUTHORIZATION_NOT_FOUND"})
-        assert view is not None
+        if isinstance(view, str):
+            raise_script_error({"error": view})
+        assert isinstance(view, dict)
         return pb.GetAuthorizationResponse(authorization=authorization_message(view))

@@ -28,6 +28,8 @@ class Config:
     redis_prefix: str = "sg"
     redis_timeout_s: float = 2.0
     redis_pool_size: int = 64
+    # The CLIENT SETNAME of the gateway's Redis connections (CLIENT LIST tells them apart).
+    redis_client_name: str = "subsidy-gateway"
     hold_ttl_s: int = 900
     idempotency_ttl_s: int = 86_400
     auth_clock_skew_s: int = 300

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from prometheus_client import Counter
 from redis import exceptions as redis_errors
 from subsidy_client.v1 import common_pb2
 
@@ -87,9 +89,43 @@ def classify(exception: BaseException) -> ApiError:
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
+REJECTED_CALLS = Counter(
+    "subsidy_rejected_calls",
+    "Calls answered with an error status, by method, status code and reason (every one is counted)",
+    ["method", "code", "reason"],
+)
+
+
+class RejectionLog:
+    """Logs rejected calls without letting a caller fill the disk: the first rejection of each
+    (method, code, reason) in a window is logged, the rest of that window are only counted and
+    reported as ``suppressed`` on the next line logged for the same kind. The metric above
+    counts every one."""
+
+    def __init__(self, window_s: float = 10.0, kinds_max: int = 1000) -> None:
+        self._window_s = window_s
+        self._kinds_max = kinds_max
+        self._windows: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def rejected(self, method: str, code: str, reason: str) -> None:
+        REJECTED_CALLS.labels(method, code, reason).inc()
+        kind = (method, code, reason)
+        now = time.monotonic()
+        started, suppressed = self._windows.get(kind, (-self._window_s, 0))
+        if now - started < self._window_s:
+            self._windows[kind] = (started, suppressed + 1)
+            return
+        if len(self._windows) >= self._kinds_max and kind not in self._windows:
+            self._windows.clear()
+        self._windows[kind] = (now, 0)
+        log.info("call failed", extra={"method": method, "code": code, "reason": reason, "suppressed": suppressed})
+
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Outermost interceptor: no exception leaves a unary handler except as a rich status."""
+
+    def __init__(self) -> None:
+        self._rejections = RejectionLog()
 
     async def intercept_service(
         self,
@@ -114,14 +150,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exception:
                 error = classify(exception)
                 if error.code != grpc.StatusCode.INTERNAL:
-                    log.info(
-                        "call failed",
-                        extra={
-                            "method": method,
-                            "code": error.code.name,
-                            "reason": error.reason_name,
-                        },
-                    )
+                    self._rejections.rejected(method, error.code.name, error.reason_name)
                 await context.abort_with_status(to_status(error))
 
         make_handler = (

@@ -86,7 +86,7 @@ class ExchangeService(exchange_pb2_grpc.ExchangeServiceServicer):
             raise invalid_field("gtin", "must be a GTIN-13 with a valid check digit")
         if not exchange_file.is_valid_serial(request.serial_number):
             raise invalid_field("serial_number", "must be 1-64 visible ASCII characters")
-        key = self._store.keys.serial(request.gtin, exchange_file.canonical_serial(request.serial_number))
+        key = self._store.keys.serial(exchange_file.canonical_serial(request.serial_number))
         owner = await self._store.redis.get(key)
         return exchange_pb2.CheckSerialResponse(subsidised=owner is not None and is_local(owner))
 
@@ -213,7 +213,7 @@ async def write_serials(redis: Redis, keys: Keys, records: Sequence[tuple[Serial
     one of our authorizations keeps its serial. Returns the serials we hold ourselves."""
     async with redis.pipeline(transaction=False) as pipe:
         for record, provider_id in records:
-            key = keys.serial(record.gtin, record.serial)
+            key = keys.serial(record.serial)
             pipe.set(key, PEER_PREFIX + provider_id, nx=True)
             pipe.get(key)
         replies = await pipe.execute()

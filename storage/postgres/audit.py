@@ -117,7 +117,7 @@ class Counters:
 
     budget: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (campaign, category, field)
     usage: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (campaign, consumer, category)
-    serials: dict[tuple[str, str], str] = field(default_factory=dict)  # (gtin, serial) -> authorization
+    serials: dict[str, str] = field(default_factory=dict)  # serial -> authorization (a device is its serial)
 
     def nonzero(self) -> Counters:
         return Counters(
@@ -154,14 +154,14 @@ async def ledger_counters(connection: asyncpg.Connection) -> Counters:
         counters.usage[(row["campaign_id"], row["consumer_key"], row["category"])] = int(row["units"])
     # A serial is held from the authorization until a void, expiry or refund of its line.
     serials = await connection.fetch(
-        "SELECT line->>'g' AS gtin, line->>'sn' AS serial, authorization_id, sum(CASE event_type"
+        "SELECT line->>'sn' AS serial, authorization_id, sum(CASE event_type"
         " WHEN 'AUTHORIZED' THEN 1 WHEN 'CAPTURED' THEN 0 ELSE -1 END) AS held"
         " FROM ledger_events, jsonb_array_elements(lines) AS line WHERE line->>'sn' <> ''"
-        " GROUP BY line->>'g', line->>'sn', authorization_id HAVING sum(CASE event_type WHEN 'AUTHORIZED' THEN 1"
+        " GROUP BY line->>'sn', authorization_id HAVING sum(CASE event_type WHEN 'AUTHORIZED' THEN 1"
         " WHEN 'CAPTURED' THEN 0 ELSE -1 END) > 0"
     )
     for row in serials:
-        counters.serials[(row["gtin"], row["serial"])] = row["authorization_id"]
+        counters.serials[row["serial"]] = row["authorization_id"]
     return counters
 
 
@@ -183,11 +183,11 @@ async def redis_counters(redis: Redis, keys: Keys) -> Counters:
         for raw_field, raw_value in (await redis.hgetall(raw_key)).items():
             counters.usage[(campaign_id, consumer_key, _text(raw_field))] = int(raw_value)
     async for raw_key in redis.scan_iter(match=f"{tag}:serial:*", count=1000):
-        gtin, serial = _text(raw_key).removeprefix(f"{tag}:serial:").split(":", 1)
+        serial = _text(raw_key).removeprefix(f"{tag}:serial:")
         owner = await redis.get(raw_key)
         # Serials other providers reported (server/exchange.py, "peer:<id>") are not in our ledger.
         if owner is not None and not _text(owner).startswith("peer:"):
-            counters.serials[(gtin, serial)] = _text(owner)
+            counters.serials[serial] = _text(owner)
     return counters
 
 
@@ -204,7 +204,7 @@ def compare(ledger: Counters, redis: Counters) -> list[Difference]:
     for device in sorted(set(left.serials) | set(right.serials)):
         if left.serials.get(device, "") != right.serials.get(device, ""):
             differences.append(
-                Difference("serial", ":".join(device), left.serials.get(device, ""), right.serials.get(device, ""))
+                Difference("serial", device, left.serials.get(device, ""), right.serials.get(device, ""))
             )
     return differences
 
@@ -240,8 +240,8 @@ async def rebuild(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> C
         for (campaign_id, consumer_key, category), units in counters.usage.items():
             if units:
                 pipe.hset(keys.usage(campaign_id, consumer_key), category, units)
-        for (gtin, serial), authorization_id in counters.serials.items():
-            pipe.set(keys.serial(gtin, serial), authorization_id)
+        for serial, authorization_id in counters.serials.items():
+            pipe.set(keys.serial(serial), authorization_id)
         for row in authorizations:
             pipe.hset(keys.authorization(row["authorization_id"]), mapping=_authorization_hash(row))  # type: ignore[arg-type]
             if row["state"] == "PENDING":

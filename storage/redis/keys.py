@@ -61,8 +61,17 @@ class Keys:
     def product(self, gtin: str) -> str:
         return f"{self.tag}:product:{gtin}"
 
-    def serial(self, gtin: str, serial_number: str) -> str:
-        return f"{self.tag}:serial:{gtin}:{serial_number}"
+    def serial(self, serial_number: str) -> str:
+        """String: who holds the device (an authorization id, or ``peer:<provider>``). A device
+        is its serial (SN / IMEI), whatever GTIN it is sold under: one subsidy per device serial
+        in the programme (the digital-product rule), so an IMEI sold under two phone GTINs, or
+        one serial on a fridge and a washer, is one device. Canonical serials contain no ':'."""
+        return f"{self.tag}:serial:{serial_number}"
+
+    @property
+    def schema(self) -> str:
+        """Hash: layout versions of migrated key families (see storage/redis/migrations.py)."""
+        return f"{self.tag}:schema"
 
     def qualification(self, redemption_code: str) -> str:
         """Hash: one qualification (see claim_qualification.lua)."""
@@ -99,6 +108,17 @@ class Keys:
     @property
     def holds(self) -> str:
         return f"{self.tag}:holds"
+
+    @property
+    def holds_set_aside(self) -> str:
+        """Sorted set: holds whose expiry failed (a poison item), scored by when they were set
+        aside (ms). The sweeper goes on with the rest; reconcile, metrics and health report them."""
+        return f"{self.tag}:holds_set_aside"
+
+    @property
+    def qualifications_set_aside(self) -> str:
+        """Sorted set: redemption codes whose expiry failed, like ``holds_set_aside``."""
+        return f"{self.tag}:qexpiry_set_aside"
 
     @property
     def ledger(self) -> str:

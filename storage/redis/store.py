@@ -8,15 +8,22 @@ which re-checks those fields; two round trips off the hot path keep "keys only v
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from storage.redis.keys import Keys
 from storage.redis.scripts import Reply, Scripts
+
+log = logging.getLogger("subsidy.store")
+
+# Redis not answering: a condition of the server, never of one item, so a sweep stops there.
+UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,7 @@ class RedisStore:
             script_keys.append(keys.product(line.gtin))
             # A line without a serial still takes a key slot so line i's keys stay at a fixed
             # offset; the script never touches it.
-            script_keys.append(keys.serial(line.gtin, line.serial_number))
+            script_keys.append(keys.serial(line.serial_number))
             args.extend([line.line_id, line.gtin, line.unit_price_fen, line.serial_number])
         return await self._scripts.call("authorize", script_keys, args)
 
@@ -162,7 +169,7 @@ class RedisStore:
             self.keys.usage(campaign_id, consumer_key),
             self.keys.ledger,
         ]
-        serials = [self.keys.serial(line["g"], line["sn"]) for line in orjson.loads(raw_lines) if line["sn"]]
+        serials = [self.keys.serial(line["sn"]) for line in orjson.loads(raw_lines) if line["sn"]]
         qualification = self._qualification_keys(text(code) if code else "", campaign_id, consumer_key)
         return LifecycleKeys(base, qualification, serials, campaign_id, consumer_key)
 
@@ -212,8 +219,21 @@ class RedisStore:
     async def refund(self, request: LifecycleInput, line_ids: Sequence[str]) -> Reply:
         return await self._lifecycle("refund", request, line_ids)
 
-    async def get_authorization(self, authorization_id: str, merchant_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hgetall(self.keys.authorization(authorization_id))
+    async def get_authorization(
+        self, authorization_id: str, terminal_id: str, merchant_id: str
+    ) -> dict[str, Any] | str | None:
+        """The authorization's view for the calling terminal's merchant; None when absent or
+        another merchant's; "TERMINAL_INACTIVE" / "MERCHANT_INACTIVE" when the caller is
+        suspended (suspension stops every call of a credential, reads included). One round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.terminal(terminal_id), ["status", "merchant"])
+            pipe.hget(self.keys.merchant(merchant_id), "status")
+            pipe.hgetall(self.keys.authorization(authorization_id))
+            terminal, merchant_status, raw = await pipe.execute()
+        if terminal[0] != b"ACTIVE" or terminal[1] is None or text(terminal[1]) != merchant_id:
+            return "TERMINAL_INACTIVE"
+        if merchant_status != b"ACTIVE":
+            return "MERCHANT_INACTIVE"
         if not raw:
             return None
         fields = {text(key): text(value) for key, value in raw.items()}
@@ -236,13 +256,51 @@ class RedisStore:
         expired = 0
         for raw_id in due:
             authorization_id = text(raw_id)
-            found = await self._lifecycle_keys(authorization_id)
-            if found is None:
-                await self.redis.zrem(self.keys.holds, authorization_id)
+            try:
+                found = await self._lifecycle_keys(authorization_id)
+                if found is None:
+                    await self.redis.zrem(self.keys.holds, authorization_id)
+                    continue
+                reply = await self._scripts.call("expire_hold", [*found.base, *found.qualification, *found.serials], [])
+            except UNAVAILABLE:
+                raise  # Redis is down, not this hold: the next sweep tries again
+            except Exception as error:  # this hold's data breaks its expiry: never block the rest
+                await self._set_aside(self.keys.holds, self.keys.holds_set_aside, authorization_id, "hold", error)
                 continue
-            reply = await self._scripts.call("expire_hold", [*found.base, *found.qualification, *found.serials], [])
             expired += 1 if reply.body.get("expired") else 0
         return expired
+
+    async def _set_aside(self, schedule: str, aside: str, member: str, kind: str, error: Exception) -> None:
+        """Moves one member out of a sweeper's schedule into its set-aside set, in one MULTI, so
+        the sweep goes on with the rest and the item is reported (reconcile, metrics, health)
+        until an operator requeues it. Logged once per item: it leaves the schedule here."""
+        seconds, microseconds = await self.redis.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(aside, {member: seconds * 1000 + microseconds // 1000})
+            pipe.zrem(schedule, member)
+            moved = (await pipe.execute())[1]
+        if moved:
+            log.error(
+                "expiry failed; set aside",
+                extra={"kind": kind, "id": member, "error": type(error).__name__, "detail": str(error)[:200]},
+            )
+
+    async def requeue_set_aside(self) -> int:
+        """Puts every set-aside hold and qualification back on its schedule, due now (after the
+        defect that poisoned them is fixed). Returns how many were requeued."""
+        requeued = 0
+        for aside, schedule in (
+            (self.keys.holds_set_aside, self.keys.holds),
+            (self.keys.qualifications_set_aside, self.keys.qualification_expiry),
+        ):
+            members = [text(member) for member in await self.redis.zrange(aside, 0, -1)]  # type: ignore[arg-type]  # no scores asked
+            for member in members:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.zadd(schedule, {member: 0})
+                    pipe.zrem(aside, member)
+                    await pipe.execute()
+                requeued += 1
+        return requeued
 
     async def _due(self, schedule: str, limit: int) -> list[bytes]:
         """Up to ``limit`` members of a sorted set scored by a time (ms) that Redis TIME has passed."""
@@ -345,7 +403,14 @@ class RedisStore:
                 await self.redis.zrem(self.keys.qualification_expiry, code)
                 continue
             script_keys = self._qualification_keys(code, text(campaign), text(consumer))
-            reply = await self._scripts.call("expire_qualification", script_keys, [code])
+            try:
+                reply = await self._scripts.call("expire_qualification", script_keys, [code])
+            except UNAVAILABLE:
+                raise
+            except Exception as error:  # a poison qualification never blocks the rest
+                aside = self.keys.qualifications_set_aside
+                await self._set_aside(self.keys.qualification_expiry, aside, code, "qualification", error)
+                continue
             expired += 1 if reply.body.get("expired") else 0
         return expired
 
@@ -402,3 +467,31 @@ def authorization_view(fields: dict[str, str]) -> dict[str, Any]:
         "updated_ms": int(fields["updated_ms"]),
         "qualification": fields.get("qualification", ""),
     }
+
+
+@dataclass(frozen=True)
+class SweepBacklog:
+    """What the sweepers have not done: overdue work (past its expiry by more than the grace,
+    still waiting) and poison items set aside. Every number is 0 on a healthy deployment."""
+
+    overdue_holds: int
+    overdue_qualifications: int
+    set_aside_holds: int
+    set_aside_qualifications: int
+
+    @property
+    def total(self) -> int:
+        return self.overdue_holds + self.overdue_qualifications + self.set_aside_holds + self.set_aside_qualifications
+
+
+async def sweep_backlog(redis: Redis, keys: Keys, grace_ms: int) -> SweepBacklog:
+    """Counted on Redis's clock, in one pipelined round trip."""
+    seconds, microseconds = await redis.time()
+    cutoff = seconds * 1000 + microseconds // 1000 - grace_ms
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcount(keys.holds, "-inf", cutoff)
+        pipe.zcount(keys.qualification_expiry, "-inf", cutoff)
+        pipe.zcard(keys.holds_set_aside)
+        pipe.zcard(keys.qualifications_set_aside)
+        replies = await pipe.execute()
+    return SweepBacklog(*(int(value) for value in replies))

@@ -161,7 +161,7 @@ async def test_imported_serial_is_declined_at_the_peer(peer: Provider, exported:
     assert summary["already_imported"] is False
     assert (summary["new_consumers"], summary["new_serials"]) == (1, 1)
     keys = peer.env.keys
-    assert await peer.redis.get(keys.serial(FRIDGE_G1, exported.device)) == f"peer:{OURS_ID}".encode()
+    assert await peer.redis.get(keys.serial(exported.device)) == f"peer:{OURS_ID}".encode()
     assert await peer.redis.hgetall(keys.external_consumer(exported.person)) == {b"fridge": OURS_ID.encode()}
     declined = await peer.client.authorize(
         campaign_id="c-main", consumer_key=consumer_key(), lines=[Line("f", FRIDGE_G1, 300_000, exported.device)]
@@ -209,8 +209,8 @@ async def test_a_device_we_subsidised_keeps_our_record(peer: Provider) -> None:
     )
     assert summary["serials_also_local"] == [f"{FRIDGE_G1}:{device}"]
     assert summary["consumers_also_local"] == 1
-    assert await peer.redis.get(peer.env.keys.serial(FRIDGE_G1, device)) == authorization_id.encode()
-    assert await peer.redis.get(peer.env.keys.serial(WASHER, "W1")) == f"peer:{PEER_ID}".encode()
+    assert await peer.redis.get(peer.env.keys.serial(device)) == authorization_id.encode()
+    assert await peer.redis.get(peer.env.keys.serial("W1")) == f"peer:{PEER_ID}".encode()
 
 
 async def test_reapply_restores_imported_records_after_a_redis_loss(peer: Provider) -> None:
@@ -225,12 +225,12 @@ async def test_reapply_restores_imported_records_after_a_redis_loss(peer: Provid
         )
     )
     keys = peer.env.keys
-    await peer.redis.delete(keys.external_consumer(person), keys.serial(FRIDGE_G1, device))
+    await peer.redis.delete(keys.external_consumer(person), keys.serial(device))
     summary = await reapply(peer.pool, peer.redis, keys)
     assert summary.consumers >= 1 and summary.serials >= 2
     assert await peer.redis.hget(keys.external_consumer(person), "tv") == PEER_ID.encode()
-    assert await peer.redis.get(keys.serial(FRIDGE_G1, device)) == f"peer:{PEER_ID}".encode()
-    assert await peer.redis.get(keys.serial(AIR_CONDITIONER, ours_device)) == authorization_id.encode()
+    assert await peer.redis.get(keys.serial(device)) == f"peer:{PEER_ID}".encode()
+    assert await peer.redis.get(keys.serial(ours_device)) == authorization_id.encode()
 
 
 async def run_cli(

@@ -10,6 +10,18 @@
 --     that a hold found past its expiry is expired first, as the sweeper would have done).
 --   * Every check runs before the first write, so a script never half-applies.
 
+-- A canonical decimal integer for HINCRBY / INCRBY / ZADD / HSET arguments. Lua numbers are
+-- doubles: passed as they are, Redis formats them with %.17g, so -0 becomes "-0" (which HINCRBY
+-- rejects) and large values may take an exponent. Every counter argument goes through here.
+local function int(n)
+  return string.format('%d', n)
+end
+
+-- HINCRBY with a canonical amount; adding nothing is not a command at all.
+local function hincrby(key, field, amount)
+  if amount ~= 0 then redis.call('HINCRBY', key, field, int(amount)) end
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -106,8 +118,8 @@ end
 -- cancellation): called exactly once per qualification, on its one transition out of use.
 -- qkeys: {qual=, quota=, holder=, expiry=, events=}
 local function return_qualification(qkeys, q, new_state, at_ms)
-  redis.call('HINCRBY', qkeys.quota, q.category .. ':claimed', -1)
-  redis.call('HINCRBY', qkeys.holder, q.category, -1)
+  hincrby(qkeys.quota, q.category .. ':claimed', -1)
+  hincrby(qkeys.holder, q.category, -1)
   redis.call('ZREM', qkeys.expiry, q.code)
   q.state, q.updated_ms, q.authorization = new_state, at_ms, ''
   redis.call('HSET', qkeys.qual, 'state', new_state, 'updated_ms', at_ms, 'authorization', '')
@@ -124,7 +136,7 @@ local function unreserve_qualification(qkeys, auth, at_ms)
     return_qualification(qkeys, q, 'EXPIRED', at_ms)
   else
     redis.call('HSET', qkeys.qual, 'state', 'ISSUED', 'updated_ms', at_ms, 'authorization', '')
-    redis.call('ZADD', qkeys.expiry, q.expires_ms, q.code)
+    redis.call('ZADD', qkeys.expiry, int(tonumber(q.expires_ms)), q.code)
     mirror_qualification(qkeys.events, qkeys.qual)
   end
 end
@@ -135,8 +147,8 @@ end
 local function release_hold(keys, auth, new_state, at_ms, request_id, payload_hash)
   local sums, counts, order = per_category(auth.lines)
   for _, category in ipairs(order) do
-    redis.call('HINCRBY', keys.budget, category .. ':reserved', -sums[category])
-    redis.call('HINCRBY', keys.usage, category, -counts[category])
+    hincrby(keys.budget, category .. ':reserved', -sums[category])
+    hincrby(keys.usage, category, -counts[category])
   end
   for _, serial_key in ipairs(keys.serials) do
     if redis.call('GET', serial_key) == auth.id then redis.call('DEL', serial_key) end

@@ -34,6 +34,7 @@ local SERIAL_REQUIRED, SERIAL_ALREADY_SUBSIDISED = 11, 12
 local CONSUMER_LIMIT_REACHED, BUDGET_EXHAUSTED = 13, 14
 local QUALIFICATION_REQUIRED, QUALIFICATION_NOT_FOUND, QUALIFICATION_NOT_USABLE = 15, 16, 17
 local QUALIFICATION_EXPIRED, QUALIFICATION_CATEGORY_MISMATCH, CONSUMER_USED_ELSEWHERE = 18, 19, 20
+local NO_SUBSIDY = 21
 
 local payload_hash, request_id = ARGV[1], ARGV[2]
 local terminal_id, merchant_id, campaign_id = ARGV[3], ARGV[4], ARGV[5]
@@ -89,6 +90,8 @@ end
 -- highest precedence over the whole request, not merely the first line's.
 local rules, lines = {}, {}
 local worst_reason, worst_line = nil, ''
+-- The first line whose subsidy is 0 fen: declined NO_SUBSIDY, the last reason in precedence.
+local nothing_line = nil
 local function note(reason, line_id)
   if worst_reason == nil or reason < worst_reason then worst_reason, worst_line = reason, line_id end
 end
@@ -114,6 +117,7 @@ for i = 1, line_count do
     elseif serial ~= '' and redis.call('EXISTS', KEYS[16 + 2 * (i - 1)]) == 1 then
       note(SERIAL_ALREADY_SUBSIDISED, line_id)
     else
+      if subsidy == 0 and nothing_line == nil then nothing_line = line_id end
       lines[#lines + 1] = {l = line_id, g = gtin, c = category, p = price, s = subsidy, sn = serial, r = 0}
     end
   end
@@ -173,6 +177,8 @@ for _, category in ipairs(order) do
   end
 end
 
+if nothing_line then return decline(NO_SUBSIDY, nothing_line) end
+
 -- Every check passed: reserve, record, and append the ledger event.
 local total_fen, subsidy_fen = 0, 0
 for _, line in ipairs(lines) do
@@ -180,8 +186,8 @@ for _, line in ipairs(lines) do
   subsidy_fen = subsidy_fen + line.s
 end
 for _, category in ipairs(order) do
-  redis.call('HINCRBY', KEYS[7], category .. ':reserved', sums[category])
-  redis.call('HINCRBY', KEYS[8], category, counts[category])
+  hincrby(KEYS[7], category .. ':reserved', sums[category])
+  hincrby(KEYS[8], category, counts[category])
 end
 for i, line in ipairs(lines) do
   if line.sn ~= '' then redis.call('SET', KEYS[16 + 2 * (i - 1)], authorization_id) end
@@ -203,7 +209,7 @@ if qualification then
   redis.call('HSET', KEYS[12], 'state', 'RESERVED', 'authorization', authorization_id, 'updated_ms', now)
   mirror_qualification(KEYS[14], KEYS[12])
 end
-redis.call('ZADD', KEYS[10], expires_ms, authorization_id)
+redis.call('ZADD', KEYS[10], int(expires_ms), authorization_id)
 emit(KEYS[11], 'AUTHORIZED', auth, lines, subsidy_fen, now, payload_hash)
 local answer = cjson.encode({decision = 'APPROVED', authorization = auth_view(auth)})
 remember(KEYS[2], payload_hash, answer, idempotency_ttl_s)

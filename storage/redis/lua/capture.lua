@@ -24,8 +24,8 @@ end
 if auth.state == 'PENDING' then
   local sums, _, order = per_category(auth.lines)
   for _, category in ipairs(order) do
-    redis.call('HINCRBY', keys.budget, category .. ':reserved', -sums[category])
-    redis.call('HINCRBY', keys.budget, category .. ':spent', sums[category])
+    hincrby(keys.budget, category .. ':reserved', -sums[category])
+    hincrby(keys.budget, category .. ':spent', sums[category])
   end
   redis.call('ZREM', keys.holds, auth.id)
   auth.state, auth.updated_ms, auth.last_request_id = 'CAPTURED', now, ARGV[2]

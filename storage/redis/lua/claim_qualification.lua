@@ -16,8 +16,10 @@
 -- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] partner id  ARGV[4] campaign id
 -- ARGV[5] category  ARGV[6] consumer key  ARGV[7] new redemption code
 -- ARGV[8] location verdict (0, or the ClaimDeclineReason the service computed)
--- ARGV[9] idempotency ttl (s)  ARGV[10] nonce ttl (s)  ARGV[11] masked ID number
--- ARGV[12] masked phone ("" when none)  ARGV[13] coarse location cell
+-- ARGV[9] idempotency ttl (s)  ARGV[10] nonce ttl (s)
+-- ARGV[11] masked ID number, ARGV[12] masked phone: each sealed under the provider's local data
+--   key, or "" (no key, no phone); never a mask in clear (docs/privacy.md)
+-- ARGV[13] coarse location cell
 --
 -- Returns {kind, JSON}: {"decision": "ISSUED", "qualification": view} or
 -- {"decision": "DECLINED", "reason": <ClaimDeclineReason number>}; error UNKNOWN_CATEGORY.
@@ -78,14 +80,14 @@ local q = {
   issued_ms = now, expires_ms = expires_ms, updated_ms = now, authorization = '',
   masked_id = ARGV[11], masked_phone = ARGV[12], cell = ARGV[13],
 }
-redis.call('HINCRBY', KEYS[5], category .. ':claimed', 1)
-redis.call('HINCRBY', KEYS[6], category, 1)
+hincrby(KEYS[5], category .. ':claimed', 1)
+hincrby(KEYS[6], category, 1)
 redis.call('HSET', KEYS[8], 'code', code, 'state', 'ISSUED', 'campaign', campaign_id, 'category', category,
   'consumer', consumer_key, 'partner', partner_id, 'issued_ms', now, 'expires_ms', expires_ms,
   'updated_ms', now, 'authorization', '', 'refund_policy', campaign[5] or 'COUNT_AS_USED',
   'masked_id', ARGV[11], 'masked_phone', ARGV[12], 'cell', ARGV[13], 'request_id', request_id)
-redis.call('ZADD', KEYS[9], now, code)
-redis.call('ZADD', KEYS[10], expires_ms, code)
+redis.call('ZADD', KEYS[9], int(now), code)
+redis.call('ZADD', KEYS[10], int(expires_ms), code)
 mirror_qualification(KEYS[11], KEYS[8])
 local answer = cjson.encode({decision = 'ISSUED', qualification = qualification_view(q)})
 remember(KEYS[2], payload_hash, answer, idempotency_ttl_s)

@@ -40,9 +40,9 @@ if unknown then return fail('LINE_NOT_FOUND', {line_id = unknown}) end
 local sums, counts, order = per_category(chosen)
 local refunded_fen = 0
 for _, category in ipairs(order) do
-  redis.call('HINCRBY', keys.budget, category .. ':spent', -sums[category])
-  redis.call('HINCRBY', keys.budget, category .. ':refunded', sums[category])
-  redis.call('HINCRBY', keys.usage, category, -counts[category])
+  hincrby(keys.budget, category .. ':spent', -sums[category])
+  hincrby(keys.budget, category .. ':refunded', sums[category])
+  hincrby(keys.usage, category, -counts[category])
   refunded_fen = refunded_fen + sums[category]
 end
 local all_refunded = true
@@ -71,7 +71,7 @@ if all_refunded and #chosen == #auth.lines and (auth.qualification or '') ~= '' 
   if q ~= nil and q.state == 'REDEEMED' and q.authorization == auth.id
       and q.refund_policy == 'RESTORE_ON_FULL_REFUND' and now < tonumber(q.expires_ms) then
     redis.call('HSET', keys.qual, 'state', 'ISSUED', 'authorization', '', 'updated_ms', now)
-    redis.call('ZADD', keys.expiry, q.expires_ms, q.code)
+    redis.call('ZADD', keys.expiry, int(tonumber(q.expires_ms)), q.code)
     mirror_qualification(keys.events, keys.qual)
   end
 end

@@ -107,6 +107,11 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     """19. A line's category is not the qualification's category."""
     DECLINE_REASON_CONSUMER_USED_ELSEWHERE: _DeclineReason.ValueType  # 20
     """20. Another service provider reported that this consumer used the category."""
+    DECLINE_REASON_NO_SUBSIDY: _DeclineReason.ValueType  # 21
+    """21. The rule gives a line 0 fen (a price so low that its percentage floors to nothing). A
+    subsidy of nothing is not granted: it would use up the consumer's one-per-category right,
+    and reserve the device serial, for no money. Nothing is reserved.
+    """
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why an authorization was declined. When several apply, the one listed first here is
@@ -154,6 +159,11 @@ DECLINE_REASON_QUALIFICATION_CATEGORY_MISMATCH: DeclineReason.ValueType  # 19
 """19. A line's category is not the qualification's category."""
 DECLINE_REASON_CONSUMER_USED_ELSEWHERE: DeclineReason.ValueType  # 20
 """20. Another service provider reported that this consumer used the category."""
+DECLINE_REASON_NO_SUBSIDY: DeclineReason.ValueType  # 21
+"""21. The rule gives a line 0 fen (a price so low that its percentage floors to nothing). A
+subsidy of nothing is not granted: it would use up the consumer's one-per-category right,
+and reserve the device serial, for no money. Nothing is reserved.
+"""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _AuthorizationState:
