@@ -5,12 +5,17 @@
   republishes reference changes whose publication failed after commit, and mirrors
   qualifications into PostgreSQL (storage/postgres/qualifications.py).
 - ``verify``: recomputes the hash chains; exit status 1 at the first break.
-- ``reconcile``: Redis counters against the ledger; exit status 1 on any difference.
+- ``reconcile``: Redis counters against the ledger, and the sweepers' backlog (holds and
+  qualifications overdue by more than a minute, or set aside because their expiry failed);
+  exit status 1 on any difference or backlog.
 - ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
   other providers' reports from theirs (after a Redis loss); refuses while either stream still
   holds unwritten entries unless ``--force``.
-- ``lag``: the stream backlog, and the qualification mirror's (entries not yet mirrored and
-  dead-lettered), as JSON.
+- ``lag``: the stream backlog, the qualification mirror's (entries not yet mirrored and
+  dead-lettered) and the sweepers' (overdue, set aside), as JSON.
+- ``requeue-set-aside``: puts set-aside holds and qualifications back on their schedule, due
+  now, once the defect that made their expiry fail is fixed (an item failing again is set
+  aside again).
 
 Every command prints JSON on stdout.
 """
@@ -38,6 +43,7 @@ from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror, restore_qualifications
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.keys import Keys
+from storage.redis.store import requeue_set_aside, sweep_backlog
 
 log = logging.getLogger("subsidy.ledger")
 
@@ -85,6 +91,18 @@ class WriterMetrics:
         self.written = Counter(
             "subsidy_ledger_events_written", "Events written to PostgreSQL", labels, registry=self.registry
         )
+        self.overdue = Gauge(
+            "subsidy_sweeper_overdue",
+            "Holds / qualifications past expiry by more than a minute and not yet expired (alert when > 0)",
+            [*labels, "kind"],
+            registry=self.registry,
+        )
+        self.set_aside = Gauge(
+            "subsidy_sweeper_set_aside",
+            "Holds / qualifications whose expiry failed and were set aside (alert when > 0)",
+            [*labels, "kind"],
+            registry=self.registry,
+        )
         self._written_seen = 0
 
     async def snapshot(self) -> dict[str, Any]:
@@ -96,9 +114,15 @@ class WriterMetrics:
         self.dead_letters.labels(prefix).set(current.dead_letters)
         self.written.labels(prefix).inc(self.writer.stats.events_written - self._written_seen)
         self._written_seen = self.writer.stats.events_written
+        sweeper = await sweep_backlog(self.writer.redis, self.writer.keys)
+        self.overdue.labels(prefix, "hold").set(sweeper.overdue_holds)
+        self.overdue.labels(prefix, "qualification").set(sweeper.overdue_qualifications)
+        self.set_aside.labels(prefix, "hold").set(sweeper.set_aside_holds)
+        self.set_aside.labels(prefix, "qualification").set(sweeper.set_aside_qualifications)
         return {
             **dataclasses.asdict(current),
             "backlog": current.backlog,
+            "sweeper": dataclasses.asdict(sweeper),
             "stats": dataclasses.asdict(self.writer.stats),
         }
 
@@ -116,7 +140,8 @@ async def serve_metrics(metrics: WriterMetrics, listen: str) -> asyncio.Server:
             if path == "/metrics":
                 status, kind, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
             elif path == "/health":
-                healthy = details["dead_letters"] == 0
+                sweeper = details["sweeper"]
+                healthy = details["dead_letters"] == 0 and not any(sweeper.values())
                 status = "200 OK" if healthy else "503 Service Unavailable"
                 kind, body = "application/json", orjson.dumps({"status": "ok" if healthy else "degraded", **details})
             else:
@@ -179,13 +204,22 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
             return (0 if report.ok else 1), dataclasses.asdict(report)
         if action == "reconcile":
             differences = await reconcile(connection, redis, keys)
-            return (1 if differences else 0), {"differences": [dataclasses.asdict(item) for item in differences]}
+            # Work the sweepers have not done is a difference too: a hold past its expiry still
+            # reserves budget, quota and serials the ledger will release.
+            sweeper = await sweep_backlog(redis, keys)
+            return (1 if differences or sweeper.total else 0), {
+                "differences": [dataclasses.asdict(item) for item in differences],
+                "sweeper": dataclasses.asdict(sweeper),
+            }
         if action == "lag":
             return 0, {
                 **dataclasses.asdict(await lag(redis, keys, "ledger-writer")),
                 "qualification_backlog": await redis.xlen(keys.qualification_events),
                 "qualification_dead_letters": await redis.xlen(keys.qualification_events + ":dead"),
+                "sweeper": dataclasses.asdict(await sweep_backlog(redis, keys)),
             }
+        if action == "requeue-set-aside":
+            return 0, {"requeued": await requeue_set_aside(redis, keys)}
         current = await lag(redis, keys, "ledger-writer")
         # Dead-lettered snapshots count too: rebuilding from rows they should have updated would
         # restore stale states.
@@ -227,7 +261,10 @@ def main() -> int:
     commands.add_parser("reconcile", help="compare Redis counters with the ledger")
     rebuild_parser = commands.add_parser("rebuild", help="restore Redis counters from the ledger")
     rebuild_parser.add_argument("--force", action="store_true", help="rebuild although events are unwritten")
-    commands.add_parser("lag", help="the stream backlog")
+    commands.add_parser("lag", help="the stream backlog and the sweepers' overdue and set-aside work")
+    commands.add_parser(
+        "requeue-set-aside", help="put set-aside holds and qualifications back on their sweeper's schedule"
+    )
     arguments = parser.parse_args()
     config = Config.from_env()
     if not config.pg_dsn:

@@ -145,6 +145,10 @@ class LedgerWriter:
         """One batch: read, write, acknowledge. Returns the number of entries handled."""
         entries = await self._read(block)
         if not entries:
+            # Idle: trim what every consumer has acknowledged, so the stream's length converges
+            # on the backlog even when the last batch was handled by another writer (a takeover).
+            if self.config.trim:
+                await self.trim_acknowledged()
             return 0
         events, malformed = [], []
         for entry_id, fields in entries:

@@ -286,21 +286,7 @@ class RedisStore:
             )
 
     async def requeue_set_aside(self) -> int:
-        """Puts every set-aside hold and qualification back on its schedule, due now (after the
-        defect that poisoned them is fixed). Returns how many were requeued."""
-        requeued = 0
-        for aside, schedule in (
-            (self.keys.holds_set_aside, self.keys.holds),
-            (self.keys.qualifications_set_aside, self.keys.qualification_expiry),
-        ):
-            members = [text(member) for member in await self.redis.zrange(aside, 0, -1)]  # type: ignore[arg-type]  # no scores asked
-            for member in members:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.zadd(schedule, {member: 0})
-                    pipe.zrem(aside, member)
-                    await pipe.execute()
-                requeued += 1
-        return requeued
+        return await requeue_set_aside(self.redis, self.keys)
 
     async def _due(self, schedule: str, limit: int) -> list[bytes]:
         """Up to ``limit`` members of a sorted set scored by a time (ms) that Redis TIME has passed."""
@@ -484,7 +470,31 @@ class SweepBacklog:
         return self.overdue_holds + self.overdue_qualifications + self.set_aside_holds + self.set_aside_qualifications
 
 
-async def sweep_backlog(redis: Redis, keys: Keys, grace_ms: int) -> SweepBacklog:
+async def requeue_set_aside(redis: Redis, keys: Keys) -> int:
+    """Puts every set-aside hold and qualification back on its schedule, due now (after the
+    defect that poisoned them is fixed; ``python -m server.ledger requeue-set-aside``). An item
+    that fails again is set aside again. Returns how many were requeued."""
+    requeued = 0
+    for aside, schedule in (
+        (keys.holds_set_aside, keys.holds),
+        (keys.qualifications_set_aside, keys.qualification_expiry),
+    ):
+        members = [text(member) for member in await redis.zrange(aside, 0, -1)]  # type: ignore[arg-type]  # no scores asked
+        for member in members:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(schedule, {member: 0})
+                pipe.zrem(aside, member)
+                await pipe.execute()
+            requeued += 1
+    return requeued
+
+
+# Work this long past its expiry and still scheduled is overdue: the sweepers run every
+# SUBSIDY_SWEEP_INTERVAL_MS (a second by default), so a minute means they are not keeping up.
+OVERDUE_GRACE_MS = 60_000
+
+
+async def sweep_backlog(redis: Redis, keys: Keys, grace_ms: int = OVERDUE_GRACE_MS) -> SweepBacklog:
     """Counted on Redis's clock, in one pipelined round trip."""
     seconds, microseconds = await redis.time()
     cutoff = seconds * 1000 + microseconds // 1000 - grace_ms

@@ -20,9 +20,13 @@ from subsidy_client.v1 import authorization_pb2_grpc
 
 from server.app import Application
 from server.errors import REJECTED_CALLS, RejectionLog
+from server.ledger import WriterMetrics, serve_metrics
+from storage.devenv import Services
+from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.migrations import migrate_serial_keys
 from storage.redis.store import sweep_backlog
 from tests.conftest import Environment, consumer_key, running_gateway, serial
+from tests.integration.test_ledger import ledger_world, traffic
 from tests.integration.test_lifecycle import counters, fresh_campaign
 
 FRIDGE_G1 = "6970000000017"  # serial required, reference price 20,000 yuan
@@ -412,3 +416,64 @@ async def test_stale_pooled_connections_after_redis_closed_them_fail_no_call(
             assert all(result.decision == pb.DECISION_APPROVED for result in results)
         finally:
             await client.close()
+
+
+# 1 (reporting). Set-aside and overdue work degrades health and shows in metrics.
+
+
+async def test_set_aside_holds_show_in_metrics_and_degrade_health(services: Services) -> None:
+    async with ledger_world(services) as (env, _gateway, client):
+        await traffic(client, 2)
+        redis = Redis.from_url(env.redis_url)
+        writer = LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis)
+        await writer.drain()
+        metrics = WriterMetrics(writer)
+        assert all(value == 0 for value in (await metrics.snapshot())["sweeper"].values())
+        await redis.zadd(env.keys.holds_set_aside, {uuid.uuid4().hex: 1})
+        await redis.zadd(env.keys.holds, {uuid.uuid4().hex: 1})  # due long ago, never swept
+        details = await metrics.snapshot()
+        assert details["sweeper"] == {
+            "overdue_holds": 1,
+            "overdue_qualifications": 0,
+            "set_aside_holds": 1,
+            "set_aside_qualifications": 0,
+        }
+        server = await serve_metrics(metrics, "127.0.0.1:0")
+        port = server.sockets[0].getsockname()[1]
+        reader, stream = await asyncio.open_connection("127.0.0.1", port)
+        stream.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        health = (await reader.read()).decode()
+        stream.close()
+        server.close()
+        assert health.startswith("HTTP/1.1 503") and '"status":"degraded"' in health
+        await redis.aclose()
+
+
+# 8. stream_length was not the backlog after a writer takeover.
+
+
+async def test_stream_length_is_the_backlog_after_a_writer_takeover(services: Services) -> None:
+    """XTRIM MINID ~ removes at most 10,000 entries a call, and the writer trimmed only after a
+    batch: a takeover that acknowledged a long backlog left the rest in the stream for good
+    (10,505 entries, nothing pending). An idle writer now trims too, so the length converges."""
+    async with ledger_world(services) as (env, _gateway, _client):
+        redis = Redis.from_url(env.redis_url)
+        config = WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix, block_ms=10)
+        writer = LedgerWriter(config, redis)
+        await writer.ensure_group()
+        # 12,000 entries delivered to and acknowledged by a writer that then went away.
+        async with redis.pipeline(transaction=False) as pipe:
+            for _ in range(12_000):
+                pipe.xadd(env.keys.ledger, {"e": "{}"})
+            await pipe.execute()
+        delivered = await redis.xreadgroup(config.group, "gone", {env.keys.ledger: ">"}, count=12_000)
+        ids = [entry_id for entry_id, _ in delivered[0][1]]
+        await redis.xack(env.keys.ledger, config.group, *ids)
+        await writer.trim_acknowledged()  # the last trim after that writer's last batch
+        for _ in range(3):
+            await writer.step(block=False)  # idle
+        current = await lag(redis, env.keys, config.group)
+        assert current.backlog == 0
+        # Approximate trimming keeps at most one radix-tree node (100 entries by default).
+        assert current.stream_length <= 100
+        await redis.aclose()
