@@ -180,7 +180,7 @@ async def create_server(config: Config) -> Application:
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogService(deps), server)
         merchant_pb2_grpc.add_MerchantServiceServicer_to_server(MerchantService(deps), server)
         qualification_pb2_grpc.add_QualificationServiceServicer_to_server(
-            QualificationService(store, config.programme_key), server
+            QualificationService(store, config.programme_key, config.local_data_key), server
         )
         exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(ExchangeService(store, operator_pool), server)
         health_servicer = health_async.HealthServicer()

@@ -60,6 +60,10 @@ class Config:
     # the other providers that signs and verifies the daily files (at least 32 bytes).
     provider_id: str = "local"
     exchange_key: str = ""
+    # This provider's own key for personal data at rest (masked ID and phone numbers, sealed
+    # with AES-256-GCM; see docs/privacy.md): at least 32 bytes, never shared, kept off the
+    # database hosts. Without it no mask is stored and Get/List return them empty.
+    local_data_key: str = ""
 
     def __post_init__(self) -> None:
         if not LISTEN_PATTERN.match(self.listen):
@@ -95,6 +99,10 @@ class Config:
             raise ConfigError("SUBSIDY_PROGRAMME_KEY must be at least 32 bytes")
         if self.exchange_key and len(self.exchange_key.encode()) < 32:
             raise ConfigError("SUBSIDY_EXCHANGE_KEY must be at least 32 bytes")
+        if self.local_data_key and len(self.local_data_key.encode()) < 32:
+            raise ConfigError("SUBSIDY_LOCAL_DATA_KEY must be at least 32 bytes")
+        if self.local_data_key and self.local_data_key in (self.programme_key, self.exchange_key):
+            raise ConfigError("SUBSIDY_LOCAL_DATA_KEY must differ from the shared programme and exchange keys")
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.provider_id):
             raise ConfigError("SUBSIDY_PROVIDER_ID must be 1-64 characters of [A-Za-z0-9_.-]")
         _positive("SUBSIDY_QUALIFICATION_SWEEP_BATCH_SIZE", self.qualification_sweep_batch_size, 10_000)

@@ -3,7 +3,10 @@ location becomes a verdict here, and one script claims, atomically, against the 
 
 The raw ID number and phone number live only in the request message: they are validated,
 turned into the consumer key (HMAC-SHA256 under the programme key) and masked forms, and are
-never stored, logged or hashed into an idempotency record.
+never stored, logged or hashed into an idempotency record. The masked forms are stored only
+sealed under this provider's local data key (server/domain/sealing.py, docs/privacy.md), or not
+at all without one: a claim answers with the masks of the numbers it was sent; Get, List and
+Cancel with what the stored tokens open to ("" when they open to nothing).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from subsidy_client.v1 import common_pb2, qualification_pb2, qualification_pb2_g
 
 from server.auth import PARTNER, caller
 from server.authorization import payload_hash, raise_script_error, timestamp_ms
-from server.domain import identity, location, validation
+from server.domain import identity, location, sealing, validation
 from server.domain.geo import CoordinateError, Region, region_from_text, to_wgs84
 from server.domain.reference import CATEGORY, IDENTIFIER
 from server.errors import ApiError, invalid_field
@@ -51,7 +54,11 @@ class Consumer:
     phone_digest: str
 
 
-def qualification_message(view: Mapping[str, Any]) -> qualification_pb2.Qualification:
+def qualification_message(
+    view: Mapping[str, Any], masked_id_number: str, masked_phone_number: str
+) -> qualification_pb2.Qualification:
+    """The message for a qualification view, with its masks in clear (the view holds them
+    sealed, as stored)."""
     return pb.Qualification(
         redemption_code=view["code"],
         state=pb.QualificationState.Value("QUALIFICATION_STATE_" + view["state"]),
@@ -62,8 +69,8 @@ def qualification_message(view: Mapping[str, Any]) -> qualification_pb2.Qualific
         expires_at=timestamp_ms(view["expires_ms"]),
         updated_at=timestamp_ms(view["updated_ms"]),
         authorization_id=view["authorization"],
-        masked_id_number=view["masked_id"],
-        masked_phone_number=view["masked_phone"],
+        masked_id_number=masked_id_number,
+        masked_phone_number=masked_phone_number,
         location_cell=view["cell"],
     )
 
@@ -107,10 +114,28 @@ class CampaignLocations:
 
 
 class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
-    def __init__(self, store: RedisStore, programme_key: str) -> None:
+    def __init__(self, store: RedisStore, programme_key: str, local_data_key: str = "") -> None:
         self._store = store
         self._programme_key = programme_key.encode()
+        self._sealer = sealing.Sealer(local_data_key.encode())
         self._campaigns = CampaignLocations(store)
+
+    def _seal(self, value: str, field: str, code: str, consumer_key: str) -> str:
+        sealed = self._sealer.seal(value, field=field, redemption_code=code, consumer_key=consumer_key)
+        # Never a mask in clear at rest, whatever a change elsewhere does.
+        assert sealing.at_rest_form(sealed)
+        return sealed
+
+    def _message(self, view: Mapping[str, Any]) -> qualification_pb2.Qualification:
+        """A stored qualification's message: its masks opened with the local data key."""
+        code, consumer_key = view["code"], view["consumer"]
+        return qualification_message(
+            view,
+            self._sealer.open(view["masked_id"], field="masked_id", redemption_code=code, consumer_key=consumer_key),
+            self._sealer.open(
+                view["masked_phone"], field="masked_phone", redemption_code=code, consumer_key=consumer_key
+            ),
+        )
 
     def _consumer(self, message: qualification_pb2.ConsumerIdentity, field: str) -> Consumer:
         if not self._programme_key:
@@ -173,6 +198,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         scrubbed.CopyFrom(request)
         scrubbed.consumer.id_number = consumer.key
         scrubbed.consumer.phone_number = consumer.phone_digest
+        code = new_redemption_code()
         reply = await self._store.claim(
             ClaimInput(
                 payload_hash=payload_hash("ClaimQualification", scrubbed),
@@ -182,10 +208,10 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 campaign_id=request.campaign_id,
                 category=request.category,
                 consumer_key=consumer.key,
-                redemption_code=new_redemption_code(),
+                redemption_code=code,
                 location_verdict=verdict,
-                masked_id_number=consumer.masked_id_number,
-                masked_phone_number=consumer.masked_phone_number,
+                masked_id_number=self._seal(consumer.masked_id_number, "masked_id", code, consumer.key),
+                masked_phone_number=self._seal(consumer.masked_phone_number, "masked_phone", code, consumer.key),
                 location_cell=location.coarse_cell(point),
             )
         )
@@ -213,7 +239,11 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
             )
         return pb.ClaimQualificationResponse(
             decision=pb.CLAIM_DECISION_ISSUED,
-            qualification=qualification_message(body["qualification"]),
+            # The numbers of this request are the claim's (the payload hash covers their keyed
+            # digests), so its masks answer for a replay too, with or without a local data key.
+            qualification=qualification_message(
+                body["qualification"], consumer.masked_id_number, consumer.masked_phone_number
+            ),
             replayed=replayed,
         )
 
@@ -232,7 +262,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         view = await self._store.get_qualification(request.redemption_code, partner_id)
         if view is None:
             raise not_found(request.redemption_code)
-        return pb.GetQualificationResponse(qualification=qualification_message(view))
+        return pb.GetQualificationResponse(qualification=self._message(view))
 
     async def ListQualifications(
         self, request: qualification_pb2.ListQualificationsRequest, context: grpc.aio.ServicerContext
@@ -243,7 +273,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
             raise invalid_field("campaign_id", "must be 1-64 characters of [A-Za-z0-9_.-]")
         partner_id = await self._claim_read_nonce()
         views = await self._store.list_qualifications(consumer.key, partner_id, request.campaign_id, LIST_LIMIT)
-        return pb.ListQualificationsResponse(qualifications=[qualification_message(view) for view in views])
+        return pb.ListQualificationsResponse(qualifications=[self._message(view) for view in views])
 
     async def CancelQualification(
         self, request: qualification_pb2.CancelQualificationRequest, context: grpc.aio.ServicerContext
@@ -273,5 +303,5 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 )
             raise_script_error(reply.body)
         return pb.CancelQualificationResponse(
-            qualification=qualification_message(reply.body["qualification"]), replayed=reply.kind == "replay"
+            qualification=self._message(reply.body["qualification"]), replayed=reply.kind == "replay"
         )

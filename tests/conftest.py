@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_FILE = ROOT / "tests" / "fixtures" / "reference.yaml"
 # The programme key of the test gateways (consumer key = HMAC-SHA256 of the ID number under it).
 PROGRAMME_KEY = "test-programme-key-0123456789abcdef0123456789"
+# The test gateways' own key for masked personal data at rest (docs/privacy.md).
+LOCAL_DATA_KEY = "test-local-data-key-not-the-programme-key-0123"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Environment:
             shutdown_grace_s=1.0,
             log_level="WARNING",
             programme_key=PROGRAMME_KEY,
+            local_data_key=LOCAL_DATA_KEY,
         )
         return replace(base, **overrides)
 

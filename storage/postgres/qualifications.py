@@ -7,6 +7,10 @@ snapshot into ``qualifications`` and only then acknowledges and deletes the entr
 is at least once; a snapshot never overwrites a newer one (the stream entry id orders them),
 so redelivery after a crash and two mirrors racing are both harmless.
 
+Masks are kept only in their at-rest form (a sealed token or ``""``, docs/privacy.md): a
+snapshot carrying anything else (one written before masks were sealed) is stored with them
+blank, and at start the mirror blanks what Redis kept in clear (storage/redis/masks.py).
+
 ``restore_qualifications`` is the rebuild's half for qualifications: the hashes, each
 campaign's claimed count, each consumer's holdings, the consumer lists, the expiry set and each
 authorization's link to its qualification, all derived from the mirrored rows.
@@ -25,10 +29,12 @@ import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from server.domain.sealing import at_rest_form
 from storage.postgres.audit import advance_stream_id
 from storage.postgres.ledger import from_ms, to_ms
 from storage.postgres.writer import read_group
 from storage.redis.keys import Keys
+from storage.redis.masks import scrub_clear_masks
 from storage.redis.store import text
 
 log = logging.getLogger("subsidy.qualifications")
@@ -49,6 +55,11 @@ WHERE (qualifications.last_event_ms, qualifications.last_event_seq)
 """
 
 
+def at_rest(value: str) -> str:
+    """A mask as it may be stored: a sealed token or "", never a mask in clear."""
+    return value if at_rest_form(value) else ""
+
+
 def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
     """A stream entry as the upsert's parameters; KeyError or ValueError when malformed."""
     milliseconds, sequence = entry_id.split("-")
@@ -64,8 +75,8 @@ def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
         from_ms(int(payload["updated_ms"])),
         payload.get("authorization", ""),
         payload.get("refund_policy", "COUNT_AS_USED"),
-        payload.get("masked_id", ""),
-        payload.get("masked_phone", ""),
+        at_rest(str(payload.get("masked_id", ""))),
+        at_rest(str(payload.get("masked_phone", ""))),
         payload.get("cell", ""),
         payload.get("request_id", ""),
         int(milliseconds),
@@ -184,6 +195,10 @@ class QualificationMirror:
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.ensure_group()
+        try:
+            await scrub_clear_masks(self.redis, self.keys)
+        except redis_errors.RedisError:
+            log.warning("blanking masks stored in clear failed; retried at the next start", exc_info=True)
         while not stopping.is_set():
             try:
                 await self.step()

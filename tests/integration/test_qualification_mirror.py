@@ -99,7 +99,10 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
                 live = await app.get(code)
                 assert rows[code]["consumer_key"] == consumer_key_of(person) == live.consumer_key
                 assert rows[code]["expires_at"].timestamp() * 1000 == live.expires_at.ToMilliseconds()
-                assert rows[code]["masked_id_number"] == live.masked_id_number
+                # Stored sealed under the local data key, opened for the partner's Get.
+                assert rows[code]["masked_id_number"].startswith("s1.")
+                assert live.masked_id_number == person[:3] + "*" * 11 + person[-4:]
+                assert live.masked_id_number not in str(dict(rows[code]))
                 assert person not in str(dict(rows[code]))
             quota_before = await redis.hget(env.keys.qualification_quota("c-qual"), "general:claimed")
             # Another provider's report, imported before the loss.
@@ -141,12 +144,13 @@ async def test_every_change_is_mirrored_and_a_redis_loss_is_rebuilt(services: Se
             assert (result["imported_consumers"], result["imported_serials"]) == (1, 1)
 
             assert await redis.hget(env.keys.qualification_quota("c-qual"), "general:claimed") == quota_before
-            for code in codes.values():
+            for person, code in codes.items():
                 restored = await app.get(code)
                 assert (
                     qpb.QualificationState.Name(restored.state).removeprefix("QUALIFICATION_STATE_")
                     == (rows[code]["state"])
                 )
+                assert restored.masked_id_number == person[:3] + "*" * 11 + person[-4:]  # still opens
             # The rebuilt state still works and still enforces: the reserved one is redeemed by
             # capturing its payment; the unused one can be redeemed; nobody claims twice.
             await till.capture(held_by)

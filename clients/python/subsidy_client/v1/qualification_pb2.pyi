@@ -138,7 +138,9 @@ class ConsumerIdentity(_message.Message):
     character included). Turned into the consumer key on arrival; never stored or logged.
     """
     phone_number: _builtins.str
-    """Optional 11-digit mainland mobile number; only its masked form (138****5678) is stored."""
+    """Optional 11-digit mainland mobile number; only its masked form (138****5678) is stored,
+    sealed like the masked ID number.
+    """
     def __init__(
         self,
         *,
@@ -213,7 +215,11 @@ class Qualification(_message.Message):
     authorization_id: _builtins.str
     """The authorization holding or having redeemed it (RESERVED, REDEEMED)."""
     masked_id_number: _builtins.str
-    """For support: 330***********123X and 138****5678 (empty when no phone was given)."""
+    """For support: 330***********123X and 138****5678 (empty when no phone was given). A claim
+    answers with the masks of the numbers it was sent; Get, List and Cancel with the stored
+    ones, which are empty when the gateway keeps none (no local data key configured) or the
+    qualification predates sealed masks.
+    """
     masked_phone_number: _builtins.str
     location_cell: _builtins.str
     """The claim location, coarsened to a cell of about 1 km ("lat,lon" at 2 decimals, WGS-84);

@@ -32,7 +32,8 @@ class QualificationServiceStub:
 
     The consumer's ID number crosses the wire once, in ClaimQualification and
     ListQualifications, and is turned at the edge into the consumer key (HMAC-SHA256 under the
-    programme key). It is never stored or logged; only a masked form is kept for support.
+    programme key). It is never stored or logged; a masked form is kept for support only sealed
+    under the provider's own local data key, or not at all (docs/privacy.md).
     """
 
     def __init__(self, channel):
@@ -70,7 +71,8 @@ class QualificationServiceServicer:
 
     The consumer's ID number crosses the wire once, in ClaimQualification and
     ListQualifications, and is turned at the edge into the consumer key (HMAC-SHA256 under the
-    programme key). It is never stored or logged; only a masked form is kept for support.
+    programme key). It is never stored or logged; a masked form is kept for support only sealed
+    under the provider's own local data key, or not at all (docs/privacy.md).
     """
 
     def ClaimQualification(self, request, context):
@@ -142,7 +144,8 @@ class QualificationService:
 
     The consumer's ID number crosses the wire once, in ClaimQualification and
     ListQualifications, and is turned at the edge into the consumer key (HMAC-SHA256 under the
-    programme key). It is never stored or logged; only a masked form is kept for support.
+    programme key). It is never stored or logged; a masked form is kept for support only sealed
+    under the provider's own local data key, or not at all (docs/privacy.md).
     """
 
     @staticmethod

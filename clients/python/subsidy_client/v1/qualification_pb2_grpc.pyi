@@ -33,7 +33,8 @@ class QualificationServiceStub:
 
     The consumer's ID number crosses the wire once, in ClaimQualification and
     ListQualifications, and is turned at the edge into the consumer key (HMAC-SHA256 under the
-    programme key). It is never stored or logged; only a masked form is kept for support.
+    programme key). It is never stored or logged; a masked form is kept for support only sealed
+    under the provider's own local data key, or not at all (docs/privacy.md).
     """
 
     @_typing.overload
@@ -62,7 +63,8 @@ class QualificationServiceAsyncStub(QualificationServiceStub):
 
     The consumer's ID number crosses the wire once, in ClaimQualification and
     ListQualifications, and is turned at the edge into the consumer key (HMAC-SHA256 under the
-    programme key). It is never stored or logged; only a masked form is kept for support.
+    programme key). It is never stored or logged; a masked form is kept for support only sealed
+    under the provider's own local data key, or not at all (docs/privacy.md).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -87,7 +89,8 @@ class QualificationServiceServicer(metaclass=_abc_1.ABCMeta):
 
     The consumer's ID number crosses the wire once, in ClaimQualification and
     ListQualifications, and is turned at the edge into the consumer key (HMAC-SHA256 under the
-    programme key). It is never stored or logged; only a masked form is kept for support.
+    programme key). It is never stored or logged; a masked form is kept for support only sealed
+    under the provider's own local data key, or not at all (docs/privacy.md).
     """
 
     @_abc_1.abstractmethod
