@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: reset run test test-fast lint format gen-protos check-protos bench demo clean venv
+.PHONY: certs run-tls run-mtls demo-tls demo-mtls
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,26 @@ check-protos: $(STAMP)
 ## A short client session against a running server (make run in another terminal).
 demo: $(STAMP)
 	$(PY) -m subsidy_client.demo
+
+## Development certificates (README "Security"): a local CA, the server's for 127.0.0.1 and
+## localhost, one client certificate per caller of examples/demo.yaml, in .certs/.
+certs: $(STAMP)
+	$(VENV)/bin/subsidyctl dev-certs --out .certs
+
+TLS_ENV := SUBSIDY_TLS_CERT=.certs/server.pem SUBSIDY_TLS_KEY=.certs/server.key
+
+## make run and make demo over TLS, or mutual TLS, with the certificates of make certs.
+run-tls: $(STAMP)
+	$(TLS_ENV) $(PY) -m server.dev
+
+run-mtls: $(STAMP)
+	$(TLS_ENV) SUBSIDY_TLS_CLIENT_CA=.certs/ca.pem $(PY) -m server.dev
+
+demo-tls: $(STAMP)
+	$(PY) -m subsidy_client.demo --certs .certs
+
+demo-mtls: $(STAMP)
+	$(PY) -m subsidy_client.demo --certs .certs --mtls
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

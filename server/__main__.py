@@ -16,6 +16,7 @@ import sys
 
 from server import logs
 from server.config import Config, ConfigError
+from server.tls import check_listeners
 from server.worker import run_worker
 
 log = logging.getLogger("subsidy.main")
@@ -36,6 +37,8 @@ def run_workers(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if config.tls_cert:
+        signal.signal(signal.SIGHUP, forward)  # each worker re-reads its TLS certificate files
     failed = 0
     for worker in workers:
         worker.join()
@@ -46,6 +49,7 @@ def run_workers(config: Config) -> int:
 def main() -> int:
     try:
         config = Config.from_env()
+        check_listeners(config)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ from server.merchants import MerchantService
 from server.operations import LazyPool, OperatorDeps
 from server.qualification import QualificationService
 from server.reporting import ReportingService
+from server.tls import CertificateReloader, ClientCertificatePolicy, bind, check_listeners
 from storage.redis.keys import Keys
 from storage.redis.migrations import migrate_serial_keys
 from storage.redis.scripts import Scripts
@@ -74,6 +75,10 @@ class Application:
     health: health_async.HealthServicer
     config: Config
     operator_pool: LazyPool
+    # The mutual-TLS listener's port (SUBSIDY_MTLS_LISTEN, else 0) and the certificate files'
+    # reloader (None without TLS; SIGHUP calls its request_reload).
+    mtls_port: int = 0
+    certificates: CertificateReloader | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -118,6 +123,7 @@ async def run_sweeper(store: RedisStore, config: Config, stopping: asyncio.Event
 
 
 async def create_server(config: Config) -> Application:
+    check_listeners(config)
     # A bounded pool that queues callers for a free connection (for at most the Redis timeout)
     # rather than failing at once when a burst exceeds it.
     pool = BlockingConnectionPool.from_url(
@@ -158,7 +164,7 @@ async def create_server(config: Config) -> Application:
         server = grpc.aio.server(
             interceptors=[
                 ErrorInterceptor(),
-                AuthInterceptor(credentials, config.auth_clock_skew_s),
+                AuthInterceptor(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config)),
             ],
             options=[
                 ("grpc.so_reuseport", 1),
@@ -188,13 +194,21 @@ async def create_server(config: Config) -> Application:
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(config.listen)
-        if port == 0:
-            raise RuntimeError(f"could not bind {config.listen}")
+        listeners = bind(server, config)
     except (Exception, asyncio.CancelledError):
         await redis.aclose()
         raise
-    application = Application(server, port, redis, store, health_servicer, config, operator_pool)
+    application = Application(
+        server,
+        listeners.port,
+        redis,
+        store,
+        health_servicer,
+        config,
+        operator_pool,
+        mtls_port=listeners.mtls_port,
+        certificates=listeners.reloader,
+    )
     application.tasks.append(asyncio.create_task(run_sweeper(store, config, application.stopping)))
     application.tasks.append(
         asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))

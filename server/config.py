@@ -60,6 +60,16 @@ class Config:
     # the other providers that signs and verifies the daily files (at least 32 bytes).
     provider_id: str = "local"
     exchange_key: str = ""
+    # Transport security (server/tls.py, README "Security"): PEM certificate chain and key for
+    # SUBSIDY_LISTEN and the writer's metrics listener; a client CA turns on mutual TLS (on
+    # SUBSIDY_MTLS_LISTEN when set, else on SUBSIDY_LISTEN); a file of revoked client
+    # certificates; plaintext on a non-loopback address only with allow_plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    mtls_listen: str = ""
+    tls_revoked: str = ""
+    allow_plaintext: bool = False
     # This provider's own key for personal data at rest (masked ID and phone numbers, sealed
     # with AES-256-GCM; see docs/privacy.md): at least 32 bytes, never shared, kept off the
     # database hosts. Without it no mask is stored and Get/List return them empty.
@@ -106,6 +116,12 @@ class Config:
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.provider_id):
             raise ConfigError("SUBSIDY_PROVIDER_ID must be 1-64 characters of [A-Za-z0-9_.-]")
         _positive("SUBSIDY_QUALIFICATION_SWEEP_BATCH_SIZE", self.qualification_sweep_batch_size, 10_000)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("SUBSIDY_TLS_CERT and SUBSIDY_TLS_KEY go together: set both or neither")
+        if (self.tls_client_ca or self.tls_revoked) and not self.tls_cert:
+            raise ConfigError("SUBSIDY_TLS_CLIENT_CA and SUBSIDY_TLS_REVOKED need SUBSIDY_TLS_CERT and SUBSIDY_TLS_KEY")
+        if self.mtls_listen and not (self.tls_client_ca and LISTEN_PATTERN.match(self.mtls_listen)):
+            raise ConfigError("SUBSIDY_MTLS_LISTEN must be host:port and needs SUBSIDY_TLS_CLIENT_CA")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("SUBSIDY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -36,8 +37,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from redis.asyncio import Redis
 
 from server import logs
-from server.config import Config
+from server.config import Config, ConfigError
 from server.exchange import reapply
+from server.tls import metrics_tls
 from storage.postgres.audit import rebuild, reconcile, verify
 from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror, restore_qualifications
@@ -127,8 +129,11 @@ class WriterMetrics:
         }
 
 
-async def serve_metrics(metrics: WriterMetrics, listen: str) -> asyncio.Server:
-    """A minimal HTTP endpoint: GET /metrics (Prometheus text) and GET /health (JSON)."""
+async def serve_metrics(
+    metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None
+) -> asyncio.Server:
+    """A minimal HTTP endpoint: GET /metrics (Prometheus text) and GET /health (JSON); HTTPS
+    with ``ssl_context`` (server.tls: the gateway's certificate, TLS 1.2+, reloaded with it)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -155,7 +160,7 @@ async def serve_metrics(metrics: WriterMetrics, listen: str) -> asyncio.Server:
             writer.close()
 
     host, port = listen.rsplit(":", 1)
-    return await asyncio.start_server(handle, host, int(port))
+    return await asyncio.start_server(handle, host, int(port), ssl=ssl_context)
 
 
 async def run_writer(config: Config) -> None:
@@ -179,7 +184,7 @@ async def run_writer(config: Config) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     server = (
-        await serve_metrics(WriterMetrics(writer), config.writer_metrics_listen)
+        await serve_metrics(WriterMetrics(writer), config.writer_metrics_listen, metrics_tls(config))
         if config.writer_metrics_listen
         else None
     )
@@ -271,7 +276,10 @@ def main() -> int:
         parser.error("SUBSIDY_PG_DSN must be set")
     logs.configure(config.log_level)
     if arguments.command == "writer":
-        asyncio.run(run_writer(config))
+        try:
+            asyncio.run(run_writer(config))
+        except ConfigError as error:
+            parser.exit(2, f"configuration error: {error}\n")
         return 0
     status, result = asyncio.run(with_connections(config, arguments.command, getattr(arguments, "force", False)))
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

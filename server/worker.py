@@ -22,6 +22,9 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if application.certificates is not None:
+        # SIGHUP: re-read the TLS certificate files now (they are also re-read when they change).
+        loop.add_signal_handler(signal.SIGHUP, application.certificates.request_reload)
     await application.start()
     await stop.wait()
     log.info("shutting down")

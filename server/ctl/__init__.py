@@ -34,9 +34,10 @@ def main(
 
 
 # Command groups, one module each (imported after ``main`` exists).
-from server.ctl import campaign, catalog, merchant  # noqa: E402
+from server.ctl import campaign, catalog, certs, merchant  # noqa: E402
 
 main.add_command(campaign.campaign)
 main.add_command(campaign.budget)
 main.add_command(catalog.catalog)
 main.add_command(merchant.merchant)
+main.add_command(certs.dev_certs)

@@ -91,6 +91,8 @@ class Terminal:
     terminal_id: str
     status: str
     secret: str | None  # None: issue one when loading
+    # Must call with a client certificate naming it (mutual TLS, server/tls.py).
+    require_client_certificate: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class Partner:
     kind: str
     status: str
     secret: str | None  # None: issue one when loading
+    require_client_certificate: bool = False
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,7 @@ def parse_merchant(record: Mapping[str, Any], path: str) -> Merchant:
             terminal_id=_pattern(terminal, "id", f"{path}.terminals[{index}]", IDENTIFIER),
             status=_choice(terminal, "status", f"{path}.terminals[{index}]", ("ACTIVE", "SUSPENDED"), "ACTIVE"),
             secret=terminal.get("secret"),
+            require_client_certificate=_flag(terminal, "require_client_certificate", f"{path}.terminals[{index}]"),
         )
         for index, terminal in enumerate(record.get("terminals", []) or [])
     ]
@@ -353,7 +357,15 @@ def parse_partner(record: Mapping[str, Any], path: str) -> Partner:
         kind=_choice(record, "kind", path, ("APP", "PROVIDER"), "APP"),
         status=_choice(record, "status", path, ("ACTIVE", "SUSPENDED"), "ACTIVE"),
         secret=record.get("secret"),
+        require_client_certificate=_flag(record, "require_client_certificate", path),
     )
+
+
+def _flag(record: Mapping[str, Any], key: str, path: str) -> bool:
+    value = record.get(key, False)
+    if not isinstance(value, bool):
+        raise ReferenceError(f"{path}.{key}", "must be true or false")
+    return value
 
 
 def parse_reference(document: Mapping[str, Any]) -> ReferenceData:

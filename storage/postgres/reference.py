@@ -127,16 +127,18 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
             )
             for terminal in merchant.terminals:
                 secret = await connection.fetchval(
-                    "INSERT INTO terminals (terminal_id, merchant_id, status, secret)"
-                    " VALUES ($1, $2, $3, $4) ON CONFLICT (terminal_id) DO UPDATE SET"
+                    "INSERT INTO terminals (terminal_id, merchant_id, status, secret, require_client_certificate)"
+                    " VALUES ($1, $2, $3, $4, $6) ON CONFLICT (terminal_id) DO UPDATE SET"
                     " merchant_id = excluded.merchant_id, status = excluded.status,"
                     " secret = CASE WHEN $5 THEN excluded.secret ELSE terminals.secret END,"
+                    " require_client_certificate = excluded.require_client_certificate,"
                     " updated_at = now() RETURNING secret",
                     terminal.terminal_id,
                     merchant.merchant_id,
                     terminal.status,
                     terminal.secret or issue_terminal_secret(),
                     terminal.secret is not None,
+                    terminal.require_client_certificate,
                 )
                 credentials[terminal.terminal_id] = secret
         for operator in data.operators:
@@ -153,10 +155,12 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
             )
         for partner in data.partners:
             credentials[partner.partner_id] = await connection.fetchval(
-                "INSERT INTO partners (partner_id, name, kind, status, secret) VALUES ($1, $2, $3, $4, $5)"
+                "INSERT INTO partners (partner_id, name, kind, status, secret, require_client_certificate)"
+                " VALUES ($1, $2, $3, $4, $5, $7)"
                 " ON CONFLICT (partner_id) DO UPDATE SET name = excluded.name, kind = excluded.kind,"
                 " status = excluded.status,"
-                " secret = CASE WHEN $6 THEN excluded.secret ELSE partners.secret END, updated_at = now()"
+                " secret = CASE WHEN $6 THEN excluded.secret ELSE partners.secret END,"
+                " require_client_certificate = excluded.require_client_certificate, updated_at = now()"
                 " RETURNING secret",
                 partner.partner_id,
                 partner.name,
@@ -164,6 +168,7 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                 partner.status,
                 partner.secret or issue_terminal_secret(),
                 partner.secret is not None,
+                partner.require_client_certificate,
             )
     return credentials
 
@@ -211,11 +216,15 @@ async def fetch_reference(
         products = await rows("SELECT * FROM products", "gtin", gtins)
         merchants = await rows("SELECT merchant_id, status, categories FROM merchants", "merchant_id", merchant_ids)
         terminals = await rows(
-            "SELECT terminal_id, merchant_id, status, secret FROM terminals", "merchant_id", merchant_ids
+            "SELECT terminal_id, merchant_id, status, secret, require_client_certificate FROM terminals",
+            "merchant_id",
+            merchant_ids,
         )
         operators = await rows("SELECT operator_id, status, secret FROM operators", "operator_id", operator_ids)
         # Few rows, changed only by reference loads: always published whole.
-        partners = await rows("SELECT partner_id, kind, status, secret FROM partners", "partner_id", None)
+        partners = await rows(
+            "SELECT partner_id, kind, status, secret, require_client_certificate FROM partners", "partner_id", None
+        )
     return ReferenceSnapshot(
         campaigns=[dict(row) for row in campaigns],
         rules=[dict(row) for row in rules],

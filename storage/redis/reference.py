@@ -110,7 +110,15 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
             pipe.hset(
                 keys.credentials,
                 terminal["terminal_id"],
-                orjson.dumps({"role": "terminal", "merchant": terminal["merchant_id"], "secret": terminal["secret"]}),
+                orjson.dumps(
+                    {
+                        "role": "terminal",
+                        "merchant": terminal["merchant_id"],
+                        "secret": terminal["secret"],
+                        # Mutual TLS required (server/tls.py); absent means not required.
+                        "mtls": bool(terminal.get("require_client_certificate", False)),
+                    }
+                ),
             )
         for operator in snapshot.operators:
             # A suspended operator's credential is withdrawn; a suspended terminal's is kept so
@@ -123,7 +131,12 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
         for partner in snapshot.partners:
             if partner["status"] == "ACTIVE":
                 role = "partner" if partner["kind"] == "APP" else "provider"
-                record = {"role": role, "merchant": "", "secret": partner["secret"]}
+                record = {
+                    "role": role,
+                    "merchant": "",
+                    "secret": partner["secret"],
+                    "mtls": bool(partner.get("require_client_certificate", False)),
+                }
                 pipe.hset(keys.credentials, partner["partner_id"], orjson.dumps(record))
             else:
                 pipe.hdel(keys.credentials, partner["partner_id"])

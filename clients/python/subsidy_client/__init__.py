@@ -12,6 +12,8 @@ from subsidy_client.client import (
     ReportingClient,
     RetryPolicy,
     SignedClient,
+    TlsConfig,
+    open_channel,
 )
 from subsidy_client.errors import SubsidyError
 
@@ -24,4 +26,6 @@ __all__ = [
     "RetryPolicy",
     "SignedClient",
     "SubsidyError",
+    "TlsConfig",
+    "open_channel",
 ]

@@ -50,6 +50,43 @@ class Line:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS to the gateway. ``ca_file``: the PEM CA bundle that signed the gateway's certificate
+    (None: the system's trusted roots). ``cert_file`` and ``key_file``: this caller's client
+    certificate and key for mutual TLS (the certificate must name the caller id that signs the
+    calls). ``server_name``: the name to check in the gateway's certificate when it differs from
+    the target's host (e.g. a target given as an IP address)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as handle:
+                return handle.read()
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def open_channel(target: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
+    """A channel to the gateway: TLS with ``tls``, plaintext without (loopback development)."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=tls.channel_options())
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 3
     backoff_initial_s: float = 0.05
@@ -75,6 +112,7 @@ class SignedClient:
         deadline_s: float = 2.0,
         retry: RetryPolicy | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
@@ -84,7 +122,7 @@ class SignedClient:
         self._deadline_s = deadline_s
         self._retry = retry or RetryPolicy()
         self._owns_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or open_channel(target, tls)
 
     async def __aenter__(self) -> Self:
         return self

@@ -1,7 +1,7 @@
 """A short session against a running gateway: authorize, capture, read back, refund; then a
 consumer claims a voucher in a partner app and redeems it at the till.
 
-    python -m subsidy_client.demo [--credentials .data/credentials.json]
+    python -m subsidy_client.demo [--credentials .data/credentials.json] [--certs .certs [--mtls]]
 
 Uses the first terminal and partner app in the credentials file written by ``make run`` and
 the demo campaigns of examples/demo.yaml.
@@ -16,11 +16,12 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from subsidy_client import AuthorizationClient, Line, QualificationClient
+from subsidy_client import AuthorizationClient, Line, QualificationClient, TlsConfig
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
@@ -33,9 +34,28 @@ def demo_consumer_key() -> str:
     return hmac.new(DEMO_PROGRAMME_KEY, secrets.token_bytes(16), hashlib.sha256).hexdigest()
 
 
-async def run(credentials: dict[str, Any], target: str | None, campaign_id: str) -> None:
+def tls_settings(certs: Path | None, mutual: bool) -> Callable[[str], TlsConfig | None]:
+    """Caller id -> its TLS settings: none without ``certs``; else the CA of ``subsidyctl
+    dev-certs`` in ``certs``, and with ``mutual`` the caller's own certificate beside it."""
+
+    def settings(caller_id: str) -> TlsConfig | None:
+        if certs is None:
+            return None
+        if not mutual:
+            return TlsConfig(ca_file=str(certs / "ca.pem"))
+        client = certs / "clients" / caller_id
+        return TlsConfig(str(certs / "ca.pem"), f"{client}.pem", f"{client}.key")
+
+    return settings
+
+
+async def run(
+    credentials: dict[str, Any], target: str | None, campaign_id: str, tls: Callable[[str], TlsConfig | None]
+) -> None:
     terminal_id, secret = next(iter(credentials["terminals"].items()))
-    async with AuthorizationClient(target or credentials["target"], terminal_id, secret) as client:
+    async with AuthorizationClient(
+        target or credentials["target"], terminal_id, secret, tls=tls(terminal_id)
+    ) as client:
         serial = "SN" + secrets.token_hex(6).upper()
         response = await client.authorize(
             campaign_id=campaign_id,
@@ -70,7 +90,9 @@ def demo_id_number() -> str:
     return first + "10X98765432"[sum(int(digit) * weight for digit, weight in zip(first, weights, strict=True)) % 11]
 
 
-async def voucher(credentials: dict[str, Any], target: str | None, campaign_id: str) -> None:
+async def voucher(
+    credentials: dict[str, Any], target: str | None, campaign_id: str, tls: Callable[[str], TlsConfig | None]
+) -> None:
     partners = credentials.get("partners") or {}
     if not partners:
         print("voucher:   skipped (no partner app in the credentials file)")
@@ -79,8 +101,8 @@ async def voucher(credentials: dict[str, Any], target: str | None, campaign_id: 
     terminal_id, terminal_secret = next(iter(credentials["terminals"].items()))
     address = target or credentials["target"]
     async with (
-        QualificationClient(address, partner_id, partner_secret) as app,
-        AuthorizationClient(address, terminal_id, terminal_secret) as till,
+        QualificationClient(address, partner_id, partner_secret, tls=tls(partner_id)) as app,
+        AuthorizationClient(address, terminal_id, terminal_secret, tls=tls(terminal_id)) as till,
     ):
         # The phone is at the Xiaoshan District government, as AMap reports it (GCJ-02).
         here = common_pb2.Location(
@@ -126,10 +148,15 @@ def main() -> None:
     parser.add_argument("--target", help="host:port (default: the one in the credentials file)")
     parser.add_argument("--campaign", default="demo-tradein-2026")
     parser.add_argument("--voucher-campaign", default="demo-vouchers-xiaoshan")
+    parser.add_argument("--certs", type=Path, help="TLS: the folder of subsidyctl dev-certs (its ca.pem)")
+    parser.add_argument("--mtls", action="store_true", help="with --certs: each caller's client certificate too")
     arguments = parser.parse_args()
+    if arguments.mtls and arguments.certs is None:
+        parser.error("--mtls needs --certs")
     credentials = json.loads(arguments.credentials.read_text())
-    asyncio.run(run(credentials, arguments.target, arguments.campaign))
-    asyncio.run(voucher(credentials, arguments.target, arguments.voucher_campaign))
+    tls = tls_settings(arguments.certs, arguments.mtls)
+    asyncio.run(run(credentials, arguments.target, arguments.campaign, tls))
+    asyncio.run(voucher(credentials, arguments.target, arguments.voucher_campaign, tls))
 
 
 if __name__ == "__main__":
