@@ -5,6 +5,7 @@
 // serializes each request itself, signs the bytes and hands them to grpc-js unchanged.
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -105,8 +106,30 @@ function signedMetadata(secret, fullMethod, terminalId, body) {
   return metadata;
 }
 
-function createClient({ target, terminalId, secret, deadlineMs = 5000 }) {
-  const client = new grpc.Client(target, grpc.credentials.createInsecure());
+// TLS to the gateway. tls: { caFile, certFile, keyFile } (PEM files): caFile is the CA that
+// signed the gateway's certificate (omitted: the system's roots); certFile and keyFile are this
+// caller's client certificate for mutual TLS (it must name the caller id that signs the calls).
+// Without the option, the environment decides: SUBSIDY_GATEWAY_CA (a CA file) turns TLS on, and
+// SUBSIDY_CLIENT_CERTS (a folder of <caller id>.pem and .key, as `make certs` writes in
+// .certs/clients) adds the caller's certificate. Neither: plaintext (loopback development).
+function channelCredentials(tls, callerId) {
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  let settings = tls;
+  if (settings === undefined) {
+    const ca = process.env.SUBSIDY_GATEWAY_CA;
+    const folder = process.env.SUBSIDY_CLIENT_CERTS;
+    if (!ca && !folder) return grpc.credentials.createInsecure();
+    settings = { caFile: ca };
+    if (folder) Object.assign(settings, { certFile: path.join(folder, `${callerId}.pem`), keyFile: path.join(folder, `${callerId}.key`) });
+  }
+  if (!settings) return grpc.credentials.createInsecure();
+  if (Boolean(settings.certFile) !== Boolean(settings.keyFile)) throw new Error('tls: certFile and keyFile go together');
+  return grpc.credentials.createSsl(read(settings.caFile), read(settings.keyFile), read(settings.certFile));
+}
+
+/** tls: see channelCredentials; null forces plaintext whatever the environment says. */
+function createClient({ target, terminalId, secret, deadlineMs = 5000, tls = undefined }) {
+  const client = new grpc.Client(target, channelCredentials(tls, terminalId));
 
   function call(name, request) {
     const method = methods[name];
@@ -141,4 +164,4 @@ function createClient({ target, terminalId, secret, deadlineMs = 5000 }) {
   };
 }
 
-module.exports = { createClient, signedMetadata, SubsidyError };
+module.exports = { createClient, channelCredentials, signedMetadata, SubsidyError };

@@ -8,6 +8,7 @@ nothing, and leaves the gateway serving the next caller.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import ssl
@@ -484,3 +485,52 @@ def _no_proxy() -> Iterator[None]:
     saved = {name: os.environ.pop(name) for name in ("http_proxy", "https_proxy", "grpc_proxy") if name in os.environ}
     yield
     os.environ.update(saved)
+
+
+# --- the Node.js client -----------------------------------------------------------------------
+
+
+async def node_demo(credentials: Path, environ: dict[str, str]) -> tuple[int, str, str]:
+    from tests.integration.test_node_client import NODE_CLIENT, ensure_node_modules
+
+    node = await ensure_node_modules()
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "demo.js",
+        str(credentials),
+        "c-main",
+        FRIDGE_G2,
+        "12345",
+        cwd=NODE_CLIENT,
+        env={**os.environ, **environ},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+@pytest.mark.timeout(420)
+async def test_the_node_client_calls_over_mutual_tls(
+    tls_env: Environment, mtls_gateway: Application, pki: Pki, tmp_path: Path
+) -> None:
+    """clients/node with SUBSIDY_GATEWAY_CA and SUBSIDY_CLIENT_CERTS (a folder of <id>.pem/.key)."""
+    folder = tmp_path / "clients"
+    issue(pki.ca, "t-main-01").write(folder / "t-main-01.pem", folder / "t-main-01.key")
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(
+        json.dumps(
+            {"target": f"127.0.0.1:{mtls_gateway.port}", "terminals": {"t-main-01": tls_env.credentials["t-main-01"]}}
+        )
+    )
+    code, stdout, stderr = await node_demo(
+        credentials, {"SUBSIDY_GATEWAY_CA": pki.ca_file, "SUBSIDY_CLIENT_CERTS": str(folder)}
+    )
+    assert code == 0, f"demo.js failed:\n{stdout}\n{stderr}"
+    steps = {line["step"]: line for line in map(json.loads, stdout.splitlines())}
+    assert steps["authorize"]["decision"] == "DECISION_APPROVED"
+    assert steps["capture"]["state"] == "AUTHORIZATION_STATE_CAPTURED"
+    # Without its certificate the handshake fails and the demo stops at the first call.
+    code, stdout, stderr = await node_demo(credentials, {"SUBSIDY_GATEWAY_CA": pki.ca_file})
+    assert code != 0 and "authorize" not in stdout
