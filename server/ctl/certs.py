@@ -3,13 +3,27 @@ callers of a reference file (README "Security"). Works offline; talks to no gate
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 import yaml
+from subsidy_client import TlsConfig
 
 from server.certs import DEFAULT_HOSTS, dev_certificates
 from server.domain.reference import parse_reference
+
+
+def operator_tls() -> TlsConfig | None:
+    """subsidyctl's TLS to the gateway, from SUBSIDYCTL_TLS_CA (the CA of the gateway's
+    certificate; set: TLS), SUBSIDYCTL_TLS_CERT and SUBSIDYCTL_TLS_KEY (the operator's client
+    certificate, for mutual TLS). None: plaintext, for a gateway on loopback."""
+    ca, certificate, key = (os.environ.get(f"SUBSIDYCTL_TLS_{name}") for name in ("CA", "CERT", "KEY"))
+    if not (ca or certificate):
+        return None
+    if bool(certificate) != bool(key):
+        raise click.UsageError("SUBSIDYCTL_TLS_CERT and SUBSIDYCTL_TLS_KEY go together")
+    return TlsConfig(ca_file=ca or None, cert_file=certificate or None, key_file=key or None)
 
 
 @click.command("dev-certs")

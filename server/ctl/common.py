@@ -17,6 +17,8 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from subsidy_client import SignedClient, SubsidyError
 
+from server.ctl.certs import operator_tls
+
 T = TypeVar("T")
 DEFAULT_CREDENTIALS = Path(".data/credentials.json")
 
@@ -86,7 +88,9 @@ def run(
     """Runs one async action with a signed client; a failed call exits 1 with its reason."""
 
     async def go() -> T:
-        async with client_type(settings.target, settings.operator_id, settings.secret, deadline_s=30.0) as client:
+        async with client_type(
+            settings.target, settings.operator_id, settings.secret, deadline_s=30.0, tls=operator_tls()
+        ) as client:
             return await action(client)
 
     try:

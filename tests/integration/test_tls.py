@@ -534,3 +534,30 @@ async def test_the_node_client_calls_over_mutual_tls(
     # Without its certificate the handshake fails and the demo stops at the first call.
     code, stdout, stderr = await node_demo(credentials, {"SUBSIDY_GATEWAY_CA": pki.ca_file})
     assert code != 0 and "authorize" not in stdout
+
+
+# --- subsidyctl -------------------------------------------------------------------------------
+
+
+async def test_subsidyctl_calls_over_mutual_tls(
+    tls_env: Environment, mtls_gateway: Application, pki: Pki, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from server.ctl import main as subsidyctl
+
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(
+        json.dumps(
+            {"target": f"127.0.0.1:{mtls_gateway.port}", "operators": {"op-auditor": tls_env.credentials["op-auditor"]}}
+        )
+    )
+    certificate, key = pki.save("op-auditor", issue(pki.ca, "op-auditor"))
+    arguments = ["--credentials", str(credentials), "--json", "campaign", "show", "c-main"]
+    mutual = {"SUBSIDYCTL_TLS_CA": pki.ca_file, "SUBSIDYCTL_TLS_CERT": certificate, "SUBSIDYCTL_TLS_KEY": key}
+    shown = await asyncio.to_thread(CliRunner().invoke, subsidyctl, arguments, env=mutual)
+    assert shown.exit_code == 0, shown.output
+    assert '"campaign_id": "c-main"' in shown.output
+    server_only = {"SUBSIDYCTL_TLS_CA": pki.ca_file}
+    refused = await asyncio.to_thread(CliRunner().invoke, subsidyctl, arguments, env=server_only)
+    assert refused.exit_code != 0 and "UNAVAILABLE" in refused.output, refused.output
