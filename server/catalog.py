@@ -239,7 +239,7 @@ async def receive_import(requests: AsyncIterator[catalog_pb2.ImportProductsReque
 
 def check_header(header: catalog_pb2.ImportHeader) -> None:
     try:
-        validation.check_request_id(header.request_id)
+        header.request_id = validation.check_request_id(header.request_id)
     except ApiError as error:
         raise invalid_field("header.request_id", error.message.removeprefix("request_id: ")) from None
     if header.mode not in MODES:

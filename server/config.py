@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-LISTEN_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+LISTEN_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 
 
 class ConfigError(ValueError):
@@ -93,7 +93,7 @@ class Config:
             raise ConfigError("SUBSIDY_REDIS_TIMEOUT_S must be in (0, 60]")
         if not 0 <= self.shutdown_grace_s <= 300:
             raise ConfigError("SUBSIDY_SHUTDOWN_GRACE_S must be in [0, 300]")
-        if not re.match(r"^[A-Za-z0-9_.-]{1,40}$", self.redis_prefix):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", self.redis_prefix):
             raise ConfigError("SUBSIDY_REDIS_PREFIX must be 1-40 characters of [A-Za-z0-9_.-]")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("SUBSIDY_REDIS_URL must start with redis://, rediss:// or unix://")
@@ -113,7 +113,7 @@ class Config:
             raise ConfigError("SUBSIDY_LOCAL_DATA_KEY must be at least 32 bytes")
         if self.local_data_key and self.local_data_key in (self.programme_key, self.exchange_key):
             raise ConfigError("SUBSIDY_LOCAL_DATA_KEY must differ from the shared programme and exchange keys")
-        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.provider_id):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.provider_id):
             raise ConfigError("SUBSIDY_PROVIDER_ID must be 1-64 characters of [A-Za-z0-9_.-]")
         _positive("SUBSIDY_QUALIFICATION_SWEEP_BATCH_SIZE", self.qualification_sweep_batch_size, 10_000)
         if bool(self.tls_cert) != bool(self.tls_key):

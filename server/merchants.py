@@ -53,7 +53,7 @@ ADDRESS_LENGTH_MAX = 500
 REASON_LENGTH_MAX = 500
 SHOP_URL_LENGTH_MAX = 2048
 CATEGORIES_MAX = 64
-PLATFORM = re.compile(r"^[a-z0-9_.-]{1,32}$")
+PLATFORM = re.compile(r"^[a-z0-9_.-]{1,32}\Z")
 
 STATUS_NAMES: dict[merchant_pb2.PartyStatus.ValueType, str] = {
     pb.PARTY_STATUS_ACTIVE: "ACTIVE",

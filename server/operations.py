@@ -106,7 +106,7 @@ class Action:
 def begin_action(method: str, request: Any, target_kind: str, target_id: str) -> Action:
     """Validates the request id and names the action; the caller must hold an operator credential."""
     identity = caller(OPERATOR)
-    validation.check_request_id(request.request_id)
+    request.request_id = validation.check_request_id(request.request_id)
     return Action(
         identity.terminal_id, request.request_id, method, target_kind, target_id, request_hash(method, request)
     )

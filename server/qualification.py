@@ -168,7 +168,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         self, request: qualification_pb2.ClaimQualificationRequest, context: grpc.aio.ServicerContext
     ) -> qualification_pb2.ClaimQualificationResponse:
         partner = caller(PARTNER)
-        validation.check_request_id(request.request_id)
+        request.request_id = validation.check_request_id(request.request_id)
         if not IDENTIFIER.match(request.campaign_id):
             raise invalid_field("campaign_id", "must be 1-64 characters of [A-Za-z0-9_.-]")
         if not CATEGORY.match(request.category):
@@ -257,7 +257,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         self, request: qualification_pb2.GetQualificationRequest, context: grpc.aio.ServicerContext
     ) -> qualification_pb2.GetQualificationResponse:
         caller(PARTNER)
-        validation.check_redemption_code(request.redemption_code)
+        request.redemption_code = validation.check_redemption_code(request.redemption_code)
         partner_id = await self._claim_read_nonce()
         view = await self._store.get_qualification(request.redemption_code, partner_id)
         if view is None:
@@ -279,8 +279,8 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         self, request: qualification_pb2.CancelQualificationRequest, context: grpc.aio.ServicerContext
     ) -> qualification_pb2.CancelQualificationResponse:
         partner = caller(PARTNER)
-        validation.check_request_id(request.request_id)
-        validation.check_redemption_code(request.redemption_code)
+        request.request_id = validation.check_request_id(request.request_id)
+        request.redemption_code = validation.check_redemption_code(request.redemption_code)
         reply = await self._store.cancel_qualification(
             CancelInput(
                 payload_hash=payload_hash("CancelQualification", request),

@@ -40,11 +40,11 @@ TEXT_LENGTH_MAX = 128
 ERRORS_MAX = 10_000
 TRUE_WORDS = frozenset({"true", "yes", "1", "是"})
 FALSE_WORDS = frozenset({"false", "no", "0", "否"})
-INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
-DECIMAL = re.compile(r"^[+-]?[0-9]*\.[0-9]+$")
+INTEGER = re.compile(r"^[+-]?[0-9]{1,19}\Z")
+DECIMAL = re.compile(r"^[+-]?[0-9]*\.[0-9]+\Z")
 # What Excel writes into a CSV for a long number in a General-formatted cell: the digits past
 # the fifteenth are gone, so the GTIN cannot be recovered from the file.
-SCIENTIFIC = re.compile(r"^[0-9](\.[0-9]+)?[eE][+]?[0-9]+$")
+SCIENTIFIC = re.compile(r"^[0-9](\.[0-9]+)?[eE][+]?[0-9]+\Z")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

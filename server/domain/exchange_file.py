@@ -36,14 +36,14 @@ KEY_BYTES_MIN = 32
 RECORDS_MAX = 2_000_000
 FILE_BYTES_MAX = 512 * 1024 * 1024
 
-PROVIDER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-CONSUMER_KEY = re.compile(r"^[0-9a-f]{64}$")
-CATEGORY = re.compile(r"^[a-z0-9_]{1,32}$")
+PROVIDER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+CONSUMER_KEY = re.compile(r"^[0-9a-f]{64}\Z")
+CATEGORY = re.compile(r"^[a-z0-9_]{1,32}\Z")
 # Serials are compared without regard to case, so the file carries the canonical upper-case
 # form; visible ASCII only, since other providers' serial formats are wider than ours.
-SERIAL = re.compile(r"^[\x21-\x7e]{1,64}$")
-DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
+SERIAL = re.compile(r"^[\x21-\x7e]{1,64}\Z")
+DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+SIGNATURE = re.compile(r"^[0-9a-f]{64}\Z")
 
 HEADER_FIELDS = {"format", "provider", "date", "consumers", "serials"}
 CONSUMER_FIELDS = {"kind", "consumer_key", "category"}

@@ -14,11 +14,11 @@ import hmac
 import re
 from datetime import date
 
-ID_PATTERN = re.compile(r"^[1-9][0-9]{16}[0-9X]$")
+ID_PATTERN = re.compile(r"^[1-9][0-9]{16}[0-9X]\Z")
 # GB 11643-1999: weights of the first 17 digits, and the check character by sum mod 11.
 WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 CHECK_CHARACTERS = "10X98765432"
-PHONE_PATTERN = re.compile(r"^1[3-9][0-9]{9}$")
+PHONE_PATTERN = re.compile(r"^1[3-9][0-9]{9}\Z")
 PROGRAMME_KEY_BYTES_MIN = 32
 
 

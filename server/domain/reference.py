@@ -17,8 +17,8 @@ import shapely.geometry
 
 from server.domain.gtin import is_valid_gtin13
 
-IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-CATEGORY = re.compile(r"^[a-z0-9_]{1,32}$")
+IDENTIFIER = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+CATEGORY = re.compile(r"^[a-z0-9_]{1,32}\Z")
 # Upper bounds that keep every sum exact in Lua's doubles (see storage/redis/lua/_lib.lua).
 PRICE_FEN_MAX = 10_000_000_000
 QUOTA_MAX = 1_000_000_000

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,40}\Z")
 
 
 @dataclass(frozen=True)

@@ -199,9 +199,7 @@ async def check_invariants(redis: Redis, environment: Environment, campaign_id: 
     for outcome in approved:
         assert await redis.hget(keys.usage(campaign_id, outcome.consumer), "fridge") == b"1"
         # Serials are stored in their canonical (upper-case) form.
-        assert (
-            await redis.get(keys.serial(outcome.serial.upper())) == outcome.authorization_id.encode()
-        )
+        assert await redis.get(keys.serial(outcome.serial.upper())) == outcome.authorization_id.encode()
     # Exactly one ledger event per reservation, and no reservation the clients were not told of.
     events = [orjson.loads(fields[b"e"]) for _, fields in await redis.xrange(keys.ledger)]
     authorized = [event["authorization_id"] for event in events if event["campaign"] == campaign_id]
