@@ -24,9 +24,16 @@ PROTO_ROOT = ROOT / "protos"
 PROTO_DIR = PROTO_ROOT / "subsidy" / "v1"
 OUTPUT_DIR = ROOT / "clients" / "python" / "subsidy_client" / "v1"
 IMPORT_PATTERN = re.compile(r"^from subsidy\.v1 import", re.MULTILINE)
+MYPY_PROGRESS = re.compile(r"^Writing mypy to \S+$")
 GRPC_TOOLS_INCLUDE = Path(grpc_tools.__file__).parent / "_proto"
 # mypy-protobuf's plugins are installed beside the interpreter; the venv need not be activated.
 BIN_DIR = Path(sys.executable).parent
+
+
+def protoc_messages(output: str) -> str:
+    """What protoc printed, without mypy-protobuf's "Writing mypy to ..." line per file (18 lines
+    of progress in every run, --check included); warnings and errors stay."""
+    return "\n".join(line for line in output.splitlines() if not MYPY_PROGRESS.match(line)).strip()
 
 
 def generate(output_dir: Path) -> None:
@@ -47,7 +54,12 @@ def generate(output_dir: Path) -> None:
             f"--mypy_grpc_out={raw_dir}",
             *protos,
         ]
-        subprocess.run(command, check=True)
+        completed = subprocess.run(command, capture_output=True, text=True)
+        messages = protoc_messages(completed.stdout + completed.stderr)
+        if messages:
+            print(messages, file=sys.stderr)
+        if completed.returncode != 0:
+            raise SystemExit(f"protoc failed (exit status {completed.returncode})")
         output_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted((raw_dir / "subsidy" / "v1").iterdir()):
             text = IMPORT_PATTERN.sub("from subsidy_client.v1 import", path.read_text())

@@ -109,6 +109,11 @@ class RejectionLog:
 
     def rejected(self, method: str, code: str, reason: str) -> None:
         REJECTED_CALLS.labels(method, code, reason).inc()
+        if code == "NOT_FOUND" and method.rpartition("/")[2].startswith("Get"):
+            # A lookup that finds nothing is an answer, not a failure: subsidyctl's `campaign
+            # apply` and `merchant onboard` ask whether an object exists before creating it.
+            log.debug("nothing found", extra={"method": method, "reason": reason})
+            return
         kind = (method, code, reason)
         now = time.monotonic()
         started, suppressed = self._windows.get(kind, (-self._window_s, 0))

@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 from subsidy_client.v1 import exchange_pb2, exchange_pb2_grpc
 
 from server.auth import PROVIDER, caller
+from server.commands import EXIT_UNAVAILABLE, Unavailable, missing_pg_dsn, require_services, use_recorded_services
 from server.config import Config, ConfigError
 from server.domain import exchange_file
 from server.domain.exchange_file import ConsumerRecord, ExchangeFileError, SerialRecord
@@ -404,10 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_parser.add_argument("files", type=Path, nargs="+", metavar="FILE")
     commands.add_parser("reapply", help="rewrite Redis from every imported record (after a Redis loss)")
     arguments = parser.parse_args(argv)
+    recorded = use_recorded_services()
     try:
         config = Config.from_env()
         if not config.pg_dsn:
-            raise UsageError("SUBSIDY_PG_DSN must be set")
+            raise UsageError(missing_pg_dsn("python -m server.exchange").partition(": ")[2])
+        require_services(pg_dsn=config.pg_dsn, redis_url=config.redis_url, recorded=recorded)
         if arguments.command == "export":
             result: object = asyncio.run(run_export(config, arguments.date or previous_day(), arguments.output))
             status = 0
@@ -418,9 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Unavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except (OSError, asyncpg.PostgresError, redis_errors.RedisError) as error:
         print(f"error: PostgreSQL or Redis failed: {error}", file=sys.stderr)
-        return 3
+        return EXIT_UNAVAILABLE
     output = sys.stderr if arguments.command == "export" and arguments.output == "-" else sys.stdout
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode(), file=output)
     return status

@@ -17,7 +17,9 @@
   now, once the defect that made their expiry fail is fixed (an item failing again is set
   aside again).
 
-Every command prints JSON on stdout.
+Every command prints JSON on stdout. Without SUBSIDY_PG_DSN / SUBSIDY_REDIS_URL they use the
+services ``make run`` recorded in .data/services.json (server/commands.py); a service that does
+not answer is one line on stderr and exit status 3 (``lag`` needs only Redis).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from redis.asyncio import Redis
 
 from server import logs
+from server.commands import EXIT_USAGE, missing_pg_dsn, require_services, run_command, use_recorded_services
 from server.config import Config, ConfigError
 from server.exchange import reapply
 from server.tls import metrics_tls
@@ -48,6 +51,7 @@ from storage.redis.keys import Keys
 from storage.redis.store import requeue_set_aside, sweep_backlog
 
 log = logging.getLogger("subsidy.ledger")
+PROG = "python -m server.ledger"
 
 
 def writer_config(config: Config) -> WriterConfig:
@@ -199,10 +203,37 @@ async def run_writer(config: Config) -> None:
         await redis.aclose()
 
 
-async def with_connections(config: Config, action: str, force: bool) -> tuple[int, Any]:
+async def redis_lag(config: Config) -> dict[str, Any]:
+    """The backlogs, from Redis alone: lag answers while PostgreSQL is away (when it matters)."""
     redis = Redis.from_url(config.redis_url, socket_timeout=30)
-    connection = await asyncpg.connect(config.pg_dsn, timeout=10)
     keys = Keys(config.redis_prefix)
+    try:
+        return {
+            **dataclasses.asdict(await lag(redis, keys, "ledger-writer")),
+            "qualification_backlog": await redis.xlen(keys.qualification_events),
+            "qualification_dead_letters": await redis.xlen(keys.qualification_events + ":dead"),
+            "sweeper": dataclasses.asdict(await sweep_backlog(redis, keys)),
+        }
+    finally:
+        await redis.aclose()
+
+
+async def with_connections(config: Config, action: str, force: bool) -> tuple[int, Any]:
+    if action == "lag":
+        return 0, await redis_lag(config)
+    if action == "requeue-set-aside":
+        client = Redis.from_url(config.redis_url, socket_timeout=30)
+        try:
+            return 0, {"requeued": await requeue_set_aside(client, Keys(config.redis_prefix))}
+        finally:
+            await client.aclose()
+    redis = Redis.from_url(config.redis_url, socket_timeout=30)
+    keys = Keys(config.redis_prefix)
+    try:
+        connection = await asyncpg.connect(config.pg_dsn, timeout=10)
+    except BaseException:
+        await redis.aclose()
+        raise
     try:
         if action == "verify":
             report = await verify(connection)
@@ -216,15 +247,6 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
                 "differences": [dataclasses.asdict(item) for item in differences],
                 "sweeper": dataclasses.asdict(sweeper),
             }
-        if action == "lag":
-            return 0, {
-                **dataclasses.asdict(await lag(redis, keys, "ledger-writer")),
-                "qualification_backlog": await redis.xlen(keys.qualification_events),
-                "qualification_dead_letters": await redis.xlen(keys.qualification_events + ":dead"),
-                "sweeper": dataclasses.asdict(await sweep_backlog(redis, keys)),
-            }
-        if action == "requeue-set-aside":
-            return 0, {"requeued": await requeue_set_aside(redis, keys)}
         current = await lag(redis, keys, "ledger-writer")
         # Dead-lettered snapshots count too: rebuilding from rows they should have updated would
         # restore stale states.
@@ -258,7 +280,7 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m server.ledger", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("writer", help="run the ledger writer")
@@ -271,17 +293,35 @@ def main() -> int:
         "requeue-set-aside", help="put set-aside holds and qualifications back on their sweeper's schedule"
     )
     arguments = parser.parse_args()
-    config = Config.from_env()
-    if not config.pg_dsn:
-        parser.error("SUBSIDY_PG_DSN must be set")
+    recorded = use_recorded_services()
+    try:
+        config = Config.from_env()
+    except ConfigError as error:
+        print(f"{PROG}: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if arguments.command not in ("lag", "requeue-set-aside") and not config.pg_dsn:
+        print(missing_pg_dsn(PROG), file=sys.stderr)
+        return EXIT_USAGE
     logs.configure(config.log_level)
-    if arguments.command == "writer":
+    force = getattr(arguments, "force", False)
+    return run_command(PROG, lambda: run(config, arguments.command, force, recorded))
+
+
+def run(config: Config, command: str, force: bool, recorded: dict[str, str]) -> int:
+    """One command, after checking that the services it needs answer (lag needs only Redis)."""
+    require_services(
+        pg_dsn=None if command in ("lag", "requeue-set-aside") else config.pg_dsn,
+        redis_url=config.redis_url,
+        recorded=recorded,
+    )
+    if command == "writer":
         try:
             asyncio.run(run_writer(config))
         except ConfigError as error:
-            parser.exit(2, f"configuration error: {error}\n")
+            print(f"{PROG}: configuration error: {error}", file=sys.stderr)
+            return EXIT_USAGE
         return 0
-    status, result = asyncio.run(with_connections(config, arguments.command, getattr(arguments, "force", False)))
+    status, result = asyncio.run(with_connections(config, command, force))
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     return status
 

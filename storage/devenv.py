@@ -8,6 +8,11 @@ Resolution, separately for each service:
 3. Otherwise an embedded server is started under ``data_dir`` (``pg/`` and ``redis/``) and
    stopped again by :meth:`DevServices.stop` (or at interpreter exit).
 
+Embedded servers have stable addresses, the same on every start: PostgreSQL listens only on
+its unix socket in ``pg/`` (the wheel's choice) and Redis only on ``redis/redis.sock`` (TCP on a
+free port only when that path is too long for a unix socket), so an address written down by one
+run (``server.dev`` records them in ``.data/services.json``) is still right after a restart.
+
 ``python -m storage.devenv`` starts the services, prints the two variables and blocks until
 SIGINT/SIGTERM.
 """
@@ -52,6 +57,9 @@ PROBE_TIMEOUT_S = 0.5  # TCP connect to the probe address; local, so refusal is 
 REDIS_READY_TIMEOUT_S = 10.0
 REDIS_STOP_TIMEOUT_S = 10.0
 REDIS_PORT_ATTEMPTS = 3  # the free port can be taken between choosing and binding it
+REDIS_SOCKET_NAME = "redis.sock"
+# sun_path is 108 bytes on Linux and 104 on macOS, the terminating NUL included.
+UNIX_SOCKET_PATH_MAX = 103
 LOG_TAIL_LINES = 20
 APPENDFSYNC_MODES = frozenset({"always", "everysec", "no"})
 
@@ -102,6 +110,23 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not text:  # what asyncio.timeout() raises
         return f"no answer within {CHECK_TIMEOUT_S:g} s"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming what went wrong, for a message to a person."""
+    return " ".join(_describe(exc).split())
+
+
+def check_pg(dsn: str) -> str | None:
+    """None if ``dsn`` answers ``SELECT 1`` within the timeout, else why not, in one line."""
+    error = _pg_error(dsn)
+    return None if error is None else " ".join(error.split())
+
+
+def check_redis(url: str) -> str | None:
+    """None if ``url`` answers PING within the timeout, else why not, in one line."""
+    error = _redis_error(url)
+    return None if error is None else " ".join(error.split())
 
 
 def _host_for_url(host: str) -> str:
@@ -273,7 +298,14 @@ class _EmbeddedPostgres:
         self._refs.pop(self._pgdata, None)
         # Stops the server only if no other live process holds a handle on this pgdata.
         server.cleanup()
-        _say(f"postgres: stopped embedded PostgreSQL ({self._pgdata})")
+        try:
+            postmaster = int((self._pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            postmaster = None
+        if postmaster is not None and _pid_alive(postmaster):
+            _say(f"postgres: embedded PostgreSQL ({self._pgdata}) left running for its other users")
+        else:
+            _say(f"postgres: stopped embedded PostgreSQL ({self._pgdata})")
 
 
 # --------------------------------------------------------------------------- Redis
@@ -311,8 +343,20 @@ class _PortTaken(Exception):
     pass
 
 
+def redis_socket_path(directory: Path) -> Path | None:
+    """Where an embedded Redis owning ``directory`` listens: ``redis.sock`` in it, or None when
+    that path is too long for a unix socket (then a free TCP port is used)."""
+    path = directory.resolve() / REDIS_SOCKET_NAME
+    return path if len(os.fsencode(path)) <= UNIX_SOCKET_PATH_MAX else None
+
+
+def redis_socket_url(path: Path) -> str:
+    return f"unix://{path}?db=0"
+
+
 class _EmbeddedRedis:
-    """A redis-server child process owning ``directory`` (AOF) exclusively."""
+    """A redis-server child process owning ``directory`` (AOF) exclusively, listening on the
+    unix socket ``directory/redis.sock`` (a stable address) and on no TCP port."""
 
     def __init__(self, directory: Path, appendfsync: str) -> None:
         self._dir = directory.resolve()
@@ -335,11 +379,25 @@ class _EmbeddedRedis:
         self._take_lock()
         try:
             self._reap_orphan()
-            port = self._launch_on_free_port(binary)
+            socket_path = redis_socket_path(self._dir)
+            if socket_path is None:
+                port = self._launch_on_free_port(binary)
+                return f"redis://127.0.0.1:{port}/0"
+            return self._launch_on_socket(binary, socket_path)
         except (Exception, asyncio.CancelledError):
             self.stop()
             raise
-        return f"redis://127.0.0.1:{port}/0"
+
+    def _launch_on_socket(self, binary: str, socket_path: Path) -> str:
+        _say(f"redis: starting embedded redis-server on {socket_path} (data in {self._dir})")
+        socket_path.unlink(missing_ok=True)  # left by a killed server; ours now that we hold the lock
+        self._launch(binary, ["--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700"])
+        url = redis_socket_url(socket_path)
+        try:
+            self._wait_ready(url)
+        except _PortTaken:
+            raise RuntimeError(f"redis: cannot listen on {socket_path}: in use") from None
+        return url
 
     def _take_lock(self) -> None:
         # Two servers appending to one AOF would corrupt it; the lock dies with its holder.
@@ -372,16 +430,20 @@ class _EmbeddedRedis:
     def _launch_on_free_port(self, binary: str) -> int:
         for _ in range(REDIS_PORT_ATTEMPTS):
             port = _free_port()
-            _say(f"redis: starting embedded redis-server on 127.0.0.1:{port} (data in {self._dir})")
+            _say(
+                f"redis: starting embedded redis-server on 127.0.0.1:{port} (data in {self._dir}; the path is"
+                " too long for a unix socket, so this address changes from run to run)"
+            )
             try:
-                self._launch(binary, port)
+                self._launch(binary, ["--bind", "127.0.0.1", "--port", str(port)])
+                self._wait_ready(f"redis://127.0.0.1:{port}/0")
                 return port
             except _PortTaken:
                 self._terminate()
         raise RuntimeError(f"redis: no free port after {REDIS_PORT_ATTEMPTS} attempts")
 
-    def _launch(self, binary: str, port: int) -> None:
-        cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(self._dir)]
+    def _launch(self, binary: str, listen: list[str]) -> None:
+        cmd = [binary, *listen, "--dir", str(self._dir)]
         cmd += ["--appendonly", "yes", "--appendfsync", self._appendfsync, "--save", ""]
         cmd += ["--daemonize", "no", "--logfile", ""]  # log to stdout, i.e. our log file
         # Truncated per launch so the tail on failure is this launch's, not an old run's.
@@ -395,11 +457,9 @@ class _EmbeddedRedis:
             start_new_session=True,
         )
         self._pidfile.write_text(str(self._proc.pid))
-        self._wait_ready(port)
 
-    def _wait_ready(self, port: int) -> None:
+    def _wait_ready(self, url: str) -> None:
         assert self._proc is not None
-        url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + REDIS_READY_TIMEOUT_S
         while _redis_error(url, timeout=0.5) is not None:
             if self._proc.poll() is not None:
@@ -546,7 +606,10 @@ class DevServices:
 def _checked_env(var: str, url: str, check: Callable[[str], str | None], service: str) -> str:
     error = check(url)
     if error is not None:
-        raise RuntimeError(f"{service}: ${var} ({mask_url(url)}) does not answer: {error}")
+        raise RuntimeError(
+            f"{service}: ${var} ({mask_url(url)}) does not answer: {error}"
+            f" (fix it, or unset it to use the local default or an embedded server)"
+        )
     _say(f"{service}: using ${var} ({mask_url(url)})")
     return url
 

@@ -5,7 +5,7 @@
 //   node demo.js <credentials.json> [campaign] [gtin] [unit_price_fen]
 //
 // credentials.json: {"target": "127.0.0.1:50051", "terminals": {"<terminal id>": "<secret>", ...}}
-// (the file `make run` writes to .data/credentials.json). The first terminal is used.
+// (the file `make run` writes to .keys/credentials.json). The first terminal is used.
 
 const crypto = require('node:crypto');
 const fs = require('node:fs');

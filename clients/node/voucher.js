@@ -4,7 +4,7 @@
 //
 //   node voucher.js <credentials.json> [campaign] [gtin] [unit_price_fen]
 //
-// credentials.json: the file `make run` writes to .data/credentials.json (its first partner app
+// credentials.json: the file `make run` writes to .keys/credentials.json (its first partner app
 // and first terminal are used). The consumer's ID number is made up, valid and new each run.
 
 const crypto = require('node:crypto');

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from subsidy_client import SignedClient, SubsidyError
@@ -20,7 +21,10 @@ from subsidy_client import SignedClient, SubsidyError
 from server.ctl.certs import operator_tls
 
 T = TypeVar("T")
-DEFAULT_CREDENTIALS = Path(".data/credentials.json")
+# Written by make run (server/dev.py), beside the data directory rather than in it.
+DEFAULT_CREDENTIALS = Path(".keys/credentials.json")
+# Exit status when the gateway does not answer (server/commands.py: the same in every command).
+EXIT_UNAVAILABLE = 3
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ def load_settings(target: str | None, credentials: Path, operator: str | None, j
     if not secret:
         if not credentials.exists():
             raise click.UsageError(
-                "no credentials: set SUBSIDYCTL_OPERATOR and SUBSIDYCTL_SECRET, or pass --credentials"
+                f"no credentials: {credentials} does not exist (make run writes {DEFAULT_CREDENTIALS});"
+                " set SUBSIDYCTL_OPERATOR and SUBSIDYCTL_SECRET, or pass --credentials"
             )
         document = json.loads(credentials.read_text())
         operators: dict[str, str] = document.get("operators", {})
@@ -96,8 +101,37 @@ def run(
     try:
         return asyncio.run(go())
     except SubsidyError as error:
-        detail = " ".join(f"{key}={value}" for key, value in sorted(error.metadata.items()))
-        raise click.ClickException(f"{error.code.name} {error.reason}: {error.message} {detail}".strip()) from None
+        raise failure(settings, error) from None
+
+
+class GatewayUnavailable(click.ClickException):
+    """The gateway (or a dependency behind it) did not answer: exit status 3, not 1."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+def failure(settings: Settings, error: SubsidyError) -> click.ClickException:
+    """What the operator reads when a call fails: the status once (and the reason only when it
+    says more), the gateway's message, and the details it does not already contain."""
+    code = error.code.name
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if error.reason == "DEPENDENCY_UNAVAILABLE":
+            return GatewayUnavailable(f"{code}: the gateway at {settings.target} answered: {error.message}")
+        return GatewayUnavailable(
+            f"{code}: the gateway at {settings.target} does not answer ({' '.join(error.message.split())});"
+            " is it running (make run)? --target, SUBSIDYCTL_TARGET or the credentials file name its address"
+        )
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        # The gateway's own words are about callers in general ("terminal"); say it to an operator.
+        return click.ClickException(
+            f"{code}: the gateway at {settings.target} did not accept operator {settings.operator_id}'s"
+            " credential: an unknown operator, a wrong secret, or this machine's clock more than 5 minutes off;"
+            " check SUBSIDYCTL_OPERATOR / SUBSIDYCTL_SECRET or --credentials"
+        )
+    head = code if error.reason in ("", code) else f"{code} ({error.reason})"
+    extra = {key: value for key, value in sorted(error.metadata.items()) if value not in error.message}
+    detail = " ".join(f"{key}={value}" for key, value in extra.items())
+    return click.ClickException(f"{head}: {error.message}" + (f" [{detail}]" if detail else ""))
 
 
 def new_request_id() -> str:

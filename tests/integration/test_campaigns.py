@@ -368,6 +368,29 @@ async def test_subsidyctl_applies_campaign_files_and_shows_budget_status(service
         assert missing.exit_code == 1 and "NOT_FOUND" in missing.output
 
 
+async def test_campaign_apply_probe_logs_no_failed_call_and_errors_name_the_code_once(
+    services: Services, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10, item 14: `campaign apply` of a new campaign first asks whether it exists; that
+    expected NOT_FOUND is no "call failed" line in the gateway's log. An operator's error names
+    its code once ("NOT_FOUND: no campaign ...", not "NOT_FOUND NOT_FOUND: ... id=... kind=...")."""
+    async with campaign_world(services) as (env, operator, _terminal):
+        credentials = tmp_path / "credentials.json"
+        credentials.write_text(
+            json.dumps({"target": operator._target, "operators": {"op-auditor": env.credentials["op-auditor"]}})
+        )
+        base = ["--credentials", str(credentials)]
+        runner = CliRunner()
+        with caplog.at_level("DEBUG", logger="subsidy.errors"):
+            applied = await _invoke(runner, [*base, "campaign", "apply", str(EXAMPLES / "trade-in-2025.yaml")])
+            missing = await _invoke(runner, [*base, "campaign", "show", "no-such-campaign"])
+        assert applied.exit_code == 0, applied.output
+        assert [record.getMessage() for record in caplog.records if record.levelno >= 20] == []
+        assert any(record.getMessage() == "nothing found" for record in caplog.records)
+        assert missing.exit_code == 1
+        assert missing.output.strip() == "Error: NOT_FOUND: no campaign no-such-campaign"
+
+
 async def _invoke(runner: CliRunner, arguments: list[str]) -> Any:
     """subsidyctl runs its own event loop; run it in a thread so this test's loop keeps serving."""
     import asyncio

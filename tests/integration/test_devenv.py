@@ -132,15 +132,34 @@ def test_embedded_servers_answer_and_stop_leaves_nothing_running(embedded: DevSe
     assert pgdata == (tmp_path / "data" / "pg").resolve()
     postmaster = pgdata / "postmaster.pid"
     pg_pid = int(postmaster.read_text().split()[0])
-    redis_port = int(services.redis_url.rsplit(":", 1)[1].split("/")[0])
+    redis_socket = tmp_path / "data" / "redis" / "redis.sock"
+    assert services.redis_url == f"unix://{redis_socket.resolve()}?db=0"
 
     embedded.stop()
     embedded.stop()  # idempotent
 
     assert not _alive(redis_pid)
-    assert not _listening(("127.0.0.1", redis_port))
+    assert not redis_socket.exists()
     assert not _alive(pg_pid)
     assert not postmaster.exists()
+
+
+def test_embedded_addresses_are_stable_across_restarts(embedded: DevServices, tmp_path: Path) -> None:
+    """Issue 10, item 10: the embedded servers answer at the same addresses after a restart (a
+    unix socket under the data directory each, no TCP port), so what a run recorded, or a
+    newcomer exported, does not go stale."""
+    first = embedded.start()
+    embedded.stop()
+    second = embedded.start()
+    assert (second.pg_dsn, second.redis_url) == (first.pg_dsn, first.redis_url)
+    data = str((tmp_path / "data").resolve())
+    assert second.redis_url.startswith(f"unix://{data}/redis/") and f"host={data}/pg" in second.pg_dsn
+    client = _redis(second.redis_url)
+    try:
+        assert client.ping()
+        assert client.config_get("port") == {"port": "0"}  # no TCP listener to collide with
+    finally:
+        client.close()
 
 
 def test_embedded_data_survives_restart(embedded: DevServices) -> None:

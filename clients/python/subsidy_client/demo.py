@@ -1,7 +1,7 @@
 """A short session against a running gateway: authorize, capture, read back, refund; then a
 consumer claims a voucher in a partner app and redeems it at the till.
 
-    python -m subsidy_client.demo [--credentials .data/credentials.json] [--certs .certs [--mtls]]
+    python -m subsidy_client.demo [--credentials .keys/credentials.json] [--certs .certs [--mtls]]
 
 Uses the first terminal and partner app in the credentials file written by ``make run`` and
 the demo campaigns of examples/demo.yaml.
@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from datetime import date, timedelta
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from subsidy_client import AuthorizationClient, Line, QualificationClient, TlsConfig
+from subsidy_client.errors import DeadlineExceeded, SubsidyError, Unavailable
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
 DEMO_PROGRAMME_KEY = b"demo-programme-key-not-for-production"
+# Written by make run, beside the data directory rather than in it.
+DEFAULT_CREDENTIALS = Path(".keys/credentials.json")
 
 
 def demo_consumer_key() -> str:
@@ -142,22 +146,52 @@ async def voucher(
             print(f"voucher:   {qpb.QualificationState.Name(used.state)}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--credentials", type=Path, default=Path(".data/credentials.json"))
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when the session ran, 1 when the gateway refused a call, 2 without a
+    readable credentials file, 3 when the gateway does not answer (one line on stderr)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m subsidy_client.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--credentials", type=Path, default=DEFAULT_CREDENTIALS)
     parser.add_argument("--target", help="host:port (default: the one in the credentials file)")
     parser.add_argument("--campaign", default="demo-tradein-2026")
     parser.add_argument("--voucher-campaign", default="demo-vouchers-xiaoshan")
     parser.add_argument("--certs", type=Path, help="TLS: the folder of subsidyctl dev-certs (its ca.pem)")
     parser.add_argument("--mtls", action="store_true", help="with --certs: each caller's client certificate too")
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
     if arguments.mtls and arguments.certs is None:
         parser.error("--mtls needs --certs")
-    credentials = json.loads(arguments.credentials.read_text())
+    try:
+        credentials = json.loads(arguments.credentials.read_text())
+    except FileNotFoundError:
+        print(
+            f"demo: no credentials file {arguments.credentials}: start the gateway with `make run` (it writes"
+            f" {DEFAULT_CREDENTIALS}), or pass --credentials",
+            file=sys.stderr,
+        )
+        return 2
+    except (OSError, ValueError) as error:
+        print(f"demo: cannot read {arguments.credentials}: {error}", file=sys.stderr)
+        return 2
     tls = tls_settings(arguments.certs, arguments.mtls)
-    asyncio.run(run(credentials, arguments.target, arguments.campaign, tls))
-    asyncio.run(voucher(credentials, arguments.target, arguments.voucher_campaign, tls))
+    target = arguments.target or credentials.get("target", "")
+    try:
+        asyncio.run(run(credentials, arguments.target, arguments.campaign, tls))
+        asyncio.run(voucher(credentials, arguments.target, arguments.voucher_campaign, tls))
+    except (Unavailable, DeadlineExceeded) as error:
+        if error.reason == "DEPENDENCY_UNAVAILABLE":
+            print(f"demo: the gateway at {target} answered {error.code.name}: {error.message}", file=sys.stderr)
+        else:
+            print(
+                f"demo: the gateway at {target} does not answer ({error.code.name}); is `make run` running?",
+                file=sys.stderr,
+            )
+        return 3
+    except SubsidyError as error:
+        print(f"demo: the gateway refused a call: {error.code.name}: {error.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
