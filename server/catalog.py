@@ -203,8 +203,11 @@ class CatalogService(catalog_pb2_grpc.CatalogServiceServicer):
 
     async def _publish(self, pool: asyncpg.Pool, gtins: Sequence[str], version: int) -> None:
         """Publishes the changed products chunk by chunk; only the last chunk clears the change's
-        unpublished mark, so a failure part-way leaves it for the catch-up publisher."""
-        chunks = [tuple(gtins[start : start + PUBLISH_CHUNK]) for start in range(0, len(gtins), PUBLISH_CHUNK)] or [()]
+        unpublished mark, so a failure part-way leaves it for the catch-up publisher. Nothing
+        changed, nothing published: the Redis reference version stays too."""
+        if not gtins:
+            return
+        chunks = [tuple(gtins[start : start + PUBLISH_CHUNK]) for start in range(0, len(gtins), PUBLISH_CHUNK)]
         for index, chunk in enumerate(chunks):
             clears = version if index == len(chunks) - 1 else None
             await publish_scope(pool, self._deps.redis, self._deps.keys, Scope(gtins=chunk), clears)

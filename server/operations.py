@@ -125,7 +125,11 @@ async def record(connection: asyncpg.Connection, action: Action, details: dict[s
     """Writes the audit row in the caller's transaction, bumps the reference version and notes
     the scope as unpublished. Returns the new version, or None when this (operator, request_id)
     already acted with the same payload (a replay: answer with the current state, change
-    nothing); raises IDEMPOTENCY_CONFLICT when it acted with a different payload."""
+    nothing); raises IDEMPOTENCY_CONFLICT when it acted with a different payload.
+
+    An action whose scope is empty changed no reference object (a catalog re-imported
+    unchanged, an all-or-nothing import refused): it is audited, but the version stays and the
+    current one is returned, so no process reloads anything for it."""
     inserted = await connection.fetchval(
         "INSERT INTO operator_actions (operator_id, request_id, action, target_kind, target_id, payload_hash, details)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) ON CONFLICT (operator_id, request_id) DO NOTHING"
@@ -151,6 +155,9 @@ async def record(connection: asyncpg.Connection, action: Action, details: dict[s
                 "request_id was already used with a different payload",
             )
         return None
+    if not (scope.campaign_ids or scope.merchant_ids or scope.gtins):
+        current: int = await connection.fetchval("SELECT version FROM reference_version")
+        return current
     version = await bump_reference_version(connection)
     await connection.execute(
         "INSERT INTO unpublished_changes (version, campaign_ids, merchant_ids, gtins) VALUES ($1, $2, $3, $4)",

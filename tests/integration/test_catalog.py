@@ -286,6 +286,45 @@ async def test_reimport_changes_nothing_and_a_replay_returns_the_stored_answer(
     assert await pg.fetchval("SELECT count(*) FROM operator_actions") == actions_before + 2
 
 
+async def test_unchanged_reimport_and_rejected_import_do_not_bump_the_reference_version(
+    operator: SignedClient, pg: asyncpg.Connection, cache: Redis, env: Environment
+) -> None:
+    """Issue 10, item 12: an import that changes no product (the same file again, or an
+    all-or-nothing file refused for one bad row) is audited but bumps neither the PostgreSQL
+    reference version nor the Redis one (which makes every process reload), and answers with
+    the current version. A real change still bumps both."""
+    rows = [[gtin(110, n), "Gree", f"G{n}", "air_conditioner", "1", str(300_000 + n), "no", "yes"] for n in range(5)]
+    file_rows: list[tuple[int, list[str]]] = [(1, COLUMNS), *((number, row) for number, row in enumerate(rows, 2))]
+    first = await import_file(operator, file_rows)
+    assert first.created == 5
+
+    async def versions() -> tuple[int, str | None]:
+        return await pg.fetchval("SELECT version FROM reference_version"), await cache.get(env.keys.reference_version)
+
+    before = await versions()
+    assert first.reference_version == before[0]
+    actions_before = await pg.fetchval("SELECT count(*) FROM operator_actions")
+
+    again = await import_file(operator, file_rows)
+    assert (again.applied, again.unchanged, again.reference_version) == (True, 5, before[0])
+    assert await versions() == before
+
+    bad = [*file_rows, (7, [wrong_check_digit(gtin(110, 9)), "Gree", "G9", "air_conditioner", "1", "1", "no", "yes"])]
+    changed_but_refused = [bad[0], (2, [*rows[0][:5], "999999", *rows[0][6:]]), *bad[2:]]
+    refused = await import_file(operator, changed_but_refused, ALL_OR_NOTHING)
+    assert (refused.applied, refused.rows_rejected, refused.reference_version) == (False, 1, before[0])
+    assert await versions() == before
+    assert (await cached(cache, env, [rows[0][0]]))[rows[0][0]]["reference_price_fen"] == rows[0][5]
+    # Both were audited all the same.
+    assert await pg.fetchval("SELECT count(*) FROM operator_actions") == actions_before + 2
+
+    changed = await import_file(operator, changed_but_refused[:-1], ALL_OR_NOTHING)
+    assert (changed.applied, changed.updated) == (True, 1)
+    after = await versions()
+    assert after[0] == before[0] + 1 and changed.reference_version == after[0]
+    assert int(after[1] or 0) > int(before[1] or 0)
+
+
 async def test_a_deactivated_product_is_declined_on_the_next_authorization(
     operator: SignedClient, terminal: AuthorizationClient, pg: asyncpg.Connection, cache: Redis, env: Environment
 ) -> None:
