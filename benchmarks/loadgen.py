@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
@@ -90,6 +91,7 @@ class PhaseSpec:
     channels: int = 4
     deadline_s: float = 10.0
     max_in_flight: int = 2000
+    tls_ca: str = ""  # the CA file of a TLS target's certificate; "" for plaintext
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -421,14 +423,17 @@ class _ChannelCache:
     """Channels per target, kept across phases so no phase pays for connecting."""
 
     def __init__(self) -> None:
-        self._channels: dict[tuple[str, int], list[grpc.aio.Channel]] = {}
+        self._channels: dict[tuple[str, int, str], list[grpc.aio.Channel]] = {}
 
-    async def get(self, target: str, count: int) -> list[grpc.aio.Channel]:
-        key = (target, count)
+    async def get(self, target: str, count: int, tls_ca: str = "") -> list[grpc.aio.Channel]:
+        key = (target, count, tls_ca)
         if key not in self._channels:
-            channels = [
-                grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)
-            ]
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            if tls_ca:
+                credentials = grpc.ssl_channel_credentials(await asyncio.to_thread(Path(tls_ca).read_bytes))
+                channels = [grpc.aio.secure_channel(target, credentials, options=options) for _ in range(count)]
+            else:
+                channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
             for channel in channels:
                 await asyncio.wait_for(channel.channel_ready(), timeout=10.0)
             self._channels[key] = channels
@@ -442,7 +447,7 @@ class _ChannelCache:
 
 
 async def run_phase(worker: int, spec: PhaseSpec, cache: _ChannelCache) -> PhaseResult:
-    caller = Caller(spec, await cache.get(spec.target, spec.channels))
+    caller = Caller(spec, await cache.get(spec.target, spec.channels, spec.tls_ca))
     tally = await (closed_loop(spec, caller) if spec.mode == "closed" else open_loop(spec, caller))
     return PhaseResult(
         worker=worker,

@@ -449,6 +449,15 @@ def markdown(result: RunResult, png_name: str) -> str:
             "",
             *comparison_section(transport),
         ]
+    tls = result.comparisons.get("tls")
+    if tls is not None:
+        lines += [
+            "",
+            "## 2b. TLS cost per call: Authorize over TLS vs plaintext (same configuration, A B A B)",
+            "",
+            *comparison_section(tls),
+            *tls_cost(tls),
+        ]
     baseline = result.comparisons.get("baseline")
     if baseline is not None:
         lines += [
@@ -504,6 +513,21 @@ def markdown(result: RunResult, png_name: str) -> str:
     if result.profiles:
         lines += ["", "## Where the time goes (profile)", "", *profile_section(result.profiles)]
     return "\n".join(lines) + "\n"
+
+
+def tls_cost(comparison: Comparison) -> list[str]:
+    """The absolute cost of TLS per call: server CPU and the median latency it adds."""
+    cpu_tls = _median([m.server_cpu_ms_per_1k for m in comparison.rounds_a])
+    cpu_plain = _median([m.server_cpu_ms_per_1k for m in comparison.rounds_b])
+    client_tls = _median([m.client_cpu_ms_per_1k for m in comparison.rounds_a])
+    client_plain = _median([m.client_cpu_ms_per_1k for m in comparison.rounds_b])
+    # CPU-ms per 1,000 calls is CPU-µs per call.
+    return [
+        f"- TLS per Authorize: server **{cpu_tls - cpu_plain:+.0f} CPU-µs** per call ({cpu_plain:.0f} → {cpu_tls:.0f}),"
+        f" clients {client_tls - client_plain:+.0f} CPU-µs; p50 {comparison.latency_b.p50_ms:.2f} →"
+        f" {comparison.latency_a.p50_ms:.2f} ms at the same concurrency. Connections are kept (no handshake per"
+        " call), as a terminal keeps its channel.",
+    ]
 
 
 def _median(values: list[float]) -> float:

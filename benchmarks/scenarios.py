@@ -44,11 +44,12 @@ from benchmarks.services import (
     Terminal,
     say,
 )
+from server.certs import issue, make_ca
 from server.domain.geo import wgs84_to_gcj02
 from server.domain.identity import check_digit
 from storage.devenv import DevServices
 
-SCENARIOS = ("transport", "baseline", "open_loop", "scaling", "ledger_lag", "flash_crowd")
+SCENARIOS = ("transport", "tls", "baseline", "open_loop", "scaling", "ledger_lag", "flash_crowd")
 HOLD_TTL_S = 7 * 86_400  # no hold expires during a run: the sweeper stays idle
 # The Echo payload is as long as a serialized one-line AuthorizeRequest, so both calls carry
 # about the same bytes in each direction.
@@ -576,6 +577,7 @@ class Bench:
                 offset_s=worker / rate_per_s if mode == "open" else 0.0,
                 echo_payload_bytes=ECHO_PAYLOAD_BYTES,
                 channels=self.plan.channels,
+                tls_ca=target.process.tls_ca,
             )
             for worker in range(clients)
         ]
@@ -717,6 +719,36 @@ def run_transport(bench: Bench, result: RunResult) -> None:
     result.comparisons["transport"] = bench.alternate(
         "authorize vs echo", ("authorize", gateway, "authorize"), ("echo", gateway, "echo"), bench.plan.pairs
     )
+
+
+def run_tls(bench: Bench, result: RunResult) -> None:
+    """What TLS costs per Authorize: a second gateway, configured as the reference one but with
+    TLS on its listener (ECDSA P-256 certificate from a CA made for the run; TLS 1.3 is what
+    gRPC negotiates), alternating with the plaintext reference gateway. Connections are kept
+    across calls, as terminals keep theirs, so this is the steady per-call cost (record
+    encryption, framing), not the handshake's."""
+    folder = services.BENCH_DATA / "certs"
+    ca = make_ca("Benchmark CA")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca.pem").write_bytes(ca.certificate_pem)
+    issue(ca, services.LOOPBACK, server=True, ips=[services.LOOPBACK]).write(
+        folder / "server.pem", folder / "server.key"
+    )
+    settings = GatewaySettings(
+        tls_cert=str(folder / "server.pem"), tls_key=str(folder / "server.key"), tls_ca=str(folder / "ca.pem")
+    )
+    target = bench.start_gateway("gateway tls", settings, bench.redis["always"])
+    try:
+        if not bench.plan.quick:
+            bench.warm(target)
+        result.comparisons["tls"] = bench.alternate(
+            "tls vs plaintext",
+            ("tls", target, "authorize"),
+            ("plaintext", bench.targets["gateway"], "authorize"),
+            bench.plan.pairs,
+        )
+    finally:
+        bench.stop_target("gateway tls")
 
 
 def run_baseline(bench: Bench, result: RunResult) -> None:
@@ -1185,6 +1217,7 @@ def run_flash_crowd(bench: Bench, result: RunResult) -> None:
 
 RUNNERS: dict[str, Callable[[Bench, RunResult], None]] = {
     "transport": run_transport,
+    "tls": run_tls,
     "baseline": run_baseline,
     "open_loop": run_open_loop,
     "scaling": run_scaling,

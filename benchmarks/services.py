@@ -467,6 +467,7 @@ class ServerProcess:
     environment: Mapping[str, str]
     port: int
     log_path: Path
+    tls_ca: str = ""  # the CA of its certificate when it serves TLS
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -504,7 +505,12 @@ class ServerProcess:
     def _wait_serving(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-        with grpc.insecure_channel(self.target) as channel:
+        if self.tls_ca:
+            with open(self.tls_ca, "rb") as handle:
+                channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(handle.read()))
+        else:
+            channel = grpc.insecure_channel(self.target)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self._process.poll() is not None:
@@ -564,6 +570,10 @@ def clean_environment() -> dict[str, str]:
 class GatewaySettings:
     workers: int = 1
     use_uvloop: bool = True
+    # TLS on the listener (SUBSIDY_TLS_CERT / SUBSIDY_TLS_KEY): PEM files, or "" for plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
 
 def gateway_process(
@@ -589,12 +599,15 @@ def gateway_process(
         "SUBSIDY_PROGRAMME_KEY": programme_key,
         "SUBSIDY_LOG_LEVEL": "INFO",
     }
+    if settings.tls_cert:
+        environment |= {"SUBSIDY_TLS_CERT": settings.tls_cert, "SUBSIDY_TLS_KEY": settings.tls_key}
     return ServerProcess(
         name=name,
         argv=[sys.executable, "-m", "server"],
         environment=environment,
         port=port,
         log_path=BENCH_DATA / "logs" / f"{name.replace(' ', '-')}.log",
+        tls_ca=settings.tls_ca,
     )
 
 
