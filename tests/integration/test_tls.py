@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -561,3 +562,43 @@ async def test_subsidyctl_calls_over_mutual_tls(
     server_only = {"SUBSIDYCTL_TLS_CA": pki.ca_file}
     refused = await asyncio.to_thread(CliRunner().invoke, subsidyctl, arguments, env=server_only)
     assert refused.exit_code != 0 and "UNAVAILABLE" in refused.output, refused.output
+
+
+# --- SIGHUP -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_sighup_to_the_server_makes_every_worker_reload(tls_env: Environment, pki: Pki) -> None:
+    """python -m server with 2 workers: SIGHUP to the parent reaches both, and each re-reads
+    its certificate files (and keeps serving)."""
+    environ = {
+        **os.environ,
+        "SUBSIDY_LISTEN": "127.0.0.1:0",
+        "SUBSIDY_WORKERS": "2",
+        "SUBSIDY_REDIS_URL": tls_env.redis_url,
+        "SUBSIDY_REDIS_PREFIX": tls_env.prefix,
+        "SUBSIDY_PG_DSN": tls_env.pg_dsn,
+        "SUBSIDY_TLS_CERT": str(pki.folder / "server.pem"),
+        "SUBSIDY_TLS_KEY": str(pki.folder / "server.key"),
+        "SUBSIDY_LOG_LEVEL": "INFO",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", cwd=ROOT, env=environ, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+
+    async def until(count: int, text: str) -> None:
+        while sum(text in line for line in lines) < count:
+            line = (await asyncio.wait_for(process.stderr.readline(), 60)).decode()
+            assert line, "the server exited:\n" + "".join(lines)
+            lines.append(line)
+
+    try:
+        await until(2, '"msg":"serving"')
+        process.send_signal(signal.SIGHUP)
+        await until(2, "tls certificate reloaded")
+        assert process.returncode is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 60)
