@@ -50,12 +50,12 @@ from redis.asyncio import Redis
 from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_pb2
 
 from server import logs
-from server.auth import TERMINAL, AuthInterceptor, Caller, CredentialCache, caller
-from server.authorization import payload_hash
 from server.config import Config, ConfigError
 from server.domain import validation
 from server.domain.reference import parse_reference
-from server.errors import ApiError, ErrorInterceptor
+from server.rpc.auth import TERMINAL, AuthInterceptor, Caller, CredentialCache, caller
+from server.rpc.errors import ApiError, ErrorInterceptor
+from server.services.authorization import payload_hash
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import fetch_reference, save_reference
 from storage.redis.keys import Keys
@@ -556,7 +556,7 @@ class BaselineServer:
 
 
 async def create_baseline_server(config: Config, pool_size: int) -> BaselineServer:
-    """Mirrors ``server.app.create_server``: same interceptors, options and limits."""
+    """Mirrors ``server.processes.app.create_server``: same interceptors, options and limits."""
     if not 0 < pool_size <= POOL_SIZE_MAX:
         raise ValueError(f"pool size must be in 1..{POOL_SIZE_MAX}")
     redis = Redis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s)

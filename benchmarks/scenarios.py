@@ -44,7 +44,7 @@ from benchmarks.services import (
     Terminal,
     say,
 )
-from server.certs import issue, make_ca
+from server.commands.certs import issue, make_ca
 from server.domain.geo import wgs84_to_gcj02
 from server.domain.identity import check_digit
 from storage.devenv import DevServices

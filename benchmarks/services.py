@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 def with_database(dsn: str, database: str) -> str:
-    from server.dev import with_database as swap
+    from server.commands.dev import with_database as swap
 
     return swap(dsn, database)
 
@@ -420,9 +420,9 @@ async def count_ledger_events(dsn: str) -> int:
 
 
 async def load_gateway_reference(pg_dsn: str, redis_url: str, prefix: str, document: dict[str, Any]) -> None:
-    """``server.reference.load``: validate, upsert into PostgreSQL, publish to Redis."""
+    """``server.commands.reference.load``: validate, upsert into PostgreSQL, publish to Redis."""
+    from server.commands.reference import load
     from server.config import Config
-    from server.reference import load
 
     path = BENCH_DATA / "reference.yaml"
     write_private(path, yaml.safe_dump(document, sort_keys=False))
@@ -449,8 +449,8 @@ async def quota_claimed(redis_url: str, prefix: str, campaign_id: str, category:
 
 async def republish_reference(pg_dsn: str, redis_url: str, prefix: str) -> None:
     """``server.reference publish``: rebuild the Redis reference cache from PostgreSQL."""
+    from server.commands.reference import publish
     from server.config import Config
-    from server.reference import publish
 
     await publish(Config(pg_dsn=pg_dsn, redis_url=redis_url, redis_prefix=prefix, listen=f"{LOOPBACK}:1"))
 

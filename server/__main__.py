@@ -1,65 +1,12 @@
-"""Runs the gateway: ``python -m server`` (configuration from SUBSIDY_* variables).
+"""``python -m server``: the gateway (server/processes/gateway.py).
 
-With SUBSIDY_WORKERS > 1 the parent starts that many worker processes, each with its own
-event loop and pools, all bound to the same port through SO_REUSEPORT (the kernel spreads
-connections across them). SIGTERM or SIGINT to the parent is forwarded; each worker stops
-gracefully (health NOT_SERVING, drain, close pools).
+An entry point only, under the name the README documents; the code lives in
+``server.processes.gateway``.
 """
 
-from __future__ import annotations
-
-import logging
-import multiprocessing
-import os
-import signal
 import sys
 
-from server import logs
-from server.config import Config, ConfigError
-from server.tls import check_listeners
-from server.worker import run_worker
-
-log = logging.getLogger("subsidy.main")
-
-
-def run_workers(config: Config) -> int:
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=run_worker, args=(config,), name=f"worker-{index}") for index in range(config.workers)
-    ]
-    for worker in workers:
-        worker.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    if config.tls_cert:
-        signal.signal(signal.SIGHUP, forward)  # each worker re-reads its TLS certificate files
-    failed = 0
-    for worker in workers:
-        worker.join()
-        failed += worker.exitcode != 0
-    return 1 if failed else 0
-
-
-def main() -> int:
-    try:
-        config = Config.from_env()
-        check_listeners(config)
-    except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
-        return 2
-    logs.configure(config.log_level)
-    if config.workers == 1:
-        run_worker(config)
-        return 0
-    log.info("starting workers", extra={"workers": config.workers, "listen": config.listen})
-    return run_workers(config)
-
+from server.processes.gateway import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,11 +25,11 @@ import yaml
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, RetryPolicy
 
-from server.app import Application, create_server
 from server.config import Config
 from server.domain.identity import check_digit
 from server.domain.identity import consumer_key as derive_consumer_key
 from server.domain.reference import parse_reference
+from server.processes.app import Application, create_server
 from storage.devenv import DevServices, Services
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import fetch_reference, save_reference
@@ -75,7 +75,7 @@ class Environment:
 
 
 def with_database(dsn: str, database: str) -> str:
-    from server.dev import with_database as swap
+    from server.commands.dev import with_database as swap
 
     return swap(dsn, database)
 

@@ -14,9 +14,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client import SignedClient, SubsidyError
 from subsidy_client.v1 import campaign_pb2 as pb
 
-from server.campaigns import KINDS, POLICIES, STATUSES
 from server.ctl.common import Settings, emit, pass_settings, run
 from server.domain.reference import ReferenceError, parse_campaign
+from server.services.campaigns import KINDS, POLICIES, STATUSES
 
 SERVICE = "/subsidy.v1.CampaignService/"
 

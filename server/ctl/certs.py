@@ -10,7 +10,7 @@ import click
 import yaml
 from subsidy_client import TlsConfig
 
-from server.certs import DEFAULT_HOSTS, dev_certificates
+from server.commands.certs import DEFAULT_HOSTS, dev_certificates
 from server.domain.reference import parse_reference
 
 

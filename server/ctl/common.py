@@ -21,9 +21,9 @@ from subsidy_client import SignedClient, SubsidyError
 from server.ctl.certs import operator_tls
 
 T = TypeVar("T")
-# Written by make run (server/dev.py), beside the data directory rather than in it.
+# Written by make run (server/commands/dev.py), beside the data directory rather than in it.
 DEFAULT_CREDENTIALS = Path(".keys/credentials.json")
-# Exit status when the gateway does not answer (server/commands.py: the same in every command).
+# Exit status when the gateway does not answer (server/commands/common.py: the same in every command).
 EXIT_UNAVAILABLE = 3
 
 

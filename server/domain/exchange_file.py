@@ -80,7 +80,7 @@ class ExchangeFileError(ValueError):
 
 
 def canonical_serial(serial: str) -> str:
-    """The form serial keys and files use: upper case (as ``server.authorization`` does)."""
+    """The form serial keys and files use: upper case (as ``server.services.authorization`` does)."""
     return serial.upper()
 
 

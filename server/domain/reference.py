@@ -91,7 +91,7 @@ class Terminal:
     terminal_id: str
     status: str
     secret: str | None  # None: issue one when loading
-    # Must call with a client certificate naming it (mutual TLS, server/tls.py).
+    # Must call with a client certificate naming it (mutual TLS, server/rpc/tls.py).
     require_client_certificate: bool = False
 
 

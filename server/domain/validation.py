@@ -22,7 +22,7 @@ from subsidy_client.v1 import authorization_pb2, common_pb2
 
 from server.domain.gtin import is_valid_gtin13
 from server.domain.reference import IDENTIFIER, PRICE_FEN_MAX
-from server.errors import ApiError, invalid_field
+from server.rpc.errors import ApiError, invalid_field
 
 LifecycleRequest = authorization_pb2.CaptureRequest | authorization_pb2.VoidRequest | authorization_pb2.RefundRequest
 

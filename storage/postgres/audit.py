@@ -185,7 +185,7 @@ async def redis_counters(redis: Redis, keys: Keys) -> Counters:
     async for raw_key in redis.scan_iter(match=f"{tag}:serial:*", count=1000):
         serial = _text(raw_key).removeprefix(f"{tag}:serial:")
         owner = await redis.get(raw_key)
-        # Serials other providers reported (server/exchange.py, "peer:<id>") are not in our ledger.
+        # Serials other providers reported (storage/redis/exchange.py, "peer:<id>") are not in our ledger.
         if owner is not None and not _text(owner).startswith("peer:"):
             counters.serials[serial] = _text(owner)
     return counters

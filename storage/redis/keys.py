@@ -102,7 +102,7 @@ class Keys:
 
     def external_consumer(self, consumer_key: str) -> str:
         """Hash: category -> id of the service provider that reported the consumer using it
-        (imported from exchange files; see server/exchange.py)."""
+        (imported from exchange files; see server/commands/exchange.py)."""
         return f"{self.tag}:xconsumer:{consumer_key}"
 
     @property

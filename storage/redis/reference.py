@@ -115,7 +115,7 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                         "role": "terminal",
                         "merchant": terminal["merchant_id"],
                         "secret": terminal["secret"],
-                        # Mutual TLS required (server/tls.py); absent means not required.
+                        # Mutual TLS required (server/rpc/tls.py); absent means not required.
                         "mtls": bool(terminal.get("require_client_certificate", False)),
                     }
                 ),

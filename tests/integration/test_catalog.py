@@ -28,10 +28,10 @@ from subsidy_client.errors import IdempotencyConflict, InvalidArgument, NotFound
 from subsidy_client.v1 import authorization_pb2
 from subsidy_client.v1 import catalog_pb2 as pb
 
-from server.app import Application
 from server.ctl import main as subsidyctl
 from server.domain.catalog_import import REQUIRED_COLUMNS, read_csv, read_xlsx
 from server.domain.gtin import gtin13_check_digit
+from server.processes.app import Application
 from storage.devenv import Services
 from tests.conftest import ROOT, Environment, consumer_key, isolated_environment, running_gateway, serial
 

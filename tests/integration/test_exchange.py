@@ -25,10 +25,10 @@ from subsidy_client.errors import InvalidArgument, PermissionDenied
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1 import exchange_pb2
 
-from server.app import Application
+from server.commands.exchange import CHINA_STANDARD_TIME, export_day, import_file, reapply
 from server.domain import exchange_file
 from server.domain.exchange_file import ConsumerRecord, ExchangeFileError, SerialRecord
-from server.exchange import CHINA_STANDARD_TIME, export_day, import_file, reapply
+from server.processes.app import Application
 from storage.devenv import Services
 from storage.postgres.writer import LedgerWriter, WriterConfig
 from tests.conftest import ROOT, Environment, consumer_key, isolated_environment, running_gateway, serial, snapshot

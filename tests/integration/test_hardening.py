@@ -18,9 +18,9 @@ from subsidy_client.errors import IdempotencyConflict, InvalidArgument, Permissi
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1 import authorization_pb2_grpc
 
-from server.app import Application
-from server.errors import REJECTED_CALLS, RejectionLog
-from server.ledger import WriterMetrics, serve_metrics
+from server.processes.app import Application
+from server.processes.writer import WriterMetrics, serve_metrics
+from server.rpc.errors import REJECTED_CALLS, RejectionLog
 from storage.devenv import Services
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.migrations import migrate_serial_keys

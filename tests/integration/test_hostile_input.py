@@ -17,7 +17,7 @@ from subsidy_client import AuthorizationClient, signing
 from subsidy_client.errors import InvalidArgument, SubsidyError, Unauthenticated
 from subsidy_client.v1 import authorization_pb2 as pb
 
-from server.app import Application
+from server.processes.app import Application
 from tests.conftest import Environment, consumer_key, serial, snapshot
 
 AUTHORIZE = "/subsidy.v1.AuthorizationService/Authorize"

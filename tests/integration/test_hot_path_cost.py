@@ -17,7 +17,7 @@ from subsidy_client import AuthorizationClient, Line, QualificationClient
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1.common_pb2 import COORDINATE_SYSTEM_WGS84, Location
 
-from server.app import Application
+from server.processes.app import Application
 from storage.devenv import Services
 from tests.conftest import Environment, consumer_key, id_number, serial
 

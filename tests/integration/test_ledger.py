@@ -21,8 +21,8 @@ from subsidy_client import AuthorizationClient, Line, ReportingClient, RetryPoli
 from subsidy_client.errors import InvalidState, PermissionDenied, Unauthenticated
 from subsidy_client.v1 import authorization_pb2 as pb
 
-from server.app import Application
-from server.ledger import WriterMetrics, serve_metrics
+from server.processes.app import Application
+from server.processes.writer import WriterMetrics, serve_metrics
 from storage.devenv import Services
 from storage.postgres.audit import rebuild, reconcile, redis_counters, verify
 from storage.postgres.reference import fetch_reference

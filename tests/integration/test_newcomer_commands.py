@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server.commands import EXIT_UNAVAILABLE, EXIT_USAGE, record_services
+from server.commands.common import EXIT_UNAVAILABLE, EXIT_USAGE, record_services
 from storage.devenv import PG_ENV, REDIS_ENV, Services
 from tests.conftest import ROOT, Environment, isolated_environment
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.app import Application
+from server.processes.app import Application
 from tests.conftest import ROOT, Environment
 
 NODE_CLIENT = ROOT / "clients" / "node"

@@ -13,9 +13,9 @@ from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
+from server.commands.exchange import import_file
+from server.commands.ledger import with_connections
 from server.domain.exchange_file import ConsumerRecord, SerialRecord, encode
-from server.exchange import import_file
-from server.ledger import with_connections
 from storage.devenv import Services
 from storage.postgres.qualifications import GROUP, UPSERT, QualificationMirror, snapshot_row
 from storage.postgres.reference import fetch_reference

@@ -45,8 +45,8 @@ from subsidy_client.v1 import campaign_pb2 as cpb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
-from server.app import Application
 from server.domain.geo import wgs84_to_gcj02
+from server.processes.app import Application
 from storage.devenv import Services
 from tests.conftest import (
     Environment,

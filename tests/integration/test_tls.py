@@ -1,5 +1,5 @@
-"""Transport security (server/tls.py): TLS and mutual TLS on the gateway's listener, with
-certificates made here (server/certs.py).
+"""Transport security (server/rpc/tls.py): TLS and mutual TLS on the gateway's listener, with
+certificates made here (server/commands/certs.py).
 
 Every bad connection fails the handshake (UNAVAILABLE) or the call (UNAUTHENTICATED), executes
 nothing, and leaves the gateway serving the next caller.
@@ -30,10 +30,10 @@ from subsidy_client import AuthorizationClient, Line, QualificationClient, Retry
 from subsidy_client.errors import Unauthenticated, Unavailable
 from subsidy_client.v1 import authorization_pb2 as pb
 
-from server import tls
-from server.app import Application, create_server
-from server.certs import Issued, issue, make_ca
+from server.commands.certs import Issued, issue, make_ca
 from server.config import Config, ConfigError
+from server.processes.app import Application, create_server
+from server.rpc import tls
 from storage.devenv import Services
 from tests.conftest import (
     ROOT,

@@ -16,16 +16,16 @@ import pytest
 from click.testing import CliRunner
 from subsidy_client.errors import NotFound, SubsidyError, Unauthenticated
 
-from server.commands import (
+from server.commands.common import (
     EXIT_ALREADY_RUNNING,
     EXIT_UNAVAILABLE,
     dependency_failure,
     record_services,
     use_recorded_services,
 )
+from server.commands.dev import AlreadyRunning, KeysConflict, RunLock, ensure_dev_key, prepare_keys_dir
 from server.ctl import main as subsidyctl
 from server.ctl.common import Settings, failure
-from server.dev import AlreadyRunning, KeysConflict, RunLock, ensure_dev_key, prepare_keys_dir
 from storage.devenv import PG_ENV, REDIS_ENV, UNIX_SOCKET_PATH_MAX, redis_socket_path, redis_socket_url
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import NONCE_PATTERN, TERMINAL_PATTERN, TIMESTAMP_PATTERN
 from server.domain import validation
 from server.domain.exchange_file import CONSUMER_KEY, SERIAL
 from server.domain.reference import CATEGORY, IDENTIFIER
+from server.rpc.auth import NONCE_PATTERN, TERMINAL_PATTERN, TIMESTAMP_PATTERN
 
 ROOT = Path(__file__).resolve().parents[2]
 DOLLAR_ANCHORED = re.compile(r"""re\.(compile|match|search|fullmatch)\(\s*r?["'][^"']*\$["']""")

@@ -1,7 +1,7 @@
 """CatalogService: the eligible-product catalog (import, get, list, deactivate).
 
 Operator credentials only. A change commits in one PostgreSQL transaction with its audit row
-(``server.operations.record``) and is then published to the Redis hot path, so the next
+(``server.services.operations.record``) and is then published to the Redis hot path, so the next
 authorization sees it.
 
 An import validates every row in memory as the stream arrives (``server.domain.catalog_import``)
@@ -29,13 +29,13 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
 
-from server.auth import OPERATOR, caller
 from server.domain import validation
 from server.domain.catalog_import import ERRORS_MAX, ImportCheck, ImportChecker, ProductRecord
 from server.domain.gtin import is_valid_gtin13
 from server.domain.reference import CATEGORY
-from server.errors import ApiError, invalid_field
-from server.operations import Action, OperatorDeps, Scope, begin_action, not_found, publish_scope, record
+from server.rpc.auth import OPERATOR, caller
+from server.rpc.errors import ApiError, invalid_field
+from server.services.operations import Action, OperatorDeps, Scope, begin_action, not_found, publish_scope, record
 
 SERVICE = "/subsidy.v1.CatalogService/"
 IMPORT_METHOD = SERVICE + "ImportProducts"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import grpc
 from subsidy_client.v1 import reporting_pb2, reporting_pb2_grpc
 
-from server.auth import OPERATOR, caller
-from server.operations import OperatorDeps
+from server.rpc.auth import OPERATOR, caller
+from server.services.operations import OperatorDeps
 from storage.postgres.audit import reconcile
 from storage.postgres.writer import lag
 

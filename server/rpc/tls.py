@@ -47,8 +47,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from server.auth import unauthenticated
 from server.config import Config, ConfigError
+from server.rpc.auth import unauthenticated
 
 log = logging.getLogger("subsidy.tls")
 CHECK_INTERVAL_S = 1.0

@@ -1,7 +1,7 @@
 """MerchantService: merchants, their stores and terminals, and the terminals' credentials.
 
 Operator credentials only. Every mutating call is one PostgreSQL transaction that makes the
-change and records it (``server.operations.record``: the append-only audit row, idempotency on
+change and records it (``server.services.operations.record``: the append-only audit row, idempotency on
 the operator's request_id, the reference version); after the commit the merchant, its
 terminals and their credentials are published to Redis, so that a suspension reaches the next
 authorization and a rotated secret replaces the old one within the credential cache's refresh
@@ -29,11 +29,11 @@ import asyncpg
 import grpc
 from subsidy_client.v1 import common_pb2, merchant_pb2, merchant_pb2_grpc
 
-from server.auth import OPERATOR, caller
 from server.domain import geo
 from server.domain.reference import CATEGORY, IDENTIFIER
-from server.errors import ApiError, invalid_field
-from server.operations import (
+from server.rpc.auth import OPERATOR, caller
+from server.rpc.errors import ApiError, invalid_field
+from server.services.operations import (
     Action,
     OperatorDeps,
     Scope,

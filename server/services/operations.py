@@ -21,9 +21,9 @@ import orjson
 from redis.asyncio import Redis
 from subsidy_client.v1 import common_pb2
 
-from server.auth import OPERATOR, caller
 from server.domain import validation
-from server.errors import ApiError
+from server.rpc.auth import OPERATOR, caller
+from server.rpc.errors import ApiError
 from storage.postgres.reference import bump_reference_version, fetch_reference
 from storage.redis.keys import Keys
 from storage.redis.reference import publish_reference

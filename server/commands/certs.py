@@ -6,7 +6,7 @@ own CA (or a public one for the server certificate) and never this module's outp
 
 Client certificates name their caller (terminal, partner app, operator or provider id) in the
 subject CN and in a DNS SAN, which is what the gateway compares with the id that signed the
-request (server/tls.py).
+request (server/rpc/tls.py).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_pb2
 
-from server.auth import TERMINAL, caller
 from server.domain import validation
-from server.errors import ApiError, invalid_field
+from server.rpc.auth import TERMINAL, caller
+from server.rpc.errors import ApiError, invalid_field
 from storage.redis.scripts import Reply
 from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore
 

@@ -1,6 +1,7 @@
 """One worker process: its own event loop (uvloop unless disabled), pools and server.
 
-Kept out of ``server.__main__`` so that spawned worker processes can import it by name.
+Kept apart from the parent (server/processes/gateway.py, run as ``python -m server``) so that
+spawned worker processes import only what a worker needs, by name.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import logging
 import signal
 
 from server import logs
-from server.app import create_server
 from server.config import Config
+from server.processes.app import create_server
 
 log = logging.getLogger("subsidy.worker")
 

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from subsidy_client import signing
 from subsidy_client.v1 import common_pb2
 
-from server.errors import ApiError, invalid_field
+from server.rpc.errors import ApiError, invalid_field
 from storage.redis.keys import Keys
 from storage.redis.store import text
 
@@ -65,7 +65,7 @@ class Credential:
     secret: str
     role: str
     # The caller must connect with a client certificate naming it (reference data's
-    # require_client_certificate; checked by server.tls.ClientCertificatePolicy).
+    # require_client_certificate; checked by server.rpc.tls.ClientCertificatePolicy).
     require_client_certificate: bool = False
 
     @classmethod
@@ -209,7 +209,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def _transport_check(self, identity: Caller, context: grpc.aio.ServicerContext) -> None:
         """Once the signing credential is resolved: the connection's client certificate must fit
-        it (server.tls.ClientCertificatePolicy; raises UNAUTHENTICATED). Before the nonce is
+        it (server.rpc.tls.ClientCertificatePolicy; raises UNAUTHENTICATED). Before the nonce is
         claimed and before the handler runs, so a refused call executes nothing."""
         if self._check_peer is not None:
             credential = await self._credentials.get(identity.terminal_id)

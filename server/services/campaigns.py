@@ -16,10 +16,18 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
 
-from server.auth import OPERATOR, caller
 from server.domain.reference import Campaign, ReferenceError, parse_campaign
-from server.errors import invalid_field
-from server.operations import OperatorDeps, Scope, already_exists, begin_action, not_found, publish_scope, record
+from server.rpc.auth import OPERATOR, caller
+from server.rpc.errors import invalid_field
+from server.services.operations import (
+    OperatorDeps,
+    Scope,
+    already_exists,
+    begin_action,
+    not_found,
+    publish_scope,
+    record,
+)
 from storage.postgres.reference import save_campaign
 
 pb = campaign_pb2

@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 from subsidy_client.v1 import common_pb2, qualification_pb2, qualification_pb2_grpc
 
-from server.auth import PARTNER, caller
-from server.authorization import payload_hash, raise_script_error, timestamp_ms
 from server.domain import identity, location, sealing, validation
 from server.domain.geo import CoordinateError, Region, region_from_text, to_wgs84
 from server.domain.reference import CATEGORY, IDENTIFIER
-from server.errors import ApiError, invalid_field
+from server.rpc.auth import PARTNER, caller
+from server.rpc.errors import ApiError, invalid_field
+from server.services.authorization import payload_hash, raise_script_error, timestamp_ms
 from storage.redis.store import CancelInput, ClaimInput, RedisStore, text
 
 pb = qualification_pb2

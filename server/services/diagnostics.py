@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from subsidy_client.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 
-from server.errors import invalid_field
+from server.rpc.errors import invalid_field
 
 ECHO_PAYLOAD_BYTES_MAX = 64 * 1024
 

@@ -1,6 +1,6 @@
 """The application factory: ``create_server(config)`` builds a started-but-not-serving-yet
 gRPC server with its services, interceptors and background tasks; ``Application.stop``
-drains it. ``server.__main__`` runs one per worker process."""
+drains it. ``server.processes.worker`` runs one per worker process."""
 
 from __future__ import annotations
 
@@ -35,19 +35,20 @@ from subsidy_client.v1 import (
     reporting_pb2_grpc,
 )
 
-from server.auth import AuthInterceptor, CredentialCache
-from server.authorization import AuthorizationService
-from server.campaigns import CampaignService
-from server.catalog import CatalogService
 from server.config import Config
-from server.diagnostics import DiagnosticsService
-from server.errors import ErrorInterceptor
-from server.exchange import ExchangeService
-from server.merchants import MerchantService
-from server.operations import LazyPool, OperatorDeps
-from server.qualification import QualificationService
-from server.reporting import ReportingService
-from server.tls import CertificateReloader, ClientCertificatePolicy, bind, check_listeners
+from server.processes.sweeper import run_sweeper
+from server.rpc.auth import AuthInterceptor, CredentialCache
+from server.rpc.errors import ErrorInterceptor
+from server.rpc.tls import CertificateReloader, ClientCertificatePolicy, bind, check_listeners
+from server.services.authorization import AuthorizationService
+from server.services.campaigns import CampaignService
+from server.services.catalog import CatalogService
+from server.services.diagnostics import DiagnosticsService
+from server.services.exchange import ExchangeService
+from server.services.merchants import MerchantService
+from server.services.operations import LazyPool, OperatorDeps
+from server.services.qualification import QualificationService
+from server.services.reporting import ReportingService
 from storage.redis.keys import Keys
 from storage.redis.migrations import migrate_serial_keys
 from storage.redis.scripts import Scripts
@@ -98,28 +99,6 @@ class Application:
         await self.operator_pool.close()
         await self.redis.aclose()
         log.info("stopped")
-
-
-async def run_sweeper(store: RedisStore, config: Config, stopping: asyncio.Event) -> None:
-    """Expires due holds and qualifications in every process; the scripts make concurrent
-    sweepers safe."""
-    while not stopping.is_set():
-        try:
-            expired = await store.expire_due_holds(config.sweep_batch_size)
-            if expired:
-                log.info("holds expired", extra={"count": expired})
-        except Exception:
-            log.warning("hold sweep failed", exc_info=True)
-        try:
-            expired = await store.expire_due_qualifications(config.qualification_sweep_batch_size)
-            if expired:
-                log.info("qualifications expired", extra={"count": expired})
-        except Exception:
-            log.warning("qualification sweep failed", exc_info=True)
-        try:
-            await asyncio.wait_for(stopping.wait(), config.sweep_interval_ms / 1000)
-        except TimeoutError:
-            pass
 
 
 async def create_server(config: Config) -> Application:

@@ -1,0 +1,180 @@
+"""The ledger writer process (``python -m server.ledger writer``; ``make run`` starts one).
+
+Drains the ledger stream into PostgreSQL (storage/postgres/writer.py), mirrors qualifications
+into PostgreSQL in the same process (storage/postgres/qualifications.py), and, with
+SUBSIDY_WRITER_METRICS_LISTEN set, serves ``/metrics`` (Prometheus) and ``/health`` (JSON lag
+details) on it, over HTTPS when the gateway has a TLS certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import ssl
+from typing import Any
+
+import asyncpg
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from redis.asyncio import Redis
+
+from server.config import Config
+from server.rpc.tls import metrics_tls
+from storage.postgres.migrate import migrate
+from storage.postgres.qualifications import QualificationMirror
+from storage.postgres.writer import LedgerWriter, WriterConfig, lag
+from storage.redis.keys import Keys
+from storage.redis.store import sweep_backlog
+
+log = logging.getLogger("subsidy.ledger")
+
+
+def writer_config(config: Config) -> WriterConfig:
+    return WriterConfig(
+        pg_dsn=config.pg_dsn,
+        redis_url=config.redis_url,
+        prefix=config.redis_prefix,
+        consumer=config.writer_consumer,
+        batch_size=config.writer_batch_size,
+        block_ms=config.writer_block_ms,
+        claim_idle_ms=config.writer_claim_idle_ms,
+        max_deliveries=config.writer_max_deliveries,
+        crash_at=config.writer_crash_at,
+        crash_after_batches=config.writer_crash_after_batches,
+    )
+
+
+class WriterMetrics:
+    """Prometheus gauges and counters of the writer, refreshed from Redis on each scrape."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+        self.registry = CollectorRegistry()
+        labels = ["prefix"]
+        self.stream_length = Gauge(
+            "subsidy_ledger_stream_length", "Entries in the ledger stream", labels, registry=self.registry
+        )
+        self.backlog = Gauge(
+            "subsidy_ledger_backlog", "Events not yet written to PostgreSQL", labels, registry=self.registry
+        )
+        self.oldest_age = Gauge(
+            "subsidy_ledger_oldest_unwritten_age_seconds",
+            "Age of the oldest unwritten event",
+            labels,
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "subsidy_ledger_dead_letters",
+            "Entries in the dead-letter stream (alert when > 0)",
+            labels,
+            registry=self.registry,
+        )
+        self.written = Counter(
+            "subsidy_ledger_events_written", "Events written to PostgreSQL", labels, registry=self.registry
+        )
+        self.overdue = Gauge(
+            "subsidy_sweeper_overdue",
+            "Holds / qualifications past expiry by more than a minute and not yet expired (alert when > 0)",
+            [*labels, "kind"],
+            registry=self.registry,
+        )
+        self.set_aside = Gauge(
+            "subsidy_sweeper_set_aside",
+            "Holds / qualifications whose expiry failed and were set aside (alert when > 0)",
+            [*labels, "kind"],
+            registry=self.registry,
+        )
+        self._written_seen = 0
+
+    async def snapshot(self) -> dict[str, Any]:
+        current = await lag(self.writer.redis, self.writer.keys, self.writer.config.group)
+        prefix = self.writer.config.prefix
+        self.stream_length.labels(prefix).set(current.stream_length)
+        self.backlog.labels(prefix).set(current.backlog)
+        self.oldest_age.labels(prefix).set(current.oldest_unwritten_age_s)
+        self.dead_letters.labels(prefix).set(current.dead_letters)
+        self.written.labels(prefix).inc(self.writer.stats.events_written - self._written_seen)
+        self._written_seen = self.writer.stats.events_written
+        sweeper = await sweep_backlog(self.writer.redis, self.writer.keys)
+        self.overdue.labels(prefix, "hold").set(sweeper.overdue_holds)
+        self.overdue.labels(prefix, "qualification").set(sweeper.overdue_qualifications)
+        self.set_aside.labels(prefix, "hold").set(sweeper.set_aside_holds)
+        self.set_aside.labels(prefix, "qualification").set(sweeper.set_aside_qualifications)
+        return {
+            **dataclasses.asdict(current),
+            "backlog": current.backlog,
+            "sweeper": dataclasses.asdict(sweeper),
+            "stats": dataclasses.asdict(self.writer.stats),
+        }
+
+
+async def serve_metrics(
+    metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None
+) -> asyncio.Server:
+    """A minimal HTTP endpoint: GET /metrics (Prometheus text) and GET /health (JSON); HTTPS
+    with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded with it)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace")
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            path = request_line.split(" ")[1] if " " in request_line else "/"
+            details = await metrics.snapshot()
+            if path == "/metrics":
+                status, kind, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+            elif path == "/health":
+                sweeper = details["sweeper"]
+                healthy = details["dead_letters"] == 0 and not any(sweeper.values())
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                kind, body = "application/json", orjson.dumps({"status": "ok" if healthy else "degraded", **details})
+            else:
+                status, kind, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+            writer.write((head + "Connection: close\r\n\r\n").encode() + body)
+            await writer.drain()
+        except (Exception, asyncio.CancelledError):  # a bad scrape must not stop the writer
+            log.warning("metrics request failed", exc_info=True)
+        finally:
+            writer.close()
+
+    host, port = listen.rsplit(":", 1)
+    return await asyncio.start_server(handle, host, int(port), ssl=ssl_context)
+
+
+async def run_writer(config: Config) -> None:
+    redis = Redis.from_url(config.redis_url, socket_timeout=10)
+    connection = await asyncpg.connect(config.pg_dsn, timeout=10)
+    try:
+        await migrate(connection)
+    finally:
+        await connection.close()
+    writer = LedgerWriter(writer_config(config), redis)
+    # Qualifications are not money: their own stream and consumer group, in this same process.
+    mirror = QualificationMirror(
+        redis,
+        Keys(config.redis_prefix),
+        config.pg_dsn,
+        consumer=config.writer_consumer,
+        block_ms=config.writer_block_ms,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    server = (
+        await serve_metrics(WriterMetrics(writer), config.writer_metrics_listen, metrics_tls(config))
+        if config.writer_metrics_listen
+        else None
+    )
+    mirroring = asyncio.create_task(mirror.run(stopping))
+    try:
+        await writer.run(stopping)
+    finally:
+        stopping.set()
+        await asyncio.gather(mirroring, return_exceptions=True)
+        if server is not None:
+            server.close()
+        await redis.aclose()
