@@ -7,14 +7,55 @@ STAMP := $(VENV)/.installed
 
 .PHONY: reset run test test-fast lint format gen-protos check-protos bench demo clean venv
 .PHONY: certs run-tls run-mtls demo-tls demo-mtls
+.PHONY: lock check-lock buf
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+# The virtualenv holds exactly what requirements-dev.lock pins (hashes checked), then the two
+# local packages without resolving anything more; pip check fails on a lock that does not
+# satisfy them.
+$(STAMP): pyproject.toml clients/python/pyproject.toml requirements-dev.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e clients/python -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps -e clients/python -e .
+	$(PY) -m pip check
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+## Rewrite requirements.lock (the server's image) and requirements-dev.lock (make's virtualenv)
+## from pyproject.toml and clients/python/pyproject.toml: every package pinned, with hashes, for
+## Python 3.11+ on any platform. Versions already locked are kept unless the inputs need others;
+## `make lock UPGRADE=--upgrade` (or UPGRADE='--upgrade-package NAME') moves them on.
+LOCK_DIR ?=
+LOCK_FLAGS = --quiet --universal --python-version 3.11 --generate-hashes \
+	--no-emit-package subsidy-client --no-emit-package subsidy-gateway \
+	--custom-compile-command 'make lock' $(UPGRADE)
+lock: $(STAMP)
+	printf '%s\n' '-e ./clients/python' '-e .[dev]' \
+	  | $(VENV)/bin/uv pip compile $(LOCK_FLAGS) -o $(LOCK_DIR)requirements-dev.lock -
+	printf '%s\n' '-e ./clients/python' '-e .' \
+	  | $(VENV)/bin/uv pip compile $(LOCK_FLAGS) -c $(LOCK_DIR)requirements-dev.lock -o $(LOCK_DIR)requirements.lock -
+
+## Fails when the lock files no longer pin what the pyproject files ask for (run make lock).
+## Compares package versions, not hashes (an index may add a wheel to a release later).
+check-lock: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	cp requirements.lock requirements-dev.lock "$$tmp/" && \
+	$(MAKE) --no-print-directory lock LOCK_DIR="$$tmp/" >/dev/null && \
+	for lock in requirements.lock requirements-dev.lock; do \
+	  grep -E '^[A-Za-z0-9]' $$lock | sed 's/ *\\$$//' > "$$tmp/$$lock.committed"; \
+	  grep -E '^[A-Za-z0-9]' "$$tmp/$$lock" | sed 's/ *\\$$//' > "$$tmp/$$lock.fresh"; \
+	  diff -u "$$tmp/$$lock.committed" "$$tmp/$$lock.fresh" \
+	    || { echo "$$lock is out of date with the pyproject files: run make lock" >&2; exit 1; }; \
+	done
+
+## buf lint and buf breaking on protos/ (tools/buf-check; buf from the npm package in tools/).
+tools/node_modules/.bin/buf: tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+buf: tools/node_modules/.bin/buf
+	tools/buf-check
 
 ## Run the server: embedded PostgreSQL and Redis when none is configured, demo data loaded.
 run: $(STAMP)
