@@ -51,11 +51,11 @@ from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_
 
 from server import logs
 from server.config import Config, ConfigError
-from server.domain import validation
 from server.domain.reference import parse_reference
 from server.rpc.auth import TERMINAL, AuthInterceptor, Caller, CredentialCache, caller
 from server.rpc.errors import ApiError, ErrorInterceptor
-from server.services.authorization import payload_hash
+from server.services import requests
+from server.services.common import payload_hash
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import fetch_reference, save_reference
 from storage.redis.keys import Keys
@@ -369,7 +369,7 @@ class BaselineAuthorizationService(authorization_pb2_grpc.AuthorizationServiceSe
     async def Authorize(
         self, request: authorization_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.AuthorizeResponse:
-        validation.check_authorize(request, self._max_lines)
+        requests.check_authorize(request, self._max_lines)
         identity = caller(TERMINAL)
         digest = payload_hash("Authorize", request)
         async with self._pool.acquire(timeout=STATEMENT_TIMEOUT_S) as connection:

@@ -14,6 +14,7 @@ exactly. There is no closed-form inverse, so ``gcj02_to_wgs84`` iterates the for
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 from collections.abc import Iterable
@@ -23,7 +24,6 @@ from typing import Any
 import orjson
 import shapely.geometry
 import shapely.prepared
-from subsidy_client.v1 import common_pb2
 
 # Krasovsky 1940 ellipsoid, as the GCJ-02 algorithm defines it.
 KRASOVSKY_SEMI_MAJOR_AXIS_M = 6378245.0
@@ -41,6 +41,13 @@ INVERSE_TOLERANCE_DEG = 1e-10
 INVERSE_ITERATIONS_MAX = 20
 
 MEAN_EARTH_RADIUS_M = 6371008.8
+
+
+class CoordinateSystem(enum.Enum):
+    """The datum a reported position is given in."""
+
+    WGS84 = "WGS-84"
+    GCJ02 = "GCJ-02"
 
 
 class CoordinateError(ValueError):
@@ -128,15 +135,15 @@ def check_coordinates(latitude: float, longitude: float) -> None:
         raise CoordinateError("longitude", "must be a finite number of degrees between -180 and 180")
 
 
-def to_wgs84(latitude: float, longitude: float, system: int) -> Point:
+def to_wgs84(latitude: float, longitude: float, system: CoordinateSystem | None) -> Point:
     """Validates a reported location and returns it in WGS-84.
 
-    ``system`` is a ``subsidy.v1.CoordinateSystem`` value; an unspecified system is refused
+    An unspecified system (None: ``COORDINATE_SYSTEM_UNSPECIFIED`` in the message) is refused
     rather than guessed, since guessing wrong moves the point by hundreds of metres."""
     check_coordinates(latitude, longitude)
-    if system == common_pb2.COORDINATE_SYSTEM_WGS84:
+    if system is CoordinateSystem.WGS84:
         return Point(latitude, longitude)
-    if system == common_pb2.COORDINATE_SYSTEM_GCJ02:
+    if system is CoordinateSystem.GCJ02:
         converted_latitude, converted_longitude = gcj02_to_wgs84(latitude, longitude)
         return Point(converted_latitude, converted_longitude)
     raise CoordinateError("coordinate_system", "must be COORDINATE_SYSTEM_WGS84 or COORDINATE_SYSTEM_GCJ02")

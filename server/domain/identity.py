@@ -73,3 +73,9 @@ def mask_phone(phone: str) -> str:
     if not PHONE_PATTERN.match(phone):
         raise IdentityError("must be an 11-digit mainland mobile number")
     return phone[:3] + "****" + phone[-4:]
+
+
+def phone_digest(programme_key: bytes, phone: str) -> str:
+    """HMAC-SHA256 of the phone number under the programme key: what stands for the number in
+    a claim's idempotency hash, so that a stored hash is no way to brute-force it."""
+    return hmac.new(programme_key, phone.encode(), hashlib.sha256).hexdigest()

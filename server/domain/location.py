@@ -8,10 +8,9 @@ only a coarse cell of about a kilometre is kept with the qualification.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
-
-from subsidy_client.v1 import qualification_pb2
 
 from server.domain.geo import CoordinateError, Point, Region
 
@@ -21,7 +20,16 @@ FUTURE_TOLERANCE_MS = 60_000
 # Beyond this a "fix" is no position at all (GPS reports metres to a few kilometres).
 ACCURACY_M_MAX = 1_000_000.0
 
-ACCEPTED = 0
+
+class Verdict(enum.Enum):
+    """A claim's location verdict. The declines are listed in their order of precedence, the
+    order of the ClaimDeclineReason values they are answered with (server/services/qualification.py)."""
+
+    ACCEPTED = "accepted"
+    MOCKED = "mocked"
+    STALE = "stale"
+    INACCURATE = "inaccurate"
+    OUTSIDE_REGION = "outside_region"
 
 
 @dataclass(frozen=True)
@@ -49,17 +57,17 @@ def verdict(
     now_ms: int,
     rule: LocationRule,
     region: Region | None,
-) -> int:
-    """ACCEPTED (0) or the ClaimDeclineReason, in the precedence order of the enum."""
+) -> Verdict:
+    """ACCEPTED or the first decline that applies, in the order of precedence of ``Verdict``."""
     if mock_location:
-        return qualification_pb2.CLAIM_DECLINE_REASON_LOCATION_MOCKED
+        return Verdict.MOCKED
     if now_ms - fix_ms > rule.max_age_s * 1000:
-        return qualification_pb2.CLAIM_DECLINE_REASON_LOCATION_STALE
+        return Verdict.STALE
     if accuracy_m > rule.max_accuracy_m:
-        return qualification_pb2.CLAIM_DECLINE_REASON_LOCATION_INACCURATE
+        return Verdict.INACCURATE
     if region is not None and not region.covers(point):
-        return qualification_pb2.CLAIM_DECLINE_REASON_LOCATION_OUTSIDE_REGION
-    return ACCEPTED
+        return Verdict.OUTSIDE_REGION
+    return Verdict.ACCEPTED
 
 
 def coarse_cell(point: Point) -> str:

@@ -1,5 +1,7 @@
-"""Request validation: pure checks that turn malformed input into INVALID_ARGUMENT naming the
-field. Runs before any Redis call, so a rejected request changes nothing.
+"""Request validation: pure checks of plain values that raise ``InvalidField`` naming the
+field (the gRPC edge answers INVALID_ARGUMENT). Runs before any Redis call, so a rejected
+request changes nothing; server/services/requests.py applies these rules to the request
+messages.
 
 Identifiers are canonicalised here, once, at the edge, and only the canonical form goes on to
 become a key or enter a payload hash: Unicode NFKC (full-width digits and letters from a
@@ -13,18 +15,15 @@ the field.
 from __future__ import annotations
 
 import re
+import secrets
 import unicodedata
 import uuid
 from collections.abc import Sequence
+from typing import NamedTuple
 
-import grpc
-from subsidy_client.v1 import authorization_pb2, common_pb2
-
+from server.domain.errors import InvalidField, TooManyLines
 from server.domain.gtin import is_valid_gtin13
 from server.domain.reference import IDENTIFIER, PRICE_FEN_MAX
-from server.rpc.errors import ApiError, invalid_field
-
-LifecycleRequest = authorization_pb2.CaptureRequest | authorization_pb2.VoidRequest | authorization_pb2.RefundRequest
 
 LINE_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 SERIAL = re.compile(r"[A-Z0-9_./-]{1,64}")
@@ -32,9 +31,18 @@ CONSUMER_KEY = re.compile(r"[0-9a-f]{64}")
 AUTHORIZATION_ID = re.compile(r"[0-9a-f]{32}")
 GTIN = re.compile(r"[0-9]{13}")
 # Crockford base32 (no I, L, O, U), 16 characters: 80 random bits.
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 REDEMPTION_CODE = re.compile(r"[0-9A-HJKMNP-TV-Z]{16}")
 UUID_FORM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-KNOWN_CHANNELS = frozenset(authorization_pb2.Channel.values()) - {authorization_pb2.CHANNEL_UNSPECIFIED}
+
+
+class Line(NamedTuple):
+    """One line of a payment as plain values (the request's LineItem)."""
+
+    line_id: str
+    gtin: str
+    unit_price_fen: int
+    serial_number: str
 
 
 def canonical(value: str) -> str:
@@ -46,7 +54,7 @@ def canonical_request_id(value: str) -> str:
     """A UUID in its 36-character hyphenated form, lower case (any case accepted)."""
     form = canonical(value).lower()
     if not UUID_FORM.fullmatch(form):
-        raise invalid_field("request_id", "must be a UUID in its 36-character hyphenated form")
+        raise InvalidField("request_id", "must be a UUID in its 36-character hyphenated form")
     return str(uuid.UUID(form))
 
 
@@ -58,7 +66,7 @@ def check_request_id(value: str) -> str:
 def canonical_authorization_id(value: str) -> str:
     form = canonical(value).lower()
     if not AUTHORIZATION_ID.fullmatch(form):
-        raise invalid_field("authorization_id", "must be 32 hex characters")
+        raise InvalidField("authorization_id", "must be 32 hex characters")
     return form
 
 
@@ -69,7 +77,7 @@ def check_authorization_id(value: str) -> str:
 def canonical_consumer_key(value: str, field: str = "consumer_key") -> str:
     form = canonical(value).lower()
     if not CONSUMER_KEY.fullmatch(form):
-        raise invalid_field(field, "must be 64 hex characters (HMAC-SHA256)")
+        raise InvalidField(field, "must be 64 hex characters (HMAC-SHA256)")
     return form
 
 
@@ -77,14 +85,14 @@ def canonical_serial(value: str, field: str = "serial_number") -> str:
     """One device, one key: serials are compared without regard to case ("sn1" is "SN1")."""
     form = canonical(value).upper()
     if not SERIAL.fullmatch(form):
-        raise invalid_field(field, "must be 1-64 characters of [A-Za-z0-9_./-]")
+        raise InvalidField(field, "must be 1-64 characters of [A-Za-z0-9_./-]")
     return form
 
 
 def canonical_redemption_code(value: str) -> str:
     form = canonical(value).upper()
     if not REDEMPTION_CODE.fullmatch(form):
-        raise invalid_field("redemption_code", "must be 16 characters of Crockford base32 (0-9, A-Z without I L O U)")
+        raise InvalidField("redemption_code", "must be 16 characters of Crockford base32 (0-9, A-Z without I L O U)")
     return form
 
 
@@ -92,77 +100,65 @@ def check_redemption_code(value: str) -> str:
     return canonical_redemption_code(value)
 
 
-def check_authorize(request: authorization_pb2.AuthorizeRequest, max_lines: int) -> authorization_pb2.AuthorizeRequest:
-    """Validates an Authorize request and canonicalises it in place (returned for convenience):
-    every key and the payload hash are derived from the canonical form, so a request and its
-    re-spelt retry are the same request."""
-    out = request
-    out.request_id = canonical_request_id(request.request_id)
-    out.campaign_id = canonical(request.campaign_id)
-    if not IDENTIFIER.fullmatch(out.campaign_id):
-        raise invalid_field("campaign_id", "must be 1-64 characters of [A-Za-z0-9_.-]")
-    out.consumer_key = canonical_consumer_key(request.consumer_key)
-    if request.channel not in KNOWN_CHANNELS:
-        raise invalid_field("channel", "must be CHANNEL_POS or CHANNEL_ONLINE")
-    _check_lines(out.lines, max_lines)
-    if request.redemption_code:
-        out.redemption_code = canonical_redemption_code(request.redemption_code)
-        # A qualification is one discount on one unit: its quota counts units, like the budget.
-        if len(request.lines) != 1:
-            raise invalid_field("lines", "a payment that redeems a qualification has exactly one line")
-    return out
+def new_redemption_code() -> str:
+    """16 characters of Crockford base32: 80 random bits, unguessable and easy to type."""
+    number = int.from_bytes(secrets.token_bytes(10), "big")
+    return "".join(CROCKFORD[(number >> (5 * index)) & 31] for index in range(16))
 
 
-def _check_lines(lines: Sequence[authorization_pb2.LineItem], max_lines: int) -> None:
-    """Validates and canonicalises the lines in place (``lines`` is the canonical copy's)."""
+def canonical_campaign_id(value: str, field: str = "campaign_id") -> str:
+    form = canonical(value)
+    if not IDENTIFIER.fullmatch(form):
+        raise InvalidField(field, "must be 1-64 characters of [A-Za-z0-9_.-]")
+    return form
+
+
+def canonical_lines(lines: Sequence[Line], max_lines: int) -> list[Line]:
+    """Validates a payment's lines and returns their canonical form, in order: ids unique,
+    GTIN-13 with a valid check digit, a price within bounds, serials canonical and each device
+    once (a device is its serial, whatever GTIN it is sold under: see Keys.serial)."""
     if not lines:
-        raise invalid_field("lines", "at least one line is required")
+        raise InvalidField("lines", "at least one line is required")
     if len(lines) > max_lines:
-        raise ApiError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            common_pb2.ERROR_REASON_TOO_MANY_LINES,
-            f"lines: at most {max_lines} lines per request",
-            {"field": "lines", "max": str(max_lines)},
-        )
+        raise TooManyLines("lines", max_lines)
     line_ids: set[str] = set()
-    # A device is its serial, whatever GTIN it is sold under (see Keys.serial).
     devices: set[str] = set()
+    canonical_forms = []
     for index, line in enumerate(lines):
         path = f"lines[{index}]"
-        line.line_id = canonical(line.line_id)
-        if not LINE_ID.fullmatch(line.line_id):
-            raise invalid_field(f"{path}.line_id", "must be 1-32 characters of [A-Za-z0-9_.-]")
-        if line.line_id in line_ids:
-            raise invalid_field(f"{path}.line_id", "is repeated in this request")
-        line_ids.add(line.line_id)
-        line.gtin = canonical(line.gtin)
-        if not GTIN.fullmatch(line.gtin) or not is_valid_gtin13(line.gtin):
-            raise invalid_field(f"{path}.gtin", "must be a GTIN-13 with a valid check digit")
+        line_id = canonical(line.line_id)
+        if not LINE_ID.fullmatch(line_id):
+            raise InvalidField(f"{path}.line_id", "must be 1-32 characters of [A-Za-z0-9_.-]")
+        if line_id in line_ids:
+            raise InvalidField(f"{path}.line_id", "is repeated in this request")
+        line_ids.add(line_id)
+        gtin = canonical(line.gtin)
+        if not GTIN.fullmatch(gtin) or not is_valid_gtin13(gtin):
+            raise InvalidField(f"{path}.gtin", "must be a GTIN-13 with a valid check digit")
         if not 0 < line.unit_price_fen < PRICE_FEN_MAX:
-            raise invalid_field(f"{path}.unit_price_fen", f"must be between 1 and {PRICE_FEN_MAX - 1} fen")
-        if line.serial_number:
-            line.serial_number = canonical_serial(line.serial_number, f"{path}.serial_number")
-            if line.serial_number in devices:
-                raise invalid_field(f"{path}.serial_number", "the same device appears twice in this request")
-            devices.add(line.serial_number)
+            raise InvalidField(f"{path}.unit_price_fen", f"must be between 1 and {PRICE_FEN_MAX - 1} fen")
+        serial = line.serial_number
+        if serial:
+            serial = canonical_serial(serial, f"{path}.serial_number")
+            if serial in devices:
+                raise InvalidField(f"{path}.serial_number", "the same device appears twice in this request")
+            devices.add(serial)
+        canonical_forms.append(Line(line_id, gtin, line.unit_price_fen, serial))
+    return canonical_forms
 
 
-def check_lifecycle(request: LifecycleRequest) -> None:
-    """Canonicalises a Capture / Void / Refund request's identifiers in place."""
-    request.request_id = canonical_request_id(request.request_id)
-    request.authorization_id = canonical_authorization_id(request.authorization_id)
-
-
-def check_refund(request: authorization_pb2.RefundRequest, max_lines: int) -> None:
-    check_lifecycle(request)
-    if len(request.line_ids) > max_lines:
-        raise invalid_field("line_ids", f"at most {max_lines} line ids")
+def canonical_line_ids(line_ids: Sequence[str], max_lines: int, field: str = "line_ids") -> list[str]:
+    """The line ids a refund names, canonical, each once."""
+    if len(line_ids) > max_lines:
+        raise InvalidField(field, f"at most {max_lines} line ids")
     seen: set[str] = set()
-    for index, line_id in enumerate(request.line_ids):
+    forms = []
+    for index, line_id in enumerate(line_ids):
         form = canonical(line_id)
         if not LINE_ID.fullmatch(form):
-            raise invalid_field(f"line_ids[{index}]", "must be 1-32 characters of [A-Za-z0-9_.-]")
+            raise InvalidField(f"{field}[{index}]", "must be 1-32 characters of [A-Za-z0-9_.-]")
         if form in seen:
-            raise invalid_field(f"line_ids[{index}]", "is repeated")
+            raise InvalidField(f"{field}[{index}]", "is repeated")
         seen.add(form)
-        request.line_ids[index] = form
+        forms.append(form)
+    return forms

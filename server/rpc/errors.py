@@ -2,7 +2,8 @@
 every failure of a handler to one.
 
 Three causes, three treatments: the caller's bad input (``ApiError`` with a precise code and
-reason), a dependency failing (Redis timeouts become UNAVAILABLE so the caller retries with
+reason, or the domain's ``InvalidField`` from a pure check, answered INVALID_ARGUMENT naming
+the field), a dependency failing (Redis timeouts become UNAVAILABLE so the caller retries with
 the same request_id), and a bug (INTERNAL; the traceback goes to the server log under an
 incident id, never to the caller).
 """
@@ -23,6 +24,8 @@ from grpc_status import rpc_status
 from prometheus_client import Counter
 from redis import exceptions as redis_errors
 from subsidy_client.v1 import common_pb2
+
+from server.domain.errors import InvalidField, TooManyLines
 
 DOMAIN = "subsidy.gateway"
 log = logging.getLogger("subsidy.errors")
@@ -71,6 +74,15 @@ def classify(exception: BaseException) -> ApiError:
     """Maps an exception raised by a handler to what the caller is told."""
     if isinstance(exception, ApiError):
         return exception
+    if isinstance(exception, TooManyLines):
+        return ApiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            common_pb2.ERROR_REASON_TOO_MANY_LINES,
+            str(exception),
+            {"field": exception.field, "max": str(exception.maximum)},
+        )
+    if isinstance(exception, InvalidField):
+        return invalid_field(exception.field, exception.reason)
     if isinstance(exception, redis_errors.ConnectionError | redis_errors.TimeoutError | TimeoutError):
         return ApiError(
             grpc.StatusCode.UNAVAILABLE,

@@ -2,92 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_pb2
+from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc
 
 from server.domain import validation
 from server.rpc.auth import TERMINAL, caller
-from server.rpc.errors import ApiError, invalid_field
+from server.services import requests
+from server.services.common import payload_hash, raise_script_error, timestamp_ms
 from storage.redis.scripts import Reply
 from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore
 
 pb = authorization_pb2
 log = logging.getLogger("subsidy.authorization")
-
-# Script error codes -> what the caller is told.
-SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
-    "NONCE_REUSED": (
-        grpc.StatusCode.UNAUTHENTICATED,
-        common_pb2.ERROR_REASON_UNAUTHENTICATED,
-        "nonce already used; sign every attempt with a fresh nonce",
-    ),
-    "IDEMPOTENCY_CONFLICT": (
-        grpc.StatusCode.ALREADY_EXISTS,
-        common_pb2.ERROR_REASON_IDEMPOTENCY_CONFLICT,
-        "request_id was already used with a different payload",
-    ),
-    "AUTHORIZATION_NOT_FOUND": (
-        grpc.StatusCode.NOT_FOUND,
-        common_pb2.ERROR_REASON_AUTHORIZATION_NOT_FOUND,
-        "no such authorization for this merchant",
-    ),
-    "INVALID_STATE": (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        common_pb2.ERROR_REASON_INVALID_STATE,
-        "the authorization's state does not allow this call",
-    ),
-    "LINE_ALREADY_REFUNDED": (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        common_pb2.ERROR_REASON_LINE_ALREADY_REFUNDED,
-        "the line was already refunded",
-    ),
-    "TERMINAL_INACTIVE": (
-        grpc.StatusCode.PERMISSION_DENIED,
-        common_pb2.ERROR_REASON_PERMISSION_DENIED,
-        "the terminal is suspended (or no longer bound to this merchant)",
-    ),
-    "MERCHANT_INACTIVE": (
-        grpc.StatusCode.PERMISSION_DENIED,
-        common_pb2.ERROR_REASON_PERMISSION_DENIED,
-        "the merchant is suspended",
-    ),
-    "TERMINAL_MERCHANT_MISMATCH": (
-        grpc.StatusCode.PERMISSION_DENIED,
-        common_pb2.ERROR_REASON_PERMISSION_DENIED,
-        "the terminal was re-bound to another merchant; retry shortly",
-    ),
-}
-
-
-def payload_hash(method: str, request: Any) -> str:
-    """Identifies a request's payload for idempotency: same method and same fields, same hash."""
-    return hashlib.sha256(method.encode() + b"\n" + request.SerializeToString(deterministic=True)).hexdigest()
-
-
-def raise_script_error(body: Mapping[str, Any]) -> None:
-    code = body["error"]
-    if code == "LINE_NOT_FOUND":
-        raise invalid_field("line_ids", f"line {body['line_id']} is not part of this authorization")
-    if code not in SCRIPT_ERRORS:
-        raise RuntimeError(f"script returned unknown error {code}")
-    status, reason, message = SCRIPT_ERRORS[code]
-    metadata = {key: str(value) for key, value in body.items() if key != "error"}
-    if "state" in metadata:
-        metadata["state"] = "AUTHORIZATION_STATE_" + metadata["state"]
-    raise ApiError(status, reason, message, metadata)
-
-
-def timestamp_ms(milliseconds: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromMilliseconds(milliseconds)
-    return stamp
 
 
 def line_results(lines: list[dict[str, Any]]) -> list[authorization_pb2.LineResult]:
@@ -155,7 +86,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     async def Authorize(
         self, request: authorization_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.AuthorizeResponse:
-        validation.check_authorize(request, self._max_lines)
+        requests.check_authorize(request, self._max_lines)
         identity = caller(TERMINAL)
         reply = await self._store.authorize(
             AuthorizeInput(
@@ -206,7 +137,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     async def Capture(
         self, request: authorization_pb2.CaptureRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.CaptureResponse:
-        validation.check_lifecycle(request)
+        requests.check_lifecycle(request)
         reply = await self._store.capture(self._lifecycle_input("Capture", request))
         if reply.kind == "error":
             raise_script_error(reply.body)
@@ -218,7 +149,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     async def Void(
         self, request: authorization_pb2.VoidRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.VoidResponse:
-        validation.check_lifecycle(request)
+        requests.check_lifecycle(request)
         reply = await self._store.void(self._lifecycle_input("Void", request))
         if reply.kind == "error":
             raise_script_error(reply.body)
@@ -230,7 +161,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     async def Refund(
         self, request: authorization_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.RefundResponse:
-        validation.check_refund(request, self._max_lines)
+        requests.check_refund(request, self._max_lines)
         reply = await self._store.refund(self._lifecycle_input("Refund", request), list(request.line_ids))
         if reply.kind == "error":
             raise_script_error(reply.body)

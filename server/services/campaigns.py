@@ -16,6 +16,7 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
 
+from server.domain.budget import released_by
 from server.domain.reference import Campaign, ReferenceError, parse_campaign
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import invalid_field
@@ -165,14 +166,6 @@ def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
             for rule in rules
         ],
     )
-
-
-def released_by(tranches: list[tuple[int, int]], total: int, now_ms: int) -> int:
-    """What a release schedule of (time in ms, amount) has released by ``now_ms``: the sum of the
-    tranches due, at most ``total``; without tranches, ``total``."""
-    if not tranches:
-        return total
-    return min(total, sum(amount for moment, amount in tranches if moment <= now_ms))
 
 
 class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):

@@ -31,6 +31,7 @@ from subsidy_client.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
 
 from server.domain import validation
 from server.domain.catalog_import import ERRORS_MAX, ImportCheck, ImportChecker, ProductRecord
+from server.domain.errors import InvalidField
 from server.domain.gtin import is_valid_gtin13
 from server.domain.reference import CATEGORY
 from server.rpc.auth import OPERATOR, caller
@@ -243,8 +244,8 @@ async def receive_import(requests: AsyncIterator[catalog_pb2.ImportProductsReque
 def check_header(header: catalog_pb2.ImportHeader) -> None:
     try:
         header.request_id = validation.check_request_id(header.request_id)
-    except ApiError as error:
-        raise invalid_field("header.request_id", error.message.removeprefix("request_id: ")) from None
+    except InvalidField as error:
+        raise invalid_field("header.request_id", error.reason) from None
     if header.mode not in MODES:
         raise invalid_field("header.mode", "must be IMPORT_MODE_ALL_OR_NOTHING or IMPORT_MODE_GOOD_ROWS")
     if not header.source_name.strip() or len(header.source_name) > SOURCE_NAME_MAX:

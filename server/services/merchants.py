@@ -19,20 +19,18 @@ replayed CreateTerminal or RotateTerminalCredential returns the terminal with an
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
 from subsidy_client.v1 import common_pb2, merchant_pb2, merchant_pb2_grpc
 
 from server.domain import geo
-from server.domain.reference import CATEGORY, IDENTIFIER
+from server.domain import merchants as rules
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import ApiError, invalid_field
+from server.services.common import wgs84_point
 from server.services.operations import (
     Action,
     OperatorDeps,
@@ -48,13 +46,6 @@ from storage.postgres.reference import issue_terminal_secret
 pb = merchant_pb2
 log = logging.getLogger("subsidy.merchants")
 
-NAME_LENGTH_MAX = 200
-ADDRESS_LENGTH_MAX = 500
-REASON_LENGTH_MAX = 500
-SHOP_URL_LENGTH_MAX = 2048
-CATEGORIES_MAX = 64
-PLATFORM = re.compile(r"^[a-z0-9_.-]{1,32}\Z")
-
 STATUS_NAMES: dict[merchant_pb2.PartyStatus.ValueType, str] = {
     pb.PARTY_STATUS_ACTIVE: "ACTIVE",
     pb.PARTY_STATUS_SUSPENDED: "SUSPENDED",
@@ -66,55 +57,14 @@ KIND_NAMES: dict[merchant_pb2.StoreKind.ValueType, str] = {
 }
 KIND_VALUES = {name: value for value, name in KIND_NAMES.items()}
 
-# The unified social credit code (统一社会信用代码, GB 32100-2015): 18 characters from a
-# 31-character alphabet without I, O, S, V and Z; the last is a check character, the mod-31
-# weighted sum of the first 17 with weights 3^i mod 31.
-LICENCE_ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"
-LICENCE_WEIGHTS = tuple(pow(3, index, 31) for index in range(17))
-
-
-# --- Pure checks ------------------------------------------------------------------------------
-
-
-def licence_check_character(first_seventeen: str) -> str:
-    total = sum(
-        LICENCE_ALPHABET.index(character) * weight
-        for character, weight in zip(first_seventeen, LICENCE_WEIGHTS, strict=True)
-    )
-    return LICENCE_ALPHABET[(31 - total % 31) % 31]
-
-
-def is_valid_licence_number(value: str) -> bool:
-    if len(value) != 18 or any(character not in LICENCE_ALPHABET for character in value):
-        return False
-    return licence_check_character(value[:17]) == value[17]
-
-
-def check_identifier(value: str, field: str) -> None:
-    if not value:
-        raise invalid_field(field, "is required")
-    if not IDENTIFIER.match(value):
-        raise invalid_field(field, "must be 1-64 characters of [A-Za-z0-9_.-]")
-
-
-def check_text(value: str, field: str, length_max: int, *, required: bool = True) -> None:
-    if required and not value.strip():
-        raise invalid_field(field, "is required")
-    if len(value) > length_max:
-        raise invalid_field(field, f"must be at most {length_max} characters")
-    if not value.isprintable():
-        raise invalid_field(field, "must be printable text on one line")
+# --- Messages checked with the pure rules (server/domain/merchants.py) -------------------------
 
 
 def check_merchant(merchant: merchant_pb2.Merchant) -> None:
-    check_identifier(merchant.merchant_id, "merchant.merchant_id")
-    check_text(merchant.name, "merchant.name", NAME_LENGTH_MAX)
-    if not is_valid_licence_number(merchant.licence_number):
-        raise invalid_field(
-            "merchant.licence_number",
-            "must be an 18-character unified social credit code (GB 32100-2015) with a valid check character",
-        )
-    _check_categories(merchant.categories)
+    rules.check_identifier(merchant.merchant_id, "merchant.merchant_id")
+    rules.check_text(merchant.name, "merchant.name", rules.NAME_LENGTH_MAX)
+    rules.check_licence_number(merchant.licence_number, "merchant.licence_number")
+    rules.check_categories(merchant.categories, "merchant.categories")
     if merchant.status not in (pb.PARTY_STATUS_UNSPECIFIED, pb.PARTY_STATUS_ACTIVE):
         raise invalid_field("merchant.status", "a merchant starts ACTIVE; suspend it with SetMerchantStatus")
     if merchant.stores:
@@ -123,21 +73,11 @@ def check_merchant(merchant: merchant_pb2.Merchant) -> None:
         raise invalid_field("merchant.terminals", "create terminals with CreateTerminal")
 
 
-def _check_categories(categories: Sequence[str]) -> None:
-    if len(categories) > CATEGORIES_MAX:
-        raise invalid_field("merchant.categories", f"at most {CATEGORIES_MAX} categories")
-    for index, category in enumerate(categories):
-        if not CATEGORY.match(category):
-            raise invalid_field(f"merchant.categories[{index}]", f"must match {CATEGORY.pattern}")
-        if category in categories[:index]:
-            raise invalid_field(f"merchant.categories[{index}]", "is repeated")
-
-
 def check_store(store: merchant_pb2.Store) -> geo.Point | None:
     """Validates a new store; returns its WGS-84 location (None for an online shop)."""
-    check_identifier(store.store_id, "store.store_id")
-    check_identifier(store.merchant_id, "store.merchant_id")
-    check_text(store.name, "store.name", NAME_LENGTH_MAX)
+    rules.check_identifier(store.store_id, "store.store_id")
+    rules.check_identifier(store.merchant_id, "store.merchant_id")
+    rules.check_text(store.name, "store.name", rules.NAME_LENGTH_MAX)
     if store.kind == pb.STORE_KIND_PHYSICAL:
         return _check_physical(store)
     if store.kind == pb.STORE_KIND_ONLINE:
@@ -147,7 +87,7 @@ def check_store(store: merchant_pb2.Store) -> geo.Point | None:
 
 
 def _check_physical(store: merchant_pb2.Store) -> geo.Point:
-    check_text(store.address, "store.address", ADDRESS_LENGTH_MAX)
+    rules.check_text(store.address, "store.address", rules.ADDRESS_LENGTH_MAX)
     # A physical shop has no platform; refusing stray fields keeps a record's meaning unambiguous.
     if store.platform:
         raise invalid_field("store.platform", "is for online stores only")
@@ -155,22 +95,16 @@ def _check_physical(store: merchant_pb2.Store) -> geo.Point:
         raise invalid_field("store.shop_url", "is for online stores only")
     if not store.HasField("location"):
         raise invalid_field("store.location", "is required for a physical store")
-    location = store.location
-    if not math.isfinite(location.accuracy_m) or location.accuracy_m < 0:
-        raise invalid_field("store.location.accuracy_m", "must be a finite number of metres, 0 or more")
+    rules.check_accuracy(store.location.accuracy_m, "store.location.accuracy_m")
     try:
-        return geo.to_wgs84(location.latitude, location.longitude, location.coordinate_system)
+        return wgs84_point(store.location)
     except geo.CoordinateError as error:
         raise invalid_field(f"store.location.{error.field}", error.reason) from None
 
 
 def _check_online(store: merchant_pb2.Store) -> None:
-    if not PLATFORM.match(store.platform):
-        raise invalid_field("store.platform", "must name the platform: 1-32 characters of [a-z0-9_.-], e.g. jd")
-    check_text(store.shop_url, "store.shop_url", SHOP_URL_LENGTH_MAX)
-    parts = urlsplit(store.shop_url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise invalid_field("store.shop_url", "must be an https:// URL of the shop")
+    rules.check_platform(store.platform, "store.platform")
+    rules.check_shop_url(store.shop_url, "store.shop_url")
     if store.address:
         raise invalid_field("store.address", "is for physical stores only")
     if store.HasField("location"):
@@ -182,7 +116,7 @@ def check_status(status: merchant_pb2.PartyStatus.ValueType, reason: str) -> str
     if status not in STATUS_NAMES:
         raise invalid_field("status", "must be PARTY_STATUS_ACTIVE or PARTY_STATUS_SUSPENDED")
     # A suspension stops a merchant's sales: the audit trail must say why.
-    check_text(reason, "reason", REASON_LENGTH_MAX, required=status == pb.PARTY_STATUS_SUSPENDED)
+    rules.check_text(reason, "reason", rules.REASON_LENGTH_MAX, required=status == pb.PARTY_STATUS_SUSPENDED)
     return STATUS_NAMES[status]
 
 
@@ -368,7 +302,7 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         self, request: merchant_pb2.GetMerchantRequest, context: grpc.aio.ServicerContext
     ) -> merchant_pb2.GetMerchantResponse:
         caller(OPERATOR)
-        check_identifier(request.merchant_id, "merchant_id")
+        rules.check_identifier(request.merchant_id, "merchant_id")
         pool = await self._deps.pool.get()
         # One snapshot, so the stores and terminals belong to the merchant as read.
         async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
@@ -401,8 +335,8 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         self, request: merchant_pb2.CreateTerminalRequest, context: grpc.aio.ServicerContext
     ) -> merchant_pb2.CreateTerminalResponse:
         action = begin_action("CreateTerminal", request, "terminal", request.terminal_id)
-        check_identifier(request.terminal_id, "terminal_id")
-        check_identifier(request.store_id, "store_id")
+        rules.check_identifier(request.terminal_id, "terminal_id")
+        rules.check_identifier(request.store_id, "store_id")
         pool = await self._deps.pool.get()
         secret = ""
         async with pool.acquire() as connection, connection.transaction():
@@ -423,7 +357,7 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         self, request: merchant_pb2.RotateTerminalCredentialRequest, context: grpc.aio.ServicerContext
     ) -> merchant_pb2.RotateTerminalCredentialResponse:
         action = begin_action("RotateTerminalCredential", request, "terminal", request.terminal_id)
-        check_identifier(request.terminal_id, "terminal_id")
+        rules.check_identifier(request.terminal_id, "terminal_id")
         pool = await self._deps.pool.get()
         secret = ""
         async with pool.acquire() as connection, connection.transaction():
@@ -449,7 +383,7 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         self, request: merchant_pb2.SetMerchantStatusRequest, context: grpc.aio.ServicerContext
     ) -> merchant_pb2.SetMerchantStatusResponse:
         action = begin_action("SetMerchantStatus", request, "merchant", request.merchant_id)
-        check_identifier(request.merchant_id, "merchant_id")
+        rules.check_identifier(request.merchant_id, "merchant_id")
         status = check_status(request.status, request.reason)
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection, connection.transaction():
@@ -477,7 +411,7 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         self, request: merchant_pb2.SetTerminalStatusRequest, context: grpc.aio.ServicerContext
     ) -> merchant_pb2.SetTerminalStatusResponse:
         action = begin_action("SetTerminalStatus", request, "terminal", request.terminal_id)
-        check_identifier(request.terminal_id, "terminal_id")
+        rules.check_identifier(request.terminal_id, "terminal_id")
         status = check_status(request.status, request.reason)
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection, connection.transaction():

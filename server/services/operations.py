@@ -11,7 +11,6 @@ within a second (``storage/redis/reference.py``, ``catch_up``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from subsidy_client.v1 import common_pb2
 from server.domain import validation
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import ApiError
+from server.services.common import payload_hash
 from storage.postgres.reference import bump_reference_version, fetch_reference
 from storage.redis.keys import Keys
 from storage.redis.reference import publish_reference
@@ -87,10 +87,6 @@ def already_exists(kind: str, identifier: str) -> ApiError:
     )
 
 
-def request_hash(method: str, request: Any) -> str:
-    return hashlib.sha256(method.encode() + b"\n" + request.SerializeToString(deterministic=True)).hexdigest()
-
-
 @dataclass(frozen=True)
 class Action:
     """One operator action: who, which request, what, on what."""
@@ -108,7 +104,7 @@ def begin_action(method: str, request: Any, target_kind: str, target_id: str) ->
     identity = caller(OPERATOR)
     request.request_id = validation.check_request_id(request.request_id)
     return Action(
-        identity.terminal_id, request.request_id, method, target_kind, target_id, request_hash(method, request)
+        identity.terminal_id, request.request_id, method, target_kind, target_id, payload_hash(method, request)
     )
 
 

@@ -11,10 +11,7 @@ Cancel with what the stored tokens open to ("" when they open to nothing).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,26 +21,27 @@ import grpc
 from subsidy_client.v1 import common_pb2, qualification_pb2, qualification_pb2_grpc
 
 from server.domain import identity, location, sealing, validation
-from server.domain.geo import CoordinateError, Region, region_from_text, to_wgs84
+from server.domain.geo import CoordinateError, Region, region_from_text
 from server.domain.reference import CATEGORY, IDENTIFIER
 from server.rpc.auth import PARTNER, caller
 from server.rpc.errors import ApiError, invalid_field
-from server.services.authorization import payload_hash, raise_script_error, timestamp_ms
+from server.services.common import payload_hash, raise_script_error, timestamp_ms, wgs84_point
 from storage.redis.store import CancelInput, ClaimInput, RedisStore, text
 
 pb = qualification_pb2
 log = logging.getLogger("subsidy.qualification")
 
-CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 LIST_LIMIT = 100
 # How long a process trusts its copy of a campaign's location rules and region.
 CAMPAIGN_CACHE_S = 1.0
-
-
-def new_redemption_code() -> str:
-    """16 characters of Crockford base32: 80 random bits, unguessable and easy to type."""
-    number = int.from_bytes(secrets.token_bytes(10), "big")
-    return "".join(CROCKFORD[(number >> (5 * index)) & 31] for index in range(16))
+# The location verdict as the claim script takes it: 0, or the ClaimDeclineReason it answers.
+LOCATION_VERDICTS: Mapping[location.Verdict, int] = {
+    location.Verdict.ACCEPTED: 0,
+    location.Verdict.MOCKED: pb.CLAIM_DECLINE_REASON_LOCATION_MOCKED,
+    location.Verdict.STALE: pb.CLAIM_DECLINE_REASON_LOCATION_STALE,
+    location.Verdict.INACCURATE: pb.CLAIM_DECLINE_REASON_LOCATION_INACCURATE,
+    location.Verdict.OUTSIDE_REGION: pb.CLAIM_DECLINE_REASON_LOCATION_OUTSIDE_REGION,
+}
 
 
 @dataclass(frozen=True)
@@ -156,7 +154,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 masked_phone = identity.mask_phone(message.phone_number)
             except identity.IdentityError as error:
                 raise invalid_field(f"{field}.phone_number", str(error)) from None
-            phone_digest = hmac.new(self._programme_key, message.phone_number.encode(), hashlib.sha256).hexdigest()
+            phone_digest = identity.phone_digest(self._programme_key, message.phone_number)
         return Consumer(
             key=identity.consumer_key(self._programme_key, number),
             masked_id_number=identity.mask_id_number(number),
@@ -180,13 +178,13 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         now_ms = int(time.time() * 1000)
         fix_ms = device.fix_time.ToMilliseconds() if device.HasField("fix_time") else 0
         try:
-            point = to_wgs84(device.location.latitude, device.location.longitude, device.location.coordinate_system)
+            point = wgs84_point(device.location)
             location.check_fix(device.location.accuracy_m, fix_ms, now_ms)
         except CoordinateError as error:
             prefix = "device_location" if error.field == "fix_time" else "device_location.location"
             raise invalid_field(f"{prefix}.{error.field}", error.reason) from None
         found = await self._campaigns.get(request.campaign_id)
-        verdict = location.ACCEPTED
+        verdict = location.Verdict.ACCEPTED
         if found is not None:
             rule, region = found
             verdict = location.verdict(
@@ -198,7 +196,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         scrubbed.CopyFrom(request)
         scrubbed.consumer.id_number = consumer.key
         scrubbed.consumer.phone_number = consumer.phone_digest
-        code = new_redemption_code()
+        code = validation.new_redemption_code()
         reply = await self._store.claim(
             ClaimInput(
                 payload_hash=payload_hash("ClaimQualification", scrubbed),
@@ -209,7 +207,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 category=request.category,
                 consumer_key=consumer.key,
                 redemption_code=code,
-                location_verdict=verdict,
+                location_verdict=LOCATION_VERDICTS[verdict],
                 masked_id_number=self._seal(consumer.masked_id_number, "masked_id", code, consumer.key),
                 masked_phone_number=self._seal(consumer.masked_phone_number, "masked_phone", code, consumer.key),
                 location_cell=location.coarse_cell(point),

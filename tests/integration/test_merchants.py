@@ -38,7 +38,7 @@ from subsidy_client.v1 import merchant_pb2 as pb
 from server.ctl import main as subsidyctl
 from server.ctl.merchant import MerchantClient, parse_onboarding
 from server.domain.geo import Point, distance_m
-from server.services.merchants import is_valid_licence_number, licence_check_character
+from server.domain.merchants import is_valid_licence_number, licence_check_character
 from storage.devenv import Services
 from tests.conftest import (
     Environment,

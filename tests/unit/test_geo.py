@@ -13,6 +13,7 @@ from subsidy_client.v1 import common_pb2
 
 from server.domain.geo import (
     CoordinateError,
+    CoordinateSystem,
     Point,
     Region,
     distance_m,
@@ -22,6 +23,7 @@ from server.domain.geo import (
     to_wgs84,
     wgs84_to_gcj02,
 )
+from server.services.common import wgs84_point
 
 ROOT = Path(__file__).resolve().parents[2]
 XIAOSHAN_FILE = ROOT / "examples" / "merchants" / "xiaoshan-region.geojson.yaml"
@@ -61,7 +63,7 @@ def test_gcj02_of_known_places_converts_back_to_their_wgs84_position(
 ) -> None:
     """The iterative inverse lands on the original WGS-84 fix (well under the 1 m asked for),
     although the two datums differ there by hundreds of metres."""
-    converted = to_wgs84(*gcj02, common_pb2.COORDINATE_SYSTEM_GCJ02)
+    converted = to_wgs84(*gcj02, CoordinateSystem.GCJ02)
     assert distance_m(converted, Point(*wgs84)) < 0.05
     assert distance_m(Point(*gcj02), Point(*wgs84)) > 100
 
@@ -92,33 +94,46 @@ def test_outside_china_there_is_no_offset() -> None:
 
 def test_wgs84_input_is_returned_unchanged() -> None:
     """A WGS-84 location is already in the regions' datum and is not shifted."""
-    assert to_wgs84(30.18, 120.26, common_pb2.COORDINATE_SYSTEM_WGS84) == XIAOSHAN_GOVERNMENT
+    assert to_wgs84(30.18, 120.26, CoordinateSystem.WGS84) == XIAOSHAN_GOVERNMENT
 
 
 @pytest.mark.parametrize(
     ("latitude", "longitude", "system", "field"),
     [
-        (91.0, 120.0, common_pb2.COORDINATE_SYSTEM_WGS84, "latitude"),
-        (-90.5, 120.0, common_pb2.COORDINATE_SYSTEM_WGS84, "latitude"),
-        (math.nan, 120.0, common_pb2.COORDINATE_SYSTEM_WGS84, "latitude"),
-        (30.0, 180.5, common_pb2.COORDINATE_SYSTEM_GCJ02, "longitude"),
-        (30.0, math.inf, common_pb2.COORDINATE_SYSTEM_GCJ02, "longitude"),
-        (30.0, -math.nan, common_pb2.COORDINATE_SYSTEM_GCJ02, "longitude"),
-        (30.18, 120.26, common_pb2.COORDINATE_SYSTEM_UNSPECIFIED, "coordinate_system"),
-        (30.18, 120.26, 7, "coordinate_system"),
+        (91.0, 120.0, CoordinateSystem.WGS84, "latitude"),
+        (-90.5, 120.0, CoordinateSystem.WGS84, "latitude"),
+        (math.nan, 120.0, CoordinateSystem.WGS84, "latitude"),
+        (30.0, 180.5, CoordinateSystem.GCJ02, "longitude"),
+        (30.0, math.inf, CoordinateSystem.GCJ02, "longitude"),
+        (30.0, -math.nan, CoordinateSystem.GCJ02, "longitude"),
+        (30.18, 120.26, None, "coordinate_system"),
     ],
 )
-def test_invalid_locations_name_the_field(latitude: float, longitude: float, system: int, field: str) -> None:
+def test_invalid_locations_name_the_field(
+    latitude: float, longitude: float, system: CoordinateSystem | None, field: str
+) -> None:
     """Out-of-range or non-finite degrees and an unspecified datum are refused, naming the field."""
     with pytest.raises(CoordinateError) as raised:
         to_wgs84(latitude, longitude, system)
     assert raised.value.field == field
 
 
+@pytest.mark.parametrize("system", [common_pb2.COORDINATE_SYSTEM_UNSPECIFIED, 7])
+def test_a_message_without_a_known_datum_is_refused(system: int) -> None:
+    """The servicers map the message's CoordinateSystem to the domain's; an unspecified or
+    unknown value reaches the domain as no system, which it refuses."""
+    message = common_pb2.Location(latitude=30.18, longitude=120.26, coordinate_system=system)  # type: ignore[arg-type]
+    with pytest.raises(CoordinateError) as raised:
+        wgs84_point(message)
+    assert raised.value.field == "coordinate_system"
+    wgs84 = common_pb2.Location(latitude=30.18, longitude=120.26, coordinate_system=common_pb2.COORDINATE_SYSTEM_WGS84)
+    assert wgs84_point(wgs84) == XIAOSHAN_GOVERNMENT
+
+
 def test_extreme_but_valid_coordinates_are_accepted() -> None:
     """The poles and the antimeridian are legal positions (outside China, so not shifted)."""
-    assert to_wgs84(90.0, 180.0, common_pb2.COORDINATE_SYSTEM_GCJ02) == Point(90.0, 180.0)
-    assert to_wgs84(-90.0, -180.0, common_pb2.COORDINATE_SYSTEM_WGS84) == Point(-90.0, -180.0)
+    assert to_wgs84(90.0, 180.0, CoordinateSystem.GCJ02) == Point(90.0, 180.0)
+    assert to_wgs84(-90.0, -180.0, CoordinateSystem.WGS84) == Point(-90.0, -180.0)
 
 
 def test_xiaoshan_polygon_holds_xiaoshan_and_not_its_neighbours() -> None:
@@ -144,7 +159,7 @@ def test_converting_before_the_region_test_decides_the_side_of_the_line() -> Non
     shop_gcj02 = (30.187542, 120.246476)  # what the map SDK reports for shop_wgs84
     assert not region.covers(shop_wgs84)
     assert region.covers(Point(*shop_gcj02))
-    converted = to_wgs84(*shop_gcj02, common_pb2.COORDINATE_SYSTEM_GCJ02)
+    converted = to_wgs84(*shop_gcj02, CoordinateSystem.GCJ02)
     assert distance_m(converted, shop_wgs84) < 0.1  # six decimals are about 0.1 m
     assert not region.covers(converted)
 

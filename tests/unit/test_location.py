@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from subsidy_client.v1 import qualification_pb2 as qpb
 
 from server.domain import location
 from server.domain.geo import CoordinateError, Point, Region
@@ -22,38 +21,27 @@ OUTSIDE = Point(30.25, 119.9)
 
 
 def test_an_accurate_recent_real_fix_inside_the_region_is_accepted() -> None:
-    assert location.verdict(INSIDE, 30.0, NOW_MS - 1000, False, NOW_MS, RULE, XIAOSHAN_BOX) == location.ACCEPTED
-    assert location.verdict(OUTSIDE, 30.0, NOW_MS, False, NOW_MS, RULE, None) == location.ACCEPTED  # no region
+    assert location.verdict(INSIDE, 30.0, NOW_MS - 1000, False, NOW_MS, RULE, XIAOSHAN_BOX) == location.Verdict.ACCEPTED
+    assert location.verdict(OUTSIDE, 30.0, NOW_MS, False, NOW_MS, RULE, None) == location.Verdict.ACCEPTED  # no region
 
 
 def test_the_limits_are_inclusive() -> None:
-    assert location.verdict(INSIDE, 100.0, NOW_MS - 300_000, False, NOW_MS, RULE, XIAOSHAN_BOX) == location.ACCEPTED
     assert (
-        location.verdict(INSIDE, 100.01, NOW_MS, False, NOW_MS, RULE, XIAOSHAN_BOX)
-        == qpb.CLAIM_DECLINE_REASON_LOCATION_INACCURATE
+        location.verdict(INSIDE, 100.0, NOW_MS - 300_000, False, NOW_MS, RULE, XIAOSHAN_BOX)
+        == location.Verdict.ACCEPTED
     )
-    assert (
-        location.verdict(INSIDE, 10.0, NOW_MS - 300_001, False, NOW_MS, RULE, XIAOSHAN_BOX)
-        == qpb.CLAIM_DECLINE_REASON_LOCATION_STALE
-    )
+    assert location.verdict(INSIDE, 100.01, NOW_MS, False, NOW_MS, RULE, XIAOSHAN_BOX) == location.Verdict.INACCURATE
+    assert location.verdict(INSIDE, 10.0, NOW_MS - 300_001, False, NOW_MS, RULE, XIAOSHAN_BOX) == location.Verdict.STALE
 
 
 def test_declines_follow_the_enum_precedence() -> None:
     """Mock, then stale, then inaccurate, then outside: a spoofed fix is reported as such even
     when it is also old, vague and elsewhere."""
     old = NOW_MS - 3_600_000
-    assert location.verdict(OUTSIDE, 9_999, old, True, NOW_MS, RULE, XIAOSHAN_BOX) == (
-        qpb.CLAIM_DECLINE_REASON_LOCATION_MOCKED
-    )
-    assert location.verdict(OUTSIDE, 9_999, old, False, NOW_MS, RULE, XIAOSHAN_BOX) == (
-        qpb.CLAIM_DECLINE_REASON_LOCATION_STALE
-    )
-    assert location.verdict(OUTSIDE, 9_999, NOW_MS, False, NOW_MS, RULE, XIAOSHAN_BOX) == (
-        qpb.CLAIM_DECLINE_REASON_LOCATION_INACCURATE
-    )
-    assert location.verdict(OUTSIDE, 10, NOW_MS, False, NOW_MS, RULE, XIAOSHAN_BOX) == (
-        qpb.CLAIM_DECLINE_REASON_LOCATION_OUTSIDE_REGION
-    )
+    assert location.verdict(OUTSIDE, 9_999, old, True, NOW_MS, RULE, XIAOSHAN_BOX) == (location.Verdict.MOCKED)
+    assert location.verdict(OUTSIDE, 9_999, old, False, NOW_MS, RULE, XIAOSHAN_BOX) == (location.Verdict.STALE)
+    assert location.verdict(OUTSIDE, 9_999, NOW_MS, False, NOW_MS, RULE, XIAOSHAN_BOX) == (location.Verdict.INACCURATE)
+    assert location.verdict(OUTSIDE, 10, NOW_MS, False, NOW_MS, RULE, XIAOSHAN_BOX) == (location.Verdict.OUTSIDE_REGION)
 
 
 @pytest.mark.parametrize(
@@ -133,3 +121,21 @@ def test_location_limits_are_bounded() -> None:
     with pytest.raises(ReferenceError) as refused:
         parse_campaign({**campaign(3600), "location_max_accuracy_m": 0}, "c")
     assert refused.value.field == "c.location_max_accuracy_m"
+
+
+def test_every_verdict_is_answered_with_its_claim_decline_reason() -> None:
+    """The servicer turns the domain's verdict into the number the claim script answers with:
+    0 for accepted, else the ClaimDeclineReason of the same name, in the same precedence."""
+    from subsidy_client.v1 import qualification_pb2 as qpb
+
+    from server.services.qualification import LOCATION_VERDICTS
+
+    assert set(LOCATION_VERDICTS) == set(location.Verdict)
+    assert LOCATION_VERDICTS[location.Verdict.ACCEPTED] == 0
+    declines = [verdict for verdict in location.Verdict if verdict is not location.Verdict.ACCEPTED]
+    for verdict in declines:
+        assert (
+            qpb.ClaimDeclineReason.Name(LOCATION_VERDICTS[verdict]) == f"CLAIM_DECLINE_REASON_LOCATION_{verdict.name}"
+        )
+    numbers = [LOCATION_VERDICTS[verdict] for verdict in declines]
+    assert numbers == sorted(numbers)

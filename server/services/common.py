@@ -1,0 +1,97 @@
+"""What the servicers share: the payload hash that idempotency compares, the one mapping of
+script error codes to gRPC errors, timestamps, and reported locations as domain points."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from subsidy_client.v1 import common_pb2
+
+from server.domain import geo
+from server.rpc.errors import ApiError, invalid_field
+
+# Script error codes -> what the caller is told.
+SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
+    "NONCE_REUSED": (
+        grpc.StatusCode.UNAUTHENTICATED,
+        common_pb2.ERROR_REASON_UNAUTHENTICATED,
+        "nonce already used; sign every attempt with a fresh nonce",
+    ),
+    "IDEMPOTENCY_CONFLICT": (
+        grpc.StatusCode.ALREADY_EXISTS,
+        common_pb2.ERROR_REASON_IDEMPOTENCY_CONFLICT,
+        "request_id was already used with a different payload",
+    ),
+    "AUTHORIZATION_NOT_FOUND": (
+        grpc.StatusCode.NOT_FOUND,
+        common_pb2.ERROR_REASON_AUTHORIZATION_NOT_FOUND,
+        "no such authorization for this merchant",
+    ),
+    "INVALID_STATE": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_INVALID_STATE,
+        "the authorization's state does not allow this call",
+    ),
+    "LINE_ALREADY_REFUNDED": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_LINE_ALREADY_REFUNDED,
+        "the line was already refunded",
+    ),
+    "TERMINAL_INACTIVE": (
+        grpc.StatusCode.PERMISSION_DENIED,
+        common_pb2.ERROR_REASON_PERMISSION_DENIED,
+        "the terminal is suspended (or no longer bound to this merchant)",
+    ),
+    "MERCHANT_INACTIVE": (
+        grpc.StatusCode.PERMISSION_DENIED,
+        common_pb2.ERROR_REASON_PERMISSION_DENIED,
+        "the merchant is suspended",
+    ),
+    "TERMINAL_MERCHANT_MISMATCH": (
+        grpc.StatusCode.PERMISSION_DENIED,
+        common_pb2.ERROR_REASON_PERMISSION_DENIED,
+        "the terminal was re-bound to another merchant; retry shortly",
+    ),
+}
+
+
+def payload_hash(method: str, request: Any) -> str:
+    """Identifies a request's payload for idempotency: same method and same fields, same hash."""
+    return hashlib.sha256(method.encode() + b"\n" + request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def raise_script_error(body: Mapping[str, Any]) -> None:
+    code = body["error"]
+    if code == "LINE_NOT_FOUND":
+        raise invalid_field("line_ids", f"line {body['line_id']} is not part of this authorization")
+    if code not in SCRIPT_ERRORS:
+        raise RuntimeError(f"script returned unknown error {code}")
+    status, reason, message = SCRIPT_ERRORS[code]
+    metadata = {key: str(value) for key, value in body.items() if key != "error"}
+    if "state" in metadata:
+        metadata["state"] = "AUTHORIZATION_STATE_" + metadata["state"]
+    raise ApiError(status, reason, message, metadata)
+
+
+def timestamp_ms(milliseconds: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(milliseconds)
+    return stamp
+
+
+# The message's coordinate systems as the domain names them; an unspecified system maps to
+# None, which the domain refuses rather than guesses.
+COORDINATE_SYSTEMS: Mapping[int, geo.CoordinateSystem] = {
+    common_pb2.COORDINATE_SYSTEM_WGS84: geo.CoordinateSystem.WGS84,
+    common_pb2.COORDINATE_SYSTEM_GCJ02: geo.CoordinateSystem.GCJ02,
+}
+
+
+def wgs84_point(location: common_pb2.Location) -> geo.Point:
+    """A reported location, validated and converted to WGS-84 (raises ``geo.CoordinateError``
+    naming the field relative to the location)."""
+    return geo.to_wgs84(location.latitude, location.longitude, COORDINATE_SYSTEMS.get(location.coordinate_system))

@@ -1,0 +1,51 @@
+"""The AuthorizationService's request messages, checked and canonicalised in place with the
+pure rules of server/domain/validation.py (which raise ``InvalidField``; the gRPC edge answers
+INVALID_ARGUMENT naming the field). Every key and the payload hash are derived from the
+canonical form, so a request and its re-spelt retry are the same request."""
+
+from __future__ import annotations
+
+from subsidy_client.v1 import authorization_pb2
+
+from server.domain import validation
+from server.domain.errors import InvalidField
+
+LifecycleRequest = authorization_pb2.CaptureRequest | authorization_pb2.VoidRequest | authorization_pb2.RefundRequest
+
+KNOWN_CHANNELS = frozenset(authorization_pb2.Channel.values()) - {authorization_pb2.CHANNEL_UNSPECIFIED}
+
+
+def check_authorize(request: authorization_pb2.AuthorizeRequest, max_lines: int) -> authorization_pb2.AuthorizeRequest:
+    """Validates an Authorize request and canonicalises it in place (returned for convenience)."""
+    request.request_id = validation.canonical_request_id(request.request_id)
+    request.campaign_id = validation.canonical_campaign_id(request.campaign_id)
+    request.consumer_key = validation.canonical_consumer_key(request.consumer_key)
+    if request.channel not in KNOWN_CHANNELS:
+        raise InvalidField("channel", "must be CHANNEL_POS or CHANNEL_ONLINE")
+    lines = validation.canonical_lines(
+        [validation.Line(line.line_id, line.gtin, line.unit_price_fen, line.serial_number) for line in request.lines],
+        max_lines,
+    )
+    for message, line in zip(request.lines, lines, strict=True):
+        message.line_id = line.line_id
+        message.gtin = line.gtin
+        if line.serial_number:
+            message.serial_number = line.serial_number
+    if request.redemption_code:
+        request.redemption_code = validation.canonical_redemption_code(request.redemption_code)
+        # A qualification is one discount on one unit: its quota counts units, like the budget.
+        if len(request.lines) != 1:
+            raise InvalidField("lines", "a payment that redeems a qualification has exactly one line")
+    return request
+
+
+def check_lifecycle(request: LifecycleRequest) -> None:
+    """Canonicalises a Capture / Void / Refund request's identifiers in place."""
+    request.request_id = validation.canonical_request_id(request.request_id)
+    request.authorization_id = validation.canonical_authorization_id(request.authorization_id)
+
+
+def check_refund(request: authorization_pb2.RefundRequest, max_lines: int) -> None:
+    check_lifecycle(request)
+    for index, line_id in enumerate(validation.canonical_line_ids(request.line_ids, max_lines)):
+        request.line_ids[index] = line_id
