@@ -52,12 +52,13 @@ from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_
 from server import logs
 from server.config import Config, ConfigError
 from server.domain.reference import parse_reference
-from server.rpc.auth import TERMINAL, AuthInterceptor, Caller, CredentialCache, caller
+from server.rpc.auth import TERMINAL, AuthInterceptor, Caller, caller
 from server.rpc.errors import ApiError, ErrorInterceptor
 from server.services import requests
 from server.services.common import payload_hash
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import fetch_reference, save_reference
+from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
 
 pb = authorization_pb2

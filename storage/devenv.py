@@ -11,7 +11,7 @@ Resolution, separately for each service:
 Embedded servers have stable addresses, the same on every start: PostgreSQL listens only on
 its unix socket in ``pg/`` (the wheel's choice) and Redis only on ``redis/redis.sock`` (TCP on a
 free port only when that path is too long for a unix socket), so an address written down by one
-run (``server.dev`` records them in ``.data/services.json``) is still right after a restart.
+run (``make run`` records them in ``.data/services.json``) is still right after a restart.
 
 ``python -m storage.devenv`` starts the services, prints the two variables and blocks until
 SIGINT/SIGTERM.
@@ -46,8 +46,11 @@ from urllib.parse import quote, urlsplit
 
 import asyncpg
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from storage.redis.keys import Keys
 
 PG_ENV = "SUBSIDY_PG_DSN"
 REDIS_ENV = "SUBSIDY_REDIS_URL"
@@ -131,6 +134,36 @@ def check_redis(url: str) -> str | None:
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+async def ensure_database(admin_dsn: str, database: str) -> None:
+    """Creates the database unless it exists (``make run``'s ``subsidy_dev``)."""
+    connection = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await connection.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await connection.close()
+
+
+async def drop_database(admin_dsn: str, database: str) -> None:
+    connection = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Deletes every Redis key of the prefix (a deployment's keys share it)."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        doomed = [key async for key in client.scan_iter(match=Keys(prefix).pattern(), count=10_000)]
+        for start in range(0, len(doomed), 1000):
+            await client.unlink(*doomed[start : start + 1000])
+    finally:
+        await client.aclose()
 
 
 def _log_tail(path: Path) -> str:

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import redis
 import redis.asyncio
 
@@ -54,8 +53,16 @@ from server.commands.common import (
 from server.commands.reference import load
 from server.config import Config, ConfigError
 from server.processes.gateway import main as server_main
-from storage.devenv import PG_ENV, REDIS_ENV, DevServices, Services, _tcp_answers
-from storage.redis.keys import Keys
+from storage.devenv import (
+    PG_ENV,
+    REDIS_ENV,
+    DevServices,
+    Services,
+    _tcp_answers,
+    delete_prefix,
+    drop_database,
+    ensure_database,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = Path(".data")
@@ -171,16 +178,6 @@ def ensure_dev_key(path: Path) -> str:
 # --------------------------------------------------------------------------- services
 
 
-async def ensure_database(admin_dsn: str, database: str) -> None:
-    connection = await asyncpg.connect(admin_dsn, timeout=10)
-    try:
-        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
-        if not exists:
-            await connection.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await connection.close()
-
-
 def warn_if_not_durable(redis_url: str) -> None:
     """The production profile is AOF with appendfsync always (README, "Durability"); say so when
     the Redis in use, which this command did not start, runs otherwise."""
@@ -200,18 +197,8 @@ def warn_if_not_durable(redis_url: str) -> None:
 
 async def reset(admin_dsn: str, redis_url: str, prefix: str) -> None:
     """Forgets the development data: drops the database and deletes the prefix's Redis keys."""
-    connection = await asyncpg.connect(admin_dsn, timeout=10)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{DEV_DATABASE}" WITH (FORCE)')
-    finally:
-        await connection.close()
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        doomed = [key async for key in client.scan_iter(match=Keys(prefix).pattern(), count=10_000)]
-        for start in range(0, len(doomed), 1000):
-            await client.unlink(*doomed[start : start + 1000])
-    finally:
-        await client.aclose()
+    await drop_database(admin_dsn, DEV_DATABASE)
+    await delete_prefix(redis_url, prefix)
 
 
 def from_env(variable: str) -> bool:

@@ -40,7 +40,7 @@ from server.commands.exchange import reapply
 from server.config import Config, ConfigError
 from server.processes.writer import run_writer
 from storage.postgres.audit import rebuild, reconcile, verify
-from storage.postgres.qualifications import restore_qualifications
+from storage.postgres.qualifications import mirror_backlog, restore_qualifications
 from storage.postgres.writer import lag
 from storage.redis.keys import Keys
 from storage.redis.store import requeue_set_aside, sweep_backlog
@@ -53,10 +53,12 @@ async def redis_lag(config: Config) -> dict[str, Any]:
     redis = Redis.from_url(config.redis_url, socket_timeout=30)
     keys = Keys(config.redis_prefix)
     try:
+        ledger = dataclasses.asdict(await lag(redis, keys, "ledger-writer"))
+        qualification_backlog, qualification_dead_letters = await mirror_backlog(redis, keys)
         return {
-            **dataclasses.asdict(await lag(redis, keys, "ledger-writer")),
-            "qualification_backlog": await redis.xlen(keys.qualification_events),
-            "qualification_dead_letters": await redis.xlen(keys.qualification_events + ":dead"),
+            **ledger,
+            "qualification_backlog": qualification_backlog,
+            "qualification_dead_letters": qualification_dead_letters,
             "sweeper": dataclasses.asdict(await sweep_backlog(redis, keys)),
         }
     finally:
@@ -95,7 +97,7 @@ async def with_connections(config: Config, action: str, force: bool) -> tuple[in
         current = await lag(redis, keys, "ledger-writer")
         # Dead-lettered snapshots count too: rebuilding from rows they should have updated would
         # restore stale states.
-        unmirrored = await redis.xlen(keys.qualification_events) + await redis.xlen(keys.qualification_events + ":dead")
+        unmirrored = sum(await mirror_backlog(redis, keys))
         if (current.backlog or current.dead_letters or unmirrored) and not force:
             problem = (
                 f"{current.backlog} events are not yet written, {current.dead_letters} are dead-lettered"

@@ -37,7 +37,7 @@ from subsidy_client.v1 import (
 
 from server.config import Config
 from server.processes.sweeper import run_sweeper
-from server.rpc.auth import AuthInterceptor, CredentialCache
+from server.rpc.auth import AuthInterceptor
 from server.rpc.errors import ErrorInterceptor
 from server.rpc.tls import CertificateReloader, ClientCertificatePolicy, bind, check_listeners
 from server.services.authorization import AuthorizationService
@@ -46,9 +46,11 @@ from server.services.catalog import CatalogService
 from server.services.diagnostics import DiagnosticsService
 from server.services.exchange import ExchangeService
 from server.services.merchants import MerchantService
-from server.services.operations import LazyPool, OperatorDeps
+from server.services.operations import OperatorDeps
 from server.services.qualification import QualificationService
 from server.services.reporting import ReportingService
+from storage.postgres.pool import LazyPool
+from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
 from storage.redis.migrations import migrate_serial_keys
 from storage.redis.scripts import Scripts

@@ -7,15 +7,14 @@ comes from the credential record, never from the request. The nonce is recorded 
 the handler's own script (one round trip on the hot path), so a replayed call is refused.
 
 Credentials are cached in each process and refreshed whenever the published reference
-version changes, so a known terminal costs no Redis call to authenticate.
+version changes, so a known terminal costs no Redis call to authenticate
+(storage/redis/credentials.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import hmac
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -23,25 +22,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import orjson
 from google.protobuf.message import DecodeError
-from redis.asyncio import Redis
 from subsidy_client import signing
 from subsidy_client.v1 import common_pb2
 
 from server.rpc.errors import ApiError, invalid_field
-from storage.redis.keys import Keys
-from storage.redis.store import text
+from storage.redis.credentials import CredentialCache
 
-log = logging.getLogger("subsidy.auth")
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 TERMINAL_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Milliseconds since the epoch: ASCII digits only (str.isdigit also accepts other scripts'
 # digits) and at most 15 of them, so the number always converts to a float (10**400 does not).
 TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,15}")
 PROTECTED_PREFIX = "/subsidy.v1."
-MISS_TTL_S = 1.0
-MISSES_MAX = 10_000
 
 
 # Callers: cashier terminals (with their merchant), operators (staff and auditors), partner
@@ -57,26 +50,6 @@ class Caller:
     merchant_id: str
     nonce: str
     role: str = TERMINAL
-
-
-@dataclass(frozen=True)
-class Credential:
-    merchant_id: str
-    secret: str
-    role: str
-    # The caller must connect with a client certificate naming it (reference data's
-    # require_client_certificate; checked by server.rpc.tls.ClientCertificatePolicy).
-    require_client_certificate: bool = False
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Credential:
-        record = orjson.loads(raw)
-        return cls(
-            merchant_id=record.get("merchant", ""),
-            secret=record["secret"],
-            role=record.get("role", TERMINAL),
-            require_client_certificate=bool(record.get("mtls", False)),
-        )
 
 
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
@@ -98,66 +71,14 @@ def unauthenticated(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAUTHENTICATED, common_pb2.ERROR_REASON_UNAUTHENTICATED, message)
 
 
-class CredentialCache:
-    """Terminal id -> credential, loaded from Redis and reloaded when the version changes."""
-
-    def __init__(self, redis: Redis, keys: Keys, nonce_ttl_s: int = 660) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._nonce_ttl_s = nonce_ttl_s
-        self._credentials: dict[str, Credential] = {}
-        self._version: bytes | str | None = None
-        self._misses: dict[str, float] = {}
-
-    async def refresh(self) -> None:
-        version = await self._redis.get(self._keys.reference_version)
-        if version == self._version and self._credentials:
-            return
-        raw = await self._redis.hgetall(self._keys.credentials)
-        self._credentials = {text(caller_id): Credential.from_json(value) for caller_id, value in raw.items()}
-        self._version = version
-
-    async def run_refresher(self, interval_ms: int, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                await self.refresh()
-            except Exception:
-                log.warning("credential refresh failed", exc_info=True)
-            try:
-                await asyncio.wait_for(stopping.wait(), interval_ms / 1000)
-            except TimeoutError:
-                pass
-
-    async def claim_operator_nonce(self, identity: Caller) -> None:
-        """Operator and provider calls record their nonce here (one Redis call, off the hot
-        path); terminal and partner calls record it inside their own script or handler, in the
-        same round trip as the call."""
-        if identity.role not in (OPERATOR, PROVIDER):
-            return
-        claimed = await self._redis.set(
-            self._keys.nonce(identity.terminal_id, identity.nonce), b"1", nx=True, ex=self._nonce_ttl_s
-        )
-        if not claimed:
-            raise unauthenticated("nonce already used; sign every attempt with a fresh nonce")
-
-    async def get(self, terminal_id: str) -> Credential | None:
-        found = self._credentials.get(terminal_id)
-        if found is not None:
-            return found
-        # A caller onboarded since the last refresh: look it up, at most once a second per id
-        # (and for a bounded number of ids), so unknown ids cannot turn into Redis load.
-        now = time.monotonic()
-        if now - self._misses.get(terminal_id, -MISS_TTL_S) < MISS_TTL_S:
-            return None
-        raw = await self._redis.hget(self._keys.credentials, terminal_id)
-        if raw is None:
-            if len(self._misses) >= MISSES_MAX:
-                self._misses.clear()
-            self._misses[terminal_id] = now
-            return None
-        found = Credential.from_json(raw)
-        self._credentials[terminal_id] = found
-        return found
+async def claim_operator_nonce(credentials: CredentialCache, identity: Caller) -> None:
+    """Operator and provider calls record their nonce here (one Redis call, off the hot path);
+    terminal and partner calls record it inside their own script or handler, in the same round
+    trip as the call."""
+    if identity.role not in (OPERATOR, PROVIDER):
+        return
+    if not await credentials.claim_nonce(identity.terminal_id, identity.nonce):
+        raise unauthenticated("nonce already used; sign every attempt with a fresh nonce")
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -244,7 +165,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             body, message = request
             identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
             await self._transport_check(identity, context)
-            await self._credentials.claim_operator_nonce(identity)
+            await claim_operator_nonce(self._credentials, identity)
             current_caller.set(identity)
             if message is None:
                 raise invalid_field("request", "is not a valid protobuf message for this method")
@@ -265,7 +186,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def authenticated(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             identity = await authenticate(self._credentials, self._clock_skew_s, method, b"", _metadata(context))
             await self._transport_check(identity, context)
-            await self._credentials.claim_operator_nonce(identity)
+            await claim_operator_nonce(self._credentials, identity)
             current_caller.set(identity)
             return await behavior(requests, context)
 

@@ -22,10 +22,10 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter
-from redis import exceptions as redis_errors
 from subsidy_client.v1 import common_pb2
 
-from server.domain.errors import InvalidField, TooManyLines
+from server.domain.errors import AlreadyExists, IdempotencyConflict, InvalidField, NotFound, TooManyLines
+from storage.redis.store import UNAVAILABLE
 
 DOMAIN = "subsidy.gateway"
 log = logging.getLogger("subsidy.errors")
@@ -83,7 +83,23 @@ def classify(exception: BaseException) -> ApiError:
         )
     if isinstance(exception, InvalidField):
         return invalid_field(exception.field, exception.reason)
-    if isinstance(exception, redis_errors.ConnectionError | redis_errors.TimeoutError | TimeoutError):
+    if isinstance(exception, NotFound):
+        return ApiError(
+            grpc.StatusCode.NOT_FOUND,
+            common_pb2.ERROR_REASON_NOT_FOUND,
+            str(exception),
+            {"kind": exception.kind, "id": exception.identifier},
+        )
+    if isinstance(exception, AlreadyExists):
+        return ApiError(
+            grpc.StatusCode.ALREADY_EXISTS,
+            common_pb2.ERROR_REASON_ALREADY_EXISTS,
+            str(exception),
+            {"kind": exception.kind, "id": exception.identifier},
+        )
+    if isinstance(exception, IdempotencyConflict):
+        return ApiError(grpc.StatusCode.ALREADY_EXISTS, common_pb2.ERROR_REASON_IDEMPOTENCY_CONFLICT, str(exception))
+    if isinstance(exception, (*UNAVAILABLE, TimeoutError)):
         return ApiError(
             grpc.StatusCode.UNAVAILABLE,
             common_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,

@@ -20,16 +20,10 @@ from server.domain.budget import released_by
 from server.domain.reference import Campaign, ReferenceError, parse_campaign
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import invalid_field
-from server.services.operations import (
-    OperatorDeps,
-    Scope,
-    already_exists,
-    begin_action,
-    not_found,
-    publish_scope,
-    record,
-)
-from storage.postgres.reference import save_campaign
+from server.services.operations import OperatorDeps, already_exists, begin_action, not_found
+from storage.postgres.actions import Scope, publish_scope, record
+from storage.postgres.reference import fetch_campaign, lock_campaign, save_campaign
+from storage.redis.budget import read_budget
 
 pb = campaign_pb2
 KINDS: dict[Any, str] = {pb.RULE_KIND_PERCENT: "PERCENT", pb.RULE_KIND_FIXED: "FIXED"}
@@ -120,7 +114,7 @@ def _stamp(moment: datetime) -> Timestamp:
     return stamp
 
 
-def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
+def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Campaign:
     kinds = {name: value for value, name in KINDS.items()}
     region = row["region"]
     return pb.Campaign(
@@ -140,7 +134,7 @@ def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
                 kind=kinds[rule["kind"]],
                 rates=[
                     pb.GradeRate(energy_grade=int(grade), rate_bp=rate)
-                    for grade, rate in sorted(orjson.loads(rule["rates_bp"]).items())
+                    for grade, rate in sorted(rule["rates_bp"].items())
                 ],
                 cap_fen=rule["cap_fen"],
                 threshold_fen=rule["threshold_fen"],
@@ -153,14 +147,14 @@ def campaign_message(row: Any, rules: list[Any]) -> campaign_pb2.Campaign:
                         release_at=_stamp(datetime.fromisoformat(tranche["release_at"])),
                         amount_fen=tranche["amount_fen"],
                     )
-                    for tranche in orjson.loads(rule["tranches"])
+                    for tranche in rule["tranches"]
                 ],
                 qualification_quota=rule["qualification_quota"],
                 qualification_tranches=[
                     pb.QualificationTranche(
                         release_at=_stamp(datetime.fromisoformat(tranche["release_at"])), count=tranche["count"]
                     )
-                    for tranche in orjson.loads(rule["qualification_tranches"])
+                    for tranche in rule["qualification_tranches"]
                 ],
             )
             for rule in rules
@@ -175,22 +169,17 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
     async def _read(self, campaign_id: str) -> campaign_pb2.Campaign:
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection:
-            row = await connection.fetchrow("SELECT * FROM campaigns WHERE campaign_id = $1", campaign_id)
-            if row is None:
-                raise not_found("campaign", campaign_id)
-            rules = await connection.fetch(
-                "SELECT * FROM campaign_rules WHERE campaign_id = $1 ORDER BY category", campaign_id
-            )
-        return campaign_message(row, list(rules))
+            found = await fetch_campaign(connection, campaign_id)
+        if found is None:
+            raise not_found("campaign", campaign_id)
+        return campaign_message(*found)
 
     async def _save(self, method: str, request: Any, must_exist: bool) -> tuple[campaign_pb2.Campaign, int]:
         action = begin_action(method, request, "campaign", request.campaign.campaign_id)
         campaign = parse_request_campaign(request.campaign)
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection, connection.transaction():
-            exists = await connection.fetchval(
-                "SELECT true FROM campaigns WHERE campaign_id = $1 FOR UPDATE", campaign.campaign_id
-            )
+            exists = await lock_campaign(connection, campaign.campaign_id)
             version = await record(
                 connection, action, campaign_document(request.campaign), Scope(campaign_ids=(campaign.campaign_id,))
             )
@@ -201,7 +190,7 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
                     raise already_exists("campaign", campaign.campaign_id)
                 await save_campaign(connection, campaign)
         published = await publish_scope(
-            pool, self._deps.redis, self._deps.keys, Scope(campaign_ids=(campaign.campaign_id,)), version
+            pool, self._deps.store.redis, self._deps.store.keys, Scope(campaign_ids=(campaign.campaign_id,)), version
         )
         return await self._read(campaign.campaign_id), published
 
@@ -228,12 +217,8 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
     ) -> campaign_pb2.GetBudgetStatusResponse:
         caller(OPERATOR)
         campaign = await self._read(request.campaign_id)
-        seconds, microseconds = await self._deps.redis.time()
-        now_ms = seconds * 1000 + microseconds // 1000
-        raw = await self._deps.redis.hgetall(self._deps.keys.budget(request.campaign_id))
-        counters = {(key.decode() if isinstance(key, bytes) else key): int(value) for key, value in raw.items()}
-        raw = await self._deps.redis.hgetall(self._deps.keys.qualification_quota(request.campaign_id))
-        claimed = {(key.decode() if isinstance(key, bytes) else key): int(value) for key, value in raw.items()}
+        counters = await read_budget(self._deps.store.redis, self._deps.store.keys, request.campaign_id)
+        now_ms = counters.as_of_ms
         categories = []
         for rule in campaign.rules:
             released = released_by(
@@ -244,8 +229,8 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
                 rule.qualification_quota,
                 now_ms,
             )
-            reserved = counters.get(f"{rule.category}:reserved", 0)
-            spent = counters.get(f"{rule.category}:spent", 0)
+            category = counters.category(rule.category)
+            reserved, spent = category.reserved_fen, category.spent_fen
             categories.append(
                 pb.CategoryBudget(
                     category=rule.category,
@@ -253,11 +238,11 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
                     released_fen=released,
                     reserved_fen=reserved,
                     spent_fen=spent,
-                    refunded_fen=counters.get(f"{rule.category}:refunded", 0),
+                    refunded_fen=category.refunded_fen,
                     available_fen=released - reserved - spent,
                     qualification_quota=rule.qualification_quota,
                     qualifications_released=qualifications_released,
-                    qualifications_claimed=claimed.get(f"{rule.category}:claimed", 0),
+                    qualifications_claimed=category.qualifications_claimed,
                 )
             )
         as_of = Timestamp()

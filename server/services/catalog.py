@@ -1,14 +1,13 @@
 """CatalogService: the eligible-product catalog (import, get, list, deactivate).
 
 Operator credentials only. A change commits in one PostgreSQL transaction with its audit row
-(``server.services.operations.record``) and is then published to the Redis hot path, so the next
+(``storage.postgres.actions.record``) and is then published to the Redis hot path, so the next
 authorization sees it.
 
 An import validates every row in memory as the stream arrives (``server.domain.catalog_import``)
-and writes in one short transaction at the end: COPY into a temporary table, then one
-``INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE ... IS DISTINCT FROM`` per kind of row,
-so a row equal to what is stored is not touched (its ``updated_at`` stays) and re-importing a
-file changes nothing. Sizes: 100,000 rows are ~6 MB on the wire and ~35 MB of checked records
+and writes in one short transaction at the end (storage/postgres/catalog.py), so a row equal to
+what is stored is not touched (its ``updated_at`` stays) and re-importing a file changes
+nothing. Sizes: 100,000 rows are ~6 MB on the wire and ~35 MB of checked records
 in memory (tracemalloc); the 1,000,000-row bound and one import at a time per process keep an
 import under ~400 MB.
 """
@@ -23,20 +22,28 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import grpc
-import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
-from subsidy_client.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2
+from subsidy_client.v1 import catalog_pb2, catalog_pb2_grpc
 
 from server.domain import validation
-from server.domain.catalog_import import ERRORS_MAX, ImportCheck, ImportChecker, ProductRecord
+from server.domain.catalog_import import ERRORS_MAX, ImportCheck, ImportChecker
 from server.domain.errors import InvalidField
 from server.domain.gtin import is_valid_gtin13
 from server.domain.reference import CATEGORY
 from server.rpc.auth import OPERATOR, caller
-from server.rpc.errors import ApiError, invalid_field
-from server.services.operations import Action, OperatorDeps, Scope, begin_action, not_found, publish_scope, record
+from server.rpc.errors import invalid_field
+from server.services.operations import OperatorDeps, begin_action, not_found
+from storage.postgres.actions import Action, Scope, earlier_details, publish_scope, record
+from storage.postgres.catalog import (
+    Written,
+    deactivate_product,
+    fetch_product,
+    list_products,
+    write_products,
+)
+from storage.postgres.pool import Connection, Pool
+from storage.postgres.reference import current_reference_version
 
 SERVICE = "/subsidy.v1.CatalogService/"
 IMPORT_METHOD = SERVICE + "ImportProducts"
@@ -55,38 +62,6 @@ PAGE_SIZE_MAX = 1_000
 FILTER_LENGTH_MAX = 128
 MODES = {catalog_pb2.IMPORT_MODE_ALL_OR_NOTHING: "ALL_OR_NOTHING", catalog_pb2.IMPORT_MODE_GOOD_ROWS: "GOOD_ROWS"}
 
-PRODUCT_COLUMNS = ProductRecord._fields
-# Compared to decide whether a stored row changes; ``active`` only when the file states it.
-CONTENT_COLUMNS = ("brand", "model", "category", "energy_grade", "reference_price_fen", "serial_required")
-
-
-def _upsert_sql(with_active: bool) -> str:
-    """One statement writes every row of a kind: rows that state ``active`` set it; rows that
-    do not keep an existing product's state (new products are active). Ordered by GTIN so that
-    concurrent imports lock rows in the same order and cannot deadlock."""
-    compared = (*CONTENT_COLUMNS, "active") if with_active else CONTENT_COLUMNS
-    assignments = ", ".join(f"{column} = excluded.{column}" for column in compared)
-    stored = ", ".join(f"p.{column}" for column in compared)
-    incoming = ", ".join(f"excluded.{column}" for column in compared)
-    return (
-        f"INSERT INTO products AS p ({', '.join(PRODUCT_COLUMNS)})"
-        f" SELECT gtin, {', '.join(CONTENT_COLUMNS)}, coalesce(active, true)"
-        f" FROM catalog_import WHERE active IS {'NOT NULL' if with_active else 'NULL'} ORDER BY gtin"
-        f" ON CONFLICT (gtin) DO UPDATE SET {assignments}, updated_at = now()"
-        f" WHERE ({stored}) IS DISTINCT FROM ({incoming})"
-        # xmax is 0 on a freshly inserted row version and the locking transaction on an update.
-        " RETURNING p.gtin, (p.xmax = 0) AS created"
-    )
-
-
-UPSERT_STATING_ACTIVE = _upsert_sql(with_active=True)
-UPSERT_KEEPING_ACTIVE = _upsert_sql(with_active=False)
-CREATE_IMPORT_TABLE = (
-    "CREATE TEMPORARY TABLE catalog_import (gtin text, brand text, model text, category text,"
-    " energy_grade smallint, reference_price_fen bigint, serial_required boolean, active boolean)"
-    " ON COMMIT DROP"
-)
-
 
 @dataclass(frozen=True)
 class Upload:
@@ -95,14 +70,6 @@ class Upload:
     header: catalog_pb2.ImportHeader
     action: Action
     check: ImportCheck
-
-
-@dataclass(frozen=True)
-class Written:
-    created: int
-    updated: int
-    unchanged: int
-    changed_gtins: tuple[str, ...]
 
 
 class Replayed(Exception):
@@ -142,7 +109,7 @@ class CatalogService(catalog_pb2_grpc.CatalogServiceServicer):
         check_gtin(request.gtin, "gtin")
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection:
-            row = await connection.fetchrow("SELECT * FROM products WHERE gtin = $1", request.gtin)
+            row = await fetch_product(connection, request.gtin)
         if row is None:
             raise not_found("product", request.gtin)
         return catalog_pb2.GetProductResponse(product=product_message(row))
@@ -155,16 +122,8 @@ class CatalogService(catalog_pb2_grpc.CatalogServiceServicer):
         after = decode_page_token(request.page_token)
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection:
-            # Keyset paging on the primary key: each page is one index range scan, and a change
-            # between pages cannot make a later page skip or repeat a product (offsets would).
-            rows = await connection.fetch(
-                "SELECT * FROM products WHERE gtin > $1 AND ($2 = '' OR category = $2)"
-                " AND ($3 = '' OR brand = $3) AND ($4 OR active) ORDER BY gtin LIMIT $5",
-                after,
-                request.category,
-                request.brand,
-                request.include_inactive,
-                page_size + 1,
+            rows = await list_products(
+                connection, after, request.category, request.brand, request.include_inactive, page_size + 1
             )
         page = rows[:page_size]
         more = len(rows) > page_size
@@ -183,26 +142,21 @@ class CatalogService(catalog_pb2_grpc.CatalogServiceServicer):
             raise invalid_field("reason", f"must say why, in 1-{REASON_LENGTH_MAX} characters")
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection, connection.transaction():
-            row = await connection.fetchrow("SELECT * FROM products WHERE gtin = $1 FOR UPDATE", request.gtin)
+            row = await fetch_product(connection, request.gtin, lock=True)
             if row is None:
                 raise not_found("product", request.gtin)
             details = {"gtin": request.gtin, "reason": reason, "was_active": row["active"]}
             recorded = await record(connection, action, details, Scope(gtins=(request.gtin,)))
             if recorded is not None:
-                row = await connection.fetchrow(
-                    "UPDATE products SET active = false,"
-                    " updated_at = CASE WHEN active THEN now() ELSE updated_at END"
-                    " WHERE gtin = $1 RETURNING *",
-                    request.gtin,
-                )
+                row = await deactivate_product(connection, request.gtin)
             # A replay changes nothing and answers with the current state.
-            version = recorded if recorded is not None else await current_version(connection)
+            version = recorded if recorded is not None else await current_reference_version(connection)
         # A replay publishes again (harmless, and it repairs a first publication that failed)
         # but must not clear the unpublished mark of whichever change holds the current version.
-        await publish_scope(pool, self._deps.redis, self._deps.keys, Scope(gtins=(request.gtin,)), recorded)
+        await publish_scope(pool, self._deps.store.redis, self._deps.store.keys, Scope(gtins=(request.gtin,)), recorded)
         return catalog_pb2.DeactivateProductResponse(product=product_message(row), reference_version=version)
 
-    async def _publish(self, pool: asyncpg.Pool, gtins: Sequence[str], version: int) -> None:
+    async def _publish(self, pool: Pool, gtins: Sequence[str], version: int) -> None:
         """Publishes the changed products chunk by chunk; only the last chunk clears the change's
         unpublished mark, so a failure part-way leaves it for the catch-up publisher. Nothing
         changed, nothing published: the Redis reference version stays too."""
@@ -211,7 +165,7 @@ class CatalogService(catalog_pb2_grpc.CatalogServiceServicer):
         chunks = [tuple(gtins[start : start + PUBLISH_CHUNK]) for start in range(0, len(gtins), PUBLISH_CHUNK)]
         for index, chunk in enumerate(chunks):
             clears = version if index == len(chunks) - 1 else None
-            await publish_scope(pool, self._deps.redis, self._deps.keys, Scope(gtins=chunk), clears)
+            await publish_scope(pool, self._deps.store.redis, self._deps.store.keys, Scope(gtins=chunk), clears)
 
 
 # Receiving an import.
@@ -273,7 +227,7 @@ def check_batch(rows: Sequence[catalog_pb2.ImportRow], rows_before: int, last_ro
 # Writing an import.
 
 
-async def apply_import(connection: asyncpg.Connection, upload: Upload) -> tuple[dict[str, Any], int, Written]:
+async def apply_import(connection: Connection, upload: Upload) -> tuple[dict[str, Any], int, Written]:
     """One transaction: the rows the mode admits, then the audit row with the answer's counts.
     A rejected all-or-nothing import writes no product but is still recorded, so the audit
     trail shows it and a replay gets the same answer."""
@@ -286,22 +240,6 @@ async def apply_import(connection: asyncpg.Connection, upload: Upload) -> tuple[
         if version is None:
             raise Replayed
     return details, version, written
-
-
-async def write_products(connection: asyncpg.Connection, products: Sequence[ProductRecord]) -> Written:
-    await connection.execute(CREATE_IMPORT_TABLE)
-    await connection.copy_records_to_table("catalog_import", records=products, columns=list(PRODUCT_COLUMNS))
-    changed = [
-        *await connection.fetch(UPSERT_STATING_ACTIVE),
-        *await connection.fetch(UPSERT_KEEPING_ACTIVE),
-    ]
-    created = sum(1 for row in changed if row["created"])
-    return Written(
-        created=created,
-        updated=len(changed) - created,
-        unchanged=len(products) - len(changed),
-        changed_gtins=tuple(row["gtin"] for row in changed),
-    )
 
 
 def summary(upload: Upload, written: Written, applied: bool) -> dict[str, Any]:
@@ -318,35 +256,14 @@ def summary(upload: Upload, written: Written, applied: bool) -> dict[str, Any]:
     }
 
 
-async def earlier_details(connection: asyncpg.Connection, action: Action) -> dict[str, Any] | None:
-    """The stored details of this operator's earlier call with the same request_id, or None.
-    Checked before writing so that a replayed import does not redo its work."""
-    row = await connection.fetchrow(
-        "SELECT payload_hash, details FROM operator_actions WHERE operator_id = $1 AND request_id = $2",
-        action.operator_id,
-        action.request_id,
-    )
-    if row is None:
-        return None
-    if row["payload_hash"] != action.payload_hash:
-        raise ApiError(
-            grpc.StatusCode.ALREADY_EXISTS,
-            common_pb2.ERROR_REASON_IDEMPOTENCY_CONFLICT,
-            "request_id was already used with a different payload",
-        )
-    # asyncpg returns jsonb as text unless a codec is set; operations.record writes it with orjson.
-    details: dict[str, Any] = orjson.loads(row["details"])
-    return details
-
-
 async def replay_answer(
-    connection: asyncpg.Connection, upload: Upload, details: dict[str, Any]
+    connection: Connection, upload: Upload, details: dict[str, Any]
 ) -> catalog_pb2.ImportProductsResponse:
     """The stored counts; the errors are those of the same rows checked again (checking is a
     pure function of the payload, which the payload hash proved identical). The version is the
     current one: record() stores the details before it bumps the version, so the original
     number is not kept; the import's change is visible at the current version too."""
-    return import_response(upload.check, details, await current_version(connection), replayed=True)
+    return import_response(upload.check, details, await current_reference_version(connection), replayed=True)
 
 
 def import_response(
@@ -367,11 +284,6 @@ def import_response(
         reference_version=version,
         replayed=replayed,
     )
-
-
-async def current_version(connection: asyncpg.Connection) -> int:
-    version: int = await connection.fetchval("SELECT version FROM reference_version")
-    return version
 
 
 # Reading.

@@ -16,8 +16,8 @@ from server.domain.gtin import is_valid_gtin13
 from server.domain.validation import CONSUMER_KEY
 from server.rpc.auth import PROVIDER, caller
 from server.rpc.errors import invalid_field
-from server.services.operations import LazyPool
 from storage.postgres import exchange as queries
+from storage.postgres.pool import LazyPool
 from storage.redis.exchange import local_usage, subsidised_here
 from storage.redis.store import RedisStore
 

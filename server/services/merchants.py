@@ -1,8 +1,8 @@
 """MerchantService: merchants, their stores and terminals, and the terminals' credentials.
 
 Operator credentials only. Every mutating call is one PostgreSQL transaction that makes the
-change and records it (``server.services.operations.record``: the append-only audit row, idempotency on
-the operator's request_id, the reference version); after the commit the merchant, its
+change and records it (``storage.postgres.actions.record``: the append-only audit row,
+idempotency on the operator's request_id, the reference version); after the commit the merchant, its
 terminals and their credentials are published to Redis, so that a suspension reaches the next
 authorization and a rotated secret replaces the old one within the credential cache's refresh
 interval (``SUBSIDY_CREDENTIALS_REFRESH_MS``, one second by default).
@@ -22,7 +22,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
 import grpc
 from subsidy_client.v1 import common_pb2, merchant_pb2, merchant_pb2_grpc
 
@@ -31,17 +30,11 @@ from server.domain import merchants as rules
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import ApiError, invalid_field
 from server.services.common import wgs84_point
-from server.services.operations import (
-    Action,
-    OperatorDeps,
-    Scope,
-    already_exists,
-    begin_action,
-    not_found,
-    publish_scope,
-    record,
-)
-from storage.postgres.reference import issue_terminal_secret
+from server.services.operations import OperatorDeps, begin_action, not_found
+from storage.postgres import merchants as merchants_db
+from storage.postgres.actions import Action, Scope, publish_scope, record, unpublished_versions
+from storage.postgres.pool import Connection, Pool
+from storage.postgres.reference import current_reference_version
 
 pb = merchant_pb2
 log = logging.getLogger("subsidy.merchants")
@@ -122,10 +115,6 @@ def check_status(status: merchant_pb2.PartyStatus.ValueType, reason: str) -> str
 
 # --- Rows to messages -------------------------------------------------------------------------
 
-MERCHANT_COLUMNS = "merchant_id, name, licence_number, status, categories"
-STORE_COLUMNS = "store_id, merchant_id, kind, name, address, latitude, longitude, platform, shop_url"
-TERMINAL_COLUMNS = "terminal_id, merchant_id, coalesce(store_id, '') AS store_id, status"
-
 
 def store_message(row: Any) -> merchant_pb2.Store:
     store = pb.Store(
@@ -158,16 +147,11 @@ def terminal_message(row: Any) -> merchant_pb2.Terminal:
     )
 
 
-async def load_merchant(connection: asyncpg.Connection, merchant_id: str) -> merchant_pb2.Merchant | None:
-    row = await connection.fetchrow(f"SELECT {MERCHANT_COLUMNS} FROM merchants WHERE merchant_id = $1", merchant_id)
-    if row is None:
+async def load_merchant(connection: Connection, merchant_id: str) -> merchant_pb2.Merchant | None:
+    found = await merchants_db.fetch_merchant(connection, merchant_id)
+    if found is None:
         return None
-    stores = await connection.fetch(
-        f"SELECT {STORE_COLUMNS} FROM stores WHERE merchant_id = $1 ORDER BY store_id", merchant_id
-    )
-    terminals = await connection.fetch(
-        f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE merchant_id = $1 ORDER BY terminal_id", merchant_id
-    )
+    row, stores, terminals = found
     return pb.Merchant(
         merchant_id=row["merchant_id"],
         name=row["name"],
@@ -179,64 +163,29 @@ async def load_merchant(connection: asyncpg.Connection, merchant_id: str) -> mer
     )
 
 
-async def load_store(connection: asyncpg.Connection, store_id: str) -> merchant_pb2.Store:
-    row = await connection.fetchrow(f"SELECT {STORE_COLUMNS} FROM stores WHERE store_id = $1", store_id)
-    if row is None:
-        raise not_found("store", store_id)
-    return store_message(row)
+async def load_store(connection: Connection, store_id: str) -> merchant_pb2.Store:
+    return store_message(await merchants_db.fetch_store(connection, store_id))
 
 
-async def load_terminal(connection: asyncpg.Connection, terminal_id: str, *, lock: bool = False) -> Any:
-    """The terminal's row; with ``lock``, held until the transaction ends so that concurrent
-    changes to one terminal apply one after the other."""
-    suffix = " FOR UPDATE" if lock else ""
-    row = await connection.fetchrow(
-        f"SELECT {TERMINAL_COLUMNS} FROM terminals WHERE terminal_id = $1{suffix}", terminal_id
-    )
-    if row is None:
-        raise not_found("terminal", terminal_id)
-    return row
-
-
-async def current_reference_version(connection: asyncpg.Connection) -> int:
-    version: int = await connection.fetchval("SELECT version FROM reference_version")
-    return version
-
-
-async def unpublished_versions(connection: asyncpg.Connection, merchant_id: str) -> list[int]:
-    """Committed changes of exactly this merchant whose publication has not been confirmed,
-    including the caller's own. Publishing the merchant's current state covers them all, so a
-    retry after a failed publication (the client retries UNAVAILABLE with the same request_id,
-    which is then a replay) brings Redis up to date instead of leaving it to the catch-up."""
-    rows = await connection.fetch(
-        "SELECT version FROM unpublished_changes WHERE merchant_ids = ARRAY[$1]::text[]"
-        " AND cardinality(campaign_ids) = 0 AND cardinality(gtins) = 0 ORDER BY version",
-        merchant_id,
-    )
-    return [row["version"] for row in rows]
-
-
-async def check_inside_a_region(connection: asyncpg.Connection, point: geo.Point) -> None:
+async def check_inside_a_region(connection: Connection, point: geo.Point) -> None:
     """A physical store must lie in the region of at least one campaign that has a region (a
     merchant outside the programme's area could otherwise sell under it). When no campaign
     restricts location, every location is accepted."""
-    rows = await connection.fetch(
-        "SELECT region::text AS region FROM campaigns WHERE region IS NOT NULL AND jsonb_typeof(region) = 'object'"
-    )
-    if not rows:
+    regions = await merchants_db.campaign_regions(connection)
+    if not regions:
         return
-    if geo.inside_any(point, (geo.region_from_text(row["region"]) for row in rows)):
+    if geo.inside_any(point, (geo.region_from_text(region) for region in regions)):
         return
     raise ApiError(
         grpc.StatusCode.FAILED_PRECONDITION,
         common_pb2.ERROR_REASON_STORE_OUTSIDE_REGION,
         f"store.location: ({point.latitude:.6f}, {point.longitude:.6f}) in WGS-84 lies outside the region"
-        f" of every campaign ({len(rows)} with a region)",
+        f" of every campaign ({len(regions)} with a region)",
         {
             "field": "store.location",
             "wgs84_latitude": f"{point.latitude:.6f}",
             "wgs84_longitude": f"{point.longitude:.6f}",
-            "campaigns_with_region": str(len(rows)),
+            "campaigns_with_region": str(len(regions)),
         },
     )
 
@@ -248,10 +197,12 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
     def __init__(self, deps: OperatorDeps) -> None:
         self._deps = deps
 
-    async def _publish(self, pool: asyncpg.Pool, merchant_id: str, versions: Sequence[int]) -> None:
+    async def _publish(self, pool: Pool, merchant_id: str, versions: Sequence[int]) -> None:
         """After the commit: the merchant, its terminals and their credentials go to Redis."""
         for version in versions:
-            await publish_scope(pool, self._deps.redis, self._deps.keys, Scope(merchant_ids=(merchant_id,)), version)
+            await publish_scope(
+                pool, self._deps.store.redis, self._deps.store.keys, Scope(merchant_ids=(merchant_id,)), version
+            )
 
     @staticmethod
     def _log(action: Action, version: int | None) -> None:
@@ -281,16 +232,9 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         async with pool.acquire() as connection, connection.transaction():
             version = await record(connection, action, details, Scope(merchant_ids=(merchant.merchant_id,)))
             if version is not None:
-                inserted = await connection.fetchval(
-                    "INSERT INTO merchants (merchant_id, name, licence_number, status, categories)"
-                    " VALUES ($1, $2, $3, 'ACTIVE', $4) ON CONFLICT (merchant_id) DO NOTHING RETURNING merchant_id",
-                    merchant.merchant_id,
-                    merchant.name,
-                    merchant.licence_number,
-                    list(merchant.categories),
+                await merchants_db.insert_merchant(
+                    connection, merchant.merchant_id, merchant.name, merchant.licence_number, merchant.categories
                 )
-                if inserted is None:
-                    raise already_exists("merchant", merchant.merchant_id)
             current = await load_merchant(connection, merchant.merchant_id)
             reference_version = version if version is not None else await current_reference_version(connection)
             pending = await unpublished_versions(connection, merchant.merchant_id)
@@ -345,8 +289,10 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
             details = {"merchant_id": store.merchant_id, "store_id": store.store_id}
             version = await record(connection, action, details, Scope(merchant_ids=(store.merchant_id,)))
             if version is not None:
-                secret = await insert_terminal(connection, request.terminal_id, store)
-            terminal = terminal_message(await load_terminal(connection, request.terminal_id))
+                secret = await merchants_db.insert_terminal(
+                    connection, request.terminal_id, store.merchant_id, store.store_id
+                )
+            terminal = terminal_message(await merchants_db.fetch_terminal(connection, request.terminal_id))
             reference_version = version if version is not None else await current_reference_version(connection)
             pending = await unpublished_versions(connection, store.merchant_id)
         self._log(action, version)
@@ -361,16 +307,11 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         pool = await self._deps.pool.get()
         secret = ""
         async with pool.acquire() as connection, connection.transaction():
-            row = await load_terminal(connection, request.terminal_id, lock=True)
+            row = await merchants_db.fetch_terminal(connection, request.terminal_id, lock=True)
             merchant_id = row["merchant_id"]
             version = await record(connection, action, {"merchant_id": merchant_id}, Scope(merchant_ids=(merchant_id,)))
             if version is not None:
-                secret = issue_terminal_secret()
-                await connection.execute(
-                    "UPDATE terminals SET secret = $2, updated_at = now() WHERE terminal_id = $1",
-                    request.terminal_id,
-                    secret,
-                )
+                secret = await merchants_db.rotate_terminal_secret(connection, request.terminal_id)
             reference_version = version if version is not None else await current_reference_version(connection)
             pending = await unpublished_versions(connection, merchant_id)
         self._log(action, version)
@@ -387,19 +328,13 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         status = check_status(request.status, request.reason)
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection, connection.transaction():
-            previous = await connection.fetchval(
-                "SELECT status FROM merchants WHERE merchant_id = $1 FOR UPDATE", request.merchant_id
-            )
+            previous = await merchants_db.lock_merchant_status(connection, request.merchant_id)
             if previous is None:
                 raise not_found("merchant", request.merchant_id)
             details = {"status": status, "previous_status": previous, "reason": request.reason}
             version = await record(connection, action, details, Scope(merchant_ids=(request.merchant_id,)))
             if version is not None:
-                await connection.execute(
-                    "UPDATE merchants SET status = $2, updated_at = now() WHERE merchant_id = $1",
-                    request.merchant_id,
-                    status,
-                )
+                await merchants_db.set_merchant_status(connection, request.merchant_id, status)
             merchant = await load_merchant(connection, request.merchant_id)
             reference_version = version if version is not None else await current_reference_version(connection)
             pending = await unpublished_versions(connection, request.merchant_id)
@@ -415,17 +350,13 @@ class MerchantService(merchant_pb2_grpc.MerchantServiceServicer):
         status = check_status(request.status, request.reason)
         pool = await self._deps.pool.get()
         async with pool.acquire() as connection, connection.transaction():
-            row = await load_terminal(connection, request.terminal_id, lock=True)
+            row = await merchants_db.fetch_terminal(connection, request.terminal_id, lock=True)
             merchant_id = row["merchant_id"]
             details = {"status": status, "previous_status": row["status"], "reason": request.reason}
             version = await record(connection, action, details, Scope(merchant_ids=(merchant_id,)))
             if version is not None:
-                await connection.execute(
-                    "UPDATE terminals SET status = $2, updated_at = now() WHERE terminal_id = $1",
-                    request.terminal_id,
-                    status,
-                )
-            terminal = terminal_message(await load_terminal(connection, request.terminal_id))
+                await merchants_db.set_terminal_status(connection, request.terminal_id, status)
+            terminal = terminal_message(await merchants_db.fetch_terminal(connection, request.terminal_id))
             reference_version = version if version is not None else await current_reference_version(connection)
             pending = await unpublished_versions(connection, merchant_id)
         self._log(action, version)
@@ -456,43 +387,21 @@ def store_details(store: merchant_pb2.Store, point: geo.Point | None) -> dict[st
     return details
 
 
-async def insert_store(connection: asyncpg.Connection, store: merchant_pb2.Store, point: geo.Point | None) -> None:
-    if await connection.fetchval("SELECT 1 FROM merchants WHERE merchant_id = $1", store.merchant_id) is None:
-        raise not_found("merchant", store.merchant_id)
+async def insert_store(connection: Connection, store: merchant_pb2.Store, point: geo.Point | None) -> None:
+    await merchants_db.require_merchant(connection, store.merchant_id)
     if point is not None:
         await check_inside_a_region(connection, point)
-    inserted = await connection.fetchval(
-        "INSERT INTO stores (store_id, merchant_id, kind, name, address, latitude, longitude, platform, shop_url)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (store_id) DO NOTHING RETURNING store_id",
-        store.store_id,
-        store.merchant_id,
-        KIND_NAMES[store.kind],
-        store.name,
-        store.address,
-        point.latitude if point else None,
-        point.longitude if point else None,
-        store.platform,
-        store.shop_url,
+    await merchants_db.insert_store(
+        connection,
+        merchants_db.NewStore(
+            store_id=store.store_id,
+            merchant_id=store.merchant_id,
+            kind=KIND_NAMES[store.kind],
+            name=store.name,
+            address=store.address,
+            latitude=point.latitude if point else None,
+            longitude=point.longitude if point else None,
+            platform=store.platform,
+            shop_url=store.shop_url,
+        ),
     )
-    if inserted is None:
-        raise already_exists("store", store.store_id)
-
-
-async def insert_terminal(connection: asyncpg.Connection, terminal_id: str, store: merchant_pb2.Store) -> str:
-    """Creates an ACTIVE terminal bound to the store; returns its new secret."""
-    # Terminals and operators share one credential namespace in Redis: a terminal named like an
-    # operator would overwrite that operator's credential when published.
-    if await connection.fetchval("SELECT 1 FROM operators WHERE operator_id = $1", terminal_id) is not None:
-        raise already_exists("operator", terminal_id)
-    secret = issue_terminal_secret()
-    inserted = await connection.fetchval(
-        "INSERT INTO terminals (terminal_id, merchant_id, store_id, status, secret) VALUES ($1, $2, $3, 'ACTIVE', $4)"
-        " ON CONFLICT (terminal_id) DO NOTHING RETURNING terminal_id",
-        terminal_id,
-        store.merchant_id,
-        store.store_id,
-        secret,
-    )
-    if inserted is None:
-        raise already_exists("terminal", terminal_id)
-    return secret

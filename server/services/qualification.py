@@ -26,7 +26,7 @@ from server.domain.reference import CATEGORY, IDENTIFIER
 from server.rpc.auth import PARTNER, caller
 from server.rpc.errors import ApiError, invalid_field
 from server.services.common import payload_hash, raise_script_error, timestamp_ms, wgs84_point
-from storage.redis.store import CancelInput, ClaimInput, RedisStore, text
+from storage.redis.store import CancelInput, ClaimInput, RedisStore
 
 pb = qualification_pb2
 log = logging.getLogger("subsidy.qualification")
@@ -95,14 +95,12 @@ class CampaignLocations:
         cached = self._cached.get(campaign_id)
         if cached is not None and now - cached[0] < CAMPAIGN_CACHE_S:
             return cached[1]
-        accuracy, age, region = await self._store.redis.hmget(
-            self._store.keys.campaign(campaign_id), ["loc_accuracy_m", "loc_age_s", "region"]
-        )
+        published = await self._store.location_rule(campaign_id)
         found = None
-        if accuracy is not None and age is not None:
-            region_text = text(region) if region else ""
+        if published is not None:
+            accuracy_m, age_s, region_text = published
             found = (
-                location.LocationRule(max_accuracy_m=float(accuracy), max_age_s=int(age)),
+                location.LocationRule(max_accuracy_m=accuracy_m, max_age_s=age_s),
                 region_from_text(region_text) if region_text else None,
             )
         if len(self._cached) > 1000:

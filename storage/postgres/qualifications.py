@@ -209,6 +209,11 @@ class QualificationMirror:
             await self._connection.close()
 
 
+async def mirror_backlog(redis: Redis, keys: Keys) -> tuple[int, int]:
+    """Qualification changes not yet mirrored, and those dead-lettered (their stream lengths)."""
+    return await redis.xlen(keys.qualification_events), await redis.xlen(keys.qualification_events + ":dead")
+
+
 async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> int:
     """Rewrites every qualification key of Redis from the mirrored rows; returns how many
     qualifications it restored. Part of ``rebuild`` (run with the streams drained)."""

@@ -20,6 +20,11 @@ async def bump_reference_version(connection: asyncpg.Connection) -> int:
     return version
 
 
+async def current_reference_version(connection: asyncpg.Connection) -> int:
+    version: int = await connection.fetchval("SELECT version FROM reference_version")
+    return version
+
+
 def issue_terminal_secret() -> str:
     """A new terminal credential: 256 random bits, URL-safe text."""
     return secrets.token_urlsafe(32)
@@ -82,6 +87,29 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
             for rule in campaign.rules
         ],
     )
+
+
+async def fetch_campaign(connection: asyncpg.Connection, campaign_id: str) -> tuple[Any, list[dict[str, Any]]] | None:
+    """One campaign's row and its rules (by category), or None. The rules' JSON columns come
+    decoded: ``rates_bp`` a mapping of energy grade (text) to basis points, ``tranches`` and
+    ``qualification_tranches`` lists whose ``release_at`` is ISO 8601 text."""
+    row = await connection.fetchrow("SELECT * FROM campaigns WHERE campaign_id = $1", campaign_id)
+    if row is None:
+        return None
+    rules = await connection.fetch("SELECT * FROM campaign_rules WHERE campaign_id = $1 ORDER BY category", campaign_id)
+    decoded = []
+    for rule in rules:
+        fields = dict(rule)
+        for column in ("rates_bp", "tranches", "qualification_tranches"):
+            fields[column] = orjson.loads(rule[column])
+        decoded.append(fields)
+    return row, decoded
+
+
+async def lock_campaign(connection: asyncpg.Connection, campaign_id: str) -> bool:
+    """Whether the campaign exists, locking its row until the transaction ends."""
+    exists = await connection.fetchval("SELECT true FROM campaigns WHERE campaign_id = $1 FOR UPDATE", campaign_id)
+    return bool(exists)
 
 
 async def save_reference(connection: asyncpg.Connection, data: ReferenceData) -> dict[str, str]:

@@ -219,6 +219,17 @@ class RedisStore:
     async def refund(self, request: LifecycleInput, line_ids: Sequence[str]) -> Reply:
         return await self._lifecycle("refund", request, line_ids)
 
+    async def location_rule(self, campaign_id: str) -> tuple[float, int, str] | None:
+        """The campaign's location rule for claims as published: the largest accuracy radius in
+        metres, the oldest fix age in seconds, and its region's GeoJSON text ("" without a
+        region); None when the campaign has none."""
+        accuracy, age, region = await self.redis.hmget(
+            self.keys.campaign(campaign_id), ["loc_accuracy_m", "loc_age_s", "region"]
+        )
+        if accuracy is None or age is None:
+            return None
+        return float(accuracy), int(age), text(region) if region else ""
+
     async def get_authorization(
         self, authorization_id: str, terminal_id: str, merchant_id: str
     ) -> dict[str, Any] | str | None:

@@ -1,0 +1,47 @@
+"""A campaign's live budget and qualification counters as the scripts keep them: one hash per
+campaign (``budget``: ``<category>:reserved``, ``:spent``, ``:refunded``, ``:total``) and its
+qualification quota (``<category>:claimed``), read at Redis ``TIME``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from storage.redis.keys import Keys
+from storage.redis.store import text
+
+
+@dataclass(frozen=True)
+class CategoryCounters:
+    reserved_fen: int
+    spent_fen: int
+    refunded_fen: int
+    qualifications_claimed: int
+
+
+@dataclass(frozen=True)
+class BudgetCounters:
+    """The counters of one campaign, and the Redis time they were read at."""
+
+    as_of_ms: int
+    budget: dict[str, int]
+    quota: dict[str, int]
+
+    def category(self, category: str) -> CategoryCounters:
+        return CategoryCounters(
+            reserved_fen=self.budget.get(f"{category}:reserved", 0),
+            spent_fen=self.budget.get(f"{category}:spent", 0),
+            refunded_fen=self.budget.get(f"{category}:refunded", 0),
+            qualifications_claimed=self.quota.get(f"{category}:claimed", 0),
+        )
+
+
+async def read_budget(redis: Redis, keys: Keys, campaign_id: str) -> BudgetCounters:
+    seconds, microseconds = await redis.time()
+    now_ms = seconds * 1000 + microseconds // 1000
+    raw = await redis.hgetall(keys.budget(campaign_id))
+    budget = {text(key): int(value) for key, value in raw.items()}
+    raw = await redis.hgetall(keys.qualification_quota(campaign_id))
+    quota = {text(key): int(value) for key, value in raw.items()}
+    return BudgetCounters(now_ms, budget, quota)
