@@ -60,7 +60,7 @@ class Config:
     # the other providers that signs and verifies the daily files (at least 32 bytes).
     provider_id: str = "local"
     exchange_key: str = ""
-    # Transport security (server/tls.py, README "Security"): PEM certificate chain and key for
+    # Transport security (server/rpc/tls.py, README "Security"): PEM certificate chain and key for
     # SUBSIDY_LISTEN and the writer's metrics listener; a client CA turns on mutual TLS (on
     # SUBSIDY_MTLS_LISTEN when set, else on SUBSIDY_LISTEN); a file of revoked client
     # certificates; plaintext on a non-loopback address only with allow_plaintext.

@@ -80,7 +80,7 @@ class ExchangeFileError(ValueError):
 
 
 def canonical_serial(serial: str) -> str:
-    """The form serial keys and files use: upper case (as ``server.services.authorization`` does)."""
+    """The form serial keys and files use: upper case (as ``server.domain.validation.canonical_serial`` does)."""
     return serial.upper()
 
 

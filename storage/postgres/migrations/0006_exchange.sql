@@ -1,4 +1,4 @@
--- Cross-provider exchange (server/exchange.py): what the other service providers of the
+-- Cross-provider exchange (server/commands/exchange.py): what the other service providers of the
 -- programme reported subsidising, from their signed daily files. Consumer keys and device
 -- serials only; never an ID number, a name or an amount. This is the system of record for
 -- those facts; Redis holds the copy the authorize script reads (`python -m server.exchange
