@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: reset run test test-fast lint format gen-protos check-protos bench demo clean venv
+.PHONY: reset run test test-fast fuzz lint format gen-protos check-protos bench demo clean venv
 .PHONY: certs run-tls run-mtls demo-tls demo-mtls
 .PHONY: lock check-lock buf
 
@@ -72,6 +72,11 @@ test: $(STAMP)
 ## Unit and integration tests without the multi-process load and fault tests.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+## Property-based fuzzing of the public RPCs (tests/fuzz/run.py): at least 100,000 calls through a
+## real gateway; prints the case count, the seed and the time. SUBSIDY_FUZZ_CASES / _SEED override.
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.run
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
