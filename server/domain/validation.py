@@ -19,7 +19,7 @@ import secrets
 import unicodedata
 import uuid
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from server.domain.errors import InvalidField, TooManyLines
 from server.domain.gtin import is_valid_gtin13
@@ -36,8 +36,24 @@ REDEMPTION_CODE = re.compile(r"[0-9A-HJKMNP-TV-Z]{16}")
 UUID_FORM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+class LineValues(Protocol):
+    """One line of a payment as the rules read it (the request's LineItem has these fields)."""
+
+    @property
+    def line_id(self) -> str: ...
+
+    @property
+    def gtin(self) -> str: ...
+
+    @property
+    def unit_price_fen(self) -> int: ...
+
+    @property
+    def serial_number(self) -> str: ...
+
+
 class Line(NamedTuple):
-    """One line of a payment as plain values (the request's LineItem)."""
+    """A line as plain values."""
 
     line_id: str
     gtin: str
@@ -113,17 +129,18 @@ def canonical_campaign_id(value: str, field: str = "campaign_id") -> str:
     return form
 
 
-def canonical_lines(lines: Sequence[Line], max_lines: int) -> list[Line]:
-    """Validates a payment's lines and returns their canonical form, in order: ids unique,
-    GTIN-13 with a valid check digit, a price within bounds, serials canonical and each device
-    once (a device is its serial, whatever GTIN it is sold under: see Keys.serial)."""
+def canonical_lines(lines: Sequence[LineValues], max_lines: int) -> list[tuple[str, str, str]]:
+    """Validates a payment's lines and returns, in order, each one's canonical (line id, GTIN,
+    serial): ids unique, GTIN-13 with a valid check digit, a price within bounds, serials
+    canonical and each device once (a device is its serial, whatever GTIN it is sold under: see
+    Keys.serial)."""
     if not lines:
         raise InvalidField("lines", "at least one line is required")
     if len(lines) > max_lines:
         raise TooManyLines("lines", max_lines)
     line_ids: set[str] = set()
     devices: set[str] = set()
-    canonical_forms = []
+    canonical_forms: list[tuple[str, str, str]] = []
     for index, line in enumerate(lines):
         path = f"lines[{index}]"
         line_id = canonical(line.line_id)
@@ -143,7 +160,7 @@ def canonical_lines(lines: Sequence[Line], max_lines: int) -> list[Line]:
             if serial in devices:
                 raise InvalidField(f"{path}.serial_number", "the same device appears twice in this request")
             devices.add(serial)
-        canonical_forms.append(Line(line_id, gtin, line.unit_price_fen, serial))
+        canonical_forms.append((line_id, gtin, serial))
     return canonical_forms
 
 

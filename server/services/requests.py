@@ -22,15 +22,13 @@ def check_authorize(request: authorization_pb2.AuthorizeRequest, max_lines: int)
     request.consumer_key = validation.canonical_consumer_key(request.consumer_key)
     if request.channel not in KNOWN_CHANNELS:
         raise InvalidField("channel", "must be CHANNEL_POS or CHANNEL_ONLINE")
-    lines = validation.canonical_lines(
-        [validation.Line(line.line_id, line.gtin, line.unit_price_fen, line.serial_number) for line in request.lines],
-        max_lines,
-    )
-    for message, line in zip(request.lines, lines, strict=True):
-        message.line_id = line.line_id
-        message.gtin = line.gtin
-        if line.serial_number:
-            message.serial_number = line.serial_number
+    for line, (line_id, gtin, serial) in zip(
+        request.lines, validation.canonical_lines(request.lines, max_lines), strict=True
+    ):
+        line.line_id = line_id
+        line.gtin = gtin
+        if serial:
+            line.serial_number = serial
     if request.redemption_code:
         request.redemption_code = validation.canonical_redemption_code(request.redemption_code)
         # A qualification is one discount on one unit: its quota counts units, like the budget.
