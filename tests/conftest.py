@@ -69,6 +69,8 @@ class Environment:
             shutdown_grace_s=1.0,
             log_level="WARNING",
             programme_key=PROGRAMME_KEY,
+            # Tells this run's gateway connections apart in CLIENT LIST (other runs may share Redis).
+            redis_client_name=f"gateway-{self.prefix}",
             local_data_key=LOCAL_DATA_KEY,
         )
         return replace(base, **overrides)

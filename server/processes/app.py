@@ -113,11 +113,12 @@ async def create_server(config: Config) -> Application:
         timeout=config.redis_timeout_s,
         socket_timeout=config.redis_timeout_s,
         socket_connect_timeout=config.redis_timeout_s,
-        # A connection idle for a second is PINGed before use, and a call that finds its
-        # connection closed by the server (a Redis restart, CLIENT KILL, an idle timeout) is
-        # retried once on a fresh connection: every script is idempotent by request_id, so a
-        # second attempt never acts twice (at worst its nonce is refused and the client re-signs).
-        health_check_interval=1,
+        # A call that finds its connection closed by the server (a Redis restart, CLIENT KILL,
+        # an idle timeout) is retried once on a fresh connection: every script is idempotent by
+        # request_id, so a second attempt never acts twice (at worst its nonce is refused and the
+        # client re-signs). A connection idle for 30 s is PINGed before use (not every call: the
+        # hot path stays one round trip).
+        health_check_interval=30,
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[redis_errors.ConnectionError],
         client_name=config.redis_client_name,

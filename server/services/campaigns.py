@@ -20,6 +20,7 @@ from server.domain.budget import released_by
 from server.domain.reference import Campaign, ReferenceError, parse_campaign
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import invalid_field
+from server.services.common import checked_timestamp
 from server.services.operations import OperatorDeps, already_exists, begin_action, not_found
 from storage.postgres.actions import Scope, publish_scope, record
 from storage.postgres.reference import fetch_campaign, lock_campaign, save_campaign
@@ -34,8 +35,8 @@ POLICIES: dict[Any, str] = {
 }
 
 
-def _time(stamp: Timestamp, present: bool) -> str | None:
-    return stamp.ToDatetime(tzinfo=UTC).isoformat() if present else None
+def _time(stamp: Timestamp, present: bool, field: str) -> str | None:
+    return checked_timestamp(stamp, field).ToDatetime(tzinfo=UTC).isoformat() if present else None
 
 
 def _enum(value: int, names: dict[Any, str], field: str, default: str | None = None) -> str:
@@ -67,18 +68,24 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
                 "budget_fen": rule.budget_fen,
                 "tranches": [
                     {
-                        "release_at": _time(tranche.release_at, tranche.HasField("release_at")),
+                        "release_at": _time(
+                            tranche.release_at, tranche.HasField("release_at"), f"{path}.tranches[{number}].release_at"
+                        ),
                         "amount_fen": tranche.amount_fen,
                     }
-                    for tranche in rule.tranches
+                    for number, tranche in enumerate(rule.tranches)
                 ],
                 "qualification_quota": rule.qualification_quota,
                 "qualification_tranches": [
                     {
-                        "release_at": _time(tranche.release_at, tranche.HasField("release_at")),
+                        "release_at": _time(
+                            tranche.release_at,
+                            tranche.HasField("release_at"),
+                            f"{path}.qualification_tranches[{number}].release_at",
+                        ),
                         "count": tranche.count,
                     }
-                    for tranche in rule.qualification_tranches
+                    for number, tranche in enumerate(rule.qualification_tranches)
                 ],
             }
         )
@@ -86,8 +93,8 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
         "id": message.campaign_id,
         "name": message.name or message.campaign_id,
         "status": _enum(message.status, STATUSES, "campaign.status", default="ACTIVE"),
-        "starts_at": _time(message.starts_at, message.HasField("starts_at")),
-        "ends_at": _time(message.ends_at, message.HasField("ends_at")),
+        "starts_at": _time(message.starts_at, message.HasField("starts_at"), "campaign.starts_at"),
+        "ends_at": _time(message.ends_at, message.HasField("ends_at"), "campaign.ends_at"),
         "region": message.region_geojson or None,
         "rules": rules,
         "qualification_validity_s": message.qualification_validity_s,

@@ -77,6 +77,18 @@ def raise_script_error(body: Mapping[str, Any]) -> None:
     raise ApiError(status, reason, message, metadata)
 
 
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+TIMESTAMP_SECONDS_MIN, TIMESTAMP_SECONDS_MAX = -62_135_596_800, 253_402_300_799
+
+
+def checked_timestamp(stamp: Timestamp, field: str) -> Timestamp:
+    """A request's Timestamp, or INVALID_ARGUMENT naming the field when it is no valid
+    Timestamp (protobuf's conversions raise ValueError on those, which would be INTERNAL)."""
+    if not TIMESTAMP_SECONDS_MIN <= stamp.seconds <= TIMESTAMP_SECONDS_MAX or not 0 <= stamp.nanos <= 999_999_999:
+        raise invalid_field(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0-999999999)")
+    return stamp
+
+
 def timestamp_ms(milliseconds: int) -> Timestamp:
     stamp = Timestamp()
     stamp.FromMilliseconds(milliseconds)

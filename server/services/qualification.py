@@ -25,7 +25,7 @@ from server.domain.geo import CoordinateError, Region, region_from_text
 from server.domain.reference import CATEGORY, IDENTIFIER
 from server.rpc.auth import PARTNER, caller
 from server.rpc.errors import ApiError, invalid_field
-from server.services.common import payload_hash, raise_script_error, timestamp_ms, wgs84_point
+from server.services.common import checked_timestamp, payload_hash, raise_script_error, timestamp_ms, wgs84_point
 from storage.redis.store import CancelInput, ClaimInput, RedisStore
 
 pb = qualification_pb2
@@ -174,7 +174,11 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
             raise invalid_field("device_location.location", "is required")
         device = request.device_location
         now_ms = int(time.time() * 1000)
-        fix_ms = device.fix_time.ToMilliseconds() if device.HasField("fix_time") else 0
+        fix_ms = (
+            checked_timestamp(device.fix_time, "device_location.fix_time").ToMilliseconds()
+            if device.HasField("fix_time")
+            else 0
+        )
         try:
             point = wgs84_point(device.location)
             location.check_fix(device.location.accuracy_m, fix_ms, now_ms)

@@ -570,9 +570,7 @@ lifecycles = st.builds(
 # (tests/fuzz/test_known_defects.py). Their inputs are left out of the draws until the fix
 # lands (then the xfail test passes, fails as strict, and its entry here goes);
 # SUBSIDY_FUZZ_KNOWN_DEFECTS=1 draws them anyway.
-KNOWN_DEFECTS: dict[str, str] = {
-    "claim-fix-time-out-of-range": "ClaimQualification with a fix_time outside the Timestamp range answers INTERNAL",
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 DRAW_KNOWN_DEFECTS = os.environ.get("SUBSIDY_FUZZ_KNOWN_DEFECTS", "") == "1"
 
 

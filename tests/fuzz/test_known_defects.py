@@ -1,7 +1,8 @@
-"""Defects the fuzzer (tests/fuzz/engine.py) found and that are not fixed yet: one minimal
-regression test each, a strict xfail until the fix lands. When one starts passing, pytest fails
-it (strict): remove its mark here and its entry in engine.KNOWN_DEFECTS, so that the fuzzer
-draws those inputs again."""
+"""Defects the fuzzer (tests/fuzz/engine.py) found: one minimal regression test each. While a
+defect is not fixed its test is a strict xfail and its inputs are listed in
+engine.KNOWN_DEFECTS (left out of the draws); when the fix lands the mark and the entry go, so
+the fuzzer draws those inputs again. Fixed so far: a claim's out-of-range fix_time (was
+INTERNAL, now INVALID_ARGUMENT naming device_location.fix_time)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,10 @@ from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
 from tests.conftest import Environment, id_number
-from tests.fuzz.engine import KNOWN_DEFECTS
 
 INT64_MAX = 2**63 - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=KNOWN_DEFECTS["claim-fix-time-out-of-range"]
-    + " (protobuf's Timestamp.ToMilliseconds raises ValueError on it; expected INVALID_ARGUMENT on"
-    " device_location.fix_time)",
-)
 @pytest.mark.parametrize(
     ("seconds", "nanos"),
     [(INT64_MAX, 0), (-INT64_MAX - 1, 0), (253_402_300_800, 0), (0, -1), (int(time.time()), 10**9)],
