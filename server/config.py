@@ -47,6 +47,9 @@ class Config:
     writer_claim_idle_ms: int = 30_000
     writer_max_deliveries: int = 5
     writer_metrics_listen: str = ""
+    # The gateway's /metrics and /health (Prometheus; with SUBSIDY_WORKERS > 1 served by the
+    # parent process for every worker); empty: not served.
+    metrics_listen: str = ""
     # Fault injection for the crash tests only: before_commit, after_commit or after_ack.
     writer_crash_at: str = ""
     writer_crash_after_batches: int = 1
@@ -103,6 +106,8 @@ class Config:
         _positive("SUBSIDY_WRITER_MAX_DELIVERIES", self.writer_max_deliveries, 1000)
         if self.writer_metrics_listen and not LISTEN_PATTERN.match(self.writer_metrics_listen):
             raise ConfigError("SUBSIDY_WRITER_METRICS_LISTEN must be host:port")
+        if self.metrics_listen and not LISTEN_PATTERN.match(self.metrics_listen):
+            raise ConfigError("SUBSIDY_METRICS_LISTEN must be host:port")
         if self.writer_crash_at not in ("", "before_commit", "after_commit", "after_ack"):
             raise ConfigError("SUBSIDY_WRITER_CRASH_AT must be before_commit, after_commit or after_ack")
         if self.programme_key and len(self.programme_key.encode()) < 32:

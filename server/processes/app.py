@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -36,6 +37,7 @@ from subsidy_client.v1 import (
 )
 
 from server.config import Config
+from server.processes.http import HttpEndpoint, serve_gateway_metrics
 from server.processes.sweeper import run_sweeper
 from server.rpc.auth import AuthInterceptor
 from server.rpc.errors import ErrorInterceptor
@@ -82,6 +84,8 @@ class Application:
     # reloader (None without TLS; SIGHUP calls its request_reload).
     mtls_port: int = 0
     certificates: CertificateReloader | None = None
+    # The /metrics and /health endpoint (SUBSIDY_METRICS_LISTEN; None when not served here).
+    metrics: HttpEndpoint | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -89,6 +93,8 @@ class Application:
         await self.server.start()
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_listen:
+            self.metrics = serve_gateway_metrics(self.config, REGISTRY, lambda: not self.stopping.is_set())
         log.info("serving", extra={"port": self.port})
 
     async def stop(self) -> None:
@@ -97,6 +103,8 @@ class Application:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.shutdown_grace_s)
         self.stopping.set()
+        if self.metrics is not None:
+            self.metrics.close()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.operator_pool.close()
         await self.redis.aclose()

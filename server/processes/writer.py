@@ -16,11 +16,11 @@ import ssl
 from typing import Any
 
 import asyncpg
-import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 
 from server.config import Config
+from server.processes.http import HttpEndpoint, serve_http
 from server.rpc.tls import metrics_tls
 from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror
@@ -110,38 +110,18 @@ class WriterMetrics:
         }
 
 
-async def serve_metrics(
-    metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None
-) -> asyncio.Server:
-    """A minimal HTTP endpoint: GET /metrics (Prometheus text) and GET /health (JSON); HTTPS
-    with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded with it)."""
+async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None) -> HttpEndpoint:
+    """GET /metrics (Prometheus text) and GET /health (JSON: 503 when events are dead-lettered
+    or the sweepers have overdue or set-aside work), by prometheus_client's server in a thread;
+    HTTPS with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded
+    with it). Every request refreshes the gauges from Redis on the writer's event loop."""
+    loop = asyncio.get_running_loop()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace")
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            path = request_line.split(" ")[1] if " " in request_line else "/"
-            details = await metrics.snapshot()
-            if path == "/metrics":
-                status, kind, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
-            elif path == "/health":
-                sweeper = details["sweeper"]
-                healthy = details["dead_letters"] == 0 and not any(sweeper.values())
-                status = "200 OK" if healthy else "503 Service Unavailable"
-                kind, body = "application/json", orjson.dumps({"status": "ok" if healthy else "degraded", **details})
-            else:
-                status, kind, body = "404 Not Found", "text/plain", b"not found\n"
-            head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-            writer.write((head + "Connection: close\r\n\r\n").encode() + body)
-            await writer.drain()
-        except (Exception, asyncio.CancelledError):  # a bad scrape must not stop the writer
-            log.warning("metrics request failed", exc_info=True)
-        finally:
-            writer.close()
+    def health() -> tuple[bool, dict[str, Any]]:
+        details = asyncio.run_coroutine_threadsafe(metrics.snapshot(), loop).result(timeout=5)
+        return details["dead_letters"] == 0 and not any(details["sweeper"].values()), details
 
-    host, port = listen.rsplit(":", 1)
-    return await asyncio.start_server(handle, host, int(port), ssl=ssl_context)
+    return serve_http(listen, metrics.registry, health, ssl_context)
 
 
 async def run_writer(config: Config) -> None:

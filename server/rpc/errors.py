@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from subsidy_client.v1 import common_pb2
 
 from server.domain.errors import AlreadyExists, IdempotencyConflict, InvalidField, NotFound, TooManyLines
+from server.rpc.metrics import CallMetrics
 from storage.redis.store import UNAVAILABLE
 
 DOMAIN = "subsidy.gateway"
@@ -159,6 +160,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self._rejections = RejectionLog()
+        self._metrics: dict[str, CallMetrics] = {}
 
     async def intercept_service(
         self,
@@ -170,21 +172,31 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         behavior: Behavior = handler.unary_unary or handler.stream_unary
         method = handler_call_details.method
+        metrics = self._metrics.get(method)
+        if metrics is None:
+            metrics = self._metrics[method] = CallMetrics(method)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = metrics.started()
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
             except grpc.aio.AbortError:
+                metrics.done(started, "ABORTED_BY_HANDLER")
                 raise
             except asyncio.CancelledError:
                 # The caller went away or its deadline passed; nothing to answer.
+                metrics.done(started, "CANCELLED")
                 log.info("call cancelled", extra={"method": method})
                 raise
             except Exception as exception:
                 error = classify(exception)
+                metrics.done(started, error.code.name)
                 if error.code != grpc.StatusCode.INTERNAL:
                     self._rejections.rejected(method, error.code.name, error.reason_name)
                 await context.abort_with_status(to_status(error))
+            else:
+                metrics.done(started, "OK", response)
+                return response
 
         make_handler = (
             grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler

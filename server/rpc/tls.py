@@ -92,17 +92,19 @@ def warn_plaintext(config: Config, listen: str) -> None:
         )
 
 
-def metrics_tls(config: Config) -> ssl.SSLContext | None:
-    """The writer's metrics listener: HTTPS with the gateway's certificate when TLS is
-    configured (no client certificate asked: scrapers and load balancers rarely have one);
-    plaintext off loopback refused as for SUBSIDY_LISTEN."""
-    listen = config.writer_metrics_listen
+def metrics_tls(
+    config: Config, listen: str | None = None, variable: str = "SUBSIDY_WRITER_METRICS_LISTEN"
+) -> ssl.SSLContext | None:
+    """A metrics listener (the writer's, or with ``listen`` the gateway's): HTTPS with the
+    gateway's certificate when TLS is configured (no client certificate asked: scrapers and
+    load balancers rarely have one); plaintext off loopback refused as for SUBSIDY_LISTEN."""
+    listen = config.writer_metrics_listen if listen is None else listen
     if not listen:
         return None
     if not config.tls_cert:
         if not is_loopback(listen) and not config.allow_plaintext:
             raise ConfigError(
-                f"SUBSIDY_WRITER_METRICS_LISTEN={listen} is not a loopback address and TLS is off: set"
+                f"{variable}={listen} is not a loopback address and TLS is off: set"
                 " SUBSIDY_TLS_CERT and SUBSIDY_TLS_KEY, or SUBSIDY_ALLOW_PLAINTEXT=1"
             )
         warn_plaintext(config, listen)

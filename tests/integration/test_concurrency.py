@@ -73,7 +73,11 @@ async def load_campaign(environment: Environment) -> str:
 
 @asynccontextmanager
 async def server_processes(
-    environment: Environment, port: int, log_path: Path, sweep_interval_ms: int = 3_600_000
+    environment: Environment,
+    port: int,
+    log_path: Path,
+    sweep_interval_ms: int = 3_600_000,
+    extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[psutil.Process]:
     """``python -m server`` with 2 workers, as in production; yields the parent process."""
     env = {
@@ -86,6 +90,7 @@ async def server_processes(
         "SUBSIDY_LOG_LEVEL": "DEBUG",  # every call logged: the log scan below reads them all
         "SUBSIDY_SWEEP_INTERVAL_MS": str(sweep_interval_ms),
         "SUBSIDY_PROGRAMME_KEY": PROGRAMME_KEY,
+        **(extra_env or {}),
     }
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(

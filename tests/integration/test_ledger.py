@@ -367,7 +367,7 @@ async def test_lag_is_exposed_as_metrics_and_health(services: Services) -> None:
         writer = LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis)
         await writer.ensure_group()
         server = await serve_metrics(WriterMetrics(writer), "127.0.0.1:0")
-        port = server.sockets[0].getsockname()[1]
+        port = server.port
 
         async def get(path: str) -> str:
             reader, stream = await asyncio.open_connection("127.0.0.1", port)
