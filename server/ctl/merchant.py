@@ -25,81 +25,20 @@ from typing import Any, TypeVar, cast
 import click
 import yaml
 from google.protobuf.message import Message
-from subsidy_client import SignedClient, SubsidyError
+from subsidy_client import MerchantClient, SubsidyError
 from subsidy_client.errors import NotFound
 from subsidy_client.v1 import common_pb2, merchant_pb2
 
-from server.ctl.common import Settings, emit, format_table, new_request_id, pass_settings, run
+from server.ctl.common import Settings, emit, format_table, pass_settings, run
 
 T = TypeVar("T")
 C = TypeVar("C")
-SERVICE = "/subsidy.v1.MerchantService/"
 # Fixed forever: changing it would turn every re-run of an applied file into new actions.
 ONBOARD_NAMESPACE = uuid.UUID("6f4d6a52-2b7e-4f0c-9a57-3c1d2f8b9e10")
 SECRET_WARNING = (
     "WARNING: the secrets above are shown this once. Store each in its terminal's secure storage now;"
     " they cannot be shown again (rotate-credential issues a new one)."
 )
-
-
-class MerchantClient(SignedClient):
-    """MerchantService calls, signed with an operator's credential."""
-
-    async def create_merchant(self, request: merchant_pb2.CreateMerchantRequest) -> merchant_pb2.CreateMerchantResponse:
-        return await self._call(SERVICE + "CreateMerchant", request, merchant_pb2.CreateMerchantResponse)
-
-    async def get_merchant(self, merchant_id: str) -> merchant_pb2.Merchant:
-        request = merchant_pb2.GetMerchantRequest(merchant_id=merchant_id)
-        response = await self._call(SERVICE + "GetMerchant", request, merchant_pb2.GetMerchantResponse)
-        return response.merchant
-
-    async def create_store(self, request: merchant_pb2.CreateStoreRequest) -> merchant_pb2.CreateStoreResponse:
-        return await self._call(SERVICE + "CreateStore", request, merchant_pb2.CreateStoreResponse)
-
-    async def create_terminal(self, request: merchant_pb2.CreateTerminalRequest) -> merchant_pb2.CreateTerminalResponse:
-        return await self._call(SERVICE + "CreateTerminal", request, merchant_pb2.CreateTerminalResponse)
-
-    async def rotate_terminal_credential(
-        self, terminal_id: str, *, request_id: str | None = None
-    ) -> merchant_pb2.RotateTerminalCredentialResponse:
-        request = merchant_pb2.RotateTerminalCredentialRequest(
-            request_id=request_id or new_request_id(), terminal_id=terminal_id
-        )
-        return await self._call(
-            SERVICE + "RotateTerminalCredential", request, merchant_pb2.RotateTerminalCredentialResponse
-        )
-
-    async def set_merchant_status(
-        self,
-        merchant_id: str,
-        status: merchant_pb2.PartyStatus.ValueType,
-        reason: str = "",
-        *,
-        request_id: str | None = None,
-    ) -> merchant_pb2.SetMerchantStatusResponse:
-        request = merchant_pb2.SetMerchantStatusRequest(
-            request_id=request_id or new_request_id(),
-            merchant_id=merchant_id,
-            status=status,
-            reason=reason,
-        )
-        return await self._call(SERVICE + "SetMerchantStatus", request, merchant_pb2.SetMerchantStatusResponse)
-
-    async def set_terminal_status(
-        self,
-        terminal_id: str,
-        status: merchant_pb2.PartyStatus.ValueType,
-        reason: str = "",
-        *,
-        request_id: str | None = None,
-    ) -> merchant_pb2.SetTerminalStatusResponse:
-        request = merchant_pb2.SetTerminalStatusRequest(
-            request_id=request_id or new_request_id(),
-            terminal_id=terminal_id,
-            status=status,
-            reason=reason,
-        )
-        return await self._call(SERVICE + "SetTerminalStatus", request, merchant_pb2.SetTerminalStatusResponse)
 
 
 # --- The onboarding file ----------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Errors as google.rpc.Status with exactly one ErrorInfo, and the interceptor that maps
-every failure of a handler to one.
+"""Errors as google.rpc.Status with exactly one ErrorInfo (and, for an invalid field, a
+google.rpc.BadRequest), and the interceptor that maps every failure of a handler to one.
 
 Three causes, three treatments: the caller's bad input (``ApiError`` with a precise code and
 reason, or the domain's ``InvalidField`` from a pure check, answered INVALID_ARGUMENT naming
@@ -64,10 +64,21 @@ def invalid_field(field: str, message: str) -> ApiError:
 
 
 def to_status(error: ApiError) -> Any:
+    """Exactly one ErrorInfo; an invalid field (INVALID_ARGUMENT naming ``metadata.field``) also
+    the standard google.rpc.BadRequest with one FieldViolation, for generic gRPC tooling."""
     info = error_details_pb2.ErrorInfo(reason=error.reason_name, domain=DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    details = [detail]
+    field = error.metadata.get("field")
+    if field and error.code == grpc.StatusCode.INVALID_ARGUMENT:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=field, description=error.message.removeprefix(f"{field}: ")
+        )
+        bad_request = any_pb2.Any()
+        bad_request.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        details.append(bad_request)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 
 

@@ -893,13 +893,27 @@ def parse_error(method: str, error: grpc.aio.AioRpcError, sent: Any) -> Outcome:
     require(code != grpc.StatusCode.DEADLINE_EXCEEDED, f"{method} hung past its {CALL_DEADLINE_S} s deadline", sent)
     status = rpc_status.from_call(error)
     require(status is not None, f"{method} {code.name} without a google.rpc.Status", error.details(), sent)
-    infos = []
+    infos, bad_requests = [], []
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
+        bad_request = error_details_pb2.BadRequest()
         if detail.Unpack(info):
             infos.append(info)
+        elif detail.Unpack(bad_request):
+            bad_requests.append(bad_request)
     require(len(infos) == 1, f"{method} {code.name} without exactly one ErrorInfo", status, sent)
     info = infos[0]
+    # An invalid field also carries the standard BadRequest, naming the same field; nothing else does.
+    if code == grpc.StatusCode.INVALID_ARGUMENT and info.metadata.get("field"):
+        require(
+            len(bad_requests) == 1
+            and [violation.field for violation in bad_requests[0].field_violations] == [info.metadata["field"]],
+            f"{method} INVALID_ARGUMENT without one BadRequest naming metadata.field",
+            status,
+            sent,
+        )
+    else:
+        require(not bad_requests, f"{method} {code.name} with a BadRequest", status, sent)
     require(info.domain == "subsidy.gateway", f"{method} ErrorInfo of another domain", info, sent)
     require(
         (code.name, info.reason) in ALLOWED_ERRORS[method],

@@ -94,13 +94,16 @@ async def test_malformed_authorize_is_invalid_argument_and_changes_nothing(
     request_message: pb.AuthorizeRequest,
     field: str,
 ) -> None:
-    """Each malformed request: INVALID_ARGUMENT, ErrorInfo naming the field, Redis untouched."""
+    """Each malformed request: INVALID_ARGUMENT, ErrorInfo naming the field and the standard
+    BadRequest with one FieldViolation for the same field, Redis untouched."""
     before = await snapshot(redis, environment.keys)
     with pytest.raises(InvalidArgument) as raised:
         await client.send_authorize(request_message)
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.reason in ("INVALID_FIELD", "TOO_MANY_LINES")
     assert raised.value.metadata["field"] == field
+    [(violation_field, description)] = raised.value.field_violations
+    assert violation_field == field and description
     assert await snapshot(redis, environment.keys) == before
 
 

@@ -23,20 +23,23 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from redis.asyncio import Redis
-from subsidy_client import AuthorizationClient, Line, RetryPolicy, SubsidyError, signing
+from subsidy_client import AuthorizationClient, Line, MerchantClient, RetryPolicy, signing
 from subsidy_client.errors import (
+    AlreadyExists,
+    FailedPrecondition,
     IdempotencyConflict,
     InvalidArgument,
     InvalidState,
     NotFound,
     PermissionDenied,
+    StoreOutsideRegion,
     Unauthenticated,
 )
 from subsidy_client.v1 import authorization_pb2, common_pb2
 from subsidy_client.v1 import merchant_pb2 as pb
 
 from server.ctl import main as subsidyctl
-from server.ctl.merchant import MerchantClient, parse_onboarding
+from server.ctl.merchant import parse_onboarding
 from server.domain.geo import Point, distance_m
 from server.domain.merchants import is_valid_licence_number, licence_check_character
 from storage.devenv import Services
@@ -251,8 +254,10 @@ async def test_store_outside_every_region_is_refused_with_a_clear_reason(world: 
     merchant_id = unique("m")
     await world.operator.create_merchant(merchant_request(merchant_id))
     request = physical_store(unique("s"), merchant_id, location(WEST_LAKE_WGS84.latitude, WEST_LAKE_WGS84.longitude))
-    with pytest.raises(InvalidState) as raised:
+    with pytest.raises(StoreOutsideRegion) as raised:
         await world.operator.create_store(request)
+    # Chosen by the reason: a precondition, not a lifecycle state (earlier clients said InvalidState).
+    assert isinstance(raised.value, FailedPrecondition) and not isinstance(raised.value, InvalidState)
     assert raised.value.code.name == "FAILED_PRECONDITION"
     assert raised.value.reason == "STORE_OUTSIDE_REGION"
     assert raised.value.metadata["field"] == "store.location"
@@ -283,7 +288,7 @@ async def test_gcj02_point_across_the_district_line_is_refused(world: World) -> 
     merchant_id = unique("m")
     await world.operator.create_merchant(merchant_request(merchant_id))
     given = location(*ACROSS_THE_LINE_GCJ02, system=common_pb2.COORDINATE_SYSTEM_GCJ02)
-    with pytest.raises(InvalidState) as raised:
+    with pytest.raises(StoreOutsideRegion) as raised:
         await world.operator.create_store(physical_store(unique("s"), merchant_id, given))
     assert raised.value.reason == "STORE_OUTSIDE_REGION"
 
@@ -502,9 +507,11 @@ async def test_unknown_objects_are_not_found_and_duplicates_already_exist(world:
         world.operator.create_terminal(terminal_request("t-main-01", store_id)),
         world.operator.create_terminal(terminal_request(OPERATOR, store_id)),
     ):
-        with pytest.raises(SubsidyError) as raised:
+        with pytest.raises(AlreadyExists) as raised:
             await duplicate
         assert (raised.value.code.name, raised.value.reason) == ("ALREADY_EXISTS", "ALREADY_EXISTS")
+        # Chosen by the reason: an existing object is not an idempotency conflict.
+        assert not isinstance(raised.value, IdempotencyConflict)
 
 
 # --- Idempotency and audit --------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Python client for the subsidy authorization gateway.
 
 ``subsidy_client.v1`` holds the generated protobuf and gRPC code (with typed stubs);
-``AuthorizationClient`` is the thin typed client partner apps and terminals use.
+``AuthorizationClient`` is the thin typed client terminals use, ``QualificationClient`` partner
+apps', ``ExchangeClient`` other providers', ``MerchantClient`` and ``ReportingClient`` operators';
+``subsidy_client.errors`` the exceptions, one class per ErrorInfo reason.
 """
 
 from subsidy_client.client import (
     AuthorizationClient,
     ExchangeClient,
     Line,
+    MerchantClient,
     QualificationClient,
     ReportingClient,
     RetryPolicy,
@@ -21,6 +24,7 @@ __all__ = [
     "AuthorizationClient",
     "ExchangeClient",
     "Line",
+    "MerchantClient",
     "QualificationClient",
     "ReportingClient",
     "RetryPolicy",

@@ -4,7 +4,7 @@
 - Every call has a deadline (``deadline_s``); a retry gets what is left of an overall budget.
 - Retries UNAVAILABLE and DEADLINE_EXCEEDED with the *same* request_id, so the gateway's
   idempotency turns a retry into the first answer rather than a second reservation.
-- Raises the ``subsidy_client.errors`` subclass matching each failure.
+- Raises the ``subsidy_client.errors`` class of each failure's ErrorInfo reason.
 
 Example::
 
@@ -29,16 +29,23 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from subsidy_client import signing
-from subsidy_client.errors import DeadlineExceeded, SubsidyError, Unavailable, from_rpc_error
+from subsidy_client.errors import RETRYABLE_CODES, SubsidyError, from_rpc_error
 from subsidy_client.v1 import authorization_pb2 as pb
-from subsidy_client.v1 import common_pb2, diagnostics_pb2, exchange_pb2, qualification_pb2, reporting_pb2
+from subsidy_client.v1 import (
+    common_pb2,
+    diagnostics_pb2,
+    exchange_pb2,
+    merchant_pb2,
+    qualification_pb2,
+    reporting_pb2,
+)
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 SERVICE = "/subsidy.v1.AuthorizationService/"
 REPORTING = "/subsidy.v1.ReportingService/"
 QUALIFICATION = "/subsidy.v1.QualificationService/"
 EXCHANGE = "/subsidy.v1.ExchangeService/"
-RETRYABLE = (Unavailable, DeadlineExceeded)
+MERCHANT = "/subsidy.v1.MerchantService/"
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,9 @@ class SignedClient:
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
             last_attempt = attempt == self._retry.max_attempts
-            if not isinstance(error, RETRYABLE) or last_attempt:
+            # By status code, not class: a reason that means "missing" under another code
+            # (FAILED_PRECONDITION / DEPENDENCY_UNAVAILABLE: no programme key) is not retried.
+            if error.code not in RETRYABLE_CODES or last_attempt:
                 raise error
             backoff_s = min(self._retry.backoff_max_s, self._retry.backoff_initial_s * 2 ** (attempt - 1))
             backoff_s *= random.uniform(0.5, 1.0)
@@ -346,10 +355,65 @@ class ReportingClient(SignedClient):
         return await self._call(REPORTING + "GetLedgerStatus", request, reporting_pb2.GetLedgerStatusResponse)
 
 
+class MerchantClient(SignedClient):
+    """For operators: MerchantService calls (merchants, stores, terminals and their credentials)."""
+
+    async def create_merchant(self, request: merchant_pb2.CreateMerchantRequest) -> merchant_pb2.CreateMerchantResponse:
+        return await self._call(MERCHANT + "CreateMerchant", request, merchant_pb2.CreateMerchantResponse)
+
+    async def get_merchant(self, merchant_id: str) -> merchant_pb2.Merchant:
+        request = merchant_pb2.GetMerchantRequest(merchant_id=merchant_id)
+        response = await self._call(MERCHANT + "GetMerchant", request, merchant_pb2.GetMerchantResponse)
+        return response.merchant
+
+    async def create_store(self, request: merchant_pb2.CreateStoreRequest) -> merchant_pb2.CreateStoreResponse:
+        return await self._call(MERCHANT + "CreateStore", request, merchant_pb2.CreateStoreResponse)
+
+    async def create_terminal(self, request: merchant_pb2.CreateTerminalRequest) -> merchant_pb2.CreateTerminalResponse:
+        return await self._call(MERCHANT + "CreateTerminal", request, merchant_pb2.CreateTerminalResponse)
+
+    async def rotate_terminal_credential(
+        self, terminal_id: str, *, request_id: str | None = None
+    ) -> merchant_pb2.RotateTerminalCredentialResponse:
+        request = merchant_pb2.RotateTerminalCredentialRequest(
+            request_id=request_id or str(uuid.uuid4()), terminal_id=terminal_id
+        )
+        return await self._call(
+            MERCHANT + "RotateTerminalCredential", request, merchant_pb2.RotateTerminalCredentialResponse
+        )
+
+    async def set_merchant_status(
+        self,
+        merchant_id: str,
+        status: merchant_pb2.PartyStatus.ValueType,
+        reason: str = "",
+        *,
+        request_id: str | None = None,
+    ) -> merchant_pb2.SetMerchantStatusResponse:
+        request = merchant_pb2.SetMerchantStatusRequest(
+            request_id=request_id or str(uuid.uuid4()), merchant_id=merchant_id, status=status, reason=reason
+        )
+        return await self._call(MERCHANT + "SetMerchantStatus", request, merchant_pb2.SetMerchantStatusResponse)
+
+    async def set_terminal_status(
+        self,
+        terminal_id: str,
+        status: merchant_pb2.PartyStatus.ValueType,
+        reason: str = "",
+        *,
+        request_id: str | None = None,
+    ) -> merchant_pb2.SetTerminalStatusResponse:
+        request = merchant_pb2.SetTerminalStatusRequest(
+            request_id=request_id or str(uuid.uuid4()), terminal_id=terminal_id, status=status, reason=reason
+        )
+        return await self._call(MERCHANT + "SetTerminalStatus", request, merchant_pb2.SetTerminalStatusResponse)
+
+
 __all__ = [
     "AuthorizationClient",
     "ExchangeClient",
     "Line",
+    "MerchantClient",
     "QualificationClient",
     "ReportingClient",
     "RetryPolicy",
