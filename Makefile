@@ -30,7 +30,9 @@ LOCK_DIR ?=
 LOCK_FLAGS = --quiet --universal --python-version 3.11 --generate-hashes \
 	--no-emit-package subsidy-client --no-emit-package subsidy-gateway \
 	--custom-compile-command 'make lock' $(UPGRADE)
-lock: $(STAMP)
+# Order-only: the pins just edited are not in the lock yet, so the virtualenv must not be
+# reinstalled (and pip-checked) from the old lock first; it only has to exist.
+lock: | $(STAMP)
 	printf '%s\n' '-e ./clients/python' '-e .[dev]' \
 	  | $(VENV)/bin/uv pip compile $(LOCK_FLAGS) -o $(LOCK_DIR)requirements-dev.lock -
 	printf '%s\n' '-e ./clients/python' '-e .' \
