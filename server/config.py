@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -77,6 +78,14 @@ class Config:
     # with AES-256-GCM; see docs/privacy.md): at least 32 bytes, never shared, kept off the
     # database hosts. Without it no mask is stored and Get/List return them empty.
     local_data_key: str = ""
+    # T+1 daily reports (server/domain/daily_report.py): a business day is a calendar day in
+    # this IANA time zone and closes at this HH:MM on the following day (a grace period for
+    # events still on their way into the ledger); the ledger writer process publishes closed
+    # days, checking every report_check_interval_s, unless report_schedule is off.
+    report_timezone: str = "Asia/Shanghai"
+    report_cutoff: str = "00:30"
+    report_schedule: bool = True
+    report_check_interval_s: int = 60
 
     def __post_init__(self) -> None:
         if not LISTEN_PATTERN.match(self.listen):
@@ -129,6 +138,13 @@ class Config:
             raise ConfigError("SUBSIDY_MTLS_LISTEN must be host:port and needs SUBSIDY_TLS_CLIENT_CA")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("SUBSIDY_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+        if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]", self.report_cutoff):
+            raise ConfigError(f"SUBSIDY_REPORT_CUTOFF must be HH:MM (00:00-23:59), got {self.report_cutoff!r}")
+        try:
+            zoneinfo.ZoneInfo(self.report_timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:
+            raise ConfigError(f"SUBSIDY_REPORT_TIMEZONE: unknown time zone {self.report_timezone!r}") from error
+        _positive("SUBSIDY_REPORT_CHECK_INTERVAL_S", self.report_check_interval_s, 86_400)
 
     @property
     def port(self) -> int:

@@ -41,3 +41,8 @@ main.add_command(campaign.budget)
 main.add_command(catalog.catalog)
 main.add_command(merchant.merchant)
 main.add_command(certs.dev_certs)
+
+# The T+1 daily reports (server/ctl/report.py).
+from server.ctl import report  # noqa: E402
+
+main.add_command(report.report)

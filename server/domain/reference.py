@@ -105,12 +105,19 @@ class Merchant:
     terminals: Sequence[Terminal] = field(default_factory=tuple)
 
 
+# The roles of staff credentials (``operators:`` in a reference file): the provider's
+# operators, the bureau's read-only government users (daily reports; later the live stream,
+# the dashboard and the archive) and its auditors (the audit archive only).
+STAFF_ROLES = ("operator", "government", "auditor")
+
+
 @dataclass(frozen=True)
 class Operator:
     operator_id: str
     name: str
     status: str
     secret: str | None  # None: issue one when loading
+    role: str = "operator"  # one of STAFF_ROLES
 
 
 @dataclass(frozen=True)
@@ -347,6 +354,7 @@ def parse_operator(record: Mapping[str, Any], path: str) -> Operator:
         name=str(_require(record, "name", path)),
         status=_choice(record, "status", path, ("ACTIVE", "SUSPENDED"), "ACTIVE"),
         secret=record.get("secret"),
+        role=_choice(record, "role", path, STAFF_ROLES, "operator"),
     )
 
 

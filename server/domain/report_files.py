@@ -129,13 +129,21 @@ def _text(column: Column, item: Any) -> str:
     return yuan(value) if column.money else str(value)
 
 
+def csv_head(columns: tuple[Column, ...]) -> bytes:
+    """The CSV's first line: a BOM and the headers (业务日期 first)."""
+    return BOM.encode("utf-8") + _csv_line(["业务日期", *(column.title for column in columns)])
+
+
+def csv_line(header: ReportHeader, columns: tuple[Column, ...], item: Any) -> bytes:
+    """One row or budget line; amounts in yuan with two decimals."""
+    return _csv_line([header.business_date.isoformat(), *(_text(column, item) for column in columns)])
+
+
 def csv_lines(header: ReportHeader, columns: tuple[Column, ...], items: Iterable[Any]) -> Iterator[bytes]:
-    """The CSV, one line of bytes at a time: a BOM and the headers (业务日期 first), then a
-    line per row or budget line; amounts in yuan with two decimals."""
-    day = header.business_date.isoformat()
-    yield BOM.encode("utf-8") + _csv_line(["业务日期", *(column.title for column in columns)])
+    """The CSV, one line of bytes at a time."""
+    yield csv_head(columns)
     for item in items:
-        yield _csv_line([day, *(_text(column, item) for column in columns)])
+        yield csv_line(header, columns, item)
 
 
 def money(fen: int) -> Decimal:

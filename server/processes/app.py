@@ -24,6 +24,8 @@ from subsidy_client.v1 import (
     campaign_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
+    daily_report_pb2,
+    daily_report_pb2_grpc,
     diagnostics_pb2,
     diagnostics_pb2_grpc,
     exchange_pb2,
@@ -37,6 +39,7 @@ from subsidy_client.v1 import (
 )
 
 from server.config import Config
+from server.domain.daily_report import BusinessCalendar
 from server.processes.http import HttpEndpoint, serve_gateway_metrics
 from server.processes.sweeper import run_sweeper
 from server.rpc.auth import AuthInterceptor
@@ -45,6 +48,7 @@ from server.rpc.tls import CertificateReloader, ClientCertificatePolicy, bind, c
 from server.services.authorization import AuthorizationService
 from server.services.campaigns import CampaignService
 from server.services.catalog import CatalogService
+from server.services.daily_reports import DailyReportService
 from server.services.diagnostics import DiagnosticsService
 from server.services.exchange import ExchangeService
 from server.services.merchants import MerchantService
@@ -63,6 +67,7 @@ SERVICE_NAMES = (
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
     reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
+    daily_report_pb2.DESCRIPTOR.services_by_name["DailyReportService"].full_name,
     campaign_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
@@ -172,6 +177,9 @@ async def create_server(config: Config) -> Application:
         operator_pool = LazyPool(config.pg_dsn)
         deps = OperatorDeps(operator_pool, store)
         reporting_pb2_grpc.add_ReportingServiceServicer_to_server(ReportingService(deps), server)
+        daily_report_pb2_grpc.add_DailyReportServiceServicer_to_server(
+            DailyReportService(deps, BusinessCalendar(config.report_timezone, config.report_cutoff)), server
+        )
         campaign_pb2_grpc.add_CampaignServiceServicer_to_server(CampaignService(deps), server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogService(deps), server)
         merchant_pb2_grpc.add_MerchantServiceServicer_to_server(MerchantService(deps), server)

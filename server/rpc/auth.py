@@ -17,7 +17,7 @@ import contextvars
 import hmac
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,10 @@ PROTECTED_PREFIX = "/subsidy.v1."
 # Callers: cashier terminals (with their merchant), operators (staff and auditors), partner
 # consumer apps (QualificationService) and other service providers (ExchangeService).
 TERMINAL, OPERATOR, PARTNER, PROVIDER = "terminal", "operator", "partner", "provider"
+# The bureau's own staff (``operators:`` with ``role:`` in reference data): government users
+# read (the daily reports; later the live stream, the dashboard and the audit archive), auditors
+# take the audit archive only. Every other service names one role, so refuses them both.
+GOVERNMENT, AUDITOR = "government", "auditor"
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,18 @@ def caller(role: str | None = None) -> Caller:
     return identity
 
 
+def caller_in(*roles: str) -> Caller:
+    """The authenticated caller, when its role is one of ``roles``; PERMISSION_DENIED otherwise."""
+    identity = current_caller.get()
+    if identity.role not in roles:
+        raise ApiError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            common_pb2.ERROR_REASON_PERMISSION_DENIED,
+            f"this method is for {' or '.join(roles)} credentials",
+        )
+    return identity
+
+
 def unauthenticated(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAUTHENTICATED, common_pb2.ERROR_REASON_UNAUTHENTICATED, message)
 
@@ -75,7 +91,7 @@ async def claim_operator_nonce(credentials: CredentialCache, identity: Caller) -
     """Operator and provider calls record their nonce here (one Redis call, off the hot path);
     terminal and partner calls record it inside their own script or handler, in the same round
     trip as the call."""
-    if identity.role not in (OPERATOR, PROVIDER):
+    if identity.role not in (OPERATOR, PROVIDER, GOVERNMENT, AUDITOR):
         return
     if not await credentials.claim_nonce(identity.terminal_id, identity.nonce):
         raise unauthenticated("nonce already used; sign every attempt with a fresh nonce")
@@ -148,6 +164,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.stream_unary is not None:
             return self._stream_unary(handler, method)
+        if handler.unary_stream is not None:
+            return self._unary_stream(handler, method)
         if handler.unary_unary is None:
             raise RuntimeError(f"{method}: only unary and client-streaming methods are authenticated")
         behavior = handler.unary_unary
@@ -193,5 +211,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(
             authenticated,
             request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """Server-streaming calls (a daily report's rows): one request, signed over its bytes
+        exactly as a unary call; the handler is an async generator of responses."""
+        behavior = handler.unary_stream
+        deserialize = handler.request_deserializer
+
+        def keep_bytes(body: bytes) -> tuple[bytes, Any]:
+            try:
+                return body, deserialize(body)
+            except DecodeError:
+                return body, None
+
+        async def authenticated(request: tuple[bytes, Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            body, message = request
+            identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
+            await self._transport_check(identity, context)
+            await claim_operator_nonce(self._credentials, identity)
+            current_caller.set(identity)
+            if message is None:
+                raise invalid_field("request", "is not a valid protobuf message for this method")
+            async for response in behavior(message, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            authenticated,
+            request_deserializer=keep_bytes,
             response_serializer=handler.response_serializer,
         )

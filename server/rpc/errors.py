@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -179,6 +179,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
+        if handler is not None and handler.unary_stream is not None:
+            return self._guard_stream(handler, handler_call_details.method)
         if handler is None or (handler.unary_unary is None and handler.stream_unary is None):
             return handler
         behavior: Behavior = handler.unary_unary or handler.stream_unary
@@ -213,6 +215,41 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         )
         return make_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _guard_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """Server-streaming calls (an async generator of responses): a failure before or
+        between responses ends the stream with the same rich status as a unary call's."""
+        behavior = handler.unary_stream
+        metrics = self._metrics.get(method)
+        if metrics is None:
+            metrics = self._metrics[method] = CallMetrics(method)
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = metrics.started()
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                metrics.done(started, "ABORTED_BY_HANDLER")
+                raise
+            except asyncio.CancelledError:
+                metrics.done(started, "CANCELLED")
+                log.info("call cancelled", extra={"method": method})
+                raise
+            except Exception as exception:
+                error = classify(exception)
+                metrics.done(started, error.code.name)
+                if error.code != grpc.StatusCode.INTERNAL:
+                    self._rejections.rejected(method, error.code.name, error.reason_name)
+                await context.abort_with_status(to_status(error))
+            else:
+                metrics.done(started, "OK")
+
+        return grpc.unary_stream_rpc_method_handler(
             guarded,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

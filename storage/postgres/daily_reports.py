@@ -509,3 +509,17 @@ async def verify(connection: asyncpg.Connection, day: date) -> bool | None:
 async def last_published_day(connection: asyncpg.Connection) -> date | None:
     value: date | None = await connection.fetchval("SELECT max(business_date) FROM daily_reports")
     return value
+
+
+async def district_totals(connection: asyncpg.Connection, days: Sequence[date]) -> dict[date, dict[str, Figures]]:
+    """The district totals (day and adjustments) of published reports, by day and kind."""
+    totals: dict[date, dict[str, Figures]] = {}
+    for record in await connection.fetch(
+        "SELECT * FROM daily_report_rows WHERE business_date = ANY($1::date[]) AND level = $2",
+        list(days),
+        DISTRICT_TOTAL,
+    ):
+        totals.setdefault(record["business_date"], {})[record["kind"]] = Figures(
+            **{name: int(record[name]) for name in ROW_COLUMNS[10:]}
+        )
+    return totals

@@ -171,15 +171,16 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                 credentials[terminal.terminal_id] = secret
         for operator in data.operators:
             credentials[operator.operator_id] = await connection.fetchval(
-                "INSERT INTO operators (operator_id, name, status, secret) VALUES ($1, $2, $3, $4)"
+                "INSERT INTO operators (operator_id, name, status, secret, role) VALUES ($1, $2, $3, $4, $6)"
                 " ON CONFLICT (operator_id) DO UPDATE SET name = excluded.name, status = excluded.status,"
-                " secret = CASE WHEN $5 THEN excluded.secret ELSE operators.secret END, updated_at = now()"
-                " RETURNING secret",
+                " secret = CASE WHEN $5 THEN excluded.secret ELSE operators.secret END, role = excluded.role,"
+                " updated_at = now() RETURNING secret",
                 operator.operator_id,
                 operator.name,
                 operator.status,
                 operator.secret or issue_terminal_secret(),
                 operator.secret is not None,
+                operator.role,
             )
         for partner in data.partners:
             credentials[partner.partner_id] = await connection.fetchval(
@@ -248,7 +249,7 @@ async def fetch_reference(
             "merchant_id",
             merchant_ids,
         )
-        operators = await rows("SELECT operator_id, status, secret FROM operators", "operator_id", operator_ids)
+        operators = await rows("SELECT operator_id, status, secret, role FROM operators", "operator_id", operator_ids)
         # Few rows, changed only by reference loads: always published whole.
         partners = await rows(
             "SELECT partner_id, kind, status, secret, require_client_certificate FROM partners", "partner_id", None

@@ -26,7 +26,7 @@ MISSES_MAX = 10_000
 class Credential:
     merchant_id: str
     secret: str
-    role: str  # terminal, operator, partner or provider (server/rpc/auth.py)
+    role: str  # terminal, operator, government, auditor, partner or provider (server/rpc/auth.py)
     # The caller must connect with a client certificate naming it (reference data's
     # require_client_certificate; checked by server/rpc/tls.py).
     require_client_certificate: bool = False

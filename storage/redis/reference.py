@@ -124,7 +124,8 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
             # A suspended operator's credential is withdrawn; a suspended terminal's is kept so
             # that its calls get the TERMINAL_INACTIVE decline.
             if operator["status"] == "ACTIVE":
-                record = {"role": "operator", "merchant": "", "secret": operator["secret"]}
+                # operator, government or auditor (migration 0010; server/rpc/auth.py)
+                record = {"role": operator.get("role", "operator"), "merchant": "", "secret": operator["secret"]}
                 pipe.hset(keys.credentials, operator["operator_id"], orjson.dumps(record))
             else:
                 pipe.hdel(keys.credentials, operator["operator_id"])
