@@ -81,11 +81,18 @@ def raise_script_error(body: Mapping[str, Any]) -> None:
 TIMESTAMP_SECONDS_MIN, TIMESTAMP_SECONDS_MAX = -62_135_596_800, 253_402_300_799
 
 
+TIMESTAMP_RANGE = "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0-999999999)"
+
+
+def timestamp_in_range(stamp: Timestamp) -> bool:
+    return TIMESTAMP_SECONDS_MIN <= stamp.seconds <= TIMESTAMP_SECONDS_MAX and 0 <= stamp.nanos <= 999_999_999
+
+
 def checked_timestamp(stamp: Timestamp, field: str) -> Timestamp:
     """A request's Timestamp, or INVALID_ARGUMENT naming the field when it is no valid
     Timestamp (protobuf's conversions raise ValueError on those, which would be INTERNAL)."""
-    if not TIMESTAMP_SECONDS_MIN <= stamp.seconds <= TIMESTAMP_SECONDS_MAX or not 0 <= stamp.nanos <= 999_999_999:
-        raise invalid_field(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0-999999999)")
+    if not timestamp_in_range(stamp):
+        raise invalid_field(field, TIMESTAMP_RANGE)
     return stamp
 
 

@@ -25,7 +25,14 @@ from server.domain.geo import CoordinateError, Region, region_from_text
 from server.domain.reference import CATEGORY, IDENTIFIER
 from server.rpc.auth import PARTNER, caller
 from server.rpc.errors import ApiError, invalid_field
-from server.services.common import checked_timestamp, payload_hash, raise_script_error, timestamp_ms, wgs84_point
+from server.services.common import (
+    TIMESTAMP_RANGE,
+    payload_hash,
+    raise_script_error,
+    timestamp_in_range,
+    timestamp_ms,
+    wgs84_point,
+)
 from storage.redis.store import CancelInput, ClaimInput, RedisStore
 
 pb = qualification_pb2
@@ -174,14 +181,15 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
             raise invalid_field("device_location.location", "is required")
         device = request.device_location
         now_ms = int(time.time() * 1000)
-        fix_ms = (
-            checked_timestamp(device.fix_time, "device_location.fix_time").ToMilliseconds()
-            if device.HasField("fix_time")
-            else 0
-        )
+        # A fix time outside the Timestamp range is refused like any other impossible fix time,
+        # after the location and the accuracy (the order the fields are checked in).
+        in_range = not device.HasField("fix_time") or timestamp_in_range(device.fix_time)
+        fix_ms = device.fix_time.ToMilliseconds() if device.HasField("fix_time") and in_range else 0
         try:
             point = wgs84_point(device.location)
-            location.check_fix(device.location.accuracy_m, fix_ms, now_ms)
+            location.check_fix(device.location.accuracy_m, fix_ms if in_range else now_ms, now_ms)
+            if not in_range:
+                raise CoordinateError("fix_time", TIMESTAMP_RANGE)
         except CoordinateError as error:
             prefix = "device_location" if error.field == "fix_time" else "device_location.location"
             raise invalid_field(f"{prefix}.{error.field}", error.reason) from None
