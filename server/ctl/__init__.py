@@ -46,3 +46,8 @@ main.add_command(certs.dev_certs)
 from server.ctl import report  # noqa: E402
 
 main.add_command(report.report)
+
+# The audit archive (server/ctl/audit.py).
+from server.ctl import audit  # noqa: E402
+
+main.add_command(audit.audit)
