@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 import zipfile
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -24,10 +25,13 @@ from typing import Any
 import asyncpg
 import orjson
 from redis.asyncio import Redis
+from subsidy_client import RetryPolicy, SignedClient
+from subsidy_client.v1 import campaign_pb2 as cpb
 
 from server.domain.daily_report import BusinessCalendar
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
 from server.domain.posting import GENESIS_HASH
+from server.processes.app import Application
 from storage.devenv import Services
 from storage.postgres import daily_reports
 from storage.postgres.ledger import parse_event, write_batch
@@ -39,6 +43,7 @@ CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
 FIRST_DAY = date(2026, 3, 1)
 DAYS = 3
 # The bare interpreter under the virtualenv: the standard library and nothing else.
+CAMPAIGNS = "/subsidy.v1.CampaignService/"
 BARE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 
 
@@ -81,8 +86,22 @@ async def generated_days(env: Environment) -> None:
         await connection.close()
 
 
-async def real_traffic(env: Environment, client: Any) -> None:
+async def real_traffic(env: Environment, gateway: Application, client: Any) -> None:
+    """Sales through the gateway, drained by the ledger writer, and an operator's rule change
+    over CampaignService (recorded in operator_actions as it happens)."""
     await traffic(client, 8)
+    operator = SignedClient(
+        f"127.0.0.1:{gateway.port}", "op-auditor", env.credentials["op-auditor"], retry=RetryPolicy(max_attempts=1)
+    )
+    try:
+        found = await operator._call(
+            CAMPAIGNS + "GetCampaign", cpb.GetCampaignRequest(campaign_id="c-main"), cpb.GetCampaignResponse
+        )
+        found.campaign.name = found.campaign.name + " (renamed)"
+        request = cpb.UpdateCampaignRequest(request_id=str(uuid.uuid4()), campaign=found.campaign)
+        await operator._call(CAMPAIGNS + "UpdateCampaign", request, cpb.UpdateCampaignResponse)
+    finally:
+        await operator.close()
     redis = Redis.from_url(env.redis_url)
     try:
         await LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis).drain()
@@ -139,9 +158,9 @@ def fix_manifest(archive: Path, name: str) -> None:
 async def test_an_archive_verifies_without_the_project_and_finds_one_altered_fen(
     services: Services, tmp_path: Path
 ) -> None:
-    async with ledger_world(services) as (env, _gateway, client):
+    async with ledger_world(services) as (env, gateway, client):
         await generated_days(env)
-        await real_traffic(env, client)
+        await real_traffic(env, gateway, client)
         second, third = FIRST_DAY + timedelta(days=1), FIRST_DAY + timedelta(days=2)
 
         # Days 2-3: every chain starts mid-way; the hash before it is carried in the manifest.
@@ -242,6 +261,12 @@ async def test_an_archive_verifies_without_the_project_and_finds_one_altered_fen
         assert summary["chains"]["c-main"]["last_seq"] == summary["chains"]["c-main"]["ledger_head_seq"]
         with zipfile.ZipFile(zipped) as opened:
             opened.extract("audit/verify.py", tmp_path / "script")
+            actions = [json.loads(line) for line in opened.read("audit/operator_actions.jsonl").splitlines()]
+        # The rule change made over the RPC today: who, what, which campaign, when.
+        assert [(row["operator_id"], row["action"], row["target_id"]) for row in actions] == [
+            ("op-auditor", "UpdateCampaign", "c-main")
+        ]
+        assert actions[0]["acted_at"].startswith(str(datetime.now(UTC).year))
         verified = run_verify(tmp_path / "script" / "audit", str(zipped))
         assert verified.returncode == 0, verified.stdout + verified.stderr
         assert verified.stdout.startswith("OK:"), verified.stdout
@@ -249,3 +274,35 @@ async def test_an_archive_verifies_without_the_project_and_finds_one_altered_fen
         # A path that exists is refused (exit 2); nothing is overwritten.
         status, _summary, stderr = export(env, third, today, archive)
         assert status == 2 and "exists already" in stderr
+
+
+def test_without_a_database_it_is_one_line_and_its_exit_status(tmp_path: Path) -> None:
+    """No SUBSIDY_PG_DSN and nothing recorded: a usage error (2); a PostgreSQL that does not
+    answer: one line, exit status 3; nothing is written either way."""
+    environ = {name: value for name, value in os.environ.items() if name != "SUBSIDY_PG_DSN"}
+    command = [sys.executable, "-c", "from server.ctl import main; main()", "audit", "export"]
+    arguments = ["--from", "2026-03-01", "--to", "2026-03-01", "--out", str(tmp_path / "a")]
+    missing = subprocess.run(
+        [*command, *arguments], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode == 2 and "SUBSIDY_PG_DSN is not set" in missing.stderr, missing.stderr
+    down = subprocess.run(
+        [*command, *arguments],
+        cwd=tmp_path,
+        env={**environ, "SUBSIDY_PG_DSN": "postgresql://audit@127.0.0.1:1/none"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode == 3, down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1 and "PostgreSQL" in down.stderr, down.stderr
+    backwards = subprocess.run(
+        [*command, "--from", "2026-03-02", "--to", "2026-03-01", "--out", str(tmp_path / "b")],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert backwards.returncode == 2 and "before --from" in backwards.stderr, backwards.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
