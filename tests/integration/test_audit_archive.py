@@ -271,6 +271,12 @@ async def test_an_archive_verifies_without_the_project_and_finds_one_altered_fen
         assert verified.returncode == 0, verified.stdout + verified.stderr
         assert verified.stdout.startswith("OK:"), verified.stdout
 
+        # Days without any ledger entry: an archive with empty files that verifies.
+        quiet = FIRST_DAY - timedelta(days=10)
+        status, summary, stderr = export(env, quiet, quiet, tmp_path / "quiet")
+        assert status == 0 and summary["chains"] == {} and summary["files"]["ledger_entries.jsonl"] == 0, stderr
+        assert run_verify(tmp_path / "quiet").stdout.startswith("OK: 2026-02-19..2026-02-19"), summary
+
         # A path that exists is refused (exit 2); nothing is overwritten.
         status, _summary, stderr = export(env, third, today, archive)
         assert status == 2 and "exists already" in stderr
