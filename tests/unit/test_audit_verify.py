@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from server.commands import audit_verify
-from server.domain.posting import Posting, entry_hash, postings
+from server.domain.posting import FLOWS, Posting, entry_hash
 from storage.postgres.ledger import payload_digest
 
 PAYLOADS: list[dict[str, Any]] = [
@@ -26,14 +26,14 @@ def test_the_event_digest_is_orjsons(payload: dict[str, Any]) -> None:
 
 def test_the_entry_hash_and_postings_are_the_ledgers() -> None:
     lines = [{"c": "tv", "s": 700, "g": "1", "sn": ""}, {"c": "fridge", "s": 300, "g": "2"}, {"c": "tv", "s": 5}]
-    expected = audit_verify.expected_postings("REFUNDED", lines)
-
-    class Line:
-        def __init__(self, line: dict[str, Any]) -> None:
-            self.category, self.subsidy_fen = line["c"], line["s"]
-
-    ledger = postings("REFUNDED", [Line(line) for line in lines])
-    assert expected == [(item.category, item.account, item.debit_fen, item.credit_fen) for item in ledger]
+    # As server/domain/posting.py posts it: by category, debit then credit, amounts summed.
+    assert audit_verify.expected_postings("REFUNDED", lines) == [
+        ("fridge", "AVAILABLE", 300, 0),
+        ("fridge", "MERCHANT_RECEIVABLE", 0, 300),
+        ("tv", "AVAILABLE", 705, 0),
+        ("tv", "MERCHANT_RECEIVABLE", 0, 705),
+    ]
+    assert audit_verify.FLOWS == dict(FLOWS)
     posting = Posting("fridge", "AVAILABLE", 300, 0)
     entry = {
         "prev_hash": "ab" * 32,
