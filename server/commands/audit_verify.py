@@ -4,7 +4,8 @@
     python3 verify.py [ARCHIVE]        ARCHIVE: the archive's directory or .zip
                                        (default: the directory this script is in)
 
-Prints ``OK: ...`` and exits 0, or prints the first break (``BREAK: ...``) and exits 1
+Prints ``OK: ...`` and each chain's head (to compare with heads held independently) and exits
+0, or prints the first break (``BREAK: ...``) and exits 1
 (2: the archive cannot be read at all). It checks, in this order:
 
 1. files: every file the manifest lists has the SHA-256 and size the manifest gives;
@@ -335,9 +336,17 @@ def verify(path: Path) -> str:
     check_totals(manifest, entries)
     reports = check_reports(archive, manifest, entries)
     debits = sum(entry["debit_fen"] for entry in entries)
-    return (
-        f"OK: {manifest['from']}..{manifest['to']}: {len(manifest['files'])} files, {len(manifest['chains'])} chains,"
-        f" {len(entries)} entries, {len(events)} events, debits = credits = {debits} fen, {reports} daily reports"
+    heads = [
+        f"  chain {campaign}: entries {chain['first_seq']}..{chain['last_seq']}, head {chain['last_hash']}"
+        for campaign, chain in sorted(manifest["chains"].items())
+    ]
+    return "\n".join(
+        [
+            f"OK: {manifest['from']}..{manifest['to']}: {len(manifest['files'])} files, {len(manifest['chains'])}"
+            f" chains, {len(entries)} entries, {len(events)} events, debits = credits = {debits} fen,"
+            f" {reports} daily reports; compare these heads with ones held independently:",
+            *heads,
+        ]
     )
 
 

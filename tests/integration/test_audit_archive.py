@@ -203,6 +203,9 @@ async def test_an_archive_verifies_without_the_project_and_finds_one_altered_fen
         verified = run_verify(archive)
         assert verified.returncode == 0, verified.stdout + verified.stderr
         assert verified.stdout.startswith("OK: 2026-03-02..2026-03-03"), verified.stdout
+        assert f"chain c-main: entries {chain['first_seq']}..{chain['last_seq']}, head {chain['last_hash']}" in (
+            verified.stdout
+        )
 
         # One fen more in one entry, the manifest re-hashed to match: the chain names the entry.
         entries = archive / "ledger_entries.jsonl"
