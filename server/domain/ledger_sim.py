@@ -98,9 +98,13 @@ def _event(kind: str, auth: _Authorization, lines: list[dict[str, Any]], amount:
     }
 
 
-def simulate(settings: SimSettings, start_ms: int, end_ms: int, payments: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def simulate(
+    settings: SimSettings, start_ms: int, end_ms: int, payments: int, until_ms: int | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(stream entry id, event payload) in time order, for ``payments`` payments authorized
-    in [start_ms, end_ms); events due at or after ``end_ms`` are left out."""
+    in [start_ms, end_ms); events due at or after ``until_ms`` (default ``end_ms``) are left
+    out: with ``until_ms`` an hour past the end, every hold of the window is settled."""
+    until = end_ms if until_ms is None else until_ms
     rng = random.Random(settings.seed)
     consumers = settings.consumers or max(1, payments // 2)
     # Some merchants are busier than others: weights 1/rank^0.8 (a mild Zipf).
@@ -114,7 +118,7 @@ def simulate(settings: SimSettings, start_ms: int, end_ms: int, payments: int) -
     def schedule(at_ms: int, action: str, auth: _Authorization, line_ids: tuple[str, ...] = ()) -> None:
         nonlocal counter
         counter += 1
-        if at_ms < end_ms:
+        if at_ms < until:
             heapq.heappush(due, _Due(at_ms, counter, action, auth, line_ids))
 
     def stamp(at_ms: int) -> str:

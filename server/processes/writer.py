@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from server.config import Config
 from server.processes.http import HttpEndpoint, serve_http
+from server.processes.report_scheduler import ReportScheduler
 from server.rpc.tls import metrics_tls
 from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror
@@ -150,11 +151,17 @@ async def run_writer(config: Config) -> None:
         else None
     )
     mirroring = asyncio.create_task(mirror.run(stopping))
+    # T+1 daily reports: published after each cut-off, missed days caught up (report_scheduler.py).
+    reporting = (
+        asyncio.create_task(ReportScheduler(config, redis, Keys(config.redis_prefix)).run(stopping))
+        if config.report_schedule
+        else None
+    )
     try:
         await writer.run(stopping)
     finally:
         stopping.set()
-        await asyncio.gather(mirroring, return_exceptions=True)
+        await asyncio.gather(mirroring, *([reporting] if reporting else []), return_exceptions=True)
         if server is not None:
             server.close()
         await redis.aclose()

@@ -21,7 +21,7 @@ server/domain/daily_report.py; this module runs them over SQL:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
@@ -55,6 +55,7 @@ from server.domain.daily_report import (
     district_total,
 )
 from server.domain.posting import GENESIS_HASH
+from storage.postgres.ledger import LedgerEvent, parse_event, write_batch
 
 # An arbitrary constant naming the publisher's lock (storage/postgres/migrate.py uses another).
 PUBLISH_LOCK_ID = 741_852_964
@@ -506,6 +507,14 @@ async def verify(connection: asyncpg.Connection, day: date) -> bool | None:
     return hasher.hexdigest() == found.content_hash
 
 
+async def campaign_is_empty(connection: asyncpg.Connection, campaign_id: str) -> bool:
+    """Whether the ledger holds no entry of the campaign (make run's report demo)."""
+    head: int | None = await connection.fetchval(
+        "SELECT last_seq FROM ledger_chain_heads WHERE campaign_id = $1", campaign_id
+    )
+    return not head
+
+
 async def last_published_day(connection: asyncpg.Connection) -> date | None:
     value: date | None = await connection.fetchval("SELECT max(business_date) FROM daily_reports")
     return value
@@ -523,3 +532,24 @@ async def district_totals(connection: asyncpg.Connection, days: Sequence[date]) 
             **{name: int(record[name]) for name in ROW_COLUMNS[10:]}
         )
     return totals
+
+
+async def write_simulated(
+    connection: asyncpg.Connection, events: Iterable[tuple[str, dict[str, Any]]], batch: int = 5_000
+) -> int:
+    """Writes simulated ledger events (server/domain/ledger_sim.py: stream entry id, payload)
+    exactly as the ledger writer writes what it reads from the stream: parsed, then
+    ``write_batch`` (double entry, hash chain). For tests, the report benchmark and make run's
+    demo day. Returns how many it wrote."""
+    written = 0
+    pending: list[LedgerEvent] = []
+    for entry_id, payload in events:
+        pending.append(parse_event(entry_id, {b"e": orjson.dumps(payload)}))
+        if len(pending) >= batch:
+            await write_batch(connection, pending)
+            written += len(pending)
+            pending = []
+    if pending:
+        await write_batch(connection, pending)
+        written += len(pending)
+    return written

@@ -39,7 +39,6 @@ from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
 from server.processes.app import SERVICE_NAMES, Application
 from storage.devenv import Services
 from storage.postgres import daily_reports
-from storage.postgres.ledger import LedgerEvent, write_batch
 from tests.conftest import REFERENCE_FILE, Environment, isolated_environment, load_document, running_gateway
 
 CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
@@ -90,11 +89,11 @@ async def report_world(services: Services) -> AsyncIterator[World]:
             partial_refund_share=0.3,
         )
         start_ms = int(start.timestamp() * 1000)
-        events = [LedgerEvent(*item) for item in simulate(settings, start_ms, start_ms + 2 * 86_400_000, 600)]
         connection = await asyncpg.connect(env.pg_dsn, timeout=10)
         try:
-            for index in range(0, len(events), 500):
-                await write_batch(connection, events[index : index + 500])
+            await daily_reports.write_simulated(
+                connection, simulate(settings, start_ms, start_ms + 2 * 86_400_000, 600)
+            )
         finally:
             await connection.close()
         async with running_gateway(env.config()) as gateway:

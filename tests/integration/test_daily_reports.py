@@ -37,7 +37,6 @@ from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
 from storage.devenv import Services
 from storage.postgres import daily_reports
 from storage.postgres.audit import ledger_counters
-from storage.postgres.ledger import LedgerEvent, write_batch
 from tests.conftest import Environment, isolated_environment
 
 CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
@@ -71,10 +70,7 @@ def generated(days: int, payments: int, seed: int = 7, **overrides: Any) -> list
 
 
 async def write(connection: asyncpg.Connection, events: Sequence[tuple[str, dict[str, Any]]]) -> None:
-    for index in range(0, len(events), 500):
-        await write_batch(
-            connection, [LedgerEvent(entry_id, payload) for entry_id, payload in events[index : index + 500]]
-        )
+    await daily_reports.write_simulated(connection, events, batch=500)
 
 
 @asynccontextmanager
