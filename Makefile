@@ -120,8 +120,9 @@ demo-tls: $(STAMP)
 demo-mtls: $(STAMP)
 	$(PY) -m subsidy_client.demo --certs .certs --mtls
 
+## BENCH_ARGS: the suite's options, e.g. BENCH_ARGS=--quick (benchmarks/README.md).
 bench: $(STAMP)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .data .keys .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
-"""``python -m server``: the gateway (server/processes/gateway.py).
+"""``python -m server``: the gateway (server/processes/gateway.py), as ``subsidyctl serve``.
 
-An entry point only, under the name the README documents; the code lives in
+An alias kept for the server image's command, the benchmarks and the tests; the code lives in
 ``server.processes.gateway``.
 """
 

@@ -1,12 +1,9 @@
-"""``python -m server.exchange``: the exchange file commands (server/commands/exchange.py).
-
-An entry point only, under the name the README documents; the code lives in
-``server.commands.exchange``.
-"""
+"""``python -m server.exchange``: an alias of ``subsidyctl --json exchange``
+(server/ctl/exchange.py), kept under the name the tests call."""
 
 import sys
 
-from server.commands.exchange import main
+from server.ctl import alias
 
 if __name__ == "__main__":
-    sys.exit(main())
+    alias("python -m server.exchange", "exchange", sys.argv[1:])

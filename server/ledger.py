@@ -1,12 +1,9 @@
-"""``python -m server.ledger``: the ledger commands (server/commands/ledger.py).
-
-An entry point only, under the name the README documents; the code lives in
-``server.commands.ledger``.
-"""
+"""``python -m server.ledger``: an alias of ``subsidyctl --json ledger`` (server/ctl/ledger.py),
+kept under the name make run, docker-compose, CI and the tests call."""
 
 import sys
 
-from server.commands.ledger import main
+from server.ctl import alias
 
 if __name__ == "__main__":
-    sys.exit(main())
+    alias("python -m server.ledger", "ledger", sys.argv[1:])

@@ -1,12 +1,9 @@
-"""``python -m server.reference``: the reference data commands (server/commands/reference.py).
-
-An entry point only, under the name the README documents; the code lives in
-``server.commands.reference``.
-"""
+"""``python -m server.reference``: an alias of ``subsidyctl --json reference``
+(server/ctl/reference.py), kept under the name docker-compose and the tests call."""
 
 import sys
 
-from server.commands.reference import main
+from server.ctl import alias
 
 if __name__ == "__main__":
-    sys.exit(main())
+    alias("python -m server.reference", "reference", sys.argv[1:])

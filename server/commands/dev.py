@@ -20,12 +20,12 @@ examples/demo.yaml and serves on SUBSIDY_LISTEN (default 127.0.0.1:50051) with a
   status 3; see server/commands/common.py for every status.
 
 Its data persists between runs (database ``subsidy_dev``, Redis prefix ``sg``);
-``python -m server.dev --reset`` (``make reset``) forgets it.
+``make reset`` forgets it. The commands are ``subsidyctl dev run`` and ``subsidyctl dev reset``
+(server/ctl/dev.py); ``python -m server.dev [--reset]``, which make calls, is their alias.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import fcntl
 import logging
@@ -292,13 +292,9 @@ def run(prog: str, reset_only: bool) -> int:
         devenv.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m server.dev", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--reset", action="store_true", help="drop the development data instead (make reset)")
-    arguments = parser.parse_args(argv)
-    prog = "make reset" if arguments.reset else "make run"
+def start(reset_only: bool) -> int:
+    """``make run`` (or ``make reset``): the exit status."""
+    prog = "make reset" if reset_only else "make run"
     DATA_DIR.mkdir(exist_ok=True)
     lock = RunLock(DATA_DIR / RUN_LOCK)
     try:
@@ -307,10 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         _say(already_running(prog, running))
         return EXIT_ALREADY_RUNNING
     try:
-        return run_command(prog, lambda: run(prog, arguments.reset))
+        return run_command(prog, lambda: run(prog, reset_only))
     finally:
         lock.release()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,13 +12,12 @@ must not be subsidised again through another. Two ways to know:
   serial (the serial key, valued ``peer:<provider>``) or consumer category
   (``external_consumer``).
 
-Run ``python -m server.exchange --help`` for the commands.
+The commands: ``subsidyctl exchange export|import|reapply`` (server/ctl/exchange.py;
+``python -m server.exchange`` is their alias).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import hashlib
 import sys
 from collections.abc import Callable, Sequence
@@ -28,17 +27,10 @@ from pathlib import Path
 
 import asyncpg
 import orjson
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from server.commands.common import (
-    EXIT_UNAVAILABLE,
-    Unavailable,
-    missing_pg_dsn,
-    require_services,
-    use_recorded_services,
-)
-from server.config import Config, ConfigError
+from server.commands.common import EXIT_PROBLEM
+from server.config import Config
 from server.domain import exchange_file
 from server.domain.exchange_file import ConsumerRecord, ExchangeFileError, SerialRecord
 from storage.postgres import exchange as queries
@@ -48,10 +40,10 @@ from storage.redis.keys import Keys
 # China has kept UTC+8 without daylight saving since 1991: a fixed offset is exact, and needs
 # no time zone database on the host.
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
-# Redis commands per pipeline, and how often a long job reports progress (in records).
+# Redis commands per pipeline.
 REDIS_BATCH_SIZE = 1000
-PROGRESS_EVERY = 20_000
 
+# A long job's progress: called with (records done, records in all).
 Progress = Callable[[int, int], None]
 
 
@@ -146,7 +138,7 @@ class ReapplySummary:
 
 async def reapply(pool: asyncpg.Pool, redis: Redis, keys: Keys, progress: Progress | None = None) -> ReapplySummary:
     """Rewrites Redis from every record imported so far, after a Redis loss. Run it after
-    ``python -m server.ledger rebuild``, which restores our own serials (and drops every other
+    ``subsidyctl ledger rebuild``, which restores our own serials (and drops every other
     serial key): our authorizations then keep their serials and peers' records fill the rest."""
     async with pool.acquire() as connection, connection.transaction():
         consumers, serials = await queries.imported_counts(connection)
@@ -171,20 +163,6 @@ async def reapply(pool: asyncpg.Pool, redis: Redis, keys: Keys, progress: Progre
 def _advance(progress: Progress | None, done: int, total: int) -> None:
     if progress is not None:
         progress(done, total)
-
-
-def progress_printer(label: str) -> Progress:
-    """Reports a long job on stderr every PROGRESS_EVERY records and at its end; a short job
-    (a typical day's file) stays quiet."""
-    last_reported = 0
-
-    def report(done: int, total: int) -> None:
-        nonlocal last_reported
-        if total >= PROGRESS_EVERY and (done - last_reported >= PROGRESS_EVERY or done == total):
-            last_reported = done
-            print(f"{label}: {done}/{total} records written to Redis", file=sys.stderr, flush=True)
-
-    return report
 
 
 class UsageError(Exception):
@@ -234,8 +212,11 @@ async def run_export(config: Config, day: date, output: str | None) -> dict[str,
     return {**header, "file": str(path) if path else "-"}
 
 
-async def run_import(config: Config, files: Sequence[Path]) -> tuple[int, list[dict[str, object]]]:
-    """Imports each file on its own: a rejected file changes nothing and the others still go in."""
+async def run_import(
+    config: Config, files: Sequence[Path], progress: Callable[[str], Progress] | None = None
+) -> tuple[int, list[dict[str, object]]]:
+    """Imports each file on its own: a rejected file changes nothing and the others still go in.
+    ``progress``, given a file's name, returns the callback that follows its import."""
     key = exchange_key(config)
     contents = []
     for path in files:
@@ -258,12 +239,12 @@ async def run_import(config: Config, files: Sequence[Path]) -> tuple[int, list[d
                     key,
                     data,
                     own_provider_id=config.provider_id,
-                    progress=progress_printer(str(path)),
+                    progress=progress(str(path)) if progress else None,
                 )
             except ExchangeFileError as error:
                 print(f"{path}: rejected, nothing imported: {error}", file=sys.stderr)
                 results.append({"file": str(path), "rejected": str(error)})
-                status = 1
+                status = EXIT_PROBLEM
                 continue
             results.append({"file": str(path), **asdict(summary)})
     finally:
@@ -272,77 +253,12 @@ async def run_import(config: Config, files: Sequence[Path]) -> tuple[int, list[d
     return status, results
 
 
-async def run_reapply(config: Config) -> dict[str, object]:
+async def run_reapply(config: Config, progress: Progress | None = None) -> dict[str, object]:
     pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=1, timeout=10)
     redis = Redis.from_url(config.redis_url, socket_timeout=30)
     try:
-        summary = await reapply(pool, redis, Keys(config.redis_prefix), progress_printer("reapply"))
+        summary = await reapply(pool, redis, Keys(config.redis_prefix), progress)
     finally:
         await redis.aclose()
         await pool.close()
     return asdict(summary)
-
-
-def parse_day(raw: str) -> date:
-    try:
-        return date.fromisoformat(raw)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {raw!r}") from error
-
-
-EPILOG = """\
-environment: SUBSIDY_PG_DSN, SUBSIDY_REDIS_URL, SUBSIDY_REDIS_PREFIX (as for the server),
-SUBSIDY_PROVIDER_ID (ours, written into exported files) and SUBSIDY_EXCHANGE_KEY (shared with
-the other providers; export and import).
-
-exit status: 0 done; 1 a file was rejected (nothing of it was imported); 2 usage or
-configuration error; 3 PostgreSQL or Redis failed.
-"""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m server.exchange",
-        description="Daily cross-provider exchange files: export ours, import the other providers'.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    export_parser = commands.add_parser("export", help="write our signed file of one day")
-    export_parser.add_argument(
-        "--date", type=parse_day, help="the day (China Standard Time), YYYY-MM-DD; default yesterday"
-    )
-    export_parser.add_argument("--output", "-o", help="file to write, - for stdout; default <provider>-<date>.jsonl")
-    import_parser = commands.add_parser("import", help="verify and import other providers' files")
-    import_parser.add_argument("files", type=Path, nargs="+", metavar="FILE")
-    commands.add_parser("reapply", help="rewrite Redis from every imported record (after a Redis loss)")
-    arguments = parser.parse_args(argv)
-    recorded = use_recorded_services()
-    try:
-        config = Config.from_env()
-        if not config.pg_dsn:
-            raise UsageError(missing_pg_dsn("python -m server.exchange").partition(": ")[2])
-        require_services(pg_dsn=config.pg_dsn, redis_url=config.redis_url, recorded=recorded)
-        if arguments.command == "export":
-            result: object = asyncio.run(run_export(config, arguments.date or previous_day(), arguments.output))
-            status = 0
-        elif arguments.command == "import":
-            status, result = asyncio.run(run_import(config, arguments.files))
-        else:
-            result, status = asyncio.run(run_reapply(config)), 0
-    except (UsageError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Unavailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except (OSError, asyncpg.PostgresError, redis_errors.RedisError) as error:
-        print(f"error: PostgreSQL or Redis failed: {error}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    output = sys.stderr if arguments.command == "export" and arguments.output == "-" else sys.stdout
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode(), file=output)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

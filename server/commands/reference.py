@@ -1,19 +1,13 @@
-"""Reference data commands.
+"""Reference data tasks (``subsidyctl reference load|publish``, server/ctl/reference.py;
+``python -m server.reference`` is their alias).
 
-``python -m server.reference load FILE`` validates a YAML or JSON file, upserts it into
-PostgreSQL in one transaction, publishes everything to Redis and writes the terminals'
-credentials to a file readable only by its owner.
-
-``python -m server.reference publish`` rebuilds the Redis reference cache from PostgreSQL.
-
-Without SUBSIDY_PG_DSN / SUBSIDY_REDIS_URL both use the services ``make run`` recorded in
-.data/services.json; a service that does not answer is one line on stderr and exit status 3.
+``load`` validates a YAML or JSON file, upserts it into PostgreSQL in one transaction,
+publishes everything to Redis and writes the callers' credentials to a file readable only by
+its owner. ``publish`` rebuilds the Redis reference cache from PostgreSQL.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -24,15 +18,12 @@ import orjson
 import yaml
 from redis.asyncio import Redis
 
-from server.commands.common import EXIT_USAGE, missing_pg_dsn, require_services, run_command, use_recorded_services
-from server.config import Config, ConfigError
+from server.config import Config
 from server.domain.reference import ReferenceData, ReferenceError, parse_reference
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import fetch_reference, save_reference
 from storage.redis.keys import Keys
 from storage.redis.reference import publish_reference
-
-PROG = "python -m server.reference"
 
 
 def read_reference(path: Path) -> ReferenceData:
@@ -92,42 +83,3 @@ async def publish(config: Config) -> int:
         await redis.aclose()
     print(f"published reference version {version}", file=sys.stderr)
     return version
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    load_parser = commands.add_parser("load", help="load a YAML/JSON reference file")
-    load_parser.add_argument("file", type=Path)
-    load_parser.add_argument("--credentials-out", type=Path, help="write terminal credentials here (mode 0600)")
-    commands.add_parser("publish", help="rebuild the Redis reference cache from PostgreSQL")
-    arguments = parser.parse_args()
-    recorded = use_recorded_services()
-    try:
-        config = Config.from_env()
-    except ConfigError as error:
-        print(f"{PROG}: configuration error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    if not config.pg_dsn:
-        print(missing_pg_dsn(PROG), file=sys.stderr)
-        return EXIT_USAGE
-
-    def body() -> int:
-        require_services(pg_dsn=config.pg_dsn, redis_url=config.redis_url, recorded=recorded)
-        if arguments.command == "load":
-            asyncio.run(load(config, arguments.file, arguments.credentials_out))
-        else:
-            asyncio.run(publish(config))
-        return 0
-
-    try:
-        return run_command(PROG, body)
-    except ReferenceError as error:
-        print(f"invalid reference data: {error}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client import SignedClient, SubsidyError
 from subsidy_client.v1 import campaign_pb2 as pb
 
-from server.ctl.common import Settings, emit, pass_settings, run
+from server.ctl.common import GATEWAY, Settings, emit, json_option, pass_settings, run
 from server.domain.reference import ReferenceError, parse_campaign
 from server.services.campaigns import KINDS, POLICIES, STATUSES
 
@@ -100,8 +100,9 @@ def campaign() -> None:
     """Campaigns: window, region, rules, budgets."""
 
 
-@campaign.command("apply")
+@campaign.command("apply", short_help="Create or update the campaigns of a YAML file.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
 @pass_settings
 def apply(settings: Settings, file: Path) -> None:
     """Create each campaign in FILE, or update it if it exists (request ids are derived from the
@@ -137,6 +138,7 @@ async def apply_one(client: SignedClient, message: pb.Campaign) -> Any:
 
 @campaign.command("show")
 @click.argument("campaign_id")
+@json_option
 @pass_settings
 def show(settings: Settings, campaign_id: str) -> None:
     """Show a campaign and its rules."""
@@ -155,8 +157,9 @@ def budget() -> None:
     """Budget status of a campaign."""
 
 
-@budget.command("status")
+@budget.command("status", short_help="Budget use of a campaign per category.")
 @click.argument("campaign_id")
+@json_option
 @pass_settings
 def status(settings: Settings, campaign_id: str) -> None:
     """Budget use per category, live from the hot path (amounts in yuan in the table, fen in JSON)."""
@@ -185,3 +188,7 @@ def status(settings: Settings, campaign_id: str) -> None:
         for item in response.categories
     ]
     emit(settings, response, rows)
+
+
+SECTION = GATEWAY
+COMMANDS = (campaign, budget)

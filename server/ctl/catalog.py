@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -12,10 +10,11 @@ from typing import Any, cast
 
 import click
 from google.protobuf.message import Message
+from rich.progress import TaskID
 from subsidy_client import SignedClient, SubsidyError
 from subsidy_client.v1 import catalog_pb2 as pb
 
-from server.ctl.common import Settings, emit, new_request_id, pass_settings, run
+from server.ctl.common import GATEWAY, Settings, emit, json_option, new_request_id, pass_settings, run, steps
 from server.domain.catalog_import import HEADER_ROW, REQUIRED_COLUMNS, estimate_rows, read_rows
 
 SERVICE = "/subsidy.v1.CatalogService/"
@@ -24,15 +23,6 @@ BATCH_ROWS = 5_000
 IMPORT_TIMEOUT_S = 1_800.0
 LIST_PAGES_MAX = 10_000
 Rows = Iterator[tuple[int, list[str]]]
-
-
-def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``--json`` after the command too (``subsidyctl catalog list --json``), not only before it."""
-    return click.option("--json", "json_output", is_flag=True, help="print JSON instead of a table")(function)
-
-
-def with_json(settings: Settings, json_output: bool) -> Settings:
-    return dataclasses.replace(settings, json_output=settings.json_output or json_output)
 
 
 @click.group()
@@ -49,10 +39,17 @@ class ImportStream:
     re-raised: gRPC then cancels the call before the end of the stream, so the server commits
     nothing of a half-read file."""
 
-    def __init__(self, header: pb.ImportHeader, rows: Rows, advance: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        header: pb.ImportHeader,
+        rows: Rows,
+        advance: Callable[[int], None],
+        sent: Callable[[], None] = lambda: None,
+    ) -> None:
         self._header = header
         self._rows = rows
         self._advance = advance
+        self._sent = sent
         self.failure: Exception | None = None
 
     def __iter__(self) -> Iterator[pb.ImportProductsRequest]:
@@ -62,6 +59,7 @@ class ImportStream:
                 rows = [pb.ImportRow(row_number=number, values=values) for number, values in batch]
                 yield pb.ImportProductsRequest(rows=pb.ImportRowBatch(rows=rows))
                 self._advance(len(batch))
+            self._sent()
         except Exception as error:  # openpyxl and csv raise many kinds for a damaged file
             self.failure = error
             raise
@@ -118,17 +116,7 @@ def show_import(settings: Settings, response: pb.ImportProductsResponse) -> None
         click.echo(f"(only the first {len(response.errors)} problems are listed)", err=True)
 
 
-def progress_bar(length: int | None, label: str) -> Any:
-    """On stderr, so that stdout stays the report; click draws it only on a terminal. With an
-    unknown length (an XLSX without a recorded dimension) it counts rows without a percentage."""
-    if length is None:
-        # A generator has no length hint: click then shows the count without a percentage.
-        no_length: Iterator[int] = (row for row in range(0))
-        return click.progressbar(no_length, label=label, file=sys.stderr, show_pos=True)
-    return click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True)
-
-
-@catalog.command("import")
+@catalog.command("import", short_help="Import products from a CSV or XLSX file.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--all-or-nothing/--good-rows",
@@ -139,18 +127,28 @@ def progress_bar(length: int | None, label: str) -> Any:
 )
 @json_option
 @pass_settings
-def import_products(settings: Settings, file: Path, all_or_nothing: bool, json_output: bool) -> None:
+def import_products(settings: Settings, file: Path, all_or_nothing: bool) -> None:
     """Import products from FILE (.csv or .xlsx). Row 1 names the columns: gtin, brand, model,
     category, energy_grade (0-5), reference_price_fen, serial_required (true/false, yes/no, 1/0,
     是/否) and optionally active. Every bad row is listed with its column and reason; the exit
-    status is 1 when any row was rejected. Importing the same file again changes nothing."""
-    settings = with_json(settings, json_output)
+    status is 1 when any row was rejected. Importing the same file again changes nothing. A
+    progress bar (rows sent, on stderr) follows a long import."""
     columns, rows = open_rows(file)
     mode = pb.IMPORT_MODE_ALL_OR_NOTHING if all_or_nothing else pb.IMPORT_MODE_GOOD_ROWS
     header = pb.ImportHeader(request_id=new_request_id(), mode=mode, source_name=file.name, columns=columns)
-    with progress_bar(estimate_rows(file), f"sending {file.name}") as bar:
-        stream = ImportStream(header, rows, bar.update)
+    with steps(settings.json_output) as progress:
+        # An unknown total (an XLSX without a recorded dimension) counts rows without a percentage.
+        sending = progress.add(f"sending {file.name}", estimate_rows(file))
+        applying: list[TaskID] = []
+
+        def sent() -> None:
+            progress.finish(sending)
+            applying.append(progress.add("the gateway checks and applies them"))
+
+        stream = ImportStream(header, rows, lambda count: progress.advance(sending, count), sent)
         response = run(settings, lambda client: send_import(client, stream, file))
+        for task in applying:
+            progress.finish(task)
     show_import(settings, response)
     if response.rows_rejected:
         if not response.applied:
@@ -174,13 +172,12 @@ def product_row(product: pb.Product) -> dict[str, Any]:
     }
 
 
-@catalog.command("get")
+@catalog.command("get", short_help="Show one product.")
 @click.argument("gtin")
 @json_option
 @pass_settings
-def get(settings: Settings, gtin: str, json_output: bool) -> None:
+def get(settings: Settings, gtin: str) -> None:
     """Show one product (reference price in yuan in the table, fen in JSON)."""
-    settings = with_json(settings, json_output)
 
     async def action(client: SignedClient) -> pb.GetProductResponse:
         return await client._call(SERVICE + "GetProduct", pb.GetProductRequest(gtin=gtin), pb.GetProductResponse)
@@ -221,10 +218,8 @@ def list_products(
     page_size: int,
     page_token: str,
     every_page: bool,
-    json_output: bool,
 ) -> None:
     """List products in GTIN order, one page (or --all)."""
-    settings = with_json(settings, json_output)
     request = pb.ListProductsRequest(
         page_size=page_size,
         page_token=page_token,
@@ -238,14 +233,13 @@ def list_products(
         click.echo(f"more: --page-token {response.next_page_token}", err=True)
 
 
-@catalog.command("deactivate")
+@catalog.command("deactivate", short_help="Make a product ineligible.")
 @click.argument("gtin")
 @click.option("--reason", required=True, help="why, for the audit trail")
 @json_option
 @pass_settings
-def deactivate(settings: Settings, gtin: str, reason: str, json_output: bool) -> None:
+def deactivate(settings: Settings, gtin: str, reason: str) -> None:
     """Make a product ineligible: the next authorization of GTIN is declined PRODUCT_NOT_ELIGIBLE."""
-    settings = with_json(settings, json_output)
     request = pb.DeactivateProductRequest(request_id=new_request_id(), gtin=gtin, reason=reason)
 
     async def action(client: SignedClient) -> pb.DeactivateProductResponse:
@@ -253,3 +247,7 @@ def deactivate(settings: Settings, gtin: str, reason: str, json_output: bool) ->
 
     response = run(settings, action)
     emit(settings, response, [{**product_row(response.product), "reference_version": response.reference_version}])
+
+
+SECTION = GATEWAY
+COMMANDS = (catalog,)

@@ -3,30 +3,17 @@ callers of a reference file (README "Security"). Works offline; talks to no gate
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 import yaml
-from subsidy_client import TlsConfig
 
 from server.commands.certs import DEFAULT_HOSTS, dev_certificates
+from server.ctl.common import DEVELOPMENT, emit_document, json_option, options
 from server.domain.reference import parse_reference
 
 
-def operator_tls() -> TlsConfig | None:
-    """subsidyctl's TLS to the gateway, from SUBSIDYCTL_TLS_CA (the CA of the gateway's
-    certificate; set: TLS), SUBSIDYCTL_TLS_CERT and SUBSIDYCTL_TLS_KEY (the operator's client
-    certificate, for mutual TLS). None: plaintext, for a gateway on loopback."""
-    ca, certificate, key = (os.environ.get(f"SUBSIDYCTL_TLS_{name}") for name in ("CA", "CERT", "KEY"))
-    if not (ca or certificate):
-        return None
-    if bool(certificate) != bool(key):
-        raise click.UsageError("SUBSIDYCTL_TLS_CERT and SUBSIDYCTL_TLS_KEY go together")
-    return TlsConfig(ca_file=ca or None, cert_file=certificate or None, key_file=key or None)
-
-
-@click.command("dev-certs")
+@click.command("dev-certs", short_help="Development CA, server and client certificates.")
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path(".certs"), show_default=True, help="folder to write into"
 )
@@ -42,6 +29,7 @@ def operator_tls() -> TlsConfig | None:
 )
 @click.option("--days", type=click.IntRange(1, 825), default=90, show_default=True, help="validity of the leaves")
 @click.option("--new-ca", is_flag=True, help="replace the CA (certificates issued before stop verifying)")
+@json_option
 def dev_certs(out: Path, reference: Path, hosts: tuple[str, ...], days: int, new_ca: bool) -> None:
     """Create development certificates: OUT/ca.pem, OUT/server.pem and .key, OUT/clients/ID.pem and .key."""
     data = parse_reference(yaml.safe_load(reference.read_text()))
@@ -50,7 +38,23 @@ def dev_certs(out: Path, reference: Path, hosts: tuple[str, ...], days: int, new
     callers += [operator.operator_id for operator in data.operators]
     dev_certificates(out, callers, hosts=hosts or DEFAULT_HOSTS, days=days, new_ca=new_ca)
     names = ", ".join(hosts or DEFAULT_HOSTS)
+    if options().json_output:
+        emit_document(
+            {
+                "ca": str(out / "ca.pem"),
+                "server_certificate": str(out / "server.pem"),
+                "server_key": str(out / "server.key"),
+                "hosts": list(hosts or DEFAULT_HOSTS),
+                "clients": str(out / "clients"),
+                "callers": callers,
+            }
+        )
+        return
     click.echo(f"{out}/ca.pem: the CA (keep {out}/ca.key private); {out}/server.pem and .key for {names}")
     click.echo(f"{out}/clients/<id>.pem and .key for: {', '.join(callers)}")
     click.echo(f"TLS:  SUBSIDY_TLS_CERT={out}/server.pem SUBSIDY_TLS_KEY={out}/server.key")
     click.echo(f"mTLS: add SUBSIDY_TLS_CLIENT_CA={out}/ca.pem")
+
+
+SECTION = DEVELOPMENT
+COMMANDS = (dev_certs,)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -29,7 +29,7 @@ from subsidy_client import MerchantClient, SubsidyError
 from subsidy_client.errors import NotFound
 from subsidy_client.v1 import common_pb2, merchant_pb2
 
-from server.ctl.common import Settings, emit, format_table, pass_settings, run
+from server.ctl.common import GATEWAY, Settings, emit, format_table, json_option, pass_settings, run
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -286,14 +286,6 @@ def _warn_if_secret(secrets: Sequence[str]) -> None:
         click.echo(SECRET_WARNING, err=True)
 
 
-def _json(settings: Settings, json_output: bool) -> Settings:
-    """``--json`` works after the command too, not only before ``merchant``."""
-    return replace(settings, json_output=True) if json_output else settings
-
-
-json_option = click.option("--json", "json_output", is_flag=True, help="print JSON instead of a table")
-
-
 def run_merchant(settings: Settings, action: Callable[[MerchantClient], Awaitable[T]]) -> T:
     """``common.run`` with a MerchantClient (``run`` is typed for the base client)."""
     return run(settings, lambda client: action(cast(MerchantClient, client)), MerchantClient)
@@ -307,11 +299,11 @@ def merchant() -> None:
     """Merchants, stores and terminals."""
 
 
-@merchant.command()
+@merchant.command(short_help="Create a merchant, its stores and terminals from a YAML file.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @json_option
 @pass_settings
-def onboard(settings: Settings, file: Path, json_output: bool) -> None:
+def onboard(settings: Settings, file: Path) -> None:
     """Create a merchant with its stores and terminals from a YAML FILE.
 
     \b
@@ -326,7 +318,6 @@ def onboard(settings: Settings, file: Path, json_output: bool) -> None:
     changes nothing. New terminals' secrets are printed once, to stdout: store them.
     See examples/merchants/suning-xiaoshan.yaml.
     """
-    settings = _json(settings, json_output)
     try:
         plan = parse_onboarding(yaml.safe_load(file.read_text(encoding="utf-8")))
     except (OnboardingError, yaml.YAMLError) as error:
@@ -340,9 +331,8 @@ def onboard(settings: Settings, file: Path, json_output: bool) -> None:
 @click.argument("merchant_id")
 @json_option
 @pass_settings
-def show(settings: Settings, merchant_id: str, json_output: bool) -> None:
+def show(settings: Settings, merchant_id: str) -> None:
     """Show a merchant with its stores and terminals."""
-    settings = _json(settings, json_output)
     found = run_merchant(settings, lambda client: client.get_merchant(merchant_id))
     if settings.json_output:
         emit(settings, found)
@@ -366,14 +356,14 @@ def _set_merchant(
     emit(settings, response, [{**merchant_row(response.merchant), "reference_version": response.reference_version}])
 
 
-@merchant.command("suspend-terminal")
+@merchant.command("suspend-terminal", short_help="Suspend a terminal.")
 @click.argument("terminal_id")
 @click.option("--reason", required=True, help="why (kept in the audit trail)")
 @json_option
 @pass_settings
-def suspend_terminal(settings: Settings, terminal_id: str, reason: str, json_output: bool) -> None:
+def suspend_terminal(settings: Settings, terminal_id: str, reason: str) -> None:
     """Suspend a terminal: its next authorization is declined TERMINAL_INACTIVE."""
-    _set_terminal(_json(settings, json_output), terminal_id, merchant_pb2.PARTY_STATUS_SUSPENDED, reason)
+    _set_terminal(settings, terminal_id, merchant_pb2.PARTY_STATUS_SUSPENDED, reason)
 
 
 @merchant.command("reinstate-terminal")
@@ -381,19 +371,19 @@ def suspend_terminal(settings: Settings, terminal_id: str, reason: str, json_out
 @click.option("--reason", default="", help="why (kept in the audit trail)")
 @json_option
 @pass_settings
-def reinstate_terminal(settings: Settings, terminal_id: str, reason: str, json_output: bool) -> None:
+def reinstate_terminal(settings: Settings, terminal_id: str, reason: str) -> None:
     """Reinstate a suspended terminal."""
-    _set_terminal(_json(settings, json_output), terminal_id, merchant_pb2.PARTY_STATUS_ACTIVE, reason)
+    _set_terminal(settings, terminal_id, merchant_pb2.PARTY_STATUS_ACTIVE, reason)
 
 
-@merchant.command()
+@merchant.command(short_help="Suspend a merchant and all its terminals.")
 @click.argument("merchant_id")
 @click.option("--reason", required=True, help="why (kept in the audit trail)")
 @json_option
 @pass_settings
-def suspend(settings: Settings, merchant_id: str, reason: str, json_output: bool) -> None:
+def suspend(settings: Settings, merchant_id: str, reason: str) -> None:
     """Suspend a merchant: all its terminals are declined MERCHANT_INACTIVE."""
-    _set_merchant(_json(settings, json_output), merchant_id, merchant_pb2.PARTY_STATUS_SUSPENDED, reason)
+    _set_merchant(settings, merchant_id, merchant_pb2.PARTY_STATUS_SUSPENDED, reason)
 
 
 @merchant.command()
@@ -401,21 +391,24 @@ def suspend(settings: Settings, merchant_id: str, reason: str, json_output: bool
 @click.option("--reason", default="", help="why (kept in the audit trail)")
 @json_option
 @pass_settings
-def reinstate(settings: Settings, merchant_id: str, reason: str, json_output: bool) -> None:
+def reinstate(settings: Settings, merchant_id: str, reason: str) -> None:
     """Reinstate a suspended merchant."""
-    _set_merchant(_json(settings, json_output), merchant_id, merchant_pb2.PARTY_STATUS_ACTIVE, reason)
+    _set_merchant(settings, merchant_id, merchant_pb2.PARTY_STATUS_ACTIVE, reason)
 
 
-@merchant.command("rotate-credential")
+@merchant.command("rotate-credential", short_help="Issue a new secret for a terminal.")
 @click.argument("terminal_id")
 @json_option
 @pass_settings
-def rotate_credential(settings: Settings, terminal_id: str, json_output: bool) -> None:
+def rotate_credential(settings: Settings, terminal_id: str) -> None:
     """Issue a new secret for a terminal; the old one stops working within about a second.
 
     The new secret is printed once, to stdout: install it on the terminal.
     """
-    settings = _json(settings, json_output)
     response = run_merchant(settings, lambda client: client.rotate_terminal_credential(terminal_id))
     emit(settings, response, [{**terminal_row(response.terminal), "secret": response.secret}])
     _warn_if_secret([response.secret])
+
+
+SECTION = GATEWAY
+COMMANDS = (merchant,)

@@ -236,7 +236,7 @@ async def test_reapply_restores_imported_records_after_a_redis_loss(peer: Provid
 async def run_cli(
     env: Environment, *arguments: str, provider_id: str = "local", exchange_key: bytes = KEY
 ) -> tuple[int, str, str]:
-    """``python -m server.exchange`` as an operator runs it: (exit status, stdout, stderr)."""
+    """``subsidyctl --json exchange`` as an operator runs it: (exit status, stdout, stderr)."""
     variables = {
         **os.environ,
         "SUBSIDY_PG_DSN": env.pg_dsn,
@@ -247,8 +247,10 @@ async def run_cli(
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "server.exchange",
+        "-c",
+        "from server.ctl import main; main()",
+        "--json",
+        "exchange",
         *arguments,
         cwd=ROOT,
         env=variables,

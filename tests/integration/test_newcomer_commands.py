@@ -1,6 +1,7 @@
 """The README's commands in a new shell (issue 10, item 10): no exports, the services found
 through what make run recorded in .data/services.json, and a dependency that does not answer
-reported in one line with exit status 3, never a traceback.
+reported in one line with exit status 3, never a traceback; as subsidyctl commands, and as the
+``python -m server.ledger|reference|exchange`` aliases that make, compose and CI call.
 
 Each test runs the commands as a newcomer would, in a subprocess whose working directory holds
 the record, against this run's own database and key prefix."""
@@ -35,14 +36,22 @@ def command(cwd: Path, *arguments: str, **variables: str) -> subprocess.Complete
     except ``variables``."""
     environ = {name: value for name, value in os.environ.items() if not name.startswith("SUBSIDY_")}
     environ["PYTHONPATH"] = str(ROOT)
+    module, *rest = arguments
+    # subsidyctl is a console script; run the same entry point with this interpreter.
+    argv = ["-c", "from server.ctl import main; main()", *rest] if module == "server.ctl" else ["-m", *arguments]
     return subprocess.run(
-        [sys.executable, "-m", *arguments],
+        [sys.executable, *argv],
         cwd=cwd,
         env={**environ, **variables},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def subsidyctl(cwd: Path, *arguments: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    """``subsidyctl ARGUMENTS`` in a new shell of a checkout at ``cwd``, like ``command``."""
+    return command(cwd, "server.ctl", *arguments, **variables)
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -68,6 +77,35 @@ def test_ledger_and_reference_commands_find_make_run_services_without_exports(en
     nothing = command(tmp_path / ".data", "server.ledger", "verify")  # no record here
     assert nothing.returncode == EXIT_USAGE
     assert "make run" in one_line(nothing)
+
+
+def test_subsidyctl_runs_the_ledger_reference_and_exchange_tasks_without_exports(
+    env: Environment, tmp_path: Path
+) -> None:
+    """The README's commands are subsidyctl's: tables by default, JSON with --json (before or
+    after the command), the same services found, the same one-line failures."""
+    (tmp_path / ".data").mkdir()
+    record_services(tmp_path / ".data", {PG_ENV: env.pg_dsn, REDIS_ENV: env.redis_url})
+    prefix = {"SUBSIDY_REDIS_PREFIX": env.prefix}
+    verify = subsidyctl(tmp_path, "ledger", "verify", **prefix)
+    assert verify.returncode == 0, verify.stderr
+    assert "entries_checked" in verify.stdout and not verify.stdout.lstrip().startswith("{")
+    reconcile = subsidyctl(tmp_path, "--json", "ledger", "reconcile", **prefix)
+    assert reconcile.returncode == 0, reconcile.stderr
+    assert json.loads(reconcile.stdout)["differences"] == []
+    lag = subsidyctl(tmp_path, "ledger", "lag", "--json", **prefix)
+    assert lag.returncode == 0, lag.stderr
+    assert json.loads(lag.stdout)["backlog"] == 0
+    published = subsidyctl(tmp_path, "--json", "reference", "publish", **prefix)
+    assert published.returncode == 0, published.stderr
+    assert json.loads(published.stdout)["reference_version"] >= 1
+
+    nothing = subsidyctl(tmp_path / ".data", "ledger", "verify")  # no record here
+    assert nothing.returncode == EXIT_USAGE
+    assert "make run" in one_line(nothing)
+    down = subsidyctl(tmp_path, "exchange", "reapply", **{PG_ENV: DEAD_PG, REDIS_ENV: env.redis_url, **prefix})
+    assert down.returncode == EXIT_UNAVAILABLE
+    assert "PostgreSQL at postgresql://postgres@127.0.0.1:1/postgres does not answer" in one_line(down)
 
 
 def test_a_recorded_embedded_server_that_is_gone_is_one_line(env: Environment, tmp_path: Path) -> None:
