@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -14,67 +14,66 @@ from server.domain import validation
 from server.rpc.auth import TERMINAL, caller
 from server.services import requests
 from server.services.common import payload_hash, raise_script_error, timestamp_ms
-from storage.redis.scripts import Reply
+from storage.redis.contract import Answer, AuthorizationView, AuthorizeAnswer, Declined, Failure, Line
 from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore
 
 pb = authorization_pb2
 log = logging.getLogger("subsidy.authorization")
 
 
-def line_results(lines: list[dict[str, Any]]) -> list[authorization_pb2.LineResult]:
+def line_results(lines: Sequence[Line]) -> list[authorization_pb2.LineResult]:
     return [
         pb.LineResult(
-            line_id=line["l"],
-            gtin=line["g"],
-            category=line["c"],
-            unit_price_fen=line["p"],
-            subsidy_fen=line["s"],
-            payable_fen=line["p"] - line["s"],
-            refunded=line["r"] == 1,
+            line_id=line.line_id,
+            gtin=line.gtin,
+            category=line.category,
+            unit_price_fen=line.unit_price_fen,
+            subsidy_fen=line.subsidy_fen,
+            payable_fen=line.unit_price_fen - line.subsidy_fen,
+            refunded=line.refunded == 1,
         )
         for line in lines
     ]
 
 
-def authorization_message(view: Mapping[str, Any]) -> authorization_pb2.Authorization:
+def authorization_message(view: AuthorizationView) -> authorization_pb2.Authorization:
     return pb.Authorization(
-        authorization_id=view["id"],
-        state=pb.AuthorizationState.Value("AUTHORIZATION_STATE_" + view["state"]),
-        campaign_id=view["campaign"],
-        merchant_id=view["merchant"],
-        terminal_id=view["terminal"],
-        channel=view["channel"],
-        lines=line_results(view["lines"]),
-        total_price_fen=view["total_fen"],
-        subsidy_fen=view["subsidy_fen"],
-        refunded_subsidy_fen=view["refunded_fen"],
-        created_at=timestamp_ms(view["created_ms"]),
-        hold_expires_at=timestamp_ms(view["expires_ms"]),
-        updated_at=timestamp_ms(view["updated_ms"]),
-        redemption_code=view.get("qualification", ""),
+        authorization_id=view.authorization_id,
+        state=pb.AuthorizationState.Value("AUTHORIZATION_STATE_" + view.state),
+        campaign_id=view.campaign_id,
+        merchant_id=view.merchant_id,
+        terminal_id=view.terminal_id,
+        channel=pb.Channel.ValueType(view.channel),
+        lines=line_results(view.lines),
+        total_price_fen=view.total_price_fen,
+        subsidy_fen=view.subsidy_fen,
+        refunded_subsidy_fen=view.refunded_fen,
+        created_at=timestamp_ms(view.created_ms),
+        hold_expires_at=timestamp_ms(view.hold_expires_ms),
+        updated_at=timestamp_ms(view.updated_ms),
+        redemption_code=view.redemption_code,
     )
 
 
-def authorize_response(reply: Reply) -> authorization_pb2.AuthorizeResponse:
-    body = reply.body
-    replayed = reply.kind == "replay"
-    if body["decision"] == "DECLINED":
+def authorize_response(answer: Answer[AuthorizeAnswer]) -> authorization_pb2.AuthorizeResponse:
+    body = answer.body
+    if isinstance(body, Declined):
         return pb.AuthorizeResponse(
             decision=pb.DECISION_DECLINED,
-            decline_reason=body["reason"],
-            declined_line_id=body["line_id"],
-            replayed=replayed,
+            decline_reason=pb.DeclineReason.ValueType(body.reason),
+            declined_line_id=body.line_id,
+            replayed=answer.replayed,
         )
-    view = body["authorization"]
+    view = body.authorization
     return pb.AuthorizeResponse(
         decision=pb.DECISION_APPROVED,
-        authorization_id=view["id"],
-        lines=line_results(view["lines"]),
-        total_price_fen=view["total_fen"],
-        subsidy_fen=view["subsidy_fen"],
-        payable_fen=view["total_fen"] - view["subsidy_fen"],
-        hold_expires_at=timestamp_ms(view["expires_ms"]),
-        replayed=replayed,
+        authorization_id=view.authorization_id,
+        lines=line_results(view.lines),
+        total_price_fen=view.total_price_fen,
+        subsidy_fen=view.subsidy_fen,
+        payable_fen=view.total_price_fen - view.subsidy_fen,
+        hold_expires_at=timestamp_ms(view.hold_expires_ms),
+        replayed=answer.replayed,
     )
 
 
@@ -106,8 +105,8 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
                 ],
             )
         )
-        if reply.kind == "error":
-            raise_script_error(reply.body)
+        if isinstance(reply, Failure):
+            raise_script_error(reply)
         response = authorize_response(reply)
         if log.isEnabledFor(logging.DEBUG):
             # Identifiers only: never the consumer key, prices or serials.
@@ -139,11 +138,11 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     ) -> authorization_pb2.CaptureResponse:
         requests.check_lifecycle(request)
         reply = await self._store.capture(self._lifecycle_input("Capture", request))
-        if reply.kind == "error":
-            raise_script_error(reply.body)
+        if isinstance(reply, Failure):
+            raise_script_error(reply)
         return pb.CaptureResponse(
-            authorization=authorization_message(reply.body["authorization"]),
-            replayed=reply.kind == "replay",
+            authorization=authorization_message(reply.body.authorization),
+            replayed=reply.replayed,
         )
 
     async def Void(
@@ -151,11 +150,11 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     ) -> authorization_pb2.VoidResponse:
         requests.check_lifecycle(request)
         reply = await self._store.void(self._lifecycle_input("Void", request))
-        if reply.kind == "error":
-            raise_script_error(reply.body)
+        if isinstance(reply, Failure):
+            raise_script_error(reply)
         return pb.VoidResponse(
-            authorization=authorization_message(reply.body["authorization"]),
-            replayed=reply.kind == "replay",
+            authorization=authorization_message(reply.body.authorization),
+            replayed=reply.replayed,
         )
 
     async def Refund(
@@ -163,12 +162,12 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
     ) -> authorization_pb2.RefundResponse:
         requests.check_refund(request, self._max_lines)
         reply = await self._store.refund(self._lifecycle_input("Refund", request), list(request.line_ids))
-        if reply.kind == "error":
-            raise_script_error(reply.body)
+        if isinstance(reply, Failure):
+            raise_script_error(reply)
         return pb.RefundResponse(
-            authorization=authorization_message(reply.body["authorization"]),
-            refunded_subsidy_fen=reply.body["refunded_fen"],
-            replayed=reply.kind == "replay",
+            authorization=authorization_message(reply.body.authorization),
+            refunded_subsidy_fen=reply.body.refunded_fen,
+            replayed=reply.replayed,
         )
 
     async def GetAuthorization(
@@ -177,11 +176,10 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
         authorization_id = validation.check_authorization_id(request.authorization_id)
         identity = caller(TERMINAL)
         if not await self._store.claim_nonce(identity.terminal_id, identity.nonce):
-            raise_script_error({"error": "NONCE_REUSED"})
+            raise_script_error(Failure("NONCE_REUSED"))
         view = await self._store.get_authorization(authorization_id, identity.terminal_id, identity.merchant_id)
         if view is None:
-            raise_script_error({"error": "AUTHORIZATION_NOT_FOUND"})
+            raise_script_error(Failure("AUTHORIZATION_NOT_FOUND"))
         if isinstance(view, str):
-            raise_script_error({"error": view})
-        assert isinstance(view, dict)
+            raise_script_error(Failure(view))
         return pb.GetAuthorizationResponse(authorization=authorization_message(view))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -13,6 +13,7 @@ from subsidy_client.v1 import common_pb2
 
 from server.domain import geo
 from server.rpc.errors import ApiError, invalid_field
+from storage.redis.contract import Failure
 
 # Script error codes -> what the caller is told.
 SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
@@ -64,14 +65,14 @@ def payload_hash(method: str, request: Any) -> str:
     return hashlib.sha256(method.encode() + b"\n" + request.SerializeToString(deterministic=True)).hexdigest()
 
 
-def raise_script_error(body: Mapping[str, Any]) -> None:
-    code = body["error"]
+def raise_script_error(failure: Failure) -> NoReturn:
+    code = failure.error
     if code == "LINE_NOT_FOUND":
-        raise invalid_field("line_ids", f"line {body['line_id']} is not part of this authorization")
+        raise invalid_field("line_ids", f"line {failure.line_id} is not part of this authorization")
     if code not in SCRIPT_ERRORS:
         raise RuntimeError(f"script returned unknown error {code}")
     status, reason, message = SCRIPT_ERRORS[code]
-    metadata = {key: str(value) for key, value in body.items() if key != "error"}
+    metadata = failure.details()
     if "state" in metadata:
         metadata["state"] = "AUTHORIZATION_STATE_" + metadata["state"]
     raise ApiError(status, reason, message, metadata)

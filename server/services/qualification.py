@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from subsidy_client.v1 import common_pb2, qualification_pb2, qualification_pb2_grpc
@@ -33,6 +32,7 @@ from server.services.common import (
     timestamp_ms,
     wgs84_point,
 )
+from storage.redis.contract import ClaimDeclined, Failure, QualificationView
 from storage.redis.store import CancelInput, ClaimInput, RedisStore
 
 pb = qualification_pb2
@@ -60,23 +60,23 @@ class Consumer:
 
 
 def qualification_message(
-    view: Mapping[str, Any], masked_id_number: str, masked_phone_number: str
+    view: QualificationView, masked_id_number: str, masked_phone_number: str
 ) -> qualification_pb2.Qualification:
     """The message for a qualification view, with its masks in clear (the view holds them
     sealed, as stored)."""
     return pb.Qualification(
-        redemption_code=view["code"],
-        state=pb.QualificationState.Value("QUALIFICATION_STATE_" + view["state"]),
-        campaign_id=view["campaign"],
-        category=view["category"],
-        consumer_key=view["consumer"],
-        issued_at=timestamp_ms(view["issued_ms"]),
-        expires_at=timestamp_ms(view["expires_ms"]),
-        updated_at=timestamp_ms(view["updated_ms"]),
-        authorization_id=view["authorization"],
+        redemption_code=view.redemption_code,
+        state=pb.QualificationState.Value("QUALIFICATION_STATE_" + view.state),
+        campaign_id=view.campaign_id,
+        category=view.category,
+        consumer_key=view.consumer_key,
+        issued_at=timestamp_ms(view.issued_ms),
+        expires_at=timestamp_ms(view.expires_ms),
+        updated_at=timestamp_ms(view.updated_ms),
+        authorization_id=view.authorization_id,
         masked_id_number=masked_id_number,
         masked_phone_number=masked_phone_number,
-        location_cell=view["cell"],
+        location_cell=view.location_cell,
     )
 
 
@@ -129,15 +129,13 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         assert sealing.at_rest_form(sealed)
         return sealed
 
-    def _message(self, view: Mapping[str, Any]) -> qualification_pb2.Qualification:
+    def _message(self, view: QualificationView) -> qualification_pb2.Qualification:
         """A stored qualification's message: its masks opened with the local data key."""
-        code, consumer_key = view["code"], view["consumer"]
+        code, consumer_key = view.redemption_code, view.consumer_key
         return qualification_message(
             view,
-            self._sealer.open(view["masked_id"], field="masked_id", redemption_code=code, consumer_key=consumer_key),
-            self._sealer.open(
-                view["masked_phone"], field="masked_phone", redemption_code=code, consumer_key=consumer_key
-            ),
+            self._sealer.open(view.masked_id, field="masked_id", redemption_code=code, consumer_key=consumer_key),
+            self._sealer.open(view.masked_phone, field="masked_phone", redemption_code=code, consumer_key=consumer_key),
         )
 
     def _consumer(self, message: qualification_pb2.ConsumerIdentity, field: str) -> Consumer:
@@ -223,12 +221,12 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 location_cell=location.coarse_cell(point),
             )
         )
-        if reply.kind == "error":
-            if reply.body["error"] == "UNKNOWN_CATEGORY":
+        if isinstance(reply, Failure):
+            if reply.error == "UNKNOWN_CATEGORY":
                 raise invalid_field("category", "the campaign has no rule for this category")
-            raise_script_error(reply.body)
+            raise_script_error(reply)
         body = reply.body
-        replayed = reply.kind == "replay"
+        replayed = reply.replayed
         if log.isEnabledFor(logging.DEBUG):
             # Identifiers only: never the ID number, phone, consumer key or location.
             log.debug(
@@ -236,21 +234,23 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 extra={
                     "partner": partner.terminal_id,
                     "request_id": request.request_id,
-                    "decision": body["decision"],
-                    "reason": body.get("reason", 0),
+                    "decision": "DECLINED" if isinstance(body, ClaimDeclined) else "ISSUED",
+                    "reason": body.reason if isinstance(body, ClaimDeclined) else 0,
                     "replayed": replayed,
                 },
             )
-        if body["decision"] == "DECLINED":
+        if isinstance(body, ClaimDeclined):
             return pb.ClaimQualificationResponse(
-                decision=pb.CLAIM_DECISION_DECLINED, decline_reason=body["reason"], replayed=replayed
+                decision=pb.CLAIM_DECISION_DECLINED,
+                decline_reason=pb.ClaimDeclineReason.ValueType(body.reason),
+                replayed=replayed,
             )
         return pb.ClaimQualificationResponse(
             decision=pb.CLAIM_DECISION_ISSUED,
             # The numbers of this request are the claim's (the payload hash covers their keyed
             # digests), so its masks answer for a replay too, with or without a local data key.
             qualification=qualification_message(
-                body["qualification"], consumer.masked_id_number, consumer.masked_phone_number
+                body.qualification, consumer.masked_id_number, consumer.masked_phone_number
             ),
             replayed=replayed,
         )
@@ -258,7 +258,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
     async def _claim_read_nonce(self) -> str:
         partner = caller(PARTNER)
         if not await self._store.claim_nonce(partner.terminal_id, partner.nonce):
-            raise_script_error({"error": "NONCE_REUSED"})
+            raise_script_error(Failure("NONCE_REUSED"))
         return partner.terminal_id
 
     async def GetQualification(
@@ -298,8 +298,8 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 redemption_code=request.redemption_code,
             )
         )
-        if reply.kind == "error":
-            error = reply.body["error"]
+        if isinstance(reply, Failure):
+            error = reply.error
             if error == "QUALIFICATION_NOT_FOUND":
                 raise not_found(request.redemption_code)
             if error == "INVALID_STATE":
@@ -307,9 +307,9 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     common_pb2.ERROR_REASON_INVALID_STATE,
                     "only an ISSUED qualification can be cancelled",
-                    {"state": "QUALIFICATION_STATE_" + reply.body["state"]},
+                    {"state": "QUALIFICATION_STATE_" + reply.state},
                 )
-            raise_script_error(reply.body)
+            raise_script_error(reply)
         return pb.CancelQualificationResponse(
-            qualification=self._message(reply.body["qualification"]), replayed=reply.kind == "replay"
+            qualification=self._message(reply.body.qualification), replayed=reply.replayed
         )

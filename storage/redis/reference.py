@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from server.domain import budget
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis.keys import Keys
 
@@ -58,14 +59,14 @@ def rule_json(row: dict[str, Any]) -> bytes:
 
 
 def tranche_schedule(raw: Any, amount_key: str = "amount_fen") -> list[list[int]]:
-    """Tranches as the scripts read them: [release ms, cumulative amount released], in order."""
+    """Tranches as the scripts read them (released in _lib.lua): [release ms, cumulative amount
+    released], in order (server/domain/budget.py's schedule)."""
     tranches = orjson.loads(raw) if isinstance(raw, str | bytes) else list(raw or [])
-    timed = sorted((datetime.fromisoformat(item["release_at"]), int(item[amount_key])) for item in tranches)
-    schedule, cumulative = [], 0
-    for moment, amount in timed:
-        cumulative += amount
-        schedule.append([(moment - EPOCH) // timedelta(milliseconds=1), cumulative])
-    return schedule
+    timed = [
+        ((datetime.fromisoformat(item["release_at"]) - EPOCH) // timedelta(milliseconds=1), int(item[amount_key]))
+        for item in tranches
+    ]
+    return [list(step) for step in budget.schedule(timed)]
 
 
 async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapshot) -> int:

@@ -1,52 +1,42 @@
 """Loads the Lua scripts (package files) once and calls them by SHA.
 
-Each script is ``_lib.lua`` followed by the script's own file, so shared helpers need no
-cross-script calls. redis-py's Script objects send EVALSHA and, on NOSCRIPT (after a Redis
-restart or SCRIPT FLUSH), load the script and retry, so callers never see the miss.
+Each script is ``_lib.lua``, then the bindings its declaration in ``storage/redis/contract.py``
+produces (``KEY``, ``ARG``, its enum constants), then the script's own file, so shared helpers
+need no cross-script calls and no script reads ``KEYS[i]`` or ``ARGV[i]`` itself. A call is
+one EVALSHA; on NOSCRIPT (after a Redis restart or SCRIPT FLUSH) it loads the script and
+retries, as redis-py's Script objects do, so callers never see the miss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from itertools import chain
+from typing import Any, TypeVar
 
-import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES = (
-    "authorize",
-    "capture",
-    "void",
-    "refund",
-    "expire_hold",
-    "claim_qualification",
-    "cancel_qualification",
-    "expire_qualification",
-)
+from storage.redis.contract import FAILURE, SCRIPTS, Answer, Reply, Script
+
+K = TypeVar("K", bound=tuple[Any, ...])
+A = TypeVar("A", bound=tuple[Any, ...])
+R = TypeVar("R")
 
 
-def script_source(name: str) -> str:
+def script_source(script: Script[Any, Any, Any]) -> str:
     package = resources.files("storage.redis") / "lua"
     library = (package / "_lib.lua").read_text(encoding="utf-8")
-    own = (package / f"{name}.lua").read_text(encoding="utf-8")
-    return library + "\n" + own
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A script's answer: kind is "new", "replay" or "error"; body is the decoded JSON."""
-
-    kind: str
-    body: dict[str, Any]
+    own = (package / f"{script.name}.lua").read_text(encoding="utf-8")
+    return library + "\n" + script.lua_bindings() + "\n" + own
 
 
 class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES
+            script.name: redis.register_script(script_source(script)) for script in SCRIPTS
         }
 
     async def preload(self) -> None:
@@ -55,8 +45,30 @@ class Scripts:
             sha = await self._redis.script_load(script.script)
             assert sha == script.sha, f"script {name}: SHA mismatch"
 
-    async def call(self, name: str, keys: list[str], args: list[str | int]) -> Reply:
-        raw = await self._scripts[name](keys=keys, args=args)
-        kind, body = raw
-        kind = kind.decode() if isinstance(kind, bytes) else kind
-        return Reply(kind=kind, body=orjson.loads(body))
+    async def call(
+        self,
+        script: Script[K, A, R],
+        keys: K,
+        args: A,
+        key_tail: Sequence[Any] = (),
+        arg_tail: Sequence[Any] = (),
+    ) -> Reply[R]:
+        """One EVALSHA: the declared KEYS and ARGV in order, each followed by its tail, if the
+        script declares one (items of the declared type, flattened)."""
+        loaded = self._scripts[script.name]
+        if (key_tail and not script.key_width) or (arg_tail and not script.arg_width):
+            raise TypeError(f"script {script.name} declares no such tail")
+        key_count = len(keys) + script.key_width * len(key_tail)
+        if script.key_width > 1:
+            key_tail = list(chain.from_iterable(key_tail))
+        if script.arg_width > 1:
+            arg_tail = list(chain.from_iterable(arg_tail))
+        try:
+            kind, body = await self._redis.evalsha(loaded.sha, key_count, *keys, *key_tail, *args, *arg_tail)
+        except NoScriptError:
+            # Redis restarted or flushed its scripts (as redis-py's Script objects do).
+            loaded.sha = await self._redis.script_load(loaded.script)
+            kind, body = await self._redis.evalsha(loaded.sha, key_count, *keys, *key_tail, *args, *arg_tail)
+        if kind == b"error":
+            return FAILURE.decode(body)
+        return Answer(script.decoder.decode(body), kind == b"replay")

@@ -4,6 +4,8 @@
 PostgreSQL. Capture, void and refund first read the authorization's immutable fields
 (campaign, consumer, lines) to name every key the script touches, then run their script,
 which re-checks those fields; two round trips off the hot path keep "keys only via KEYS".
+Each script's KEYS, ARGV and answer are declared in ``storage/redis/contract.py``; the
+answers come back decoded into its Structs (``Answer`` or ``Failure``).
 """
 
 from __future__ import annotations
@@ -11,14 +13,46 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from storage.redis.contract import (
+    AUTHORIZE,
+    CANCEL,
+    CAPTURE,
+    CLAIM,
+    EXPIRE_HOLD,
+    EXPIRE_QUALIFICATION,
+    LINES,
+    REFUND,
+    VOID,
+    AuthorizationView,
+    AuthorizeAnswer,
+    AuthorizeArgs,
+    AuthorizeKeys,
+    CancelArgs,
+    CancelKeys,
+    Cancelled,
+    ClaimAnswer,
+    ClaimArgs,
+    ClaimKeys,
+    ExpireQualificationArgs,
+    Failure,
+    HoldKeys,
+    LifecycleArgs,
+    LifecycleKeys,
+    LineArgs,
+    LineKeys,
+    NoArgs,
+    QualificationKeys,
+    QualificationView,
+    Refunded,
+    Reply,
+    Settled,
+)
 from storage.redis.keys import Keys
-from storage.redis.scripts import Reply, Scripts
+from storage.redis.scripts import Scripts
 
 log = logging.getLogger("subsidy.store")
 
@@ -26,12 +60,9 @@ log = logging.getLogger("subsidy.store")
 UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 
 
-@dataclass(frozen=True)
-class LineInput:
-    line_id: str
-    gtin: str
-    unit_price_fen: int
-    serial_number: str
+# One line of an Authorize: its ARGV as authorize.lua reads them (line id, GTIN, unit price in
+# fen, serial or "").
+LineInput = LineArgs
 
 
 @dataclass(frozen=True)
@@ -97,7 +128,7 @@ class StoreLimits:
                 raise ValueError(f"{name} must be positive")
 
 
-NOT_FOUND = Reply(kind="error", body={"error": "AUTHORIZATION_NOT_FOUND"})
+NOT_FOUND = Failure("AUTHORIZATION_NOT_FOUND")
 
 
 class RedisStore:
@@ -111,50 +142,49 @@ class RedisStore:
     def nonce_ttl_s(self) -> int:
         return self._limits.nonce_ttl_s
 
-    async def authorize(self, request: AuthorizeInput) -> Reply:
-        keys = self.keys
-        script_keys = [
-            keys.nonce(request.terminal_id, request.nonce),
-            keys.idempotency(request.terminal_id, request.request_id),
-            keys.terminal(request.terminal_id),
-            keys.merchant(request.merchant_id),
-            keys.campaign(request.campaign_id),
-            keys.rules(request.campaign_id),
-            keys.budget(request.campaign_id),
-            keys.usage(request.campaign_id, request.consumer_key),
-            keys.authorization(request.authorization_id),
-            keys.holds,
-            keys.ledger,
-            # Without a code the script never reads this key; it still holds the slot.
-            keys.qualification(request.redemption_code),
-            keys.external_consumer(request.consumer_key),
-            keys.qualification_events,
-        ]
-        args: list[str | int] = [
-            request.payload_hash,
-            request.request_id,
-            request.terminal_id,
-            request.merchant_id,
-            request.campaign_id,
-            request.consumer_key,
-            request.channel,
-            request.authorization_id,
-            self._limits.hold_ttl_s,
-            self._limits.idempotency_ttl_s,
-            self._limits.nonce_ttl_s,
-            len(request.lines),
-            request.redemption_code,
-        ]
-        for line in request.lines:
-            script_keys.append(keys.product(line.gtin))
-            # A line without a serial still takes a key slot so line i's keys stay at a fixed
-            # offset; the script never touches it.
-            script_keys.append(keys.serial(line.serial_number))
-            args.extend([line.line_id, line.gtin, line.unit_price_fen, line.serial_number])
-        return await self._scripts.call("authorize", script_keys, args)
+    async def authorize(self, request: AuthorizeInput) -> Reply[AuthorizeAnswer]:
+        keys, limits = self.keys, self._limits
+        return await self._scripts.call(
+            AUTHORIZE,
+            AuthorizeKeys(
+                nonce=keys.nonce(request.terminal_id, request.nonce),
+                idempotency=keys.idempotency(request.terminal_id, request.request_id),
+                terminal=keys.terminal(request.terminal_id),
+                merchant=keys.merchant(request.merchant_id),
+                campaign=keys.campaign(request.campaign_id),
+                rules=keys.rules(request.campaign_id),
+                budget=keys.budget(request.campaign_id),
+                usage=keys.usage(request.campaign_id, request.consumer_key),
+                authorization=keys.authorization(request.authorization_id),
+                holds=keys.holds,
+                ledger=keys.ledger,
+                # Without a code the script never reads this key; it still holds the slot.
+                qualification=keys.qualification(request.redemption_code),
+                external_consumer=keys.external_consumer(request.consumer_key),
+                qualification_events=keys.qualification_events,
+            ),
+            AuthorizeArgs(
+                payload_hash=request.payload_hash,
+                request_id=request.request_id,
+                terminal_id=request.terminal_id,
+                merchant_id=request.merchant_id,
+                campaign_id=request.campaign_id,
+                consumer_key=request.consumer_key,
+                channel=request.channel,
+                authorization_id=request.authorization_id,
+                hold_ttl_s=limits.hold_ttl_s,
+                idempotency_ttl_s=limits.idempotency_ttl_s,
+                nonce_ttl_s=limits.nonce_ttl_s,
+                redemption_code=request.redemption_code,
+            ),
+            # A line without a serial still names a serial key, never touched, so that every
+            # line has both of its keys.
+            key_tail=[LineKeys(keys.product(line.gtin), keys.serial(line.serial_number)) for line in request.lines],
+            arg_tail=request.lines,
+        )
 
-    async def _lifecycle_keys(self, authorization_id: str) -> LifecycleKeys | None:
-        """The keys of an authorization's lifecycle scripts, from its immutable fields."""
+    async def _hold_keys(self, authorization_id: str) -> HoldFound | None:
+        """The keys of an authorization's hold scripts, from its immutable fields."""
         key = self.keys.authorization(authorization_id)
         campaign, consumer, raw_lines, code = await self.redis.hmget(
             key, ["campaign", "consumer", "lines", "qualification"]
@@ -162,62 +192,88 @@ class RedisStore:
         if campaign is None or consumer is None or raw_lines is None:
             return None
         campaign_id, consumer_key = text(campaign), text(consumer)
-        base = [
-            key,
-            self.keys.holds,
-            self.keys.budget(campaign_id),
-            self.keys.usage(campaign_id, consumer_key),
-            self.keys.ledger,
-        ]
-        serials = [self.keys.serial(line["sn"]) for line in orjson.loads(raw_lines) if line["sn"]]
         qualification = self._qualification_keys(text(code) if code else "", campaign_id, consumer_key)
-        return LifecycleKeys(base, qualification, serials, campaign_id, consumer_key)
+        hold = HoldKeys(
+            authorization=key,
+            holds=self.keys.holds,
+            budget=self.keys.budget(campaign_id),
+            usage=self.keys.usage(campaign_id, consumer_key),
+            ledger=self.keys.ledger,
+            qualification=qualification.qualification,
+            qualification_quota=qualification.qualification_quota,
+            qualification_holder=qualification.qualification_holder,
+            qualification_expiry=qualification.qualification_expiry,
+            qualification_events=qualification.qualification_events,
+        )
+        serials = [self.keys.serial(line.serial_number) for line in LINES.decode(raw_lines) if line.serial_number]
+        return HoldFound(hold, serials, campaign_id, consumer_key)
 
-    def _qualification_keys(self, code: str, campaign_id: str, consumer_key: str) -> list[str]:
+    def _qualification_keys(self, code: str, campaign_id: str, consumer_key: str) -> QualificationKeys:
         """A qualification's hash, its campaign's quota, its holder's claims, the expiry set and
         the qualification stream (placeholders the scripts never touch when ``code`` is empty)."""
-        return [
-            self.keys.qualification(code),
-            self.keys.qualification_quota(campaign_id),
-            self.keys.qualification_holder(campaign_id, consumer_key),
-            self.keys.qualification_expiry,
-            self.keys.qualification_events,
-        ]
+        return QualificationKeys(
+            qualification=self.keys.qualification(code),
+            qualification_quota=self.keys.qualification_quota(campaign_id),
+            qualification_holder=self.keys.qualification_holder(campaign_id, consumer_key),
+            qualification_expiry=self.keys.qualification_expiry,
+            qualification_events=self.keys.qualification_events,
+        )
 
-    async def _lifecycle(self, name: str, request: LifecycleInput, extra: Sequence[str]) -> Reply:
-        found = await self._lifecycle_keys(request.authorization_id)
+    async def _lifecycle(self, request: LifecycleInput) -> tuple[LifecycleKeys, LifecycleArgs, list[str]] | None:
+        """Capture's, void's and refund's KEYS, ARGV and serial keys; None when the
+        authorization does not exist."""
+        found = await self._hold_keys(request.authorization_id)
+        if found is None:
+            return None
+        hold = found.hold
+        keys = LifecycleKeys(
+            nonce=self.keys.nonce(request.terminal_id, request.nonce),
+            idempotency=self.keys.idempotency(request.terminal_id, request.request_id),
+            terminal=self.keys.terminal(request.terminal_id),
+            merchant=self.keys.merchant(request.merchant_id),
+            authorization=hold.authorization,
+            holds=hold.holds,
+            budget=hold.budget,
+            usage=hold.usage,
+            ledger=hold.ledger,
+            qualification=hold.qualification,
+            qualification_quota=hold.qualification_quota,
+            qualification_holder=hold.qualification_holder,
+            qualification_expiry=hold.qualification_expiry,
+            qualification_events=hold.qualification_events,
+        )
+        args = LifecycleArgs(
+            payload_hash=request.payload_hash,
+            request_id=request.request_id,
+            merchant_id=request.merchant_id,
+            idempotency_ttl_s=self._limits.idempotency_ttl_s,
+            nonce_ttl_s=self._limits.nonce_ttl_s,
+            campaign_id=found.campaign_id,
+            consumer_key=found.consumer_key,
+            terminal_id=request.terminal_id,
+        )
+        return keys, args, found.serials
+
+    async def capture(self, request: LifecycleInput) -> Reply[Settled]:
+        found = await self._lifecycle(request)
         if found is None:
             return NOT_FOUND
-        script_keys = [
-            *found.base,
-            self.keys.idempotency(request.terminal_id, request.request_id),
-            self.keys.nonce(request.terminal_id, request.nonce),
-            self.keys.terminal(request.terminal_id),
-            self.keys.merchant(request.merchant_id),
-            *found.qualification,
-            *found.serials,
-        ]
-        args: list[str | int] = [
-            request.payload_hash,
-            request.request_id,
-            request.merchant_id,
-            self._limits.idempotency_ttl_s,
-            self._limits.nonce_ttl_s,
-            found.campaign_id,
-            found.consumer_key,
-            request.terminal_id,
-            *extra,
-        ]
-        return await self._scripts.call(name, script_keys, args)
+        keys, args, serials = found
+        return await self._scripts.call(CAPTURE, keys, args, key_tail=serials)
 
-    async def capture(self, request: LifecycleInput) -> Reply:
-        return await self._lifecycle("capture", request, ())
+    async def void(self, request: LifecycleInput) -> Reply[Settled]:
+        found = await self._lifecycle(request)
+        if found is None:
+            return NOT_FOUND
+        keys, args, serials = found
+        return await self._scripts.call(VOID, keys, args, key_tail=serials)
 
-    async def void(self, request: LifecycleInput) -> Reply:
-        return await self._lifecycle("void", request, ())
-
-    async def refund(self, request: LifecycleInput, line_ids: Sequence[str]) -> Reply:
-        return await self._lifecycle("refund", request, line_ids)
+    async def refund(self, request: LifecycleInput, line_ids: Sequence[str]) -> Reply[Refunded]:
+        found = await self._lifecycle(request)
+        if found is None:
+            return NOT_FOUND
+        keys, args, serials = found
+        return await self._scripts.call(REFUND, keys, args, key_tail=serials, arg_tail=line_ids)
 
     async def location_rule(self, campaign_id: str) -> tuple[float, int, str] | None:
         """The campaign's location rule for claims as published: the largest accuracy radius in
@@ -232,7 +288,7 @@ class RedisStore:
 
     async def get_authorization(
         self, authorization_id: str, terminal_id: str, merchant_id: str
-    ) -> dict[str, Any] | str | None:
+    ) -> AuthorizationView | str | None:
         """The authorization's view for the calling terminal's merchant; None when absent or
         another merchant's; "TERMINAL_INACTIVE" / "MERCHANT_INACTIVE" when the caller is
         suspended (suspension stops every call of a credential, reads included). One round trip."""
@@ -268,17 +324,17 @@ class RedisStore:
         for raw_id in due:
             authorization_id = text(raw_id)
             try:
-                found = await self._lifecycle_keys(authorization_id)
+                found = await self._hold_keys(authorization_id)
                 if found is None:
                     await self.redis.zrem(self.keys.holds, authorization_id)
                     continue
-                reply = await self._scripts.call("expire_hold", [*found.base, *found.qualification, *found.serials], [])
+                reply = await self._scripts.call(EXPIRE_HOLD, found.hold, NoArgs(), key_tail=found.serials)
             except UNAVAILABLE:
                 raise  # Redis is down, not this hold: the next sweep tries again
             except Exception as error:  # this hold's data breaks its expiry: never block the rest
                 await self._set_aside(self.keys.holds, self.keys.holds_set_aside, authorization_id, "hold", error)
                 continue
-            expired += 1 if reply.body.get("expired") else 0
+            expired += 1 if not isinstance(reply, Failure) and reply.body.expired else 0
         return expired
 
     async def _set_aside(self, schedule: str, aside: str, member: str, kind: str, error: Exception) -> None:
@@ -306,62 +362,71 @@ class RedisStore:
         due = await self.redis.zrangebyscore(schedule, "-inf", now_ms, start=0, num=limit)
         return [member for member in due if isinstance(member, bytes)]  # plain members: no scores asked
 
-    async def claim(self, request: ClaimInput) -> Reply:
-        keys = self.keys
-        script_keys = [
-            keys.nonce(request.partner_id, request.nonce),
-            keys.idempotency(request.partner_id, request.request_id),
-            keys.campaign(request.campaign_id),
-            keys.rules(request.campaign_id),
-            keys.qualification_quota(request.campaign_id),
-            keys.qualification_holder(request.campaign_id, request.consumer_key),
-            keys.external_consumer(request.consumer_key),
-            keys.qualification(request.redemption_code),
-            keys.consumer_qualifications(request.consumer_key),
-            keys.qualification_expiry,
-            keys.qualification_events,
-        ]
-        args: list[str | int] = [
-            request.payload_hash,
-            request.request_id,
-            request.partner_id,
-            request.campaign_id,
-            request.category,
-            request.consumer_key,
-            request.redemption_code,
-            request.location_verdict,
-            self._limits.idempotency_ttl_s,
-            self._limits.nonce_ttl_s,
-            request.masked_id_number,
-            request.masked_phone_number,
-            request.location_cell,
-        ]
-        return await self._scripts.call("claim_qualification", script_keys, args)
+    async def claim(self, request: ClaimInput) -> Reply[ClaimAnswer]:
+        keys, limits = self.keys, self._limits
+        return await self._scripts.call(
+            CLAIM,
+            ClaimKeys(
+                nonce=keys.nonce(request.partner_id, request.nonce),
+                idempotency=keys.idempotency(request.partner_id, request.request_id),
+                campaign=keys.campaign(request.campaign_id),
+                rules=keys.rules(request.campaign_id),
+                qualification_quota=keys.qualification_quota(request.campaign_id),
+                qualification_holder=keys.qualification_holder(request.campaign_id, request.consumer_key),
+                external_consumer=keys.external_consumer(request.consumer_key),
+                qualification=keys.qualification(request.redemption_code),
+                consumer_qualifications=keys.consumer_qualifications(request.consumer_key),
+                qualification_expiry=keys.qualification_expiry,
+                qualification_events=keys.qualification_events,
+            ),
+            ClaimArgs(
+                payload_hash=request.payload_hash,
+                request_id=request.request_id,
+                partner_id=request.partner_id,
+                campaign_id=request.campaign_id,
+                category=request.category,
+                consumer_key=request.consumer_key,
+                redemption_code=request.redemption_code,
+                location_verdict=request.location_verdict,
+                idempotency_ttl_s=limits.idempotency_ttl_s,
+                nonce_ttl_s=limits.nonce_ttl_s,
+                masked_id_number=request.masked_id_number,
+                masked_phone_number=request.masked_phone_number,
+                location_cell=request.location_cell,
+            ),
+        )
 
-    async def cancel_qualification(self, request: CancelInput) -> Reply:
+    async def cancel_qualification(self, request: CancelInput) -> Reply[Cancelled]:
         campaign, consumer = await self.redis.hmget(
             self.keys.qualification(request.redemption_code), ["campaign", "consumer"]
         )
         if campaign is None or consumer is None:
-            return Reply(kind="error", body={"error": "QUALIFICATION_NOT_FOUND"})
+            return Failure("QUALIFICATION_NOT_FOUND")
         campaign_id, consumer_key = text(campaign), text(consumer)
-        script_keys = [
-            self.keys.nonce(request.partner_id, request.nonce),
-            self.keys.idempotency(request.partner_id, request.request_id),
-            *self._qualification_keys(request.redemption_code, campaign_id, consumer_key),
-        ]
-        args: list[str | int] = [
-            request.payload_hash,
-            request.request_id,
-            request.partner_id,
-            self._limits.idempotency_ttl_s,
-            self._limits.nonce_ttl_s,
-            campaign_id,
-            consumer_key,
-        ]
-        return await self._scripts.call("cancel_qualification", script_keys, args)
+        qualification = self._qualification_keys(request.redemption_code, campaign_id, consumer_key)
+        return await self._scripts.call(
+            CANCEL,
+            CancelKeys(
+                nonce=self.keys.nonce(request.partner_id, request.nonce),
+                idempotency=self.keys.idempotency(request.partner_id, request.request_id),
+                qualification=qualification.qualification,
+                qualification_quota=qualification.qualification_quota,
+                qualification_holder=qualification.qualification_holder,
+                qualification_expiry=qualification.qualification_expiry,
+                qualification_events=qualification.qualification_events,
+            ),
+            CancelArgs(
+                payload_hash=request.payload_hash,
+                request_id=request.request_id,
+                partner_id=request.partner_id,
+                idempotency_ttl_s=self._limits.idempotency_ttl_s,
+                nonce_ttl_s=self._limits.nonce_ttl_s,
+                campaign_id=campaign_id,
+                consumer_key=consumer_key,
+            ),
+        )
 
-    async def get_qualification(self, redemption_code: str, partner_id: str) -> dict[str, Any] | None:
+    async def get_qualification(self, redemption_code: str, partner_id: str) -> QualificationView | None:
         """The qualification's view; None when absent or claimed through another partner."""
         raw = await self.redis.hgetall(self.keys.qualification(redemption_code))
         fields = {text(key): text(value) for key, value in raw.items()}
@@ -371,10 +436,10 @@ class RedisStore:
 
     async def list_qualifications(
         self, consumer_key: str, partner_id: str, campaign_id: str, limit: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[QualificationView]:
         """The consumer's qualifications through this partner (and campaign), newest first."""
         codes = await self.redis.zrevrange(self.keys.consumer_qualifications(consumer_key), 0, -1)
-        views: list[dict[str, Any]] = []
+        views: list[QualificationView] = []
         for start in range(0, len(codes), 100):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for code in codes[start : start + 100]:
@@ -401,14 +466,14 @@ class RedisStore:
                 continue
             script_keys = self._qualification_keys(code, text(campaign), text(consumer))
             try:
-                reply = await self._scripts.call("expire_qualification", script_keys, [code])
+                reply = await self._scripts.call(EXPIRE_QUALIFICATION, script_keys, ExpireQualificationArgs(code))
             except UNAVAILABLE:
                 raise
             except Exception as error:  # a poison qualification never blocks the rest
                 aside = self.keys.qualifications_set_aside
                 await self._set_aside(self.keys.qualification_expiry, aside, code, "qualification", error)
                 continue
-            expired += 1 if reply.body.get("expired") else 0
+            expired += 1 if not isinstance(reply, Failure) and reply.body.expired else 0
         return expired
 
 
@@ -418,52 +483,52 @@ def text(value: bytes | str) -> str:
 
 
 @dataclass(frozen=True)
-class LifecycleKeys:
-    """An authorization's keys for its lifecycle scripts (see lifecycle_keys in _lib.lua)."""
+class HoldFound:
+    """An authorization's keys for its hold scripts (expire_hold, and with the caller's keys
+    capture, void and refund), named from its immutable fields."""
 
-    base: list[str]
-    qualification: list[str]
-    serials: list[str]
+    hold: HoldKeys
+    serials: list[str]  # the serial keys of its lines that carry a serial, in line order
     campaign_id: str
     consumer_key: str
 
 
-def qualification_view(fields: dict[str, str]) -> dict[str, Any]:
+def qualification_view(fields: dict[str, str]) -> QualificationView:
     """The same view the scripts return (qualification_view in _lib.lua), from a raw hash."""
-    return {
-        "code": fields["code"],
-        "state": fields["state"],
-        "campaign": fields["campaign"],
-        "category": fields["category"],
-        "consumer": fields["consumer"],
-        "issued_ms": int(fields["issued_ms"]),
-        "expires_ms": int(fields["expires_ms"]),
-        "updated_ms": int(fields["updated_ms"]),
-        "authorization": fields.get("authorization", ""),
-        "masked_id": fields.get("masked_id", ""),
-        "masked_phone": fields.get("masked_phone", ""),
-        "cell": fields.get("cell", ""),
-    }
+    return QualificationView(
+        redemption_code=fields["code"],
+        state=fields["state"],  # type: ignore[arg-type]  # written by the scripts: one of the states
+        campaign_id=fields["campaign"],
+        category=fields["category"],
+        consumer_key=fields["consumer"],
+        issued_ms=int(fields["issued_ms"]),
+        expires_ms=int(fields["expires_ms"]),
+        updated_ms=int(fields["updated_ms"]),
+        authorization_id=fields.get("authorization", ""),
+        masked_id=fields.get("masked_id", ""),
+        masked_phone=fields.get("masked_phone", ""),
+        location_cell=fields.get("cell", ""),
+    )
 
 
-def authorization_view(fields: dict[str, str]) -> dict[str, Any]:
+def authorization_view(fields: dict[str, str]) -> AuthorizationView:
     """The same view the scripts return (auth_view in _lib.lua), from a raw hash."""
-    return {
-        "id": fields["id"],
-        "state": fields["state"],
-        "campaign": fields["campaign"],
-        "merchant": fields["merchant"],
-        "terminal": fields["terminal"],
-        "channel": int(fields["channel"]),
-        "lines": orjson.loads(fields["lines"]),
-        "total_fen": int(fields["total_fen"]),
-        "subsidy_fen": int(fields["subsidy_fen"]),
-        "refunded_fen": int(fields["refunded_fen"]),
-        "created_ms": int(fields["created_ms"]),
-        "expires_ms": int(fields["expires_ms"]),
-        "updated_ms": int(fields["updated_ms"]),
-        "qualification": fields.get("qualification", ""),
-    }
+    return AuthorizationView(
+        authorization_id=fields["id"],
+        state=fields["state"],  # type: ignore[arg-type]  # written by the scripts: one of the states
+        campaign_id=fields["campaign"],
+        merchant_id=fields["merchant"],
+        terminal_id=fields["terminal"],
+        channel=int(fields["channel"]),
+        lines=LINES.decode(fields["lines"]),
+        total_price_fen=int(fields["total_fen"]),
+        subsidy_fen=int(fields["subsidy_fen"]),
+        refunded_fen=int(fields["refunded_fen"]),
+        created_ms=int(fields["created_ms"]),
+        hold_expires_ms=int(fields["expires_ms"]),
+        updated_ms=int(fields["updated_ms"]),
+        redemption_code=fields.get("qualification", ""),
+    )
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,21 @@
 -- before SCRIPT LOAD, so each script stays one atomic unit with no cross-script calls.
 --
 -- Conventions for all scripts:
+--   * A script reads its KEYS and ARGV by name, through the tables KEY and ARG that the loader
+--     writes between this file and the script from the script's declaration in
+--     storage/redis/contract.py (integer arguments already numbers; reading a name the
+--     declaration lacks is an error). Helpers here take those tables as parameters.
 --   * Money is integer fen. Lua numbers are doubles, exact below 2^53; the server validates
 --     prices (< 1e10 fen) and budgets (< 1e13 fen) so every product and sum stays exact.
 --   * Time comes from Redis TIME (milliseconds), never from the application's clock.
 --   * A script returns {kind, JSON}: kind "new" (this call acted), "replay" (the stored answer
 --     to an earlier call with the same request id) or "error" (nothing was written, except
 --     that a hold found past its expiry is expired first, as the sweeper would have done).
+--     The JSON of each is declared in storage/redis/contract.py, which decodes it.
 --   * Every check runs before the first write, so a script never half-applies.
+
+-- The metatable of KEY, ARG and their tails' items: a name the declaration lacks is an error.
+local STRICT = {__index = function(_, name) error('not in the script contract: ' .. tostring(name), 2) end}
 
 -- A canonical decimal integer for HINCRBY / INCRBY / ZADD / HSET arguments. Lua numbers are
 -- doubles: passed as they are, Redis formats them with %.17g, so -0 becomes "-0" (which HINCRBY
@@ -116,51 +124,50 @@ end
 
 -- Gives a qualification's quota back to the pool and the consumer's claim back (expiry,
 -- cancellation): called exactly once per qualification, on its one transition out of use.
--- qkeys: {qual=, quota=, holder=, expiry=, events=}
-local function return_qualification(qkeys, q, new_state, at_ms)
-  hincrby(qkeys.quota, q.category .. ':claimed', -1)
-  hincrby(qkeys.holder, q.category, -1)
-  redis.call('ZREM', qkeys.expiry, q.code)
+-- KEY: the script's, with the qualification's keys (contract.py's QualificationKeys).
+local function return_qualification(KEY, q, new_state, at_ms)
+  hincrby(KEY.qualification_quota, q.category .. ':claimed', -1)
+  hincrby(KEY.qualification_holder, q.category, -1)
+  redis.call('ZREM', KEY.qualification_expiry, q.code)
   q.state, q.updated_ms, q.authorization = new_state, at_ms, ''
-  redis.call('HSET', qkeys.qual, 'state', new_state, 'updated_ms', at_ms, 'authorization', '')
-  mirror_qualification(qkeys.events, qkeys.qual)
+  redis.call('HSET', KEY.qualification, 'state', new_state, 'updated_ms', at_ms, 'authorization', '')
+  mirror_qualification(KEY.qualification_events, KEY.qualification)
 end
 
 -- A RESERVED qualification whose authorization was voided or expired: ISSUED again until its
 -- own expiry, or EXPIRED (quota back to the pool) when that has passed meanwhile.
-local function unreserve_qualification(qkeys, auth, at_ms)
+local function unreserve_qualification(KEY, auth, at_ms)
   if (auth.qualification or '') == '' then return end
-  local q = load_hash(qkeys.qual)
+  local q = load_hash(KEY.qualification)
   if q == nil or q.state ~= 'RESERVED' or q.authorization ~= auth.id then return end
   if at_ms >= tonumber(q.expires_ms) then
-    return_qualification(qkeys, q, 'EXPIRED', at_ms)
+    return_qualification(KEY, q, 'EXPIRED', at_ms)
   else
-    redis.call('HSET', qkeys.qual, 'state', 'ISSUED', 'updated_ms', at_ms, 'authorization', '')
-    redis.call('ZADD', qkeys.expiry, int(tonumber(q.expires_ms)), q.code)
-    mirror_qualification(qkeys.events, qkeys.qual)
+    redis.call('HSET', KEY.qualification, 'state', 'ISSUED', 'updated_ms', at_ms, 'authorization', '')
+    redis.call('ZADD', KEY.qualification_expiry, int(tonumber(q.expires_ms)), q.code)
+    mirror_qualification(KEY.qualification_events, KEY.qualification)
   end
 end
 
 -- Releases a PENDING hold (void or expiry): budget reservation, consumer quota and serials.
--- keys: {auth=, holds=, budget=, usage=, stream=, serials={serial key per line with a serial},
---        qual=, quota=, holder=, expiry=, events= (the authorization's qualification, if any)}
-local function release_hold(keys, auth, new_state, at_ms, request_id, payload_hash)
+-- KEY: the script's, with the authorization's keys (contract.py's HoldKeys) and its serials.
+local function release_hold(KEY, auth, new_state, at_ms, request_id, payload_hash)
   local sums, counts, order = per_category(auth.lines)
   for _, category in ipairs(order) do
-    hincrby(keys.budget, category .. ':reserved', -sums[category])
-    hincrby(keys.usage, category, -counts[category])
+    hincrby(KEY.budget, category .. ':reserved', -sums[category])
+    hincrby(KEY.usage, category, -counts[category])
   end
-  for _, serial_key in ipairs(keys.serials) do
+  for _, serial_key in ipairs(KEY.serials) do
     if redis.call('GET', serial_key) == auth.id then redis.call('DEL', serial_key) end
   end
-  redis.call('ZREM', keys.holds, auth.id)
-  unreserve_qualification(keys, auth, at_ms)
+  redis.call('ZREM', KEY.holds, auth.id)
+  unreserve_qualification(KEY, auth, at_ms)
   auth.state = new_state
   auth.updated_ms = at_ms
   auth.last_request_id = request_id
-  redis.call('HSET', keys.auth, 'state', new_state, 'updated_ms', at_ms,
+  redis.call('HSET', KEY.authorization, 'state', new_state, 'updated_ms', at_ms,
     'last_request_id', request_id)
-  emit(keys.stream, new_state, auth, auth.lines, tonumber(auth.subsidy_fen), at_ms, payload_hash)
+  emit(KEY.ledger, new_state, auth, auth.lines, tonumber(auth.subsidy_fen), at_ms, payload_hash)
 end
 
 -- Returns the stored answer for an idempotency key: nil when unused, or (answer, conflict).
@@ -181,51 +188,69 @@ local function claim_nonce(nonce_key, ttl_s)
   return redis.call('SET', nonce_key, '1', 'NX', 'EX', ttl_s) ~= false
 end
 
--- The keys of capture, void, refund and expire_hold: KEYS[1..5], the five keys of the
--- authorization's qualification from `first_qualification` (hash, quota, holder, expiry set,
--- qualification stream; placeholders, never touched, when it has none), then serial keys.
-local function lifecycle_keys(first_qualification)
-  local serials = {}
-  for i = first_qualification + 5, #KEYS do serials[#serials + 1] = KEYS[i] end
-  local q = first_qualification
-  return {auth = KEYS[1], holds = KEYS[2], budget = KEYS[3], usage = KEYS[4], stream = KEYS[5],
-    qual = KEYS[q], quota = KEYS[q + 1], holder = KEYS[q + 2], expiry = KEYS[q + 3],
-    events = KEYS[q + 4], serials = serials}
+-- The opening of every script a caller signs (authorize, claim_qualification,
+-- cancel_qualification, capture, void, refund): the call's nonce is claimed, then its request
+-- id looked up. Returns nil to go on, or the reply to return at once: NONCE_REUSED,
+-- IDEMPOTENCY_CONFLICT (the request id with another payload), or the stored answer (a replay).
+-- KEY.nonce, KEY.idempotency; ARG.payload_hash, ARG.nonce_ttl_s.
+local function open_request(KEY, ARG)
+  if not claim_nonce(KEY.nonce, ARG.nonce_ttl_s) then return fail('NONCE_REUSED') end
+  local stored, conflict = idempotent_answer(KEY.idempotency, ARG.payload_hash)
+  if conflict then return fail('IDEMPOTENCY_CONFLICT') end
+  if stored then return {'replay', stored} end
+  return nil
 end
 
--- The common opening of capture, void and refund (KEYS[6] idempotency, KEYS[7] nonce,
--- KEYS[8] the calling terminal, KEYS[9] its merchant, KEYS[10..14] the qualification's keys;
--- ARGV[1] payload hash, ARGV[3] caller's
--- merchant, ARGV[5] nonce ttl, ARGV[6] campaign, ARGV[7] consumer key, ARGV[8] calling
--- terminal). Returns auth and now, or nil and the reply to return at once.
-local function begin_lifecycle(keys)
-  if not claim_nonce(KEYS[7], tonumber(ARGV[5])) then return nil, fail('NONCE_REUSED') end
-  local stored, conflict = idempotent_answer(KEYS[6], ARGV[1])
-  if conflict then return nil, fail('IDEMPOTENCY_CONFLICT') end
-  if stored then return nil, {'replay', stored} end
+-- Stores a signed call's answer under its request id (ARG.idempotency_ttl_s) and returns it.
+local function answer(KEY, ARG, body)
+  local encoded = cjson.encode(body)
+  remember(KEY.idempotency, ARG.payload_hash, encoded, ARG.idempotency_ttl_s)
+  return {'new', encoded}
+end
+
+-- What a release schedule has released by now_ms (a campaign's budget in fen, or its
+-- qualification quota in claims): the whole total without tranches, else the cumulative amount
+-- of the last tranche due, at most the total. tranches: {{release ms, cumulative amount}, ...}
+-- in time order, as storage/redis/reference.py publishes them; server/domain/budget.py's
+-- released() is the same rule in Python (tests/integration/test_script_contract.py runs both).
+local function released(tranches, total, now_ms)
+  if tranches == nil or #tranches == 0 then return total end
+  local amount = 0
+  for _, tranche in ipairs(tranches) do
+    if tranche[1] <= now_ms then amount = tranche[2] end
+  end
+  return math.min(amount, total)
+end
+
+-- The common opening of capture, void and refund (contract.py's LifecycleKeys and
+-- LifecycleArgs): the nonce and request id, the calling terminal and its merchant, then the
+-- authorization. Returns auth and now, or nil and the reply to return at once.
+local function begin_lifecycle(KEY, ARG)
+  local early = open_request(KEY, ARG)
+  if early then return nil, early end
   -- A suspended terminal or merchant may not move money, in either direction.
-  local terminal = redis.call('HMGET', KEYS[8], 'status', 'merchant')
-  if terminal[1] ~= 'ACTIVE' or terminal[2] ~= ARGV[3] then return nil, fail('TERMINAL_INACTIVE') end
-  if redis.call('HGET', KEYS[9], 'status') ~= 'ACTIVE' then return nil, fail('MERCHANT_INACTIVE') end
-  local auth = load_auth(keys.auth)
+  local terminal = redis.call('HMGET', KEY.terminal, 'status', 'merchant')
+  if terminal[1] ~= 'ACTIVE' or terminal[2] ~= ARG.merchant_id then return nil, fail('TERMINAL_INACTIVE') end
+  if redis.call('HGET', KEY.merchant, 'status') ~= 'ACTIVE' then return nil, fail('MERCHANT_INACTIVE') end
+  local auth = load_auth(KEY.authorization)
   -- Another merchant's authorization is reported as absent, so ids cannot be probed.
-  if auth == nil or auth.merchant ~= ARGV[3] then return nil, fail('AUTHORIZATION_NOT_FOUND') end
+  if auth == nil or auth.merchant ~= ARG.merchant_id then return nil, fail('AUTHORIZATION_NOT_FOUND') end
   -- The caller derived the budget, usage and serial keys from this authorization's immutable
   -- fields; a mismatch is a bug in the caller, never a business outcome.
-  if auth.campaign ~= ARGV[6] or auth.consumer ~= ARGV[7] then return nil, fail('KEYS_MISMATCH') end
+  if auth.campaign ~= ARG.campaign_id or auth.consumer ~= ARG.consumer_key then
+    return nil, fail('KEYS_MISMATCH')
+  end
   local now = now_ms()
   if auth.state == 'PENDING' and now >= tonumber(auth.expires_ms) then
-    release_hold(keys, auth, 'EXPIRED', now, '')
+    release_hold(KEY, auth, 'EXPIRED', now, '')
   end
-  auth.acting_terminal = ARGV[8]
+  auth.acting_terminal = ARG.terminal_id
   return auth, now
 end
 
 -- Stores and returns a lifecycle answer.
-local function finish_lifecycle(auth, extra)
-  local answer = extra or {}
-  answer.authorization = auth_view(auth)
-  local encoded = cjson.encode(answer)
-  remember(KEYS[6], ARGV[1], encoded, tonumber(ARGV[4]))
-  return {'new', encoded}
+local function finish_lifecycle(KEY, ARG, auth, extra)
+  local body = extra or {}
+  body.authorization = auth_view(auth)
+  return answer(KEY, ARG, body)
 end

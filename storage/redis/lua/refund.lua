@@ -2,22 +2,12 @@
 -- refunded line gives its subsidy back to the budget, one unit back to the consumer's quota
 -- and frees its serial. A line is refunded at most once.
 --
--- KEYS[1] authorization hash  KEYS[2] holds zset  KEYS[3] budget hash  KEYS[4] usage hash
--- KEYS[5] ledger stream  KEYS[6] idempotency  KEYS[7] nonce  KEYS[8] calling terminal hash
--- KEYS[9] its merchant hash  KEYS[10..14] the authorization's qualification: hash, campaign
--- quota hash, holder hash, expiry zset, qualification stream (placeholders when it has none)
--- KEYS[15..] serial keys
--- of the lines that carry a serial (derived by the caller from the immutable lines)
---
--- ARGV[1] payload hash  ARGV[2] request id  ARGV[3] caller's merchant id  ARGV[4] idempotency
--- ttl (s)  ARGV[5] nonce ttl (s)  ARGV[6] campaign id  ARGV[7] consumer key  ARGV[8] calling
--- terminal id
--- ARGV[9..] line ids to refund; none means every line not yet refunded.
+-- KEY and ARG: storage/redis/contract.py, REFUND (as CAPTURE, and ARG.line_ids: the line ids
+-- to refund; none means every line not yet refunded).
 --
 -- Returns {kind, JSON}: {"authorization": view, "refunded_fen": n} or {"error": ...}.
 
-local keys = lifecycle_keys(10)
-local auth, now = begin_lifecycle(keys)
+local auth, now = begin_lifecycle(KEY, ARG)
 if auth == nil then return now end
 if auth.state ~= 'CAPTURED' and auth.state ~= 'PARTIALLY_REFUNDED' then
   return fail('INVALID_STATE', {state = auth.state})
@@ -25,8 +15,8 @@ end
 
 -- Choose the lines; every check before the first write.
 local wanted, chosen = {}, {}
-for i = 9, #ARGV do wanted[ARGV[i]] = true end
-local explicit = #ARGV >= 9
+for _, line_id in ipairs(ARG.line_ids) do wanted[line_id] = true end
+local explicit = #ARG.line_ids > 0
 for _, line in ipairs(auth.lines) do
   if not explicit or wanted[line.l] then
     if line.r == 1 and explicit then return fail('LINE_ALREADY_REFUNDED', {line_id = line.l}) end
@@ -40,9 +30,9 @@ if unknown then return fail('LINE_NOT_FOUND', {line_id = unknown}) end
 local sums, counts, order = per_category(chosen)
 local refunded_fen = 0
 for _, category in ipairs(order) do
-  hincrby(keys.budget, category .. ':spent', -sums[category])
-  hincrby(keys.budget, category .. ':refunded', sums[category])
-  hincrby(keys.usage, category, -counts[category])
+  hincrby(KEY.budget, category .. ':spent', -sums[category])
+  hincrby(KEY.budget, category .. ':refunded', sums[category])
+  hincrby(KEY.usage, category, -counts[category])
   refunded_fen = refunded_fen + sums[category]
 end
 local all_refunded = true
@@ -55,7 +45,7 @@ local serial_index = 0
 for _, line in ipairs(auth.lines) do
   if line.sn ~= '' then
     serial_index = serial_index + 1
-    local serial_key = keys.serials[serial_index]
+    local serial_key = KEY.serials[serial_index]
     for _, picked in ipairs(chosen) do
       if picked.l == line.l and redis.call('GET', serial_key) == auth.id then
         redis.call('DEL', serial_key)
@@ -67,18 +57,18 @@ end
 -- the whole payment within the qualification's validity restores it with its original expiry;
 -- a partial, split or late refund counts as used.
 if all_refunded and #chosen == #auth.lines and (auth.qualification or '') ~= '' then
-  local q = load_hash(keys.qual)
+  local q = load_hash(KEY.qualification)
   if q ~= nil and q.state == 'REDEEMED' and q.authorization == auth.id
       and q.refund_policy == 'RESTORE_ON_FULL_REFUND' and now < tonumber(q.expires_ms) then
-    redis.call('HSET', keys.qual, 'state', 'ISSUED', 'authorization', '', 'updated_ms', now)
-    redis.call('ZADD', keys.expiry, int(tonumber(q.expires_ms)), q.code)
-    mirror_qualification(keys.events, keys.qual)
+    redis.call('HSET', KEY.qualification, 'state', 'ISSUED', 'authorization', '', 'updated_ms', now)
+    redis.call('ZADD', KEY.qualification_expiry, int(tonumber(q.expires_ms)), q.code)
+    mirror_qualification(KEY.qualification_events, KEY.qualification)
   end
 end
 auth.state = all_refunded and 'REFUNDED' or 'PARTIALLY_REFUNDED'
 auth.refunded_fen = tonumber(auth.refunded_fen) + refunded_fen
-auth.updated_ms, auth.last_request_id = now, ARGV[2]
-redis.call('HSET', keys.auth, 'state', auth.state, 'lines', cjson.encode(auth.lines),
-  'refunded_fen', auth.refunded_fen, 'updated_ms', now, 'last_request_id', ARGV[2])
-emit(keys.stream, 'REFUNDED', auth, chosen, refunded_fen, now, ARGV[1])
-return finish_lifecycle(auth, {refunded_fen = refunded_fen})
+auth.updated_ms, auth.last_request_id = now, ARG.request_id
+redis.call('HSET', KEY.authorization, 'state', auth.state, 'lines', cjson.encode(auth.lines),
+  'refunded_fen', auth.refunded_fen, 'updated_ms', now, 'last_request_id', ARG.request_id)
+emit(KEY.ledger, 'REFUNDED', auth, chosen, refunded_fen, now, ARG.payload_hash)
+return finish_lifecycle(KEY, ARG, auth, {refunded_fen = refunded_fen})

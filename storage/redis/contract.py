@@ -1,0 +1,547 @@
+"""The contract between the Lua scripts and the Python that calls them, written once.
+
+Each script is declared here, and nowhere else: its ``KEYS`` and its ``ARGV`` by name and in
+order (a NamedTuple each), an optional repeated tail of either (a line's keys, a refund's line
+ids), the decline reasons it numbers, and the type of its answer. From that one declaration:
+
+- the Python call: ``storage/redis/store.py`` builds the NamedTuples (mypy checks every name)
+  and ``Scripts.call`` sends them flattened, in declared order;
+- the Lua names: the loader (``storage/redis/scripts.py``) puts ``lua_bindings()`` between
+  ``_lib.lua`` and the script, so a script reads ``KEY.nonce`` and ``ARG.hold_ttl_s`` (integers
+  already numbers), never ``KEYS[1]`` or ``ARGV[9]``; a name the declaration lacks is an error,
+  not a nil; the decline reasons become constants (``BUDGET_EXHAUSTED``), checked against the
+  proto by tests/unit/test_script_contract.py;
+- the answer: decoded by msgspec into the declared Structs (no ``dict[str, Any]``), the lines'
+  one-letter JSON fields (kept in Redis, ledger events and PostgreSQL) into named attributes.
+
+A script returns ``{kind, JSON}`` (see ``_lib.lua``): kind ``new`` (this call acted) or
+``replay`` (the stored answer to an earlier call with the same request id) carry the declared
+answer, decoded into ``Answer``; kind ``error`` (nothing was written) a ``Failure``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar, get_type_hints
+
+import msgspec
+
+# --- What the scripts answer, and what they keep -------------------------------------------------
+
+AuthorizationState = Literal["PENDING", "CAPTURED", "VOIDED", "EXPIRED", "PARTIALLY_REFUNDED", "REFUNDED"]
+QualificationState = Literal["ISSUED", "RESERVED", "REDEEMED", "EXPIRED", "CANCELLED"]
+EventType = Literal["AUTHORIZED", "CAPTURED", "VOIDED", "EXPIRED", "REFUNDED"]
+
+
+class Line(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """One line (one unit) as the scripts keep it: in an authorization's hash and answer, and in
+    ledger events (``lines``, ``all_lines``). The JSON keeps its one-letter names (they are in
+    Redis, the stream and PostgreSQL's ``lines`` columns); Python reads the named attributes.
+    A ledger event needs only the category, subsidy and GTIN of a line (and its serial, "" when
+    none); the rest default as an event's validation always allowed."""
+
+    line_id: str = msgspec.field(name="l", default="")
+    gtin: str = msgspec.field(name="g")
+    category: str = msgspec.field(name="c")
+    unit_price_fen: int = msgspec.field(name="p", default=0)
+    subsidy_fen: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(name="s")
+    serial_number: str = msgspec.field(name="sn", default="")
+    refunded: int = msgspec.field(name="r", default=0)  # 1 once refunded
+
+
+class AuthorizationView(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """An authorization as the scripts answer it (``auth_view`` in ``_lib.lua``) and as
+    ``RedisStore.get_authorization`` reads it from its hash."""
+
+    authorization_id: str = msgspec.field(name="id")
+    state: AuthorizationState
+    campaign_id: str = msgspec.field(name="campaign")
+    merchant_id: str = msgspec.field(name="merchant")
+    terminal_id: str = msgspec.field(name="terminal")
+    channel: int
+    lines: list[Line]
+    total_price_fen: int = msgspec.field(name="total_fen")
+    subsidy_fen: int
+    refunded_fen: int
+    created_ms: int
+    hold_expires_ms: int = msgspec.field(name="expires_ms")
+    updated_ms: int
+    redemption_code: str = msgspec.field(name="qualification", default="")
+
+
+class QualificationView(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """A qualification as the scripts answer it (``qualification_view`` in ``_lib.lua``) and as
+    ``RedisStore.get_qualification`` reads it; the masks are sealed, as stored."""
+
+    redemption_code: str = msgspec.field(name="code")
+    state: QualificationState
+    campaign_id: str = msgspec.field(name="campaign")
+    category: str
+    consumer_key: str = msgspec.field(name="consumer")
+    issued_ms: int
+    expires_ms: int
+    updated_ms: int
+    authorization_id: str = msgspec.field(name="authorization", default="")
+    masked_id: str = ""
+    masked_phone: str = ""
+    location_cell: str = msgspec.field(name="cell", default="")
+
+
+class Approved(msgspec.Struct, frozen=True, gc=False, tag_field="decision", tag="APPROVED"):
+    authorization: AuthorizationView
+
+
+class Declined(msgspec.Struct, frozen=True, gc=False, tag_field="decision", tag="DECLINED"):
+    reason: int  # a DeclineReason number (DECLINE_REASONS)
+    line_id: str = ""
+
+
+class Settled(msgspec.Struct, frozen=True, gc=False):
+    """Capture's and void's answer: the authorization as it now stands."""
+
+    authorization: AuthorizationView
+
+
+class Refunded(msgspec.Struct, frozen=True, gc=False):
+    authorization: AuthorizationView
+    refunded_fen: int
+
+
+class Expiry(msgspec.Struct, frozen=True, gc=False):
+    """A sweeper's answer: whether this call expired the hold or qualification, and its state."""
+
+    expired: bool
+    state: str
+
+
+class Issued(msgspec.Struct, frozen=True, gc=False, tag_field="decision", tag="ISSUED"):
+    qualification: QualificationView
+
+
+class ClaimDeclined(msgspec.Struct, frozen=True, gc=False, tag_field="decision", tag="DECLINED"):
+    reason: int  # a ClaimDeclineReason number (CLAIM_DECLINE_REASONS)
+
+
+class Cancelled(msgspec.Struct, frozen=True, gc=False):
+    qualification: QualificationView
+
+
+AuthorizeAnswer = Approved | Declined
+ClaimAnswer = Issued | ClaimDeclined
+R = TypeVar("R")
+
+
+class Answer(msgspec.Struct, Generic[R], frozen=True, gc=False):
+    """A script's answer: ``body`` is the declared type; ``replayed`` when it is the stored answer
+    to an earlier call with the same request id."""
+
+    body: R
+    replayed: bool
+
+
+class Failure(msgspec.Struct, frozen=True, gc=False):
+    """A script's refusal (kind ``error``, ``fail`` in ``_lib.lua``): nothing was written, except
+    that a hold found past its expiry was expired first. ``error`` is the code (NONCE_REUSED,
+    IDEMPOTENCY_CONFLICT, AUTHORIZATION_NOT_FOUND, INVALID_STATE, ...); ``state`` and ``line_id``
+    are "" unless the code has one."""
+
+    error: str
+    state: str = ""
+    line_id: str = ""
+
+    def details(self) -> dict[str, str]:
+        """The refusal's details by name, as the error's metadata carries them."""
+        found = {}
+        if self.state:
+            found["state"] = self.state
+        if self.line_id:
+            found["line_id"] = self.line_id
+        return found
+
+
+Reply = Answer[R] | Failure
+
+
+class LedgerEventRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """A ledger event as ``emit`` in ``_lib.lua`` appends it to the ledger stream (field ``e``).
+    The fields from ``state`` on describe the authorization as it stands after the event (older
+    events lack them: each defaults to what the event itself says)."""
+
+    type: EventType
+    authorization_id: str
+    campaign_id: str = msgspec.field(name="campaign")
+    merchant_id: str = msgspec.field(name="merchant")
+    terminal_id: str = msgspec.field(name="terminal")  # the terminal that acted
+    authorization_terminal: str = ""  # the terminal that authorized ("" in older events: terminal)
+    consumer_key: str = msgspec.field(name="consumer")
+    request_id: str = ""
+    payload_hash: str = ""
+    amount_fen: int
+    at_ms: int
+    lines: list[Line]  # the lines this event moves money for
+    state: str = ""
+    channel: int = 0
+    total_fen: int = 0
+    subsidy_fen: int = 0
+    refunded_fen: int = 0
+    created_ms: int | None = None
+    expires_ms: int | None = None
+    all_lines: list[Line] | None = None
+    qualification: str = ""
+
+
+# --- Enums the scripts number ---------------------------------------------------------------------
+
+# DeclineReason in authorization.proto, without its prefix: authorize.lua's constants (lower wins).
+DECLINE_REASONS: Mapping[str, int] = {
+    "TERMINAL_INACTIVE": 1,
+    "MERCHANT_INACTIVE": 2,
+    "CAMPAIGN_NOT_FOUND": 3,
+    "CAMPAIGN_NOT_ACTIVE": 4,
+    "PRODUCT_NOT_ELIGIBLE": 5,
+    "CATEGORY_NOT_COVERED": 6,
+    "MERCHANT_CATEGORY_NOT_ALLOWED": 7,
+    "GRADE_NOT_ELIGIBLE": 8,
+    "PRICE_ABOVE_CEILING": 9,
+    "PRICE_BELOW_THRESHOLD": 10,
+    "SERIAL_REQUIRED": 11,
+    "SERIAL_ALREADY_SUBSIDISED": 12,
+    "CONSUMER_LIMIT_REACHED": 13,
+    "BUDGET_EXHAUSTED": 14,
+    "QUALIFICATION_REQUIRED": 15,
+    "QUALIFICATION_NOT_FOUND": 16,
+    "QUALIFICATION_NOT_USABLE": 17,
+    "QUALIFICATION_EXPIRED": 18,
+    "QUALIFICATION_CATEGORY_MISMATCH": 19,
+    "CONSUMER_USED_ELSEWHERE": 20,
+    "NO_SUBSIDY": 21,
+}
+
+# ClaimDeclineReason in qualification.proto, without its prefix: claim_qualification.lua's
+# constants. The LOCATION_* reasons are the service's verdict, which the script passes on.
+CLAIM_DECLINE_REASONS: Mapping[str, int] = {
+    "CAMPAIGN_NOT_FOUND": 1,
+    "CAMPAIGN_NOT_ACTIVE": 2,
+    "USED_ELSEWHERE": 3,
+    "LOCATION_MOCKED": 4,
+    "LOCATION_STALE": 5,
+    "LOCATION_INACCURATE": 6,
+    "LOCATION_OUTSIDE_REGION": 7,
+    "PERSON_LIMIT_REACHED": 8,
+    "NOT_YET_RELEASED": 9,
+    "QUOTA_EXHAUSTED": 10,
+}
+
+
+# --- KEYS and ARGV -----------------------------------------------------------------------------
+
+
+class AuthorizeKeys(NamedTuple):
+    nonce: str  # string: the request's nonce, claimed first
+    idempotency: str  # string: "<payload hash>|<answer JSON>" under the caller and request id
+    terminal: str  # hash: status, merchant
+    merchant: str  # hash: status, categories (",a,b," or "" for every category)
+    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s
+    rules: str  # hash: category -> rule JSON (storage/redis/reference.py)
+    budget: str  # hash: <category>:total|reserved|spent|refunded, fen
+    usage: str  # hash: category -> units held or bought by this consumer
+    authorization: str  # hash: written on approval
+    holds: str  # zset: authorization id scored by hold expiry (ms)
+    ledger: str  # stream: one event per reservation
+    qualification: str  # hash: the redemption code's (a placeholder, never read, without one)
+    external_consumer: str  # hash: category -> provider that reported this consumer using it
+    qualification_events: str  # stream: the qualification's new state, mirrored into PostgreSQL
+
+
+class LineKeys(NamedTuple):
+    product: str  # hash: active, category, grade, reference_price_fen, serial_required
+    serial: str  # string: the device's holder (a placeholder, never touched, without a serial)
+
+
+class AuthorizeArgs(NamedTuple):
+    payload_hash: str
+    request_id: str
+    terminal_id: str
+    merchant_id: str
+    campaign_id: str
+    consumer_key: str
+    channel: int
+    authorization_id: str  # the new authorization's id
+    hold_ttl_s: int
+    idempotency_ttl_s: int
+    nonce_ttl_s: int
+    redemption_code: str  # "" when none
+
+
+class LineArgs(NamedTuple):
+    """One line of an Authorize (what ``RedisStore.authorize`` is given per line)."""
+
+    line_id: str
+    gtin: str
+    unit_price_fen: int
+    serial_number: str  # "" when none
+
+
+class HoldKeys(NamedTuple):
+    """An authorization's keys (expire_hold's KEYS; capture, void and refund have these too):
+    named by the caller from its immutable fields. Its qualification's five keys are
+    placeholders, never touched, when it redeemed none."""
+
+    authorization: str  # hash
+    holds: str  # zset
+    budget: str  # hash: its campaign's
+    usage: str  # hash: its consumer's in that campaign
+    ledger: str  # stream
+    qualification: str  # hash: the qualification it redeemed
+    qualification_quota: str  # hash: <category>:claimed of that campaign
+    qualification_holder: str  # hash: category -> the consumer's qualifications out of the pool
+    qualification_expiry: str  # zset: codes by expiry (ms)
+    qualification_events: str  # stream
+
+
+class LifecycleKeys(NamedTuple):
+    """Capture's, void's and refund's KEYS: the caller's, then the authorization's (HoldKeys)."""
+
+    nonce: str
+    idempotency: str
+    terminal: str  # hash: the calling terminal's status and merchant
+    merchant: str  # hash: its merchant's status
+    authorization: str
+    holds: str
+    budget: str
+    usage: str
+    ledger: str
+    qualification: str
+    qualification_quota: str
+    qualification_holder: str
+    qualification_expiry: str
+    qualification_events: str
+
+
+class LifecycleArgs(NamedTuple):
+    payload_hash: str
+    request_id: str
+    merchant_id: str  # the caller's merchant
+    idempotency_ttl_s: int
+    nonce_ttl_s: int
+    campaign_id: str  # as the caller read them from the authorization (re-checked)
+    consumer_key: str
+    terminal_id: str  # the calling terminal
+
+
+class NoArgs(NamedTuple):
+    pass
+
+
+class ClaimKeys(NamedTuple):
+    nonce: str
+    idempotency: str
+    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s, q_refund
+    rules: str  # hash: category -> rule JSON (q_quota, q_tranches, per_person_limit)
+    qualification_quota: str  # hash: <category>:claimed -> qualifications out of the pool
+    qualification_holder: str  # hash: category -> this consumer's qualifications out of the pool
+    external_consumer: str  # hash: category -> provider that reported this consumer using it
+    qualification: str  # hash: written when issued
+    consumer_qualifications: str  # zset: the consumer's codes by issue time
+    qualification_expiry: str  # zset: codes by expiry (ms), for the sweeper
+    qualification_events: str  # stream: the new qualification, mirrored into PostgreSQL
+
+
+class ClaimArgs(NamedTuple):
+    payload_hash: str
+    request_id: str
+    partner_id: str
+    campaign_id: str
+    category: str
+    consumer_key: str
+    redemption_code: str  # the new qualification's code
+    location_verdict: int  # 0, or the ClaimDeclineReason the service's location check gave
+    idempotency_ttl_s: int
+    nonce_ttl_s: int
+    # Each sealed under the provider's local data key, or "" (no key, no phone); never a mask
+    # in clear (docs/privacy.md).
+    masked_id_number: str
+    masked_phone_number: str
+    location_cell: str  # the coarse cell kept with the qualification
+
+
+class CancelKeys(NamedTuple):
+    nonce: str
+    idempotency: str
+    qualification: str
+    qualification_quota: str
+    qualification_holder: str
+    qualification_expiry: str
+    qualification_events: str
+
+
+class CancelArgs(NamedTuple):
+    payload_hash: str
+    request_id: str
+    partner_id: str
+    idempotency_ttl_s: int
+    nonce_ttl_s: int
+    campaign_id: str  # as the caller read them from the qualification (re-checked)
+    consumer_key: str
+
+
+class QualificationKeys(NamedTuple):
+    """expire_qualification's KEYS (cancel_qualification's and the lifecycle's have these too)."""
+
+    qualification: str
+    qualification_quota: str
+    qualification_holder: str
+    qualification_expiry: str
+    qualification_events: str
+
+
+class ExpireQualificationArgs(NamedTuple):
+    redemption_code: str
+
+
+# --- The declarations -----------------------------------------------------------------------------
+
+K = TypeVar("K", bound=tuple[Any, ...])
+A = TypeVar("A", bound=tuple[Any, ...])
+
+
+@dataclass(frozen=True)
+class Tail:
+    """A repeated tail of KEYS or ARGV after the declared names: the script sees it as the list
+    ``KEY.<name>`` / ``ARG.<name>``, of tables of the item's fields when the item is a NamedTuple,
+    of strings when it is ``str``."""
+
+    name: str
+    item: type[Any]
+
+    @property
+    def width(self) -> int:
+        """How many KEYS or ARGV one item takes."""
+        return 1 if self.item is str else len(self.item._fields)
+
+
+class Script(Generic[K, A, R]):
+    """One script's declaration: its name (``lua/<name>.lua``), KEYS, ARGV, the tails after
+    them, the enums it numbers and its answer's type."""
+
+    def __init__(
+        self,
+        name: str,
+        keys: type[K],
+        args: type[A],
+        answer: Any,
+        key_tail: Tail | None = None,
+        arg_tail: Tail | None = None,
+        enums: Mapping[str, int] | None = None,
+    ) -> None:
+        self.name = name
+        self.keys = keys
+        self.args = args
+        self.answer_type = answer
+        self.key_tail = key_tail
+        self.arg_tail = arg_tail
+        self.enums: Mapping[str, int] = enums or {}
+        # KEYS and ARGV per item of each tail (0: no tail).
+        self.key_width = key_tail.width if key_tail else 0
+        self.arg_width = arg_tail.width if arg_tail else 0
+        self.decoder: msgspec.json.Decoder[R] = msgspec.json.Decoder(answer)
+
+    def lua_bindings(self) -> str:
+        """The Lua the loader puts between ``_lib.lua`` and the script: ``KEY`` and ``ARG`` (the
+        declared names; integers as numbers; a name not declared raises an error) and the enum
+        constants."""
+        out = [
+            f"-- Generated by the loader from storage/redis/contract.py (script {self.name!r}): the",
+            "-- script reads its KEYS and ARGV through these names only.",
+        ]
+        out += _table("KEY", "KEYS", self.keys, self.key_tail)
+        out += _table("ARG", "ARGV", self.args, self.arg_tail)
+        out += [f"local {name} = {number}" for name, number in self.enums.items()]
+        return "\n".join(out) + "\n"
+
+
+def _fields(item: type[Any]) -> list[tuple[str, bool]]:
+    """(name, is an integer) for each field of a NamedTuple, in order."""
+    hints = get_type_hints(item)
+    return [(name, hints[name] is int) for name in item._fields]
+
+
+def _value(source: str, index: str, numeric: bool) -> str:
+    read = f"{source}[{index}]"
+    return f"tonumber({read})" if numeric else read
+
+
+def _table(name: str, source: str, declared: type[Any], tail: Tail | None) -> list[str]:
+    fields = _fields(declared)
+    entries = [f"{field} = {_value(source, str(index), numeric)}" for index, (field, numeric) in enumerate(fields, 1)]
+    if tail is not None:
+        entries.append(f"{tail.name} = {{}}")
+    lines = [f"local {name} = {{", *(f"  {entry}," for entry in entries), "}"]
+    if tail is not None:
+        first = len(fields) + 1
+        if tail.item is str:
+            lines.append(f"for i = {first}, #{source} do {name}.{tail.name}[#{name}.{tail.name} + 1] = {source}[i] end")
+        else:
+            item_fields = _fields(tail.item)
+            values = ", ".join(
+                f"{field} = {_value(source, 'i' if offset == 0 else f'i + {offset}', numeric)}"
+                for offset, (field, numeric) in enumerate(item_fields)
+            )
+            lines += [
+                f"for i = {first}, #{source}, {len(item_fields)} do",
+                f"  {name}.{tail.name}[#{name}.{tail.name} + 1] = setmetatable({{{values}}}, STRICT)",
+                "end",
+            ]
+    lines.append(f"setmetatable({name}, STRICT)")
+    return lines
+
+
+SERIALS = Tail("serials", str)  # the serial keys of the authorization's lines that carry one, in line order
+
+AUTHORIZE: Script[AuthorizeKeys, AuthorizeArgs, AuthorizeAnswer] = Script(
+    "authorize",
+    AuthorizeKeys,
+    AuthorizeArgs,
+    AuthorizeAnswer,
+    key_tail=Tail("lines", LineKeys),
+    arg_tail=Tail("lines", LineArgs),
+    enums=DECLINE_REASONS,
+)
+CAPTURE: Script[LifecycleKeys, LifecycleArgs, Settled] = Script(
+    "capture", LifecycleKeys, LifecycleArgs, Settled, key_tail=SERIALS
+)
+VOID: Script[LifecycleKeys, LifecycleArgs, Settled] = Script(
+    "void", LifecycleKeys, LifecycleArgs, Settled, key_tail=SERIALS
+)
+REFUND: Script[LifecycleKeys, LifecycleArgs, Refunded] = Script(
+    "refund",
+    LifecycleKeys,
+    LifecycleArgs,
+    Refunded,
+    key_tail=SERIALS,
+    # The line ids to refund; none means every line not yet refunded.
+    arg_tail=Tail("line_ids", str),
+)
+EXPIRE_HOLD: Script[HoldKeys, NoArgs, Expiry] = Script("expire_hold", HoldKeys, NoArgs, Expiry, key_tail=SERIALS)
+CLAIM: Script[ClaimKeys, ClaimArgs, ClaimAnswer] = Script(
+    "claim_qualification", ClaimKeys, ClaimArgs, ClaimAnswer, enums=CLAIM_DECLINE_REASONS
+)
+CANCEL: Script[CancelKeys, CancelArgs, Cancelled] = Script("cancel_qualification", CancelKeys, CancelArgs, Cancelled)
+EXPIRE_QUALIFICATION: Script[QualificationKeys, ExpireQualificationArgs, Expiry] = Script(
+    "expire_qualification", QualificationKeys, ExpireQualificationArgs, Expiry
+)
+
+SCRIPTS: tuple[Script[Any, Any, Any], ...] = (
+    AUTHORIZE,
+    CAPTURE,
+    VOID,
+    REFUND,
+    EXPIRE_HOLD,
+    CLAIM,
+    CANCEL,
+    EXPIRE_QUALIFICATION,
+)
+
+FAILURE = msgspec.json.Decoder(Failure)
+LINES = msgspec.json.Decoder(list[Line])
