@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 GENESIS_HASH = "0" * 64
 FLOWS: Mapping[str, tuple[str, str]] = {
@@ -42,14 +42,24 @@ class Posting:
     credit_fen: int
 
 
-def amounts_by_category(lines: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+class PostedLine(Protocol):
+    """What posting needs of an event's line (storage decodes the events into these)."""
+
+    @property
+    def category(self) -> str: ...
+
+    @property
+    def subsidy_fen(self) -> int: ...
+
+
+def amounts_by_category(lines: Iterable[PostedLine]) -> dict[str, int]:
     sums: dict[str, int] = {}
     for line in lines:
-        sums[line["c"]] = sums.get(line["c"], 0) + int(line["s"])
+        sums[line.category] = sums.get(line.category, 0) + line.subsidy_fen
     return sums
 
 
-def postings(event_type: str, lines: Iterable[Mapping[str, Any]]) -> list[Posting]:
+def postings(event_type: str, lines: Iterable[PostedLine]) -> list[Posting]:
     """The balanced postings of one event, in category order; zero amounts post nothing."""
     debit_account, credit_account = FLOWS[event_type]
     result: list[Posting] = []

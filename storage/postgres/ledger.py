@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 import orjson
 
-from server.domain.posting import FLOWS, GENESIS_HASH, entry_hash, postings
+from server.domain.posting import GENESIS_HASH, entry_hash, postings
+from storage.redis.contract import LedgerEventRecord
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-REQUIRED_FIELDS = ("type", "authorization_id", "campaign", "merchant", "terminal", "consumer", "amount_fen", "at_ms")
 
 
 class MalformedEvent(ValueError):
@@ -34,8 +35,16 @@ class EventCollision(Exception):
 
 @dataclass(frozen=True)
 class LedgerEvent:
+    """One stream entry's event: ``payload`` as the script wrote it (stored, and digested into
+    the chain, as it is), ``record`` the same decoded into named fields (storage/redis/contract.py).
+    Raises msgspec.ValidationError when the payload is no ledger event."""
+
     event_id: str
     payload: dict[str, Any]
+    record: LedgerEventRecord = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "record", msgspec.convert(self.payload, LedgerEventRecord))
 
     @property
     def order(self) -> tuple[int, int]:
@@ -49,20 +58,14 @@ def parse_event(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LedgerEven
         payload = orjson.loads(fields[b"e"])
     except (KeyError, orjson.JSONDecodeError) as error:
         raise MalformedEvent(f"{event_id}: no JSON payload") from error
-    missing = [name for name in REQUIRED_FIELDS if name not in payload]
-    if missing or payload["type"] not in FLOWS or not isinstance(payload.get("lines"), list):
-        raise MalformedEvent(f"{event_id}: missing or invalid fields {missing}")
-    for line in payload["lines"]:
-        if not (
-            isinstance(line, dict)
-            and isinstance(line.get("c"), str)
-            and isinstance(line.get("s"), int)
-            and line["s"] >= 0
-            and isinstance(line.get("g"), str)
-            and isinstance(line.get("sn", ""), str)
-        ):
-            raise MalformedEvent(f"{event_id}: a line lacks its category, subsidy, gtin or serial")
-    return LedgerEvent(event_id, payload)
+    if not isinstance(payload, dict):
+        raise MalformedEvent(f"{event_id}: not a JSON object")
+    try:
+        # Every field the ledger needs, of its type; each line's category, subsidy (>= 0),
+        # GTIN and serial ("" when none).
+        return LedgerEvent(event_id, payload)
+    except msgspec.ValidationError as error:
+        raise MalformedEvent(f"{event_id}: {error}") from error
 
 
 def payload_digest(payload: dict[str, Any]) -> str:
@@ -105,21 +108,21 @@ async def write_batch(connection: asyncpg.Connection, events: Sequence[LedgerEve
 async def _insert_events(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> set[str]:
     columns: list[list[Any]] = [[] for _ in range(14)]
     for event in events:
-        payload = event.payload
+        payload, record = event.payload, event.record
         milliseconds, sequence = event.order
         values = (
             event.event_id,
             milliseconds,
             sequence,
-            payload["type"],
-            payload["authorization_id"],
-            payload["campaign"],
-            payload["merchant"],
-            payload["terminal"],
-            payload["consumer"],
-            payload.get("request_id", ""),
-            int(payload["amount_fen"]),
-            from_ms(int(payload["at_ms"])),
+            record.type,
+            record.authorization_id,
+            record.campaign_id,
+            record.merchant_id,
+            record.terminal_id,
+            record.consumer_key,
+            record.request_id,
+            record.amount_fen,
+            from_ms(record.at_ms),
             orjson.dumps(payload["lines"]).decode(),
             orjson.dumps(payload).decode(),
         )
@@ -151,7 +154,7 @@ async def _check_redeliveries(connection: asyncpg.Connection, events: Sequence[L
 
 
 async def _post_entries(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> None:
-    campaigns = sorted({event.payload["campaign"] for event in events})
+    campaigns = sorted({event.record.campaign_id for event in events})
     await connection.execute(
         "INSERT INTO ledger_chain_heads (campaign_id, last_seq, last_hash)"
         " SELECT unnest($1::text[]), 0, $2 ON CONFLICT (campaign_id) DO NOTHING",
@@ -167,9 +170,9 @@ async def _post_entries(connection: asyncpg.Connection, events: Sequence[LedgerE
     chain = {row["campaign_id"]: (int(row["last_seq"]), str(row["last_hash"])) for row in heads}
     records: list[tuple[Any, ...]] = []
     for event in events:
-        payload = event.payload
-        campaign_id, occurred_ms = payload["campaign"], int(payload["at_ms"])
-        for posting in postings(payload["type"], payload["lines"]):
+        record = event.record
+        campaign_id, occurred_ms = record.campaign_id, record.at_ms
+        for posting in postings(record.type, record.lines):
             seq, prev_hash = chain[campaign_id]
             seq += 1
             digest = entry_hash(
@@ -177,22 +180,22 @@ async def _post_entries(connection: asyncpg.Connection, events: Sequence[LedgerE
                 campaign_id,
                 seq,
                 event.event_id,
-                payload["authorization_id"],
+                record.authorization_id,
                 posting,
-                payload["merchant"],
+                record.merchant_id,
                 occurred_ms,
-                payload_digest(payload),
+                payload_digest(event.payload),
             )
             records.append(
                 (
                     campaign_id,
                     seq,
                     event.event_id,
-                    payload["type"],
-                    payload["authorization_id"],
+                    record.type,
+                    record.authorization_id,
                     posting.category,
                     posting.account,
-                    payload["merchant"],
+                    record.merchant_id,
                     posting.debit_fen,
                     posting.credit_fen,
                     from_ms(occurred_ms),
@@ -236,24 +239,24 @@ async def _apply_authorizations(connection: asyncpg.Connection, events: Sequence
     order in which redeliveries arrive does not matter."""
     rows = []
     for event in events:
-        payload = event.payload
+        payload, record = event.payload, event.record
         milliseconds, sequence = event.order
         rows.append(
             (
-                payload["authorization_id"],
-                payload["campaign"],
-                payload["merchant"],
-                payload.get("authorization_terminal", payload["terminal"]),
-                payload["consumer"],
-                int(payload.get("channel", 0)),
-                payload.get("state", payload["type"]),
-                int(payload.get("total_fen", 0)),
-                int(payload.get("subsidy_fen", 0)),
-                int(payload.get("refunded_fen", 0)),
+                record.authorization_id,
+                record.campaign_id,
+                record.merchant_id,
+                record.authorization_terminal or record.terminal_id,
+                record.consumer_key,
+                record.channel,
+                record.state or record.type,
+                record.total_fen,
+                record.subsidy_fen,
+                record.refunded_fen,
                 orjson.dumps(payload.get("all_lines", payload["lines"])).decode(),
-                from_ms(int(payload.get("created_ms", payload["at_ms"]))),
-                from_ms(int(payload.get("expires_ms", payload["at_ms"]))),
-                from_ms(int(payload["at_ms"])),
+                from_ms(record.at_ms if record.created_ms is None else record.created_ms),
+                from_ms(record.at_ms if record.expires_ms is None else record.expires_ms),
+                from_ms(record.at_ms),
                 milliseconds,
                 sequence,
             )
@@ -275,18 +278,18 @@ async def _apply_authorizations(connection: asyncpg.Connection, events: Sequence
 async def _record_idempotency(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> int:
     """Records (terminal, request id) for every acting event; returns how many request ids had
     already acted before, which are written to duplicate_requests for follow-up."""
-    acting = [event for event in events if event.payload.get("request_id")]
+    acting = [event for event in events if event.record.request_id]
     if not acting:
         return 0
     inserted = await connection.fetch(
         "INSERT INTO idempotency_records (terminal_id, request_id, payload_hash, event_type, authorization_id,"
         " event_id) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])"
         " ON CONFLICT (terminal_id, request_id) DO NOTHING RETURNING event_id",
-        [event.payload["terminal"] for event in acting],
-        [event.payload["request_id"] for event in acting],
-        [event.payload.get("payload_hash", "") for event in acting],
-        [event.payload["type"] for event in acting],
-        [event.payload["authorization_id"] for event in acting],
+        [event.record.terminal_id for event in acting],
+        [event.record.request_id for event in acting],
+        [event.record.payload_hash for event in acting],
+        [event.record.type for event in acting],
+        [event.record.authorization_id for event in acting],
         [event.event_id for event in acting],
     )
     recorded = {row["event_id"] for row in inserted}
@@ -301,8 +304,8 @@ async def _record_idempotency(connection: asyncpg.Connection, events: Sequence[L
             " JOIN idempotency_records AS first USING (terminal_id, request_id)"
             " ON CONFLICT (event_id) DO NOTHING",
             [event.event_id for event in reused],
-            [event.payload["terminal"] for event in reused],
-            [event.payload["request_id"] for event in reused],
-            [event.payload["authorization_id"] for event in reused],
+            [event.record.terminal_id for event in reused],
+            [event.record.request_id for event in reused],
+            [event.record.authorization_id for event in reused],
         )
     return len(reused)
