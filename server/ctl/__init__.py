@@ -112,7 +112,9 @@ def main(
 
 # Command modules, one per group of tasks (imported after ``main`` exists): each exposes
 # COMMANDS and SECTION.
-COMMAND_MODULES = ("campaign", "catalog", "merchant", "ledger", "reference", "exchange", "serve", "dev", "certs")
+COMMAND_MODULES = (
+    "campaign", "catalog", "merchant", "report", "ledger", "reference", "exchange", "serve", "dev", "certs"
+)  # fmt: skip
 
 for _name in COMMAND_MODULES:
     _module = importlib.import_module(f"server.ctl.{_name}")
@@ -126,11 +128,6 @@ def alias(prog: str, group: str, argv: Sequence[str], *, json_output: bool = Tru
     command = main.commands[group]
     command.main(args=list(argv), prog_name=prog, obj=Options(json_output=json_output))
 
-
-# The T+1 daily reports (server/ctl/report.py).
-from server.ctl import report  # noqa: E402
-
-main.add_command(report.report)
 
 # The audit archive (server/ctl/audit.py).
 from server.ctl import audit  # noqa: E402

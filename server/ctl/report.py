@@ -22,11 +22,11 @@ import click
 from subsidy_client.reports import DailyReportClient
 from subsidy_client.v1 import daily_report_pb2 as pb
 
-from server.ctl.common import Settings, pass_settings, run, to_dict
+from server.ctl.common import GATEWAY, Settings, pass_settings, run, to_dict
 from server.domain.daily_report import yuan
 
 # The heading of `subsidyctl --help` this group belongs under (server/ctl/__init__.py).
-SECTION = "Over the gateway (an operator's credential)"
+SECTION = GATEWAY
 LEVELS = {
     pb.DAILY_REPORT_ROW_LEVEL_MERCHANT: "merchant",
     pb.DAILY_REPORT_ROW_LEVEL_CATEGORY_TOTAL: "campaign x category",
@@ -235,7 +235,9 @@ def _print_header(header: pb.DailyReportHeader) -> None:
 def export(
     settings: Settings, business_date: str, file_format: str, budgets: bool, out: Path | None, json_here: bool
 ) -> None:
-    """Download one report as CSV (UTF-8 with BOM) or XLSX, Chinese headers, amounts in yuan."""
+    """Download a report as CSV or XLSX (Chinese headers, yuan).
+
+    CSV is UTF-8 with a BOM (Excel opens it as is); --budgets for the budget lines."""
     table = pb.EXPORT_TABLE_BUDGETS if budgets else pb.EXPORT_TABLE_ROWS
 
     async def go(client: Any) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from server.rpc.auth import GOVERNMENT, OPERATOR, caller_in
 from server.rpc.errors import ApiError
 from server.services.operations import OperatorDeps, begin_action
 from storage.postgres import daily_reports
-from storage.postgres.actions import Scope, record
+from storage.postgres.actions import Action, Scope, record
 from storage.postgres.pool import Connection
 
 ROWS_PER_MESSAGE = 500
@@ -167,30 +167,40 @@ class DailyReportService(daily_report_pb2_grpc.DailyReportServiceServicer):
     ) -> daily_report_pb2.PublishDailyReportsResponse:
         action = begin_action("PublishDailyReports", request, "daily_report", request.up_to_date or "(last closed)")
         up_to = _optional_date(request.up_to_date, "up_to_date")
-        pool = await self._pool.get()
-        async with pool.acquire() as connection:
-            async with connection.transaction():
-                # The audit row; a replayed request id publishes nothing new twice anyway.
-                await record(connection, action, {"up_to_date": request.up_to_date}, Scope())
-            try:
-                result = await daily_reports.publish_closed_days(
-                    connection, self._calendar, datetime.now(UTC), action.operator_id, up_to
-                )
-            except DayNotClosed as error:
-                raise ApiError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    common_pb2.ERROR_REASON_INVALID_STATE,
-                    str(error),
-                    {"state": "OPEN", "closes_at": error.closes_at.isoformat()},
-                ) from None
-            totals = await daily_reports.district_totals(
-                connection, [header.business_date for header in result.published]
-            )
+        # A caller that gives up (its deadline) does not abandon a cut half-way: it completes
+        # and commits, and asking again finds the days published.
+        work = asyncio.ensure_future(self._publish(action, request.up_to_date, up_to))
+        work.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, if abandoned
+        try:
+            result, totals = await asyncio.shield(work)
+        except DayNotClosed as error:
+            raise ApiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                common_pb2.ERROR_REASON_INVALID_STATE,
+                str(error),
+                {"state": "OPEN", "closes_at": error.closes_at.isoformat()},
+            ) from None
         return daily_report_pb2.PublishDailyReportsResponse(
             published=[header_message(header, totals.get(header.business_date)) for header in result.published],
             last_published_date=result.last_published.isoformat() if result.last_published else "",
             last_closed_date=result.last_closed.isoformat(),
         )
+
+    async def _publish(
+        self, action: Action, up_to_text: str, up_to: date | None
+    ) -> tuple[daily_reports.PublishResult, dict[date, dict[str, Figures]]]:
+        pool = await self._pool.get()
+        async with pool.acquire() as connection:
+            async with connection.transaction():
+                # The audit row; a replayed request id publishes nothing twice anyway.
+                await record(connection, action, {"up_to_date": up_to_text}, Scope())
+            result = await daily_reports.publish_closed_days(
+                connection, self._calendar, datetime.now(UTC), action.operator_id, up_to
+            )
+            totals = await daily_reports.district_totals(
+                connection, [header.business_date for header in result.published]
+            )
+        return result, totals
 
     async def ListDailyReports(
         self, request: daily_report_pb2.ListDailyReportsRequest, context: grpc.aio.ServicerContext

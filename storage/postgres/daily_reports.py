@@ -60,6 +60,9 @@ from storage.postgres.ledger import LedgerEvent, parse_event, write_batch
 # An arbitrary constant naming the publisher's lock (storage/postgres/migrate.py uses another).
 PUBLISH_LOCK_ID = 741_852_964
 ROW_BATCH = 2_000
+# The cut's sorts and hash aggregates (a day's captures, distinct consumers) stay in memory
+# rather than spilling to disk: for this transaction only.
+CUT_WORK_MEM = "256MB"
 LEVEL_BY_GROUPING = {0: MERCHANT, 3: CATEGORY_TOTAL, 15: DISTRICT_TOTAL}
 
 # The watermarks of the previous report (low) and of this cut (high), per campaign.
@@ -228,6 +231,7 @@ async def _cut(
 ) -> ReportHeader:
     start, end = calendar.bounds(day)
     async with connection.transaction(isolation="repeatable_read"):
+        await connection.execute(f"SET LOCAL work_mem = '{CUT_WORK_MEM}'")
         heads_rows = await connection.fetch(
             "SELECT campaign_id, last_seq, last_hash, clock_timestamp() AS now FROM ledger_chain_heads"
             ' ORDER BY campaign_id COLLATE "C"'

@@ -31,12 +31,28 @@ from subsidy_client.v1 import daily_report_pb2 as pb
 
 SERVICE = "/subsidy.v1.DailyReportService/"
 STREAM_TIMEOUT_S = 600.0
+PUBLISH_DEADLINE_S = 600.0
 
 
 class DailyReportClient(SignedClient):
-    async def publish(self, up_to_date: str = "", *, request_id: str | None = None) -> pb.PublishDailyReportsResponse:
+    async def publish(
+        self, up_to_date: str = "", *, request_id: str | None = None, deadline_s: float = PUBLISH_DEADLINE_S
+    ) -> pb.PublishDailyReportsResponse:
+        """Publishes every closed day not yet published (operators). Cutting a large day takes
+        up to about a minute, so this call has its own deadline and is not retried (a repeated
+        call is harmless: a published day is never cut again)."""
         request = pb.PublishDailyReportsRequest(up_to_date=up_to_date, request_id=request_id or str(uuid.uuid4()))
-        return await self._call(SERVICE + "PublishDailyReports", request, pb.PublishDailyReportsResponse)
+        method = SERVICE + "PublishDailyReports"
+        body = request.SerializeToString()
+        stub = self._channel.unary_unary(
+            method, request_serializer=lambda raw: raw, response_deserializer=pb.PublishDailyReportsResponse.FromString
+        )
+        metadata = signing.signed_metadata(self._secret, method, self._terminal_id, body)
+        try:
+            response: pb.PublishDailyReportsResponse = await stub(body, timeout=deadline_s, metadata=metadata)
+            return response
+        except grpc.aio.AioRpcError as rpc_error:
+            raise from_rpc_error(rpc_error) from None
 
     async def list(self, from_date: str = "", to_date: str = "", limit: int = 0) -> list[pb.DailyReportHeader]:
         request = pb.ListDailyReportsRequest(from_date=from_date, to_date=to_date, limit=limit)
