@@ -191,8 +191,8 @@ def test_the_bindings_follow_the_declaration() -> None:
     assert "for i = 15, #KEYS, 2 do" in bindings and "for i = 13, #ARGV, 4 do" in bindings
     assert "unit_price_fen = tonumber(ARGV[i + 2])" in bindings
     refund = contract.REFUND.lua_bindings()
-    assert "for i = 15, #KEYS do KEY.serials[#KEY.serials + 1] = KEYS[i] end" in refund
-    assert "for i = 9, #ARGV do ARG.line_ids[#ARG.line_ids + 1] = ARGV[i] end" in refund
+    assert "local tail, n = KEY.serials, 0\n  for i = 15, #KEYS do\n    n = n + 1\n    tail[n] = KEYS[i]\n" in refund
+    assert "local tail, n = ARG.line_ids, 0\n  for i = 9, #ARGV do\n    n = n + 1\n    tail[n] = ARGV[i]\n" in refund
 
 
 def test_replies_decode_into_the_declared_structs() -> None:
