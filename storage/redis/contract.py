@@ -216,6 +216,8 @@ DECLINE_REASONS: Mapping[str, int] = {
     "QUALIFICATION_CATEGORY_MISMATCH": 19,
     "CONSUMER_USED_ELSEWHERE": 20,
     "NO_SUBSIDY": 21,
+    "STORE_OUTSIDE_REGION": 22,
+    "MERCHANT_DAILY_LIMIT_REACHED": 23,
 }
 
 # ClaimDeclineReason in qualification.proto, without its prefix: claim_qualification.lua's

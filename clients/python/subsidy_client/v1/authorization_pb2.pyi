@@ -112,6 +112,12 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     subsidy of nothing is not granted: it would use up the consumer's one-per-category right,
     and reserve the device serial, for no money. Nothing is reserved.
     """
+    DECLINE_REASON_STORE_OUTSIDE_REGION: _DeclineReason.ValueType  # 22
+    """22. The campaign binds redemption to its region and the terminal's store is outside it."""
+    DECLINE_REASON_MERCHANT_DAILY_LIMIT_REACHED: _DeclineReason.ValueType  # 23
+    """23. The consumer reached the campaign's limit of redemptions at this merchant today (in
+    the programme's time zone).
+    """
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why an authorization was declined. When several apply, the one listed first here is
@@ -163,6 +169,12 @@ DECLINE_REASON_NO_SUBSIDY: DeclineReason.ValueType  # 21
 """21. The rule gives a line 0 fen (a price so low that its percentage floors to nothing). A
 subsidy of nothing is not granted: it would use up the consumer's one-per-category right,
 and reserve the device serial, for no money. Nothing is reserved.
+"""
+DECLINE_REASON_STORE_OUTSIDE_REGION: DeclineReason.ValueType  # 22
+"""22. The campaign binds redemption to its region and the terminal's store is outside it."""
+DECLINE_REASON_MERCHANT_DAILY_LIMIT_REACHED: DeclineReason.ValueType  # 23
+"""23. The consumer reached the campaign's limit of redemptions at this merchant today (in
+the programme's time zone).
 """
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
@@ -390,6 +402,7 @@ class Authorization(_message.Message):
     HOLD_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     REDEMPTION_CODE_FIELD_NUMBER: _builtins.int
+    CHANNEL_REFERENCE_FIELD_NUMBER: _builtins.int
     authorization_id: _builtins.str
     state: Global___AuthorizationState.ValueType
     campaign_id: _builtins.str
@@ -401,6 +414,8 @@ class Authorization(_message.Message):
     refunded_subsidy_fen: _builtins.int
     redemption_code: _builtins.str
     """The qualification this payment redeems (empty for campaigns that issue none)."""
+    channel_reference: _builtins.str
+    """The payment channel's reference given at capture (empty when none was given)."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineResult]: ...
     @_builtins.property
@@ -426,10 +441,11 @@ class Authorization(_message.Message):
         hold_expires_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         redemption_code: _builtins.str = ...,
+        channel_reference: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "channel", b"channel", "created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "lines", b"lines", "merchant_id", b"merchant_id", "redemption_code", b"redemption_code", "refunded_subsidy_fen", b"refunded_subsidy_fen", "state", b"state", "subsidy_fen", b"subsidy_fen", "terminal_id", b"terminal_id", "total_price_fen", b"total_price_fen", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "channel", b"channel", "channel_reference", b"channel_reference", "created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "lines", b"lines", "merchant_id", b"merchant_id", "redemption_code", b"redemption_code", "refunded_subsidy_fen", b"refunded_subsidy_fen", "state", b"state", "subsidy_fen", b"subsidy_fen", "terminal_id", b"terminal_id", "total_price_fen", b"total_price_fen", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -441,17 +457,24 @@ class CaptureRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_REFERENCE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     authorization_id: _builtins.str
+    channel_reference: _builtins.str
+    """The payment channel's transaction id for this payment (the acquirer's or wallet's
+    reference: 1-64 characters of [A-Za-z0-9_.:-]; optional). Stored in the ledger event and
+    matched against the channel's settlement file by bill reconciliation.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         authorization_id: _builtins.str = ...,
+        channel_reference: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "channel_reference", b"channel_reference", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -532,8 +555,14 @@ class RefundRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
     LINE_IDS_FIELD_NUMBER: _builtins.int
+    CHANNEL_REFERENCE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     authorization_id: _builtins.str
+    channel_reference: _builtins.str
+    """The payment channel's transaction id for this refund (the acquirer's or wallet's
+    reference: 1-64 characters of [A-Za-z0-9_.:-]; optional). Stored in the ledger event and
+    matched against the channel's settlement file by bill reconciliation.
+    """
     @_builtins.property
     def line_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Lines to refund; empty means every line not yet refunded (a full refund)."""
@@ -544,10 +573,11 @@ class RefundRequest(_message.Message):
         request_id: _builtins.str = ...,
         authorization_id: _builtins.str = ...,
         line_ids: _abc.Iterable[_builtins.str] | None = ...,
+        channel_reference: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "line_ids", b"line_ids", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "channel_reference", b"channel_reference", "line_ids", b"line_ids", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
