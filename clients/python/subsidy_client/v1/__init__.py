@@ -18,6 +18,8 @@ from subsidy_client.v1 import merchant_pb2 as merchant_pb2
 from subsidy_client.v1 import merchant_pb2_grpc as merchant_pb2_grpc
 from subsidy_client.v1 import qualification_pb2 as qualification_pb2
 from subsidy_client.v1 import qualification_pb2_grpc as qualification_pb2_grpc
+from subsidy_client.v1 import reconciliation_pb2 as reconciliation_pb2
+from subsidy_client.v1 import reconciliation_pb2_grpc as reconciliation_pb2_grpc
 from subsidy_client.v1 import reporting_pb2 as reporting_pb2
 from subsidy_client.v1 import reporting_pb2_grpc as reporting_pb2_grpc
 from subsidy_client.v1 import supervision_pb2 as supervision_pb2
