@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 LISTEN_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
+TRACING_ENDPOINT_PATTERN = re.compile(r"^https?://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,16 @@ class Config:
     # The gateway's /metrics and /health (Prometheus; with SUBSIDY_WORKERS > 1 served by the
     # parent process for every worker); empty: not served.
     metrics_listen: str = ""
+    # OpenTelemetry tracing of the gRPC server (server/processes/tracing.py): off (the default:
+    # nothing of the tracing SDK is imported and calls make no OpenTelemetry call), otlp (spans
+    # in batches to an OTLP/gRPC collector at tracing_endpoint; http:// is plaintext, https://
+    # TLS) or console (spans on stdout, for development). Calls are sampled at
+    # tracing_sample_ratio unless the caller's traceparent decides; at most tracing_queue_size
+    # spans wait for export, more are dropped (never blocking a call).
+    tracing: str = "off"
+    tracing_endpoint: str = "http://127.0.0.1:4317"
+    tracing_sample_ratio: float = 1.0
+    tracing_queue_size: int = 2048
     # Fault injection for the crash tests only: before_commit, after_commit or after_ack.
     writer_crash_at: str = ""
     writer_crash_after_batches: int = 1
@@ -86,6 +97,20 @@ class Config:
     report_cutoff: str = "00:30"
     report_schedule: bool = True
     report_check_interval_s: int = 60
+    # The bureau's web dashboard (server/processes/dashboard.py, ``subsidyctl dashboard``): its
+    # HTTP listener (HTTPS with SUBSIDY_TLS_CERT/KEY); the gateway it calls, signed with each
+    # user's own government credential (empty: SUBSIDY_LISTEN, a wildcard host read as
+    # loopback) and the CA that signed the gateway's certificate when the gateway is TLS (empty:
+    # the system's roots); a session ends after dashboard_session_idle_s without a request and
+    # dashboard_session_max_s after login; at most dashboard_max_sessions at once; a browser
+    # more than dashboard_sse_buffer snapshots behind is disconnected (it reconnects).
+    dashboard_listen: str = ""
+    dashboard_gateway: str = ""
+    dashboard_gateway_ca: str = ""
+    dashboard_session_idle_s: int = 1800
+    dashboard_session_max_s: int = 28_800
+    dashboard_max_sessions: int = 200
+    dashboard_sse_buffer: int = 8
 
     def __post_init__(self) -> None:
         if not LISTEN_PATTERN.match(self.listen):
@@ -117,6 +142,15 @@ class Config:
             raise ConfigError("SUBSIDY_WRITER_METRICS_LISTEN must be host:port")
         if self.metrics_listen and not LISTEN_PATTERN.match(self.metrics_listen):
             raise ConfigError("SUBSIDY_METRICS_LISTEN must be host:port")
+        if self.tracing not in ("off", "otlp", "console"):
+            raise ConfigError(f"SUBSIDY_TRACING must be off, otlp or console, got {self.tracing!r}")
+        if not TRACING_ENDPOINT_PATTERN.match(self.tracing_endpoint):
+            raise ConfigError(
+                f"SUBSIDY_TRACING_ENDPOINT must be http://host:port or https://host:port, got {self.tracing_endpoint!r}"
+            )
+        if not 0 < self.tracing_sample_ratio <= 1:
+            raise ConfigError("SUBSIDY_TRACING_SAMPLE_RATIO must be in (0, 1]")
+        _positive("SUBSIDY_TRACING_QUEUE_SIZE", self.tracing_queue_size, 1_000_000)
         if self.writer_crash_at not in ("", "before_commit", "after_commit", "after_ack"):
             raise ConfigError("SUBSIDY_WRITER_CRASH_AT must be before_commit, after_commit or after_ack")
         if self.programme_key and len(self.programme_key.encode()) < 32:
@@ -145,6 +179,18 @@ class Config:
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:
             raise ConfigError(f"SUBSIDY_REPORT_TIMEZONE: unknown time zone {self.report_timezone!r}") from error
         _positive("SUBSIDY_REPORT_CHECK_INTERVAL_S", self.report_check_interval_s, 86_400)
+        for variable, address in (
+            ("SUBSIDY_DASHBOARD_LISTEN", self.dashboard_listen),
+            ("SUBSIDY_DASHBOARD_GATEWAY", self.dashboard_gateway),
+        ):
+            if address and not LISTEN_PATTERN.match(address):
+                raise ConfigError(f"{variable} must be host:port, got {address!r}")
+        _positive("SUBSIDY_DASHBOARD_SESSION_IDLE_S", self.dashboard_session_idle_s, 86_400)
+        _positive("SUBSIDY_DASHBOARD_SESSION_MAX_S", self.dashboard_session_max_s, 7 * 86_400)
+        if self.dashboard_session_idle_s > self.dashboard_session_max_s:
+            raise ConfigError("SUBSIDY_DASHBOARD_SESSION_IDLE_S must not exceed SUBSIDY_DASHBOARD_SESSION_MAX_S")
+        _positive("SUBSIDY_DASHBOARD_MAX_SESSIONS", self.dashboard_max_sessions, 100_000)
+        _positive("SUBSIDY_DASHBOARD_SSE_BUFFER", self.dashboard_sse_buffer, 1000)
 
     @property
     def port(self) -> int:

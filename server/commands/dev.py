@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -72,6 +73,10 @@ DEMO_FILE = ROOT / "examples" / "demo.yaml"
 DEV_DATABASE = "subsidy_dev"
 RUN_LOCK = "run.lock"
 CREDENTIALS_FILE = "credentials.json"
+# The bureau's dashboard (server/processes/dashboard.py) and the demo government user to sign in
+# with (examples/demo.yaml).
+DASHBOARD_LISTEN = "127.0.0.1:8765"
+DEMO_GOVERNMENT = "gov-demo-bureau"
 PROGRAMME_KEY_FILE = "programme.key"
 LOCAL_DATA_KEY_FILE = "local-data.key"
 # Development secrets make run keeps in .keys/ when the variable is not set: variable -> file.
@@ -210,7 +215,7 @@ def busy_listeners(config: Config) -> list[str]:
     """The addresses make run would listen on where something answers already (a gateway of
     another checkout: SO_REUSEPORT would otherwise let a second one share the port)."""
     busy = []
-    for address in (config.listen, config.writer_metrics_listen):
+    for address in (config.listen, config.writer_metrics_listen, config.dashboard_listen):
         if not address:
             continue
         host, _, port = address.rpartition(":")
@@ -229,6 +234,7 @@ def serve(services: Services) -> int:
     os.environ[REDIS_ENV] = services.redis_url
     os.environ.setdefault("SUBSIDY_WORKERS", "2")
     os.environ.setdefault("SUBSIDY_WRITER_METRICS_LISTEN", "127.0.0.1:9464")
+    os.environ.setdefault("SUBSIDY_DASHBOARD_LISTEN", DASHBOARD_LISTEN)
     for variable, name in DEV_KEYS.items():
         if variable not in os.environ:
             os.environ[variable] = ensure_dev_key(KEYS_DIR / name)
@@ -241,7 +247,7 @@ def serve(services: Services) -> int:
     if busy:
         _say(
             f"make run: something already answers on {' and '.join(busy)} (a gateway started elsewhere?);"
-            " stop it, or set SUBSIDY_LISTEN / SUBSIDY_WRITER_METRICS_LISTEN"
+            " stop it, or set SUBSIDY_LISTEN / SUBSIDY_WRITER_METRICS_LISTEN / SUBSIDY_DASHBOARD_LISTEN"
         )
         return EXIT_ALREADY_RUNNING
     record_services(DATA_DIR, record)
@@ -256,6 +262,10 @@ def serve(services: Services) -> int:
     _say(
         f"ledger writer: pid {writer.pid}, metrics and lag on http://{config.writer_metrics_listen}/metrics and /health"
     )
+    dashboard = subprocess.Popen(
+        [sys.executable, "-c", "from server.ctl import main; main()", "dashboard"], env=os.environ.copy()
+    )
+    _say(dashboard_banner(config, credentials, dashboard.pid))
     _say(
         "ledger, reference and exchange commands (README): run them in any shell of this checkout, no exports;"
         f" they read the services from {DATA_DIR / SERVICES_FILE}"
@@ -267,8 +277,25 @@ def serve(services: Services) -> int:
     try:
         return server_main()
     finally:
-        writer.send_signal(signal.SIGTERM)
+        for process in (dashboard, writer):
+            process.send_signal(signal.SIGTERM)
+        dashboard.wait(timeout=30)
         writer.wait(timeout=30)
+
+
+def dashboard_banner(config: Config, credentials: Path, pid: int) -> str:
+    """Where the dashboard is and how to sign in: the demo government user's id and its
+    development secret (from .keys/credentials.json, which make run just wrote)."""
+    scheme = "https" if config.tls_cert else "http"
+    try:
+        secret = json.loads(credentials.read_text()).get("operators", {}).get(DEMO_GOVERNMENT, "")
+    except (OSError, ValueError, AttributeError):
+        secret = ""
+    sign_in = f"sign in as {DEMO_GOVERNMENT}" + (f" with secret {secret}" if secret else f" (secret in {credentials})")
+    return (
+        f"government dashboard: pid {pid}, {scheme}://{config.dashboard_listen}/ ; {sign_in}"
+        " (a development credential of examples/demo.yaml)"
+    )
 
 
 def run(prog: str, reset_only: bool) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from server.ctl.common import PROCESSES
+from server.processes.dashboard import main as dashboard_main
 from server.processes.gateway import main as gateway_main
 
 
@@ -16,5 +17,13 @@ def serve() -> None:
     raise click.exceptions.Exit(gateway_main())
 
 
+@click.command(short_help="Run the bureau's web dashboard (SUBSIDY_DASHBOARD_*).")
+def dashboard() -> None:
+    """Run the government dashboard on SUBSIDY_DASHBOARD_LISTEN until SIGTERM or Ctrl-C: a
+    read-only web page for government credentials, calling the gateway (SUBSIDY_DASHBOARD_GATEWAY,
+    default SUBSIDY_LISTEN) with each user's own credential (README "Government dashboard")."""
+    raise click.exceptions.Exit(dashboard_main())
+
+
 SECTION = PROCESSES
-COMMANDS = (serve,)
+COMMANDS = (serve, dashboard)

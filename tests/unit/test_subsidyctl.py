@@ -48,12 +48,13 @@ TASKS = {
     "exchange import",
     "exchange reapply",
     "serve",
+    "dashboard",
     "dev run",
     "dev reset",
     "dev-certs",
 }
 # Long-running processes log JSON lines; they print no result to format.
-PROCESSES = {"ledger writer", "serve", "dev run", "dev reset"}
+PROCESSES = {"ledger writer", "serve", "dashboard", "dev run", "dev reset"}
 
 
 def leaves(command: click.Command, path: str = "") -> Iterator[tuple[str, click.Command]]:
