@@ -79,6 +79,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ALREADY_EXISTS: an object with this id exists already; metadata["kind"] and ["id"] name it."""
     ERROR_REASON_STORE_OUTSIDE_REGION: _ErrorReason.ValueType  # 14
     """FAILED_PRECONDITION: a physical store's location lies outside every campaign region."""
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 15
+    """RESOURCE_EXHAUSTED: the caller reached a limit on how often it may do this (e.g. tickets
+    per consumer per day); metadata["limit"] names the limit, retry after it resets.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons carried in google.rpc.ErrorInfo.reason (domain
@@ -119,6 +123,10 @@ ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 13
 """ALREADY_EXISTS: an object with this id exists already; metadata["kind"] and ["id"] name it."""
 ERROR_REASON_STORE_OUTSIDE_REGION: ErrorReason.ValueType  # 14
 """FAILED_PRECONDITION: a physical store's location lies outside every campaign region."""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 15
+"""RESOURCE_EXHAUSTED: the caller reached a limit on how often it may do this (e.g. tickets
+per consumer per day); metadata["limit"] names the limit, retry after it resets.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
