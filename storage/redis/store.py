@@ -40,7 +40,6 @@ from storage.redis.contract import (
     ExpireQualificationArgs,
     Failure,
     HoldKeys,
-    ChannelLifecycleArgs,
     LifecycleArgs,
     LifecycleKeys,
     LineArgs,
@@ -89,8 +88,6 @@ class LifecycleInput:
     merchant_id: str
     nonce: str
     authorization_id: str
-    # Capture's and refund's: the payment channel's transaction id ("" when none).
-    channel_reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -262,9 +259,7 @@ class RedisStore:
         if found is None:
             return NOT_FOUND
         keys, args, serials = found
-        return await self._scripts.call(
-            CAPTURE, keys, ChannelLifecycleArgs(*args, request.channel_reference), key_tail=serials
-        )
+        return await self._scripts.call(CAPTURE, keys, args, key_tail=serials)
 
     async def void(self, request: LifecycleInput) -> Reply[Settled]:
         found = await self._lifecycle(request)
@@ -278,9 +273,7 @@ class RedisStore:
         if found is None:
             return NOT_FOUND
         keys, args, serials = found
-        return await self._scripts.call(
-            REFUND, keys, ChannelLifecycleArgs(*args, request.channel_reference), key_tail=serials, arg_tail=line_ids
-        )
+        return await self._scripts.call(REFUND, keys, args, key_tail=serials, arg_tail=line_ids)
 
     async def location_rule(self, campaign_id: str) -> tuple[float, int, str] | None:
         """The campaign's location rule for claims as published: the largest accuracy radius in
@@ -535,7 +528,6 @@ def authorization_view(fields: dict[str, str]) -> AuthorizationView:
         hold_expires_ms=int(fields["expires_ms"]),
         updated_ms=int(fields["updated_ms"]),
         redemption_code=fields.get("qualification", ""),
-        channel_reference=fields.get("channel_reference", ""),
     )
 
 

@@ -36,9 +36,10 @@ CREATE TABLE reconciliation_runs (
     ledger_net_subsidy_fen   bigint NOT NULL,
     -- {"STATUS": [lines, sum of difference_fen]} for every status with a line.
     counts                   jsonb NOT NULL,
-    supersedes_run_id        uuid REFERENCES reconciliation_runs (run_id),
+    -- Deferred: a run's lines and the run it supersedes are written before the run itself.
+    supersedes_run_id        uuid REFERENCES reconciliation_runs (run_id) DEFERRABLE INITIALLY DEFERRED,
     superseded_at            timestamptz,
-    superseded_by_run_id     uuid REFERENCES reconciliation_runs (run_id),
+    superseded_by_run_id     uuid REFERENCES reconciliation_runs (run_id) DEFERRABLE INITIALLY DEFERRED,
     CHECK ((superseded_at IS NULL) = (superseded_by_run_id IS NULL))
 );
 -- One current run per channel and day.
@@ -47,7 +48,7 @@ CREATE UNIQUE INDEX reconciliation_runs_current ON reconciliation_runs (channel,
 CREATE INDEX reconciliation_runs_date ON reconciliation_runs (business_date, channel);
 
 CREATE TABLE reconciliation_lines (
-    run_id                    uuid NOT NULL REFERENCES reconciliation_runs (run_id),
+    run_id                    uuid NOT NULL REFERENCES reconciliation_runs (run_id) DEFERRABLE INITIALLY DEFERRED,
     position                  bigint NOT NULL,        -- file order; then ledger-only items
     status                    text NOT NULL CHECK (status IN ('MATCHED', 'AMOUNT_MISMATCH',
                                   'MISSING_IN_LEDGER', 'MISSING_IN_CHANNEL', 'DUPLICATE_IN_FILE', 'BAD_LINE')),
