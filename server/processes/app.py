@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import _async as health_async
@@ -62,6 +63,9 @@ from storage.redis.migrations import migrate_serial_keys
 from storage.redis.scripts import Scripts
 from storage.redis.store import RedisStore, StoreLimits
 
+if TYPE_CHECKING:
+    from server.processes.tracing import CallSpans
+
 log = logging.getLogger("subsidy.app")
 SERVICE_NAMES = (
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
@@ -91,6 +95,8 @@ class Application:
     certificates: CertificateReloader | None = None
     # The /metrics and /health endpoint (SUBSIDY_METRICS_LISTEN; None when not served here).
     metrics: HttpEndpoint | None = None
+    # The spans of SUBSIDY_TRACING (None when off: server/processes/tracing.py is not imported).
+    spans: CallSpans | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -113,11 +119,18 @@ class Application:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.operator_pool.close()
         await self.redis.aclose()
+        if self.spans is not None:
+            await asyncio.to_thread(self.spans.shutdown)
         log.info("stopped")
 
 
 async def create_server(config: Config) -> Application:
     check_listeners(config)
+    spans: CallSpans | None = None
+    if config.tracing != "off":
+        from server.processes.tracing import call_spans  # only then: off imports no tracing SDK
+
+        spans = call_spans(config)
     # A bounded pool that queues callers for a free connection (for at most the Redis timeout)
     # rather than failing at once when a burst exceeds it.
     pool = BlockingConnectionPool.from_url(
@@ -158,7 +171,7 @@ async def create_server(config: Config) -> Application:
         await credentials.refresh()
         server = grpc.aio.server(
             interceptors=[
-                ErrorInterceptor(),
+                ErrorInterceptor(spans),
                 AuthInterceptor(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config)),
             ],
             options=[
@@ -195,6 +208,8 @@ async def create_server(config: Config) -> Application:
         listeners = bind(server, config)
     except (Exception, asyncio.CancelledError):
         await redis.aclose()
+        if spans is not None:
+            spans.shutdown()
         raise
     application = Application(
         server,
@@ -206,6 +221,7 @@ async def create_server(config: Config) -> Application:
         operator_pool,
         mtls_port=listeners.mtls_port,
         certificates=listeners.reloader,
+        spans=spans,
     )
     application.tasks.append(asyncio.create_task(run_sweeper(store, config, application.stopping)))
     application.tasks.append(
