@@ -105,7 +105,7 @@ demo: $(STAMP)
 certs: $(STAMP)
 	$(VENV)/bin/subsidyctl dev-certs --out .certs
 
-TLS_ENV := SUBSIDY_TLS_CERT=.certs/server.pem SUBSIDY_TLS_KEY=.certs/server.key
+TLS_ENV := SUBSIDY_TLS_CERT=.certs/server.pem SUBSIDY_TLS_KEY=.certs/server.key SUBSIDY_DASHBOARD_GATEWAY_CA=.certs/ca.pem
 
 ## make run and make demo over TLS, or mutual TLS, with the certificates of make certs.
 run-tls: $(STAMP)
