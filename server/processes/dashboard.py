@@ -31,7 +31,9 @@ role checks decide what a user may read, exactly as for ``subsidyctl --operator 
   behind is disconnected (its EventSource reconnects and starts from the newest snapshot), never
   buffered without bound.
 - **Reports.** ``/reports/{date}/{rows|budgets}.{csv|xlsx}`` streams
-  ``DailyReportService.ExportDailyReport`` to the browser chunk by chunk.
+  ``DailyReportService.ExportDailyReport`` to the browser chunk by chunk; likewise a bill
+  reconciliation run's exceptions (``ReconciliationService``): the runs, the first exception
+  lines of one, and ``/reconciliation/{run}/exceptions.{csv|xlsx}``.
 
 Money is integer fen on the wire; every amount the page shows is the exact yuan text of those
 integers (``server.domain.daily_report.yuan``), beside the integer for the charts.
@@ -70,7 +72,7 @@ from subsidy_client.errors import (
     Unavailable,
 )
 from subsidy_client.reports import DailyReportClient
-from subsidy_client.v1 import daily_report_pb2, reporting_pb2, supervision_pb2
+from subsidy_client.v1 import daily_report_pb2, reconciliation_pb2, reporting_pb2, supervision_pb2
 
 from server import logs
 from server.config import Config, ConfigError
@@ -82,6 +84,7 @@ log = logging.getLogger("subsidy.dashboard")
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
 SUPERVISION = "/subsidy.v1.SupervisionService/"
+RECONCILIATION = "/subsidy.v1.ReconciliationService/"
 REPORTING = "/subsidy.v1.ReportingService/"
 COOKIE = "dashboard_session"
 SECURE_COOKIE = "__Host-dashboard_session"
@@ -90,6 +93,8 @@ CALL_DEADLINE_S = 10.0
 # The WatchFunds call itself has no useful deadline; the relay reopens it when it ends.
 WATCH_TIMEOUT_S = 86_400.0
 WATCH_BACKOFF_S = (1.0, 30.0)
+# Streams of a file or of a run's lines (a large one takes a while to cut and send).
+EXPORT_TIMEOUT_S = 600.0
 # A comment line on every SSE stream this often: finds closed tabs, keeps proxies from timing out.
 HEARTBEAT_S = 15.0
 # How long one write to a browser may take before the tab counts as stuck and is disconnected.
@@ -101,6 +106,14 @@ REQUEST_MAX_BYTES = 16 * 1024
 TOP_MERCHANTS = 10
 REPORTS_LISTED = 60
 ALERTS_LISTED = 100
+RUNS_LISTED = 30
+# Exception lines of one reconciliation run shown in the page (the export has them all).
+EXCEPTIONS_SHOWN = 200
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RECONCILIATION_FORMATS = {
+    "csv": reconciliation_pb2.RECONCILIATION_EXPORT_FORMAT_CSV,
+    "xlsx": reconciliation_pb2.RECONCILIATION_EXPORT_FORMAT_XLSX,
+}
 DATE_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 FORMATS = {"csv": daily_report_pb2.EXPORT_FORMAT_CSV, "xlsx": daily_report_pb2.EXPORT_FORMAT_XLSX}
@@ -138,6 +151,36 @@ class BureauClient(DailyReportClient):
         request = supervision_pb2.WatchFundsRequest()
         return self._server_stream(
             SUPERVISION + "WatchFunds", request, supervision_pb2.WatchFundsResponse.FromString, WATCH_TIMEOUT_S
+        )
+
+    async def reconciliation_runs(self, limit: int = RUNS_LISTED) -> list[reconciliation_pb2.ReconciliationRun]:
+        request = reconciliation_pb2.ListReconciliationRunsRequest(limit=limit)
+        response = await self._call(
+            RECONCILIATION + "ListReconciliationRuns", request, reconciliation_pb2.ListReconciliationRunsResponse
+        )
+        return list(response.runs)
+
+    def reconciliation_results(
+        self, run_id: str
+    ) -> AsyncIterator[reconciliation_pb2.StreamReconciliationResultsResponse]:
+        """The run, then its exception lines (MATCHED left out) in chunks."""
+        request = reconciliation_pb2.StreamReconciliationResultsRequest(run_id=run_id)
+        return self._server_stream(
+            RECONCILIATION + "StreamReconciliationResults",
+            request,
+            reconciliation_pb2.StreamReconciliationResultsResponse.FromString,
+            EXPORT_TIMEOUT_S,
+        )
+
+    def export_exceptions(
+        self, run_id: str, file_format: int
+    ) -> AsyncIterator[reconciliation_pb2.ExportReconciliationExceptionsResponse]:
+        request = reconciliation_pb2.ExportReconciliationExceptionsRequest(run_id=run_id, format=file_format)  # type: ignore[arg-type]
+        return self._server_stream(
+            RECONCILIATION + "ExportReconciliationExceptions",
+            request,
+            reconciliation_pb2.ExportReconciliationExceptionsResponse.FromString,
+            EXPORT_TIMEOUT_S,
         )
 
     async def ledger_status(self) -> reporting_pb2.GetLedgerStatusResponse:
@@ -302,6 +345,44 @@ def report_json(header: daily_report_pb2.DailyReportHeader) -> dict[str, Any]:
         "order": money(total.order_fen),
         "refunded": money(total.refunded_fen),
         "merchants": total.merchants,
+    }
+
+
+def run_json(run: reconciliation_pb2.ReconciliationRun) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "channel": run.channel,
+        "business_date": run.business_date,
+        "file_name": run.file_name,
+        "imported_at": instant(run.imported_at),
+        "file_lines": run.file_lines,
+        "ledger_items": run.ledger_items,
+        "exception_lines": run.exception_lines,
+        "channel_net_subsidy": money(run.channel_net_subsidy_fen),
+        "ledger_net_subsidy": money(run.ledger_net_subsidy_fen),
+        "counts": [
+            {
+                "status": reconciliation_pb2.ReconciliationStatus.Name(count.status),
+                "lines": count.lines,
+                "difference": money(count.difference_fen),
+            }
+            for count in run.counts
+        ],
+    }
+
+
+def exception_json(line: reconciliation_pb2.ReconciliationLine) -> dict[str, Any]:
+    return {
+        "status": reconciliation_pb2.ReconciliationStatus.Name(line.status),
+        "kind": reconciliation_pb2.ReconciliationKind.Name(line.kind),
+        "line_number": line.line_number,
+        "channel_txn_id": line.channel_txn_id,
+        "authorization_id": line.authorization_id,
+        "merchant_id": line.merchant_id,
+        "channel_subsidy": money(line.channel_subsidy_fen),
+        "ledger_subsidy": money(line.ledger_subsidy_fen),
+        "difference": money(line.difference_fen),
+        "error": line.error,
     }
 
 
@@ -685,9 +766,7 @@ def _content_disposition(file_name: str, fallback: str) -> str:
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    """A published report as a file, streamed from the gateway's chunks to the browser (the
-    first chunk is read before answering, so a day not published is a 404, not a broken file)."""
-    dashboard = _dashboard(request)
+    """A published report as a file, streamed from the gateway's chunks to the browser."""
     session = _session_or_401(request)
     business_date, table, extension = (request.match_info[key] for key in ("date", "table", "extension"))
     if not DATE_PATTERN.fullmatch(business_date) or table not in TABLES or extension not in FORMATS:
@@ -697,13 +776,30 @@ async def download(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise web.HTTPNotFound() from None
     chunks = session.client.export(business_date, FORMATS[extension], TABLES[table])
+    return await relay_file(request, session, chunks, f"daily-report-{business_date}-{table}.{extension}")
+
+
+async def download_exceptions(request: web.Request) -> web.StreamResponse:
+    """A reconciliation run's exceptions (CSV or XLSX), streamed as a report is."""
+    session = _session_or_401(request)
+    run_id, extension = request.match_info["run_id"], request.match_info["extension"]
+    if not RUN_ID_PATTERN.fullmatch(run_id) or extension not in RECONCILIATION_FORMATS:
+        raise web.HTTPNotFound()
+    chunks = session.client.export_exceptions(run_id, RECONCILIATION_FORMATS[extension])
+    return await relay_file(request, session, chunks, f"reconciliation-{run_id}-exceptions.{extension}")
+
+
+async def relay_file(
+    request: web.Request, session: Session, chunks: AsyncIterator[Any], fallback: str
+) -> web.StreamResponse:
+    """The gateway's file chunks to the browser as they come. The first chunk (which names the
+    file) is read before answering, so a file that does not exist is a 404, not a broken one."""
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
         return _json({"error": "unavailable"}, 503)
     except SubsidyError as error:
-        return _failure(dashboard, session, error)
-    fallback = f"daily-report-{business_date}-{table}.{extension}"
+        return _failure(_dashboard(request), session, error)
     response = web.StreamResponse(
         headers={
             "Content-Type": first.content_type or "application/octet-stream",
@@ -717,7 +813,7 @@ async def download(request: web.Request) -> web.StreamResponse:
             await response.write(chunk.chunk)
     except SubsidyError as error:
         # Headers are gone: the browser sees a truncated download, which it reports as failed.
-        log.warning("dashboard: report download broken off", extra={"code": error.code.name})
+        log.warning("dashboard: download broken off", extra={"code": error.code.name})
         if request.transport is not None:
             request.transport.close()
         return response
@@ -725,6 +821,39 @@ async def download(request: web.Request) -> web.StreamResponse:
         await chunks.aclose()  # type: ignore[attr-defined]
     await response.write_eof()
     return response
+
+
+async def api_reconciliation(request: web.Request) -> web.StreamResponse:
+    session = _session_or_401(request)
+    try:
+        return _json({"runs": [run_json(run) for run in await session.client.reconciliation_runs()]})
+    except SubsidyError as error:
+        return _failure(_dashboard(request), session, error)
+
+
+async def api_exceptions(request: web.Request) -> web.StreamResponse:
+    """The first EXCEPTIONS_SHOWN exception lines of a run (``truncated`` when there are more)."""
+    session = _session_or_401(request)
+    run_id = request.match_info["run_id"]
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise web.HTTPNotFound()
+    lines: list[dict[str, Any]] = []
+    truncated = False
+    parts = session.client.reconciliation_results(run_id)
+    try:
+        async for part in parts:
+            for line in part.lines:
+                if len(lines) == EXCEPTIONS_SHOWN:
+                    truncated = True
+                    break
+                lines.append(exception_json(line))
+            if truncated:
+                break
+    except SubsidyError as error:
+        return _failure(_dashboard(request), session, error)
+    finally:
+        await parts.aclose()  # type: ignore[attr-defined]
+    return _json({"run_id": run_id, "lines": lines, "truncated": truncated})
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -788,6 +917,9 @@ def create_app(config: Config, channel: grpc.aio.Channel, secure: bool) -> web.A
     app.router.add_get("/api/reports", api_reports)
     app.router.add_get("/events", events)
     app.router.add_get(r"/reports/{date}/{table}.{extension}", download)
+    app.router.add_get("/api/reconciliation", api_reconciliation)
+    app.router.add_get("/api/reconciliation/{run_id}/exceptions", api_exceptions)
+    app.router.add_get(r"/reconciliation/{run_id}/exceptions.{extension}", download_exceptions)
     app.router.add_get("/health", health)
     return app
 

@@ -15,6 +15,9 @@ const state = {
   todayFailed: false,
   reports: null,
   reportsFailed: false,
+  runs: null,
+  runsFailed: false,
+  exceptions: null, // {run_id, lines, truncated}
   lastTotals: null,
   todayTimer: null,
 };
@@ -245,6 +248,78 @@ async function loadReports() {
   renderReports();
 }
 
+// --------------------------------------------------------------------- bill reconciliation
+
+function statusCount(run, status) {
+  const found = run.counts.find((count) => count.status === status);
+  return found ? found.lines : 0;
+}
+
+function renderReconciliation() {
+  const body = document.querySelector("#reconciliation tbody");
+  if (!state.runs || state.runs.length === 0) {
+    const text = state.runsFailed ? t("unavailable") : t("none");
+    body.replaceChildren(element("tr", {}, element("td", { colspan: "9", class: "muted", text })));
+  } else {
+    body.replaceChildren(...state.runs.map((run) => {
+      const show = element("button", { type: "button", class: "link", dataset: { run: run.run_id }, text: t("show_exceptions") });
+      show.addEventListener("click", () => loadExceptions(run.run_id));
+      return element("tr", { dataset: { reconciliation: run.run_id } },
+        element("td", { text: run.business_date }),
+        element("td", { text: run.channel }),
+        element("td", { text: run.file_name }),
+        element("td", { class: "number", text: String(run.file_lines) }),
+        element("td", { class: "number", text: String(statusCount(run, "RECONCILIATION_STATUS_MATCHED")) }),
+        element("td", { class: "number", dataset: { field: "exceptions" }, text: String(run.exception_lines) }),
+        element("td", { class: "number", text: formatYuan(run.channel_net_subsidy) }),
+        element("td", { class: "number", text: formatYuan(run.ledger_net_subsidy) }),
+        element("td", { class: "downloads" }, show,
+          element("a", { href: `/reconciliation/${run.run_id}/exceptions.csv`, dataset: { download: "exceptions.csv" }, text: "CSV" }),
+          element("a", { href: `/reconciliation/${run.run_id}/exceptions.xlsx`, dataset: { download: "exceptions.xlsx" }, text: t("xlsx") })));
+    }));
+  }
+  const panel = document.getElementById("exceptions-panel");
+  if (!state.exceptions) {
+    panel.hidden = true;
+    return;
+  }
+  panel.hidden = false;
+  document.getElementById("exceptions-run").textContent = state.exceptions.run_id;
+  const rows = state.exceptions.lines.map((line) => element("tr", { class: "exception", dataset: { status: line.status } },
+    element("td", { text: t(line.status) }),
+    element("td", { class: "number", text: line.line_number ? String(line.line_number) : "—" }),
+    element("td", { text: line.channel_txn_id || "—" }),
+    element("td", { class: "hash", text: line.authorization_id || "—" }),
+    element("td", { text: line.merchant_id || "—" }),
+    element("td", { class: "number", text: formatYuan(line.channel_subsidy) }),
+    element("td", { class: "number", text: formatYuan(line.ledger_subsidy) }),
+    element("td", { class: "number", text: formatYuan(line.difference) })));
+  if (state.exceptions.truncated) {
+    rows.push(element("tr", {}, element("td", { colspan: "8", class: "muted",
+      text: t("truncated", { count: state.exceptions.lines.length }) })));
+  }
+  document.querySelector("#exceptions tbody").replaceChildren(...rows);
+}
+
+async function loadReconciliation() {
+  try {
+    state.runs = (await getJson("/api/reconciliation")).runs;
+    state.runsFailed = false;
+  } catch (error) {
+    state.runsFailed = true;
+  }
+  renderReconciliation();
+}
+
+async function loadExceptions(runId) {
+  try {
+    state.exceptions = await getJson(`/api/reconciliation/${encodeURIComponent(runId)}/exceptions`);
+  } catch (error) {
+    state.exceptions = null;
+  }
+  renderReconciliation();
+}
+
 // --------------------------------------------------------------------- live stream
 
 function setStatus(name) {
@@ -288,6 +363,7 @@ function renderAll() {
   renderToday();
   renderAlerts();
   renderReports();
+  renderReconciliation();
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
@@ -300,7 +376,8 @@ document.addEventListener("DOMContentLoaded", async () => {
     return;
   }
   connect();
-  await Promise.all([loadToday(), loadAlerts(), loadReports()]);
+  await Promise.all([loadToday(), loadAlerts(), loadReports(), loadReconciliation()]);
   window.setInterval(() => scheduleToday(0), TODAY_REFRESH_MS);
   window.setInterval(loadReports, REPORTS_REFRESH_MS);
+  window.setInterval(loadReconciliation, REPORTS_REFRESH_MS);
 });
