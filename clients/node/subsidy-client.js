@@ -27,7 +27,7 @@ const definition = protoLoader.loadSync(['subsidy/v1/authorization.proto', 'subs
 });
 const methods = { ...definition[SERVICE], ...definition[QUALIFICATIONS] };
 
-// google.rpc.Status and google.rpc.ErrorInfo (public googleapis messages, not bundled with
+// google.rpc.Status, ErrorInfo and BadRequest (public googleapis messages, not bundled with
 // proto-loader), declared here to decode the grpc-status-details-bin trailer.
 const rpc = protobuf.Root.fromJSON({
   nested: {
@@ -50,6 +50,14 @@ const rpc = protobuf.Root.fromJSON({
                 metadata: { keyType: 'string', type: 'string', id: 3 },
               },
             },
+            BadRequest: {
+              fields: { field_violations: { rule: 'repeated', type: 'FieldViolation', id: 1 } },
+              nested: {
+                FieldViolation: {
+                  fields: { field: { type: 'string', id: 1 }, description: { type: 'string', id: 2 } },
+                },
+              },
+            },
           },
         },
       },
@@ -58,13 +66,17 @@ const rpc = protobuf.Root.fromJSON({
 });
 const Status = rpc.lookupType('google.rpc.Status');
 const ErrorInfo = rpc.lookupType('google.rpc.ErrorInfo');
+const BadRequest = rpc.lookupType('google.rpc.BadRequest');
 const ERROR_INFO_URL = 'type.googleapis.com/google.rpc.ErrorInfo';
+const BAD_REQUEST_URL = 'type.googleapis.com/google.rpc.BadRequest';
 const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
 
 /** A failed call: `code` (numeric gRPC status), `codeName`, `reason` (ErrorInfo reason, e.g.
- * INVALID_FIELD), `details` (server message) and `metadata` (ErrorInfo metadata). */
+ * INVALID_FIELD), `details` (server message), `metadata` (ErrorInfo metadata),
+ * `fieldViolations` (the google.rpc.BadRequest's [{field, description}], for an invalid field)
+ * and `field` (the invalid field's path, e.g. lines[0].gtin, or ''). */
 class SubsidyError extends Error {
-  constructor(code, reason, details, metadata) {
+  constructor(code, reason, details, metadata, fieldViolations = []) {
     const codeName = CODE_NAMES[code] || String(code);
     super(`${codeName} ${reason}: ${details}`);
     this.name = 'SubsidyError';
@@ -73,12 +85,15 @@ class SubsidyError extends Error {
     this.reason = reason;
     this.details = details;
     this.metadata = metadata;
+    this.fieldViolations = fieldViolations;
+    this.field = fieldViolations.length ? fieldViolations[0].field : metadata.field || '';
   }
 }
 
 function toSubsidyError(error) {
   let reason = CODE_NAMES[error.code] || String(error.code);
   let metadata = {};
+  const violations = [];
   const [raw] = (error.metadata && error.metadata.get('grpc-status-details-bin')) || [];
   if (raw) {
     for (const detail of Status.decode(raw).details) {
@@ -86,10 +101,14 @@ function toSubsidyError(error) {
         const info = ErrorInfo.decode(detail.value);
         reason = info.reason;
         metadata = { ...info.metadata };
+      } else if (detail.type_url === BAD_REQUEST_URL) {
+        for (const { field, description } of BadRequest.decode(detail.value).field_violations) {
+          violations.push({ field, description });
+        }
       }
     }
   }
-  return new SubsidyError(error.code, reason, error.details || '', metadata);
+  return new SubsidyError(error.code, reason, error.details || '', metadata, violations);
 }
 
 /** The signature recipe (see clients/python/subsidy_client/signing.py). */

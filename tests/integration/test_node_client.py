@@ -109,3 +109,47 @@ async def test_node_partner_app_claims_a_voucher_that_a_till_redeems(
     assert steps["get"]["state"] == "QUALIFICATION_STATE_RESERVED"
     assert steps["get"]["authorization_id"]
     assert steps["capture"]["state"] == "QUALIFICATION_STATE_REDEEMED"
+
+
+INVALID_FIELD_SCRIPT = """
+const { createClient } = require('./subsidy-client.js');
+const [target, terminalId, secret] = process.argv.slice(1);
+const client = createClient({ target, terminalId, secret, tls: null });
+client
+  .authorize({ campaign_id: 'c-main', consumer_key: 'ab'.repeat(32),
+               lines: [{ line_id: '1', gtin: '6970000000018', price_fen: 1000 }] })
+  .then(() => { console.log(JSON.stringify({ answered: true })); })
+  .catch((error) => {
+    const { name, codeName, reason, field, fieldViolations, metadata } = error;
+    console.log(JSON.stringify({ name, codeName, reason, field, fieldViolations, metadata }));
+  })
+  .finally(() => client.close());
+"""
+
+
+async def test_node_client_errors_carry_the_reason_and_the_invalid_field(
+    environment: Environment, gateway: Application
+) -> None:
+    """An invalid Authorize (a GTIN whose check digit is wrong) rejects with a SubsidyError
+    whose reason is the ErrorInfo's and whose field and fieldViolations come from the standard
+    google.rpc.BadRequest, as the Python client's field_violations do."""
+    node = await ensure_node_modules()
+    code, stdout, stderr = await run(
+        node,
+        "-e",
+        INVALID_FIELD_SCRIPT,
+        f"127.0.0.1:{gateway.port}",
+        "t-main-01",
+        environment.credentials["t-main-01"],
+        cwd=NODE_CLIENT,
+        timeout_s=60,
+    )
+    assert code == 0, f"node failed:\n{stdout}\n{stderr}"
+    error = json.loads(stdout)
+    assert error["name"] == "SubsidyError"
+    assert (error["codeName"], error["reason"]) == ("INVALID_ARGUMENT", "INVALID_FIELD")
+    # The first field the gateway finds invalid (the GTIN, unless the request lacks a field
+    # checked before it): the BadRequest names the same one as the ErrorInfo's metadata.
+    assert error["field"] and error["field"] == error["metadata"]["field"]
+    assert [violation["field"] for violation in error["fieldViolations"]] == [error["field"]]
+    assert error["fieldViolations"][0]["description"]
