@@ -53,6 +53,9 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
         refund_policy={name: value for value, name in POLICIES.items()}[campaign.refund_policy],
         location_max_accuracy_m=campaign.location_max_accuracy_m,
         location_max_age_s=campaign.location_max_age_s,
+        redeem_in_region_only=campaign.redeem_in_region_only,
+        per_merchant_daily_limit=campaign.per_merchant_daily_limit,
+        reclaim_after_expiry=campaign.reclaim_after_expiry,
         rules=[
             pb.CategoryRule(
                 category=rule.category,

@@ -180,3 +180,15 @@ def region_from_text(geojson_text: str) -> Region:
 
 def inside_any(point: Point, regions: Iterable[Region]) -> bool:
     return any(region.covers(point) for region in regions)
+
+
+def stores_inside(region_text: str, stores: Iterable[tuple[str, float | None, float | None]]) -> set[str]:
+    """The ids of the stores (id, WGS-84 latitude, longitude) that the region covers, on its
+    boundary included (``Region.covers``, the test a store's registration passes). A store
+    without a location (an online shop) is inside no region."""
+    region = region_from_text(region_text)
+    return {
+        store_id
+        for store_id, latitude, longitude in stores
+        if latitude is not None and longitude is not None and region.covers(Point(latitude, longitude))
+    }

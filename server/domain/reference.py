@@ -67,6 +67,12 @@ class Campaign:
     refund_policy: str = "COUNT_AS_USED"
     location_max_accuracy_m: int = 100
     location_max_age_s: int = 300
+    # Redemption only at stores inside the region (STORE_OUTSIDE_REGION); needs a region.
+    redeem_in_region_only: bool = False
+    # Approved payments per consumer per merchant per programme day; None: no limit.
+    per_merchant_daily_limit: int | None = None
+    # A person whose qualification expired unused or was cancelled may claim again this round.
+    reclaim_after_expiry: bool = False
 
     @property
     def issues_qualifications(self) -> bool:
@@ -281,7 +287,7 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
     validity_s = _integer(record, "qualification_validity_s", path, 0, 366 * 86_400, 0)
     if validity_s > 0:
         rules = [_with_quota(rule, f"{path}.rules[{index}]") for index, rule in enumerate(rules)]
-    return Campaign(
+    campaign = Campaign(
         campaign_id=_pattern(record, "id", path, IDENTIFIER),
         name=str(record.get("name", record["id"])),
         status=_choice(record, "status", path, ("ACTIVE", "PAUSED"), "ACTIVE"),
@@ -295,6 +301,30 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
         ),
         location_max_accuracy_m=_integer(record, "location_max_accuracy_m", path, 1, 100_000, 100),
         location_max_age_s=_integer(record, "location_max_age_s", path, 1, 86_400, 300),
+    )
+    return _with_redemption_rules(campaign, record, path)
+
+
+def _with_redemption_rules(campaign: Campaign, record: Mapping[str, Any], path: str) -> Campaign:
+    """The redemption-side rules (issue 13), each refused naming its field when it contradicts
+    the rest of the campaign: region-bound redemption without a region, a per-day limit of 0,
+    claiming again in a campaign that issues no qualifications."""
+    redeem_in_region_only = _flag(record, "redeem_in_region_only", path)
+    if redeem_in_region_only and campaign.region is None:
+        raise ReferenceError(f"{path}.redeem_in_region_only", "binds redemption to the region: the campaign has none")
+    daily_limit = None
+    if record.get("per_merchant_daily_limit") is not None:
+        daily_limit = _integer(record, "per_merchant_daily_limit", path, 1, 1000)
+    reclaim_after_expiry = _flag(record, "reclaim_after_expiry", path)
+    if reclaim_after_expiry and not campaign.issues_qualifications:
+        raise ReferenceError(
+            f"{path}.reclaim_after_expiry", "the campaign issues no qualifications (qualification_validity_s is 0)"
+        )
+    return replace(
+        campaign,
+        redeem_in_region_only=redeem_in_region_only,
+        per_merchant_daily_limit=daily_limit,
+        reclaim_after_expiry=reclaim_after_expiry,
     )
 
 

@@ -165,6 +165,8 @@ async def create_server(config: Config) -> Application:
                 # Twice the accepted skew (a timestamp can be early or late), plus a margin for the
                 # clocks of the gateway and Redis differing.
                 nonce_ttl_s=2 * config.auth_clock_skew_s + 60,
+                # The programme day of per-merchant daily limits: the daily reports' business day.
+                programme_timezone=config.report_timezone,
             ),
         )
         credentials = CredentialCache(redis, keys, nonce_ttl_s=store.nonce_ttl_s)

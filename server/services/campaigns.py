@@ -105,6 +105,12 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
         document["location_max_accuracy_m"] = message.location_max_accuracy_m
     if message.location_max_age_s:
         document["location_max_age_s"] = message.location_max_age_s
+    # Redemption-side rules: the flags are false when not set; the per-day limit is optional,
+    # so an explicit 0 reaches the domain's check and is refused naming the field.
+    document["redeem_in_region_only"] = message.redeem_in_region_only
+    document["reclaim_after_expiry"] = message.reclaim_after_expiry
+    if message.HasField("per_merchant_daily_limit"):
+        document["per_merchant_daily_limit"] = message.per_merchant_daily_limit
     return document
 
 
@@ -135,6 +141,9 @@ def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Camp
         refund_policy=next(value for value, name in POLICIES.items() if name == row["refund_policy"]),
         location_max_accuracy_m=row["location_max_accuracy_m"],
         location_max_age_s=row["location_max_age_s"],
+        redeem_in_region_only=row["redeem_in_region_only"],
+        per_merchant_daily_limit=row["per_merchant_daily_limit"],
+        reclaim_after_expiry=row["reclaim_after_expiry"],
         rules=[
             pb.CategoryRule(
                 category=rule["category"],

@@ -116,7 +116,8 @@ class Counters:
     """Money state in one comparable shape, from either side."""
 
     budget: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (campaign, category, field)
-    usage: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (campaign, consumer, category)
+    # (campaign, consumer, category or day:<day>:<merchant>)
+    usage: dict[tuple[str, str, str], int] = field(default_factory=dict)
     serials: dict[str, str] = field(default_factory=dict)  # serial -> authorization (a device is its serial)
 
     def nonzero(self) -> Counters:
@@ -152,6 +153,18 @@ async def ledger_counters(connection: asyncpg.Connection) -> Counters:
     )
     for row in usage:
         counters.usage[(row["campaign_id"], row["consumer_key"], row["category"])] = int(row["units"])
+    # Per-merchant daily limits: an authorization counted on a programme day carries it in every
+    # event (``day``); it holds its slot unless voided or expired (a refund keeps it). The Redis
+    # field is ``day:<day>:<merchant>`` in the consumer's usage hash.
+    days = await connection.fetch(
+        "SELECT campaign_id, consumer_key, merchant_id, (payload->>'day')::bigint AS day,"
+        " sum(CASE event_type WHEN 'AUTHORIZED' THEN 1 WHEN 'VOIDED' THEN -1 WHEN 'EXPIRED' THEN -1 ELSE 0 END)"
+        " AS payments FROM ledger_events WHERE payload ? 'day'"
+        " GROUP BY campaign_id, consumer_key, merchant_id, payload->>'day'"
+    )
+    for row in days:
+        field_name = f"day:{row['day']}:{row['merchant_id']}"
+        counters.usage[(row["campaign_id"], row["consumer_key"], field_name)] = int(row["payments"])
     # A serial is held from the authorization until a void, expiry or refund of its line.
     serials = await connection.fetch(
         "SELECT line->>'sn' AS serial, authorization_id, sum(CASE event_type"
@@ -227,7 +240,13 @@ async def rebuild(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> C
                 budgets[_text(raw_key)][_text(raw_field)] = 0
     for (campaign_id, category, name), value in counters.budget.items():
         budgets[keys.budget(campaign_id)][f"{category}:{name}"] = value
-    authorizations = await connection.fetch("SELECT * FROM authorizations")
+    # Each with the programme day it was counted on (its AUTHORIZED event's), so that a void or
+    # expiry after the rebuild gives the daily slot back.
+    authorizations = await connection.fetch(
+        "SELECT held.*, coalesce((event.payload->>'day')::bigint, 0) AS day"
+        " FROM authorizations AS held LEFT JOIN ledger_events AS event"
+        " ON event.authorization_id = held.authorization_id AND event.event_type = 'AUTHORIZED'"
+    )
     last_event = await connection.fetchrow(
         "SELECT event_ms, event_seq FROM ledger_events ORDER BY event_ms DESC, event_seq DESC LIMIT 1"
     )
@@ -288,4 +307,5 @@ def _authorization_hash(row: Any) -> dict[str, Any]:
         "updated_ms": to_ms(row["updated_at"]),
         "request_id": "",
         "last_request_id": "",
+        "day": row["day"],
     }

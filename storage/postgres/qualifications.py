@@ -223,6 +223,8 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
         stale += [key async for key in redis.scan_iter(match=f"{keys.tag}:{pattern}:*")]
     claimed: Counter[tuple[str, str]] = Counter()
     held: Counter[tuple[str, str, str]] = Counter()
+    # Every qualification ever issued to a person, whatever its state: claim once per round.
+    issued: Counter[tuple[str, str, str]] = Counter()
     # Which qualification each payment redeemed, from the ledger (the mirror keeps only each
     # qualification's latest holder): voided and refunded payments keep showing their code.
     links = await connection.fetch(
@@ -258,6 +260,7 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
                 },
             )
             pipe.zadd(keys.consumer_qualifications(row["consumer_key"]), {code: to_ms(row["issued_at"])})
+            issued[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
             if row["state"] in OUT_OF_POOL:
                 claimed[(row["campaign_id"], row["category"])] += 1
                 held[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
@@ -267,6 +270,8 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
             pipe.hset(keys.qualification_quota(campaign_id), f"{category}:claimed", count)
         for (campaign_id, consumer_key, category), count in held.items():
             pipe.hset(keys.qualification_holder(campaign_id, consumer_key), category, count)
+        for (campaign_id, consumer_key, category), count in issued.items():
+            pipe.hset(keys.qualification_holder(campaign_id, consumer_key), f"{category}:issued", count)
         await pipe.execute()
     newest = await connection.fetchrow(
         "SELECT last_event_ms, last_event_seq FROM qualifications ORDER BY last_event_ms DESC, last_event_seq DESC"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -35,15 +35,19 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
     ledger, never here). Call inside a transaction."""
     await connection.execute(
         "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region,"
-        " qualification_validity_s, refund_policy, location_max_accuracy_m, location_max_age_s)"
-        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)"
+        " qualification_validity_s, refund_policy, location_max_accuracy_m, location_max_age_s,"
+        " redeem_in_region_only, per_merchant_daily_limit, reclaim_after_expiry)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13)"
         " ON CONFLICT (campaign_id) DO UPDATE SET name = excluded.name,"
         " status = excluded.status, starts_at = excluded.starts_at,"
         " ends_at = excluded.ends_at, region = excluded.region,"
         " qualification_validity_s = excluded.qualification_validity_s,"
         " refund_policy = excluded.refund_policy,"
         " location_max_accuracy_m = excluded.location_max_accuracy_m,"
-        " location_max_age_s = excluded.location_max_age_s, updated_at = now()",
+        " location_max_age_s = excluded.location_max_age_s,"
+        " redeem_in_region_only = excluded.redeem_in_region_only,"
+        " per_merchant_daily_limit = excluded.per_merchant_daily_limit,"
+        " reclaim_after_expiry = excluded.reclaim_after_expiry, updated_at = now()",
         campaign.campaign_id,
         campaign.name,
         campaign.status,
@@ -54,6 +58,9 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
         campaign.refund_policy,
         campaign.location_max_accuracy_m,
         campaign.location_max_age_s,
+        campaign.redeem_in_region_only,
+        campaign.per_merchant_daily_limit,
+        campaign.reclaim_after_expiry,
     )
     await connection.execute("DELETE FROM campaign_rules WHERE campaign_id = $1", campaign.campaign_id)
     await connection.executemany(
@@ -213,6 +220,9 @@ class ReferenceSnapshot:
     terminals: list[dict[str, Any]]
     operators: list[dict[str, Any]]
     partners: list[dict[str, Any]]
+    # Campaigns with redeem_in_region_only (id, region text) and the stores to place in them.
+    bound_campaigns: list[dict[str, Any]] = field(default_factory=list)
+    stores: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def fetch_reference(
@@ -237,15 +247,28 @@ async def fetch_reference(
     async with connection.transaction(isolation="repeatable_read", readonly=True):
         campaigns = await rows(
             "SELECT campaign_id, status, starts_at, ends_at, region, qualification_validity_s, refund_policy,"
-            " location_max_accuracy_m, location_max_age_s FROM campaigns",
+            " location_max_accuracy_m, location_max_age_s, redeem_in_region_only, per_merchant_daily_limit,"
+            " reclaim_after_expiry FROM campaigns",
             "campaign_id",
             campaign_ids,
+        )
+        # Region-bound redemption (storage/redis/reference.py): every campaign that binds it, and
+        # the physical stores to test against them: all of them when campaigns are published
+        # (a region may have changed), else the published merchants' (a store may be new).
+        bound_campaigns = await connection.fetch(
+            "SELECT campaign_id, region::text AS region FROM campaigns WHERE redeem_in_region_only"
+        )
+        stores = await rows(
+            "SELECT store_id, merchant_id, latitude, longitude FROM stores",
+            "merchant_id",
+            None if campaign_ids is None or campaign_ids else merchant_ids,
         )
         rules = await rows("SELECT * FROM campaign_rules", "campaign_id", campaign_ids)
         products = await rows("SELECT * FROM products", "gtin", gtins)
         merchants = await rows("SELECT merchant_id, status, categories FROM merchants", "merchant_id", merchant_ids)
         terminals = await rows(
-            "SELECT terminal_id, merchant_id, status, secret, require_client_certificate FROM terminals",
+            "SELECT terminal_id, merchant_id, status, secret, require_client_certificate,"
+            " coalesce(store_id, '') AS store_id FROM terminals",
             "merchant_id",
             merchant_ids,
         )
@@ -262,4 +285,6 @@ async def fetch_reference(
         terminals=[dict(row) for row in terminals],
         operators=[dict(row) for row in operators],
         partners=[dict(row) for row in partners],
+        bound_campaigns=[dict(row) for row in bound_campaigns],
+        stores=[dict(row) for row in stores],
     )

@@ -180,6 +180,10 @@ class LedgerEventRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     amount_fen: int
     at_ms: int
     lines: list[Line]  # the lines this event moves money for
+    # The programme day (days since 1970-01-01 in its time zone) of an authorization counted
+    # against its campaign's per-merchant daily limit, carried by its every event; 0 when not
+    # counted (no limit, older events). Reconcile and rebuild derive the daily counters from it.
+    day: int = 0
     state: str = ""
     channel: int = 0
     total_fen: int = 0
@@ -233,6 +237,7 @@ CLAIM_DECLINE_REASONS: Mapping[str, int] = {
     "PERSON_LIMIT_REACHED": 8,
     "NOT_YET_RELEASED": 9,
     "QUOTA_EXHAUSTED": 10,
+    "ALREADY_CLAIMED_THIS_ROUND": 11,
 }
 
 
@@ -244,16 +249,20 @@ class AuthorizeKeys(NamedTuple):
     idempotency: str  # string: "<payload hash>|<answer JSON>" under the caller and request id
     terminal: str  # hash: status, merchant
     merchant: str  # hash: status, categories (",a,b," or "" for every category)
-    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s
+    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s, region_bound, day_limit
     rules: str  # hash: category -> rule JSON (storage/redis/reference.py)
     budget: str  # hash: <category>:total|reserved|spent|refunded, fen
-    usage: str  # hash: category -> units held or bought by this consumer
+    # hash: category -> units held or bought by this consumer; day:<day>:<merchant> -> the
+    # consumer's payments at that merchant that day, under a per-merchant daily limit
+    usage: str
     authorization: str  # hash: written on approval
     holds: str  # zset: authorization id scored by hold expiry (ms)
     ledger: str  # stream: one event per reservation
     qualification: str  # hash: the redemption code's (a placeholder, never read, without one)
     external_consumer: str  # hash: category -> provider that reported this consumer using it
     qualification_events: str  # stream: the qualification's new state, mirrored into PostgreSQL
+    # set: the stores inside the campaign's region (read only when it binds redemption to it)
+    region_stores: str
 
 
 class LineKeys(NamedTuple):
@@ -274,6 +283,9 @@ class AuthorizeArgs(NamedTuple):
     idempotency_ttl_s: int
     nonce_ttl_s: int
     redemption_code: str  # "" when none
+    # The programme time zone's UTC offset now, in ms: the script's day (per-merchant daily
+    # limit) is floor((Redis TIME + this) / 86,400,000), a calendar day in that zone.
+    day_offset_ms: int
 
 
 class LineArgs(NamedTuple):
@@ -339,10 +351,12 @@ class NoArgs(NamedTuple):
 class ClaimKeys(NamedTuple):
     nonce: str
     idempotency: str
-    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s, q_refund
+    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s, q_refund, q_reclaim
     rules: str  # hash: category -> rule JSON (q_quota, q_tranches, per_person_limit)
     qualification_quota: str  # hash: <category>:claimed -> qualifications out of the pool
-    qualification_holder: str  # hash: category -> this consumer's qualifications out of the pool
+    # hash: category -> this consumer's qualifications out of the pool; <category>:issued ->
+    # every one ever issued to them in the campaign (claim once per round)
+    qualification_holder: str
     external_consumer: str  # hash: category -> provider that reported this consumer using it
     qualification: str  # hash: written when issued
     consumer_qualifications: str  # zset: the consumer's codes by issue time

@@ -46,6 +46,12 @@ class Keys:
     def campaign(self, campaign_id: str) -> str:
         return f"{self.tag}:campaign:{campaign_id}"
 
+    def region_stores(self, campaign_id: str) -> str:
+        """Set: the ids of the stores inside the campaign's region, for a campaign that binds
+        redemption to it (redeem_in_region_only), computed when the campaign or a store is
+        published (storage/redis/reference.py) and read by authorize.lua."""
+        return f"{self.tag}:region_stores:{campaign_id}"
+
     def rules(self, campaign_id: str) -> str:
         return f"{self.tag}:rules:{campaign_id}"
 

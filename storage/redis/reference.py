@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from server.domain import budget
+from server.domain import budget, geo
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis.keys import Keys
 
@@ -69,6 +69,29 @@ def tranche_schedule(raw: Any, amount_key: str = "amount_fen") -> list[list[int]
     return [list(step) for step in budget.schedule(timed)]
 
 
+def _place_stores(pipe: Any, keys: Keys, snapshot: ReferenceSnapshot) -> None:
+    """Region-bound redemption, precomputed: each campaign with redeem_in_region_only gets the
+    set of stores inside its region. A published campaign's set is replaced whole (its region
+    may have changed; the snapshot then holds every store); for the others, only the published
+    merchants' stores are placed in or taken out. A published campaign that does not bind
+    redemption has no set."""
+    published = {campaign["campaign_id"] for campaign in snapshot.campaigns}
+    bound = {row["campaign_id"]: row["region"] for row in snapshot.bound_campaigns}
+    stores = [(row["store_id"], row["latitude"], row["longitude"]) for row in snapshot.stores]
+    for campaign_id in published - set(bound):
+        pipe.delete(keys.region_stores(campaign_id))
+    for campaign_id, region in bound.items():
+        inside = geo.stores_inside(region, stores)
+        key = keys.region_stores(campaign_id)
+        if campaign_id in published:
+            pipe.delete(key)
+        outside = {store_id for store_id, _, _ in stores} - inside
+        if inside:
+            pipe.sadd(key, *sorted(inside))
+        if outside and campaign_id not in published:
+            pipe.srem(key, *sorted(outside))
+
+
 async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapshot) -> int:
     """Writes the snapshot into Redis; returns the new reference version."""
     rules_by_campaign: dict[str | bytes, Any] = {}
@@ -90,6 +113,11 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                     "loc_accuracy_m": campaign.get("location_max_accuracy_m", 100),
                     "loc_age_s": campaign.get("location_max_age_s", 300),
                     "region": _region_text(campaign.get("region")),
+                    # Redemption-side rules, read by authorize.lua (region_bound, day_limit: 0
+                    # for none) and claim_qualification.lua (q_reclaim).
+                    "region_bound": "1" if campaign.get("redeem_in_region_only") else "0",
+                    "day_limit": campaign.get("per_merchant_daily_limit") or 0,
+                    "q_reclaim": "1" if campaign.get("reclaim_after_expiry") else "0",
                 },
             )
             # Replace the rule set whole, so a category removed from the campaign disappears.
@@ -103,10 +131,16 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
             pipe.hset(
                 keys.merchant(merchant["merchant_id"]), mapping={"status": merchant["status"], "categories": scope}
             )
+        _place_stores(pipe, keys, snapshot)
         for terminal in snapshot.terminals:
             pipe.hset(
                 keys.terminal(terminal["terminal_id"]),
-                mapping={"status": terminal["status"], "merchant": terminal["merchant_id"]},
+                # The store: where the terminal sells, for region-bound campaigns ("" for none).
+                mapping={
+                    "status": terminal["status"],
+                    "merchant": terminal["merchant_id"],
+                    "store": terminal.get("store_id") or "",
+                },
             )
             pipe.hset(
                 keys.credentials,

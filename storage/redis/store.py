@@ -11,8 +11,10 @@ answers come back decoded into its Structs (``Answer`` or ``Failure``).
 from __future__ import annotations
 
 import logging
+import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -121,11 +123,21 @@ class StoreLimits:
     hold_ttl_s: int
     idempotency_ttl_s: int
     nonce_ttl_s: int
+    # The programme's time zone: its calendar day is the day of per-merchant daily limits (the
+    # business day of the daily reports, SUBSIDY_REPORT_TIMEZONE).
+    programme_timezone: str = "Asia/Shanghai"
 
     def __post_init__(self) -> None:
         for name in ("hold_ttl_s", "idempotency_ttl_s", "nonce_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        zoneinfo.ZoneInfo(self.programme_timezone)  # an unknown zone fails here, not per call
+
+    def day_offset_ms(self) -> int:
+        """The programme time zone's UTC offset now, in ms: authorize.lua adds it to Redis TIME
+        to find the programme day (the server's clock picks the offset, never the terminal's)."""
+        offset = datetime.now(zoneinfo.ZoneInfo(self.programme_timezone)).utcoffset()
+        return int(offset.total_seconds() * 1000) if offset is not None else 0
 
 
 NOT_FOUND = Failure("AUTHORIZATION_NOT_FOUND")
@@ -162,6 +174,8 @@ class RedisStore:
                 qualification=keys.qualification(request.redemption_code),
                 external_consumer=keys.external_consumer(request.consumer_key),
                 qualification_events=keys.qualification_events,
+                # Read only when the campaign binds redemption to its region.
+                region_stores=keys.region_stores(request.campaign_id),
             ),
             AuthorizeArgs(
                 payload_hash=request.payload_hash,
@@ -176,6 +190,7 @@ class RedisStore:
                 idempotency_ttl_s=limits.idempotency_ttl_s,
                 nonce_ttl_s=limits.nonce_ttl_s,
                 redemption_code=request.redemption_code,
+                day_offset_ms=limits.day_offset_ms(),
             ),
             # A line without a serial still names a serial key, never touched, so that every
             # line has both of its keys.

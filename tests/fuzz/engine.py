@@ -1302,6 +1302,9 @@ class World:
         self.by_serial: dict[str, list[AuthModel]] = {}
         self.by_consumer: dict[tuple[str, str], list[AuthModel]] = {}
         self.claimed: set[tuple[str, str, str]] = set()
+        # Every (campaign, consumer, category) ever issued one: claim once per round, unless
+        # the campaign sets reclaim_after_expiry.
+        self.ever_claimed: set[tuple[str, str, str]] = set()
         self.quals: dict[str, QualModel] = {}
         # Ledger events the calls so far must have caused, each one seen and checked.
         self.events_expected = 0
@@ -1961,8 +1964,11 @@ class World:
             return None
         number = claim_number(request.consumer.id_number)
         assert number is not None
-        if (campaign, consumer_key_of(number), canon("category", request.category) or "") in self.claimed:
+        key = (campaign, consumer_key_of(number), canon("category", request.category) or "")
+        if key in self.claimed:
             return qpb.CLAIM_DECLINE_REASON_PERSON_LIMIT_REACHED
+        if key in self.ever_claimed and not rules.get("reclaim_after_expiry", False):
+            return qpb.CLAIM_DECLINE_REASON_ALREADY_CLAIMED_THIS_ROUND
         return 0
 
     async def send_claim(
@@ -2031,6 +2037,7 @@ class World:
             key = (campaign, consumer, category)
             require(key not in self.claimed, "a consumer got two qualifications of one category", key, request)
             self.claimed.add(key)
+            self.ever_claimed.add(key)
             changed, events = await self.changes_since(before)
             holder = changed.get(("qholder", campaign, consumer, category), (0, 0))
             quota = changed.get(("qquota", campaign, f"{category}:claimed"), (0, 0))
@@ -2097,7 +2104,8 @@ class World:
         changed, events = await self.changes_since(before)
         expected: Changes = {}
         if state[0] == "ISSUED":
-            # Its quota returns to the pool once; the consumer may claim again.
+            # Its quota returns to the pool once; the consumer may claim again if the campaign
+            # sets reclaim_after_expiry (the claim oracle's ALREADY_CLAIMED_THIS_ROUND).
             for key in (("qquota", qual.campaign, f"{qual.category}:claimed"),
                         ("qholder", qual.campaign, qual.consumer, qual.category), ("qexpiry",)):  # fmt: skip
                 old = before.values.get(key) or 0

@@ -652,7 +652,8 @@ async def test_tranches_open_at_their_time_first_come_first_served(services: Ser
 
 async def test_an_unredeemed_qualification_expires_and_its_quota_returns(services: Services) -> None:
     """Validity 1 s, quota 1: once the sweeper expires the first, someone else can claim it,
-    and the first person can claim again."""
+    and the first person holds none (whether they may claim again is reclaim_after_expiry's:
+    tests/integration/test_redemption_rules.py)."""
     async with (
         isolated_environment(services) as env,
         running_gateway(env.config(sweep_interval_ms=50)) as gateway,

@@ -76,6 +76,19 @@ local function per_category(lines)
   return sums, counts, order
 end
 
+-- The programme day an authorization was counted on (its campaign's per-merchant daily
+-- limit), or nil when it was not counted.
+local function day_of(auth)
+  local day = tonumber(auth.day or '0') or 0
+  if day > 0 then return day end
+  return nil
+end
+
+-- The consumer's usage field counting payments at a merchant on a programme day.
+local function day_field(day, merchant)
+  return 'day:' .. string.format('%d', day) .. ':' .. merchant
+end
+
 -- Appends one ledger event. The event carries everything the ledger needs to post it and
 -- to rebuild the Redis counters from history: per-line category, subsidy and serial.
 local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payload_hash)
@@ -93,6 +106,9 @@ local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payl
     subsidy_fen = tonumber(auth.subsidy_fen), refunded_fen = tonumber(auth.refunded_fen),
     created_ms = tonumber(auth.created_ms), expires_ms = tonumber(auth.expires_ms),
     all_lines = auth.lines, qualification = auth.qualification or '',
+    -- The programme day of an authorization counted against a per-merchant daily limit (nil,
+    -- left out, when not counted): reconcile and rebuild derive the daily counters from it.
+    day = day_of(auth),
   }
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
@@ -159,6 +175,13 @@ local function release_hold(KEY, auth, new_state, at_ms, request_id, payload_has
   end
   for _, serial_key in ipairs(KEY.serials) do
     if redis.call('GET', serial_key) == auth.id then redis.call('DEL', serial_key) end
+  end
+  -- A payment that never happened gives its slot of the per-merchant daily limit back (a
+  -- refund does not: the redemption took place). A field back at 0 is removed.
+  local day = day_of(auth)
+  if day then
+    local field = day_field(day, auth.merchant)
+    if redis.call('HINCRBY', KEY.usage, field, -1) <= 0 then redis.call('HDEL', KEY.usage, field) end
   end
   redis.call('ZREM', KEY.holds, auth.id)
   unreserve_qualification(KEY, auth, at_ms)

@@ -1,7 +1,9 @@
 -- authorize.lua: every check and the whole reservation of one authorization, atomically.
 --
--- KEY, ARG and the decline reasons (numbered as DeclineReason in authorization.proto: lower
--- wins): storage/redis/contract.py, AUTHORIZE. KEY.lines[i] and ARG.lines[i] are line i's.
+-- KEY, ARG and the decline reasons (numbered as DeclineReason in authorization.proto: among
+-- line-level reasons lower wins; STORE_OUTSIDE_REGION (22) and MERCHANT_DAILY_LIMIT_REACHED (23)
+-- rank where their checks run, after CAMPAIGN_NOT_ACTIVE and after CONSUMER_LIMIT_REACHED, as
+-- the proto says): storage/redis/contract.py, AUTHORIZE. KEY.lines[i] and ARG.lines[i] are line i's.
 --
 -- Returns {kind, JSON} (see _lib.lua); the answer is {"decision": "APPROVED", "authorization": ...}
 -- or {"decision": "DECLINED", "reason": <DeclineReason number>, "line_id": ...}.
@@ -16,16 +18,26 @@ local function decline(reason, line_id)
 end
 
 -- Caller-level checks, in precedence order.
-local terminal = redis.call('HMGET', KEY.terminal, 'status', 'merchant')
+local terminal = redis.call('HMGET', KEY.terminal, 'status', 'merchant', 'store')
 if terminal[1] ~= 'ACTIVE' then return decline(TERMINAL_INACTIVE) end
 -- The merchant comes from the credential cache; a terminal re-bound since then must re-authenticate.
 if terminal[2] ~= ARG.merchant_id then return fail('TERMINAL_MERCHANT_MISMATCH') end
 local merchant = redis.call('HMGET', KEY.merchant, 'status', 'categories')
 if merchant[1] ~= 'ACTIVE' then return decline(MERCHANT_INACTIVE) end
-local campaign = redis.call('HMGET', KEY.campaign, 'status', 'starts_ms', 'ends_ms', 'q_validity_s')
+local campaign = redis.call('HMGET', KEY.campaign, 'status', 'starts_ms', 'ends_ms', 'q_validity_s',
+  'region_bound', 'day_limit')
 if campaign[1] ~= 'ACTIVE' then return decline(CAMPAIGN_NOT_FOUND) end
 if now < tonumber(campaign[2]) or now >= tonumber(campaign[3]) then
   return decline(CAMPAIGN_NOT_ACTIVE)
+end
+-- Region-bound redemption: the terminal's store must be one of those the publisher found
+-- inside the campaign's region (a terminal without a store has no location). A caller-level
+-- check, so it ranks here, before every line-level reason, whatever its number.
+if campaign[5] == '1' then
+  local store = terminal[3] or ''
+  if store == '' or redis.call('SISMEMBER', KEY.region_stores, store) == 0 then
+    return decline(STORE_OUTSIDE_REGION)
+  end
 end
 local merchant_scope = merchant[2] or ''
 
@@ -93,6 +105,17 @@ for _, category in ipairs(order) do
     return decline(CONSUMER_LIMIT_REACHED, first_line_of(category))
   end
 end
+-- The per-merchant daily limit: this consumer's payments of the campaign at this merchant on
+-- the programme day (Redis TIME shifted by the programme zone's offset), ranked right after
+-- the per-person limit and before the budget.
+local day_limit = tonumber(campaign[6] or '0') or 0
+local day = 0
+if day_limit > 0 then
+  day = math.floor((now + ARG.day_offset_ms) / 86400000)
+  if tonumber(redis.call('HGET', KEY.usage, day_field(day, ARG.merchant_id)) or '0') >= day_limit then
+    return decline(MERCHANT_DAILY_LIMIT_REACHED)
+  end
+end
 for _, category in ipairs(order) do
   local budget = redis.call('HMGET', KEY.budget, category .. ':total', category .. ':reserved', category .. ':spent')
   -- The released budget: the whole budget, or the tranches due by now (see released in _lib.lua).
@@ -138,6 +161,7 @@ for _, category in ipairs(order) do
   hincrby(KEY.budget, category .. ':reserved', sums[category])
   hincrby(KEY.usage, category, counts[category])
 end
+if day > 0 then redis.call('HINCRBY', KEY.usage, day_field(day, ARG.merchant_id), 1) end
 for i, line in ipairs(lines) do
   if line.sn ~= '' then redis.call('SET', KEY.lines[i].serial, ARG.authorization_id) end
 end
@@ -148,13 +172,14 @@ local auth = {
   terminal = ARG.terminal_id, consumer = ARG.consumer_key, channel = ARG.channel, lines = lines,
   total_fen = total_fen, subsidy_fen = subsidy_fen, refunded_fen = 0, created_ms = now,
   expires_ms = expires_ms, updated_ms = now, last_request_id = ARG.request_id,
-  qualification = qualification or '',
+  qualification = qualification or '', day = day,
 }
 redis.call('HSET', KEY.authorization, 'id', authorization_id, 'state', 'PENDING', 'campaign', ARG.campaign_id,
   'merchant', ARG.merchant_id, 'terminal', ARG.terminal_id, 'consumer', ARG.consumer_key, 'channel', ARG.channel,
   'lines', cjson.encode(lines), 'total_fen', total_fen, 'subsidy_fen', subsidy_fen,
   'refunded_fen', 0, 'created_ms', now, 'expires_ms', expires_ms, 'updated_ms', now,
-  'request_id', ARG.request_id, 'last_request_id', ARG.request_id, 'qualification', qualification or '')
+  'request_id', ARG.request_id, 'last_request_id', ARG.request_id, 'qualification', qualification or '',
+  'day', day)
 if qualification then
   redis.call('HSET', KEY.qualification, 'state', 'RESERVED', 'authorization', authorization_id, 'updated_ms', now)
   mirror_qualification(KEY.qualification_events, KEY.qualification)

@@ -1,6 +1,7 @@
 -- cancel_qualification.lua: the consumer gives an ISSUED qualification back (ISSUED ->
--- CANCELLED); its quota returns to the pool and the consumer may claim again. Cancelling a
--- CANCELLED qualification returns it as it is.
+-- CANCELLED); its quota returns to the pool, and the consumer may claim again only if the
+-- campaign sets reclaim_after_expiry (claim_qualification.lua). Cancelling a CANCELLED
+-- qualification returns it as it is.
 --
 -- KEY and ARG: storage/redis/contract.py, CANCEL.
 --

@@ -19,7 +19,8 @@ local function decline(reason)
   return answer(KEY, ARG, {decision = 'DECLINED', reason = reason})
 end
 
-local campaign = redis.call('HMGET', KEY.campaign, 'status', 'starts_ms', 'ends_ms', 'q_validity_s', 'q_refund')
+local campaign = redis.call('HMGET', KEY.campaign, 'status', 'starts_ms', 'ends_ms', 'q_validity_s', 'q_refund',
+  'q_reclaim')
 local validity_s = tonumber(campaign[4] or '0')
 if campaign[1] ~= 'ACTIVE' or validity_s == 0 then return decline(CAMPAIGN_NOT_FOUND) end
 -- A category the campaign does not cover is a malformed request, not a business outcome.
@@ -30,8 +31,12 @@ if redis.call('HEXISTS', KEY.external_consumer, category) == 1 then return decli
 if ARG.location_verdict ~= 0 then return decline(ARG.location_verdict) end
 
 local rule = cjson.decode(raw_rule)
-if tonumber(redis.call('HGET', KEY.qualification_holder, category) or '0') >= rule.per_person_limit then
-  return decline(PERSON_LIMIT_REACHED)
+-- Held now (out of the pool), and ever issued to this person in the campaign: claim once per
+-- round means an expired or cancelled one still counts, unless the campaign lets them reclaim.
+local holder = redis.call('HMGET', KEY.qualification_holder, category, category .. ':issued')
+if tonumber(holder[1] or '0') >= rule.per_person_limit then return decline(PERSON_LIMIT_REACHED) end
+if campaign[6] ~= '1' and tonumber(holder[2] or '0') >= rule.per_person_limit then
+  return decline(ALREADY_CLAIMED_THIS_ROUND)
 end
 -- The released quota: the whole quota, or the tranches due by now (see released in _lib.lua).
 local quota = released(rule.q_tranches, rule.q_quota, now)
@@ -49,6 +54,7 @@ local q = {
 }
 hincrby(KEY.qualification_quota, category .. ':claimed', 1)
 hincrby(KEY.qualification_holder, category, 1)
+hincrby(KEY.qualification_holder, category .. ':issued', 1)
 redis.call('HSET', KEY.qualification, 'code', code, 'state', 'ISSUED', 'campaign', ARG.campaign_id,
   'category', category, 'consumer', ARG.consumer_key, 'partner', ARG.partner_id, 'issued_ms', now,
   'expires_ms', expires_ms, 'updated_ms', now, 'authorization', '',

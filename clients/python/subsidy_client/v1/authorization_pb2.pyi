@@ -113,15 +113,26 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     and reserve the device serial, for no money. Nothing is reserved.
     """
     DECLINE_REASON_STORE_OUTSIDE_REGION: _DeclineReason.ValueType  # 22
-    """22. The campaign binds redemption to its region and the terminal's store is outside it."""
+    """22. The campaign binds redemption to its region (Campaign.redeem_in_region_only) and the
+    terminal's store is not inside it: a store of the neighbouring district, an online shop or
+    a terminal bound to no store (neither has a location). A store exactly on the region's
+    boundary counts as inside, as at store registration. Numbered after the older reasons, it
+    ranks with the caller-level checks: right after CAMPAIGN_NOT_ACTIVE (4) and before every
+    line-level reason (5-12), since no basket is redeemable at that store.
+    """
     DECLINE_REASON_MERCHANT_DAILY_LIMIT_REACHED: _DeclineReason.ValueType  # 23
-    """23. The consumer reached the campaign's limit of redemptions at this merchant today (in
-    the programme's time zone).
+    """23. The consumer already has Campaign.per_merchant_daily_limit approved payments of this
+    campaign at this merchant today (the programme's day: a calendar day in
+    SUBSIDY_REPORT_TIMEZONE, Asia/Shanghai, by the server's clock, never the terminal's).
+    Tomorrow is allowed again; a voided or expired hold gives its slot back, a refund does not.
+    Numbered after the older reasons, it ranks with the consumer's limits: right after
+    CONSUMER_LIMIT_REACHED (13) and before BUDGET_EXHAUSTED (14).
     """
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why an authorization was declined. When several apply, the one listed first here is
-    reported (the precedence order), so the same request always gets the same reason.
+    reported (the precedence order), so the same request always gets the same reason; the two
+    reasons added last (22, 23) say where they rank in that order.
     """
 
 DECLINE_REASON_UNSPECIFIED: DeclineReason.ValueType  # 0
@@ -171,10 +182,20 @@ subsidy of nothing is not granted: it would use up the consumer's one-per-catego
 and reserve the device serial, for no money. Nothing is reserved.
 """
 DECLINE_REASON_STORE_OUTSIDE_REGION: DeclineReason.ValueType  # 22
-"""22. The campaign binds redemption to its region and the terminal's store is outside it."""
+"""22. The campaign binds redemption to its region (Campaign.redeem_in_region_only) and the
+terminal's store is not inside it: a store of the neighbouring district, an online shop or
+a terminal bound to no store (neither has a location). A store exactly on the region's
+boundary counts as inside, as at store registration. Numbered after the older reasons, it
+ranks with the caller-level checks: right after CAMPAIGN_NOT_ACTIVE (4) and before every
+line-level reason (5-12), since no basket is redeemable at that store.
+"""
 DECLINE_REASON_MERCHANT_DAILY_LIMIT_REACHED: DeclineReason.ValueType  # 23
-"""23. The consumer reached the campaign's limit of redemptions at this merchant today (in
-the programme's time zone).
+"""23. The consumer already has Campaign.per_merchant_daily_limit approved payments of this
+campaign at this merchant today (the programme's day: a calendar day in
+SUBSIDY_REPORT_TIMEZONE, Asia/Shanghai, by the server's clock, never the terminal's).
+Tomorrow is allowed again; a voided or expired hold gives its slot back, a refund does not.
+Numbered after the older reasons, it ranks with the consumer's limits: right after
+CONSUMER_LIMIT_REACHED (13) and before BUDGET_EXHAUSTED (14).
 """
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 

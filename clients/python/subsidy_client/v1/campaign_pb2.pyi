@@ -245,6 +245,9 @@ class Campaign(_message.Message):
     REFUND_POLICY_FIELD_NUMBER: _builtins.int
     LOCATION_MAX_ACCURACY_M_FIELD_NUMBER: _builtins.int
     LOCATION_MAX_AGE_S_FIELD_NUMBER: _builtins.int
+    REDEEM_IN_REGION_ONLY_FIELD_NUMBER: _builtins.int
+    PER_MERCHANT_DAILY_LIMIT_FIELD_NUMBER: _builtins.int
+    RECLAIM_AFTER_EXPIRY_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """1-64 characters of [A-Za-z0-9_.-]."""
     name: _builtins.str
@@ -259,6 +262,24 @@ class Campaign(_message.Message):
     greatest age, in seconds (0: the defaults, 100 m and 300 s).
     """
     location_max_age_s: _builtins.int
+    redeem_in_region_only: _builtins.bool
+    """Region-bound redemption: Authorize declines STORE_OUTSIDE_REGION unless the terminal's
+    store lies inside region_geojson (on the boundary counts as inside). Needs a region
+    (INVALID_ARGUMENT naming this field otherwise). Off by default: a region alone binds the
+    claim's phone location, as before, and terminals without a store (loaded from reference
+    files) or online shops keep working until an operator turns this on.
+    """
+    per_merchant_daily_limit: _builtins.int
+    """At most this many approved payments of the campaign per consumer per merchant per day
+    (the programme's day, Asia/Shanghai), e.g. Hangzhou's 2; the next one is declined
+    MERCHANT_DAILY_LIMIT_REACHED. Absent: no limit. 0 or above 1000 is INVALID_ARGUMENT.
+    """
+    reclaim_after_expiry: _builtins.bool
+    """Claim once per round: off (the default), a person whose qualification expired unused or
+    was cancelled may not claim another in this campaign (ALREADY_CLAIMED_THIS_ROUND; its
+    quota still goes back to the pool for others); on, they may claim again. A round is the
+    campaign. Only for campaigns that issue qualifications (INVALID_ARGUMENT otherwise).
+    """
     @_builtins.property
     def starts_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -279,12 +300,17 @@ class Campaign(_message.Message):
         refund_policy: Global___RefundPolicy.ValueType = ...,
         location_max_accuracy_m: _builtins.int = ...,
         location_max_age_s: _builtins.int = ...,
+        redeem_in_region_only: _builtins.bool = ...,
+        per_merchant_daily_limit: _builtins.int | None = ...,
+        reclaim_after_expiry: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "starts_at", b"starts_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "ends_at", b"ends_at", "per_merchant_daily_limit", b"per_merchant_daily_limit", "starts_at", b"starts_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "qualification_validity_s", b"qualification_validity_s", "refund_policy", b"refund_policy", "region_geojson", b"region_geojson", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "per_merchant_daily_limit", b"per_merchant_daily_limit", "qualification_validity_s", b"qualification_validity_s", "reclaim_after_expiry", b"reclaim_after_expiry", "redeem_in_region_only", b"redeem_in_region_only", "refund_policy", b"refund_policy", "region_geojson", b"region_geojson", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["per_merchant_daily_limit"]  # noqa: Y015
+    _WhichOneofArgType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__per_merchant_daily_limit) -> _WhichOneofReturnType__per_merchant_daily_limit | None: ...
 
 Global___Campaign: _TypeAlias = Campaign  # noqa: Y015
 

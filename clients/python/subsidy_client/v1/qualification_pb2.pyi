@@ -98,6 +98,12 @@ class _ClaimDeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cl
     """9. No tranche of the category's quota has been released yet."""
     CLAIM_DECLINE_REASON_QUOTA_EXHAUSTED: _ClaimDeclineReason.ValueType  # 10
     """10. The released quota is all claimed; expired and cancelled ones come back to the pool."""
+    CLAIM_DECLINE_REASON_ALREADY_CLAIMED_THIS_ROUND: _ClaimDeclineReason.ValueType  # 11
+    """11. Claim once per round: this person already had a qualification of the category in
+    this campaign, which expired unused or was cancelled, and the campaign does not let them
+    claim again (Campaign.reclaim_after_expiry off, the default). Its quota went back to the
+    pool for others. Ranks right after PERSON_LIMIT_REACHED (8), before the quota reasons.
+    """
 
 class ClaimDeclineReason(_ClaimDeclineReason, metaclass=_ClaimDeclineReasonEnumTypeWrapper):
     """Why a claim was declined. When several apply, the one listed first here is reported."""
@@ -123,6 +129,12 @@ CLAIM_DECLINE_REASON_NOT_YET_RELEASED: ClaimDeclineReason.ValueType  # 9
 """9. No tranche of the category's quota has been released yet."""
 CLAIM_DECLINE_REASON_QUOTA_EXHAUSTED: ClaimDeclineReason.ValueType  # 10
 """10. The released quota is all claimed; expired and cancelled ones come back to the pool."""
+CLAIM_DECLINE_REASON_ALREADY_CLAIMED_THIS_ROUND: ClaimDeclineReason.ValueType  # 11
+"""11. Claim once per round: this person already had a qualification of the category in
+this campaign, which expired unused or was cancelled, and the campaign does not let them
+claim again (Campaign.reclaim_after_expiry off, the default). Its quota went back to the
+pool for others. Ranks right after PERSON_LIMIT_REACHED (8), before the quota reasons.
+"""
 Global___ClaimDeclineReason: _TypeAlias = ClaimDeclineReason  # noqa: Y015
 
 @_typing.final
