@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/common.proto\x12\nsubsidy.v1\"|\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x37\n\x11\x63oordinate_system\x18\x03 \x01(\x0e\x32\x1c.subsidy.v1.CoordinateSystem\x12\x12\n\naccuracy_m\x18\x04 \x01(\x01*o\n\x10\x43oordinateSystem\x12!\n\x1d\x43OORDINATE_SYSTEM_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OORDINATE_SYSTEM_WGS84\x10\x01\x12\x1b\n\x17\x43OORDINATE_SYSTEM_GCJ02\x10\x02*\xb6\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\x1f\n\x1b\x45RROR_REASON_TOO_MANY_LINES\x10\x02\x12%\n!ERROR_REASON_IDEMPOTENCY_CONFLICT\x10\x03\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x04\x12(\n$ERROR_REASON_AUTHORIZATION_NOT_FOUND\x10\x05\x12\x1e\n\x1a\x45RROR_REASON_INVALID_STATE\x10\x06\x12&\n\"ERROR_REASON_LINE_ALREADY_REFUNDED\x10\x07\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10\x08\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\t\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\n\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x0b\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x0c\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\r\x12%\n!ERROR_REASON_STORE_OUTSIDE_REGION\x10\x0e\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x0f\x42\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17subsidy/v1/common.proto\x12\nsubsidy.v1\"|\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x37\n\x11\x63oordinate_system\x18\x03 \x01(\x0e\x32\x1c.subsidy.v1.CoordinateSystem\x12\x12\n\naccuracy_m\x18\x04 \x01(\x01*o\n\x10\x43oordinateSystem\x12!\n\x1d\x43OORDINATE_SYSTEM_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OORDINATE_SYSTEM_WGS84\x10\x01\x12\x1b\n\x17\x43OORDINATE_SYSTEM_GCJ02\x10\x02*\xd6\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\x1f\n\x1b\x45RROR_REASON_TOO_MANY_LINES\x10\x02\x12%\n!ERROR_REASON_IDEMPOTENCY_CONFLICT\x10\x03\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x04\x12(\n$ERROR_REASON_AUTHORIZATION_NOT_FOUND\x10\x05\x12\x1e\n\x1a\x45RROR_REASON_INVALID_STATE\x10\x06\x12&\n\"ERROR_REASON_LINE_ALREADY_REFUNDED\x10\x07\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10\x08\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\t\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\n\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x0b\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x0c\x12\x1f\n\x1b\x45RROR_REASON_ALREADY_EXISTS\x10\r\x12%\n!ERROR_REASON_STORE_OUTSIDE_REGION\x10\x0e\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x0f\x12\x1e\n\x1a\x45RROR_REASON_SLOW_CONSUMER\x10\x10\x42\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COORDINATESYSTEM']._serialized_start=165
   _globals['_COORDINATESYSTEM']._serialized_end=276
   _globals['_ERRORREASON']._serialized_start=279
-  _globals['_ERRORREASON']._serialized_end=845
+  _globals['_ERRORREASON']._serialized_end=877
   _globals['_LOCATION']._serialized_start=39
   _globals['_LOCATION']._serialized_end=163
 # @@protoc_insertion_point(module_scope)

@@ -83,6 +83,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: the caller reached a limit on how often it may do this (e.g. tickets
     per consumer per day); metadata["limit"] names the limit, retry after it resets.
     """
+    ERROR_REASON_SLOW_CONSUMER: _ErrorReason.ValueType  # 16
+    """RESOURCE_EXHAUSTED: a streaming caller (SupervisionService.WatchFunds) did not read its
+    stream fast enough and was dropped rather than buffered without bound; open it again.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons carried in google.rpc.ErrorInfo.reason (domain
@@ -126,6 +130,10 @@ ERROR_REASON_STORE_OUTSIDE_REGION: ErrorReason.ValueType  # 14
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 15
 """RESOURCE_EXHAUSTED: the caller reached a limit on how often it may do this (e.g. tickets
 per consumer per day); metadata["limit"] names the limit, retry after it resets.
+"""
+ERROR_REASON_SLOW_CONSUMER: ErrorReason.ValueType  # 16
+"""RESOURCE_EXHAUSTED: a streaming caller (SupervisionService.WatchFunds) did not read its
+stream fast enough and was dropped rather than buffered without bound; open it again.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -99,21 +99,30 @@ class BudgetFigures(_message.Message):
     """Held by authorizations not yet captured or voided."""
     spent_fen: _builtins.int
     refunded_fen: _builtins.int
+    """Cumulative subsidy given back by refunds (spent is already net of them)."""
     remaining_fen: _builtins.int
-    """budget - reserved - spent + refunded (what can still be granted once released)."""
+    """budget - reserved - spent (what can still be granted once released); 0 or less when used up."""
     used_ratio: _builtins.float
-    """(reserved + spent - refunded) / budget, 0..1."""
+    """(reserved + spent) / budget, 0..1 (above 1 never: the scripts refuse to overspend); 0 for a
+    budget of 0.
+    """
     claims_per_minute: _builtins.float
-    """Over the last minute (a sliding window of the poller's readings)."""
+    """Over the last minute: qualifications claimed (from the poller's sliding window of Redis
+    readings) and captures (CAPTURED ledger events in PostgreSQL, counted every few seconds).
+    """
     redemptions_per_minute: _builtins.float
     burn_fen_per_minute: _builtins.int
-    """Net subsidy committed per minute over the same window (reserved + spent - refunded)."""
+    """Net subsidy committed per minute over the poller's sliding window: the change of
+    reserved + spent (refunds lower spent, so a minute of refunds can make it negative).
+    """
     qualification_quota: _builtins.int
     """Qualifications (vouchers) of the category: quota, claimed so far."""
     qualifications_claimed: _builtins.int
     @_builtins.property
     def projected_exhaustion_at(self) -> _timestamp_pb2.Timestamp:
-        """When remaining_fen reaches zero at burn_fen_per_minute; unset when nothing is burning."""
+        """When remaining_fen reaches zero at burn_fen_per_minute (the time of the reading when it is
+        zero already); unset when nothing is burning (zero or negative burn) or the budget is 0.
+        """
 
     def __init__(
         self,
