@@ -20,7 +20,7 @@ from types import FrameType
 
 from benchmarks import report
 from benchmarks.loadgen import CLIENT_PROCESSES_MAX, CONCURRENCY_MAX, CROWD_CLAIMS_MAX
-from benchmarks.scenarios import SCENARIOS, Bench, Plan, RunResult, run_profiles, run_scenarios
+from benchmarks.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, Plan, RunResult, run_profiles, run_scenarios
 from benchmarks.services import ROOT, MachineCpu, say
 
 DURATION_S_MAX = 120.0
@@ -45,8 +45,16 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all but structure)",
+    )
+    parser.add_argument(
+        "--before-tree",
+        type=Path,
+        help="structure scenario: a checkout of the commit to compare with (e.g. a git worktree)",
+    )
+    parser.add_argument(
+        "--after-tree", type=Path, help="structure scenario: the checkout measured as after (default: this one)"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results", help="results directory")
     parser.add_argument("--pairs", type=int, help="A/B pairs per comparison (default 5, --quick 3)")
@@ -92,6 +100,12 @@ def build_plan(arguments: argparse.Namespace, command: str) -> Plan:
     if not FLASH_CLAIMS_MIN <= flash_claims <= CROWD_CLAIMS_MAX * arguments.clients:
         raise ValueError(f"--flash-claims must be between {FLASH_CLAIMS_MIN} and {CROWD_CLAIMS_MAX:,} per client")
     flash_people = flash_claims * 3 // 4
+    trees = [tree for tree in (arguments.before_tree, arguments.after_tree) if tree is not None]
+    for tree in trees:
+        if not (tree / "server" / "__main__.py").is_file():
+            raise ValueError(f"{tree} is not a checkout of this project (no server/__main__.py)")
+    if "structure" in scenarios and arguments.before_tree is None:
+        raise ValueError("the structure scenario needs --before-tree")
     flash_quota = int(arguments.flash_quota or flash_claims // 10)
     if not 1 <= flash_quota <= flash_people // 2:
         raise ValueError("--flash-quota must be between 1 and half the crowd's people (three eighths of the claims)")
@@ -124,6 +138,8 @@ def build_plan(arguments: argparse.Namespace, command: str) -> Plan:
         profile_s=3 * round_s if quick else 4 * round_s,
         output=arguments.output,
         command=command,
+        before_tree=arguments.before_tree.resolve() if arguments.before_tree else None,
+        after_tree=arguments.after_tree.resolve() if arguments.after_tree else None,
     )
 
 

@@ -458,6 +458,41 @@ def markdown(result: RunResult, png_name: str) -> str:
             *comparison_section(tls),
             *tls_cost(tls),
         ]
+    tracing = [comparison for name, comparison in result.comparisons.items() if name.startswith("tracing: ")]
+    if tracing:
+        lines += [
+            "",
+            "## 2c. Tracing cost per call: SUBSIDY_TRACING=otlp vs off (same configuration, A B per method, pair by"
+            " pair)",
+            "",
+        ]
+        for comparison in tracing:
+            lines += [f"### {comparison.name}", "", *comparison_section(comparison), *per_call_delta(comparison), ""]
+        lines.append(f"- OTLP receiver: {result.checks.get('tracing', {}).get('receiver', 'not run')}")
+        kept = result.checks.get("bookkeeping")
+        if kept:
+            lines.append(
+                f"- the interceptor's bookkeeping timed in the bench's process (benchmarks/bookkeeping.py, best of"
+                f" {kept['repeats']} runs of {kept['calls']:,} calls): Prometheus metrics"
+                f" **{kept['metrics_us_per_call']:.1f} µs** per call; a span (start and end, batch queue)"
+                f" **{kept['span_us_per_call']:.1f} µs** on the call's path, then"
+                f" {kept['otlp_encoding_us_per_span']:.1f} µs per span in the exporter's thread to encode it"
+            )
+    structure = [comparison for name, comparison in result.comparisons.items() if name.startswith("structure: ")]
+    if structure:
+        lines += [
+            "",
+            "## 2d. Before and after the restructuring: two checkouts' gateways (A B per method, pair by pair)",
+            "",
+        ]
+        for side, facts in result.checks.get("structure", {}).items():
+            lines.append(
+                f"- {side}: `{facts['tree']}` at `{facts['commit']}` ({facts['uncommitted_files']} uncommitted files),"
+                f" modules {', '.join(f'`{path}`' for path in facts['modules'].values())}"
+            )
+        lines.append("")
+        for comparison in structure:
+            lines += [f"### {comparison.name}", "", *comparison_section(comparison), *per_call_delta(comparison), ""]
     baseline = result.comparisons.get("baseline")
     if baseline is not None:
         lines += [
@@ -527,6 +562,22 @@ def tls_cost(comparison: Comparison) -> list[str]:
         f" clients {client_tls - client_plain:+.0f} CPU-µs; p50 {comparison.latency_b.p50_ms:.2f} →"
         f" {comparison.latency_a.p50_ms:.2f} ms at the same concurrency. Connections are kept (no handshake per"
         " call), as a terminal keeps its channel.",
+    ]
+
+
+def per_call_delta(comparison: Comparison) -> list[str]:
+    """What A costs per call beyond B: server CPU-µs (medians over rounds) and the median latency."""
+    cpu_a = _median([m.server_cpu_ms_per_1k for m in comparison.rounds_a])
+    cpu_b = _median([m.server_cpu_ms_per_1k for m in comparison.rounds_b])
+    per_pair = [
+        a.server_cpu_ms_per_1k - b.server_cpu_ms_per_1k
+        for a, b in zip(comparison.rounds_a, comparison.rounds_b, strict=True)
+    ]
+    return [
+        f"- {comparison.a} − {comparison.b}: server **{cpu_a - cpu_b:+.0f} CPU-µs** per call"
+        f" ({cpu_b:.0f} → {cpu_a:.0f}; per pair {min(per_pair):+.0f} to {max(per_pair):+.0f});"
+        f" p50 {comparison.latency_b.p50_ms:.2f} →"
+        f" {comparison.latency_a.p50_ms:.2f} ms at the same concurrency",
     ]
 
 

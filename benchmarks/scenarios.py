@@ -31,7 +31,7 @@ from typing import Any
 from subsidy_client.v1 import common_pb2
 
 from benchmarks import baseline as baseline_module
-from benchmarks import services
+from benchmarks import bookkeeping, services
 from benchmarks.histogram import Histogram, LatencySummary
 from benchmarks.loadgen import Claim, ClientPool, CrowdResult, CrowdSpec, PhaseResult, PhaseSpec
 from benchmarks.profiling import Profile, summarize_profile
@@ -49,7 +49,19 @@ from server.domain.geo import wgs84_to_gcj02
 from server.domain.identity import check_digit
 from storage.devenv import DevServices
 
-SCENARIOS = ("transport", "tls", "baseline", "open_loop", "scaling", "ledger_lag", "flash_crowd")
+SCENARIOS = (
+    "transport",
+    "tls",
+    "tracing",
+    "baseline",
+    "open_loop",
+    "scaling",
+    "ledger_lag",
+    "flash_crowd",
+    "structure",
+)
+# ``structure`` compares two checkouts and needs --before-tree: only run when named.
+DEFAULT_SCENARIOS = tuple(name for name in SCENARIOS if name != "structure")
 HOLD_TTL_S = 7 * 86_400  # no hold expires during a run: the sweeper stays idle
 # The Echo payload is as long as a serialized one-line AuthorizeRequest, so both calls carry
 # about the same bytes in each direction.
@@ -87,6 +99,9 @@ class Plan:
     profile_s: float
     output: Path
     command: str
+    # The structure scenario: the checkout measured as "before", and as "after" (None: this one).
+    before_tree: Path | None = None
+    after_tree: Path | None = None
 
 
 # --------------------------------------------------------------------------- measurements
@@ -1215,9 +1230,131 @@ def run_flash_crowd(bench: Bench, result: RunResult) -> None:
         )
 
 
+def alternate_methods(
+    bench: Bench, name: str, a: tuple[str, Target], b: tuple[str, Target], methods: tuple[str, ...], pairs: int
+) -> dict[str, Comparison]:
+    """A and B alternate for each method within every pair (A B per method, then the next
+    pair), so a drift in the machine's load lands on both sides of every comparison alike."""
+    rounds: dict[str, tuple[list[Measurement], list[Measurement]]] = {method: ([], []) for method in methods}
+    for index in range(pairs):
+        bench.log(f"{name}: pair {index + 1}/{pairs}")
+        for method in methods:
+            rounds[method][0].append(bench.closed_round(f"{a[0]} {method}", a[1], method))
+            rounds[method][1].append(bench.closed_round(f"{b[0]} {method}", b[1], method))
+    return {
+        method: compare(f"{name}: {method}", f"{a[0]} {method}", f"{b[0]} {method}", *rounds[method])
+        for method in methods
+    }
+
+
+def run_tracing(bench: Bench, result: RunResult) -> None:
+    """What SUBSIDY_TRACING=otlp costs per call: a second gateway, configured as the reference
+    one but tracing every call (one span each, BatchSpanProcessor, the OTLP/gRPC exporter) to a
+    receiver of its own (benchmarks/otlp_sink.py, whose CPU is counted with the store's),
+    alternating with the reference gateway (tracing off) on Authorize and on Echo. After the
+    rounds the traced gateway stops (flushing its queue) and the receiver reports how many
+    spans it got."""
+    sink = services.otlp_sink_process("otlp sink")
+    sink.start(wait_serving=False)
+    bench.servers.append(sink)
+    redis_server = bench.redis["always"]
+    name = "gateway traced"
+    try:
+        settings = GatewaySettings(tracing="otlp", tracing_endpoint=f"http://{sink.target}")
+        target = bench.start_gateway(name, settings, redis_server)
+        target.store = f"redis ({redis_server.appendfsync}) + OTLP receiver"
+        target.store_pids = lambda: [redis_server.pid, sink.pid]
+        if not bench.plan.quick:
+            bench.warm(target)
+        comparisons = alternate_methods(
+            bench,
+            "tracing",
+            ("traced", target),
+            ("untraced", bench.targets["gateway"]),
+            ("authorize", "echo"),
+            bench.plan.pairs,
+        )
+        result.comparisons.update({comparison.name: comparison for comparison in comparisons.values()})
+    finally:
+        if name in bench.targets:
+            bench.stop_target(name)
+        sink.stop()
+        bench.servers.remove(sink)
+    received = [line for line in sink.log_path.read_text().splitlines() if line.startswith("spans ")]
+    result.checks["tracing"] = {"receiver": received[-1] if received else "no count (receiver did not stop cleanly)"}
+    bench.log("bookkeeping: the interceptor's metrics and a span, timed in this process")
+    result.checks["bookkeeping"] = bookkeeping.measure()
+    bench.log(f"  {result.checks['bookkeeping']}")
+
+
+def run_structure(bench: Bench, result: RunResult) -> None:
+    """The whole of issue 11's restructuring, before against after, in one run: a gateway from
+    each checkout (``--before-tree``; ``--after-tree``, else this one), each running its own
+    code (checked: tree_facts) on this virtualenv's packages, each with its reference data
+    loaded by its own ``python -m server.reference load`` into its own database and key prefix
+    of the bench's Redis. They alternate on Authorize and on Echo, pair by pair."""
+    plan = bench.plan
+    if plan.before_tree is None:
+        raise RuntimeError("the structure scenario needs --before-tree (a checkout of the commit to compare with)")
+    trees = {"before": plan.before_tree, "after": plan.after_tree or services.ROOT}
+    redis_server = bench.redis["always"]
+    facts: dict[str, Any] = {}
+    targets: dict[str, Target] = {}
+    databases = {side: f"{services.GATEWAY_DATABASE}_{side}" for side in trees}
+    try:
+        for side, tree in trees.items():
+            facts[side] = services.tree_facts(tree)
+            bench.log(f"structure: {side} = {tree} at {facts[side]['commit']}, modules {facts[side]['modules']}")
+            dsn = services.with_database(bench.admin_dsn, databases[side])
+            services.run_async(services.recreate_database(bench.admin_dsn, databases[side]))
+            services.load_tree_reference(tree, dsn, redis_server.url, f"{bench.prefix}{side}", bench.document)
+            process = services.gateway_process(
+                f"gateway {side}",
+                GatewaySettings(tree=tree),
+                redis_server.url,
+                f"{bench.prefix}{side}",
+                dsn,
+                HOLD_TTL_S,
+                bench.programme_key,
+            )
+            process.start()
+            bench.servers.append(process)
+            targets[side] = Target(
+                f"gateway {side}", process, f"redis ({redis_server.appendfsync})", lambda: [redis_server.pid]
+            )
+            bench.targets[targets[side].name] = targets[side]
+            bench.warm(targets[side])
+        comparisons = alternate_methods(
+            bench,
+            "structure",
+            ("after", targets["after"]),
+            ("before", targets["before"]),
+            ("authorize", "echo"),
+            plan.pairs,
+        )
+        result.comparisons.update({comparison.name: comparison for comparison in comparisons.values()})
+    finally:
+        for target in targets.values():
+            bench.stop_target(target.name)
+        for side in trees:
+            try:
+                services.run_async(services.drop_database(bench.admin_dsn, databases[side]))
+            except Exception as error:
+                say(f"postgres: could not drop {databases[side]}: {error}")
+        client = redis_server.client()
+        try:
+            for side in trees:
+                services.delete_prefix_keys(client, f"{bench.prefix}{side}")
+        finally:
+            client.close()
+    result.checks["structure"] = facts
+
+
 RUNNERS: dict[str, Callable[[Bench, RunResult], None]] = {
     "transport": run_transport,
     "tls": run_tls,
+    "tracing": run_tracing,
+    "structure": run_structure,
     "baseline": run_baseline,
     "open_loop": run_open_loop,
     "scaling": run_scaling,

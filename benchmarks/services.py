@@ -9,6 +9,7 @@ Everything listens on 127.0.0.1 only, and everything started here is stopped by 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -468,6 +469,7 @@ class ServerProcess:
     port: int
     log_path: Path
     tls_ca: str = ""  # the CA of its certificate when it serves TLS
+    cwd: Path = ROOT  # the checkout it runs from (another tree's, for the structure scenario)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -484,7 +486,7 @@ class ServerProcess:
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 self.argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=dict(self.environment),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -574,6 +576,11 @@ class GatewaySettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # SUBSIDY_TRACING and SUBSIDY_TRACING_ENDPOINT (the tracing scenario's OTLP receiver).
+    tracing: str = "off"
+    tracing_endpoint: str = ""
+    # Run another checkout's gateway (its own code: see tree_environment), not this one's.
+    tree: Path | None = None
 
 
 def gateway_process(
@@ -601,6 +608,10 @@ def gateway_process(
     }
     if settings.tls_cert:
         environment |= {"SUBSIDY_TLS_CERT": settings.tls_cert, "SUBSIDY_TLS_KEY": settings.tls_key}
+    if settings.tracing != "off":
+        environment |= {"SUBSIDY_TRACING": settings.tracing, "SUBSIDY_TRACING_ENDPOINT": settings.tracing_endpoint}
+    if settings.tree is not None:
+        environment |= tree_environment(settings.tree)
     return ServerProcess(
         name=name,
         argv=[sys.executable, "-m", "server"],
@@ -608,7 +619,91 @@ def gateway_process(
         port=port,
         log_path=BENCH_DATA / "logs" / f"{name.replace(' ', '-')}.log",
         tls_ca=settings.tls_ca,
+        cwd=settings.tree or ROOT,
     )
+
+
+def otlp_sink_process(name: str) -> ServerProcess:
+    """The tracing scenario's OTLP/gRPC receiver (benchmarks/otlp_sink.py)."""
+    port = free_port()
+    return ServerProcess(
+        name=name,
+        argv=[sys.executable, "-m", "benchmarks.otlp_sink", "--port", str(port)],
+        environment=clean_environment(),
+        port=port,
+        log_path=BENCH_DATA / "logs" / f"{name.replace(' ', '-')}.log",
+    )
+
+
+# --------------------------------------------------------------------------- other checkouts
+
+
+def tree_environment(tree: Path) -> dict[str, str]:
+    """Makes this interpreter run another checkout's code: its ``server`` and ``storage``
+    (``-m`` puts the working directory first on sys.path) and its ``subsidy_client`` (this
+    virtualenv's editable install points at this checkout's, so PYTHONPATH goes first).
+    The third-party packages are this virtualenv's."""
+    return {"PYTHONPATH": f"{tree}:{tree / 'clients' / 'python'}"}
+
+
+def tree_facts(tree: Path) -> dict[str, Any]:
+    """Which code a process started in ``tree`` imports (checked by importing it there, with
+    the same interpreter, directory and environment as its gateway), and the tree's commit."""
+    probe = (
+        "import json, server, storage, subsidy_client;"
+        "print(json.dumps({m.__name__: m.__file__ for m in (server, storage, subsidy_client)}))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tree,
+        env=clean_environment() | tree_environment(tree),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    modules: dict[str, str] = json.loads(completed.stdout)
+    strays = {name: path for name, path in modules.items() if not Path(path).resolve().is_relative_to(tree.resolve())}
+    if strays:
+        raise RuntimeError(f"{tree}: these modules would come from another checkout: {strays}")
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", *arguments], cwd=tree, capture_output=True, text=True, timeout=30, check=False
+        ).stdout.strip()
+
+    return {
+        "tree": str(tree),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_files": len(git("status", "--porcelain", "--untracked-files=no").splitlines()),
+        "modules": modules,
+    }
+
+
+def load_tree_reference(tree: Path, pg_dsn: str, redis_url: str, prefix: str, document: dict[str, Any]) -> None:
+    """``python -m server.reference load`` of ``tree`` (its own migrations, key layout and
+    credential format), into its own database and key prefix."""
+    path = BENCH_DATA / f"reference-{prefix}.yaml"
+    write_private(path, yaml.safe_dump(document, sort_keys=False))
+    environment = (
+        clean_environment()
+        | tree_environment(tree)
+        | {"SUBSIDY_PG_DSN": pg_dsn, "SUBSIDY_REDIS_URL": redis_url, "SUBSIDY_REDIS_PREFIX": prefix}
+    )
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "server.reference", "load", str(path)],
+            cwd=tree,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        path.unlink(missing_ok=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{tree}: reference load failed: {completed.stderr[-2000:]}")
 
 
 def baseline_process(
