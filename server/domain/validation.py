@@ -34,6 +34,9 @@ GTIN = re.compile(r"[0-9]{13}")
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 REDEMPTION_CODE = re.compile(r"[0-9A-HJKMNP-TV-Z]{16}")
 UUID_FORM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# A payment channel's transaction id (an acquirer's or wallet's order or refund number): long
+# digit strings or the channel's own letters, kept as text and in the channel's case.
+CHANNEL_REFERENCE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 class LineValues(Protocol):
@@ -88,6 +91,17 @@ def canonical_authorization_id(value: str) -> str:
 
 def check_authorization_id(value: str) -> str:
     return canonical_authorization_id(value)
+
+
+def canonical_channel_reference(value: str) -> str:
+    """The payment channel's reference of a capture or refund; "" when none was given. Case is
+    kept: it is the channel's identifier, matched as the channel's file spells it."""
+    form = canonical(value)
+    if form == "":
+        return ""
+    if not CHANNEL_REFERENCE.fullmatch(form):
+        raise InvalidField("channel_reference", "must be 1-64 characters of [A-Za-z0-9_.:-]")
+    return form
 
 
 def canonical_consumer_key(value: str, field: str = "consumer_key") -> str:

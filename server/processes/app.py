@@ -35,6 +35,8 @@ from subsidy_client.v1 import (
     merchant_pb2_grpc,
     qualification_pb2,
     qualification_pb2_grpc,
+    reconciliation_pb2,
+    reconciliation_pb2_grpc,
     reporting_pb2,
     reporting_pb2_grpc,
 )
@@ -55,6 +57,7 @@ from server.services.exchange import ExchangeService
 from server.services.merchants import MerchantService
 from server.services.operations import OperatorDeps
 from server.services.qualification import QualificationService
+from server.services.reconciliation import ReconciliationService
 from server.services.reporting import ReportingService
 from storage.postgres.pool import LazyPool
 from storage.redis.credentials import CredentialCache
@@ -72,6 +75,7 @@ SERVICE_NAMES = (
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
     reporting_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
     daily_report_pb2.DESCRIPTOR.services_by_name["DailyReportService"].full_name,
+    reconciliation_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
     campaign_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
@@ -192,6 +196,9 @@ async def create_server(config: Config) -> Application:
         operator_pool = LazyPool(config.pg_dsn)
         deps = OperatorDeps(operator_pool, store)
         reporting_pb2_grpc.add_ReportingServiceServicer_to_server(ReportingService(deps), server)
+        reconciliation_pb2_grpc.add_ReconciliationServiceServicer_to_server(
+            ReconciliationService(deps, BusinessCalendar(config.report_timezone, config.report_cutoff)), server
+        )
         daily_report_pb2_grpc.add_DailyReportServiceServicer_to_server(
             DailyReportService(deps, BusinessCalendar(config.report_timezone, config.report_cutoff)), server
         )

@@ -52,6 +52,7 @@ def authorization_message(view: AuthorizationView) -> authorization_pb2.Authoriz
         hold_expires_at=timestamp_ms(view.hold_expires_ms),
         updated_at=timestamp_ms(view.updated_ms),
         redemption_code=view.redemption_code,
+        channel_reference=view.channel_reference,
     )
 
 
@@ -122,7 +123,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
             )
         return response
 
-    def _lifecycle_input(self, method: str, request: Any) -> LifecycleInput:
+    def _lifecycle_input(self, method: str, request: Any, channel_reference: str = "") -> LifecycleInput:
         identity = caller(TERMINAL)
         return LifecycleInput(
             payload_hash=payload_hash(method, request),
@@ -131,13 +132,14 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
             merchant_id=identity.merchant_id,
             nonce=identity.nonce,
             authorization_id=request.authorization_id,
+            channel_reference=channel_reference,
         )
 
     async def Capture(
         self, request: authorization_pb2.CaptureRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.CaptureResponse:
-        requests.check_lifecycle(request)
-        reply = await self._store.capture(self._lifecycle_input("Capture", request))
+        requests.check_capture(request)
+        reply = await self._store.capture(self._lifecycle_input("Capture", request, request.channel_reference))
         if isinstance(reply, Failure):
             raise_script_error(reply)
         return pb.CaptureResponse(
@@ -161,7 +163,9 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
         self, request: authorization_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.RefundResponse:
         requests.check_refund(request, self._max_lines)
-        reply = await self._store.refund(self._lifecycle_input("Refund", request), list(request.line_ids))
+        reply = await self._store.refund(
+            self._lifecycle_input("Refund", request, request.channel_reference), list(request.line_ids)
+        )
         if isinstance(reply, Failure):
             raise_script_error(reply)
         return pb.RefundResponse(

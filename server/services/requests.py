@@ -43,7 +43,13 @@ def check_lifecycle(request: LifecycleRequest) -> None:
     request.authorization_id = validation.canonical_authorization_id(request.authorization_id)
 
 
+def check_capture(request: authorization_pb2.CaptureRequest) -> None:
+    check_lifecycle(request)
+    request.channel_reference = validation.canonical_channel_reference(request.channel_reference)
+
+
 def check_refund(request: authorization_pb2.RefundRequest, max_lines: int) -> None:
     check_lifecycle(request)
+    request.channel_reference = validation.canonical_channel_reference(request.channel_reference)
     for index, line_id in enumerate(validation.canonical_line_ids(request.line_ids, max_lines)):
         request.line_ids[index] = line_id

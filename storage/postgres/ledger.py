@@ -106,7 +106,7 @@ async def write_batch(connection: asyncpg.Connection, events: Sequence[LedgerEve
 
 
 async def _insert_events(connection: asyncpg.Connection, events: Sequence[LedgerEvent]) -> set[str]:
-    columns: list[list[Any]] = [[] for _ in range(14)]
+    columns: list[list[Any]] = [[] for _ in range(15)]
     for event in events:
         payload, record = event.payload, event.record
         milliseconds, sequence = event.order
@@ -125,15 +125,17 @@ async def _insert_events(connection: asyncpg.Connection, events: Sequence[Ledger
             from_ms(record.at_ms),
             orjson.dumps(payload["lines"]).decode(),
             orjson.dumps(payload).decode(),
+            record.channel_reference or None,
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
     rows = await connection.fetch(
         "INSERT INTO ledger_events (event_id, event_ms, event_seq, event_type, authorization_id, campaign_id,"
-        " merchant_id, terminal_id, consumer_key, request_id, amount_fen, occurred_at, lines, payload)"
+        " merchant_id, terminal_id, consumer_key, request_id, amount_fen, occurred_at, lines, payload,"
+        " channel_reference)"
         " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],"
         " $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::timestamptz[], $13::jsonb[],"
-        " $14::jsonb[]) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        " $14::jsonb[], $15::text[]) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         *columns,
     )
     return {row["event_id"] for row in rows}

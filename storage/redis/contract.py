@@ -68,6 +68,8 @@ class AuthorizationView(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     hold_expires_ms: int = msgspec.field(name="expires_ms")
     updated_ms: int
     redemption_code: str = msgspec.field(name="qualification", default="")
+    # The payment channel's transaction id given at capture (absent before one was given).
+    channel_reference: str = ""
 
 
 class QualificationView(msgspec.Struct, kw_only=True, frozen=True, gc=False):
@@ -193,6 +195,9 @@ class LedgerEventRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     expires_ms: int | None = None
     all_lines: list[Line] | None = None
     qualification: str = ""
+    # The payment channel's transaction id of a capture or refund (absent when none was given,
+    # and in every other event and older ones).
+    channel_reference: str = ""
 
 
 # --- Enums the scripts number ---------------------------------------------------------------------
@@ -529,16 +534,32 @@ AUTHORIZE: Script[AuthorizeKeys, AuthorizeArgs, AuthorizeAnswer] = Script(
     arg_tail=Tail("lines", LineArgs),
     enums=DECLINE_REASONS,
 )
-CAPTURE: Script[LifecycleKeys, LifecycleArgs, Settled] = Script(
-    "capture", LifecycleKeys, LifecycleArgs, Settled, key_tail=SERIALS
+
+
+class ChannelLifecycleArgs(NamedTuple):
+    """Capture's and refund's ARGV: LifecycleArgs, then the payment channel's reference."""
+
+    payload_hash: str
+    request_id: str
+    merchant_id: str
+    idempotency_ttl_s: int
+    nonce_ttl_s: int
+    campaign_id: str
+    consumer_key: str
+    terminal_id: str
+    channel_reference: str  # the acquirer's or wallet's transaction id; "" when none
+
+
+CAPTURE: Script[LifecycleKeys, ChannelLifecycleArgs, Settled] = Script(
+    "capture", LifecycleKeys, ChannelLifecycleArgs, Settled, key_tail=SERIALS
 )
 VOID: Script[LifecycleKeys, LifecycleArgs, Settled] = Script(
     "void", LifecycleKeys, LifecycleArgs, Settled, key_tail=SERIALS
 )
-REFUND: Script[LifecycleKeys, LifecycleArgs, Refunded] = Script(
+REFUND: Script[LifecycleKeys, ChannelLifecycleArgs, Refunded] = Script(
     "refund",
     LifecycleKeys,
-    LifecycleArgs,
+    ChannelLifecycleArgs,
     Refunded,
     key_tail=SERIALS,
     # The line ids to refund; none means every line not yet refunded.

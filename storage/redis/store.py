@@ -36,6 +36,7 @@ from storage.redis.contract import (
     CancelArgs,
     CancelKeys,
     Cancelled,
+    ChannelLifecycleArgs,
     ClaimAnswer,
     ClaimArgs,
     ClaimKeys,
@@ -90,6 +91,8 @@ class LifecycleInput:
     merchant_id: str
     nonce: str
     authorization_id: str
+    # Capture's and refund's: the payment channel's transaction id ("" when none).
+    channel_reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,9 @@ class RedisStore:
         if found is None:
             return NOT_FOUND
         keys, args, serials = found
-        return await self._scripts.call(CAPTURE, keys, args, key_tail=serials)
+        return await self._scripts.call(
+            CAPTURE, keys, ChannelLifecycleArgs(*args, request.channel_reference), key_tail=serials
+        )
 
     async def void(self, request: LifecycleInput) -> Reply[Settled]:
         found = await self._lifecycle(request)
@@ -288,7 +293,9 @@ class RedisStore:
         if found is None:
             return NOT_FOUND
         keys, args, serials = found
-        return await self._scripts.call(REFUND, keys, args, key_tail=serials, arg_tail=line_ids)
+        return await self._scripts.call(
+            REFUND, keys, ChannelLifecycleArgs(*args, request.channel_reference), key_tail=serials, arg_tail=line_ids
+        )
 
     async def location_rule(self, campaign_id: str) -> tuple[float, int, str] | None:
         """The campaign's location rule for claims as published: the largest accuracy radius in
@@ -543,6 +550,7 @@ def authorization_view(fields: dict[str, str]) -> AuthorizationView:
         hold_expires_ms=int(fields["expires_ms"]),
         updated_ms=int(fields["updated_ms"]),
         redemption_code=fields.get("qualification", ""),
+        channel_reference=fields.get("channel_reference", ""),
     )
 
 

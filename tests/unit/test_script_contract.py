@@ -192,7 +192,9 @@ def test_the_bindings_follow_the_declaration() -> None:
     assert "unit_price_fen = tonumber(ARGV[i + 2])" in bindings
     refund = contract.REFUND.lua_bindings()
     assert "local tail, n = KEY.serials, 0\n  for i = 15, #KEYS do\n    n = n + 1\n    tail[n] = KEYS[i]\n" in refund
-    assert "local tail, n = ARG.line_ids, 0\n  for i = 9, #ARGV do\n    n = n + 1\n    tail[n] = ARGV[i]\n" in refund
+    # The channel's reference is the ninth argument; the line ids follow it.
+    assert "  channel_reference = ARGV[9],\n" in refund
+    assert "local tail, n = ARG.line_ids, 0\n  for i = 10, #ARGV do\n    n = n + 1\n    tail[n] = ARGV[i]\n" in refund
 
 
 def test_replies_decode_into_the_declared_structs() -> None:

@@ -244,8 +244,14 @@ class AuthorizationClient(SignedClient):
         """Sends a prepared request as is (for callers that build messages themselves)."""
         return await self._call(SERVICE + "Authorize", request, pb.AuthorizeResponse)
 
-    async def capture(self, authorization_id: str, *, request_id: str | None = None) -> pb.CaptureResponse:
-        request = pb.CaptureRequest(request_id=request_id or str(uuid.uuid4()), authorization_id=authorization_id)
+    async def capture(
+        self, authorization_id: str, *, request_id: str | None = None, channel_reference: str = ""
+    ) -> pb.CaptureResponse:
+        request = pb.CaptureRequest(
+            request_id=request_id or str(uuid.uuid4()),
+            authorization_id=authorization_id,
+            channel_reference=channel_reference,
+        )
         return await self._call(SERVICE + "Capture", request, pb.CaptureResponse)
 
     async def void(self, authorization_id: str, *, request_id: str | None = None) -> pb.VoidResponse:
@@ -253,10 +259,18 @@ class AuthorizationClient(SignedClient):
         return await self._call(SERVICE + "Void", request, pb.VoidResponse)
 
     async def refund(
-        self, authorization_id: str, line_ids: Sequence[str] = (), *, request_id: str | None = None
+        self,
+        authorization_id: str,
+        line_ids: Sequence[str] = (),
+        *,
+        request_id: str | None = None,
+        channel_reference: str = "",
     ) -> pb.RefundResponse:
         request = pb.RefundRequest(
-            request_id=request_id or str(uuid.uuid4()), authorization_id=authorization_id, line_ids=list(line_ids)
+            request_id=request_id or str(uuid.uuid4()),
+            authorization_id=authorization_id,
+            line_ids=list(line_ids),
+            channel_reference=channel_reference,
         )
         return await self._call(SERVICE + "Refund", request, pb.RefundResponse)
 

@@ -76,18 +76,23 @@ CREATE INDEX reconciliation_lines_exceptions ON reconciliation_lines (run_id, po
 -- Results are history: lines never change; a run changes once, when it is superseded.
 CREATE FUNCTION reconciliation_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'reconciliation_runs'
-        AND OLD.superseded_at IS NULL AND NEW.superseded_at IS NOT NULL
-        AND (to_jsonb(NEW) - 'superseded_at' - 'superseded_by_run_id')
-            = (to_jsonb(OLD) - 'superseded_at' - 'superseded_by_run_id') THEN
-        RETURN NEW;
-    END IF;
     RAISE EXCEPTION 'reconciliation results are kept as they are: % on % refused', TG_OP, TG_TABLE_NAME
         USING ERRCODE = 'insufficient_privilege';
 END;
 $$;
+CREATE FUNCTION reconciliation_run_superseded_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.superseded_at IS NULL AND NEW.superseded_at IS NOT NULL
+        AND (to_jsonb(NEW) - 'superseded_at' - 'superseded_by_run_id')
+            = (to_jsonb(OLD) - 'superseded_at' - 'superseded_by_run_id') THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'reconciliation runs are kept as they are (only superseded once): % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
 CREATE TRIGGER reconciliation_runs_kept BEFORE UPDATE OR DELETE ON reconciliation_runs
-    FOR EACH ROW EXECUTE FUNCTION reconciliation_refuse_change();
+    FOR EACH ROW EXECUTE FUNCTION reconciliation_run_superseded_only();
 CREATE TRIGGER reconciliation_lines_kept BEFORE UPDATE OR DELETE ON reconciliation_lines
     FOR EACH ROW EXECUTE FUNCTION reconciliation_refuse_change();
 CREATE TRIGGER reconciliation_runs_no_truncate BEFORE TRUNCATE ON reconciliation_runs

@@ -60,6 +60,8 @@ local function auth_view(auth)
     refunded_fen = tonumber(auth.refunded_fen), created_ms = tonumber(auth.created_ms),
     expires_ms = tonumber(auth.expires_ms), updated_ms = tonumber(auth.updated_ms),
     qualification = auth.qualification or '',
+    -- Present once a capture gave one (nil fields are left out of the JSON).
+    channel_reference = auth.channel_reference,
   }
 end
 
@@ -91,7 +93,10 @@ end
 
 -- Appends one ledger event. The event carries everything the ledger needs to post it and
 -- to rebuild the Redis counters from history: per-line category, subsidy and serial.
-local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payload_hash)
+-- channel_reference: the payment channel's transaction id of a capture or refund (nil or '':
+-- the event carries none).
+local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payload_hash, channel_reference)
+  if channel_reference == '' then channel_reference = nil end
   local event = {
     type = event_type, authorization_id = auth.id, campaign = auth.campaign,
     -- The terminal that acted (capture, void and refund may come from another till of the
@@ -109,6 +114,7 @@ local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payl
     -- The programme day of an authorization counted against a per-merchant daily limit (nil,
     -- left out, when not counted): reconcile and rebuild derive the daily counters from it.
     day = day_of(auth),
+    channel_reference = channel_reference,
   }
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end

@@ -3,7 +3,8 @@
 -- it as it is, so a client that lost the first answer recovers.
 --
 -- KEY and ARG: storage/redis/contract.py, CAPTURE (the caller's keys, the authorization's, its
--- qualification's, and KEY.serials: the serial keys of its lines that carry one).
+-- qualification's, and KEY.serials: the serial keys of its lines that carry one; ARG.channel_reference:
+-- the payment channel's transaction id, kept on the authorization and in the event, or '').
 --
 -- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE", "state": ...}.
 
@@ -21,7 +22,12 @@ if auth.state == 'PENDING' then
   redis.call('ZREM', KEY.holds, auth.id)
   auth.state, auth.updated_ms, auth.last_request_id = 'CAPTURED', now, ARG.request_id
   redis.call('HSET', KEY.authorization, 'state', 'CAPTURED', 'updated_ms', now, 'last_request_id', ARG.request_id)
-  emit(KEY.ledger, 'CAPTURED', auth, auth.lines, tonumber(auth.subsidy_fen), now, ARG.payload_hash)
+  if ARG.channel_reference ~= '' then
+    auth.channel_reference = ARG.channel_reference
+    redis.call('HSET', KEY.authorization, 'channel_reference', ARG.channel_reference)
+  end
+  emit(KEY.ledger, 'CAPTURED', auth, auth.lines, tonumber(auth.subsidy_fen), now, ARG.payload_hash,
+    ARG.channel_reference)
   -- The qualification this payment reserved is now used.
   if (auth.qualification or '') ~= '' then
     local q = load_hash(KEY.qualification)

@@ -3,7 +3,8 @@
 -- and frees its serial. A line is refunded at most once.
 --
 -- KEY and ARG: storage/redis/contract.py, REFUND (as CAPTURE, and ARG.line_ids: the line ids
--- to refund; none means every line not yet refunded).
+-- to refund; none means every line not yet refunded). ARG.channel_reference is the refund's
+-- own id in the payment channel, carried in the event only (the authorization keeps the capture's).
 --
 -- Returns {kind, JSON}: {"authorization": view, "refunded_fen": n} or {"error": ...}.
 
@@ -70,5 +71,5 @@ auth.refunded_fen = tonumber(auth.refunded_fen) + refunded_fen
 auth.updated_ms, auth.last_request_id = now, ARG.request_id
 redis.call('HSET', KEY.authorization, 'state', auth.state, 'lines', cjson.encode(auth.lines),
   'refunded_fen', auth.refunded_fen, 'updated_ms', now, 'last_request_id', ARG.request_id)
-emit(KEY.ledger, 'REFUNDED', auth, chosen, refunded_fen, now, ARG.payload_hash)
+emit(KEY.ledger, 'REFUNDED', auth, chosen, refunded_fen, now, ARG.payload_hash, ARG.channel_reference)
 return finish_lifecycle(KEY, ARG, auth, {refunded_fen = refunded_fen})
