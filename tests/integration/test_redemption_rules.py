@@ -562,3 +562,68 @@ async def test_contradictory_rules_are_refused_naming_the_field_and_nothing_is_a
         False,
     )
     assert await world.redis.hgetall(world.env.keys.campaign(campaign_id)) == published
+
+
+# --- The hot path ------------------------------------------------------------------------------
+
+
+async def test_authorize_under_the_new_rules_is_still_one_evalsha(world: World) -> None:
+    """Counted, as tests/integration/test_hot_path_cost.py counts: region-bound and daily-limited
+    authorizations (approved, STORE_OUTSIDE_REGION, MERCHANT_DAILY_LIMIT_REACHED) each send
+    exactly one EVALSHA from the gateway, and MONITOR shows the script itself reading the store
+    set and the daily counter. A gateway of its own (its sweepers idle, its connections named)
+    so that nothing else it does is counted."""
+    name = f"hot-path-{world.env.prefix}"
+    person, shopper = id_number(), id_number()
+    hubei = [await voucher(world, person, HUBEI) for _ in range(2)]
+    hangzhou = [await voucher(world, shopper, HANGZHOU) for _ in range(3)]
+    once = RetryPolicy(max_attempts=1)
+    async with running_gateway(world.env.config(redis_client_name=name)) as gateway:
+        target = f"127.0.0.1:{gateway.port}"
+        (inside_id, inside_secret, _), (binjiang_id, binjiang_secret, _) = (
+            world.tills["inside"],
+            world.tills["binjiang"],
+        )
+        async with (
+            AuthorizationClient(target, inside_id, inside_secret, retry=once) as inside,
+            AuthorizationClient(target, binjiang_id, binjiang_secret, retry=once) as binjiang,
+        ):
+            await inside.echo(b"warm")  # connections opened before watching
+            await binjiang.echo(b"warm")
+            sentinel = "end-of-watch-" + uuid.uuid4().hex
+            probe = Redis.from_url(world.env.redis_url, single_connection_client=True)
+            watcher_client = Redis.from_url(world.env.redis_url)
+            ready = asyncio.Event()
+            watcher = asyncio.create_task(_watch(watcher_client, sentinel, ready))
+            await ready.wait()
+            outcomes = [
+                outcome(await pay(binjiang, person, hubei[0], HUBEI)),
+                outcome(await pay(inside, person, hubei[0], HUBEI)),
+                *[outcome(await pay(inside, shopper, code, HANGZHOU, 4_000)) for code in hangzhou],
+            ]
+            addresses = {entry["addr"] for entry in await probe.client_list() if entry.get("name") == name}
+            await probe.echo(sentinel)
+            commands = await asyncio.wait_for(watcher, timeout=10)
+            await watcher_client.aclose()
+            await probe.aclose()
+    assert outcomes == ["STORE_OUTSIDE_REGION", "APPROVED", "APPROVED", "APPROVED", "MERCHANT_DAILY_LIMIT_REACHED"]
+    from_gateway = [
+        entry["command"].split()[0].upper()
+        for entry in commands
+        if entry["client_type"] != "lua" and f"{entry['client_address']}:{entry['client_port']}" in addresses
+    ]
+    assert from_gateway == ["EVALSHA"] * 5
+    scripted = [entry["command"].split()[0].upper() for entry in commands if entry["client_type"] == "lua"]
+    assert "SISMEMBER" in scripted and "HINCRBY" in scripted
+
+
+async def _watch(redis: Redis, sentinel: str, ready: asyncio.Event) -> list[dict[str, Any]]:
+    """Every command Redis executes until the sentinel ECHO, via MONITOR."""
+    seen: list[dict[str, Any]] = []
+    async with redis.monitor() as monitor:
+        ready.set()
+        while True:
+            command = await monitor.next_command()
+            if sentinel in command["command"]:
+                return seen
+            seen.append(command)
