@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import secrets
@@ -65,12 +66,14 @@ from subsidy_client import RetryPolicy, TlsConfig
 from subsidy_client.client import open_channel
 from subsidy_client.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     SubsidyError,
     Unauthenticated,
     Unavailable,
 )
+from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.reports import DailyReportClient
 from subsidy_client.v1 import daily_report_pb2, reconciliation_pb2, reporting_pb2, supervision_pb2
 
@@ -84,7 +87,6 @@ log = logging.getLogger("subsidy.dashboard")
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
 SUPERVISION = "/subsidy.v1.SupervisionService/"
-RECONCILIATION = "/subsidy.v1.ReconciliationService/"
 REPORTING = "/subsidy.v1.ReportingService/"
 COOKIE = "dashboard_session"
 SECURE_COOKIE = "__Host-dashboard_session"
@@ -93,8 +95,6 @@ CALL_DEADLINE_S = 10.0
 # The WatchFunds call itself has no useful deadline; the relay reopens it when it ends.
 WATCH_TIMEOUT_S = 86_400.0
 WATCH_BACKOFF_S = (1.0, 30.0)
-# Streams of a file or of a run's lines (a large one takes a while to cut and send).
-EXPORT_TIMEOUT_S = 600.0
 # A comment line on every SSE stream this often: finds closed tabs, keeps proxies from timing out.
 HEARTBEAT_S = 15.0
 # How long one write to a browser may take before the tab counts as stuck and is disconnected.
@@ -153,34 +153,16 @@ class BureauClient(DailyReportClient):
             SUPERVISION + "WatchFunds", request, supervision_pb2.WatchFundsResponse.FromString, WATCH_TIMEOUT_S
         )
 
-    async def reconciliation_runs(self, limit: int = RUNS_LISTED) -> list[reconciliation_pb2.ReconciliationRun]:
-        request = reconciliation_pb2.ListReconciliationRunsRequest(limit=limit)
-        response = await self._call(
-            RECONCILIATION + "ListReconciliationRuns", request, reconciliation_pb2.ListReconciliationRunsResponse
-        )
-        return list(response.runs)
-
-    def reconciliation_results(
-        self, run_id: str
-    ) -> AsyncIterator[reconciliation_pb2.StreamReconciliationResultsResponse]:
-        """The run, then its exception lines (MATCHED left out) in chunks."""
-        request = reconciliation_pb2.StreamReconciliationResultsRequest(run_id=run_id)
-        return self._server_stream(
-            RECONCILIATION + "StreamReconciliationResults",
-            request,
-            reconciliation_pb2.StreamReconciliationResultsResponse.FromString,
-            EXPORT_TIMEOUT_S,
-        )
-
-    def export_exceptions(
-        self, run_id: str, file_format: int
-    ) -> AsyncIterator[reconciliation_pb2.ExportReconciliationExceptionsResponse]:
-        request = reconciliation_pb2.ExportReconciliationExceptionsRequest(run_id=run_id, format=file_format)  # type: ignore[arg-type]
-        return self._server_stream(
-            RECONCILIATION + "ExportReconciliationExceptions",
-            request,
-            reconciliation_pb2.ExportReconciliationExceptionsResponse.FromString,
-            EXPORT_TIMEOUT_S,
+    @functools.cached_property
+    def reconciliation(self) -> ReconciliationClient:
+        """Bill reconciliation, read with the same credential over the same channel."""
+        return ReconciliationClient(
+            self.target,
+            self._terminal_id,
+            self._secret,
+            deadline_s=self._deadline_s,
+            retry=self._retry,
+            channel=self._channel,
         )
 
     async def ledger_status(self) -> reporting_pb2.GetLedgerStatusResponse:
@@ -718,7 +700,7 @@ def _failure(dashboard: Dashboard, session: Session, error: SubsidyError) -> web
     if isinstance(error, Unauthenticated | PermissionDenied):
         dashboard.sessions.end(session.session_id)
         return _json({"error": "session_ended"}, 401)
-    if isinstance(error, NotFound):
+    if isinstance(error, NotFound | InvalidArgument):  # what the path named does not exist (or cannot)
         return _json({"error": "not_found"}, 404)
     log.warning("dashboard: gateway call failed", extra={"code": error.code.name, "reason": error.reason})
     return _json({"error": "unavailable", "code": error.code.name}, 503)
@@ -785,7 +767,7 @@ async def download_exceptions(request: web.Request) -> web.StreamResponse:
     run_id, extension = request.match_info["run_id"], request.match_info["extension"]
     if not RUN_ID_PATTERN.fullmatch(run_id) or extension not in RECONCILIATION_FORMATS:
         raise web.HTTPNotFound()
-    chunks = session.client.export_exceptions(run_id, RECONCILIATION_FORMATS[extension])
+    chunks = session.client.reconciliation.export(run_id, file_format=RECONCILIATION_FORMATS[extension])
     return await relay_file(request, session, chunks, f"reconciliation-{run_id}-exceptions.{extension}")
 
 
@@ -826,7 +808,7 @@ async def relay_file(
 async def api_reconciliation(request: web.Request) -> web.StreamResponse:
     session = _session_or_401(request)
     try:
-        return _json({"runs": [run_json(run) for run in await session.client.reconciliation_runs()]})
+        return _json({"runs": [run_json(run) for run in await session.client.reconciliation.list(limit=RUNS_LISTED)]})
     except SubsidyError as error:
         return _failure(_dashboard(request), session, error)
 
@@ -839,7 +821,7 @@ async def api_exceptions(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     lines: list[dict[str, Any]] = []
     truncated = False
-    parts = session.client.reconciliation_results(run_id)
+    parts = session.client.reconciliation.results(run_id)
     try:
         async for part in parts:
             for line in part.lines:

@@ -3,12 +3,15 @@ tests (tests/integration/test_dashboard.py over HTTP, test_dashboard_browser.py 
 
 The world: the test reference data plus a government user (``gov-dash``) and an auditor; two
 generated closed days in the ledger (ten and nine days ago), published by the operator, so
-there are reports to list and download; a gateway on an ephemeral port; the dashboard on
+there are reports to list and download; the first day's settlement file of a payment channel
+imported with three deliberate exceptions (an amount 1.23 yuan too high, a payment the ledger
+never saw, a payment missing from the file); a gateway on an ephemeral port; the dashboard on
 another, calling that gateway.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,14 +20,17 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import yaml
 from subsidy_client import AuthorizationClient, RetryPolicy
+from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.reports import DailyReportClient
 
+from server.domain.bill_matching import mirror
 from server.domain.daily_report import BusinessCalendar
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
+from server.domain.settlement_file import PAYMENT, ChannelLine, standard_file
 from server.processes.app import Application
 from server.processes.dashboard import DashboardServer, start_dashboard
 from storage.devenv import Services
-from storage.postgres import daily_reports
+from storage.postgres import daily_reports, reconciliation
 from tests.conftest import REFERENCE_FILE, Environment, isolated_environment, load_document, running_gateway
 
 CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
@@ -42,6 +48,7 @@ class DashboardWorld:
     dashboard: DashboardServer
     credentials: dict[str, str]
     days: list[date]
+    run_id: str = ""
 
     @property
     def target(self) -> str:
@@ -53,6 +60,11 @@ class DashboardWorld:
 
     def reports(self, caller_id: str) -> DailyReportClient:
         return DailyReportClient(
+            self.target, caller_id, self.credentials[caller_id], deadline_s=30.0, retry=RetryPolicy(max_attempts=1)
+        )
+
+    def reconciliation(self, caller_id: str) -> ReconciliationClient:
+        return ReconciliationClient(
             self.target, caller_id, self.credentials[caller_id], deadline_s=30.0, retry=RetryPolicy(max_attempts=1)
         )
 
@@ -95,6 +107,35 @@ async def dashboard_world(services: Services) -> AsyncIterator[DashboardWorld]:
             try:
                 async with world.reports(OPERATOR) as operator:
                     await operator.publish(days[-1].isoformat())
+                world.run_id = await import_settlement(world, days[0])
                 yield world
             finally:
                 await dashboard.stop()
+
+
+async def import_settlement(world: DashboardWorld, day: date) -> str:
+    """The day's file as the channel would send it, but for three exceptions; returns the run."""
+    start, end = CALENDAR.bounds(day)
+    connection = await asyncpg.connect(world.env.pg_dsn, timeout=10)
+    try:
+        async with connection.transaction():
+            items = [item async for item in reconciliation.ledger_items(connection, start, end)]
+    finally:
+        await connection.close()
+    lines = [mirror(item, 0, f"CH{index:08d}") for index, item in enumerate(items)]
+    payments = [index for index, item in enumerate(items) if item.kind == PAYMENT]
+    mismatch, dropped = payments[1], payments[3]
+    lines[mismatch] = lines[mismatch]._replace(subsidy_fen=lines[mismatch].subsidy_fen + 123)
+    extra = ChannelLine(0, PAYMENT, "CHEXTRA0001", "f" * 32, 99_900, 4_567, 0, lines[0].time)
+    kept = [line for index, line in enumerate(lines) if index != dropped]
+    kept.insert(5, extra)
+    numbered = [line._replace(line_number=number) for number, line in enumerate(kept, start=2)]
+    async with world.reconciliation(OPERATOR) as operator:
+        answer = await operator.import_file(
+            io.BytesIO("".join(standard_file(numbered)).encode()),
+            channel="demo-pay",
+            business_date=day.isoformat(),
+            file_name=f"demo-pay-{day}.csv",
+        )
+    assert answer.applied, list(answer.errors)
+    return answer.run.run_id

@@ -143,6 +143,35 @@ async def test_a_published_report_downloads_as_the_gateway_exports_it(world: Das
         assert (await session.get("/reports/2026-13-45/rows.csv")).status == 404
 
 
+async def test_a_reconciliation_run_and_its_exceptions(world: DashboardWorld) -> None:
+    """The imported run is listed as the gateway lists it; its exceptions are the three made on
+    purpose, with the mismatch's 1.23 yuan; the exceptions CSV is the gateway's bytes (BOM)."""
+    async with world.reconciliation(GOVERNMENT) as reconciliation:
+        [run] = await reconciliation.list()
+        expected_csv = b"".join([part.chunk async for part in reconciliation.export(world.run_id)])
+    async with browser(world) as session:
+        await sign_in(session, GOVERNMENT, world.credentials[GOVERNMENT])
+        [shown] = (await (await session.get("/api/reconciliation")).json())["runs"]
+        assert shown["run_id"] == run.run_id == world.run_id
+        assert shown["exception_lines"] == run.exception_lines == 3
+        assert shown["ledger_net_subsidy"]["fen"] == run.ledger_net_subsidy_fen
+        exceptions = await (await session.get(f"/api/reconciliation/{world.run_id}/exceptions")).json()
+        by_status = {line["status"]: line for line in exceptions["lines"]}
+        assert set(by_status) == {
+            "RECONCILIATION_STATUS_AMOUNT_MISMATCH",
+            "RECONCILIATION_STATUS_MISSING_IN_LEDGER",
+            "RECONCILIATION_STATUS_MISSING_IN_CHANNEL",
+        }
+        assert by_status["RECONCILIATION_STATUS_AMOUNT_MISMATCH"]["difference"] == {"fen": 123, "yuan": "1.23"}
+        assert by_status["RECONCILIATION_STATUS_MISSING_IN_LEDGER"]["channel_txn_id"] == "CHEXTRA0001"
+        assert not exceptions["truncated"]
+        answer = await session.get(f"/reconciliation/{world.run_id}/exceptions.csv")
+        body = await answer.read()
+        assert answer.status == 200 and body == expected_csv and body.startswith(b"\xef\xbb\xbf")
+        assert (await session.get("/reconciliation/no-such-run/exceptions.csv")).status == 404
+        assert (await session.get("/api/reconciliation/bad%20id/exceptions")).status == 404
+
+
 def snapshot(sequence: int) -> supervision_pb2.WatchFundsResponse:
     return supervision_pb2.WatchFundsResponse(
         sequence=sequence,

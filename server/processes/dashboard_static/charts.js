@@ -15,7 +15,7 @@ function svgElement(name, attributes, text) {
 function budgetBar(budget) {
   const width = 400, height = 18;
   const total = Math.max(budget.budget.fen, 1);
-  const spent = Math.max(budget.spent.fen - budget.refunded.fen, 0);
+  const spent = Math.max(budget.spent.fen, 0); // net of refunds already
   const reserved = Math.max(budget.reserved.fen, 0);
   const svg = svgElement("svg", { viewBox: `0 0 ${width} ${height}`, class: "bar", role: "img" });
   svg.append(svgElement("rect", { x: 0, y: 0, width, height, class: "bar-rest" }));
