@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 LISTEN_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
+# The longest ticket SLA period, in business days: server/domain/complaints.SLA_BUSINESS_DAYS_MAX
+# (settings import nothing of the server; tests/unit/test_complaints_rules.py checks they agree).
+TICKET_SLA_BUSINESS_DAYS_MAX = 30
 TRACING_ENDPOINT_PATTERN = re.compile(r"^https?://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 
 
@@ -71,6 +74,14 @@ class Config:
     programme_key: str = ""
     # Sweeper of qualifications past their validity (runs beside the hold sweeper).
     qualification_sweep_batch_size: int = 500
+    # The complaints desk (server/domain/complaints.py): first reply and resolution due within
+    # these many business days (Monday to Friday in report_timezone; 0 to 30), and at most
+    # ticket_daily_limit_per_consumer tickets a day from one consumer (per merchant:
+    # ticket_daily_limit_per_merchant), counted in PostgreSQL in the ticket's own transaction.
+    ticket_first_reply_business_days: int = 1
+    ticket_resolution_business_days: int = 5
+    ticket_daily_limit_per_consumer: int = 5
+    ticket_daily_limit_per_merchant: int = 50
     # Cross-provider exchange: this provider's id in exchange files, and the key shared with
     # the other providers that signs and verifies the daily files (at least 32 bytes).
     provider_id: str = "local"
@@ -163,6 +174,18 @@ class Config:
             raise ConfigError("SUBSIDY_LOCAL_DATA_KEY must differ from the shared programme and exchange keys")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.provider_id):
             raise ConfigError("SUBSIDY_PROVIDER_ID must be 1-64 characters of [A-Za-z0-9_.-]")
+        for variable, days in (
+            ("SUBSIDY_TICKET_FIRST_REPLY_BUSINESS_DAYS", self.ticket_first_reply_business_days),
+            ("SUBSIDY_TICKET_RESOLUTION_BUSINESS_DAYS", self.ticket_resolution_business_days),
+        ):
+            if not 0 <= days <= TICKET_SLA_BUSINESS_DAYS_MAX:
+                raise ConfigError(f"{variable} must be between 0 and {TICKET_SLA_BUSINESS_DAYS_MAX}, got {days}")
+        if self.ticket_first_reply_business_days > self.ticket_resolution_business_days:
+            raise ConfigError(
+                "SUBSIDY_TICKET_FIRST_REPLY_BUSINESS_DAYS must not exceed SUBSIDY_TICKET_RESOLUTION_BUSINESS_DAYS"
+            )
+        _positive("SUBSIDY_TICKET_DAILY_LIMIT_PER_CONSUMER", self.ticket_daily_limit_per_consumer, 1000)
+        _positive("SUBSIDY_TICKET_DAILY_LIMIT_PER_MERCHANT", self.ticket_daily_limit_per_merchant, 10_000)
         _positive("SUBSIDY_QUALIFICATION_SWEEP_BATCH_SIZE", self.qualification_sweep_batch_size, 10_000)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("SUBSIDY_TLS_CERT and SUBSIDY_TLS_KEY go together: set both or neither")

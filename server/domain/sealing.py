@@ -30,7 +30,9 @@ SEALED_PREFIX = "s1."
 SEALED_PATTERN = re.compile(r"s1\.[A-Za-z0-9_-]{40,200}")
 NONCE_BYTES = 12
 HKDF_INFO = b"subsidy-gateway local data key v1: masked personal data at rest"
-FIELDS = ("masked_id", "masked_phone")
+# A qualification's masks; a complaint ticket's contact phone (bound to the ticket id, passed
+# where a qualification passes its redemption code).
+FIELDS = ("masked_id", "masked_phone", "contact_phone")
 
 
 def at_rest_form(value: str) -> bool:

@@ -25,6 +25,8 @@ from subsidy_client.v1 import (
     campaign_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
+    complaints_pb2,
+    complaints_pb2_grpc,
     daily_report_pb2,
     daily_report_pb2_grpc,
     diagnostics_pb2,
@@ -42,6 +44,7 @@ from subsidy_client.v1 import (
 )
 
 from server.config import Config
+from server.domain.complaints import SlaPolicy
 from server.domain.daily_report import BusinessCalendar
 from server.processes.http import HttpEndpoint, serve_gateway_metrics
 from server.processes.sweeper import run_sweeper
@@ -51,6 +54,7 @@ from server.rpc.tls import CertificateReloader, ClientCertificatePolicy, bind, c
 from server.services.authorization import AuthorizationService
 from server.services.campaigns import CampaignService
 from server.services.catalog import CatalogService
+from server.services.complaints import ComplaintService, DailyLimits
 from server.services.daily_reports import DailyReportService
 from server.services.diagnostics import DiagnosticsService
 from server.services.exchange import ExchangeService
@@ -81,6 +85,7 @@ SERVICE_NAMES = (
     merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
     qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
     exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name,
+    complaints_pb2.DESCRIPTOR.services_by_name["ComplaintService"].full_name,
 )
 
 
@@ -209,6 +214,21 @@ async def create_server(config: Config) -> Application:
             QualificationService(store, config.programme_key, config.local_data_key), server
         )
         exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(ExchangeService(store, operator_pool), server)
+        complaints_pb2_grpc.add_ComplaintServiceServicer_to_server(
+            ComplaintService(
+                deps,
+                SlaPolicy(
+                    config.ticket_first_reply_business_days,
+                    config.ticket_resolution_business_days,
+                    config.report_timezone,
+                ),
+                DailyLimits(config.ticket_daily_limit_per_consumer, config.ticket_daily_limit_per_merchant),
+                config.programme_key,
+                config.local_data_key,
+                config.max_lines,
+            ),
+            server,
+        )
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
