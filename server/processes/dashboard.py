@@ -505,6 +505,7 @@ class Sessions:
     buffer: int
     clock: Callable[[], float] = time.monotonic
     _by_id: dict[str, Session] = field(default_factory=dict)
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -543,7 +544,9 @@ class Sessions:
     def _end(self, session: Session) -> None:
         session.ended = True
         self._by_id.pop(session.session_id, None)
-        asyncio.get_running_loop().create_task(session.relay.close())
+        closing = asyncio.get_running_loop().create_task(session.relay.close())
+        self._closing.add(closing)  # held until done: the loop keeps only weak references to tasks
+        closing.add_done_callback(self._closing.discard)
 
     def sweep(self) -> None:
         now = self.clock()
@@ -555,6 +558,7 @@ class Sessions:
             session.ended = True
             await session.relay.close()
         self._by_id.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 # --------------------------------------------------------------------------- the HTTP side
