@@ -9,24 +9,29 @@ exports parse back to the fen; roles.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import openpyxl
 import pytest
 import yaml
+from click.testing import CliRunner, Result
 from subsidy_client import RetryPolicy
 from subsidy_client.errors import InvalidArgument, NotFound, PermissionDenied
 from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.v1 import reconciliation_pb2 as pb
 
+from server.ctl import main as subsidyctl
 from server.domain.bill_matching import LedgerItem, mirror
 from server.domain.daily_report import BusinessCalendar, yuan
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
@@ -34,7 +39,7 @@ from server.domain.settlement_file import PAYMENT, REFUND, ChannelLine, standard
 from server.processes.app import Application
 from storage.devenv import Services
 from storage.postgres import daily_reports, reconciliation
-from tests.conftest import REFERENCE_FILE, Environment, isolated_environment, load_document, running_gateway
+from tests.conftest import REFERENCE_FILE, ROOT, Environment, isolated_environment, load_document, running_gateway
 
 CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
 OPERATOR, GOVERNMENT, AUDITOR = "op-auditor", "gov-recon", "aud-recon"
@@ -476,3 +481,62 @@ async def test_government_reads_but_does_not_import(world: World) -> None:
         with pytest.raises(PermissionDenied):
             await import_bytes(client, encode(numbered(mirrored(world.items))), business_date=world.day.isoformat())
     assert await count_rows(world, "reconciliation_runs") == before
+
+
+async def ctl(world: World, caller_id: str, *arguments: str) -> Result:
+    environment = {"SUBSIDYCTL_OPERATOR": caller_id, "SUBSIDYCTL_SECRET": world.credentials[caller_id]}
+    target = f"127.0.0.1:{world.gateway.port}"
+    return await asyncio.to_thread(
+        CliRunner().invoke, subsidyctl, ["--target", target, *arguments], env=environment, catch_exceptions=False
+    )
+
+
+async def test_subsidyctl_recon_commands(world: World, tmp_path: Path) -> None:
+    """`subsidyctl recon import|show|export`: the WeChat-style bill through the example mapping
+    (examples/reconciliation/wechat-style.yaml) imports clean (exit 0); a file with exceptions
+    is a finding (exit 1) shown as a table and as JSON; the export is written; a government
+    user cannot import (exit 1, PERMISSION_DENIED)."""
+    day = world.day.isoformat()
+    bill = tmp_path / "wechat.csv"
+    bill.write_bytes(wechat_bill(world.items))
+    mapping = str(ROOT / "examples" / "reconciliation" / "wechat-style.yaml")
+    clean = await ctl(
+        world, OPERATOR, "recon", "import", str(bill), "--channel", "cli-wechat", "--date", day, "--mapping", mapping
+    )
+    assert clean.exit_code == 0, clean.output
+    assert "imported: run" in clean.stdout
+
+    exceptions = tmp_path / "exceptions.csv"
+    exceptions.write_bytes(with_exceptions(world).file)
+    imported = await ctl(
+        world, OPERATOR, "--json", "recon", "import", str(exceptions), "--channel", "cli-std", "--date", day
+    )
+    assert imported.exit_code == 1, imported.output
+    run_id = json.loads(imported.stdout)["run"]["run_id"]
+    again = await ctl(world, OPERATOR, "recon", "import", str(exceptions), "--channel", "cli-std", "--date", day)
+    assert "already imported: nothing changed" in again.stdout
+
+    shown = await ctl(world, GOVERNMENT, "recon", "show", "--channel", "cli-std", "--date", day)
+    assert shown.exit_code == 1 and "AMOUNT_MISMATCH" in shown.stdout and "金额不符" in shown.stdout
+    assert "1.23" in shown.stdout  # the 123 fen difference, in yuan
+    as_json = await ctl(world, GOVERNMENT, "recon", "show", "--run", run_id, "--json")
+    document = json.loads(as_json.stdout)
+    assert document["run"]["run_id"] == run_id
+    assert sorted(line["status"] for line in document["lines"]) == sorted(
+        [
+            "RECONCILIATION_STATUS_AMOUNT_MISMATCH",
+            "RECONCILIATION_STATUS_MISSING_IN_LEDGER",
+            "RECONCILIATION_STATUS_MISSING_IN_CHANNEL",
+            "RECONCILIATION_STATUS_DUPLICATE_IN_FILE",
+        ]
+    )
+    listed = await ctl(world, GOVERNMENT, "recon", "show", "--json")
+    assert {item["channel"] for item in json.loads(listed.stdout)} >= {"cli-std", "cli-wechat"}
+
+    out = tmp_path / "exceptions.xlsx"
+    exported = await ctl(world, GOVERNMENT, "recon", "export", "--run", run_id, "--format", "xlsx", "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    assert openpyxl.load_workbook(out, read_only=True).sheetnames == ["异常明细", "说明"]
+
+    refused = await ctl(world, GOVERNMENT, "recon", "import", str(exceptions), "--channel", "cli-gov", "--date", day)
+    assert refused.exit_code == 1 and "PERMISSION_DENIED" in refused.output
