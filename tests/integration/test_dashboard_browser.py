@@ -1,8 +1,9 @@
 """The government dashboard in a real headless browser: Debian's Chromium driven by Selenium
 through chromium-driver, against a real gateway (PostgreSQL, Redis) and the dashboard process's
-server. Signs in with the government credential, sees the live budget of c-main/fridge move by
-exactly the subsidy of an Authorize + Capture the test makes, downloads a published report
-(checks its bytes: BOM and the Chinese header), switches to English, and saves screenshots.
+server. Turns an operator's credential away at the form, signs in with the government one,
+sees the live budget of c-main/fridge move by exactly the subsidy of an Authorize + Capture the
+test makes, downloads a published report (checks its bytes: BOM and the Chinese header), opens
+a reconciliation run's exceptions, switches to English, and saves screenshots.
 
 Chromium and chromium-driver come from Debian's packages (``apt-get install chromium
 chromium-driver``; .ci/run installs them on a fresh machine). Without them this test is skipped
@@ -32,7 +33,7 @@ from subsidy_client.v1 import authorization_pb2 as pb
 
 from storage.devenv import Services
 from tests.conftest import ROOT, consumer_key
-from tests.integration.dashboard_world import GOVERNMENT, DashboardWorld, dashboard_world
+from tests.integration.dashboard_world import GOVERNMENT, OPERATOR, DashboardWorld, dashboard_world
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -109,22 +110,33 @@ def driver(downloads: Path) -> Iterator[WebDriver]:
         browser.quit()
 
 
-def sign_in(browser: WebDriver, world: DashboardWorld) -> str:
-    """Signs in through the form; returns the spent amount of c-main/fridge the page shows."""
-
-    driver = browser
-    driver.get(world.url + "/")
+def submit_credential(driver: WebDriver, caller_id: str, secret: str) -> None:
     wait = WebDriverWait(driver, WAIT_S)
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "h1"), "政府监管登录"))
-    driver.find_element(By.ID, "caller-id").send_keys(GOVERNMENT)
-    driver.find_element(By.ID, "secret").send_keys(world.credentials[GOVERNMENT])
+    for field, value in (("caller-id", caller_id), ("secret", secret)):
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
     driver.find_element(By.ID, "login-submit").click()
+
+
+def sign_in(driver: WebDriver, world: DashboardWorld) -> str:
+    """The operator's credential is turned away at the form; the government's signs in. Returns
+    the spent amount of c-main/fridge the page then shows."""
+    driver.get(world.url + "/")
+    wait = WebDriverWait(driver, WAIT_S)
+    submit_credential(driver, OPERATOR, world.credentials[OPERATOR])
+    wait.until(ec.text_to_be_present_in_element_attribute((By.ID, "login-error"), "data-reason", "denied"))
+    assert "不是政府" in driver.find_element(By.ID, "login-error").text
+    assert not driver.get_cookies()
+    submit_credential(driver, GOVERNMENT, world.credentials[GOVERNMENT])
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "h1"), "以旧换新补贴资金监管"))
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, SPENT)))
     wait.until(ec.text_to_be_present_in_element((By.ID, "caller"), GOVERNMENT))
     wait.until(ec.text_to_be_present_in_element_attribute((By.ID, "live-status"), "data-state", "live"))
     for day in world.days:
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'[data-report="{day}"]')))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f'[data-reconciliation="{world.run_id}"]')))
     return str(driver.find_element(By.CSS_SELECTOR, SPENT).text)
 
 
@@ -152,6 +164,10 @@ def screenshots(browser: WebDriver, folder: Path) -> tuple[Path, Path]:
     """The page in Chinese, then (after the toggle) in English."""
 
     chinese, english = folder / "dashboard.png", folder / "dashboard-en.png"
+    browser.find_element(By.CSS_SELECTOR, "button[data-run]").click()
+    WebDriverWait(browser, WAIT_S).until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, '#exceptions tr[data-status$="AMOUNT_MISMATCH"]'))
+    )
     assert browser.save_screenshot(str(chinese))
     browser.find_element(By.ID, "lang-toggle").click()
     wait = WebDriverWait(browser, WAIT_S)
