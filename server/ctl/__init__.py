@@ -134,3 +134,8 @@ def alias(prog: str, group: str, argv: Sequence[str], *, json_output: bool = Tru
 from server.ctl import audit  # noqa: E402
 
 main.add_command(audit.audit)
+
+# The complaints desk (server/ctl/ticket.py).
+from server.ctl import ticket as ticket_commands  # noqa: E402
+
+main.add_command(ticket_commands.ticket)

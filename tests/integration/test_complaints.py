@@ -6,6 +6,8 @@ sealed at rest, masked for staff and revealed only by an audited action."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 import uuid
@@ -16,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 import yaml
+from click.testing import CliRunner, Result
 from google.protobuf.message import Message
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SignedClient
@@ -32,6 +35,7 @@ from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import complaints_pb2 as pb
 from subsidy_client.v1 import qualification_pb2 as qpb
 
+from server.ctl import main as subsidyctl
 from server.processes.app import Application
 from storage.devenv import Services
 from storage.postgres.audit import reconcile, verify
@@ -624,3 +628,61 @@ async def test_contact_is_sealed_masked_and_revealed_only_by_an_audited_action(
         await connection.close()
     logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
     assert PHONE not in logged and person not in logged
+
+
+async def ctl(world: World, caller_id: str, *arguments: str) -> Result:
+    environment = {"SUBSIDYCTL_OPERATOR": caller_id, "SUBSIDYCTL_SECRET": world.credentials[caller_id]}
+    return await asyncio.to_thread(
+        CliRunner().invoke,
+        subsidyctl,
+        ["--target", f"127.0.0.1:{world.gateway.port}", *arguments],
+        env=environment,
+        catch_exceptions=False,
+    )
+
+
+async def test_subsidyctl_ticket_commands(world: World) -> None:
+    """`subsidyctl ticket list|show|assign|start|reply|resolve --refund|reject|reveal|stats`:
+    tables with the contact masked, --json, the refund through the money path, a refused move
+    exit status 1 with its reason, and a government user limited to stats."""
+    person = id_number()
+    payment = await captured_payment(world, person)
+    opened = await world.call(
+        WALLET,
+        "OpenConsumerTicket",
+        consumer_ticket(person, pb.TicketLink(authorization_id=payment.authorization_id), phone=PHONE, text="未到账"),
+    )
+    ticket_id = opened.ticket.ticket_id
+    listed = await ctl(world, DESK, "ticket", "list", "--state", "open", "--limit", "500")
+    assert listed.exit_code == 0, listed.output
+    line = next(row for row in listed.output.splitlines() if ticket_id in row)
+    assert "138****5678" in line and "NOT_RECEIVED" in line and PHONE not in listed.output
+    as_json = await ctl(world, DESK, "ticket", "show", ticket_id, "--json")
+    assert json.loads(as_json.output)["ticket"]["ticket_id"] == ticket_id
+    for arguments in (("assign", ticket_id, DESK_2), ("start", ticket_id, "已受理"), ("reply", ticket_id, "核实中")):
+        result = await ctl(world, DESK, "ticket", *arguments)
+        assert result.exit_code == 0, (arguments, result.output)
+    resolved = await ctl(world, DESK, "--json", "ticket", "resolve", ticket_id, "已退款", "--refund", "fridge")
+    assert resolved.exit_code == 0, resolved.output
+    final = json.loads(resolved.output)["ticket"]
+    assert final["state"] == "TICKET_STATE_RESOLVED" and final["assignee"] == DESK_2
+    assert final["replies"][-1]["refunded_subsidy_fen"] == "60000"
+    again = await ctl(world, DESK, "ticket", "reject", ticket_id, "再拒绝")
+    assert again.exit_code == 1 and "INVALID_STATE" in again.output
+    shown = await ctl(world, DESK, "ticket", "show", ticket_id)
+    assert "已退款" in shown.output and "IN_PROGRESS -> RESOLVED" in shown.output
+    revealed = await ctl(world, DESK, "ticket", "reveal", ticket_id, "--purpose", "回电")
+    assert revealed.exit_code == 0 and PHONE in revealed.output
+    stats = await ctl(world, GOVERNMENT, "ticket", "stats", "--json")
+    assert stats.exit_code == 0 and len(json.loads(stats.output)["days"]) == 30
+    table = await ctl(world, GOVERNMENT, "ticket", "stats")
+    assert "OPENED" in table.output and "overdue_now" in table.output
+    refused = await ctl(world, GOVERNMENT, "ticket", "list")
+    assert refused.exit_code == 1 and "PERMISSION_DENIED" in refused.output
+    unreachable = await asyncio.to_thread(
+        CliRunner().invoke,
+        subsidyctl,
+        ["--target", "127.0.0.1:1", "ticket", "list"],
+        env={"SUBSIDYCTL_OPERATOR": DESK, "SUBSIDYCTL_SECRET": world.credentials[DESK]},
+    )
+    assert unreachable.exit_code == 3
