@@ -128,6 +128,32 @@ FUZZ_CAMPAIGNS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 REFERENCE: dict[str, Any] = yaml.safe_load(REFERENCE_FILE.read_text())
+# Region-bound redemption (issue 13): the fuzz terminals have no store, so every authorization
+# on this campaign is declined STORE_OUTSIDE_REGION, ranked right after the caller-level checks.
+FUZZ_CAMPAIGNS.append(
+    {
+        "id": "c-fuzz-bound",
+        "status": "ACTIVE",
+        "starts_at": "2020-01-01T00:00:00+08:00",
+        "ends_at": "2099-01-01T00:00:00+08:00",
+        "region": next(c["region"] for c in REFERENCE["campaigns"] if c["id"] == "c-qual"),
+        "redeem_in_region_only": True,
+        "rules": [
+            {"category": "fridge", "kind": "PERCENT", "rates_bp": {"1": 2000}, "cap_fen": 200_000,
+             "per_person_limit": 1, "budget_fen": 1_000_000},
+            {"category": "general", "kind": "FIXED", "threshold_fen": 1, "off_fen": 1, "per_person_limit": 2,
+             "budget_fen": 1_000},
+        ],
+    }
+)  # fmt: skip
+REGION_BOUND = {"c-fuzz-bound"}
+# What a region-bound campaign may answer a store-less terminal: the caller-level reasons that
+# rank before STORE_OUTSIDE_REGION, or it.
+BOUND_REASONS = {
+    apb.DECLINE_REASON_TERMINAL_INACTIVE,
+    apb.DECLINE_REASON_MERCHANT_INACTIVE,
+    apb.DECLINE_REASON_STORE_OUTSIDE_REGION,
+}
 CAMPAIGNS: dict[str, dict[str, Any]] = {c["id"]: c for c in [*REFERENCE["campaigns"], *FUZZ_CAMPAIGNS]}
 RULES: dict[str, dict[str, dict[str, Any]]] = {
     campaign_id: {rule["category"]: rule for rule in campaign["rules"]} for campaign_id, campaign in CAMPAIGNS.items()
@@ -513,7 +539,7 @@ sales = st.builds(
     AuthorizeOp,
     terminals,
     st.builds(Ident, st.just("uuid"), st.none(), spelling("uuid", plain_weight=95)),
-    campaigns(("c-main", "c-main", "c-main", "c-voucher", "c-fuzz-tiny", "c-fuzz-edge")),
+    campaigns(("c-main", "c-main", "c-main", "c-voucher", "c-fuzz-tiny", "c-fuzz-edge", "c-fuzz-bound")),
     st.builds(Ident, st.just("person"), st.integers(0, 4), spelling("consumer", 95)),
     weighted((97, st.just(apb.CHANNEL_POS)), (3, st.just(apb.CHANNEL_ONLINE))),
     st.lists(plausible_lines, min_size=1, max_size=3, unique_by=lambda line: line.line_id.key).map(tuple),
@@ -1662,6 +1688,14 @@ class World:
                 require(
                     outcome.response.decision == apb.DECISION_DECLINED,
                     f"Authorize approved for {caller}, which is suspended or no terminal",
+                    request,
+                )
+            if canon("campaign", request.campaign_id) in REGION_BOUND and caller in TERMINAL_MERCHANTS:
+                require(
+                    outcome.response.decision == apb.DECISION_DECLINED
+                    and outcome.response.decline_reason in BOUND_REASONS,
+                    "a region-bound campaign redeemed at a terminal without a store, or not for the store",
+                    outcome.label,
                     request,
                 )
             if outcome.response.decision == apb.DECISION_APPROVED:
