@@ -861,8 +861,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                 else:
                     await asyncio.wait_for(response.write(b": keepalive\n\n"), WRITE_TIMEOUT_S)
                     continue
+            if event is None and not session.ended:
+                break  # dropped, too far behind: the page's EventSource reconnects
             if event is None:
-                break  # dropped (too far behind) or the session ended: the page reconnects or logs in
+                event = ("ended", b'{"code":"SESSION_ENDED"}')  # signed out (maybe in another tab)
             name, data = event
             await asyncio.wait_for(
                 response.write(b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"), WRITE_TIMEOUT_S
