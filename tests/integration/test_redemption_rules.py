@@ -48,6 +48,7 @@ from server.ctl.campaign import campaigns_from_file
 from server.domain.merchants import licence_check_character
 from storage.devenv import Services
 from storage.postgres.audit import rebuild, reconcile
+from storage.postgres.qualifications import QualificationMirror, restore_qualifications
 from storage.postgres.writer import LedgerWriter, WriterConfig
 from tests.conftest import (
     Environment,
@@ -473,6 +474,39 @@ async def test_reconcile_knows_the_daily_counters_and_rebuild_restores_them(worl
     assert outcome(await pay(world.till("inside"), person, codes[2], HANGZHOU, 4_000)) == "APPROVED"
 
 
+async def test_an_expired_hold_gives_its_daily_slot_back(world: World) -> None:
+    """A hold the sweeper expires (a gateway whose holds last 1 s) gives its slot back like a
+    void: after two payments at the limit, the third is declined until one of them expires."""
+    campaign = voucher_campaign("c-two-a-day", per_merchant_daily_limit=2)
+    campaign.rules[0].per_person_limit = 3
+    await create(world.operator, campaign)
+    person = id_number()
+    codes = [await voucher(world, person, "c-two-a-day") for _ in range(3)]
+    terminal_id, secret, _ = world.tills["inside"]
+    async with (
+        running_gateway(world.env.config(hold_ttl_s=1, sweep_interval_ms=50)) as short,
+        AuthorizationClient(f"127.0.0.1:{short.port}", terminal_id, secret, retry=RetryPolicy(max_attempts=1)) as till,
+    ):
+        lapsing = await pay(till, person, codes[0], "c-two-a-day", 3_000)
+        assert outcome(lapsing) == "APPROVED"
+        kept = await pay(world.till("inside"), person, codes[1], "c-two-a-day", 3_000)
+        assert outcome(kept) == "APPROVED"
+        await world.till("inside").capture(kept.authorization_id)
+        assert outcome(await pay(world.till("inside"), person, codes[2], "c-two-a-day", 3_000)) == (
+            "MERCHANT_DAILY_LIMIT_REACHED"
+        )
+        for _ in range(200):
+            if (
+                await world.till("inside").get_authorization(lapsing.authorization_id)
+            ).state == apb.AUTHORIZATION_STATE_EXPIRED:
+                break
+            await asyncio.sleep(0.05)
+        assert (
+            await world.till("inside").get_authorization(lapsing.authorization_id)
+        ).state == apb.AUTHORIZATION_STATE_EXPIRED
+    assert outcome(await pay(world.till("inside"), person, codes[2], "c-two-a-day", 3_000)) == "APPROVED"
+
+
 # --- 4. Claim once per round -----------------------------------------------------------------
 
 
@@ -489,6 +523,20 @@ async def test_a_cancelled_voucher_goes_back_to_the_pool_not_to_its_holder(world
     await world.wallet.cancel(code)
     assert decision(await claim(world, person, "c-once")) == "ALREADY_CLAIMED_THIS_ROUND"
     assert decision(await claim(world, other, "c-once")) == "ISSUED"  # the quota went back
+    # After a Redis loss the count of what was ever issued comes back from the mirror.
+    env = world.env
+    mirror = QualificationMirror(world.redis, env.keys, env.pg_dsn)
+    await mirror.drain()
+    holder = env.keys.qualification_holder("c-once", consumer_key_of(person))
+    assert await world.redis.hgetall(holder) == {b"general": b"0", b"general:issued": b"1"}
+    await world.redis.delete(holder)
+    connection = await asyncpg.connect(env.pg_dsn, timeout=10)
+    try:
+        await restore_qualifications(connection, world.redis, env.keys)
+    finally:
+        await connection.close()
+    assert await world.redis.hgetall(holder) == {b"general:issued": b"1"}
+    assert decision(await claim(world, person, "c-once")) == "ALREADY_CLAIMED_THIS_ROUND"
     reclaimer = id_number()
     await world.wallet.cancel(await voucher(world, reclaimer, "c-qual"))
     assert decision(await claim(world, reclaimer, "c-qual")) == "ISSUED"
