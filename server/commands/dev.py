@@ -51,6 +51,7 @@ from server.commands.common import (
     record_services,
     run_command,
 )
+from server.commands.recon_demo import seed_demo_reconciliation
 from server.commands.reference import load
 from server.commands.report_demo import seed_demo_day
 from server.config import Config, ConfigError
@@ -257,6 +258,8 @@ def serve(services: Services) -> int:
     asyncio.run(load(config, DEMO_FILE, credentials))
     if demo_day := asyncio.run(seed_demo_day(config)):  # the daily reports' demo (server/commands/report_demo.py)
         _say(f"daily reports: a simulated demo day {demo_day}; the writer publishes it (subsidyctl report list)")
+    if reconciled := asyncio.run(seed_demo_reconciliation(config, DATA_DIR)):  # server/commands/recon_demo.py
+        _say(f"bill reconciliation: a settlement file for {reconciled[0]} with 4 exceptions (subsidyctl recon show)")
     warn_if_not_durable(services.redis_url)
     writer = subprocess.Popen([sys.executable, "-m", "server.ledger", "writer"], env=os.environ.copy())
     _say(
