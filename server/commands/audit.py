@@ -43,6 +43,7 @@ from storage.postgres.ledger import to_ms
 
 FORMAT_VERSION = 1
 ENTRIES, EVENTS, ACTIONS = "ledger_entries.jsonl", "ledger_events.jsonl", "operator_actions.jsonl"
+RECONCILIATION_FILES = {"runs": "reconciliation_runs.jsonl", "lines": "reconciliation_lines.jsonl"}
 REPORT_FILES = {
     "daily_reports": "daily_reports.jsonl",
     "daily_report_budgets": "daily_report_budgets.jsonl",
@@ -59,7 +60,8 @@ Verify it with any Python 3.11 or later, nothing else installed:
 It prints "OK: ..." or the first break ("BREAK: ..."), and says at its top what it checks:
 every file's SHA-256 (manifest.json), each campaign's hash chain recomputed entry by entry
 from the hash before the first exported entry, that each event's entries post what its payload
-says (debits = credits), the totals per day, and the published daily reports' chain heads.
+says (debits = credits), the totals per day, the published daily reports' chain heads, and
+that each bill reconciliation run's counts and net subsidy add up from its result lines.
 
 Then compare the chain heads in manifest.json ("chains": last_seq, last_hash) with heads you
 hold independently (a published daily report's chain_heads, or the live ledger).
@@ -69,6 +71,8 @@ Files (JSON Lines, one object per line, amounts in integer fen):
   {events}   the events (authorizations, captures, voids, expiries, refunds)
   {actions}  operator actions: who changed which rule, budget or merchant, when
   daily_report*.jsonl  the published T+1 daily reports of these days (when published)
+  reconciliation_*.jsonl  bill reconciliation runs of these days (superseded ones too) and
+                          their result lines (status, fen difference), when there are any
 """
 
 Progress = Callable[[str], None]
@@ -229,6 +233,20 @@ async def _write_files(
                 "budgets": REPORT_FILES["daily_report_budgets"],
                 "rows": REPORT_FILES["daily_report_rows"],
             }
+        reconciliation: dict[str, str] | None = None
+        if await audit_archive.has_reconciliation(connection):
+            progress("writing the bill reconciliation runs")
+            for key, rows in (
+                ("runs", audit_archive.reconciliation_runs(connection, first, last)),
+                ("lines", audit_archive.reconciliation_lines(connection, first, last)),
+            ):
+                name = RECONCILIATION_FILES[key]
+                writer = _Writer(directory, name)
+                try:
+                    await _drain(rows, writer, progress, name)
+                finally:
+                    files[name] = writer.close()
+            reconciliation = dict(RECONCILIATION_FILES)
     _static_files(directory, first, last, calendar, files)
     manifest = {
         "format": "subsidy-audit-archive",
@@ -256,7 +274,13 @@ async def _write_files(
             for chain in chains
         },
         "totals": totals,
-        "layout": {"entries": ENTRIES, "events": EVENTS, "operator_actions": ACTIONS, "daily_reports": reports},
+        "layout": {
+            "entries": ENTRIES,
+            "events": EVENTS,
+            "operator_actions": ACTIONS,
+            "daily_reports": reports,
+            "reconciliation": reconciliation,
+        },
         "files": files,
     }
     _write_manifest(directory, manifest)

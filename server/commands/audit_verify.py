@@ -26,7 +26,12 @@ Prints ``OK: ...`` and each chain's head (to compare with heads held independent
 5. daily reports, when the archive has them: each report's recorded chain head, where it falls
    in the exported range, is that entry's hash; each budget line's spent balance (opening +
    captured - refunded = closing) and held balance (opening + held - captured - released =
-   closing) tie out.
+   closing) tie out;
+6. bill reconciliation, when the archive has it: each result line's difference is what its
+   status says (paired: channel - ledger; in the file only: the channel's amount; in the
+   ledger only: minus the ledger's), a paired line's ledger amount is its event's when the
+   event is in the archive, and each run's counts per status (lines, sum of differences) and
+   its channel and ledger net subsidy (payments minus refunds) add up from its lines.
 
 The chain heads themselves are the anchor: compare the manifest's ``chains`` (``last_seq``,
 ``last_hash``) with a head obtained independently (a published daily report's ``chain_heads``,
@@ -319,6 +324,59 @@ def check_reports(archive: Archive, manifest: dict[str, Any], entries: list[dict
     return reports
 
 
+def _line_break(names: dict[str, str], number: int, line: dict[str, Any], what: str) -> Break:
+    return Break(f"reconciliation run {line.get('run_id')} ({names['lines']} line {number}): {what}")
+
+
+def check_reconciliation(archive: Archive, manifest: dict[str, Any], events: dict[str, dict[str, Any]]) -> int:
+    names = manifest["layout"].get("reconciliation")
+    if not names:
+        return 0
+    sums: dict[str, dict[str, Any]] = {}
+    for number, line in archive.lines(names["lines"]):
+        status = line["status"]
+        channel, ledger = line["channel_subsidy_fen"], line["ledger_subsidy_fen"]
+        expected = {
+            "MATCHED": channel - ledger,
+            "AMOUNT_MISMATCH": channel - ledger,
+            "MISSING_IN_LEDGER": channel,
+            "DUPLICATE_IN_FILE": channel,
+            "MISSING_IN_CHANNEL": -ledger,
+            "BAD_LINE": 0,
+        }.get(status)
+        if expected is None:
+            raise _line_break(names, number, line, f"unknown status {status!r}")
+        if line["difference_fen"] != expected or (status == "MATCHED" and expected != 0):
+            raise _line_break(names, number, line, f"difference {line['difference_fen']} fen is not what {status} says")
+        event = events.get(line["ledger_event_id"]) if line["ledger_event_id"] else None
+        if event is not None and status in ("MATCHED", "AMOUNT_MISMATCH", "MISSING_IN_CHANNEL"):
+            if event["row"]["amount_fen"] != ledger:
+                raise _line_break(
+                    names, number, line, f"ledger amount {ledger} fen, its event says {event['row']['amount_fen']}"
+                )
+        run = sums.setdefault(line["run_id"], {"counts": {}, "channel": 0, "ledger": 0})
+        count = run["counts"].setdefault(status, [0, 0])
+        count[0] += 1
+        count[1] += line["difference_fen"]
+        sign = -1 if line["kind"] == "REFUND" else 1
+        if status in ("MATCHED", "AMOUNT_MISMATCH", "MISSING_IN_LEDGER"):
+            run["channel"] += sign * channel
+        if status in ("MATCHED", "AMOUNT_MISMATCH", "MISSING_IN_CHANNEL"):
+            run["ledger"] += sign * ledger
+    runs = 0
+    for number, run in archive.lines(names["runs"]):
+        runs += 1
+        found = sums.pop(run["run_id"], {"counts": {}, "channel": 0, "ledger": 0})
+        where = f"reconciliation run {run['run_id']} ({names['runs']} line {number})"
+        if found["counts"] != run["counts"]:
+            raise Break(f"{where}: its counts are not those of its lines")
+        if (found["channel"], found["ledger"]) != (run["channel_net_subsidy_fen"], run["ledger_net_subsidy_fen"]):
+            raise Break(f"{where}: its net subsidy is not that of its lines")
+    if sums:
+        raise Break(f"{names['lines']}: lines of a run not in {names['runs']}: {sorted(sums)[0]}")
+    return runs
+
+
 def verify(path: Path) -> str:
     """Returns the OK line; raises Break at the first break."""
     archive = Archive(path)
@@ -335,6 +393,7 @@ def verify(path: Path) -> str:
     check_events(events)
     check_totals(manifest, entries)
     reports = check_reports(archive, manifest, entries)
+    runs = check_reconciliation(archive, manifest, events)
     debits = sum(entry["debit_fen"] for entry in entries)
     heads = [
         f"  chain {campaign}: entries {chain['first_seq']}..{chain['last_seq']}, head {chain['last_hash']}"
@@ -344,7 +403,8 @@ def verify(path: Path) -> str:
         [
             f"OK: {manifest['from']}..{manifest['to']}: {len(manifest['files'])} files, {len(manifest['chains'])}"
             f" chains, {len(entries)} entries, {len(events)} events, debits = credits = {debits} fen,"
-            f" {reports} daily reports; compare these heads with ones held independently:",
+            f" {reports} daily reports, {runs} reconciliation runs; compare these heads with ones held"
+            " independently:",
             *heads,
         ]
     )

@@ -11,6 +11,7 @@ day totals), with the hash before the run (``prev_hash``) and the hash at its en
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -177,6 +178,37 @@ async def report_rows(
         yield _plain(row, ("chain_heads",))
 
 
+async def has_reconciliation(connection: asyncpg.Connection) -> bool:
+    return bool(await connection.fetchval("SELECT to_regclass('reconciliation_runs') IS NOT NULL"))
+
+
+async def reconciliation_runs(connection: asyncpg.Connection, first: date, last: date) -> AsyncIterator[dict[str, Any]]:
+    """Every bill reconciliation run of the business days [first, last], superseded ones too."""
+    async for row in connection.cursor(
+        "SELECT * FROM reconciliation_runs WHERE business_date BETWEEN $1 AND $2"
+        " ORDER BY business_date, channel, imported_at, run_id",
+        first,
+        last,
+        prefetch=1000,
+    ):
+        yield _plain(row, ("mapping", "counts"))
+
+
+async def reconciliation_lines(
+    connection: asyncpg.Connection, first: date, last: date
+) -> AsyncIterator[dict[str, Any]]:
+    """Those runs' result lines, run by run in position order."""
+    async for row in connection.cursor(
+        "SELECT line.* FROM reconciliation_lines AS line JOIN reconciliation_runs AS run USING (run_id)"
+        " WHERE run.business_date BETWEEN $1 AND $2"
+        " ORDER BY run.business_date, run.channel, run.imported_at, run.run_id, line.position",
+        first,
+        last,
+        prefetch=5000,
+    ):
+        yield _plain(row, ())
+
+
 def _plain(row: asyncpg.Record, json_columns: Sequence[str]) -> dict[str, Any]:
     """A row as JSON values: instants and dates as ISO-8601, jsonb columns parsed."""
     plain: dict[str, Any] = {}
@@ -185,6 +217,8 @@ def _plain(row: asyncpg.Record, json_columns: Sequence[str]) -> dict[str, Any]:
             plain[name] = orjson.loads(value)
         elif isinstance(value, datetime | date):
             plain[name] = value.isoformat()
+        elif isinstance(value, uuid.UUID):
+            plain[name] = str(value)
         else:
             plain[name] = value
     return plain
