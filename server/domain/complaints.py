@@ -12,12 +12,14 @@ Pure functions and frozen values: no I/O, no gRPC.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from server.domain.errors import InvalidField
+from server.domain.identity import check_digit
 
 NOT_RECEIVED, WRONGLY_DECLINED, REFUND, MERCHANT_CONDUCT, OTHER = (
     "NOT_RECEIVED",
@@ -52,6 +54,12 @@ SLA_BUSINESS_DAYS_MAX = 30
 ALLOWED_CONTROLS = frozenset("\n\t")
 REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Cn"})
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Personal numbers typed into the text would be stored in clear beside the consumer key, which is
+# exactly what the programme never keeps (docs/privacy.md): a resident ID number (its check
+# character right) or a mainland mobile number in the text is refused, and the refusal says
+# where the number belongs (nowhere; contact_phone) without repeating it.
+ID_NUMBER_IN_TEXT = re.compile(r"(?<![0-9])[1-9][0-9]{16}[0-9X](?![0-9])", re.IGNORECASE)
+PHONE_IN_TEXT = re.compile(r"(?<![0-9])1[3-9][0-9]{9}(?![0-9])")
 
 
 class InvalidTransition(Exception):
@@ -93,7 +101,21 @@ def canonical_text(value: str, field: str, chars_max: int = TEXT_CHARS_MAX) -> s
             raise InvalidField(
                 field, f"contains a control or unassigned character U+{ord(character):04X} at {position}"
             )
+    check_no_personal_numbers(text, field)
     return text
+
+
+def check_no_personal_numbers(text: str, field: str) -> None:
+    """Refuses a resident ID number (its check character right) or a mobile number in ``text``."""
+    for found in ID_NUMBER_IN_TEXT.finditer(text):
+        number = found.group().upper()
+        if check_digit(number[:17]) == number[17]:
+            raise InvalidField(field, f"contains a resident ID number at {found.start()}; it must not be written here")
+    found_phone = PHONE_IN_TEXT.search(text)
+    if found_phone is not None:
+        raise InvalidField(
+            field, f"contains a mobile number at {found_phone.start()}; send it as contact_phone, which is kept sealed"
+        )
 
 
 @dataclass(frozen=True)

@@ -333,6 +333,13 @@ def bad_requests(
         ("2,001 characters", consumer_ticket(person, link, text="投" * 2001), InvalidArgument, "text"),
         ("a control character", consumer_ticket(person, link, text="退款\x1b[31m"), InvalidArgument, "text"),
         ("a bidi override", consumer_ticket(person, link, text="abc\u202edef"), InvalidArgument, "text"),
+        (
+            "the ID number in the text",
+            consumer_ticket(person, link, text=f"身份证 {person} 请核实"),
+            InvalidArgument,
+            "text",
+        ),
+        ("a mobile number in the text", consumer_ticket(person, link, text=f"请回电 {PHONE}"), InvalidArgument, "text"),
         ("no category", consumer_ticket(person, link, category=0), InvalidArgument, "category"),
         ("unknown category", consumer_ticket(person, link, category=99), InvalidArgument, "category"),
         ("no link", consumer_ticket(person, pb.TicketLink()), InvalidArgument, "link"),
@@ -502,6 +509,33 @@ async def test_daily_limit_per_consumer(world: World) -> None:
     replay = await world.call(WALLET, "OpenConsumerTicket", requests[0])
     assert replay.replayed
     await world.call(WALLET, "OpenConsumerTicket", consumer_ticket(id_number(), link))
+
+
+async def test_daily_limit_holds_when_calls_race(world: World) -> None:
+    """Twelve openings for one consumer at once, through two apps, against a limit of three:
+    exactly three tickets exist afterwards, and every other call is RATE_LIMITED (the count and
+    the insert share a transaction under the consumer's advisory lock)."""
+    person = id_number()
+    link = pb.TicketLink(merchant_id="m-main")
+    results = await asyncio.gather(
+        *(
+            world.call(WALLET if index % 2 else BANK, "OpenConsumerTicket", consumer_ticket(person, link))
+            for index in range(12)
+        ),
+        return_exceptions=True,
+    )
+    opened = [result for result in results if isinstance(result, pb.OpenConsumerTicketResponse)]
+    refused = [result for result in results if isinstance(result, SubsidyError)]
+    assert len(opened) == DAILY_LIMIT and len(refused) == 12 - DAILY_LIMIT, results
+    assert {error.reason for error in refused} == {"RATE_LIMITED"}
+    connection = await asyncpg.connect(world.env.pg_dsn)
+    try:
+        stored = await connection.fetchval(
+            "SELECT count(*) FROM tickets WHERE consumer_key = $1", consumer_key_of(person)
+        )
+    finally:
+        await connection.close()
+    assert stored == DAILY_LIMIT
 
 
 ROLES = (OPERATOR, GOVERNMENT, AUDITOR, TERMINAL, WALLET, PROVIDER)

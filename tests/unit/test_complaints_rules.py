@@ -23,6 +23,7 @@ from server.domain.complaints import (
     sla_status,
 )
 from server.domain.errors import InvalidField
+from server.domain.identity import check_digit
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -175,3 +176,18 @@ def test_config_bounds_agree_with_the_rules() -> None:
             Config(ticket_first_reply_business_days=first, ticket_resolution_business_days=resolution)
     with pytest.raises(ConfigError, match="SUBSIDY_TICKET_DAILY_LIMIT_PER_CONSUMER"):
         Config(ticket_daily_limit_per_consumer=0)
+
+
+def test_personal_numbers_in_text_are_refused_without_being_repeated() -> None:
+    """A resident ID number (check character right, full-width digits folded by NFKC first) or a
+    mobile number in the text is refused; the reason gives the position, never the number. An
+    order number of 18 digits whose check character is wrong, and shorter numbers, are text."""
+    first = "33010919900101123"
+    number = first + check_digit(first)
+    wrong = first + ("0" if number[-1] != "0" else "1")
+    for text in (f"我的身份证 {number}", "电话１３８１２３４５６７８请回电", f"x{number.lower()}y"):
+        with pytest.raises(InvalidField) as raised:
+            canonical_text(text, "text")
+        assert number not in raised.value.reason and "13812345678" not in raised.value.reason
+    assert canonical_text(f"订单号 {wrong}", "text") == f"订单号 {wrong}"
+    assert canonical_text("金额 1380 元, 编号 123456789012", "text") == "金额 1380 元, 编号 123456789012"
