@@ -6,6 +6,7 @@ server before it binds, with a message naming the variable.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import zoneinfo
@@ -122,6 +123,20 @@ class Config:
     dashboard_session_max_s: int = 28_800
     dashboard_max_sessions: int = 200
     dashboard_sse_buffer: int = 8
+    # Live fund supervision (server/services/supervision.py, README "Live supervision"): the
+    # per-process poller reads every budget each supervision_poll_ms while anyone watches; a
+    # watcher more than supervision_queue_size snapshots behind is dropped. A budget alert is
+    # raised once per threshold reached (alert_thresholds: whole percents, increasing); a
+    # merchant surges when its captures in the last hour number at least surge_min_sales and
+    # exceed surge_factor times its hourly average over the surge_baseline_hours before,
+    # checked every surge_check_interval_s.
+    supervision_poll_ms: int = 1000
+    supervision_queue_size: int = 8
+    alert_thresholds: str = "80,90,100"
+    surge_factor: float = 5.0
+    surge_min_sales: int = 20
+    surge_baseline_hours: int = 168
+    surge_check_interval_s: int = 60
 
     def __post_init__(self) -> None:
         if not LISTEN_PATTERN.match(self.listen):
@@ -214,6 +229,35 @@ class Config:
             raise ConfigError("SUBSIDY_DASHBOARD_SESSION_IDLE_S must not exceed SUBSIDY_DASHBOARD_SESSION_MAX_S")
         _positive("SUBSIDY_DASHBOARD_MAX_SESSIONS", self.dashboard_max_sessions, 100_000)
         _positive("SUBSIDY_DASHBOARD_SSE_BUFFER", self.dashboard_sse_buffer, 1000)
+        if not 100 <= self.supervision_poll_ms <= 60_000:
+            raise ConfigError(
+                f"SUBSIDY_SUPERVISION_POLL_MS must be between 100 and 60000, got {self.supervision_poll_ms}"
+            )
+        _positive("SUBSIDY_SUPERVISION_QUEUE_SIZE", self.supervision_queue_size, 1000)
+        self.alert_threshold_percents  # noqa: B018 (validates SUBSIDY_ALERT_THRESHOLDS)
+        if not 1.0 < self.surge_factor <= 1000.0:
+            raise ConfigError(f"SUBSIDY_SURGE_FACTOR must be above 1 and at most 1000, got {self.surge_factor}")
+        _positive("SUBSIDY_SURGE_MIN_SALES", self.surge_min_sales, 1_000_000)
+        _positive("SUBSIDY_SURGE_BASELINE_HOURS", self.surge_baseline_hours, 90 * 24)
+        _positive("SUBSIDY_SURGE_CHECK_INTERVAL_S", self.surge_check_interval_s, 86_400)
+
+    @property
+    def alert_threshold_percents(self) -> tuple[int, ...]:
+        """SUBSIDY_ALERT_THRESHOLDS as percents: 1 to 10 whole numbers from 1 to 100, strictly
+        increasing (``80,90,100``)."""
+        parts = [part.strip() for part in self.alert_thresholds.split(",")]
+        if not 1 <= len(parts) <= 10 or not all(part.isascii() and part.isdigit() for part in parts):
+            raise ConfigError(
+                "SUBSIDY_ALERT_THRESHOLDS must list 1 to 10 whole percentages, e.g. 80,90,100;"
+                f" got {self.alert_thresholds!r}"
+            )
+        values = tuple(int(part) for part in parts)
+        if not all(1 <= value <= 100 for value in values) or any(b <= a for a, b in itertools.pairwise(values)):
+            raise ConfigError(
+                "SUBSIDY_ALERT_THRESHOLDS must be strictly increasing percentages from 1 to 100;"
+                f" got {self.alert_thresholds!r}"
+            )
+        return values
 
     @property
     def port(self) -> int:

@@ -41,11 +41,14 @@ from subsidy_client.v1 import (
     reconciliation_pb2_grpc,
     reporting_pb2,
     reporting_pb2_grpc,
+    supervision_pb2,
+    supervision_pb2_grpc,
 )
 
 from server.config import Config
 from server.domain.complaints import SlaPolicy
 from server.domain.daily_report import BusinessCalendar
+from server.domain.supervision import SurgeRule
 from server.processes.http import HttpEndpoint, serve_gateway_metrics
 from server.processes.sweeper import run_sweeper
 from server.rpc.auth import AuthInterceptor
@@ -63,6 +66,7 @@ from server.services.operations import OperatorDeps
 from server.services.qualification import QualificationService
 from server.services.reconciliation import ReconciliationService
 from server.services.reporting import ReportingService
+from server.services.supervision import FundsPoller, SupervisionService, SupervisionSettings
 from storage.postgres.pool import LazyPool
 from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
@@ -86,6 +90,7 @@ SERVICE_NAMES = (
     qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
     exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name,
     complaints_pb2.DESCRIPTOR.services_by_name["ComplaintService"].full_name,
+    supervision_pb2.DESCRIPTOR.services_by_name["SupervisionService"].full_name,
 )
 
 
@@ -106,6 +111,8 @@ class Application:
     metrics: HttpEndpoint | None = None
     # The spans of SUBSIDY_TRACING (None when off: server/processes/tracing.py is not imported).
     spans: CallSpans | None = None
+    # The live supervision poller (runs only while WatchFunds streams are open).
+    poller: FundsPoller | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -126,6 +133,8 @@ class Application:
         if self.metrics is not None:
             self.metrics.close()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.poller is not None:
+            await self.poller.stop()
         await self.operator_pool.close()
         await self.redis.aclose()
         if self.spans is not None:
@@ -229,6 +238,23 @@ async def create_server(config: Config) -> Application:
             ),
             server,
         )
+        poller = FundsPoller(
+            store,
+            operator_pool,
+            BusinessCalendar(config.report_timezone, config.report_cutoff),
+            SupervisionSettings(
+                poll_interval_ms=config.supervision_poll_ms,
+                queue_size=config.supervision_queue_size,
+                thresholds=config.alert_threshold_percents,
+                surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
+                surge_check_interval_s=config.surge_check_interval_s,
+                raised_by=config.redis_client_name,
+            ),
+        )
+        supervision_pb2_grpc.add_SupervisionServiceServicer_to_server(
+            SupervisionService(poller, operator_pool, BusinessCalendar(config.report_timezone, config.report_cutoff)),
+            server,
+        )
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
@@ -251,6 +277,7 @@ async def create_server(config: Config) -> Application:
         mtls_port=listeners.mtls_port,
         certificates=listeners.reloader,
         spans=spans,
+        poller=poller,
     )
     application.tasks.append(asyncio.create_task(run_sweeper(store, config, application.stopping)))
     application.tasks.append(

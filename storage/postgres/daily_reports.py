@@ -557,3 +557,19 @@ async def write_simulated(
         await write_batch(connection, pending)
         written += len(pending)
     return written
+
+
+async def day_so_far(connection: asyncpg.Connection, calendar: BusinessCalendar, day: date) -> list[ReportRow]:
+    """The day's report rows as far as the ledger holds them now (live supervision's figures of
+    today): the same ROWS cut as a published report, over every entry of the day written so far
+    (high watermark the chain heads; low the same, so there are no adjustment rows). Not
+    published, not hashed; a day's rows are one per campaign x category x merchant, so few."""
+    start, end = calendar.bounds(day)
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        heads = await connection.fetch(
+            'SELECT campaign_id, last_seq FROM ledger_chain_heads ORDER BY campaign_id COLLATE "C"'
+        )
+        campaigns = [row["campaign_id"] for row in heads]
+        seqs = [int(row["last_seq"]) for row in heads]
+        records = await connection.fetch(ROWS, start, end, campaigns, seqs, seqs, calendar.timezone)
+    return [_row(record) for record in records]

@@ -263,10 +263,7 @@ def other_methods() -> list[tuple[str, Any]]:
         if name.endswith(("DailyReportService", "ReconciliationService", "DiagnosticsService", "SupervisionService")):
             continue
         for method in pool.FindServiceByName(name).methods:
-            # The complaints desk's counts are for government users too (test_complaints.py,
-            # every method against every kind of caller).
-            if f"/{name}/{method.name}" != "/subsidy.v1.ComplaintService/GetTicketCounts":
-                methods.append((f"/{name}/{method.name}", method))
+            methods.append((f"/{name}/{method.name}", method))
     return methods
 
 
