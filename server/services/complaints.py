@@ -517,6 +517,8 @@ class ComplaintService(complaints_pb2_grpc.ComplaintServiceServicer):
             line_ids,
         )
         if isinstance(reply, Failure):
+            if reply.error == "LINE_NOT_FOUND":
+                raise invalid_field("refund_line_ids", f"line {reply.line_id} is not part of the linked authorization")
             raise_script_error(reply)
         log.info(
             "ticket refund",

@@ -323,6 +323,64 @@ async def test_retries_answer_the_first_result_and_act_once(world: World) -> Non
     assert after.refunded_subsidy_fen == 100_000
 
 
+async def test_a_refused_refund_leaves_the_ticket_and_the_money_as_they_were(world: World) -> None:
+    """Refund lines on a ticket about a merchant, with REJECTED, naming a line the payment does
+    not have, or on a payment not captured yet: each refused precisely; the ticket keeps its
+    state and replies, no operator action is recorded, and the payment is unchanged."""
+    person = id_number()
+    about_merchant = await world.call(
+        WALLET, "OpenConsumerTicket", consumer_ticket(person, pb.TicketLink(merchant_id="m-main"))
+    )
+    async with world.terminal() as till:
+        pending = await till.authorize(
+            campaign_id="c-main", consumer_key=consumer_key_of(person), lines=[Line("washer", WASHER, 200_000)]
+        )
+    about_payment = await world.call(
+        WALLET, "OpenConsumerTicket", consumer_ticket(person, pb.TicketLink(authorization_id=pending.authorization_id))
+    )
+    before = await written(world)
+    cases: list[tuple[pb.TransitionTicketRequest, type[SubsidyError], str]] = [
+        (
+            transition(about_merchant.ticket.ticket_id, pb.TICKET_STATE_RESOLVED, "退款", ("washer",)),
+            InvalidArgument,
+            "refund_line_ids",
+        ),
+        (
+            transition(about_payment.ticket.ticket_id, pb.TICKET_STATE_REJECTED, "拒绝", ("washer",)),
+            InvalidArgument,
+            "refund_line_ids",
+        ),
+        (
+            transition(about_payment.ticket.ticket_id, pb.TICKET_STATE_RESOLVED, "退款", ("nope",)),
+            FailedPrecondition,  # still PENDING: the script refuses before it looks at the lines
+            "INVALID_STATE",
+        ),
+        (
+            transition(about_payment.ticket.ticket_id, pb.TICKET_STATE_OPEN, "重开"),
+            InvalidArgument,
+            "to_state",
+        ),
+    ]
+    for request, error, detail in cases:
+        with pytest.raises(error) as raised:
+            await world.call(DESK, "TransitionTicket", request)
+        assert detail in (raised.value.metadata.get("field"), raised.value.reason), raised.value
+    assert await written(world) == before
+    async with world.terminal() as till:
+        await till.capture(pending.authorization_id)
+        with pytest.raises(InvalidArgument) as unknown_line:
+            await world.call(
+                DESK,
+                "TransitionTicket",
+                transition(about_payment.ticket.ticket_id, pb.TICKET_STATE_RESOLVED, "退款", ("nope",)),
+            )
+        assert unknown_line.value.metadata["field"] == "refund_line_ids"
+        assert (await till.get_authorization(pending.authorization_id)).state == apb.AUTHORIZATION_STATE_CAPTURED
+    assert await written(world) == before
+    read = await world.call(DESK, "GetTicket", pb.GetTicketRequest(ticket_id=about_payment.ticket.ticket_id))
+    assert read.ticket.state == pb.TICKET_STATE_OPEN and list(read.ticket.replies) == []
+
+
 def bad_requests(
     person: str, others_payment: str, others_code: str
 ) -> list[tuple[str, pb.OpenConsumerTicketRequest, type[SubsidyError], str]]:
