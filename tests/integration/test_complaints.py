@@ -20,6 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from google.protobuf.message import Message
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SignedClient
 from subsidy_client.errors import (
@@ -556,6 +557,7 @@ async def test_daily_limit_per_consumer(world: World) -> None:
     person = id_number()
     link = pb.TicketLink(merchant_id="m-main")
     requests = [consumer_ticket(person, link, text=f"第 {index} 次咨询") for index in range(DAILY_LIMIT)]
+    opened_before = REGISTRY.get_sample_value("subsidy_tickets_opened_total", {"submitter": "CONSUMER"}) or 0.0
     for request in requests:
         await world.call(WALLET, "OpenConsumerTicket", request)
     before = await written(world)
@@ -566,6 +568,9 @@ async def test_daily_limit_per_consumer(world: World) -> None:
     assert await written(world) == before
     replay = await world.call(WALLET, "OpenConsumerTicket", requests[0])
     assert replay.replayed
+    # Openings are counted once each: not the refused one, not the replay.
+    opened_after = REGISTRY.get_sample_value("subsidy_tickets_opened_total", {"submitter": "CONSUMER"})
+    assert opened_after == opened_before + DAILY_LIMIT
     await world.call(WALLET, "OpenConsumerTicket", consumer_ticket(id_number(), link))
 
 
@@ -663,6 +668,9 @@ async def test_overdue_tickets_are_flagged_listed_and_counted(world: World) -> N
 
     counts = await world.call(GOVERNMENT, "GetTicketCounts", pb.GetTicketCountsRequest())
     assert len(counts.days) == 30
+    # The gauges the gateway's /metrics serves follow the last count.
+    assert REGISTRY.get_sample_value("subsidy_tickets_overdue") == counts.overdue_now
+    assert REGISTRY.get_sample_value("subsidy_tickets_open") == counts.open_now
     today = counts.days[-1]
     assert today.opened >= 2 and today.overdue >= 1
     assert counts.overdue_now >= 1 and counts.open_now >= 1
