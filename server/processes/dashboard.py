@@ -75,6 +75,7 @@ from subsidy_client.errors import (
 )
 from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.reports import DailyReportClient
+from subsidy_client.supervision import SupervisionClient
 from subsidy_client.v1 import daily_report_pb2, reconciliation_pb2, reporting_pb2, supervision_pb2
 
 from server import logs
@@ -86,14 +87,11 @@ from server.rpc.tls import is_loopback, metrics_tls
 log = logging.getLogger("subsidy.dashboard")
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
-SUPERVISION = "/subsidy.v1.SupervisionService/"
 REPORTING = "/subsidy.v1.ReportingService/"
 COOKIE = "dashboard_session"
 SECURE_COOKIE = "__Host-dashboard_session"
 # Gateway calls: one attempt more on UNAVAILABLE, each within this deadline.
 CALL_DEADLINE_S = 10.0
-# The WatchFunds call itself has no useful deadline; the relay reopens it when it ends.
-WATCH_TIMEOUT_S = 86_400.0
 WATCH_BACKOFF_S = (1.0, 30.0)
 # A comment line on every SSE stream this often: finds closed tabs, keeps proxies from timing out.
 HEARTBEAT_S = 15.0
@@ -138,20 +136,21 @@ class BureauClient(DailyReportClient):
     """What the dashboard reads, signed with one user's credential: the daily reports
     (inherited) and the live supervision service."""
 
-    async def today(self, top_merchants: int = TOP_MERCHANTS) -> supervision_pb2.GetTodayFiguresResponse:
-        request = supervision_pb2.GetTodayFiguresRequest(top_merchants=top_merchants)
-        return await self._call(SUPERVISION + "GetTodayFigures", request, supervision_pb2.GetTodayFiguresResponse)
-
-    async def alerts(self, limit: int = ALERTS_LISTED) -> list[supervision_pb2.Alert]:
-        request = supervision_pb2.ListAlertsRequest(limit=limit)
-        response = await self._call(SUPERVISION + "ListAlerts", request, supervision_pb2.ListAlertsResponse)
-        return list(response.alerts)
+    @functools.cached_property
+    def supervision(self) -> SupervisionClient:
+        """Live fund supervision, with the same credential over the same channel."""
+        return SupervisionClient(
+            self.target,
+            self._terminal_id,
+            self._secret,
+            deadline_s=self._deadline_s,
+            retry=self._retry,
+            channel=self._channel,
+        )
 
     def watch(self) -> AsyncIterator[supervision_pb2.WatchFundsResponse]:
-        request = supervision_pb2.WatchFundsRequest()
-        return self._server_stream(
-            SUPERVISION + "WatchFunds", request, supervision_pb2.WatchFundsResponse.FromString, WATCH_TIMEOUT_S
-        )
+        """Snapshots once a second; the relay reopens the stream when it ends."""
+        return self.supervision.watch()
 
     @functools.cached_property
     def reconciliation(self) -> ReconciliationClient:
@@ -725,7 +724,7 @@ async def api_me(request: web.Request) -> web.StreamResponse:
 async def api_today(request: web.Request) -> web.StreamResponse:
     session = _session_or_401(request)
     try:
-        return _json(today_json(await session.client.today()))
+        return _json(today_json(await session.client.supervision.today(TOP_MERCHANTS)))
     except SubsidyError as error:
         return _failure(_dashboard(request), session, error)
 
@@ -733,7 +732,9 @@ async def api_today(request: web.Request) -> web.StreamResponse:
 async def api_alerts(request: web.Request) -> web.StreamResponse:
     session = _session_or_401(request)
     try:
-        return _json({"alerts": [alert_json(alert) for alert in await session.client.alerts()]})
+        return _json(
+            {"alerts": [alert_json(alert) for alert in await session.client.supervision.alerts(limit=ALERTS_LISTED)]}
+        )
     except SubsidyError as error:
         return _failure(_dashboard(request), session, error)
 

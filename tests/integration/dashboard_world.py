@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import yaml
+from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, RetryPolicy
 from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.reports import DailyReportClient
@@ -31,6 +32,7 @@ from server.processes.app import Application
 from server.processes.dashboard import DashboardServer, start_dashboard
 from storage.devenv import Services
 from storage.postgres import daily_reports, reconciliation
+from storage.postgres.writer import LedgerWriter, WriterConfig
 from tests.conftest import REFERENCE_FILE, Environment, isolated_environment, load_document, running_gateway
 
 CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
@@ -67,6 +69,19 @@ class DashboardWorld:
         return ReconciliationClient(
             self.target, caller_id, self.credentials[caller_id], deadline_s=30.0, retry=RetryPolicy(max_attempts=1)
         )
+
+    async def drain_ledger(self) -> None:
+        """Writes what the gateway's scripts put on the event stream into the ledger, as the
+        ledger writer process would (today's figures are cut from the ledger)."""
+        redis = Redis.from_url(self.env.redis_url)
+        writer = LedgerWriter(
+            WriterConfig(pg_dsn=self.env.pg_dsn, redis_url=self.env.redis_url, prefix=self.env.prefix), redis
+        )
+        try:
+            await writer.drain()
+        finally:
+            await writer.close()
+            await redis.aclose()
 
     def terminal(self) -> AuthorizationClient:
         return AuthorizationClient(

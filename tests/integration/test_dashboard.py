@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 
 import aiohttp
+import orjson
 import pytest
 from subsidy_client.v1 import daily_report_pb2, supervision_pb2
 
+from server.domain.daily_report import yuan
 from server.processes.dashboard import BureauClient, Sessions, SnapshotRelay
 from storage.devenv import Services
 from tests.integration.dashboard_world import AUDITOR, GOVERNMENT, OPERATOR, TERMINAL, DashboardWorld, dashboard_world
@@ -170,6 +172,48 @@ async def test_a_reconciliation_run_and_its_exceptions(world: DashboardWorld) ->
         assert answer.status == 200 and body == expected_csv and body.startswith(b"\xef\xbb\xbf")
         assert (await session.get("/reconciliation/no-such-run/exceptions.csv")).status == 404
         assert (await session.get("/api/reconciliation/bad%20id/exceptions")).status == 404
+
+
+async def next_event(response: aiohttp.ClientResponse) -> tuple[str, bytes]:
+    """The next server-sent event (name, data), skipping comments and the retry line."""
+    name, data = "", b""
+    while True:
+        line = await asyncio.wait_for(response.content.readline(), 60)
+        assert line, "the event stream ended"
+        line = line.rstrip(b"\n")
+        if line.startswith(b"event: "):
+            name = line.removeprefix(b"event: ").decode()
+        elif line.startswith(b"data: "):
+            data = line.removeprefix(b"data: ")
+        elif not line and name:
+            return name, data
+
+
+async def test_live_snapshots_arrive_as_server_sent_events_and_end_with_the_session(world: DashboardWorld) -> None:
+    """/events relays WatchFunds: a snapshot at once with every budget as fen and exact yuan,
+    then one per second (sequence increasing); signing out in another request ends the stream
+    with an ``ended`` event, and the session's upstream stream is closed."""
+    async with browser(world) as session:
+        await sign_in(session, GOVERNMENT, world.credentials[GOVERNMENT])
+        [cookie] = [cookie for cookie in session.cookie_jar if cookie.key == "dashboard_session"]
+        dashboard_session = world.dashboard.dashboard.sessions.find(cookie.value, touch=False)
+        assert dashboard_session is not None
+        async with session.get("/events") as events:
+            assert events.status == 200 and events.headers["Content-Type"].startswith("text/event-stream")
+            name, data = await next_event(events)
+            assert name == "snapshot"
+            first = orjson.loads(data)
+            fridge = next(b for b in first["budgets"] if (b["campaign_id"], b["category"]) == ("c-main", "fridge"))
+            assert fridge["budget"] == {"fen": 100_000_000_000, "yuan": "1000000000.00"}
+            assert fridge["remaining"]["yuan"] == yuan(fridge["remaining"]["fen"])
+            name, data = await next_event(events)
+            assert name == "snapshot" and orjson.loads(data)["sequence"] > first["sequence"]
+            assert dashboard_session.relay.subscribers == 1
+            await session.post("/logout", allow_redirects=False)
+            while name == "snapshot":
+                name, data = await next_event(events)
+            assert name == "ended"
+        assert dashboard_session.ended and dashboard_session.relay.subscribers == 0
 
 
 def snapshot(sequence: int) -> supervision_pb2.WatchFundsResponse:

@@ -42,6 +42,7 @@ WAIT_S = 90
 # A grade-2 fridge at 3,000 yuan in c-main: 15 % subsidy, 450.00 yuan.
 FRIDGE_GTIN, FRIDGE_PRICE_FEN, FRIDGE_SUBSIDY_FEN = "6970000000024", 300_000, 45_000
 SPENT = '[data-budget="c-main/fridge"] [data-field="spent"]'
+TODAY_REDEEMED = '[data-today="district"] [data-field="redeemed"]'
 
 
 def require_chromium() -> None:
@@ -95,7 +96,7 @@ def driver(downloads: Path) -> Iterator[WebDriver]:
         "--no-sandbox",  # CI containers run as root
         "--disable-dev-shm-usage",
         "--disable-gpu",
-        "--window-size=1440,2200",
+        "--window-size=1440,2900",
         "--lang=zh-CN",
     ):
         options.add_argument(argument)
@@ -140,9 +141,14 @@ def sign_in(driver: WebDriver, world: DashboardWorld) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, SPENT).text)
 
 
-def wait_for_spent(browser: WebDriver, expected: str) -> None:
+def today_redeemed(browser: WebDriver) -> str:
+    WebDriverWait(browser, WAIT_S).until(ec.presence_of_element_located((By.CSS_SELECTOR, TODAY_REDEEMED)))
+    return str(browser.find_element(By.CSS_SELECTOR, TODAY_REDEEMED).text)
 
-    WebDriverWait(browser, WAIT_S).until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, SPENT), expected))
+
+def wait_for_text(browser: WebDriver, selector: str, expected: str) -> None:
+    """Until the element's whole text is ``expected`` (not merely contains it)."""
+    WebDriverWait(browser, WAIT_S).until(lambda driver: driver.find_element(By.CSS_SELECTOR, selector).text == expected)
 
 
 def download_report(browser: WebDriver, downloads: Path, day: str) -> bytes:
@@ -182,10 +188,12 @@ async def test_the_bureau_sees_a_sale_live_downloads_a_report_and_reads_english(
 ) -> None:
     """Sign in; the c-main/fridge budget card shows spent S; after an Authorize + Capture of a
     fridge with 450.00 yuan of subsidy it shows exactly S + 450.00 (pushed by WatchFunds through
-    the dashboard's server-sent events, no reload); the published day's CSV downloads with a
+    the dashboard's server-sent events, no reload), and once the ledger has the sale today's
+    district 核销金额 has grown by the same 450.00 (GetTodayFigures); the published day's CSV downloads with a
     BOM and Chinese headers, byte for byte what the gateway exports; the English toggle works;
     screenshots are saved."""
     before = await asyncio.to_thread(sign_in, driver, world)
+    redeemed_before = await asyncio.to_thread(today_redeemed, driver)
     async with world.terminal() as terminal:
         approved = await terminal.authorize(
             campaign_id="c-main",
@@ -194,7 +202,11 @@ async def test_the_bureau_sees_a_sale_live_downloads_a_report_and_reads_english(
         )
         assert approved.decision == pb.DECISION_APPROVED and approved.subsidy_fen == FRIDGE_SUBSIDY_FEN
         await terminal.capture(approved.authorization_id)
-    await asyncio.to_thread(wait_for_spent, driver, yuan_text(fen_of(before) + FRIDGE_SUBSIDY_FEN))
+    await world.drain_ledger()
+    await asyncio.to_thread(wait_for_text, driver, SPENT, yuan_text(fen_of(before) + FRIDGE_SUBSIDY_FEN))
+    # Today's figures come from the ledger: the page fetches them again after the budgets move.
+    expected_redeemed = yuan_text(fen_of(redeemed_before) + FRIDGE_SUBSIDY_FEN)
+    await asyncio.to_thread(wait_for_text, driver, TODAY_REDEEMED, expected_redeemed)
 
     day = world.days[0].isoformat()
     body = await asyncio.to_thread(download_report, driver, downloads, day)
