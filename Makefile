@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: reset run test test-fast fuzz lint format gen-protos check-protos bench demo clean venv
+.PHONY: reset run test test-fast fuzz lint format gen-protos check-protos bench bench-recon demo clean venv
 .PHONY: certs run-tls run-mtls demo-tls demo-mtls
 .PHONY: lock check-lock buf
 
@@ -123,6 +123,11 @@ demo-mtls: $(STAMP)
 ## BENCH_ARGS: the suite's options, e.g. BENCH_ARGS=--quick (benchmarks/README.md).
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+## Bill reconciliation of a generated day: a settlement file of about 1,000,000 lines imported and
+## matched against the ledger (benchmarks/reconciliation.py); RECON_ARGS, e.g. RECON_ARGS='--lines 100000'.
+bench-recon: $(STAMP)
+	$(PY) -m benchmarks.reconciliation $(RECON_ARGS)
 
 clean:
 	rm -rf $(VENV) .data .keys .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 
 import asyncpg
@@ -64,15 +64,6 @@ def demo_lines(items: list[LedgerItem], day: date) -> list[ChannelLine]:
     return [line._replace(line_number=number) for number, line in enumerate(kept, start=2)]
 
 
-async def first_demo_capture(connection: asyncpg.Connection) -> datetime | None:
-    """When the demo campaign's first simulated sale was captured (None: no demo day written)."""
-    found: datetime | None = await connection.fetchval(
-        "SELECT min(occurred_at) FROM ledger_events WHERE campaign_id = $1 AND event_type = 'CAPTURED'",
-        DEMO_CAMPAIGN,
-    )
-    return found
-
-
 def write_file(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8", newline="")
@@ -84,7 +75,7 @@ async def seed_demo_reconciliation(config: Config, data_dir: Path) -> tuple[date
     calendar = BusinessCalendar(config.report_timezone, config.report_cutoff)
     connection = await asyncpg.connect(config.pg_dsn, timeout=10)
     try:
-        first = await first_demo_capture(connection)
+        first = await reconciliation.first_capture(connection, DEMO_CAMPAIGN)
         if first is None:
             return None
         day = calendar.day_of(first)

@@ -13,6 +13,7 @@ supersedes the current run, which is kept.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import uuid
@@ -121,6 +122,14 @@ async def current_run(connection: asyncpg.Connection, channel: str, day: date) -
         day,
     )
     return dict(row) if row else None
+
+
+async def first_capture(connection: asyncpg.Connection, campaign_id: str) -> datetime | None:
+    """When a campaign's first payment was captured (None: none yet)."""
+    found: datetime | None = await connection.fetchval(
+        "SELECT min(occurred_at) FROM ledger_events WHERE campaign_id = $1 AND event_type = 'CAPTURED'", campaign_id
+    )
+    return found
 
 
 async def run_by_id(connection: asyncpg.Connection, run_id: str) -> dict[str, Any] | None:
@@ -271,9 +280,9 @@ async def _merge_results(connection: asyncpg.Connection, run_id: uuid.UUID, uplo
 
 
 async def _async_merge(lines: AsyncIterator[ChannelLine], items: AsyncIterator[LedgerItem]) -> AsyncIterator[Result]:
-    """``merge`` over two async streams: both are read in chunks into lists that end at a
-    group boundary (every line or item of the last authorization id read is included), then
-    merged; memory is one chunk of each side."""
+    """``merge`` over two async streams, read in chunks of about ``BATCH``: each round merges
+    both buffers up to the smaller of their last authorization ids (every line and item of that
+    id read first) and keeps the rest, so memory stays about two chunks of each side."""
     line_buffer: list[ChannelLine] = []
     item_buffer: list[LedgerItem] = []
     lines_done = items_done = False
@@ -315,17 +324,26 @@ async def _async_merge(lines: AsyncIterator[ChannelLine], items: AsyncIterator[L
         await take_items(None)
         if not line_buffer and not item_buffer:
             return
-        # Close both buffers at the same authorization id: the larger of their last keys.
-        last = max(
-            line_buffer[-1].authorization_id if line_buffer else "",
-            item_buffer[-1].authorization_id if item_buffer else "",
+        # Merge up to the smaller of the two buffers' last keys (a side that is done does not
+        # bound it), with every line and item of that key read; keep the rest for the next round.
+        bounds = [buffer[-1].authorization_id for buffer, done in ((line_buffer, lines_done), (item_buffer, items_done))
+                  if buffer and not done]  # fmt: skip
+        last = (
+            min(bounds)
+            if bounds
+            else max(
+                line_buffer[-1].authorization_id if line_buffer else "",
+                item_buffer[-1].authorization_id if item_buffer else "",
+            )
         )
         await take_lines(last)
         await take_items(last)
-        for result in merge(line_buffer, item_buffer):
+        line_cut = bisect.bisect_right([line.authorization_id for line in line_buffer], last)
+        item_cut = bisect.bisect_right([item.authorization_id for item in item_buffer], last)
+        for result in merge(line_buffer[:line_cut], item_buffer[:item_cut]):
             yield result
-        line_buffer.clear()
-        item_buffer.clear()
+        del line_buffer[:line_cut]
+        del item_buffer[:item_cut]
 
 
 async def import_file(connection: asyncpg.Connection, upload: SettlementUpload, text: IO[str]) -> ImportOutcome:
@@ -337,16 +355,20 @@ async def import_file(connection: asyncpg.Connection, upload: SettlementUpload, 
             upload.channel,
             upload.business_date.isoformat(),
         )
-        earlier = await connection.fetchrow(
-            "SELECT run_id, file_sha256 FROM reconciliation_runs WHERE request_id = $1", upload.action.request_id
-        )
+        # The audit row first: the same request id with another file is IDEMPOTENCY_CONFLICT
+        # (record raises it), with this very file a replay. A refused import rolls it back too.
+        details = {
+            "channel": upload.channel,
+            "business_date": upload.business_date.isoformat(),
+            "file_name": upload.file_name,
+            "file_sha256": upload.file_sha256,
+        }
+        if await record(connection, upload.action, details, Scope()) is None:
+            return ImportOutcome(run=await _run_of_file(connection, upload), replayed=True, applied=False)
         current = await current_run(connection, upload.channel, upload.business_date)
-        if earlier is not None or (current is not None and current["file_sha256"] == upload.file_sha256):
-            # The request id already imported, or this very file is the day's current run:
-            # nothing changes (a request id with another file is a conflict, raised by record).
-            await record(connection, upload.action, {"replay_of": str((earlier or current or {})["run_id"])}, Scope())
-            run = await run_by_id(connection, (earlier or current or {})["run_id"])
-            return ImportOutcome(run=run, replayed=True, applied=False)
+        if current is not None and current["file_sha256"] == upload.file_sha256:
+            # This very file is the day's current run: nothing changes.
+            return ImportOutcome(run=current, replayed=True, applied=False)
         reader = SettlementReader(upload.mapping)
         outcome = ImportOutcome(run=None, replayed=False, applied=False)
         await _stage(connection, reader, text, outcome)
@@ -387,15 +409,24 @@ async def import_file(connection: asyncpg.Connection, upload: SettlementUpload, 
             orjson.dumps(summary.counts).decode(),
             current["run_id"] if current else None,
         )
-        await record(
-            connection,
-            upload.action,
-            {"run_id": str(run_id), "file_sha256": upload.file_sha256, "counts": summary.counts},
-            Scope(),
-        )
         outcome.run = await run_by_id(connection, str(run_id))
         outcome.applied = True
         return outcome
+
+
+async def _run_of_file(connection: asyncpg.Connection, upload: SettlementUpload) -> dict[str, Any] | None:
+    """The run an earlier import under this request id answered with: the one it created, or
+    the run of the same file it found current."""
+    run_id = await connection.fetchval(
+        "SELECT run_id FROM reconciliation_runs WHERE request_id = $1"
+        " UNION ALL (SELECT run_id FROM reconciliation_runs WHERE channel = $2 AND business_date = $3"
+        " AND file_sha256 = $4 ORDER BY imported_at DESC LIMIT 1) LIMIT 1",
+        upload.action.request_id,
+        upload.channel,
+        upload.business_date,
+        upload.file_sha256,
+    )
+    return None if run_id is None else await run_by_id(connection, run_id)
 
 
 class _Refused(Exception):

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from subsidy_client import RetryPolicy
-from subsidy_client.errors import InvalidArgument, NotFound, PermissionDenied
+from subsidy_client.errors import IdempotencyConflict, InvalidArgument, NotFound, PermissionDenied
 from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.v1 import reconciliation_pb2 as pb
 
@@ -252,6 +252,9 @@ async def test_reimport_changes_nothing_and_a_corrected_file_supersedes(world: W
         assert again.replayed and not again.applied and again.run.run_id == first.run.run_id
         same_id = str(uuid.uuid4())
         await import_bytes(client, case.file, business_date=day, channel="supersede-day", request_id=same_id)
+        # The same request id with another file is a conflict, not a replay.
+        with pytest.raises(IdempotencyConflict):
+            await import_bytes(client, b"other", business_date=day, channel="supersede-day", request_id=same_id)
         assert await count_rows(world, "reconciliation_runs") == runs_before
         assert await count_rows(world, "reconciliation_lines") == lines_before
 

@@ -152,3 +152,36 @@ def test_merge_groups_by_authorization_and_the_nets_tie_out() -> None:
     signed = sum(-r.difference_fen if r.kind == REFUND else r.difference_fen for r in results)
     assert summary.channel_net_subsidy_fen - summary.ledger_net_subsidy_fen == signed
     assert summary.exception_lines == 4
+
+
+async def test_the_chunked_merge_of_two_streams_equals_the_whole_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """storage's merge over two cursors, in chunks of 3, gives exactly what merging both sides
+    whole gives, whichever side is denser where (groups straddling chunk ends included)."""
+    import random
+    from collections.abc import AsyncIterator, Sequence
+    from typing import TypeVar
+
+    from storage.postgres import reconciliation
+
+    monkeypatch.setattr(reconciliation, "BATCH", 3)
+    item_type = TypeVar("item_type")
+
+    async def stream(values: Sequence[item_type]) -> AsyncIterator[item_type]:
+        for value in values:
+            yield value
+
+    rng = random.Random(7)
+    for _ in range(40):
+        keys = sorted({f"{rng.randrange(40):032x}" for _ in range(rng.randrange(1, 30))})
+        lines = sorted(
+            (line(0, PAYMENT, f"T{i}", rng.choice(keys), rng.randrange(3)) for i in range(rng.randrange(0, 25))),
+            key=lambda x: x.authorization_id,
+        )
+        lines = [x._replace(line_number=n) for n, x in enumerate(lines, start=2)]
+        items = sorted(
+            (item(f"{i}-0", PAYMENT, rng.choice(keys), rng.randrange(3)) for i in range(rng.randrange(0, 25))),
+            key=lambda x: x.authorization_id,
+        )
+        whole = list(merge(lines, items))
+        chunked = [result async for result in reconciliation._async_merge(stream(lines), stream(items))]
+        assert chunked == whole
