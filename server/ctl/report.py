@@ -2,7 +2,7 @@
 
     subsidyctl report publish [--up-to DATE]           publish every closed day not yet published (operators)
     subsidyctl report list [--from DATE] [--to DATE]   the published reports, newest first
-    subsidyctl report show DATE|latest [--merchants]   header, budgets and totals (--merchants: every row)
+    subsidyctl report show DATE|latest [--merchants]   header, budgets, totals, the day's alerts (--merchants: all rows)
     subsidyctl report export DATE|latest --format csv|xlsx [--budgets] [--out FILE]
 
 Reading works with an operator's or a government user's credential (``--operator ID`` names
@@ -20,9 +20,11 @@ from typing import Any
 
 import click
 from subsidy_client.reports import DailyReportClient
+from subsidy_client.supervision import SupervisionClient
 from subsidy_client.v1 import daily_report_pb2 as pb
+from subsidy_client.v1 import supervision_pb2
 
-from server.ctl.common import GATEWAY, Settings, pass_settings, run, to_dict
+from server.ctl.common import GATEWAY, Settings, operator_tls, pass_settings, run, to_dict
 from server.domain.daily_report import yuan
 
 # The heading of `subsidyctl --help` this group belongs under (server/ctl/__init__.py).
@@ -209,10 +211,28 @@ def show(settings: Settings, business_date: str, merchants: bool, json_here: boo
                 chunk = [_row(row) for row in part.rows]
                 if not as_json:
                     click.echo(_table(chunk, NUMERIC))
+        # The day's supervision alerts (SupervisionService; not part of the published content
+        # or its hash: alerts are recorded as they happen, the report is cut after the day).
+        async with SupervisionClient(
+            settings.target, settings.operator_id, settings.secret, deadline_s=30.0, tls=operator_tls()
+        ) as supervision:
+            alerts = await supervision.alerts(limit=1000, business_date=day)
         if as_json:
-            click.echo("]}")
+            click.echo('], "alerts": ' + json.dumps([to_dict(alert) for alert in alerts], ensure_ascii=False) + "}")
+        else:
+            click.echo(f"\nalerts raised on {day} (live supervision; not in the content hash)")
+            click.echo(_table([_alert(alert) for alert in alerts], set()))
 
     run(settings, go, DailyReportClient)
+
+
+def _alert(alert: supervision_pb2.Alert) -> dict[str, str]:
+    return {
+        "raised_at": alert.raised_at.ToDatetime().isoformat() + "Z",
+        "kind": supervision_pb2.AlertKind.Name(alert.kind).removeprefix("ALERT_KIND_"),
+        "subject": alert.merchant_id or f"{alert.campaign_id}/{alert.category}",
+        "message": alert.message,
+    }
 
 
 def _print_header(header: pb.DailyReportHeader) -> None:

@@ -36,10 +36,11 @@ from subsidy_client.v1 import common_pb2, supervision_pb2, supervision_pb2_grpc
 
 from server.domain import supervision as rules
 from server.domain.budget import released_by
-from server.domain.daily_report import CATEGORY_TOTAL, DAY, DISTRICT_TOTAL, BusinessCalendar
+from server.domain.daily_report import CATEGORY_TOTAL, DAY, DISTRICT_TOTAL, BusinessCalendar, parse_business_date
 from server.domain.errors import InvalidField
 from server.rpc.auth import GOVERNMENT, OPERATOR, caller_in
 from server.rpc.errors import ApiError, invalid_field
+from server.services.common import checked_timestamp
 from storage.postgres import alerts as alert_store
 from storage.postgres import daily_reports
 from storage.postgres import supervision as supervision_store
@@ -437,11 +438,21 @@ class SupervisionService(supervision_pb2_grpc.SupervisionServiceServicer):
     ) -> supervision_pb2.ListAlertsResponse:
         caller_in(GOVERNMENT, OPERATOR)
         limit = _bounded(request.limit, ALERTS_LIMIT_DEFAULT, ALERTS_LIMIT_MAX, "limit")
+        pool = await self._pool.get()
+        if request.business_date:
+            if request.HasField("since"):
+                raise invalid_field("since", "give since or business_date, not both")
+            try:
+                day = parse_business_date(request.business_date)
+            except InvalidField as error:
+                raise invalid_field(error.field, error.reason) from None
+            async with pool.acquire() as connection:
+                records = (await alert_store.alerts_of_day(connection, day))[:limit]
+            return pb.ListAlertsResponse(alerts=[alert_message(record) for record in records])
         if request.HasField("since"):
-            since = request.since.ToDatetime(tzinfo=UTC)
+            since = checked_timestamp(request.since, "since").ToDatetime(tzinfo=UTC)
         else:
             since = datetime.now(UTC) - timedelta(days=7)
-        pool = await self._pool.get()
         async with pool.acquire() as connection:
             records = await alert_store.alerts_since(connection, since, limit)
         return pb.ListAlertsResponse(alerts=[alert_message(record) for record in records])

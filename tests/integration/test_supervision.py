@@ -11,6 +11,7 @@ Waits are bounded by a number of snapshots (a poll each), never by a clock asser
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,17 +23,21 @@ import asyncpg
 import orjson
 import pytest
 import yaml
+from click.testing import CliRunner, Result
 from subsidy_client import AuthorizationClient, Line, RetryPolicy
 from subsidy_client.errors import InvalidArgument, PermissionDenied, SubsidyError
 from subsidy_client.supervision import SupervisionClient
 from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import supervision_pb2 as pb
 
+from server.ctl import main as subsidyctl
 from server.domain.daily_report import BusinessCalendar
 from server.domain.supervision import SurgeRule
 from server.processes.app import Application
 from server.services.supervision import DROPPED, FundsPoller, SupervisionSettings
 from storage.devenv import Services
+from storage.postgres import alerts as alert_store
+from storage.postgres import daily_reports
 from storage.postgres.pool import LazyPool
 from storage.postgres.writer import LedgerWriter, WriterConfig
 from tests.conftest import (
@@ -425,3 +430,115 @@ async def test_surge_detector_fires_on_planted_sales_not_on_flat(services: Servi
         finally:
             await pool.close()
             await connection.close()
+
+
+async def ctl(target: str, credentials: dict[str, str], caller_id: str, *arguments: str) -> Result:
+    # A wide terminal, so the live table's twelve columns are not folded.
+    environment = {"SUBSIDYCTL_OPERATOR": caller_id, "SUBSIDYCTL_SECRET": credentials[caller_id], "COLUMNS": "250"}
+    return await asyncio.to_thread(
+        CliRunner().invoke, subsidyctl, ["--target", target, *arguments], env=environment, catch_exceptions=False
+    )
+
+
+async def test_subsidyctl_supervise_commands(world: World) -> None:
+    """`subsidyctl supervise watch|alerts|today`, tables and --json, with a government
+    credential; an alert recorded for today is listed by --date; a terminal is refused."""
+    day = BusinessCalendar().day_of(datetime.now(UTC))
+    connection = await asyncpg.connect(world.env.pg_dsn, timeout=10)
+    try:
+        planted = await alert_store.record_alert(
+            connection,
+            alert_store.NewAlert(
+                alert_key=alert_store.merchant_surge_key("m-other", day),
+                kind=alert_store.MERCHANT_SURGE,
+                message="merchant m-other: planted for the command-line test",
+                observed=40.0,
+                baseline=2.0,
+                raised_at=datetime.now(UTC),
+                business_date=day,
+                merchant_id="m-other",
+            ),
+            "test",
+        )
+    finally:
+        await connection.close()
+    assert planted is not None
+    target = world.target()
+    watched = await ctl(target, world.credentials, GOVERNMENT, "supervise", "watch", "--count", "2", "--json")
+    assert watched.exit_code == 0, watched.output
+    snapshots = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert len(snapshots) == 2 and int(snapshots[1]["sequence"]) > int(snapshots[0]["sequence"])
+    assert any(item["campaign_id"] == "c-small" for item in snapshots[0]["budgets"])
+    assert str(planted.alert_id) in {alert["alert_id"] for alert in snapshots[0]["alerts"]}
+    table = await ctl(target, world.credentials, GOVERNMENT, "supervise", "watch", "--count", "1")
+    assert table.exit_code == 0 and "c-small" in table.stdout and "remaining" in table.stdout
+    listed = await ctl(
+        target, world.credentials, GOVERNMENT, "supervise", "alerts", "--date", day.isoformat(), "--json"
+    )
+    assert listed.exit_code == 0, listed.output
+    assert "m-other" in {alert["merchant_id"] for alert in json.loads(listed.stdout)}
+    human = await ctl(target, world.credentials, GOVERNMENT, "supervise", "alerts")
+    assert human.exit_code == 0 and "merchant surge" in human.stdout
+    bad = await ctl(target, world.credentials, GOVERNMENT, "supervise", "alerts", "--date", "2026-02-30")
+    assert bad.exit_code == 1 and "business_date" in bad.output
+    today = await ctl(target, world.credentials, GOVERNMENT, "supervise", "today", "--json")
+    assert today.exit_code == 0, today.output
+    assert json.loads(today.stdout)["business_date"] == day.isoformat()
+    today_table = await ctl(target, world.credentials, GOVERNMENT, "supervise", "today", "--top", "3")
+    assert today_table.exit_code == 0 and "top merchants" in today_table.stdout
+    refused = await ctl(target, world.credentials, TERMINAL, "supervise", "today")
+    assert refused.exit_code == 1 and "PERMISSION_DENIED" in refused.output
+
+
+async def test_report_show_lists_the_days_alerts_outside_its_hash(services: Services) -> None:
+    """A published day's `subsidyctl report show` lists the alerts recorded for that business
+    day (JSON and table); the report's content hash and its verification do not change."""
+    from tests.integration.test_daily_report_rpc import GOVERNMENT as REPORT_READER
+    from tests.integration.test_daily_report_rpc import OPERATOR as PUBLISHER
+    from tests.integration.test_daily_report_rpc import report_world
+
+    async with report_world(services) as made:
+        async with made.reports(PUBLISHER) as operator:
+            await operator.publish(made.days[-1].isoformat())
+        day = made.days[0]
+        target = f"127.0.0.1:{made.gateway.port}"
+        before = json.loads(
+            (await ctl(target, made.credentials, REPORT_READER, "--json", "report", "show", str(day))).stdout
+        )
+        assert before["alerts"] == []
+        connection = await asyncpg.connect(made.env.pg_dsn, timeout=10)
+        try:
+            await alert_store.record_alert(
+                connection,
+                alert_store.NewAlert(
+                    alert_key=alert_store.budget_threshold_key("c-main", "fridge", 80),
+                    kind=alert_store.BUDGET_THRESHOLD,
+                    message="c-main/fridge has used 80.0% of its budget (threshold 80%)",
+                    observed=0.8,
+                    baseline=0.8,
+                    raised_at=BusinessCalendar().bounds(day)[0] + timedelta(hours=10),
+                    business_date=day,
+                    campaign_id="c-main",
+                    category="fridge",
+                    threshold_percent=80,
+                ),
+                "test",
+            )
+            shown = await ctl(target, made.credentials, REPORT_READER, "--json", "report", "show", str(day))
+            assert shown.exit_code == 0, shown.output
+            document = json.loads(shown.stdout)
+            assert [(alert["campaign_id"], alert["threshold_percent"]) for alert in document["alerts"]] == [
+                ("c-main", 80)
+            ]
+            assert document["header"]["content_hash"] == before["header"]["content_hash"]
+            assert await daily_reports.verify(connection, day) is True
+            other = json.loads(
+                (
+                    await ctl(target, made.credentials, REPORT_READER, "--json", "report", "show", str(made.days[1]))
+                ).stdout
+            )
+            assert other["alerts"] == []
+        finally:
+            await connection.close()
+        human = await ctl(target, made.credentials, REPORT_READER, "report", "show", str(day))
+        assert human.exit_code == 0 and "alerts raised on" in human.stdout and "BUDGET_THRESHOLD" in human.stdout

@@ -50,8 +50,9 @@ class SupervisionClient(SignedClient):
         finally:
             call.cancel()
 
-    async def alerts(self, since: datetime | None = None, limit: int = 0) -> list[pb.Alert]:
-        request = pb.ListAlertsRequest(limit=limit)
+    async def alerts(self, since: datetime | None = None, limit: int = 0, business_date: str = "") -> list[pb.Alert]:
+        """Newest first since ``since`` (default: 7 days); or one business day's, oldest first."""
+        request = pb.ListAlertsRequest(limit=limit, business_date=business_date)
         if since is not None:
             stamp = Timestamp()
             stamp.FromDatetime(since)

@@ -249,8 +249,13 @@ class ListAlertsRequest(_message.Message):
 
     SINCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    BUSINESS_DATE_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
     """At most this many (default 100, at most 1000)."""
+    business_date: _builtins.str
+    """Only the alerts of this business day (YYYY-MM-DD, the daily reports' calendar), in the
+    order they were raised; not together with since (INVALID_ARGUMENT).
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Only alerts raised at or after this time; unset: the last 7 days."""
@@ -260,10 +265,11 @@ class ListAlertsRequest(_message.Message):
         *,
         since: _timestamp_pb2.Timestamp | None = ...,
         limit: _builtins.int = ...,
+        business_date: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_date", b"business_date", "limit", b"limit", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
