@@ -476,6 +476,39 @@ async def test_reconcile_knows_the_daily_counters_and_rebuild_restores_them(worl
     assert outcome(await pay(world.till("inside"), person, codes[2], HANGZHOU, 4_000)) == "APPROVED"
 
 
+def plain_campaign(campaign_id: str, budget_fen: int, per_person_limit: int, daily_limit: int) -> cpb.Campaign:
+    """A campaign without vouchers or region: "5 off 20" on general goods."""
+    campaign = voucher_campaign(campaign_id, per_merchant_daily_limit=daily_limit)
+    campaign.qualification_validity_s = 0
+    campaign.region_geojson = ""
+    campaign.rules[0].budget_fen, campaign.rules[0].per_person_limit = budget_fen, per_person_limit
+    return campaign
+
+
+async def test_the_daily_limit_ranks_after_the_person_limit_and_before_the_budget(world: World) -> None:
+    """MERCHANT_DAILY_LIMIT_REACHED (23) ranks right after CONSUMER_LIMIT_REACHED (13) and before
+    BUDGET_EXHAUSTED (14): with a budget for one subsidy and a limit of one a day, the second
+    payment at the merchant is declined for the day, at another merchant for the budget; with a
+    per-person limit of one as well, for the person."""
+    await create(world.operator, plain_campaign("c-rank-budget", budget_fen=500, per_person_limit=3, daily_limit=1))
+    await create(world.operator, plain_campaign("c-rank-person", budget_fen=10_000, per_person_limit=1, daily_limit=1))
+    for campaign_id, at_the_merchant, elsewhere in (
+        ("c-rank-budget", "MERCHANT_DAILY_LIMIT_REACHED", "BUDGET_EXHAUSTED"),
+        ("c-rank-person", "CONSUMER_LIMIT_REACHED", "CONSUMER_LIMIT_REACHED"),
+    ):
+        person = consumer_key()
+
+        async def buy(till: AuthorizationClient, campaign_id: str = campaign_id, person: str = person) -> str:
+            response = await till.authorize(
+                campaign_id=campaign_id, consumer_key=person, lines=[Line("1", GOODS, 3_000)]
+            )
+            return outcome(response)
+
+        assert await buy(world.till("inside")) == "APPROVED"
+        assert await buy(world.till("inside")) == at_the_merchant, campaign_id
+        assert await buy(world.till("other")) == elsewhere, campaign_id
+
+
 async def test_an_expired_hold_gives_its_daily_slot_back(world: World) -> None:
     """A hold the sweeper expires (a gateway whose holds last 1 s) gives its slot back like a
     void: after two payments at the limit, the third is declined until one of them expires."""
