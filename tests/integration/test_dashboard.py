@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
+from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 from subsidy_client.v1 import daily_report_pb2, supervision_pb2
 
+from server.commands.certs import issue, make_ca
 from server.domain.daily_report import yuan
-from server.processes.dashboard import BureauClient, Sessions, SnapshotRelay
+from server.processes.dashboard import BureauClient, Sessions, SnapshotRelay, start_dashboard
 from storage.devenv import Services
+from tests.conftest import running_gateway
 from tests.integration.dashboard_world import AUDITOR, GOVERNMENT, OPERATOR, TERMINAL, DashboardWorld, dashboard_world
 
 
@@ -305,3 +309,44 @@ async def test_report_client_and_dashboard_agree_on_the_report_list(world: Dashb
         fen = header.day_total.redeemed_fen
         assert shown["redeemed"] == {"fen": fen, "yuan": f"{fen // 100}.{fen % 100:02d}"}
         assert shown["content_hash"] == header.content_hash
+
+
+async def test_over_tls_the_dashboard_serves_https_and_trusts_only_the_gateways_ca(
+    world: DashboardWorld, tmp_path: Path
+) -> None:
+    """With the gateway's certificate configured the dashboard serves HTTPS, its cookie is
+    Secure with the __Host- prefix, and it calls a TLS gateway trusting SUBSIDY_DASHBOARD_GATEWAY_CA;
+    without that CA (the system's roots) the gateway's certificate is refused and nobody signs in."""
+    ca = make_ca("Dashboard test CA")
+    (tmp_path / "ca.pem").write_bytes(ca.certificate_pem)
+    issue(ca, "localhost", server=True, dns=["localhost"], ips=["127.0.0.1"]).write(
+        tmp_path / "server.pem", tmp_path / "server.key"
+    )
+    tls = {"tls_cert": str(tmp_path / "server.pem"), "tls_key": str(tmp_path / "server.key")}
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    async with running_gateway(world.env.config(**tls)) as gateway:
+        for gateway_ca, expected in ((str(tmp_path / "ca.pem"), "/"), ("", "/login?error=unavailable")):
+            config = world.env.config(
+                **tls,
+                dashboard_listen="127.0.0.1:0",
+                dashboard_gateway=f"127.0.0.1:{gateway.port}",
+                dashboard_gateway_ca=gateway_ca,
+            )
+            dashboard = await start_dashboard(config)
+            origin = f"https://127.0.0.1:{dashboard.port}"
+            try:
+                async with aiohttp.ClientSession(
+                    base_url=origin,
+                    cookie_jar=aiohttp.CookieJar(unsafe=True),
+                    headers={"Origin": origin},
+                    connector=aiohttp.TCPConnector(ssl=context),
+                ) as session:
+                    answer = await sign_in(session, GOVERNMENT, world.credentials[GOVERNMENT])
+                    assert answer.headers["Location"] == expected
+                    if expected == "/":
+                        cookie = SimpleCookie(answer.headers["Set-Cookie"])["__Host-dashboard_session"]
+                        assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Strict"
+                        reports = await (await session.get("/api/reports")).json()
+                        assert len(reports["reports"]) == len(world.days)
+            finally:
+                await dashboard.stop()
