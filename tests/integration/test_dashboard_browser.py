@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -228,3 +229,15 @@ def test_yuan_text_matches_the_page_formatting() -> None:
     """The helper the test compares with formats as the page does (exact from fen)."""
     assert yuan_text(123_456_789) == "¥1,234,567.89" and fen_of("¥1,234,567.89") == 123_456_789
     assert yuan_text(5) == "¥0.05" and yuan_text(-45_000) == "-¥450.00" and fen_of("-¥450.00") == -45_000
+
+
+def test_a_missing_chromium_skips_here_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without /usr/bin/chromium the browser test is skipped with the reason, except under
+    CI=true, where it fails (so CI never passes without having run it)."""
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium-driver"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no-chromium"):
+        require_chromium()
