@@ -137,6 +137,9 @@ class Config:
     surge_min_sales: int = 20
     surge_baseline_hours: int = 168
     surge_check_interval_s: int = 60
+    # The ledger writer process checks thresholds and surges this often whether or not anyone
+    # watches (server/processes/alert_watch.py); 0: only watched gateways raise alerts.
+    alert_check_interval_s: int = 10
 
     def __post_init__(self) -> None:
         if not LISTEN_PATTERN.match(self.listen):
@@ -240,6 +243,10 @@ class Config:
         _positive("SUBSIDY_SURGE_MIN_SALES", self.surge_min_sales, 1_000_000)
         _positive("SUBSIDY_SURGE_BASELINE_HOURS", self.surge_baseline_hours, 90 * 24)
         _positive("SUBSIDY_SURGE_CHECK_INTERVAL_S", self.surge_check_interval_s, 86_400)
+        if not 0 <= self.alert_check_interval_s <= 3600:
+            raise ConfigError(
+                f"SUBSIDY_ALERT_CHECK_INTERVAL_S must be between 0 and 3600, got {self.alert_check_interval_s}"
+            )
 
     @property
     def alert_threshold_percents(self) -> tuple[int, ...]:

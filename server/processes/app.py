@@ -68,6 +68,7 @@ from server.services.reconciliation import ReconciliationService
 from server.services.reporting import ReportingService
 from server.services.supervision import FundsPoller, SupervisionService, SupervisionSettings
 from storage.postgres.pool import LazyPool
+from storage.redis.budget import BudgetReader
 from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
 from storage.redis.migrations import migrate_serial_keys
@@ -239,7 +240,7 @@ async def create_server(config: Config) -> Application:
             server,
         )
         poller = FundsPoller(
-            store,
+            BudgetReader(redis, keys),
             operator_pool,
             BusinessCalendar(config.report_timezone, config.report_cutoff),
             SupervisionSettings(

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 
 from server.config import Config
+from server.processes.alert_watch import run_alert_watch
 from server.processes.http import HttpEndpoint, serve_http
 from server.processes.report_scheduler import ReportScheduler
 from server.rpc.tls import metrics_tls
@@ -157,11 +158,13 @@ async def run_writer(config: Config) -> None:
         if config.report_schedule
         else None
     )
+    # Supervision alerts (thresholds, merchant surges) even while no gateway is watched.
+    alerting = asyncio.create_task(run_alert_watch(config, redis, stopping))
     try:
         await writer.run(stopping)
     finally:
         stopping.set()
-        await asyncio.gather(mirroring, *([reporting] if reporting else []), return_exceptions=True)
+        await asyncio.gather(mirroring, alerting, *([reporting] if reporting else []), return_exceptions=True)
         if server is not None:
             server.close()
         await redis.aclose()

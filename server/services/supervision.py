@@ -45,8 +45,7 @@ from storage.postgres import alerts as alert_store
 from storage.postgres import daily_reports
 from storage.postgres import supervision as supervision_store
 from storage.postgres.pool import LazyPool
-from storage.redis.budget import BudgetCounters, read_budgets
-from storage.redis.store import RedisStore
+from storage.redis.budget import BudgetCounters, BudgetReader
 
 pb = supervision_pb2
 log = logging.getLogger("subsidy.supervision")
@@ -128,14 +127,14 @@ class FundsPoller:
 
     def __init__(
         self,
-        store: RedisStore,
+        budgets: BudgetReader,
         pool: LazyPool,
         calendar: BusinessCalendar,
         settings: SupervisionSettings,
         *,
         autostart: bool = True,
     ) -> None:
-        self._store = store
+        self._budgets = budgets
         # Off only in tests that call tick() themselves, step by step.
         self._autostart = autostart
         self._pool = pool
@@ -170,6 +169,9 @@ class FundsPoller:
         self._watchers.add(watcher)
         WATCHERS.set(len(self._watchers))
         if self._autostart and not self.running:
+            # A fresh start reads PostgreSQL at once (budgets, and the alerts recorded while it
+            # was stopped), so the first snapshot carries them.
+            self._ledger_read_at = -1e18
             self.starts += 1
             self._task = asyncio.create_task(self._run(), name="supervision-poller")
         return watcher
@@ -211,7 +213,7 @@ class FundsPoller:
             new_alerts += await self._read_ledger()
             self._ledger_read_at = now_monotonic
         campaigns = sorted({plan.campaign_id for plan in self._plans})
-        counters = await read_budgets(self._store.redis, self._store.keys, campaigns)
+        counters = await self._budgets.read(campaigns)
         self.reads += 1
         POLLS.inc()
         now_ms = counters.as_of_ms

@@ -68,3 +68,15 @@ async def read_budgets(redis: Redis, keys: Keys, campaign_ids: Sequence[str]) ->
             for key, value in raw.items():
                 target[f"{campaign_id}:{text(key)}"] = int(value)
     return BudgetCounters(seconds * 1000 + microseconds // 1000, budget, quota)
+
+
+@dataclass(frozen=True)
+class BudgetReader:
+    """Reads every budget of a deployment (``read_budgets``) for live supervision, so that the
+    servicer layer holds a reader rather than a Redis client."""
+
+    redis: Redis
+    keys: Keys
+
+    async def read(self, campaign_ids: Sequence[str]) -> BudgetCounters:
+        return await read_budgets(self.redis, self.keys, campaign_ids)

@@ -40,6 +40,7 @@ from storage.postgres import alerts as alert_store
 from storage.postgres import daily_reports
 from storage.postgres.pool import LazyPool
 from storage.postgres.writer import LedgerWriter, WriterConfig
+from storage.redis.budget import BudgetReader
 from tests.conftest import (
     REFERENCE_FILE,
     Environment,
@@ -218,7 +219,7 @@ async def test_slow_watcher_is_dropped_and_others_keep_receiving(world: World) -
     the end marker, and it is no longer offered anything."""
     pool = LazyPool(world.env.pg_dsn)
     poller = FundsPoller(
-        world.gateway.store,
+        BudgetReader(world.gateway.redis, world.env.keys),
         pool,
         BusinessCalendar(),
         SupervisionSettings(poll_interval_ms=100, queue_size=4),
@@ -406,11 +407,9 @@ async def test_surge_detector_fires_on_planted_sales_not_on_flat(services: Servi
             from redis.asyncio import Redis
 
             from storage.redis.keys import Keys
-            from storage.redis.scripts import Scripts
-            from storage.redis.store import RedisStore, StoreLimits
 
             redis = Redis.from_url(env.redis_url)
-            store = RedisStore(redis, Keys(env.prefix), Scripts(redis), StoreLimits(600, 600, 600))
+            store = BudgetReader(redis, Keys(env.prefix))
             poller = FundsPoller(
                 store,
                 pool,
@@ -542,3 +541,42 @@ async def test_report_show_lists_the_days_alerts_outside_its_hash(services: Serv
             await connection.close()
         human = await ctl(target, made.credentials, REPORT_READER, "report", "show", str(day))
         assert human.exit_code == 0 and "alerts raised on" in human.stdout and "BUDGET_THRESHOLD" in human.stdout
+
+
+async def test_the_writer_raises_alerts_while_nobody_watches(world: World) -> None:
+    """No WatchFunds stream is open (the gateway's poller is stopped); the ledger writer's alert
+    watch still records the 90 % crossing of c-small, once, as the writer."""
+    from redis.asyncio import Redis
+
+    from server.processes.alert_watch import run_alert_watch
+
+    assert world.gateway.poller is not None and not world.gateway.poller.running
+    counters = await BudgetReader(world.gateway.redis, world.env.keys).read(["c-small"])
+    committed = counters.category("c-small:fridge").reserved_fen + counters.category("c-small:fridge").spent_fen
+    if committed < 90_000:
+        async with world.terminal() as terminal:
+            approved = await terminal.authorize(
+                campaign_id="c-small", consumer_key=consumer_key(), lines=[Line("1", FRIDGE, (90_000 - committed) * 5)]
+            )
+        assert approved.decision == apb.DECISION_APPROVED
+    redis = Redis.from_url(world.env.redis_url)
+    stopping = asyncio.Event()
+    config = world.env.config(alert_check_interval_s=1, writer_consumer="writer-test")
+    task = asyncio.create_task(run_alert_watch(config, redis, stopping))
+    connection = await asyncpg.connect(world.env.pg_dsn, timeout=10)
+    try:
+        rows: list[Any] = []
+        for _ in range(100):  # bounded: about one check a second
+            rows = await connection.fetch(
+                "SELECT raised_by FROM supervision_alerts WHERE alert_key = 'BUDGET_THRESHOLD:c-small:fridge:90'"
+            )
+            if rows:
+                break
+            await asyncio.sleep(0.2)
+        assert [row["raised_by"] for row in rows] == ["writer-test"]
+        assert not world.gateway.poller.running
+    finally:
+        stopping.set()
+        await task
+        await connection.close()
+        await redis.aclose()
