@@ -90,6 +90,10 @@ class Unavailable(SubsidyError):
     """The gateway or a dependency did not answer; retried automatically with the same request_id."""
 
 
+class ResourceExhausted(SubsidyError):
+    """The caller reached a limit or did not keep up; retry later (not at once)."""
+
+
 class DeadlineExceeded(SubsidyError):
     """The deadline passed; the call may or may not have acted. Retry with the same request_id."""
 
@@ -137,6 +141,15 @@ class DependencyUnavailable(Unavailable):
     """A dependency of the gateway (Redis, a key it is not given) did not answer or is missing."""
 
 
+class RateLimited(ResourceExhausted):
+    """The caller reached a limit on how often it may do this (``metadata['limit']`` names it);
+    retry after it resets."""
+
+
+class SlowConsumer(ResourceExhausted):
+    """A stream (WatchFunds) was dropped because it was not read fast enough; open it again."""
+
+
 BY_REASON: dict[str, type[SubsidyError]] = {
     "INVALID_FIELD": InvalidField,
     "TOO_MANY_LINES": TooManyLines,
@@ -152,6 +165,8 @@ BY_REASON: dict[str, type[SubsidyError]] = {
     "NOT_FOUND": NotFound,
     "ALREADY_EXISTS": AlreadyExists,
     "STORE_OUTSIDE_REGION": StoreOutsideRegion,
+    "RATE_LIMITED": RateLimited,
+    "SLOW_CONSUMER": SlowConsumer,
 }
 
 BY_CODE: dict[grpc.StatusCode, type[SubsidyError]] = {
@@ -163,6 +178,7 @@ BY_CODE: dict[grpc.StatusCode, type[SubsidyError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.INTERNAL: InternalError,
 }
 
