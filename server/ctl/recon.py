@@ -4,8 +4,9 @@
     subsidyctl recon import FILE --channel C --date D [--mapping YAML] [--good-lines]
     subsidyctl recon show [--channel C] [--date D] [--run ID] [--history] [--matched]
     subsidyctl recon export (--run ID | --channel C --date D) --format csv|xlsx [--out FILE]
+    subsidyctl recon resolve --run ID --position N --reason TEXT
 
-``import`` needs an operator's credential; ``show`` and ``export`` an operator's or a
+``import`` and ``resolve`` need an operator's credential; ``show`` and ``export`` an operator's or a
 government user's. ``show`` without a run (no --run, not both --channel and --date) lists the
 runs; with one, its summary and its exception lines. ``--json`` (before or after the command)
 prints JSON (amounts in fen); tables show yuan. Exit status 1 when an import rejected lines or
@@ -124,6 +125,8 @@ def line_row(line: pb.ReconciliationLine) -> dict[str, Any]:
         "ledger": yuan(line.ledger_subsidy_fen),
         "difference": yuan(line.difference_fen),
         "order_diff": yuan(line.order_difference_fen),
+        "position": line.position,
+        "resolved": f"{line.resolved_by}: {line.resolution}" if line.resolved_by else "",
         "error": line.error,
     }
 
@@ -251,6 +254,29 @@ def show(settings: Settings, channel: str, business_date: str, run_id: str, hist
     summary = run(settings, detail, ReconciliationClient)
     if summary.exception_lines:
         raise click.exceptions.Exit(EXIT_PROBLEM)
+
+
+@recon.command("resolve")
+@click.option("--run", "run_id", required=True, help="the run id")
+@click.option("--position", required=True, type=click.IntRange(1), help="the line's position (show --json: position)")
+@click.option("--reason", required=True, help="why it is resolved (1-500 characters)")
+@json_option
+@pass_settings
+def resolve(settings: Settings, run_id: str, position: int, reason: str) -> None:
+    """Mark one exception line resolved, saying why (operators; who and when are recorded)."""
+
+    async def go(client: Any) -> pb.ResolveReconciliationLineResponse:
+        response: pb.ResolveReconciliationLineResponse = await client.resolve(
+            run_id, position, reason, request_id=new_request_id()
+        )
+        return response
+
+    response = run(settings, go, ReconciliationClient)
+    if settings.json_output:
+        echo_json(to_dict(response))
+    else:
+        click.echo(format_table([line_row(response.line)]))
+        click.echo(f"resolved by {response.line.resolved_by}: {response.line.resolution}")
 
 
 @recon.command("export")

@@ -54,6 +54,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("渠道时间", "channel_time", lambda line: _time(line["channel_time"]), width=26),
     Column("台账时间", "ledger_time", lambda line: _time(line["ledger_time"]), width=26),
     Column("说明", "error", lambda line: line["error"], width=40),
+    Column("处理人", "resolved_by", lambda line: line.get("resolved_by", ""), width=16),
+    Column("处理时间", "resolved_at", lambda line: _time(line.get("resolved_at")), width=26),
+    Column("处理说明", "resolution", lambda line: line.get("resolution", ""), width=40),
 )
 
 

@@ -43,6 +43,12 @@ FILE_BYTES_MAX = 1 << 30
 SPOOL_BYTES = 8 << 20
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
 READERS = (OPERATOR, GOVERNMENT)
+REASON_LENGTH_MAX = 500
+RESOLVE_REFUSALS = {
+    "MATCHED": "a matched line is not an exception: there is nothing to resolve",
+    "RESOLVED": "this line is already resolved",
+    "SUPERSEDED": "this run was superseded by a corrected file: resolve the line in the current run",
+}
 METHOD = "ImportSettlementFile"
 MODES = {
     reconciliation_pb2.SETTLEMENT_IMPORT_MODE_UNSPECIFIED: reconciliation.ALL_OR_NOTHING,
@@ -100,6 +106,7 @@ def run_message(run: dict[str, Any]) -> reconciliation_pb2.ReconciliationRun:
         channel_net_subsidy_fen=run["channel_net_subsidy_fen"],
         ledger_net_subsidy_fen=run["ledger_net_subsidy_fen"],
         exception_lines=sum(counts[status][0] for status in counts if status != "MATCHED"),
+        resolved_lines=run.get("resolved_lines", 0),
     )
     if run["superseded_at"] is not None:
         message.superseded_at.CopyFrom(_stamp(run["superseded_at"]))
@@ -123,7 +130,12 @@ def line_message(line: dict[str, Any]) -> reconciliation_pb2.ReconciliationLine:
         difference_fen=line["difference_fen"],
         order_difference_fen=line["order_difference_fen"],
         error=line["error"],
+        position=line["position"],
+        resolved_by=line.get("resolved_by", ""),
+        resolution=line.get("resolution", ""),
     )
+    if line.get("resolved_at") is not None:
+        message.resolved_at.CopyFrom(_stamp(line["resolved_at"]))
     if line["channel_time"] is not None:
         message.channel_time.CopyFrom(_stamp(line["channel_time"]))
     if line["ledger_time"] is not None:
@@ -253,6 +265,38 @@ class ReconciliationService(reconciliation_pb2_grpc.ReconciliationServiceService
             lines_received=outcome.lines_received,
             lines_rejected=outcome.lines_rejected,
         )
+
+    async def ResolveReconciliationLine(
+        self, request: reconciliation_pb2.ResolveReconciliationLineRequest, context: grpc.aio.ServicerContext
+    ) -> reconciliation_pb2.ResolveReconciliationLineResponse:
+        caller(OPERATOR)
+        try:
+            run_id = str(uuid.UUID(request.run_id.strip()))
+        except ValueError:
+            raise InvalidField("run_id", "must be a UUID") from None
+        if request.position <= 0:
+            raise InvalidField("position", "must be a line's position (ReconciliationLine.position)")
+        reason = request.reason.strip()
+        if not reason or len(reason) > REASON_LENGTH_MAX:
+            raise InvalidField("reason", f"must say why, in 1-{REASON_LENGTH_MAX} characters")
+        request.run_id, request.reason = run_id, reason
+        target = reconciliation.line_target(run_id, request.position)
+        action = begin_action(reconciliation.RESOLVE_ACTION, request, "reconciliation_line", target)
+        pool = await self._pool.get()
+        try:
+            async with pool.acquire() as connection:
+                found = await reconciliation.resolve_line(connection, action, run_id, request.position, reason)
+        except reconciliation.NotResolvable as refused:
+            raise ApiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                common_pb2.ERROR_REASON_INVALID_STATE,
+                RESOLVE_REFUSALS[refused.state],
+                {"state": refused.state},
+            ) from None
+        if found is None:
+            raise NotFound("reconciliation line", target)
+        line, replayed = found
+        return reconciliation_pb2.ResolveReconciliationLineResponse(line=line_message(line), replayed=replayed)
 
     async def ListReconciliationRuns(
         self, request: reconciliation_pb2.ListReconciliationRunsRequest, context: grpc.aio.ServicerContext

@@ -70,7 +70,9 @@ STAGING_COLUMNS = (
 RUN_COLUMNS = (
     "run_id, channel, business_date, file_name, file_sha256, mapping_name, mode, imported_by, imported_at,"
     " superseded_at, superseded_by_run_id, supersedes_run_id, file_lines, ignored_lines, ledger_items, counts,"
-    " channel_net_subsidy_fen, ledger_net_subsidy_fen, day_starts_at, day_ends_at"
+    " channel_net_subsidy_fen, ledger_net_subsidy_fen, day_starts_at, day_ends_at,"
+    " (SELECT count(*) FROM operator_actions WHERE action = 'ResolveReconciliationLine'"
+    " AND target_kind = 'reconciliation_line' AND target_id LIKE run_id::text || ':%') AS resolved_lines"
 )
 
 
@@ -159,18 +161,87 @@ async def list_runs(
     return [dict(row) for row in rows]
 
 
+# A line's resolution is an operator action (who, when, why), kept in the audit trail: the
+# results themselves never change.
+RESOLVE_ACTION = "ResolveReconciliationLine"
+LINE_COLUMNS = ", ".join(f"line.{column}" for column in RESULT_COLUMNS[1:])
+RESOLUTION_JOIN = (
+    " LEFT JOIN operator_actions AS resolved ON resolved.action = 'ResolveReconciliationLine'"
+    " AND resolved.target_kind = 'reconciliation_line'"
+    " AND resolved.target_id = line.run_id::text || ':' || line.position::text"
+)
+RESOLUTION_COLUMNS = (
+    "coalesce(resolved.operator_id, '') AS resolved_by, resolved.acted_at AS resolved_at,"
+    " coalesce(resolved.details->>'reason', '') AS resolution"
+)
+
+
+class NotResolvable(Exception):
+    """The line cannot be marked resolved: ``state`` says why (MATCHED, RESOLVED, SUPERSEDED)."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+
+def line_target(run_id: Any, position: int) -> str:
+    return f"{run_id}:{position}"
+
+
 async def stream_lines(
     connection: asyncpg.Connection, run_id: Any, include_matched: bool
 ) -> AsyncIterator[dict[str, Any]]:
-    """A run's result lines in position order (file lines, then ledger items the file lacks);
-    only the exceptions unless ``include_matched``. Needs a transaction (a cursor)."""
+    """A run's result lines in position order (file lines, then ledger items the file lacks),
+    with their resolution when one was recorded; only the exceptions unless ``include_matched``.
+    Needs a transaction (a cursor)."""
     query = (
-        f"SELECT {', '.join(RESULT_COLUMNS[2:])} FROM reconciliation_lines WHERE run_id = $1"
-        + ("" if include_matched else " AND status <> 'MATCHED'")
-        + " ORDER BY position"
+        f"SELECT {LINE_COLUMNS}, {RESOLUTION_COLUMNS} FROM reconciliation_lines AS line{RESOLUTION_JOIN}"
+        " WHERE line.run_id = $1"
+        + ("" if include_matched else " AND line.status <> 'MATCHED'")
+        + " ORDER BY line.position"
     )
     async for row in connection.cursor(query, run_id, prefetch=2_000):
         yield dict(row)
+
+
+async def resolve_line(
+    connection: asyncpg.Connection, action: Action, run_id: Any, position: int, reason: str
+) -> tuple[dict[str, Any], bool] | None:
+    """Records the resolution of one exception line; returns (the line, whether this was a
+    replay of the same request), or None when the run has no such line. Raises
+    ``NotResolvable`` for a MATCHED line, one already resolved, or one of a superseded run."""
+    async with connection.transaction():
+        found = await connection.fetchrow(
+            "SELECT line.status, run.superseded_at FROM reconciliation_lines AS line"
+            " JOIN reconciliation_runs AS run USING (run_id) WHERE line.run_id = $1 AND line.position = $2"
+            " FOR UPDATE OF line",
+            run_id,
+            position,
+        )
+        if found is None:
+            return None
+        details = {"run_id": str(run_id), "position": position, "reason": reason}
+        replayed = await record(connection, action, details, Scope()) is None
+        if not replayed:
+            if found["status"] == "MATCHED":
+                raise NotResolvable("MATCHED")
+            if found["superseded_at"] is not None:
+                raise NotResolvable("SUPERSEDED")
+            earlier = await connection.fetchval(
+                "SELECT count(*) FROM operator_actions WHERE action = $1 AND target_kind = 'reconciliation_line'"
+                " AND target_id = $2",
+                RESOLVE_ACTION,
+                line_target(run_id, position),
+            )
+            if earlier > 1:
+                raise NotResolvable("RESOLVED")
+        line = await connection.fetchrow(
+            f"SELECT {LINE_COLUMNS}, {RESOLUTION_COLUMNS} FROM reconciliation_lines AS line{RESOLUTION_JOIN}"
+            " WHERE line.run_id = $1 AND line.position = $2 ORDER BY resolved.acted_at LIMIT 1",
+            run_id,
+            position,
+        )
+    return dict(line), replayed
 
 
 def _staging_row(item: ChannelLine | BadLine) -> tuple[Any, ...]:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from subsidy_client import RetryPolicy
-from subsidy_client.errors import IdempotencyConflict, InvalidArgument, NotFound, PermissionDenied
+from subsidy_client.errors import FailedPrecondition, IdempotencyConflict, InvalidArgument, NotFound, PermissionDenied
 from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.v1 import reconciliation_pb2 as pb
 
@@ -541,5 +541,64 @@ async def test_subsidyctl_recon_commands(world: World, tmp_path: Path) -> None:
     assert exported.exit_code == 0, exported.output
     assert openpyxl.load_workbook(out, read_only=True).sheetnames == ["异常明细", "说明"]
 
+    position = next(line["position"] for line in document["lines"] if "MISSING_IN_LEDGER" in line["status"])
+    resolved = await ctl(
+        world, OPERATOR, "recon", "resolve", "--run", run_id, "--position", str(position), "--reason", "not ours"
+    )
+    assert resolved.exit_code == 0 and f"resolved by {OPERATOR}: not ours" in resolved.stdout, resolved.output
     refused = await ctl(world, GOVERNMENT, "recon", "import", str(exceptions), "--channel", "cli-gov", "--date", day)
     assert refused.exit_code == 1 and "PERMISSION_DENIED" in refused.output
+
+
+async def test_exceptions_are_resolved_by_operators_with_who_when_why(world: World) -> None:
+    """An operator resolves an exception with a reason: the line then carries who, when and
+    why (the results themselves unchanged), the run counts it, the export shows it; the same
+    request again is a replay; a second resolution, a MATCHED line, a superseded run's line or
+    a government user are refused, and an unknown line is NOT_FOUND."""
+    case = with_exceptions(world)
+    day = world.day.isoformat()
+    async with world.client(OPERATOR) as operator:
+        answer = await import_bytes(operator, case.file, business_date=day, channel="resolve-day")
+        run_id = answer.run.run_id
+        lines = await results(operator, run_id)
+        mismatch = next(line for line in lines if line.status == STATUS.RECONCILIATION_STATUS_AMOUNT_MISMATCH)
+        matched = next(line for line in lines if line.status == STATUS.RECONCILIATION_STATUS_MATCHED)
+        request_id = str(uuid.uuid4())
+        resolved = await operator.resolve(run_id, mismatch.position, "渠道已于次日冲正 1.23 元", request_id=request_id)
+        assert not resolved.replayed and resolved.line.resolved_by == OPERATOR
+        assert resolved.line.resolution == "渠道已于次日冲正 1.23 元" and resolved.line.resolved_at.seconds > 0
+        assert resolved.line.difference_fen == 123  # the result itself is as it was
+        again = await operator.resolve(run_id, mismatch.position, "渠道已于次日冲正 1.23 元", request_id=request_id)
+        assert again.replayed and again.line.resolved_at == resolved.line.resolved_at
+        with pytest.raises(FailedPrecondition) as twice:
+            await operator.resolve(run_id, mismatch.position, "again")
+        assert twice.value.metadata["state"] == "RESOLVED"
+        with pytest.raises(FailedPrecondition) as not_exception:
+            await operator.resolve(run_id, matched.position, "nothing to do")
+        assert not_exception.value.metadata["state"] == "MATCHED"
+        with pytest.raises(NotFound):
+            await operator.resolve(run_id, 10**9, "no such line")
+        with pytest.raises(InvalidArgument) as no_reason:
+            await operator.resolve(run_id, mismatch.position, "  ")
+        assert no_reason.value.metadata["field"] == "reason"
+        [listed] = await operator.list(channel="resolve-day")
+        assert listed.resolved_lines == 1 and listed.exception_lines == 4
+        shown = {line.position: line for line in await results(operator, run_id, include_matched=False)}
+        assert shown[mismatch.position].resolved_by == OPERATOR
+        parts = [part async for part in operator.export(run_id)]
+        records = list(csv.DictReader(io.StringIO(b"".join(part.chunk for part in parts).decode("utf-8-sig"))))
+        assert [record["处理说明"] for record in records if record["状态"] == "金额不符"] == [
+            "渠道已于次日冲正 1.23 元"
+        ]
+
+        corrected = await import_bytes(
+            operator, encode(numbered(mirrored(world.items))), business_date=day, channel="resolve-day"
+        )
+        assert corrected.run.supersedes_run_id == run_id
+        missing = next(line for line in lines if line.status == STATUS.RECONCILIATION_STATUS_MISSING_IN_LEDGER)
+        with pytest.raises(FailedPrecondition) as superseded:
+            await operator.resolve(run_id, missing.position, "too late")
+        assert superseded.value.metadata["state"] == "SUPERSEDED"
+    async with world.client(GOVERNMENT) as government:
+        with pytest.raises(PermissionDenied):
+            await government.resolve(run_id, missing.position, "not mine to say")

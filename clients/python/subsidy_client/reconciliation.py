@@ -1,6 +1,6 @@
 """Bill reconciliation (``subsidy.v1.ReconciliationService``): import a payment channel's daily
-settlement file (operators), list runs, stream a run's results, download its exceptions as CSV
-or XLSX (operators and government users).
+settlement file and mark exceptions resolved (operators), list runs, stream a run's results,
+download its exceptions as CSV or XLSX (operators and government users).
 
 Example::
 
@@ -79,6 +79,15 @@ class ReconciliationClient(SignedClient):
             return response
         except grpc.aio.AioRpcError as rpc_error:
             raise from_rpc_error(rpc_error) from None
+
+    async def resolve(
+        self, run_id: str, position: int, reason: str, *, request_id: str | None = None
+    ) -> pb.ResolveReconciliationLineResponse:
+        """Marks an exception line resolved (operators): who and when are recorded with the reason."""
+        request = pb.ResolveReconciliationLineRequest(
+            request_id=request_id or str(uuid.uuid4()), run_id=run_id, position=position, reason=reason
+        )
+        return await self._call(SERVICE + "ResolveReconciliationLine", request, pb.ResolveReconciliationLineResponse)
 
     async def list(
         self,

@@ -369,6 +369,7 @@ class ReconciliationRun(_message.Message):
     CHANNEL_NET_SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     LEDGER_NET_SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     EXCEPTION_LINES_FIELD_NUMBER: _builtins.int
+    RESOLVED_LINES_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """A UUID."""
     channel: _builtins.str
@@ -394,6 +395,8 @@ class ReconciliationRun(_message.Message):
     ledger_net_subsidy_fen: _builtins.int
     exception_lines: _builtins.int
     """Result lines that are not MATCHED."""
+    resolved_lines: _builtins.int
+    """Exception lines marked resolved (ResolveReconciliationLine)."""
     @_builtins.property
     def imported_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -426,10 +429,11 @@ class ReconciliationRun(_message.Message):
         channel_net_subsidy_fen: _builtins.int = ...,
         ledger_net_subsidy_fen: _builtins.int = ...,
         exception_lines: _builtins.int = ...,
+        resolved_lines: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["imported_at", b"imported_at", "superseded_at", b"superseded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_date", b"business_date", "channel", b"channel", "channel_net_subsidy_fen", b"channel_net_subsidy_fen", "counts", b"counts", "exception_lines", b"exception_lines", "file_lines", b"file_lines", "file_name", b"file_name", "file_sha256", b"file_sha256", "ignored_lines", b"ignored_lines", "imported_at", b"imported_at", "imported_by", b"imported_by", "ledger_items", b"ledger_items", "ledger_net_subsidy_fen", b"ledger_net_subsidy_fen", "mapping_name", b"mapping_name", "mode", b"mode", "run_id", b"run_id", "superseded_at", b"superseded_at", "superseded_by_run_id", b"superseded_by_run_id", "supersedes_run_id", b"supersedes_run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_date", b"business_date", "channel", b"channel", "channel_net_subsidy_fen", b"channel_net_subsidy_fen", "counts", b"counts", "exception_lines", b"exception_lines", "file_lines", b"file_lines", "file_name", b"file_name", "file_sha256", b"file_sha256", "ignored_lines", b"ignored_lines", "imported_at", b"imported_at", "imported_by", b"imported_by", "ledger_items", b"ledger_items", "ledger_net_subsidy_fen", b"ledger_net_subsidy_fen", "mapping_name", b"mapping_name", "mode", b"mode", "resolved_lines", b"resolved_lines", "run_id", b"run_id", "superseded_at", b"superseded_at", "superseded_by_run_id", b"superseded_by_run_id", "supersedes_run_id", b"supersedes_run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,6 +562,10 @@ class ReconciliationLine(_message.Message):
     CHANNEL_TIME_FIELD_NUMBER: _builtins.int
     LEDGER_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    RESOLVED_BY_FIELD_NUMBER: _builtins.int
+    RESOLVED_AT_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
     status: Global___ReconciliationStatus.ValueType
     kind: Global___ReconciliationKind.ValueType
     line_number: _builtins.int
@@ -581,10 +589,19 @@ class ReconciliationLine(_message.Message):
     """Order amount difference, channel - ledger."""
     error: _builtins.str
     """For BAD_LINE: the column and the reason."""
+    position: _builtins.int
+    """The line's place in its run (file lines by line number, then the ledger items the file
+    lacks): what ResolveReconciliationLine names.
+    """
+    resolved_by: _builtins.str
+    """Set once an operator resolved the exception: who, when and why."""
+    resolution: _builtins.str
     @_builtins.property
     def channel_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def ledger_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolved_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -605,10 +622,14 @@ class ReconciliationLine(_message.Message):
         channel_time: _timestamp_pb2.Timestamp | None = ...,
         ledger_time: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
+        position: _builtins.int = ...,
+        resolved_by: _builtins.str = ...,
+        resolved_at: _timestamp_pb2.Timestamp | None = ...,
+        resolution: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["channel_time", b"channel_time", "ledger_time", b"ledger_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["channel_time", b"channel_time", "ledger_time", b"ledger_time", "resolved_at", b"resolved_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "channel_order_fen", b"channel_order_fen", "channel_subsidy_fen", b"channel_subsidy_fen", "channel_time", b"channel_time", "channel_txn_id", b"channel_txn_id", "difference_fen", b"difference_fen", "error", b"error", "kind", b"kind", "ledger_channel_reference", b"ledger_channel_reference", "ledger_event_id", b"ledger_event_id", "ledger_order_fen", b"ledger_order_fen", "ledger_subsidy_fen", b"ledger_subsidy_fen", "ledger_time", b"ledger_time", "line_number", b"line_number", "merchant_id", b"merchant_id", "order_difference_fen", b"order_difference_fen", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "channel_order_fen", b"channel_order_fen", "channel_subsidy_fen", b"channel_subsidy_fen", "channel_time", b"channel_time", "channel_txn_id", b"channel_txn_id", "difference_fen", b"difference_fen", "error", b"error", "kind", b"kind", "ledger_channel_reference", b"ledger_channel_reference", "ledger_event_id", b"ledger_event_id", "ledger_order_fen", b"ledger_order_fen", "ledger_subsidy_fen", b"ledger_subsidy_fen", "ledger_time", b"ledger_time", "line_number", b"line_number", "merchant_id", b"merchant_id", "order_difference_fen", b"order_difference_fen", "position", b"position", "resolution", b"resolution", "resolved_at", b"resolved_at", "resolved_by", b"resolved_by", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -698,6 +719,62 @@ class ExportReconciliationExceptionsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportReconciliationExceptionsRequest: _TypeAlias = ExportReconciliationExceptionsRequest  # noqa: Y015
+
+@_typing.final
+class ResolveReconciliationLineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """A UUID; the resolution is recorded in the operator audit trail under it."""
+    run_id: _builtins.str
+    position: _builtins.int
+    """ReconciliationLine.position."""
+    reason: _builtins.str
+    """Why it is resolved (e.g. "the channel re-credited 5.00 on 2026-03-03, ticket 1234"),
+    1-500 characters.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        position: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position", "reason", b"reason", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveReconciliationLineRequest: _TypeAlias = ResolveReconciliationLineRequest  # noqa: Y015
+
+@_typing.final
+class ResolveReconciliationLineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def line(self) -> Global___ReconciliationLine: ...
+    def __init__(
+        self,
+        *,
+        line: Global___ReconciliationLine | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["line", b"line"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveReconciliationLineResponse: _TypeAlias = ResolveReconciliationLineResponse  # noqa: Y015
 
 @_typing.final
 class ExportReconciliationExceptionsResponse(_message.Message):

@@ -63,6 +63,11 @@ class ReconciliationServiceStub:
                 request_serializer=subsidy_dot_v1_dot_reconciliation__pb2.ExportReconciliationExceptionsRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_reconciliation__pb2.ExportReconciliationExceptionsResponse.FromString,
                 _registered_method=True)
+        self.ResolveReconciliationLine = channel.unary_unary(
+                '/subsidy.v1.ReconciliationService/ResolveReconciliationLine',
+                request_serializer=subsidy_dot_v1_dot_reconciliation__pb2.ResolveReconciliationLineRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_reconciliation__pb2.ResolveReconciliationLineResponse.FromString,
+                _registered_method=True)
 
 
 class ReconciliationServiceServicer:
@@ -112,6 +117,16 @@ class ReconciliationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveReconciliationLine(self, request, context):
+        """Marks one exception line resolved, saying why (operators; recorded in the operator audit
+        trail, which is where the resolution is kept: who, when, why). A MATCHED line, a line
+        already resolved, or one of a superseded run is FAILED_PRECONDITION (reason
+        INVALID_STATE); NOT_FOUND when no such line exists. The same request_id again is a replay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReconciliationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +149,11 @@ def add_ReconciliationServiceServicer_to_server(servicer, server):
                     servicer.ExportReconciliationExceptions,
                     request_deserializer=subsidy_dot_v1_dot_reconciliation__pb2.ExportReconciliationExceptionsRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_reconciliation__pb2.ExportReconciliationExceptionsResponse.SerializeToString,
+            ),
+            'ResolveReconciliationLine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveReconciliationLine,
+                    request_deserializer=subsidy_dot_v1_dot_reconciliation__pb2.ResolveReconciliationLineRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_reconciliation__pb2.ResolveReconciliationLineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -253,6 +273,33 @@ class ReconciliationService:
             '/subsidy.v1.ReconciliationService/ExportReconciliationExceptions',
             subsidy_dot_v1_dot_reconciliation__pb2.ExportReconciliationExceptionsRequest.SerializeToString,
             subsidy_dot_v1_dot_reconciliation__pb2.ExportReconciliationExceptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveReconciliationLine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.ReconciliationService/ResolveReconciliationLine',
+            subsidy_dot_v1_dot_reconciliation__pb2.ResolveReconciliationLineRequest.SerializeToString,
+            subsidy_dot_v1_dot_reconciliation__pb2.ResolveReconciliationLineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,12 @@ class ReconciliationServiceStub:
     """One run's exceptions as a file (CSV: UTF-8 with a BOM; XLSX), streamed in chunks; Chinese
     column headers, amounts in yuan with two decimals converted exactly from fen.
     """
+    ResolveReconciliationLine: _grpc.UnaryUnaryMultiCallable[_reconciliation_pb2.ResolveReconciliationLineRequest, _reconciliation_pb2.ResolveReconciliationLineResponse]
+    """Marks one exception line resolved, saying why (operators; recorded in the operator audit
+    trail, which is where the resolution is kept: who, when, why). A MATCHED line, a line
+    already resolved, or one of a superseded run is FAILED_PRECONDITION (reason
+    INVALID_STATE); NOT_FOUND when no such line exists. The same request_id again is a replay.
+    """
 
 @_typing.type_check_only
 class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
@@ -92,6 +98,12 @@ class ReconciliationServiceAsyncStub(ReconciliationServiceStub):
     ExportReconciliationExceptions: _aio.UnaryStreamMultiCallable[_reconciliation_pb2.ExportReconciliationExceptionsRequest, _reconciliation_pb2.ExportReconciliationExceptionsResponse]  # type: ignore[assignment]
     """One run's exceptions as a file (CSV: UTF-8 with a BOM; XLSX), streamed in chunks; Chinese
     column headers, amounts in yuan with two decimals converted exactly from fen.
+    """
+    ResolveReconciliationLine: _aio.UnaryUnaryMultiCallable[_reconciliation_pb2.ResolveReconciliationLineRequest, _reconciliation_pb2.ResolveReconciliationLineResponse]  # type: ignore[assignment]
+    """Marks one exception line resolved, saying why (operators; recorded in the operator audit
+    trail, which is where the resolution is kept: who, when, why). A MATCHED line, a line
+    already resolved, or one of a superseded run is FAILED_PRECONDITION (reason
+    INVALID_STATE); NOT_FOUND when no such line exists. The same request_id again is a replay.
     """
 
 class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,6 +158,18 @@ class ReconciliationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_reconciliation_pb2.ExportReconciliationExceptionsResponse], _abc.AsyncIterator[_reconciliation_pb2.ExportReconciliationExceptionsResponse]]:
         """One run's exceptions as a file (CSV: UTF-8 with a BOM; XLSX), streamed in chunks; Chinese
         column headers, amounts in yuan with two decimals converted exactly from fen.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveReconciliationLine(
+        self,
+        request: _reconciliation_pb2.ResolveReconciliationLineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reconciliation_pb2.ResolveReconciliationLineResponse, _abc.Awaitable[_reconciliation_pb2.ResolveReconciliationLineResponse]]:
+        """Marks one exception line resolved, saying why (operators; recorded in the operator audit
+        trail, which is where the resolution is kept: who, when, why). A MATCHED line, a line
+        already resolved, or one of a superseded run is FAILED_PRECONDITION (reason
+        INVALID_STATE); NOT_FOUND when no such line exists. The same request_id again is a replay.
         """
 
 def add_ReconciliationServiceServicer_to_server(servicer: ReconciliationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
