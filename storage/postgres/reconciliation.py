@@ -13,9 +13,11 @@ supersedes the current run, which is kept.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import csv
 import hashlib
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -270,20 +272,24 @@ async def _stage(
         " refund_fen bigint NOT NULL, channel_time timestamptz, error_column text NOT NULL, error text NOT NULL)"
         " ON COMMIT DROP"
     )
-    batch: list[tuple[Any, ...]] = []
-    for item in reader.read(file_rows(text)):
-        outcome.lines_received += 1
-        if isinstance(item, BadLine):
-            outcome.lines_rejected += 1
-            if len(outcome.errors) < ERRORS_MAX:
-                outcome.errors.append(item.error)
-            else:
-                outcome.errors_truncated = True
-        batch.append(_staging_row(item))
-        if len(batch) >= BATCH:
-            await connection.copy_records_to_table("settlement_staging", records=batch, columns=STAGING_COLUMNS)
-            batch = []
-    if batch:
+    items = reader.read(file_rows(text))
+
+    def next_batch() -> list[tuple[Any, ...]]:
+        # Reading and checking a batch of lines is CPU work: it runs in a worker thread, so the
+        # gateway's event loop (authorizations) keeps being scheduled during a large import.
+        rows = []
+        for item in itertools.islice(items, BATCH):
+            outcome.lines_received += 1
+            if isinstance(item, BadLine):
+                outcome.lines_rejected += 1
+                if len(outcome.errors) < ERRORS_MAX:
+                    outcome.errors.append(item.error)
+                else:
+                    outcome.errors_truncated = True
+            rows.append(_staging_row(item))
+        return rows
+
+    while batch := await asyncio.to_thread(next_batch):
         await connection.copy_records_to_table("settlement_staging", records=batch, columns=STAGING_COLUMNS)
 
 
