@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from subsidy_client import AuthorizationClient, Line, RetryPolicy
 
 from server.ctl import main as subsidyctl
-from tests.conftest import Services, consumer_key, isolated_environment, running_gateway, serial
+from storage.devenv import Services
+from tests.conftest import consumer_key, isolated_environment, running_gateway, serial
 
 
 async def invoke(arguments: list[str]) -> Any:
