@@ -25,9 +25,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -44,7 +45,7 @@ from server.services.common import checked_timestamp
 from storage.postgres import alerts as alert_store
 from storage.postgres import daily_reports
 from storage.postgres import supervision as supervision_store
-from storage.postgres.pool import LazyPool
+from storage.postgres.pool import DATABASE_FAILURES, LazyPool
 from storage.redis.budget import BudgetCounters, BudgetReader
 
 pb = supervision_pb2
@@ -210,7 +211,7 @@ class FundsPoller:
         now_monotonic = time.monotonic()
         new_alerts: list[pb.Alert] = []
         if now_monotonic - self._ledger_read_at >= self.settings.ledger_refresh_s:
-            new_alerts += await self._read_ledger()
+            new_alerts += await self._guarded("ledger read", self._read_ledger())
             self._ledger_read_at = now_monotonic
         campaigns = sorted({plan.campaign_id for plan in self._plans})
         counters = await self._budgets.read(campaigns)
@@ -222,10 +223,11 @@ class FundsPoller:
         for plan in self._plans:
             budgets.append(self._figures(plan, counters, now_ms, crossings))
         if crossings:
-            new_alerts += await self._record(crossings)
+            new_alerts += await self._guarded("alert record", self._record(crossings))
         if now_monotonic - self._surge_checked_at >= self.settings.surge_check_interval_s:
             self._surge_checked_at = now_monotonic
-            new_alerts += await self.check_surges(datetime.fromtimestamp(now_ms / 1000, UTC))
+            moment = datetime.fromtimestamp(now_ms / 1000, UTC)
+            new_alerts += await self._guarded("surge check", self.check_surges(moment))
         self.sequence += 1
         snapshot = pb.WatchFundsResponse(
             taken_at=_timestamp(now_ms), sequence=self.sequence, budgets=budgets, alerts=new_alerts
@@ -233,6 +235,16 @@ class FundsPoller:
         self.latest = snapshot
         self.fan_out(snapshot)
         return snapshot
+
+    async def _guarded(self, what: str, work: Coroutine[Any, Any, list[pb.Alert]]) -> list[pb.Alert]:
+        """PostgreSQL work of a poll: when it fails (the database away), the poll still sends
+        the budgets it read from Redis; the work is tried again next time (an alert not yet
+        recorded stays unknown, so its crossing is recorded then)."""
+        try:
+            return await work
+        except DATABASE_FAILURES:
+            log.warning("supervision: %s failed; the budgets are still sent", what, exc_info=True)
+            return []
 
     def fan_out(self, snapshot: pb.WatchFundsResponse) -> int:
         """Offers the snapshot to every watcher without waiting; drops (and counts) each whose

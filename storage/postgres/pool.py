@@ -10,6 +10,14 @@ import asyncpg
 
 Connection = asyncpg.Connection
 Pool = asyncpg.Pool
+# What a failing or unreachable database raises, for callers above storage that carry on
+# without it (live supervision keeps sending Redis figures when PostgreSQL is away).
+DATABASE_FAILURES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 
 
 class LazyPool:

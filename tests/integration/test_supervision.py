@@ -580,3 +580,25 @@ async def test_the_writer_raises_alerts_while_nobody_watches(world: World) -> No
         await task
         await connection.close()
         await redis.aclose()
+
+
+async def test_budgets_still_flow_when_postgresql_fails(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """Once the budgets are known, a poll whose PostgreSQL work fails (here: its pool closed
+    under it) still reads Redis and sends every budget; only the ledger figures wait."""
+    pool = LazyPool(world.env.pg_dsn)
+    poller = FundsPoller(
+        BudgetReader(world.gateway.redis, world.env.keys),
+        pool,
+        BusinessCalendar(),
+        SupervisionSettings(ledger_refresh_s=0.0),
+        autostart=False,
+    )
+    first = await poller.tick()
+    await pool.close()
+    second = await poller.tick()
+    assert second.sequence == first.sequence + 1
+    assert [(item.campaign_id, item.category) for item in second.budgets] == [
+        (item.campaign_id, item.category) for item in first.budgets
+    ]
+    assert budget(second, "c-small", "fridge").budget_fen == 100_000
+    assert "supervision: ledger read failed" in caplog.text
