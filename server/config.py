@@ -133,6 +133,8 @@ class Config:
     supervision_poll_ms: int = 1000
     supervision_queue_size: int = 8
     alert_thresholds: str = "80,90,100"
+    # Per-campaign overrides, "c-main=50,75,100;c-voucher=95" (SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN).
+    alert_thresholds_by_campaign: str = ""
     surge_factor: float = 5.0
     surge_min_sales: int = 20
     surge_baseline_hours: int = 168
@@ -238,6 +240,7 @@ class Config:
             )
         _positive("SUBSIDY_SUPERVISION_QUEUE_SIZE", self.supervision_queue_size, 1000)
         self.alert_threshold_percents  # noqa: B018 (validates SUBSIDY_ALERT_THRESHOLDS)
+        self.alert_threshold_overrides  # noqa: B018 (validates SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN)
         if not 1.0 < self.surge_factor <= 1000.0:
             raise ConfigError(f"SUBSIDY_SURGE_FACTOR must be above 1 and at most 1000, got {self.surge_factor}")
         _positive("SUBSIDY_SURGE_MIN_SALES", self.surge_min_sales, 1_000_000)
@@ -252,19 +255,23 @@ class Config:
     def alert_threshold_percents(self) -> tuple[int, ...]:
         """SUBSIDY_ALERT_THRESHOLDS as percents: 1 to 10 whole numbers from 1 to 100, strictly
         increasing (``80,90,100``)."""
-        parts = [part.strip() for part in self.alert_thresholds.split(",")]
-        if not 1 <= len(parts) <= 10 or not all(part.isascii() and part.isdigit() for part in parts):
-            raise ConfigError(
-                "SUBSIDY_ALERT_THRESHOLDS must list 1 to 10 whole percentages, e.g. 80,90,100;"
-                f" got {self.alert_thresholds!r}"
-            )
-        values = tuple(int(part) for part in parts)
-        if not all(1 <= value <= 100 for value in values) or any(b <= a for a, b in itertools.pairwise(values)):
-            raise ConfigError(
-                "SUBSIDY_ALERT_THRESHOLDS must be strictly increasing percentages from 1 to 100;"
-                f" got {self.alert_thresholds!r}"
-            )
-        return values
+        return _percents("SUBSIDY_ALERT_THRESHOLDS", self.alert_thresholds)
+
+    @property
+    def alert_threshold_overrides(self) -> dict[str, tuple[int, ...]]:
+        """SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN: per-campaign overrides of the thresholds,
+        ``c-main=50,75,100;c-voucher=95`` (a campaign id, ``=``, its percents; ``;`` between)."""
+        variable = "SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN"
+        overrides: dict[str, tuple[int, ...]] = {}
+        for item in filter(None, (part.strip() for part in self.alert_thresholds_by_campaign.split(";"))):
+            campaign_id, equals, percents = item.partition("=")
+            campaign_id = campaign_id.strip()
+            if not equals or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", campaign_id):
+                raise ConfigError(f"{variable}: {item!r} is not <campaign id>=<percents>, e.g. c-main=50,75,100")
+            if campaign_id in overrides:
+                raise ConfigError(f"{variable}: campaign {campaign_id} is given twice")
+            overrides[campaign_id] = _percents(f"{variable} ({campaign_id})", percents)
+        return overrides
 
     @property
     def port(self) -> int:
@@ -283,6 +290,17 @@ class Config:
                 continue
             values[name] = _convert(variable, env[variable], default)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _percents(variable: str, text: str) -> tuple[int, ...]:
+    """1 to 10 whole percentages from 1 to 100, strictly increasing: ``80,90,100``."""
+    parts = [part.strip() for part in text.split(",")]
+    if not 1 <= len(parts) <= 10 or not all(part.isascii() and part.isdigit() for part in parts):
+        raise ConfigError(f"{variable} must list 1 to 10 whole percentages, e.g. 80,90,100; got {text!r}")
+    values = tuple(int(part) for part in parts)
+    if not all(1 <= value <= 100 for value in values) or any(b <= a for a, b in itertools.pairwise(values)):
+        raise ConfigError(f"{variable} must be strictly increasing percentages from 1 to 100; got {text!r}")
+    return values
 
 
 def _positive(variable: str, value: int, maximum: int) -> None:

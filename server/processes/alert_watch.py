@@ -39,6 +39,7 @@ def alert_poller(config: Config, redis: Redis, pool: LazyPool, raised_by: str) -
             poll_interval_ms=config.supervision_poll_ms,
             queue_size=config.supervision_queue_size,
             thresholds=config.alert_threshold_percents,
+            thresholds_by_campaign=config.alert_threshold_overrides,
             surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
             surge_check_interval_s=config.surge_check_interval_s,
             ledger_refresh_s=0.0,

@@ -247,6 +247,7 @@ async def create_server(config: Config) -> Application:
                 poll_interval_ms=config.supervision_poll_ms,
                 queue_size=config.supervision_queue_size,
                 thresholds=config.alert_threshold_percents,
+                thresholds_by_campaign=config.alert_threshold_overrides,
                 surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
                 surge_check_interval_s=config.surge_check_interval_s,
                 raised_by=config.redis_client_name,

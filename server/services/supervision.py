@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -67,6 +67,8 @@ class SupervisionSettings:
     poll_interval_ms: int = 1000
     queue_size: int = 8
     thresholds: tuple[int, ...] = (80, 90, 100)
+    # Campaigns with thresholds of their own (SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN).
+    thresholds_by_campaign: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     surge: rules.SurgeRule = field(default_factory=rules.SurgeRule)
     surge_check_interval_s: int = 60
     # How often the budgets, captures per minute and other processes' alerts are re-read.
@@ -276,7 +278,8 @@ class FundsPoller:
         remaining = rules.remaining_fen(plan.budget_fen, reading)
         exhaustion = rules.projected_exhaustion_ms(now_ms, plan.budget_fen, remaining, rates.burn_fen_per_minute)
         used = rules.used_ratio(plan.budget_fen, reading)
-        for threshold in rules.crossed_thresholds(plan.budget_fen, reading.committed_fen, self.settings.thresholds):
+        thresholds = self.settings.thresholds_by_campaign.get(plan.campaign_id, self.settings.thresholds)
+        for threshold in rules.crossed_thresholds(plan.budget_fen, reading.committed_fen, thresholds):
             alert_key = alert_store.budget_threshold_key(plan.campaign_id, plan.category, threshold)
             if alert_key not in self._known_alerts:
                 moment = datetime.fromtimestamp(now_ms / 1000, UTC)

@@ -543,6 +543,20 @@ async def test_report_show_lists_the_days_alerts_outside_its_hash(services: Serv
         assert human.exit_code == 0 and "alerts raised on" in human.stdout and "BUDGET_THRESHOLD" in human.stdout
 
 
+async def use_small_budget_up_to(world: World, committed_fen: int) -> None:
+    """Authorizes on c-small (20 % of the price) until reserved + spent is at least this much."""
+    counters = await BudgetReader(world.gateway.redis, world.env.keys).read(["c-small"])
+    committed = counters.category("c-small:fridge").reserved_fen + counters.category("c-small:fridge").spent_fen
+    if committed < committed_fen:
+        async with world.terminal() as terminal:
+            approved = await terminal.authorize(
+                campaign_id="c-small",
+                consumer_key=consumer_key(),
+                lines=[Line("1", FRIDGE, (committed_fen - committed) * 5)],
+            )
+        assert approved.decision == apb.DECISION_APPROVED
+
+
 async def test_the_writer_raises_alerts_while_nobody_watches(world: World) -> None:
     """No WatchFunds stream is open (the gateway's poller is stopped); the ledger writer's alert
     watch still records the 90 % crossing of c-small, once, as the writer."""
@@ -551,14 +565,7 @@ async def test_the_writer_raises_alerts_while_nobody_watches(world: World) -> No
     from server.processes.alert_watch import run_alert_watch
 
     assert world.gateway.poller is not None and not world.gateway.poller.running
-    counters = await BudgetReader(world.gateway.redis, world.env.keys).read(["c-small"])
-    committed = counters.category("c-small:fridge").reserved_fen + counters.category("c-small:fridge").spent_fen
-    if committed < 90_000:
-        async with world.terminal() as terminal:
-            approved = await terminal.authorize(
-                campaign_id="c-small", consumer_key=consumer_key(), lines=[Line("1", FRIDGE, (90_000 - committed) * 5)]
-            )
-        assert approved.decision == apb.DECISION_APPROVED
+    await use_small_budget_up_to(world, 90_000)
     redis = Redis.from_url(world.env.redis_url)
     stopping = asyncio.Event()
     config = world.env.config(alert_check_interval_s=1, writer_consumer="writer-test")
@@ -602,3 +609,28 @@ async def test_budgets_still_flow_when_postgresql_fails(world: World, caplog: py
     ]
     assert budget(second, "c-small", "fridge").budget_fen == 100_000
     assert "supervision: ledger read failed" in caplog.text
+
+
+async def test_a_campaign_with_thresholds_of_its_own(world: World) -> None:
+    """With c-small's thresholds overridden to 50 % and the default at 100 %, a poll records
+    c-small's 50 % crossing once it has used half, and nothing for the other campaigns."""
+    pool = LazyPool(world.env.pg_dsn)
+    poller = FundsPoller(
+        BudgetReader(world.gateway.redis, world.env.keys),
+        pool,
+        BusinessCalendar(),
+        SupervisionSettings(thresholds=(100,), thresholds_by_campaign={"c-small": (50,)}),
+        autostart=False,
+    )
+    await use_small_budget_up_to(world, 50_000)
+    try:
+        await poller.tick()
+        snapshot = await poller.tick()
+        assert budget(snapshot, "c-small", "fridge").used_ratio >= 0.5
+        connection = await pool.get()
+        keys = await alert_store.recorded_keys(
+            connection, ["BUDGET_THRESHOLD:c-small:fridge:50", "BUDGET_THRESHOLD:c-main:fridge:100"]
+        )
+        assert keys == {"BUDGET_THRESHOLD:c-small:fridge:50"}
+    finally:
+        await pool.close()

@@ -169,3 +169,17 @@ def test_alert_thresholds_setting() -> None:
         Config(supervision_poll_ms=50)
     with pytest.raises(ConfigError, match="SUBSIDY_SURGE_FACTOR"):
         Config(surge_factor=1.0)
+
+
+def test_per_campaign_thresholds() -> None:
+    """SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN overrides the thresholds of the campaigns it names."""
+    config = Config.from_env({"SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN": "c-main=50,75,100; c-voucher=95"})
+    assert config.alert_threshold_overrides == {"c-main": (50, 75, 100), "c-voucher": (95,)}
+    assert Config().alert_threshold_overrides == {}
+
+
+@pytest.mark.parametrize("text", ["c-main", "c-main=", "c main=50", "c-main=90,80", "c-main=50;c-main=60", "=50"])
+def test_per_campaign_thresholds_are_validated(text: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config(alert_thresholds_by_campaign=text)
+    assert "SUBSIDY_ALERT_THRESHOLDS_BY_CAMPAIGN" in str(raised.value)
