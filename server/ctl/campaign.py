@@ -13,6 +13,7 @@ import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client import SignedClient, SubsidyError
 from subsidy_client.v1 import campaign_pb2 as pb
+from subsidy_client.v1 import common_pb2
 
 from server.ctl.common import GATEWAY, Settings, emit, json_option, pass_settings, run
 from server.domain.reference import ReferenceError, parse_campaign
@@ -48,7 +49,12 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
         status={name: value for value, name in STATUSES.items()}[campaign.status],
         starts_at=_stamp(campaign.starts_at),
         ends_at=_stamp(campaign.ends_at),
+        # parse_campaign has already converted a GCJ-02 region (region_coordinate_system in the
+        # file) with the server's own code; what is sent is WGS-84, and says so.
         region_geojson=orjson.dumps(campaign.region).decode() if campaign.region else "",
+        region_coordinate_system=(
+            common_pb2.COORDINATE_SYSTEM_WGS84 if campaign.region else common_pb2.COORDINATE_SYSTEM_UNSPECIFIED
+        ),
         qualification_validity_s=campaign.qualification_validity_s,
         refund_policy={name: value for value, name in POLICIES.items()}[campaign.refund_policy],
         location_max_accuracy_m=campaign.location_max_accuracy_m,

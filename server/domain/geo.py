@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +147,26 @@ def to_wgs84(latitude: float, longitude: float, system: CoordinateSystem | None)
         converted_latitude, converted_longitude = gcj02_to_wgs84(latitude, longitude)
         return Point(converted_latitude, converted_longitude)
     raise CoordinateError("coordinate_system", "must be COORDINATE_SYSTEM_WGS84 or COORDINATE_SYSTEM_GCJ02")
+
+
+def region_to_wgs84(geojson: Mapping[str, Any], system: CoordinateSystem) -> dict[str, Any]:
+    """A GeoJSON Polygon or MultiPolygon given in ``system``, with every position in WGS-84.
+
+    Officials publish district boundaries in GCJ-02 (Chinese boundary data and every map SDK
+    use it); each vertex goes through the same ``gcj02_to_wgs84`` a claim's position does, so a
+    region and a phone's point reported in the same system land on the same side of the line.
+    The caller has checked the structure (shapely parsed it) and the degree ranges. A third
+    number in a position (altitude) is kept as it is."""
+    if system is CoordinateSystem.WGS84:
+        return dict(geojson)
+    polygons = [geojson["coordinates"]] if geojson["type"] == "Polygon" else geojson["coordinates"]
+    converted = [[[_position_to_wgs84(position) for position in ring] for ring in polygon] for polygon in polygons]
+    return {**geojson, "coordinates": converted[0] if geojson["type"] == "Polygon" else converted}
+
+
+def _position_to_wgs84(position: Sequence[float]) -> list[float]:
+    latitude, longitude = gcj02_to_wgs84(float(position[1]), float(position[0]))
+    return [longitude, latitude, *position[2:]]
 
 
 def distance_m(first: Point, second: Point) -> float:

@@ -14,13 +14,14 @@ from typing import Any
 import grpc
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
-from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
+from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc, common_pb2
 
 from server.domain.budget import released_by
+from server.domain.geo import CoordinateSystem
 from server.domain.reference import Campaign, ReferenceError, parse_campaign
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import invalid_field
-from server.services.common import checked_timestamp
+from server.services.common import COORDINATE_SYSTEMS, checked_timestamp
 from server.services.operations import OperatorDeps, already_exists, begin_action, not_found
 from storage.postgres.actions import Scope, publish_scope, record
 from storage.postgres.reference import fetch_campaign, lock_campaign, save_campaign
@@ -45,6 +46,17 @@ def _enum(value: int, names: dict[Any, str], field: str, default: str | None = N
     if value == 0 and default is not None:
         return default
     raise invalid_field(field, "must be one of " + ", ".join(sorted(names.values())))
+
+
+def _region_system(value: int) -> CoordinateSystem:
+    """The region's system; UNSPECIFIED is WGS-84, the region's contract before the field."""
+    if value == common_pb2.COORDINATE_SYSTEM_UNSPECIFIED:
+        return CoordinateSystem.WGS84
+    if value in COORDINATE_SYSTEMS:
+        return COORDINATE_SYSTEMS[value]
+    raise invalid_field(
+        "campaign.region_coordinate_system", "must be COORDINATE_SYSTEM_WGS84 or COORDINATE_SYSTEM_GCJ02"
+    )
 
 
 def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
@@ -96,6 +108,7 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
         "starts_at": _time(message.starts_at, message.HasField("starts_at"), "campaign.starts_at"),
         "ends_at": _time(message.ends_at, message.HasField("ends_at"), "campaign.ends_at"),
         "region": message.region_geojson or None,
+        "region_coordinate_system": _region_system(message.region_coordinate_system).value,
         "rules": rules,
         "qualification_validity_s": message.qualification_validity_s,
         "refund_policy": _enum(message.refund_policy, POLICIES, "campaign.refund_policy", default="COUNT_AS_USED"),
@@ -137,6 +150,9 @@ def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Camp
         starts_at=_stamp(row["starts_at"]),
         ends_at=_stamp(row["ends_at"]),
         region_geojson=region if isinstance(region, str) else (orjson.dumps(region).decode() if region else ""),
+        region_coordinate_system=(
+            common_pb2.COORDINATE_SYSTEM_WGS84 if region else common_pb2.COORDINATE_SYSTEM_UNSPECIFIED
+        ),
         qualification_validity_s=row["qualification_validity_s"],
         refund_policy=next(value for value, name in POLICIES.items() if name == row["refund_policy"]),
         location_max_accuracy_m=row["location_max_accuracy_m"],

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from subsidy_client.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -248,12 +249,15 @@ class Campaign(_message.Message):
     REDEEM_IN_REGION_ONLY_FIELD_NUMBER: _builtins.int
     PER_MERCHANT_DAILY_LIMIT_FIELD_NUMBER: _builtins.int
     RECLAIM_AFTER_EXPIRY_FIELD_NUMBER: _builtins.int
+    REGION_COORDINATE_SYSTEM_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """1-64 characters of [A-Za-z0-9_.-]."""
     name: _builtins.str
     status: Global___CampaignStatus.ValueType
     region_geojson: _builtins.str
-    """A GeoJSON Polygon or MultiPolygon in WGS-84 (longitude, latitude), or empty for none."""
+    """A GeoJSON Polygon or MultiPolygon (longitude, latitude) in region_coordinate_system, or
+    empty for none. Stored and answered in WGS-84.
+    """
     qualification_validity_s: _builtins.int
     """How long a claimed qualification stays valid, in seconds (0: not used by this campaign)."""
     refund_policy: Global___RefundPolicy.ValueType
@@ -280,6 +284,13 @@ class Campaign(_message.Message):
     quota still goes back to the pool for others); on, they may claim again. A round is the
     campaign. Only for campaigns that issue qualifications (INVALID_ARGUMENT otherwise).
     """
+    region_coordinate_system: _common_pb2.CoordinateSystem.ValueType
+    """The system region_geojson is given in: COORDINATE_SYSTEM_GCJ02 for boundaries taken from
+    Chinese boundary data or maps (the server converts every vertex to WGS-84, as it converts
+    a claim's GCJ-02 position), COORDINATE_SYSTEM_WGS84 for GPS surveys. UNSPECIFIED means
+    WGS-84, the region's contract before this field, so existing clients keep working; any
+    other value is INVALID_ARGUMENT naming this field. Answers carry WGS84 with a region.
+    """
     @_builtins.property
     def starts_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -303,10 +314,11 @@ class Campaign(_message.Message):
         redeem_in_region_only: _builtins.bool = ...,
         per_merchant_daily_limit: _builtins.int | None = ...,
         reclaim_after_expiry: _builtins.bool = ...,
+        region_coordinate_system: _common_pb2.CoordinateSystem.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "ends_at", b"ends_at", "per_merchant_daily_limit", b"per_merchant_daily_limit", "starts_at", b"starts_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "per_merchant_daily_limit", b"per_merchant_daily_limit", "qualification_validity_s", b"qualification_validity_s", "reclaim_after_expiry", b"reclaim_after_expiry", "redeem_in_region_only", b"redeem_in_region_only", "refund_policy", b"refund_policy", "region_geojson", b"region_geojson", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "per_merchant_daily_limit", b"per_merchant_daily_limit", "qualification_validity_s", b"qualification_validity_s", "reclaim_after_expiry", b"reclaim_after_expiry", "redeem_in_region_only", b"redeem_in_region_only", "refund_policy", b"refund_policy", "region_coordinate_system", b"region_coordinate_system", "region_geojson", b"region_geojson", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["per_merchant_daily_limit"]  # noqa: Y015
     _WhichOneofArgType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit"]  # noqa: Y015
