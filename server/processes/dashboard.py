@@ -34,6 +34,10 @@ role checks decide what a user may read, exactly as for ``subsidyctl --operator 
   ``DailyReportService.ExportDailyReport`` to the browser chunk by chunk; likewise a bill
   reconciliation run's exceptions (``ReconciliationService``): the runs, the first exception
   lines of one, and ``/reconciliation/{run}/exceptions.{csv|xlsx}``.
+- **Complaints.** ``/api/complaints`` relays ``ComplaintService.GetTicketCounts`` (the
+  gateway lets government users read the counts, nothing of the tickets themselves): tickets
+  opened, resolved, rejected and overdue per business day for the last COMPLAINT_DAYS days, and
+  the open backlog with how much of it is past a deadline.
 
 Money is integer fen on the wire; every amount the page shows is the exact yuan text of those
 integers (``server.domain.daily_report.yuan``), beside the integer for the charts.
@@ -76,7 +80,7 @@ from subsidy_client.errors import (
 from subsidy_client.reconciliation import ReconciliationClient
 from subsidy_client.reports import DailyReportClient
 from subsidy_client.supervision import SupervisionClient
-from subsidy_client.v1 import daily_report_pb2, reconciliation_pb2, reporting_pb2, supervision_pb2
+from subsidy_client.v1 import complaints_pb2, daily_report_pb2, reconciliation_pb2, reporting_pb2, supervision_pb2
 
 from server import logs
 from server.config import Config, ConfigError
@@ -88,6 +92,7 @@ log = logging.getLogger("subsidy.dashboard")
 
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
 REPORTING = "/subsidy.v1.ReportingService/"
+COMPLAINTS = "/subsidy.v1.ComplaintService/"
 COOKIE = "dashboard_session"
 SECURE_COOKIE = "__Host-dashboard_session"
 # Gateway calls: one attempt more on UNAVAILABLE, each within this deadline.
@@ -107,6 +112,8 @@ ALERTS_LISTED = 100
 RUNS_LISTED = 30
 # Exception lines of one reconciliation run shown in the page (the export has them all).
 EXCEPTIONS_SHOWN = 200
+# Business days of complaint counts the page shows, today included.
+COMPLAINT_DAYS = 7
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RECONCILIATION_FORMATS = {
     "csv": reconciliation_pb2.RECONCILIATION_EXPORT_FORMAT_CSV,
@@ -167,6 +174,12 @@ class BureauClient(DailyReportClient):
     async def ledger_status(self) -> reporting_pb2.GetLedgerStatusResponse:
         request = reporting_pb2.GetLedgerStatusRequest()
         return await self._call(REPORTING + "GetLedgerStatus", request, reporting_pb2.GetLedgerStatusResponse)
+
+    async def ticket_counts(self) -> complaints_pb2.GetTicketCountsResponse:
+        """The complaints desk's counts for the gateway's default window (the last 30 business
+        days, today last) and its open backlog now."""
+        request = complaints_pb2.GetTicketCountsRequest()
+        return await self._call(COMPLAINTS + "GetTicketCounts", request, complaints_pb2.GetTicketCountsResponse)
 
 
 class LoginRefused(Exception):
@@ -349,6 +362,27 @@ def run_json(run: reconciliation_pb2.ReconciliationRun) -> dict[str, Any]:
             }
             for count in run.counts
         ],
+    }
+
+
+def complaints_json(counts: complaints_pb2.GetTicketCountsResponse) -> dict[str, Any]:
+    """Today (the gateway's last business day), the COMPLAINT_DAYS days up to it, newest first,
+    and the backlog."""
+    days = [
+        {
+            "business_date": day.business_date,
+            "opened": day.opened,
+            "resolved": day.resolved,
+            "rejected": day.rejected,
+            "overdue": day.overdue,
+        }
+        for day in reversed(counts.days[-COMPLAINT_DAYS:])
+    ]
+    return {
+        "today": days[0] if days else None,
+        "days": days,
+        "open_now": counts.open_now,
+        "overdue_now": counts.overdue_now,
     }
 
 
@@ -739,6 +773,14 @@ async def api_alerts(request: web.Request) -> web.StreamResponse:
         return _failure(_dashboard(request), session, error)
 
 
+async def api_complaints(request: web.Request) -> web.StreamResponse:
+    session = _session_or_401(request)
+    try:
+        return _json(complaints_json(await session.client.ticket_counts()))
+    except SubsidyError as error:
+        return _failure(_dashboard(request), session, error)
+
+
 async def api_reports(request: web.Request) -> web.StreamResponse:
     session = _session_or_401(request)
     try:
@@ -904,6 +946,7 @@ def create_app(config: Config, channel: grpc.aio.Channel, secure: bool) -> web.A
     app.router.add_get("/api/today", api_today)
     app.router.add_get("/api/alerts", api_alerts)
     app.router.add_get("/api/reports", api_reports)
+    app.router.add_get("/api/complaints", api_complaints)
     app.router.add_get("/events", events)
     app.router.add_get(r"/reports/{date}/{table}.{extension}", download)
     app.router.add_get("/api/reconciliation", api_reconciliation)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import uuid
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -18,11 +19,19 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from subsidy_client.v1 import daily_report_pb2, supervision_pb2
+from subsidy_client import RetryPolicy, SignedClient
+from subsidy_client.v1 import complaints_pb2, daily_report_pb2, supervision_pb2
 
 from server.commands.certs import issue, make_ca
 from server.domain.daily_report import yuan
-from server.processes.dashboard import BureauClient, Sessions, SnapshotRelay, start_dashboard
+from server.processes.dashboard import (
+    COMPLAINTS,
+    BureauClient,
+    Sessions,
+    SnapshotRelay,
+    complaints_json,
+    start_dashboard,
+)
 from storage.devenv import Services
 from tests.conftest import running_gateway
 from tests.integration.dashboard_world import AUDITOR, GOVERNMENT, OPERATOR, TERMINAL, DashboardWorld, dashboard_world
@@ -296,6 +305,50 @@ async def test_the_page_and_its_scripts_are_served_and_nothing_else(world: Dashb
         for path in ("/static/", "/static/..%2Fdashboard.py", "/static/dashboard.html", "/static/nope.js"):
             assert (await session.get(path)).status == 404, path
         assert (await session.get("/health")).status == 200
+
+
+async def ticket_counts(world: DashboardWorld) -> complaints_pb2.GetTicketCountsResponse:
+    """What the gateway answers the government credential directly."""
+    async with SignedClient(
+        world.target, GOVERNMENT, world.credentials[GOVERNMENT], retry=RetryPolicy(max_attempts=1)
+    ) as client:
+        return await client._call(
+            COMPLAINTS + "GetTicketCounts",
+            complaints_pb2.GetTicketCountsRequest(),
+            complaints_pb2.GetTicketCountsResponse,
+        )
+
+
+async def test_the_complaints_panel_shows_the_gateways_ticket_counts(world: DashboardWorld) -> None:
+    """/api/complaints is GetTicketCounts as the gateway answers the same government user: after
+    a merchant's terminal opens a ticket, today's opened count and the open backlog are one
+    higher than before it, and every day shown (the last seven, newest first) carries the
+    gateway's figures. Without a session it is 401 like every read."""
+    async with browser(world) as session:
+        assert (await session.get("/api/complaints")).status == 401
+        await sign_in(session, GOVERNMENT, world.credentials[GOVERNMENT])
+        before = await (await session.get("/api/complaints")).json()
+        async with SignedClient(
+            world.target, TERMINAL, world.credentials[TERMINAL], retry=RetryPolicy(max_attempts=1)
+        ) as terminal:
+            await terminal._call(
+                COMPLAINTS + "OpenMerchantTicket",
+                complaints_pb2.OpenMerchantTicketRequest(
+                    request_id=str(uuid.uuid4()),
+                    category=complaints_pb2.TICKET_CATEGORY_OTHER,
+                    link=complaints_pb2.TicketLink(merchant_id="m-main"),
+                    text="收银台无法核销",
+                ),
+                complaints_pb2.OpenMerchantTicketResponse,
+            )
+        shown = await (await session.get("/api/complaints")).json()
+        counts = await ticket_counts(world)
+    assert shown == complaints_json(counts)
+    assert shown["today"]["business_date"] == counts.days[-1].business_date
+    assert [day["business_date"] for day in shown["days"]] == [day.business_date for day in counts.days[:-8:-1]]
+    assert shown["today"]["opened"] == before["today"]["opened"] + 1 == counts.days[-1].opened
+    assert shown["open_now"] == before["open_now"] + 1 == counts.open_now
+    assert shown["overdue_now"] == counts.overdue_now
 
 
 async def test_report_client_and_dashboard_agree_on_the_report_list(world: DashboardWorld) -> None:

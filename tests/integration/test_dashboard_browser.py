@@ -3,7 +3,8 @@ through chromium-driver, against a real gateway (PostgreSQL, Redis) and the dash
 server. Turns an operator's credential away at the form, signs in with the government one,
 sees the live budget of c-main/fridge move by exactly the subsidy of an Authorize + Capture the
 test makes, downloads a published report (checks its bytes: BOM and the Chinese header), opens
-a reconciliation run's exceptions, switches to English, and saves screenshots.
+a reconciliation run's exceptions, shows the complaints desk's counts as the gateway gives
+them, switches to English, and saves screenshots.
 
 Chromium and chromium-driver come from Debian's packages (``apt-get install chromium
 chromium-driver``; .ci/run installs them on a fresh machine). Without them this test is skipped
@@ -35,6 +36,7 @@ from subsidy_client.v1 import authorization_pb2 as pb
 from storage.devenv import Services
 from tests.conftest import ROOT, consumer_key
 from tests.integration.dashboard_world import GOVERNMENT, OPERATOR, DashboardWorld, dashboard_world
+from tests.integration.test_dashboard import ticket_counts
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -44,6 +46,8 @@ WAIT_S = 90
 FRIDGE_GTIN, FRIDGE_PRICE_FEN, FRIDGE_SUBSIDY_FEN = "6970000000024", 300_000, 45_000
 SPENT = '[data-budget="c-main/fridge"] [data-field="spent"]'
 TODAY_REDEEMED = '[data-today="district"] [data-field="redeemed"]'
+COMPLAINTS_OPEN = '#complaints-now [data-field="open_now"]'
+COMPLAINTS_OPENED_TODAY = '#complaints-now [data-field="opened_today"]'
 
 
 def require_chromium() -> None:
@@ -180,6 +184,8 @@ def screenshots(browser: WebDriver, folder: Path) -> tuple[Path, Path]:
     wait = WebDriverWait(browser, WAIT_S)
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "h1"), "Trade-in subsidy fund supervision"))
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#today thead"), "Redeemed (核销金额)"))
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#complaints-section h2"), "Complaints desk"))
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#complaints-now"), "Open backlog"))
     assert browser.save_screenshot(str(english))
     return chinese, english
 
@@ -194,6 +200,17 @@ async def test_the_bureau_sees_a_sale_live_downloads_a_report_and_reads_english(
     BOM and Chinese headers, byte for byte what the gateway exports; the English toggle works;
     screenshots are saved."""
     before = await asyncio.to_thread(sign_in, driver, world)
+    # The complaints panel: the counts the gateway gives the same government user.
+    counts = await ticket_counts(world)
+    assert "投诉受理" in driver.find_element(By.CSS_SELECTOR, "#complaints-section h2").text
+    await asyncio.to_thread(wait_for_text, driver, COMPLAINTS_OPEN, str(counts.open_now))
+    await asyncio.to_thread(wait_for_text, driver, COMPLAINTS_OPENED_TODAY, str(counts.days[-1].opened))
+    await asyncio.to_thread(
+        wait_for_text,
+        driver,
+        f'#complaints tr[data-complaints="{counts.days[-1].business_date}"] td',
+        counts.days[-1].business_date,
+    )
     redeemed_before = await asyncio.to_thread(today_redeemed, driver)
     async with world.terminal() as terminal:
         approved = await terminal.authorize(

@@ -6,6 +6,7 @@ const HISTORY_POINTS = 720; // burn-down points kept per budget (12 minutes at o
 const TODAY_REFRESH_MS = 30_000;
 const TODAY_AFTER_CHANGE_MS = 2_000;
 const REPORTS_REFRESH_MS = 120_000;
+const COMPLAINTS_REFRESH_MS = 60_000;
 
 const state = {
   snapshot: null,
@@ -18,6 +19,8 @@ const state = {
   runs: null,
   runsFailed: false,
   exceptions: null, // {run_id, lines, truncated}
+  complaints: null, // {today, days, open_now, overdue_now}
+  complaintsFailed: false,
   lastTotals: null,
   todayTimer: null,
 };
@@ -320,6 +323,43 @@ async function loadExceptions(runId) {
   renderReconciliation();
 }
 
+// --------------------------------------------------------------------- complaints desk
+
+function renderComplaints() {
+  const now = document.getElementById("complaints-now");
+  const body = document.querySelector("#complaints tbody");
+  const counts = state.complaints;
+  if (!counts) {
+    now.replaceChildren();
+    const text = state.complaintsFailed ? t("unavailable") : "—";
+    body.replaceChildren(element("tr", {}, element("td", { colspan: "5", class: "muted", text })));
+    return;
+  }
+  const today = counts.today || { opened: 0, resolved: 0, overdue: 0 };
+  now.replaceChildren(
+    figure("tickets_opened_today", String(today.opened), "opened_today"),
+    figure("tickets_resolved_today", String(today.resolved), "resolved_today"),
+    figure("tickets_overdue_today", String(today.overdue), "overdue_today"),
+    figure("tickets_open_now", String(counts.open_now), "open_now"),
+    figure("tickets_overdue_now", String(counts.overdue_now), "overdue_now"));
+  body.replaceChildren(...counts.days.map((day) => element("tr", { dataset: { complaints: day.business_date } },
+    element("td", { text: day.business_date }),
+    element("td", { class: "number", text: String(day.opened) }),
+    element("td", { class: "number", text: String(day.resolved) }),
+    element("td", { class: "number", text: String(day.rejected) }),
+    element("td", { class: "number", text: String(day.overdue) }))));
+}
+
+async function loadComplaints() {
+  try {
+    state.complaints = await getJson("/api/complaints");
+    state.complaintsFailed = false;
+  } catch (error) {
+    state.complaintsFailed = true;
+  }
+  renderComplaints();
+}
+
 // --------------------------------------------------------------------- live stream
 
 function setStatus(name) {
@@ -364,6 +404,7 @@ function renderAll() {
   renderAlerts();
   renderReports();
   renderReconciliation();
+  renderComplaints();
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
@@ -376,8 +417,9 @@ document.addEventListener("DOMContentLoaded", async () => {
     return;
   }
   connect();
-  await Promise.all([loadToday(), loadAlerts(), loadReports(), loadReconciliation()]);
+  await Promise.all([loadToday(), loadAlerts(), loadReports(), loadReconciliation(), loadComplaints()]);
   window.setInterval(() => scheduleToday(0), TODAY_REFRESH_MS);
   window.setInterval(loadReports, REPORTS_REFRESH_MS);
   window.setInterval(loadReconciliation, REPORTS_REFRESH_MS);
+  window.setInterval(loadComplaints, COMPLAINTS_REFRESH_MS);
 });
