@@ -27,6 +27,8 @@ from subsidy_client.v1 import (
     catalog_pb2_grpc,
     complaints_pb2,
     complaints_pb2_grpc,
+    credentials_pb2,
+    credentials_pb2_grpc,
     daily_report_pb2,
     daily_report_pb2_grpc,
     diagnostics_pb2,
@@ -58,6 +60,7 @@ from server.services.authorization import AuthorizationService
 from server.services.campaigns import CampaignService
 from server.services.catalog import CatalogService
 from server.services.complaints import ComplaintService, DailyLimits
+from server.services.credentials import CredentialService
 from server.services.daily_reports import DailyReportService
 from server.services.diagnostics import DiagnosticsService
 from server.services.exchange import ExchangeService
@@ -88,6 +91,7 @@ SERVICE_NAMES = (
     campaign_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
+    credentials_pb2.DESCRIPTOR.services_by_name["CredentialService"].full_name,
     qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
     exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name,
     complaints_pb2.DESCRIPTOR.services_by_name["ComplaintService"].full_name,
@@ -205,7 +209,7 @@ async def create_server(config: Config) -> Application:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
-            AuthorizationService(store, config.max_lines), server
+            AuthorizationService(store, config.max_lines, config.programme_key), server
         )
         diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsService(), server)
         operator_pool = LazyPool(config.pg_dsn)
@@ -220,6 +224,7 @@ async def create_server(config: Config) -> Application:
         campaign_pb2_grpc.add_CampaignServiceServicer_to_server(CampaignService(deps), server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogService(deps), server)
         merchant_pb2_grpc.add_MerchantServiceServicer_to_server(MerchantService(deps), server)
+        credentials_pb2_grpc.add_CredentialServiceServicer_to_server(CredentialService(deps), server)
         qualification_pb2_grpc.add_QualificationServiceServicer_to_server(
             QualificationService(store, config.programme_key, config.local_data_key), server
         )

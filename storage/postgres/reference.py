@@ -120,8 +120,9 @@ async def lock_campaign(connection: asyncpg.Connection, campaign_id: str) -> boo
 
 
 async def save_reference(connection: asyncpg.Connection, data: ReferenceData) -> dict[str, str]:
-    """Upserts everything in one transaction; returns caller id -> secret for the terminals and
-    operators in ``data``. A caller keeps its existing secret unless the file sets one."""
+    """Upserts everything in one transaction; returns caller id -> secret for the terminals,
+    operators and partners in ``data``. A caller keeps its existing secret unless the file sets
+    one; a credential the API manages is left alone and not returned."""
     credentials: dict[str, str] = {}
     async with connection.transaction():
         for campaign in data.campaigns:
@@ -176,12 +177,15 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                     terminal.require_client_certificate,
                 )
                 credentials[terminal.terminal_id] = secret
+        # A credential the API manages (migration 0016, CredentialService) is left as the API
+        # set it: a file must not reactivate a suspended credential nor restore a rotated secret.
+        # Its secret is then not returned (the file did not issue it).
         for operator in data.operators:
-            credentials[operator.operator_id] = await connection.fetchval(
+            secret = await connection.fetchval(
                 "INSERT INTO operators (operator_id, name, status, secret, role) VALUES ($1, $2, $3, $4, $6)"
                 " ON CONFLICT (operator_id) DO UPDATE SET name = excluded.name, status = excluded.status,"
                 " secret = CASE WHEN $5 THEN excluded.secret ELSE operators.secret END, role = excluded.role,"
-                " updated_at = now() RETURNING secret",
+                " updated_at = now() WHERE NOT operators.managed_by_api RETURNING secret",
                 operator.operator_id,
                 operator.name,
                 operator.status,
@@ -189,15 +193,17 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                 operator.secret is not None,
                 operator.role,
             )
+            if secret is not None:
+                credentials[operator.operator_id] = secret
         for partner in data.partners:
-            credentials[partner.partner_id] = await connection.fetchval(
+            secret = await connection.fetchval(
                 "INSERT INTO partners (partner_id, name, kind, status, secret, require_client_certificate)"
                 " VALUES ($1, $2, $3, $4, $5, $7)"
                 " ON CONFLICT (partner_id) DO UPDATE SET name = excluded.name, kind = excluded.kind,"
                 " status = excluded.status,"
                 " secret = CASE WHEN $6 THEN excluded.secret ELSE partners.secret END,"
                 " require_client_certificate = excluded.require_client_certificate, updated_at = now()"
-                " RETURNING secret",
+                " WHERE NOT partners.managed_by_api RETURNING secret",
                 partner.partner_id,
                 partner.name,
                 partner.kind,
@@ -206,6 +212,8 @@ async def save_reference(connection: asyncpg.Connection, data: ReferenceData) ->
                 partner.secret is not None,
                 partner.require_client_certificate,
             )
+            if secret is not None:
+                credentials[partner.partner_id] = secret
     return credentials
 
 

@@ -33,6 +33,7 @@ from subsidy_client.errors import RETRYABLE_CODES, SubsidyError, from_rpc_error
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1 import (
     common_pb2,
+    credentials_pb2,
     diagnostics_pb2,
     exchange_pb2,
     merchant_pb2,
@@ -46,6 +47,7 @@ REPORTING = "/subsidy.v1.ReportingService/"
 QUALIFICATION = "/subsidy.v1.QualificationService/"
 EXCHANGE = "/subsidy.v1.ExchangeService/"
 MERCHANT = "/subsidy.v1.MerchantService/"
+CREDENTIAL = "/subsidy.v1.CredentialService/"
 
 
 @dataclass(frozen=True)
@@ -423,8 +425,60 @@ class MerchantClient(SignedClient):
         return await self._call(MERCHANT + "SetTerminalStatus", request, merchant_pb2.SetTerminalStatusResponse)
 
 
+class CredentialClient(SignedClient):
+    """For operators: CredentialService calls (partner, provider and staff credentials)."""
+
+    async def create_credential(
+        self,
+        credential_id: str,
+        role: credentials_pb2.CredentialRole.ValueType,
+        display_name: str,
+        *,
+        request_id: str | None = None,
+    ) -> credentials_pb2.CreateCredentialResponse:
+        request = credentials_pb2.CreateCredentialRequest(
+            request_id=request_id or str(uuid.uuid4()),
+            credential_id=credential_id,
+            role=role,
+            display_name=display_name,
+        )
+        return await self._call(CREDENTIAL + "CreateCredential", request, credentials_pb2.CreateCredentialResponse)
+
+    async def rotate_credential(
+        self, credential_id: str, *, request_id: str | None = None
+    ) -> credentials_pb2.RotateCredentialResponse:
+        request = credentials_pb2.RotateCredentialRequest(
+            request_id=request_id or str(uuid.uuid4()), credential_id=credential_id
+        )
+        return await self._call(CREDENTIAL + "RotateCredential", request, credentials_pb2.RotateCredentialResponse)
+
+    async def set_credential_status(
+        self,
+        credential_id: str,
+        status: credentials_pb2.CredentialStatus.ValueType,
+        reason: str = "",
+        *,
+        request_id: str | None = None,
+    ) -> credentials_pb2.SetCredentialStatusResponse:
+        request = credentials_pb2.SetCredentialStatusRequest(
+            request_id=request_id or str(uuid.uuid4()), credential_id=credential_id, status=status, reason=reason
+        )
+        return await self._call(
+            CREDENTIAL + "SetCredentialStatus", request, credentials_pb2.SetCredentialStatusResponse
+        )
+
+    async def list_credentials(self) -> list[credentials_pb2.Credential]:
+        response = await self._call(
+            CREDENTIAL + "ListCredentials",
+            credentials_pb2.ListCredentialsRequest(),
+            credentials_pb2.ListCredentialsResponse,
+        )
+        return list(response.credentials)
+
+
 __all__ = [
     "AuthorizationClient",
+    "CredentialClient",
     "ExchangeClient",
     "Line",
     "MerchantClient",

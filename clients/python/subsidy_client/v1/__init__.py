@@ -10,6 +10,8 @@ from subsidy_client.v1 import common_pb2 as common_pb2
 from subsidy_client.v1 import common_pb2_grpc as common_pb2_grpc
 from subsidy_client.v1 import complaints_pb2 as complaints_pb2
 from subsidy_client.v1 import complaints_pb2_grpc as complaints_pb2_grpc
+from subsidy_client.v1 import credentials_pb2 as credentials_pb2
+from subsidy_client.v1 import credentials_pb2_grpc as credentials_pb2_grpc
 from subsidy_client.v1 import daily_report_pb2 as daily_report_pb2
 from subsidy_client.v1 import daily_report_pb2_grpc as daily_report_pb2_grpc
 from subsidy_client.v1 import diagnostics_pb2 as diagnostics_pb2
