@@ -113,8 +113,8 @@ def main(
 # Command modules, one per group of tasks (imported after ``main`` exists): each exposes
 # COMMANDS and SECTION.
 COMMAND_MODULES = (
-    "campaign", "catalog", "merchant", "report", "supervise", "recon", "reporting", "ledger", "reference", "exchange",
-    "serve", "dev", "certs",
+    "campaign", "catalog", "merchant", "credential", "report", "supervise", "recon", "reporting", "ledger",
+    "reference", "exchange", "serve", "dev", "certs",
 )  # fmt: skip
 
 for _name in COMMAND_MODULES:

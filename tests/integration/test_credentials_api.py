@@ -9,6 +9,7 @@ processes: a change made through one must reach the other within the cache's bou
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from click.testing import CliRunner, Result
 from subsidy_client import CredentialClient, RetryPolicy
 from subsidy_client.errors import (
     AlreadyExists,
@@ -30,6 +32,7 @@ from subsidy_client.errors import (
 )
 from subsidy_client.v1 import credentials_pb2 as pb
 
+from server.ctl import main as subsidyctl
 from server.domain.credentials import refuse_status_change
 from storage.devenv import Services
 from tests.conftest import Environment, isolated_environment, load_document, running_gateway
@@ -326,3 +329,66 @@ async def test_yaml_still_manages_the_credentials_it_alone_has_set(world: World)
     await on_every_gateway(world, "p-wallet-01", world.env.credentials["p-wallet-01"], "unauthenticated")
     await load_document(world.env, {"partners": [{"id": "p-wallet-01", "name": "A wallet app"}]})
     await on_every_gateway(world, "p-wallet-01", world.env.credentials["p-wallet-01"], "denied")
+
+
+# --- subsidyctl credential --------------------------------------------------------------------
+
+
+async def subsidyctl_run(world: World, *arguments: str) -> Result:
+    """Runs subsidyctl in a worker thread (it runs its own event loop) as op-auditor."""
+    environment = {"SUBSIDYCTL_OPERATOR": OPERATOR, "SUBSIDYCTL_SECRET": world.env.credentials[OPERATOR]}
+    return await asyncio.to_thread(
+        CliRunner().invoke,
+        subsidyctl,
+        ["--target", world.targets[0], *arguments],
+        env=environment,
+        catch_exceptions=False,
+    )
+
+
+async def test_subsidyctl_credential_lifecycle(world: World) -> None:
+    """`credential create` prints the secret once on stdout (the warning on stderr) and the
+    secret works; `rotate` with the same --request-id twice rotates once and prints no secret
+    the second time; `suspend` needs --reason and cuts the credential off; `activate` restores
+    it; `list` shows it in a table and in JSON, never with a secret."""
+    credential_id = unique("prv")
+    created = await subsidyctl_run(
+        world, "credential", "create", credential_id, "--role", "provider", "--name", "邻区服务商", "--json"
+    )
+    assert created.exit_code == 0, created.output
+    document = json.loads(created.stdout)
+    secret = document["secret"]
+    assert len(secret) >= 43 and document["credential"]["role"] == "CREDENTIAL_ROLE_PROVIDER"
+    assert "shown this once" in created.stderr and secret not in created.stderr
+    await on_every_gateway(world, credential_id, secret, "denied")
+
+    request_id = str(uuid.uuid4())
+    rotated = await subsidyctl_run(world, "credential", "rotate", credential_id, "--request-id", request_id)
+    assert rotated.exit_code == 0, rotated.output
+    replayed = await subsidyctl_run(world, "credential", "rotate", credential_id, "--request-id", request_id)
+    assert replayed.exit_code == 0 and "used already" in replayed.stderr
+    new_secret = next(word for word in rotated.stdout.split() if len(word) >= 43)
+    assert new_secret not in replayed.stdout
+    await on_every_gateway(world, credential_id, secret, "unauthenticated")
+    await on_every_gateway(world, credential_id, new_secret, "denied")
+
+    assert (await subsidyctl_run(world, "credential", "suspend", credential_id)).exit_code == 2  # --reason
+    suspended = await subsidyctl_run(world, "credential", "suspend", credential_id, "--reason", "contract ended")
+    assert suspended.exit_code == 0 and "SUSPENDED" in suspended.stdout
+    await on_every_gateway(world, credential_id, new_secret, "unauthenticated")
+    assert (await subsidyctl_run(world, "credential", "activate", credential_id)).exit_code == 0
+    await on_every_gateway(world, credential_id, new_secret, "denied")
+
+    table = await subsidyctl_run(world, "credential", "list")
+    assert table.exit_code == 0 and credential_id in table.stdout and "provider" in table.stdout
+    listed = json.loads((await subsidyctl_run(world, "credential", "list", "--json")).stdout)["credentials"]
+    assert {"credential_id": credential_id, "role": "provider", "status": "ACTIVE"}.items() <= next(
+        row for row in listed if row["credential_id"] == credential_id
+    ).items()
+    assert new_secret not in table.stdout and "secret" not in json.dumps(listed)
+
+
+async def test_subsidyctl_names_the_refusal(world: World) -> None:
+    """Suspending one's own credential through subsidyctl exits 1 naming SELF_SUSPENSION."""
+    result = await subsidyctl_run(world, "credential", "suspend", OPERATOR, "--reason", "leaving")
+    assert result.exit_code == 1 and "SELF_SUSPENSION" in result.output and "own credential" in result.output
