@@ -13,7 +13,7 @@ from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc
 from server.domain import validation
 from server.rpc.auth import TERMINAL, caller
 from server.services import requests
-from server.services.common import payload_hash, raise_script_error, timestamp_ms
+from server.services.common import key_id_number, payload_hash, raise_script_error, timestamp_ms
 from storage.redis.contract import Answer, AuthorizationView, AuthorizeAnswer, Declined, Failure, Line
 from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore
 
@@ -79,15 +79,23 @@ def authorize_response(answer: Answer[AuthorizeAnswer]) -> authorization_pb2.Aut
 
 
 class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
-    def __init__(self, store: RedisStore, max_lines: int) -> None:
+    def __init__(self, store: RedisStore, max_lines: int, programme_key: str = "") -> None:
         self._store = store
         self._max_lines = max_lines
+        self._programme_key = programme_key.encode()
 
     async def Authorize(
         self, request: authorization_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
     ) -> authorization_pb2.AuthorizeResponse:
         requests.check_authorize(request, self._max_lines)
         identity = caller(TERMINAL)
+        if request.consumer_id_number:
+            # Keyed here exactly as ClaimQualification keys it, then dropped from the request:
+            # the idempotency hash and everything after see the consumer key, never the number.
+            _, request.consumer_key = key_id_number(
+                self._programme_key, request.consumer_id_number, "consumer_id_number"
+            )
+            request.ClearField("consumer_id_number")
         reply = await self._store.authorize(
             AuthorizeInput(
                 payload_hash=payload_hash("Authorize", request),

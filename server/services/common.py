@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client.v1 import common_pb2
 
-from server.domain import geo
+from server.domain import geo, identity
 from server.rpc.errors import ApiError, invalid_field
 from storage.redis.contract import Failure
 
@@ -63,6 +63,28 @@ SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
 def payload_hash(method: str, request: Any) -> str:
     """Identifies a request's payload for idempotency: same method and same fields, same hash."""
     return hashlib.sha256(method.encode() + b"\n" + request.SerializeToString(deterministic=True)).hexdigest()
+
+
+def key_id_number(programme_key: bytes, raw: str, field: str) -> tuple[str, str]:
+    """An ID number keyed at the edge, the one place a request's ID number becomes a consumer
+    key: ClaimQualification (a partner app's claim) and Authorize (a till that read an ID card)
+    both call this, so the two reach the same consumer. Returns (the normalised number, its
+    consumer key under the programme key); INVALID_ARGUMENT naming ``field`` when the number
+    is absent or not a valid resident ID number, FAILED_PRECONDITION when the gateway has no
+    programme key. Callers never store, log or hash the number (docs/privacy.md)."""
+    if not programme_key:
+        raise ApiError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            common_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
+            "the gateway has no programme key configured (SUBSIDY_PROGRAMME_KEY)",
+        )
+    if not raw:
+        raise invalid_field(field, "is required")
+    try:
+        number = identity.validate_id_number(raw)
+    except identity.IdentityError as error:
+        raise invalid_field(field, str(error)) from None
+    return number, identity.consumer_key(programme_key, number)
 
 
 def raise_script_error(failure: Failure) -> NoReturn:

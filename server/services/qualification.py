@@ -26,6 +26,7 @@ from server.rpc.auth import PARTNER, caller
 from server.rpc.errors import ApiError, invalid_field
 from server.services.common import (
     TIMESTAMP_RANGE,
+    key_id_number,
     payload_hash,
     raise_script_error,
     timestamp_in_range,
@@ -139,18 +140,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         )
 
     def _consumer(self, message: qualification_pb2.ConsumerIdentity, field: str) -> Consumer:
-        if not self._programme_key:
-            raise ApiError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                common_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
-                "the gateway has no programme key configured (SUBSIDY_PROGRAMME_KEY)",
-            )
-        if not message.id_number:
-            raise invalid_field(f"{field}.id_number", "is required")
-        try:
-            number = identity.validate_id_number(message.id_number)
-        except identity.IdentityError as error:
-            raise invalid_field(f"{field}.id_number", str(error)) from None
+        number, key = key_id_number(self._programme_key, message.id_number, f"{field}.id_number")
         masked_phone = phone_digest = ""
         if message.phone_number:
             try:
@@ -159,7 +149,7 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 raise invalid_field(f"{field}.phone_number", str(error)) from None
             phone_digest = identity.phone_digest(self._programme_key, message.phone_number)
         return Consumer(
-            key=identity.consumer_key(self._programme_key, number),
+            key=key,
             masked_id_number=identity.mask_id_number(number),
             masked_phone_number=masked_phone,
             phone_digest=phone_digest,

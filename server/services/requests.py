@@ -19,7 +19,13 @@ def check_authorize(request: authorization_pb2.AuthorizeRequest, max_lines: int)
     """Validates an Authorize request and canonicalises it in place (returned for convenience)."""
     request.request_id = validation.canonical_request_id(request.request_id)
     request.campaign_id = validation.canonical_campaign_id(request.campaign_id)
-    request.consumer_key = validation.canonical_consumer_key(request.consumer_key)
+    # Who pays (README "Which caller sends which consumer identity"): consumer_key (a partner
+    # app), consumer_id_number (a till that read an ID card; keyed by the servicer), or
+    # neither with a redemption code (the qualification's owner, resolved by the script).
+    if request.consumer_key and request.consumer_id_number:
+        raise InvalidField("consumer_id_number", "send either consumer_key or consumer_id_number, not both")
+    if request.consumer_key or not (request.consumer_id_number or request.redemption_code):
+        request.consumer_key = validation.canonical_consumer_key(request.consumer_key)
     if request.channel not in KNOWN_CHANNELS:
         raise InvalidField("channel", "must be CHANNEL_POS or CHANNEL_ONLINE")
     for line, (line_id, gtin, serial) in zip(

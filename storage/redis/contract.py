@@ -258,13 +258,17 @@ class AuthorizeKeys(NamedTuple):
     rules: str  # hash: category -> rule JSON (storage/redis/reference.py)
     budget: str  # hash: <category>:total|reserved|spent|refunded, fen
     # hash: category -> units held or bought by this consumer; day:<day>:<merchant> -> the
-    # consumer's payments at that merchant that day, under a per-merchant daily limit
+    # consumer's payments at that merchant that day, under a per-merchant daily limit. With no
+    # consumer_key in ARGV (a till that sent only a redemption code) this is the key's prefix
+    # (keys.usage with an empty consumer key): the script appends the qualification's owner.
     usage: str
     authorization: str  # hash: written on approval
     holds: str  # zset: authorization id scored by hold expiry (ms)
     ledger: str  # stream: one event per reservation
     qualification: str  # hash: the redemption code's (a placeholder, never read, without one)
-    external_consumer: str  # hash: category -> provider that reported this consumer using it
+    # hash: category -> provider that reported this consumer using it (a prefix, completed by
+    # the script, like usage, when ARGV has no consumer_key)
+    external_consumer: str
     qualification_events: str  # stream: the qualification's new state, mirrored into PostgreSQL
     # set: the stores inside the campaign's region (read only when it binds redemption to it)
     region_stores: str
@@ -281,7 +285,7 @@ class AuthorizeArgs(NamedTuple):
     terminal_id: str
     merchant_id: str
     campaign_id: str
-    consumer_key: str
+    consumer_key: str  # "" when the consumer is the redemption code's owner (read by the script)
     channel: int
     authorization_id: str  # the new authorization's id
     hold_ttl_s: int

@@ -76,7 +76,7 @@ class AuthorizeInput:
     merchant_id: str
     nonce: str
     campaign_id: str
-    consumer_key: str
+    consumer_key: str  # "" when the redemption code's owner pays (resolved by the script)
     channel: int
     authorization_id: str
     lines: Sequence[LineInput]
@@ -169,6 +169,8 @@ class RedisStore:
                 campaign=keys.campaign(request.campaign_id),
                 rules=keys.rules(request.campaign_id),
                 budget=keys.budget(request.campaign_id),
+                # Without a consumer key (a redemption code alone) these two are the prefixes
+                # the script completes with the qualification's owner: still one EVALSHA.
                 usage=keys.usage(request.campaign_id, request.consumer_key),
                 authorization=keys.authorization(request.authorization_id),
                 holds=keys.holds,

@@ -41,6 +41,21 @@ if campaign[5] == '1' then
 end
 local merchant_scope = merchant[2] or ''
 
+-- Who pays: the request's consumer key (a partner app's, or the gateway's from an ID number
+-- the till read), or, when the till sent only a redemption code, the qualification's owner,
+-- read here in this same call. Its per-person keys are then named from the declared
+-- prefixes KEY.usage and KEY.external_consumer (storage/redis/keys.py with an empty consumer
+-- key): every key of a deployment shares one hash tag, so they are in the declared keys' slot.
+-- An unknown code, or one of another campaign, has no owner: QUALIFICATION_NOT_FOUND, ranked
+-- here (before the line-level reasons) because nothing per-person can be checked without one.
+local consumer, usage_key, external_key = ARG.consumer_key, KEY.usage, KEY.external_consumer
+if consumer == '' then
+  local owner = redis.call('HMGET', KEY.qualification, 'consumer', 'campaign')
+  if not owner[1] or owner[2] ~= ARG.campaign_id then return decline(QUALIFICATION_NOT_FOUND) end
+  consumer = owner[1]
+  usage_key, external_key = KEY.usage .. consumer, KEY.external_consumer .. consumer
+end
+
 -- Computes one line's subsidy under its rule; returns subsidy, or nil and a decline reason.
 local function line_subsidy(rule, grade, price, reference_price)
   local rate = 0
@@ -100,7 +115,7 @@ local function first_line_of(category)
   for _, line in ipairs(lines) do if line.c == category then return line.l end end
 end
 for _, category in ipairs(order) do
-  local used = tonumber(redis.call('HGET', KEY.usage, category) or '0')
+  local used = tonumber(redis.call('HGET', usage_key, category) or '0')
   if used + counts[category] > rules[category].per_person_limit then
     return decline(CONSUMER_LIMIT_REACHED, first_line_of(category))
   end
@@ -112,7 +127,7 @@ local day_limit = tonumber(campaign[6] or '0') or 0
 local day = 0
 if day_limit > 0 then
   day = math.floor((now + ARG.day_offset_ms) / 86400000)
-  if tonumber(redis.call('HGET', KEY.usage, day_field(day, ARG.merchant_id)) or '0') >= day_limit then
+  if tonumber(redis.call('HGET', usage_key, day_field(day, ARG.merchant_id)) or '0') >= day_limit then
     return decline(MERCHANT_DAILY_LIMIT_REACHED)
   end
 end
@@ -130,7 +145,7 @@ local qualification = nil
 if tonumber(campaign[4] or '0') > 0 then
   if ARG.redemption_code == '' then return decline(QUALIFICATION_REQUIRED) end
   local q = redis.call('HMGET', KEY.qualification, 'state', 'campaign', 'consumer', 'category', 'expires_ms')
-  if q[1] == false or q[2] ~= ARG.campaign_id or q[3] ~= ARG.consumer_key then
+  if q[1] == false or q[2] ~= ARG.campaign_id or q[3] ~= consumer then
     return decline(QUALIFICATION_NOT_FOUND)
   end
   if q[1] ~= 'ISSUED' then return decline(QUALIFICATION_NOT_USABLE) end
@@ -144,7 +159,7 @@ elseif ARG.redemption_code ~= '' then
 end
 -- Another service provider reported this consumer using one of the categories.
 for _, category in ipairs(order) do
-  if redis.call('HEXISTS', KEY.external_consumer, category) == 1 then
+  if redis.call('HEXISTS', external_key, category) == 1 then
     return decline(CONSUMER_USED_ELSEWHERE, first_line_of(category))
   end
 end
@@ -159,9 +174,9 @@ for _, line in ipairs(lines) do
 end
 for _, category in ipairs(order) do
   hincrby(KEY.budget, category .. ':reserved', sums[category])
-  hincrby(KEY.usage, category, counts[category])
+  hincrby(usage_key, category, counts[category])
 end
-if day > 0 then redis.call('HINCRBY', KEY.usage, day_field(day, ARG.merchant_id), 1) end
+if day > 0 then redis.call('HINCRBY', usage_key, day_field(day, ARG.merchant_id), 1) end
 for i, line in ipairs(lines) do
   if line.sn ~= '' then redis.call('SET', KEY.lines[i].serial, ARG.authorization_id) end
 end
@@ -169,13 +184,13 @@ local expires_ms = now + ARG.hold_ttl_s * 1000
 local authorization_id = ARG.authorization_id
 local auth = {
   id = authorization_id, state = 'PENDING', campaign = ARG.campaign_id, merchant = ARG.merchant_id,
-  terminal = ARG.terminal_id, consumer = ARG.consumer_key, channel = ARG.channel, lines = lines,
+  terminal = ARG.terminal_id, consumer = consumer, channel = ARG.channel, lines = lines,
   total_fen = total_fen, subsidy_fen = subsidy_fen, refunded_fen = 0, created_ms = now,
   expires_ms = expires_ms, updated_ms = now, last_request_id = ARG.request_id,
   qualification = qualification or '', day = day,
 }
 redis.call('HSET', KEY.authorization, 'id', authorization_id, 'state', 'PENDING', 'campaign', ARG.campaign_id,
-  'merchant', ARG.merchant_id, 'terminal', ARG.terminal_id, 'consumer', ARG.consumer_key, 'channel', ARG.channel,
+  'merchant', ARG.merchant_id, 'terminal', ARG.terminal_id, 'consumer', consumer, 'channel', ARG.channel,
   'lines', cjson.encode(lines), 'total_fen', total_fen, 'subsidy_fen', subsidy_fen,
   'refunded_fen', 0, 'created_ms', now, 'expires_ms', expires_ms, 'updated_ms', now,
   'request_id', ARG.request_id, 'last_request_id', ARG.request_id, 'qualification', qualification or '',

@@ -271,6 +271,7 @@ class AuthorizeRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
     REDEMPTION_CODE_FIELD_NUMBER: _builtins.int
+    CONSUMER_ID_NUMBER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """UUID chosen by the caller; a retry MUST reuse it. Same id + same payload returns the
     first answer; same id + different payload fails with ALREADY_EXISTS / IDEMPOTENCY_CONFLICT.
@@ -278,7 +279,10 @@ class AuthorizeRequest(_message.Message):
     campaign_id: _builtins.str
     """The campaign (activity) whose rules and budget apply."""
     consumer_key: _builtins.str
-    """The consumer key: lowercase hex HMAC-SHA256 of the consumer's normalised ID number
+    """Who pays: exactly one of consumer_key and consumer_id_number, or neither when a
+    redemption_code is given (the consumer is then the qualification's owner). Tills send the
+    code or the ID number; only partner apps that hold the programme key send consumer_key.
+    The consumer key: lowercase hex HMAC-SHA256 of the consumer's normalised ID number
     under the programme key (64 characters). Never the ID number itself.
     """
     channel: Global___Channel.ValueType
@@ -286,6 +290,12 @@ class AuthorizeRequest(_message.Message):
     """The consumer's qualification (QualificationService), required by campaigns that issue
     qualifications and refused by the others. Its consumer, category and expiry are checked
     in the same atomic step as the rest; one qualification per payment.
+    """
+    consumer_id_number: _builtins.str
+    """The consumer's resident ID number as read from the ID card or typed at the till (18
+    characters, GB 11643). The gateway keys it under the programme key at the edge, exactly
+    as ClaimQualification does, and forgets it: it is never stored, logged or hashed in clear.
+    Exclusive with consumer_key (both given: INVALID_ARGUMENT naming consumer_id_number).
     """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineItem]:
@@ -300,10 +310,11 @@ class AuthorizeRequest(_message.Message):
         channel: Global___Channel.ValueType = ...,
         lines: _abc.Iterable[Global___LineItem] | None = ...,
         redemption_code: _builtins.str = ...,
+        consumer_id_number: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "channel", b"channel", "consumer_key", b"consumer_key", "lines", b"lines", "redemption_code", b"redemption_code", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "channel", b"channel", "consumer_id_number", b"consumer_id_number", "consumer_key", b"consumer_key", "lines", b"lines", "redemption_code", b"redemption_code", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
