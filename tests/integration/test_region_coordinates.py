@@ -1,12 +1,13 @@
 """CampaignService takes a region in the system officials publish it in (issue 13, item 10):
-a GCJ-02 district outline is converted to WGS-84 in the server, answered and enforced in
-WGS-84; an unstated system is WGS-84; an unknown system or an invalid polygon is refused
-naming the field with nothing saved."""
+Xiaoshan's real boundary as published in GCJ-02 (tests/fixtures/xiaoshan-330109-gcj02.geojson)
+is converted to WGS-84 in the server, answered and enforced in WGS-84; an unstated system is
+WGS-84; an unknown system or an invalid polygon is refused naming the field with nothing saved."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import asyncpg
 import orjson
@@ -22,15 +23,15 @@ from subsidy_client.v1.common_pb2 import (
     Location,
 )
 
-from server.domain.geo import Point, distance_m
+from server.domain.geo import Point, distance_m, wgs84_to_gcj02
 from storage.devenv import Services
 from tests.conftest import id_number
 from tests.integration.test_campaigns import SERVICE, campaign_world, create, valid_campaign
 from tests.unit.test_region_coordinates import (
-    INSIDE_WEST_LINE_GCJ02,
-    OUTSIDE_WEST_LINE_GCJ02,
+    INSIDE_330109_WEST_LINE,
+    OUTSIDE_330109_WEST_LINE,
     XIAOSHAN_GCJ02,
-    xiaoshan_wgs84,
+    xiaoshan_330109_gcj02,
 )
 
 # Two crossing edges: a polygon shapely finds invalid whatever the system.
@@ -39,31 +40,38 @@ BOW_TIE = orjson.dumps(
 ).decode()
 
 
-def xiaoshan_campaign(campaign_id: str, system: int) -> pb.Campaign:
-    """A campaign that issues qualifications to phones in Xiaoshan, the outline in GCJ-02."""
+def xiaoshan_campaign(campaign_id: str, system: int, region: dict[str, Any] = XIAOSHAN_GCJ02) -> pb.Campaign:
+    """A campaign that issues qualifications to phones in Xiaoshan, its region sent as given."""
     campaign = valid_campaign(campaign_id)
-    campaign.region_geojson = orjson.dumps(XIAOSHAN_GCJ02).decode()
+    campaign.region_geojson = orjson.dumps(region).decode()
     campaign.region_coordinate_system = system  # type: ignore[assignment]
     campaign.qualification_validity_s = 86_400
     return campaign
 
 
-async def test_a_gcj02_district_is_converted_in_the_server_and_claims_judged_against_it(services: Services) -> None:
-    """Created with the GCJ-02 outline: GetCampaign answers the WGS-84 outline (within 0.2 m of
-    the file it was drawn from) saying WGS84; a phone 145 m inside the western line, reported in
-    GCJ-02 as the map SDK does, is issued, one 190 m outside declined. The same numbers stated as
-    WGS-84 put the line about 450 m east, and the inside phone is declined: the stated system
-    decides, which is why it is stated."""
+async def test_the_published_gcj02_district_is_converted_in_the_server_and_claims_judged_against_it(
+    services: Services,
+) -> None:
+    """Created with Xiaoshan's real boundary as published in GCJ-02: GetCampaign answers it in
+    WGS-84, saying so, each vertex the one whose GCJ-02 image is the published vertex (within a
+    millimetre); a phone about 190 m inside the western line, reported in GCJ-02 as a map SDK
+    does, is issued a qualification, one 200 m outside declined. The same boundary sent with
+    the system unset (read as WGS-84) puts the line about 450 m east and declines the inside
+    phone: the stated system decides, which is why it is stated."""
+    published = xiaoshan_330109_gcj02()
     async with campaign_world(services) as (env, operator, terminal):
-        await create(operator, xiaoshan_campaign("c-xiaoshan-gcj02", COORDINATE_SYSTEM_GCJ02))
-        await create(operator, xiaoshan_campaign("c-xiaoshan-as-wgs84", COORDINATE_SYSTEM_UNSPECIFIED))
+        await create(operator, xiaoshan_campaign("c-xiaoshan-gcj02", COORDINATE_SYSTEM_GCJ02, published))
+        await create(operator, xiaoshan_campaign("c-xiaoshan-as-wgs84", COORDINATE_SYSTEM_UNSPECIFIED, published))
         read = await operator._call(
             SERVICE + "GetCampaign", pb.GetCampaignRequest(campaign_id="c-xiaoshan-gcj02"), pb.GetCampaignResponse
         )
         assert read.campaign.region_coordinate_system == COORDINATE_SYSTEM_WGS84
         ring = orjson.loads(read.campaign.region_geojson)["coordinates"][0]
-        for (longitude, latitude), (expected_longitude, expected_latitude) in zip(ring, xiaoshan_wgs84(), strict=True):
-            assert distance_m(Point(latitude, longitude), Point(expected_latitude, expected_longitude)) < 0.2
+        for (longitude, latitude), (given_longitude, given_latitude) in zip(
+            ring, published["coordinates"][0], strict=True
+        ):
+            image = Point(*wgs84_to_gcj02(latitude, longitude))
+            assert distance_m(image, Point(given_latitude, given_longitude)) < 0.001
 
         async with QualificationClient(
             terminal.target, "p-wallet-01", env.credentials["p-wallet-01"], retry=RetryPolicy(max_attempts=1)
@@ -80,11 +88,11 @@ async def test_a_gcj02_district_is_converted_in_the_server_and_claims_judged_aga
                     fix_time_ms=int(time.time() * 1000),
                 )
 
-            inside = await claim("c-xiaoshan-gcj02", INSIDE_WEST_LINE_GCJ02)
+            inside = await claim("c-xiaoshan-gcj02", INSIDE_330109_WEST_LINE)
             assert inside.decision == qpb.CLAIM_DECISION_ISSUED, inside
-            outside = await claim("c-xiaoshan-gcj02", OUTSIDE_WEST_LINE_GCJ02)
+            outside = await claim("c-xiaoshan-gcj02", OUTSIDE_330109_WEST_LINE)
             assert outside.decline_reason == qpb.CLAIM_DECLINE_REASON_LOCATION_OUTSIDE_REGION, outside
-            misread = await claim("c-xiaoshan-as-wgs84", INSIDE_WEST_LINE_GCJ02)
+            misread = await claim("c-xiaoshan-as-wgs84", INSIDE_330109_WEST_LINE)
             assert misread.decline_reason == qpb.CLAIM_DECLINE_REASON_LOCATION_OUTSIDE_REGION, misread
 
 

@@ -1,6 +1,9 @@
 """Campaign regions given in GCJ-02 (issue 13, item 10): server.domain.reference converts every
 vertex to WGS-84 with geo.gcj02_to_wgs84, the conversion a claim's position goes through, and
-refuses an unknown system or an invalid polygon naming the field."""
+refuses an unknown system or an invalid polygon naming the field. Tested with Xiaoshan's real
+boundary as published in GCJ-02 (tests/fixtures/xiaoshan-330109-gcj02.geojson, source in its
+properties) and with the repository's hand-drawn WGS-84 outline, whose GCJ-02 image gives a
+WGS-84 truth to compare the conversion with."""
 
 from __future__ import annotations
 
@@ -8,14 +11,33 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
-from server.domain.geo import CoordinateSystem, Point, Region, distance_m, to_wgs84
+from server.domain.geo import CoordinateSystem, Point, Region, distance_m, to_wgs84, wgs84_to_gcj02
 from server.domain.reference import ReferenceError, parse_campaign, parse_region
 
 ROOT = Path(__file__).resolve().parents[2]
 XIAOSHAN_FILE = ROOT / "examples" / "merchants" / "xiaoshan-region.geojson.yaml"
+# The real district boundary as published in GCJ-02 (DataV.GeoAtlas, adcode 330109), simplified;
+# the file's properties cite the source and say how it was simplified.
+XIAOSHAN_330109_FILE = ROOT / "tests" / "fixtures" / "xiaoshan-330109-gcj02.geojson"
+
+# Places given as a Chinese map gives them (GCJ-02 latitude, longitude), each kilometres from
+# the published line, so the simplification (at most about 200 m) cannot decide them.
+INSIDE_330109 = {
+    "DataV's published centre of the district": (30.162932, 120.27069),
+    "Hangzhou Xiaoshan International Airport": (30.236, 120.434),
+}
+OUTSIDE_330109 = {
+    "Binjiang District government, across the western line": (30.205568, 120.216529),
+    "West Lake, north of the Qiantang": (30.247694, 120.144734),
+}
+# Phone fixes (GCJ-02) either side of the western line near 30.20 N, where the published line
+# runs north-south at about 120.2335 E: about 190 m inside and 200 m outside it.
+INSIDE_330109_WEST_LINE = (30.200, 120.2355)
+OUTSIDE_330109_WEST_LINE = (30.200, 120.2315)
 
 # Xiaoshan District, Hangzhou, as a Chinese map shows it (GCJ-02, six decimals, about 0.1 m):
 # the GCJ-02 image of the WGS-84 outline in examples/merchants/xiaoshan-region.geojson.yaml
@@ -39,6 +61,12 @@ XIAOSHAN_GCJ02: dict[str, Any] = {
 # from 120.140 E, 30.130 N to 120.120 E, 30.050 N in WGS-84 (120.130 E at 30.090 N):
 INSIDE_WEST_LINE_GCJ02 = (30.087699, 120.136241)  # WGS-84 30.090 N, 120.1315 E: 145 m inside
 OUTSIDE_WEST_LINE_GCJ02 = (30.087704, 120.132749)  # WGS-84 30.090 N, 120.128 E: 190 m outside
+
+
+def xiaoshan_330109_gcj02() -> dict[str, Any]:
+    """The published boundary's geometry (a GeoJSON Polygon in GCJ-02)."""
+    geometry: dict[str, Any] = orjson.loads(XIAOSHAN_330109_FILE.read_bytes())["geometry"]
+    return geometry
 
 
 def xiaoshan_wgs84() -> list[list[float]]:
@@ -74,6 +102,41 @@ def test_a_gcj02_phone_fix_is_judged_against_the_gcj02_district_on_the_right_sid
     assert not converted.covers(outside)
     taken_as_wgs84 = Region(parse_region(XIAOSHAN_GCJ02, "campaign.region", CoordinateSystem.WGS84))
     assert not taken_as_wgs84.covers(inside)
+
+
+def test_the_published_gcj02_boundary_of_xiaoshan_holds_its_places_after_conversion() -> None:
+    """The real district boundary, given in GCJ-02 as DataV publishes it: every converted vertex
+    maps forward (the transform checked against eviltransform's vectors) back onto the
+    published one within a millimetre, moved about 500 m; the district's centre and the airport
+    are inside, Binjiang's government and West Lake outside, each given in GCJ-02 as a map
+    reports it and converted like a phone's fix."""
+    published = xiaoshan_330109_gcj02()
+    region = parse_region(published, "campaign.region", CoordinateSystem.GCJ02)
+    assert region is not None
+    for (longitude, latitude), (given_longitude, given_latitude) in zip(
+        region["coordinates"][0], published["coordinates"][0], strict=True
+    ):
+        image = Point(*wgs84_to_gcj02(latitude, longitude))
+        assert distance_m(image, Point(given_latitude, given_longitude)) < 0.001
+        assert 400 < distance_m(Point(latitude, longitude), Point(given_latitude, given_longitude)) < 700
+    district = Region(region)
+    for name, place in INSIDE_330109.items():
+        assert district.covers(to_wgs84(*place, CoordinateSystem.GCJ02)), name
+    for name, place in OUTSIDE_330109.items():
+        assert not district.covers(to_wgs84(*place, CoordinateSystem.GCJ02)), name
+
+
+def test_near_the_published_line_only_the_stated_system_puts_a_phone_on_the_right_side() -> None:
+    """A phone about 190 m inside Xiaoshan's western line, reported in GCJ-02, is inside the
+    converted boundary; one 200 m outside is outside; the boundary taken as WGS-84 (what the
+    server did before the system was stated) puts the inside phone outside."""
+    published = xiaoshan_330109_gcj02()
+    district = Region(parse_region(published, "campaign.region", CoordinateSystem.GCJ02))
+    inside = to_wgs84(*INSIDE_330109_WEST_LINE, CoordinateSystem.GCJ02)
+    outside = to_wgs84(*OUTSIDE_330109_WEST_LINE, CoordinateSystem.GCJ02)
+    assert district.covers(inside)
+    assert not district.covers(outside)
+    assert not Region(parse_region(published, "campaign.region", CoordinateSystem.WGS84)).covers(inside)
 
 
 def test_wgs84_and_an_absent_system_keep_the_region_as_given() -> None:
