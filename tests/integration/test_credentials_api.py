@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 from click.testing import CliRunner, Result
+from redis.asyncio import Redis
 from subsidy_client import CredentialClient, RetryPolicy
 from subsidy_client.errors import (
     AlreadyExists,
@@ -392,3 +393,30 @@ async def test_subsidyctl_names_the_refusal(world: World) -> None:
     """Suspending one's own credential through subsidyctl exits 1 naming SELF_SUSPENSION."""
     result = await subsidyctl_run(world, "credential", "suspend", OPERATOR, "--reason", "leaving")
     assert result.exit_code == 1 and "SELF_SUSPENSION" in result.output and "own credential" in result.output
+
+
+async def test_a_replay_completes_a_publication_cut_short(world: World) -> None:
+    """A suspension committed in PostgreSQL whose publication to Redis did not happen (here: the
+    credential written back into the Redis hash afterwards, as if the call had failed between
+    commit and publish) is completed by the client's retry with the same request_id: the replay
+    changes nothing in PostgreSQL but publishes the committed state, so the credential is cut off."""
+    credential_id, secret = await create(world, "partner")
+    redis = Redis.from_url(world.env.redis_url)
+    try:
+        published = await redis.hget(world.env.keys.credentials, credential_id)
+        assert published is not None
+        request_id = str(uuid.uuid4())
+        await world.operator.set_credential_status(
+            credential_id, pb.CREDENTIAL_STATUS_SUSPENDED, "key leaked", request_id=request_id
+        )
+        await redis.hset(world.env.keys.credentials, credential_id, published)
+        await redis.incr(world.env.keys.reference_version)
+        await on_every_gateway(world, credential_id, secret, "denied")  # the lost publication
+        await world.operator.set_credential_status(
+            credential_id, pb.CREDENTIAL_STATUS_SUSPENDED, "key leaked", request_id=request_id
+        )
+        assert await redis.hget(world.env.keys.credentials, credential_id) is None
+        await on_every_gateway(world, credential_id, secret, "unauthenticated")
+        assert len(await audit_rows(world.env, credential_id)) == 2  # create, one suspension
+    finally:
+        await redis.aclose()
