@@ -1014,7 +1014,8 @@ def authorize_invalid_field(request: apb.AuthorizeRequest, max_lines: int) -> st
         return "request_id"
     if canon("campaign", request.campaign_id) is None:
         return "campaign_id"
-    if canon("consumer", request.consumer_key) is None:
+    # A redemption code alone names the consumer (the qualification's owner: issue 13, item 8).
+    if (request.consumer_key or not request.redemption_code) and canon("consumer", request.consumer_key) is None:
         return "consumer_key"
     if request.channel not in (apb.CHANNEL_POS, apb.CHANNEL_ONLINE):
         return "channel"
@@ -1655,11 +1656,19 @@ class World:
 
     # -- Authorize -------------------------------------------------------------------------
 
-    @staticmethod
-    def authorize_watch(request: apb.AuthorizeRequest) -> Watch:
+    def owner(self, request: apb.AuthorizeRequest) -> str | None:
+        """The consumer an Authorize names: its consumer key, or, with a redemption code alone,
+        the owner of the qualification the fuzzer was issued under that code (None if unknown)."""
+        if request.consumer_key or not request.redemption_code:
+            return canon("consumer", request.consumer_key)
+        qual = self.quals.get(canon("code", request.redemption_code) or "")
+        return qual.consumer if qual is not None else None
+
+    def authorize_watch(self, request: apb.AuthorizeRequest) -> Watch:
         watch = Watch()
         campaign_forms = {request.campaign_id, canon("campaign", request.campaign_id) or request.campaign_id}
         consumer_forms = {request.consumer_key, canon("consumer", request.consumer_key) or request.consumer_key}
+        consumer_forms.add(self.owner(request) or request.consumer_key)
         watch.campaigns |= campaign_forms
         watch.usage |= {(campaign, consumer) for campaign in campaign_forms for consumer in consumer_forms}
         watch.holders |= watch.usage
@@ -1713,7 +1722,8 @@ class World:
         before: State,
     ) -> None:
         campaign = canon("campaign", request.campaign_id)
-        consumer = canon("consumer", request.consumer_key)
+        consumer = self.owner(request)
+        require(consumer is not None, "approved a redemption code alone the fuzzer was never issued", request)
         assert campaign is not None and consumer is not None  # validated: it was approved
         authorization_id = response.authorization_id
         require(len(response.lines) == len(request.lines), "approval lost or added lines", response, request)
