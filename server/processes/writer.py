@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from server.config import Config
 from server.processes.alert_watch import run_alert_watch
 from server.processes.http import HttpEndpoint, serve_http
+from server.processes.publisher import PublishState, run_publisher
 from server.processes.report_scheduler import ReportScheduler
 from server.rpc.tls import metrics_tls
 from storage.postgres.migrate import migrate
@@ -51,8 +52,9 @@ def writer_config(config: Config) -> WriterConfig:
 class WriterMetrics:
     """Prometheus gauges and counters of the writer, refreshed from Redis on each scrape."""
 
-    def __init__(self, writer: LedgerWriter) -> None:
+    def __init__(self, writer: LedgerWriter, publishing: PublishState | None = None) -> None:
         self.writer = writer
+        self.publishing = publishing or PublishState()
         self.registry = CollectorRegistry()
         labels = ["prefix"]
         self.stream_length = Gauge(
@@ -88,6 +90,18 @@ class WriterMetrics:
             [*labels, "kind"],
             registry=self.registry,
         )
+        self.unpublished_failed = Gauge(
+            "subsidy_unpublished_changes",
+            "Operator changes committed but not published to Redis, whose last publication failed (alert when > 0)",
+            labels,
+            registry=self.registry,
+        )
+        self.unpublished_age = Gauge(
+            "subsidy_unpublished_oldest_age_seconds",
+            "Age of the oldest operator change not yet published to Redis",
+            labels,
+            registry=self.registry,
+        )
         self._written_seen = 0
 
     async def snapshot(self) -> dict[str, Any]:
@@ -104,7 +118,11 @@ class WriterMetrics:
         self.overdue.labels(prefix, "qualification").set(sweeper.overdue_qualifications)
         self.set_aside.labels(prefix, "hold").set(sweeper.set_aside_holds)
         self.set_aside.labels(prefix, "qualification").set(sweeper.set_aside_qualifications)
+        publishing = self.publishing.last
+        self.unpublished_failed.labels(prefix).set(publishing.failed)
+        self.unpublished_age.labels(prefix).set(publishing.oldest_age_s)
         return {
+            "publishing": {**dataclasses.asdict(publishing), "stuck": self.publishing.stuck},
             **dataclasses.asdict(current),
             "backlog": current.backlog,
             "sweeper": dataclasses.asdict(sweeper),
@@ -114,14 +132,16 @@ class WriterMetrics:
 
 async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None) -> HttpEndpoint:
     """GET /metrics (Prometheus text) and GET /health (JSON: 503 when events are dead-lettered
-    or the sweepers have overdue or set-aside work), by prometheus_client's server in a thread;
+    or the sweepers have overdue or set-aside work, or an operator change has stayed unpublished
+    for over a minute: publisher.py), by prometheus_client's server in a thread;
     HTTPS with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded
     with it). Every request refreshes the gauges from Redis on the writer's event loop."""
     loop = asyncio.get_running_loop()
 
     def health() -> tuple[bool, dict[str, Any]]:
         details = asyncio.run_coroutine_threadsafe(metrics.snapshot(), loop).result(timeout=5)
-        return details["dead_letters"] == 0 and not any(details["sweeper"].values()), details
+        healthy = details["dead_letters"] == 0 and not any(details["sweeper"].values())
+        return healthy and not details["publishing"]["stuck"], details
 
     return serve_http(listen, metrics.registry, health, ssl_context)
 
@@ -146,8 +166,13 @@ async def run_writer(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # Operator changes a gateway committed but failed to publish to Redis (publisher.py).
+    publish_state = PublishState()
+    publishing = asyncio.create_task(
+        run_publisher(config.pg_dsn, redis, Keys(config.redis_prefix), stopping, publish_state)
+    )
     server = (
-        await serve_metrics(WriterMetrics(writer), config.writer_metrics_listen, metrics_tls(config))
+        await serve_metrics(WriterMetrics(writer, publish_state), config.writer_metrics_listen, metrics_tls(config))
         if config.writer_metrics_listen
         else None
     )
@@ -164,7 +189,8 @@ async def run_writer(config: Config) -> None:
         await writer.run(stopping)
     finally:
         stopping.set()
-        await asyncio.gather(mirroring, alerting, *([reporting] if reporting else []), return_exceptions=True)
+        background = [mirroring, alerting, publishing, *([reporting] if reporting else [])]
+        await asyncio.gather(*background, return_exceptions=True)
         if server is not None:
             server.close()
         await redis.aclose()

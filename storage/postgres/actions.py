@@ -10,6 +10,7 @@ A change whose publication did not complete keeps its mark; ``catch_up`` publish
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from server.domain.errors import IdempotencyConflict
 from storage.postgres.reference import bump_reference_version, current_reference_version, fetch_reference
 from storage.redis.keys import Keys
 from storage.redis.reference import publish_reference
+
+log = logging.getLogger("subsidy.reference")
 
 
 @dataclass(frozen=True)
@@ -104,18 +107,40 @@ async def publish_scope(pool: asyncpg.Pool, redis: Redis, keys: Keys, scope: Sco
     return published
 
 
-async def catch_up(pool: asyncpg.Pool, redis: Redis, keys: Keys, older_than_s: float = 0.5) -> int:
+@dataclass(frozen=True)
+class CatchUp:
+    """One pass of ``catch_up``: changes published now, changes whose publication failed again
+    (left marked for the next pass), and the oldest mark's age in seconds (0 when none is left)."""
+
+    published: int = 0
+    failed: int = 0
+    oldest_age_s: float = 0.0
+
+
+async def catch_up(pool: asyncpg.Pool, redis: Redis, keys: Keys, older_than_s: float = 0.5) -> CatchUp:
     """Publishes changes whose own publication did not complete (the call failed between commit
-    and publish); returns how many it published."""
+    and publish), oldest first. A change that fails again keeps its mark and does not stop the
+    ones after it (a poison change never stalls the others); it is counted in ``failed``."""
     async with pool.acquire() as connection:
         rows = await connection.fetch(
             "SELECT * FROM unpublished_changes WHERE created_at < now() - make_interval(secs => $1) ORDER BY version",
             older_than_s,
         )
+    published = failed = 0
     for row in rows:
         scope = Scope(tuple(row["campaign_ids"]), tuple(row["merchant_ids"]), tuple(row["gtins"]))
-        await publish_scope(pool, redis, keys, scope, row["version"])
-    return len(rows)
+        try:
+            await publish_scope(pool, redis, keys, scope, row["version"])
+        except Exception as error:
+            failed += 1
+            log.warning("publishing reference version %s failed again: %s", row["version"], type(error).__name__)
+        else:
+            published += 1
+    async with pool.acquire() as connection:
+        oldest = await connection.fetchval(
+            "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM unpublished_changes"
+        )
+    return CatchUp(published, failed, float(oldest))
 
 
 async def earlier_details(connection: asyncpg.Connection, action: Action) -> dict[str, Any] | None:

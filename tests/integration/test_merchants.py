@@ -42,6 +42,7 @@ from server.ctl import main as subsidyctl
 from server.ctl.merchant import parse_onboarding
 from server.domain.geo import Point, distance_m
 from server.domain.merchants import is_valid_licence_number, licence_check_character
+from server.processes.publisher import PublishState, run_publisher
 from storage.devenv import Services
 from tests.conftest import (
     Environment,
@@ -582,6 +583,90 @@ async def test_a_replay_publishes_a_change_whose_publication_failed(world: World
         assert await connection.fetchval("SELECT count(*) FROM unpublished_changes WHERE version = $1", version) == 0
     finally:
         await connection.close()
+
+
+async def test_the_writer_publishes_a_change_nobody_retried(world: World) -> None:
+    """A change committed in PostgreSQL whose gateway died before publishing it, and whose
+    client never retried: the ledger writer's publisher (server/processes/publisher.py)
+    publishes it and clears its mark."""
+    _, store_id = await merchant_with_store(world)
+    create = terminal_request(unique("t"), store_id)
+    issued = await world.operator.create_terminal(create)
+    connection = await asyncpg.connect(world.env.pg_dsn, timeout=10)
+    redis = Redis.from_url(world.env.redis_url)
+    stopping = asyncio.Event()
+    state = PublishState()
+    version = await stale_suspension(connection, create.terminal_id, issued.terminal.merchant_id)
+    try:
+        async with terminal_client(world, create.terminal_id, issued.secret) as client:
+            assert (await sell_fridge(client)).decision == authorization_pb2.DECISION_APPROVED  # stale
+            publisher = asyncio.create_task(
+                run_publisher(world.env.pg_dsn, redis, world.env.keys, stopping, state, interval_s=0.1)
+            )
+            try:
+
+                async def declined() -> bool:
+                    answer = await sell_fridge(client)
+                    return answer.decline_reason == authorization_pb2.DECLINE_REASON_TERMINAL_INACTIVE
+
+                await eventually(declined)
+            finally:
+                stopping.set()
+                await publisher
+        assert await connection.fetchval("SELECT count(*) FROM unpublished_changes WHERE version = $1", version) == 0
+        assert state.last.failed == 0 and not state.stuck
+    finally:
+        await connection.execute("DELETE FROM unpublished_changes WHERE version = $1", version)
+        await redis.aclose()
+        await connection.close()
+
+
+async def test_a_change_that_cannot_be_published_keeps_its_mark_and_shows(world: World) -> None:
+    """With Redis unreachable the publisher's passes fail: the mark stays for the next pass, the
+    failure is counted, and a mark older than a minute makes the writer's /health unhealthy."""
+    _, store_id = await merchant_with_store(world)
+    create = terminal_request(unique("t"), store_id)
+    issued = await world.operator.create_terminal(create)
+    connection = await asyncpg.connect(world.env.pg_dsn, timeout=10)
+    # Nothing listens on port 1.
+    unreachable = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    stopping = asyncio.Event()
+    state = PublishState()
+    version = await stale_suspension(connection, create.terminal_id, issued.terminal.merchant_id)
+    try:
+        publisher = asyncio.create_task(
+            run_publisher(world.env.pg_dsn, unreachable, world.env.keys, stopping, state, interval_s=0.1)
+        )
+        try:
+
+            async def failed() -> bool:
+                return state.last.failed >= 1
+
+            await eventually(failed)
+        finally:
+            stopping.set()
+            await publisher
+        assert await connection.fetchval("SELECT count(*) FROM unpublished_changes WHERE version = $1", version) == 1
+        assert state.last.published == 0
+        assert state.stuck  # the mark is an hour old
+    finally:
+        await connection.execute("DELETE FROM unpublished_changes WHERE version = $1", version)
+        await unreachable.aclose()
+        await connection.close()
+
+
+async def stale_suspension(connection: asyncpg.Connection, terminal_id: str, merchant_id: str) -> int:
+    """A terminal's suspension committed in PostgreSQL an hour ago and never published to Redis."""
+    async with connection.transaction():
+        await connection.execute("UPDATE terminals SET status = 'SUSPENDED' WHERE terminal_id = $1", terminal_id)
+        version: int = await connection.fetchval("UPDATE reference_version SET version = version + 1 RETURNING version")
+        await connection.execute(
+            "INSERT INTO unpublished_changes (version, merchant_ids, created_at)"
+            " VALUES ($1, $2, now() - interval '1 hour')",
+            version,
+            [merchant_id],
+        )
+    return version
 
 
 async def succeeded(call: Awaitable[Any]) -> bool:
