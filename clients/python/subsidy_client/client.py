@@ -218,16 +218,21 @@ class AuthorizationClient(SignedClient):
         self,
         *,
         campaign_id: str,
-        consumer_key: str,
         lines: Sequence[Line],
+        consumer_key: str = "",
         channel: int = pb.CHANNEL_POS,
         request_id: str | None = None,
         redemption_code: str = "",
+        consumer_id_number: str = "",
     ) -> pb.AuthorizeResponse:
+        """Who pays: ``consumer_key`` (a partner app holding the programme key), or
+        ``consumer_id_number`` (a till that read an ID card; the gateway keys it and forgets
+        it), or neither with a ``redemption_code`` (the qualification's owner)."""
         request = pb.AuthorizeRequest(
             request_id=request_id or str(uuid.uuid4()),
             campaign_id=campaign_id,
             consumer_key=consumer_key,
+            consumer_id_number=consumer_id_number,
             channel=channel,  # type: ignore[arg-type]
             redemption_code=redemption_code,
             lines=[
