@@ -114,7 +114,7 @@ def main(
 # COMMANDS and SECTION.
 COMMAND_MODULES = (
     "campaign", "catalog", "merchant", "credential", "report", "supervise", "recon", "reporting", "ledger",
-    "reference", "exchange", "serve", "dev", "certs",
+    "reference", "exchange", "serve", "dev", "certs", "risk",
 )  # fmt: skip
 
 for _name in COMMAND_MODULES:

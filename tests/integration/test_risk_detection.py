@@ -9,7 +9,9 @@ on the clean ledger and exactly the planted subject on the other.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,21 +20,26 @@ from typing import Any
 
 import asyncpg
 import pytest
+from click.testing import CliRunner, Result
 
+from server.ctl import main as subsidyctl
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
 from server.domain.risk_detection import (
     BURST_MIN_CONSUMERS,
     CAPPED_SHARE,
+    CONFIRMED,
     DETECTORS,
+    DISMISSED,
     IMPOSSIBLE_TRAVEL,
     LATE_REFUND,
+    REVIEWING,
     TERMINAL_BURST,
     THRESHOLD_CLUSTER,
     Finding,
 )
 from storage.devenv import Services
 from storage.postgres import daily_reports, risk
-from tests.conftest import isolated_environment
+from tests.conftest import Environment, isolated_environment
 
 DAY_START = datetime(2026, 3, 1, 16, 0, tzinfo=UTC)  # 2026-03-02 00:00 in Shanghai
 WINDOW = risk.Window(DAY_START, DAY_START + timedelta(days=1))
@@ -301,16 +308,21 @@ async def clean(services: Services) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture(scope="module")
-async def dirty(services: Services) -> AsyncIterator[asyncpg.Connection]:
+async def dirty_world(services: Services) -> AsyncIterator[tuple[Environment, asyncpg.Connection]]:
     async with isolated_environment(services) as env:
         connection = await asyncpg.connect(env.pg_dsn, timeout=10)
         try:
             await reference(connection)
             await clean_day(connection)
             await planted(connection)
-            yield connection
+            yield env, connection
         finally:
             await connection.close()
+
+
+@pytest.fixture
+def dirty(dirty_world: tuple[Environment, asyncpg.Connection]) -> asyncpg.Connection:
+    return dirty_world[1]
 
 
 def subjects(findings: list[Finding]) -> set[str]:
@@ -363,3 +375,80 @@ async def test_evidence_names_the_figures(dirty: asyncpg.Connection) -> None:
     assert late["late_refunds"] == 4 and len(late["refunds"]) == 4
     before = risk.Window(WINDOW.start - timedelta(days=1), WINDOW.start)
     assert all(not found for found in (await risk.detect(dirty, before)).values())
+
+
+async def invoke(env: Environment, *arguments: str) -> Result:
+    """subsidyctl runs its own event loop; run it in a thread so this test's loop keeps serving."""
+    environ = {
+        "SUBSIDY_PG_DSN": env.pg_dsn,
+        "SUBSIDY_REDIS_URL": env.redis_url,
+        "SUBSIDY_REPORT_TIMEZONE": "Asia/Shanghai",
+    }
+    return await asyncio.to_thread(CliRunner().invoke, subsidyctl, list(arguments), env=environ)
+
+
+async def audit_rows(connection: asyncpg.Connection, case_id: int) -> list[str]:
+    rows = await connection.fetch(
+        "SELECT action FROM operator_actions WHERE target_kind = 'RISK_CASE' AND target_id = $1 ORDER BY action_id",
+        str(case_id),
+    )
+    return [row["action"] for row in rows]
+
+
+async def test_cases_from_detection_and_their_lifecycle(dirty_world: tuple[Environment, asyncpg.Connection]) -> None:
+    """subsidyctl risk detect records one case per finding and none again on a re-run of the
+    same day; a case moves NEW -> REVIEWING -> CONFIRMED, a move its state does not allow is
+    FAILED_PRECONDITION INVALID_STATE (exit 1) and changes nothing, not even the audit trail;
+    every change is one operator action, a retried request id acts once."""
+    env, connection = dirty_world
+    first = await invoke(env, "--json", "risk", "detect", "--from", "2026-03-02", "--to", "2026-03-02")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output)
+    assert summary["days"][0]["found"] == {name: 1 for name in DETECTORS}
+    assert len(summary["days"][0]["new_cases"]) == 5 and summary["already_cases"] == 0
+    again = await invoke(env, "--json", "risk", "detect", "--from", "2026-03-02", "--to", "2026-03-02")
+    assert again.exit_code == 0, again.output
+    assert (json.loads(again.output)["new_cases"], json.loads(again.output)["already_cases"]) == (0, 5)
+    assert await connection.fetchval("SELECT count(*) FROM risk_cases") == 5
+    assert await connection.fetchval("SELECT count(*) FROM operator_actions WHERE action = 'risk.detect'") == 2
+
+    listed = await invoke(env, "--json", "risk", "cases", "--state", "new")
+    assert listed.exit_code == 0, listed.output
+    by_detector = {row["detector"]: row for row in json.loads(listed.output)}
+    assert set(by_detector) == set(DETECTORS)
+    capped = by_detector[CAPPED_SHARE]["case"]
+    assert by_detector[CAPPED_SHARE]["subject"] == "merchant:m-capper"
+    table = await invoke(env, "risk", "cases")
+    assert table.exit_code == 0 and "m-capper" in table.output and "TERMINAL_BURST" in table.output
+
+    no_operator = await invoke(env, "risk", "review", str(capped))
+    assert no_operator.exit_code == 2, no_operator.output
+    reviewed = await invoke(env, "--operator", "op-risk", "--json", "risk", "review", str(capped), "--request-id", "r1")
+    assert reviewed.exit_code == 0, reviewed.output
+    assert (json.loads(reviewed.output)["state"], json.loads(reviewed.output)["assignee"]) == (REVIEWING, "op-risk")
+    replay = await invoke(env, "--operator", "op-risk", "--json", "risk", "review", str(capped), "--request-id", "r1")
+    assert replay.exit_code == 0 and json.loads(replay.output)["state"] == REVIEWING
+    confirmed = await invoke(
+        env, "--operator", "op-risk", "--json", "risk", "confirm", str(capped), "--note", "all capped"
+    )
+    assert confirmed.exit_code == 0, confirmed.output
+    assert json.loads(confirmed.output)["state"] == CONFIRMED
+    refused = await invoke(env, "--operator", "op-risk", "risk", "dismiss", str(capped), "--note", "changed my mind")
+    assert refused.exit_code == 1 and "FAILED_PRECONDITION (INVALID_STATE)" in refused.output, refused.output
+    assert await audit_rows(connection, capped) == ["risk.reviewing", "risk.confirmed"]
+
+    burst = by_detector[TERMINAL_BURST]["case"]
+    skipped = await invoke(env, "--operator", "op-risk", "risk", "confirm", str(burst), "--note", "too fast")
+    assert skipped.exit_code == 1 and "INVALID_STATE" in skipped.output
+    assigned = await invoke(env, "--operator", "op-lead", "--json", "risk", "assign", str(burst), "op-risk")
+    assert assigned.exit_code == 0 and json.loads(assigned.output)["assignee"] == "op-risk"
+    dismissed = await invoke(env, "--operator", "op-risk", "--json", "risk", "dismiss", str(burst), "--note", "a queue")
+    assert dismissed.exit_code == 0 and json.loads(dismissed.output)["state"] == DISMISSED
+    assert await audit_rows(connection, burst) == ["risk.assign", "risk.dismissed"]
+
+    shown = await invoke(env, "--json", "risk", "show", str(capped))
+    assert shown.exit_code == 0, shown.output
+    document = json.loads(shown.output)
+    assert document["note"] == "all capped" and document["evidence"]["hits"] == 40
+    missing = await invoke(env, "risk", "show", "999999")
+    assert missing.exit_code == 1 and "NOT_FOUND" in missing.output
