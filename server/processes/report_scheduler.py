@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 from redis.asyncio import Redis
 
 from server.config import Config
 from server.domain.daily_report import SCHEDULER, BusinessCalendar
-from storage.postgres import daily_reports
+from storage.postgres import daily_reports, risk, risk_cases
 from storage.postgres.writer import lag
 from storage.redis.keys import Keys
 
@@ -41,6 +41,21 @@ class Tick:
 
     published: tuple[str, ...] = ()
     waiting_for_ledger: bool = False
+
+
+async def detect_risk(connection: asyncpg.Connection, calendar: BusinessCalendar, days: list[date]) -> None:
+    """The offline risk detectors (issue 14, section 2) over each day just published, its new
+    findings recorded as cases. A failure is logged and leaves the published reports as they
+    are; ``subsidyctl risk detect --from DAY --to DAY`` runs the day again (no duplicate cases)."""
+    for day in days:
+        window = risk.Window(*calendar.bounds(day))
+        try:
+            found = await risk.detect(connection, window)
+            recorded = await risk_cases.record_findings(connection, window, found, SCHEDULER)
+        except Exception:
+            log.error("risk detection failed", extra={"day": day.isoformat()}, exc_info=True)
+            continue
+        log.info("risk detection ran", extra={"day": day.isoformat(), "new_cases": len(recorded.created)})
 
 
 class ReportScheduler:
@@ -71,6 +86,7 @@ class ReportScheduler:
                     log.info("daily report waits for the ledger to drain", extra={"day": last_closed.isoformat()})
                     return Tick(waiting_for_ledger=True)
             result = await daily_reports.publish_closed_days(connection, self.calendar, now, SCHEDULER)
+            await detect_risk(connection, self.calendar, [header.business_date for header in result.published])
         finally:
             await connection.close()
         days = tuple(header.business_date.isoformat() for header in result.published)

@@ -15,12 +15,13 @@ import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 from click.testing import CliRunner, Result
+from redis.asyncio import Redis
 
 from server.ctl import main as subsidyctl
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
@@ -37,6 +38,7 @@ from server.domain.risk_detection import (
     THRESHOLD_CLUSTER,
     Finding,
 )
+from server.processes.report_scheduler import ReportScheduler
 from storage.devenv import Services
 from storage.postgres import daily_reports, risk
 from tests.conftest import Environment, isolated_environment
@@ -452,3 +454,27 @@ async def test_cases_from_detection_and_their_lifecycle(dirty_world: tuple[Envir
     assert document["note"] == "all capped" and document["evidence"]["hits"] == 40
     missing = await invoke(env, "risk", "show", "999999")
     assert missing.exit_code == 1 and "NOT_FOUND" in missing.output
+
+
+async def test_the_daily_report_scheduler_runs_the_detectors_after_each_report(services: Services) -> None:
+    """When the writer's scheduler publishes a day's report, the detectors run over that day and
+    its findings become cases (detected by the scheduler); the next tick publishes nothing and
+    adds no case."""
+    async with isolated_environment(services) as env:
+        connection = await asyncpg.connect(env.pg_dsn, timeout=10)
+        redis = Redis.from_url(env.redis_url)
+        try:
+            await reference(connection)
+            await clean_day(connection)
+            await planted(connection)
+            scheduler = ReportScheduler(env.config(), redis, env.keys)
+            closes = scheduler.calendar.closes_at(date(2026, 3, 2))
+            assert "2026-03-02" in (await scheduler.tick(closes + timedelta(minutes=1))).published
+            rows = await connection.fetch("SELECT detector, subject_id, detected_by FROM risk_cases")
+            assert sorted(row["detector"] for row in rows) == sorted(DETECTORS)
+            assert {row["detected_by"] for row in rows} == {"scheduler"}
+            assert (await scheduler.tick(closes + timedelta(minutes=2))).published == ()
+            assert await connection.fetchval("SELECT count(*) FROM risk_cases") == len(DETECTORS)
+        finally:
+            await redis.aclose()
+            await connection.close()
