@@ -37,6 +37,12 @@ TARGET_AUTHORIZE_VS_ECHO = 0.7
 TARGET_GATEWAY_VS_BASELINE = 5.0
 TARGET_P99_VS_BASELINE = 0.2
 TARGET_CPU_VS_ECHO = 1.5
+# Issue 15: against the bare grpc.aio Echo floor, and the authorize script driven directly.
+TARGET_ECHO_VS_BARE_CPU = 1.10
+TARGET_AUTHORIZE_VS_BARE_CPU = 1.6
+TARGET_AUTHORIZE_VS_BARE_THROUGHPUT = 0.6
+TARGET_SCRIPT_USEC_PER_CALL = 35.0
+TARGET_AUTHORIZE_PER_REDIS_CORE = 20_000.0
 PACKAGES = ("grpcio", "protobuf", "redis", "hiredis", "asyncpg", "uvloop", "hdrhistogram", "py-spy")
 
 
@@ -166,7 +172,84 @@ def verdicts(result: RunResult) -> list[Verdict]:
         )
     else:
         found.append(Verdict("server CPU-ms per 1,000: Authorize / Echo", "<= 1.5", math.nan, "", "NOT RUN", ""))
+    found += floor_verdicts(result)
+    found += redis_script_verdicts(result)
     return found
+
+
+def floor_verdicts(result: RunResult) -> list[Verdict]:
+    """Issue 15's targets against the bare grpc.aio Echo (scenario floor); none when not run."""
+    echo = result.comparisons.get("floor: echo")
+    authorize = result.comparisons.get("floor: authorize")
+    if echo is None or authorize is None:
+        return []
+    basis = "/proc CPU of the server process tree per call, bare Echo / gateway Echo / gateway Authorize rotated"
+    return [
+        Verdict(
+            "server CPU per call: gateway Echo / bare Echo",
+            f"<= {TARGET_ECHO_VS_BARE_CPU}",
+            echo.server_cpu.value,
+            _spread(echo.server_cpu),
+            _pass(echo.server_cpu.value <= TARGET_ECHO_VS_BARE_CPU),
+            basis,
+        ),
+        Verdict(
+            "server CPU per call: gateway Authorize / bare Echo",
+            f"<= {TARGET_AUTHORIZE_VS_BARE_CPU}",
+            authorize.server_cpu.value,
+            _spread(authorize.server_cpu),
+            _pass(authorize.server_cpu.value <= TARGET_AUTHORIZE_VS_BARE_CPU),
+            basis,
+        ),
+        Verdict(
+            "throughput: gateway Authorize / bare Echo",
+            f">= {TARGET_AUTHORIZE_VS_BARE_THROUGHPUT}",
+            authorize.throughput.value,
+            _spread(authorize.throughput),
+            _pass(authorize.throughput.value >= TARGET_AUTHORIZE_VS_BARE_THROUGHPUT),
+            f"closed loop, {result.plan.concurrency} in flight, ratio of medians",
+        ),
+    ]
+
+
+def _rounds_spread(values: list[float], digits: int) -> tuple[float, str]:
+    """The median over rounds, and the rounds' range with ± half of it relative to the median."""
+    middle = _median(values)
+    if math.isnan(middle) or middle == 0:
+        return middle, "n/a"
+    low, high = min(values), max(values)
+    return middle, f"rounds {low:,.{digits}f}–{high:,.{digits}f} (±{(high - low) / 2 / middle:.0%})"
+
+
+def redis_script_verdicts(result: RunResult) -> list[Verdict]:
+    """Issue 15's Redis targets (scenario redis_script): medians over its rounds."""
+    rounds = result.redis_script
+    if not rounds:
+        return []
+    usec, usec_spread = _rounds_spread([record["evalsha_usec_per_call"] for record in rounds], 1)
+    per_core, per_core_spread = _rounds_spread([record["authorize_per_redis_core_s"] for record in rounds], 0)
+    shape = (
+        f"{rounds[0]['connections']} connections x {rounds[0]['depth']} pipelined EVALSHAs,"
+        f" median of {len(rounds)} rounds"
+    )
+    return [
+        Verdict(
+            "authorize script µs per call inside Redis (commandstats)",
+            f"<= {TARGET_SCRIPT_USEC_PER_CALL:g}",
+            usec,
+            usec_spread,
+            _pass(usec <= TARGET_SCRIPT_USEC_PER_CALL),
+            f"EVALSHA usec_per_call after CONFIG RESETSTAT; {shape}",
+        ),
+        Verdict(
+            "Authorize/s per Redis core (appendfsync always)",
+            f">= {TARGET_AUTHORIZE_PER_REDIS_CORE:,.0f}",
+            per_core,
+            per_core_spread,
+            _pass(per_core >= TARGET_AUTHORIZE_PER_REDIS_CORE),
+            f"approved calls in the window / redis-server CPU-s (/proc); {shape}",
+        ),
+    ]
 
 
 def p99_verdict(result: RunResult, baseline: Comparison | None) -> Verdict:
@@ -441,6 +524,10 @@ def markdown(result: RunResult, png_name: str) -> str:
         "",
         *environment_section(result),
     ]
+    if "floor: echo" in result.comparisons:
+        lines += ["", "## 0. The floor: a bare grpc.aio Echo server (issue 15)", "", *floor_section(result)]
+    if result.redis_script:
+        lines += ["", "## 0b. The authorize script driven directly (issue 15)", "", *redis_script_section(result)]
     transport = result.comparisons.get("transport")
     if transport is not None:
         lines += [
@@ -588,6 +675,77 @@ def _median(values: list[float]) -> float:
         if len(ordered) % 2
         else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
     )
+
+
+def floor_section(result: RunResult) -> list[str]:
+    echo = result.comparisons["floor: echo"]
+    authorize = result.comparisons["floor: authorize"]
+    bare_rounds = echo.rounds_b
+
+    def row(name: str, rounds: list[Measurement], cpu: Ratio | None, throughput: Ratio | None) -> str:
+        calls = [m.throughput_per_s for m in rounds]
+        cpu_us = [m.server_cpu_ms_per_1k for m in rounds]  # CPU-ms per 1,000 calls = CPU-µs per call
+        cpu_ratio = f"{cpu.value:.2f} ({_spread(cpu)})" if cpu else "1.00"
+        throughput_ratio = f"{throughput.value:.2f} ({_spread(throughput)})" if throughput else "1.00"
+        return (
+            f"| {name} | {_median(calls):,.0f} ({min(calls):,.0f}–{max(calls):,.0f}) |"
+            f" {_median(cpu_us):,.0f} ({min(cpu_us):,.0f}–{max(cpu_us):,.0f}) | {cpu_ratio} | {throughput_ratio} |"
+        )
+
+    return [
+        "| server | calls/s, median (range) | server CPU-µs per call, median (range) | CPU ÷ bare | calls/s ÷ bare |",
+        "|---|---:|---:|---:|---:|",
+        row("bare grpc.aio Echo (no interceptors, no auth)", bare_rounds, None, None),
+        row("the gateway's Echo (interceptors + HMAC)", echo.rounds_a, echo.server_cpu, echo.throughput),
+        row("the gateway's Authorize", authorize.rounds_a, authorize.server_cpu, authorize.throughput),
+        "",
+        f"Rotated bare Echo, gateway Echo, gateway Authorize in each of {len(bare_rounds)} triples, closed loop,"
+        f" {result.plan.concurrency} in flight; ratios are of the medians, ranges of the per-triple ratios."
+        " The bare server (benchmarks/bare_echo.py) is grpc.aio with the gateway's options and uvloop and the"
+        " gateway's Echo handler, without interceptors or authentication. Targets (issue 15): Echo CPU"
+        f" ≤ {TARGET_ECHO_VS_BARE_CPU} × bare, Authorize CPU ≤ {TARGET_AUTHORIZE_VS_BARE_CPU} × bare, Authorize"
+        f" calls/s ≥ {TARGET_AUTHORIZE_VS_BARE_THROUGHPUT} × bare. Rounds:",
+        "",
+        "| round | calls/s | p50 / p99 ms | server CPU-µs/call | clients cores | outside cores |",
+        "|---|---:|---|---:|---:|---:|",
+        *(
+            f"| {m.label} {index + 1} | {m.throughput_per_s:,.0f} | {m.latency.p50_ms:.1f} / {m.latency.p99_ms:.1f} |"
+            f" {m.server_cpu_ms_per_1k:,.0f} | {m.client_cpu_cores:.2f} | {m.outside_cpu_cores:.2f}"
+            f"{' (disturbed)' if disturbed(m) else ''} |"
+            for index, triple in enumerate(zip(bare_rounds, echo.rounds_a, authorize.rounds_a, strict=True))
+            for m in triple
+        ),
+    ]
+
+
+def redis_script_section(result: RunResult) -> list[str]:
+    rounds = result.redis_script
+    lines = [
+        "| round | calls/s | Redis cores | Authorize/s per Redis core | Redis CPU-µs/call | EVALSHA µs/call"
+        " (commandstats) | machine busy | outcomes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for record in rounds:
+        outcomes = ", ".join(f"{name} {count:,}" for name, count in sorted(record["outcomes"].items()))
+        lines.append(
+            f"| {record['round']}{' (ran out of commands)' if record['ran_out'] else ''} |"
+            f" {record['calls_per_s']:,.0f} | {record['redis_cpu_cores']:.2f} |"
+            f" {record['authorize_per_redis_core_s']:,.0f} | {record['redis_cpu_us_per_call']:.1f} |"
+            f" {record['evalsha_usec_per_call']:.1f} | {record['machine_busy_fraction']:.0%} | {outcomes} |"
+        )
+    redis = result.environment.get("redis", {})
+    lines += [
+        "",
+        f"{rounds[0]['connections']} driver processes, one connection each, {rounds[0]['depth']} EVALSHAs in flight"
+        " on each, against the bench's dedicated redis-server"
+        f" ({redis.get('binary', '?')} {redis.get('version', '?')}, appendfsync {redis.get('appendfsync', '?')}):"
+        " every command an approvable one-line Authorize of a new consumer, its KEYS and ARGV built by"
+        " storage.redis's RedisStore.authorize (benchmarks/redis_direct.py). Authorize/s per Redis core ="
+        " calls answered in the window / the redis-server's CPU-seconds over it (script, AOF write and fsync,"
+        " networking); EVALSHA µs/call is the time inside the script alone. Targets (issue 15):"
+        f" ≤ {TARGET_SCRIPT_USEC_PER_CALL:g} µs, ≥ {TARGET_AUTHORIZE_PER_REDIS_CORE:,.0f} per core.",
+    ]
+    return lines
 
 
 def cost_section(result: RunResult) -> list[str]:

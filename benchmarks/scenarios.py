@@ -31,7 +31,7 @@ from typing import Any
 from subsidy_client.v1 import common_pb2
 
 from benchmarks import baseline as baseline_module
-from benchmarks import bookkeeping, services
+from benchmarks import bookkeeping, redis_direct, services
 from benchmarks.histogram import Histogram, LatencySummary
 from benchmarks.loadgen import Claim, ClientPool, CrowdResult, CrowdSpec, PhaseResult, PhaseSpec
 from benchmarks.profiling import Profile, summarize_profile
@@ -50,6 +50,8 @@ from server.domain.identity import check_digit
 from storage.devenv import DevServices
 
 SCENARIOS = (
+    "floor",
+    "redis_script",
     "transport",
     "tls",
     "tracing",
@@ -335,6 +337,8 @@ class RunResult:
     open_loop_floor: list[OpenLoopPoint] = field(default_factory=list)  # Echo at the equal-load rates
     open_loop_aof: list[OpenLoopPoint] = field(default_factory=list)  # AOF everysec, then always
     ledger: dict[str, Any] = field(default_factory=dict)
+    # The authorize script driven directly (scenario redis_script): one dict per round.
+    redis_script: list[dict[str, Any]] = field(default_factory=list)
     flash_crowd: FlashCrowd | None = None
     checks: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)
@@ -734,6 +738,142 @@ def run_transport(bench: Bench, result: RunResult) -> None:
     result.comparisons["transport"] = bench.alternate(
         "authorize vs echo", ("authorize", gateway, "authorize"), ("echo", gateway, "echo"), bench.plan.pairs
     )
+
+
+# The redis_script scenario: driver processes (one connection each) and EVALSHAs in flight on each.
+REDIS_DIRECT_CONNECTIONS = 4
+REDIS_DIRECT_DEPTH = 32
+
+
+def run_floor(bench: Bench, result: RunResult) -> None:
+    """The floor (issue 15): a bare grpc.aio Echo server (benchmarks/bare_echo.py: same grpcio,
+    options and uvloop, the gateway's Echo handler, no interceptors, no authentication) in its
+    own process, rotated with the gateway's Echo and Authorize in every pair (bare Echo, gateway
+    Echo, gateway Authorize), closed loop, same concurrency. Both gateway methods are divided by
+    the bare Echo of the same pairs."""
+    process = services.bare_echo_process("bare echo")
+    process.start()
+    bench.servers.append(process)
+    target = Target("bare", process, "none", list)
+    bench.targets["bare"] = target
+    bench.log(f"bare echo: python -m benchmarks.bare_echo on {process.target}")
+    try:
+        bench.measure(
+            "warm-up bare echo",
+            target,
+            "echo",
+            "closed",
+            warmup_s=0.0,
+            duration_s=bench.plan.initial_warmup_s,
+            concurrency=bench.plan.concurrency,
+        )
+        gateway = bench.targets["gateway"]
+        bare: list[Measurement] = []
+        echo: list[Measurement] = []
+        authorize: list[Measurement] = []
+        for index in range(bench.plan.pairs):
+            bench.log(f"floor: triple {index + 1}/{bench.plan.pairs}")
+            bare.append(bench.closed_round("bare echo", target, "echo"))
+            echo.append(bench.closed_round("gateway echo", gateway, "echo"))
+            authorize.append(bench.closed_round("gateway authorize", gateway, "authorize"))
+        result.comparisons["floor: echo"] = compare("floor: echo / bare", "gateway echo", "bare echo", echo, bare)
+        result.comparisons["floor: authorize"] = compare(
+            "floor: authorize / bare", "gateway authorize", "bare echo", authorize, bare
+        )
+    finally:
+        bench.stop_target("bare")
+
+
+def run_redis_script(bench: Bench, result: RunResult) -> None:
+    """The authorize script driven directly (benchmarks/redis_direct.py): pipelined EVALSHAs of
+    approvable Authorizes from several connections against the bench's dedicated Redis
+    (appendfsync always), its reference data republished and the script loaded as the gateway
+    loads it. Each round: CONFIG RESETSTAT at the window's start, the redis-server's CPU and
+    INFO commandstats over the window; the bench's Redis is emptied and republished between
+    rounds (every approval leaves an authorization, a hold and a ledger entry behind)."""
+    redis_server = bench.redis["always"]
+    plan = bench.plan
+    rounds = plan.pairs
+    warmup_s = plan.round_warmup_s
+    per_connection = math.ceil(redis_direct.BUILD_CEILING_PER_S * (warmup_s + plan.round_s) / REDIS_DIRECT_CONNECTIONS)
+    for index in range(rounds):
+        if index:
+            bench.reset_state()
+        services.run_async(redis_direct.preload_scripts(redis_server.url))
+        spec = redis_direct.DirectSpec(
+            redis_host=services.LOOPBACK,
+            redis_port=redis_server.port,
+            prefix=bench.prefix,
+            hold_ttl_s=HOLD_TTL_S,
+            terminal_id=bench.terminals[0].terminal_id,
+            merchant_id=services.MERCHANT_ID,
+            campaign_id=services.CAMPAIGN_ID,
+            gtin=services.GTIN,
+            price_fen=services.PRICE_FEN,
+            depth=REDIS_DIRECT_DEPTH,
+            commands=per_connection,
+            warmup_s=warmup_s,
+            duration_s=plan.round_s,
+        )
+        record = redis_script_round(redis_server, spec, index + 1)
+        result.redis_script.append(record)
+        bench.log(
+            f"  redis script round {index + 1}/{rounds}: {record['calls_per_s']:,.0f} calls/s,"
+            f" {record['authorize_per_redis_core_s']:,.0f} per Redis core"
+            f" ({record['redis_cpu_cores']:.2f} cores), EVALSHA {record['evalsha_usec_per_call']:.1f} µs/call,"
+            f" outcomes {record['outcomes']}{' (ran out of commands)' if record['ran_out'] else ''}"
+        )
+
+
+def redis_script_round(redis_server: RedisServer, spec: redis_direct.DirectSpec, number: int) -> dict[str, Any]:
+    """One round of the redis_script scenario; its measurements as a JSON-ready dict."""
+    window: dict[str, Any] = {}
+
+    def sample(window_start: float, window_end: float) -> None:
+        client = redis_server.client()
+        try:
+            _sleep_until(window_start)
+            client.config_resetstat()
+            window["cpu_start"] = services.process_cpu_s(redis_server.pid, include_reaped_children=False)
+            window["machine_start"] = MachineCpu.read()
+            window["at_start"] = time.monotonic()
+            _sleep_until(window_end)
+            window["cpu_end"] = services.process_cpu_s(redis_server.pid, include_reaped_children=False)
+            window["machine_end"] = MachineCpu.read()
+            window["at_end"] = time.monotonic()
+            window["commandstats"] = client.info("commandstats")
+        finally:
+            client.close()
+
+    results = redis_direct.run_round(spec, REDIS_DIRECT_CONNECTIONS, sample)
+    calls = sum(item.completed_in_window for item in results)
+    outcomes: Counter[str] = Counter()
+    for item in results:
+        outcomes.update(item.outcomes)
+    elapsed = window["at_end"] - window["at_start"]
+    redis_cpu_s = window["cpu_end"] - window["cpu_start"]
+    machine_start, machine_end = window["machine_start"], window["machine_end"]
+    machine_total = machine_end.total - machine_start.total
+    evalsha = window["commandstats"].get("cmdstat_evalsha", {})
+    record = {
+        "round": number,
+        "connections": REDIS_DIRECT_CONNECTIONS,
+        "depth": REDIS_DIRECT_DEPTH,
+        "window_s": elapsed,
+        "calls": calls,
+        "calls_per_s": calls / elapsed if elapsed else math.nan,
+        "redis_cpu_cores": redis_cpu_s / elapsed if elapsed else math.nan,
+        "authorize_per_redis_core_s": calls / redis_cpu_s if redis_cpu_s else math.nan,
+        "redis_cpu_us_per_call": 1e6 * redis_cpu_s / calls if calls else math.nan,
+        "evalsha_calls": int(evalsha.get("calls", 0)),
+        "evalsha_usec_per_call": float(evalsha.get("usec_per_call", math.nan)),
+        "machine_busy_fraction": (
+            (machine_end.busy - machine_start.busy) / machine_total if machine_total else math.nan
+        ),
+        "outcomes": dict(outcomes),
+        "ran_out": any(item.ran_out for item in results),
+    }
+    return record
 
 
 def run_tls(bench: Bench, result: RunResult) -> None:
@@ -1351,6 +1491,8 @@ def run_structure(bench: Bench, result: RunResult) -> None:
 
 
 RUNNERS: dict[str, Callable[[Bench, RunResult], None]] = {
+    "floor": run_floor,
+    "redis_script": run_redis_script,
     "transport": run_transport,
     "tls": run_tls,
     "tracing": run_tracing,

@@ -623,6 +623,18 @@ def gateway_process(
     )
 
 
+def bare_echo_process(name: str) -> ServerProcess:
+    """The floor: a bare grpc.aio Echo server (benchmarks/bare_echo.py), no interceptors."""
+    port = free_port()
+    return ServerProcess(
+        name=name,
+        argv=[sys.executable, "-m", "benchmarks.bare_echo", "--listen", f"{LOOPBACK}:{port}"],
+        environment=clean_environment(),
+        port=port,
+        log_path=BENCH_DATA / "logs" / f"{name.replace(' ', '-')}.log",
+    )
+
+
 def otlp_sink_process(name: str) -> ServerProcess:
     """The tracing scenario's OTLP/gRPC receiver (benchmarks/otlp_sink.py)."""
     port = free_port()
