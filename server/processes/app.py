@@ -43,6 +43,8 @@ from subsidy_client.v1 import (
     reconciliation_pb2_grpc,
     reporting_pb2,
     reporting_pb2_grpc,
+    risk_pb2,
+    risk_pb2_grpc,
     supervision_pb2,
     supervision_pb2_grpc,
 )
@@ -69,6 +71,7 @@ from server.services.operations import OperatorDeps
 from server.services.qualification import QualificationService
 from server.services.reconciliation import ReconciliationService
 from server.services.reporting import ReportingService
+from server.services.risk_cases import RiskCaseService
 from server.services.supervision import FundsPoller, SupervisionService, SupervisionSettings
 from storage.postgres.pool import LazyPool
 from storage.redis.budget import BudgetReader
@@ -95,6 +98,7 @@ SERVICE_NAMES = (
     qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
     exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name,
     complaints_pb2.DESCRIPTOR.services_by_name["ComplaintService"].full_name,
+    risk_pb2.DESCRIPTOR.services_by_name["RiskCaseService"].full_name,
     supervision_pb2.DESCRIPTOR.services_by_name["SupervisionService"].full_name,
 )
 
@@ -229,6 +233,7 @@ async def create_server(config: Config) -> Application:
             QualificationService(store, config.programme_key, config.local_data_key), server
         )
         exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(ExchangeService(store, operator_pool), server)
+        risk_pb2_grpc.add_RiskCaseServiceServicer_to_server(RiskCaseService(deps), server)
         complaints_pb2_grpc.add_ComplaintServiceServicer_to_server(
             ComplaintService(
                 deps,

@@ -253,6 +253,13 @@ def well_formed(request_type: Any) -> Any:
     return request
 
 
+GOVERNMENT_READS = (
+    "/subsidy.v1.ComplaintService/GetTicketCounts",
+    "/subsidy.v1.RiskCaseService/ListRiskCases",
+    "/subsidy.v1.RiskCaseService/GetRiskCase",
+)
+
+
 def other_methods() -> list[tuple[str, Any]]:
     """Every RPC of every service but the daily reports' and the reconciliation's (which
     government users read: tests/integration/test_reconciliation.py) and the diagnostics echo,
@@ -265,7 +272,8 @@ def other_methods() -> list[tuple[str, Any]]:
         for method in pool.FindServiceByName(name).methods:
             # The complaints desk's counts are for government users too (test_complaints.py,
             # every method against every kind of caller).
-            if f"/{name}/{method.name}" != "/subsidy.v1.ComplaintService/GetTicketCounts":
+            # So are the risk cases' reads (test_risk_detection.py, read only for government).
+            if f"/{name}/{method.name}" not in GOVERNMENT_READS:
                 methods.append((f"/{name}/{method.name}", method))
     return methods
 

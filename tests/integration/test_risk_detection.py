@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import random
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -20,8 +21,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yaml
 from click.testing import CliRunner, Result
 from redis.asyncio import Redis
+from subsidy_client import RetryPolicy, SignedClient
+from subsidy_client.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from subsidy_client.v1 import risk_pb2
 
 from server.ctl import main as subsidyctl
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
@@ -40,8 +45,8 @@ from server.domain.risk_detection import (
 )
 from server.processes.report_scheduler import ReportScheduler
 from storage.devenv import Services
-from storage.postgres import daily_reports, risk
-from tests.conftest import Environment, isolated_environment
+from storage.postgres import daily_reports, risk, risk_cases
+from tests.conftest import REFERENCE_FILE, Environment, isolated_environment, load_document, running_gateway
 
 DAY_START = datetime(2026, 3, 1, 16, 0, tzinfo=UTC)  # 2026-03-02 00:00 in Shanghai
 WINDOW = risk.Window(DAY_START, DAY_START + timedelta(days=1))
@@ -478,3 +483,95 @@ async def test_the_daily_report_scheduler_runs_the_detectors_after_each_report(s
         finally:
             await redis.aclose()
             await connection.close()
+
+
+SERVICE = "/subsidy.v1.RiskCaseService/"
+STAFF = [
+    {"id": "gov-bureau", "name": "萧山区商务局 (read-only)", "role": "government"},
+    {"id": "aud-bureau", "name": "区审计局", "role": "auditor"},
+]
+
+
+async def test_risk_cases_over_the_gateway(services: Services) -> None:
+    """RiskCaseService: government users list and read cases (with the evidence) but cannot
+    change them; auditors are refused; operators move a case, a move its state does not allow is
+    FAILED_PRECONDITION INVALID_STATE, a retried request id acts once, and bad fields are
+    INVALID_ARGUMENT naming the field; an unknown case is NOT_FOUND."""
+    async with isolated_environment(services) as env:
+        document = yaml.safe_load(REFERENCE_FILE.read_text())
+        document["operators"] = [*document["operators"], *STAFF]
+        credentials = {**env.credentials, **await load_document(env, document)}
+        connection = await asyncpg.connect(env.pg_dsn, timeout=10)
+        try:
+            await reference(connection)
+            await clean_day(connection)
+            await planted(connection)
+            await risk_cases.record_findings(connection, WINDOW, await risk.detect(connection, WINDOW), "scheduler")
+        finally:
+            await connection.close()
+        async with running_gateway(env.config()) as gateway:
+            target = f"127.0.0.1:{gateway.port}"
+
+            def signed(caller_id: str) -> SignedClient:
+                return SignedClient(target, caller_id, credentials[caller_id], retry=RetryPolicy(max_attempts=1))
+
+            government, auditor, operator = signed("gov-bureau"), signed("aud-bureau"), signed("op-auditor")
+            try:
+                listed = await government._call(
+                    SERVICE + "ListRiskCases", risk_pb2.ListRiskCasesRequest(), risk_pb2.ListRiskCasesResponse
+                )
+                assert sorted(case.detector for case in listed.cases) == sorted(DETECTORS)
+                capped = next(case for case in listed.cases if case.detector == CAPPED_SHARE)
+                assert capped.subject_id == "m-capper" and not capped.evidence.fields
+                got = await government._call(
+                    SERVICE + "GetRiskCase",
+                    risk_pb2.GetRiskCaseRequest(case_id=capped.case_id),
+                    risk_pb2.GetRiskCaseResponse,
+                )
+                assert got.risk_case.evidence["hits"] == 40
+                move = risk_pb2.TransitionRiskCaseRequest(
+                    request_id=str(uuid.uuid4()),
+                    case_id=capped.case_id,
+                    to_state=risk_pb2.RISK_CASE_STATE_REVIEWING,
+                )
+                with pytest.raises(PermissionDenied):
+                    await government._call(SERVICE + "TransitionRiskCase", move, risk_pb2.TransitionRiskCaseResponse)
+                with pytest.raises(PermissionDenied):
+                    await auditor._call(
+                        SERVICE + "ListRiskCases", risk_pb2.ListRiskCasesRequest(), risk_pb2.ListRiskCasesResponse
+                    )
+
+                skip = risk_pb2.TransitionRiskCaseRequest(
+                    request_id=str(uuid.uuid4()),
+                    case_id=capped.case_id,
+                    to_state=risk_pb2.RISK_CASE_STATE_CONFIRMED,
+                    note="skip review",
+                )
+                with pytest.raises(FailedPrecondition) as refused:
+                    await operator._call(SERVICE + "TransitionRiskCase", skip, risk_pb2.TransitionRiskCaseResponse)
+                assert refused.value.reason == "INVALID_STATE"
+                first = await operator._call(SERVICE + "TransitionRiskCase", move, risk_pb2.TransitionRiskCaseResponse)
+                again = await operator._call(SERVICE + "TransitionRiskCase", move, risk_pb2.TransitionRiskCaseResponse)
+                assert first.risk_case.state == again.risk_case.state == risk_pb2.RISK_CASE_STATE_REVIEWING
+                assert first.risk_case.assignee == "op-auditor"
+                no_note = risk_pb2.TransitionRiskCaseRequest(
+                    request_id=str(uuid.uuid4()), case_id=capped.case_id, to_state=risk_pb2.RISK_CASE_STATE_CONFIRMED
+                )
+                with pytest.raises(InvalidArgument) as invalid:
+                    await operator._call(SERVICE + "TransitionRiskCase", no_note, risk_pb2.TransitionRiskCaseResponse)
+                assert invalid.value.metadata["field"] == "note"
+                bad_assignee = risk_pb2.AssignRiskCaseRequest(
+                    request_id=str(uuid.uuid4()), case_id=capped.case_id, assignee="李 四"
+                )
+                with pytest.raises(InvalidArgument) as invalid:
+                    await operator._call(SERVICE + "AssignRiskCase", bad_assignee, risk_pb2.AssignRiskCaseResponse)
+                assert invalid.value.metadata["field"] == "assignee"
+                with pytest.raises(NotFound):
+                    await government._call(
+                        SERVICE + "GetRiskCase",
+                        risk_pb2.GetRiskCaseRequest(case_id=999_999),
+                        risk_pb2.GetRiskCaseResponse,
+                    )
+            finally:
+                for client in (government, auditor, operator):
+                    await client.close()

@@ -26,5 +26,7 @@ from subsidy_client.v1 import reconciliation_pb2 as reconciliation_pb2
 from subsidy_client.v1 import reconciliation_pb2_grpc as reconciliation_pb2_grpc
 from subsidy_client.v1 import reporting_pb2 as reporting_pb2
 from subsidy_client.v1 import reporting_pb2_grpc as reporting_pb2_grpc
+from subsidy_client.v1 import risk_pb2 as risk_pb2
+from subsidy_client.v1 import risk_pb2_grpc as risk_pb2_grpc
 from subsidy_client.v1 import supervision_pb2 as supervision_pb2
 from subsidy_client.v1 import supervision_pb2_grpc as supervision_pb2_grpc

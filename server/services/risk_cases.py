@@ -1,0 +1,166 @@
+"""RiskCaseService: the risk team's cases over the gateway (issue 14, section 2).
+
+Reading (list, get) for operators and the bureau's government users; assigning and moving for
+operators, each recorded in the operator audit trail under the request's id (a retry acts once).
+The cases and their audit are storage's (storage/postgres/risk_cases.py), the states the
+domain's (server/domain/risk_detection.py).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+from subsidy_client.v1 import common_pb2, risk_pb2, risk_pb2_grpc
+
+from server.domain import validation
+from server.domain.errors import InvalidField
+from server.domain.reference import IDENTIFIER
+from server.domain.risk_detection import (
+    CONFIRMED,
+    DETECTORS,
+    DISMISSED,
+    NEW,
+    REVIEWING,
+    InvalidCaseTransition,
+)
+from server.rpc.auth import GOVERNMENT, OPERATOR, caller, caller_in
+from server.rpc.errors import ApiError
+from server.services.operations import OperatorDeps
+from storage.postgres import risk_cases
+from storage.postgres.risk_cases import RiskCase
+
+READERS = (OPERATOR, GOVERNMENT)
+STATE_TO_PROTO = {
+    NEW: risk_pb2.RISK_CASE_STATE_NEW,
+    REVIEWING: risk_pb2.RISK_CASE_STATE_REVIEWING,
+    CONFIRMED: risk_pb2.RISK_CASE_STATE_CONFIRMED,
+    DISMISSED: risk_pb2.RISK_CASE_STATE_DISMISSED,
+}
+PROTO_TO_STATE: dict[int, str] = {int(value): key for key, value in STATE_TO_PROTO.items()}
+NOTE_CHARACTERS_MAX = 2_000
+
+
+def _stamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment.astimezone(UTC))
+    return stamp
+
+
+def case_message(case: RiskCase, with_evidence: bool) -> risk_pb2.RiskCase:
+    message = risk_pb2.RiskCase(
+        case_id=case.case_id,
+        detector=case.detector,
+        subject_kind=case.subject_kind,
+        subject_id=case.subject_id,
+        window_start=_stamp(case.window_start),
+        window_end=_stamp(case.window_end),
+        score=case.score,
+        state=STATE_TO_PROTO[case.state],
+        assignee=case.assignee,
+        note=case.note,
+        detected_by=case.detected_by,
+        created_at=_stamp(case.created_at),
+        updated_at=_stamp(case.updated_at),
+    )
+    if with_evidence:
+        evidence = Struct()
+        evidence.update(case.evidence)
+        message.evidence.CopyFrom(evidence)
+    return message
+
+
+def invalid_state(error: InvalidCaseTransition) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_INVALID_STATE,
+        str(error),
+        {"state": "RISK_CASE_STATE_" + error.state, "to_state": "RISK_CASE_STATE_" + error.to_state},
+    )
+
+
+def _case_id(value: int) -> int:
+    if value <= 0:
+        raise InvalidField("case_id", "must be a positive case id")
+    return value
+
+
+def _assignee(value: str) -> str:
+    if not IDENTIFIER.fullmatch(value):
+        raise InvalidField("assignee", "must be an operator id (1-64 of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+class RiskCaseService(risk_pb2_grpc.RiskCaseServiceServicer):
+    def __init__(self, deps: OperatorDeps) -> None:
+        self._pool = deps.pool
+
+    async def ListRiskCases(
+        self, request: risk_pb2.ListRiskCasesRequest, context: grpc.aio.ServicerContext
+    ) -> risk_pb2.ListRiskCasesResponse:
+        caller_in(*READERS)
+        state = None
+        if request.state != risk_pb2.RISK_CASE_STATE_UNSPECIFIED:
+            if request.state not in PROTO_TO_STATE:
+                raise InvalidField("state", "is not a case state")
+            state = PROTO_TO_STATE[request.state]
+        if request.detector and request.detector not in DETECTORS:
+            raise InvalidField("detector", f"must be one of {', '.join(DETECTORS)}")
+        if request.assignee:
+            _assignee(request.assignee)
+        if not 0 <= request.limit <= risk_cases.LIST_LIMIT_MAX:
+            raise InvalidField("limit", f"must be 0 to {risk_cases.LIST_LIMIT_MAX}")
+        pool = await self._pool.get()
+        async with pool.acquire() as connection:
+            found = await risk_cases.list_cases(
+                connection, state, request.detector or None, request.assignee or None, request.limit or 100
+            )
+        return risk_pb2.ListRiskCasesResponse(cases=[case_message(case, False) for case in found])
+
+    async def GetRiskCase(
+        self, request: risk_pb2.GetRiskCaseRequest, context: grpc.aio.ServicerContext
+    ) -> risk_pb2.GetRiskCaseResponse:
+        caller_in(*READERS)
+        case_id = _case_id(request.case_id)
+        pool = await self._pool.get()
+        async with pool.acquire() as connection:
+            case = await risk_cases.get(connection, case_id)
+        return risk_pb2.GetRiskCaseResponse(risk_case=case_message(case, True))
+
+    async def AssignRiskCase(
+        self, request: risk_pb2.AssignRiskCaseRequest, context: grpc.aio.ServicerContext
+    ) -> risk_pb2.AssignRiskCaseResponse:
+        identity = caller(OPERATOR)
+        request_id = validation.check_request_id(request.request_id)
+        case_id, assignee = _case_id(request.case_id), _assignee(request.assignee)
+        pool = await self._pool.get()
+        async with pool.acquire() as connection:
+            try:
+                case = await risk_cases.assign(connection, case_id, assignee, identity.terminal_id, request_id)
+            except InvalidCaseTransition as error:
+                raise invalid_state(error) from None
+        return risk_pb2.AssignRiskCaseResponse(risk_case=case_message(case, True))
+
+    async def TransitionRiskCase(
+        self, request: risk_pb2.TransitionRiskCaseRequest, context: grpc.aio.ServicerContext
+    ) -> risk_pb2.TransitionRiskCaseResponse:
+        identity = caller(OPERATOR)
+        request_id = validation.check_request_id(request.request_id)
+        case_id = _case_id(request.case_id)
+        to_state = PROTO_TO_STATE.get(request.to_state)
+        if to_state not in (REVIEWING, CONFIRMED, DISMISSED):
+            raise InvalidField("to_state", "must be REVIEWING, CONFIRMED or DISMISSED")
+        note = request.note.strip()
+        if len(note) > NOTE_CHARACTERS_MAX:
+            raise InvalidField("note", f"is at most {NOTE_CHARACTERS_MAX} characters")
+        if to_state in (CONFIRMED, DISMISSED) and not note:
+            raise InvalidField("note", "is required to confirm or dismiss a case")
+        pool = await self._pool.get()
+        async with pool.acquire() as connection:
+            try:
+                case = await risk_cases.move(connection, case_id, to_state, note, identity.terminal_id, request_id)
+            except InvalidCaseTransition as error:
+                raise invalid_state(error) from None
+        return risk_pb2.TransitionRiskCaseResponse(risk_case=case_message(case, True))
