@@ -242,10 +242,14 @@ async def rebuild(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> C
         budgets[keys.budget(campaign_id)][f"{category}:{name}"] = value
     # Each with the programme day it was counted on (its AUTHORIZED event's), so that a void or
     # expiry after the rebuild gives the daily slot back.
+    # And with the payment channel's reference its capture carried (GetAuthorization shows it).
     authorizations = await connection.fetch(
-        "SELECT held.*, coalesce((event.payload->>'day')::bigint, 0) AS day"
+        "SELECT held.*, coalesce((event.payload->>'day')::bigint, 0) AS day,"
+        " coalesce(captured.channel_reference, '') AS channel_reference"
         " FROM authorizations AS held LEFT JOIN ledger_events AS event"
         " ON event.authorization_id = held.authorization_id AND event.event_type = 'AUTHORIZED'"
+        " LEFT JOIN ledger_events AS captured"
+        " ON captured.authorization_id = held.authorization_id AND captured.event_type = 'CAPTURED'"
     )
     last_event = await connection.fetchrow(
         "SELECT event_ms, event_seq FROM ledger_events ORDER BY event_ms DESC, event_seq DESC LIMIT 1"
@@ -308,4 +312,5 @@ def _authorization_hash(row: Any) -> dict[str, Any]:
         "request_id": "",
         "last_request_id": "",
         "day": row["day"],
+        **({"channel_reference": row["channel_reference"]} if row["channel_reference"] else {}),
     }

@@ -1,6 +1,7 @@
 """The payment channel's reference (issue 12, section 3): Capture and Refund take the acquirer's
 or wallet's transaction id, validated at the edge; it travels through the scripts into the
-ledger event, the writer stores it in PostgreSQL, GetAuthorization shows the capture's, and a
+ledger event, the writer stores it in PostgreSQL, GetAuthorization shows the capture's (also
+after Redis is rebuilt from the ledger), and a
 retry with another reference under the same request id is a conflict, not a replay."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from subsidy_client.errors import IdempotencyConflict, InvalidField
 from subsidy_client.v1 import authorization_pb2 as pb
 
 from storage.devenv import Services
+from storage.postgres.audit import rebuild, reconcile
 from storage.postgres.writer import LedgerWriter, WriterConfig
 from tests.conftest import consumer_key, isolated_environment, running_gateway, serial
 
@@ -74,6 +76,23 @@ async def test_channel_reference_reaches_postgres_and_get_authorization(services
                 (plain.authorization_id, "AUTHORIZED", None),
                 (plain.authorization_id, "CAPTURED", None),
             ]
+            # Redis lost and rebuilt from the ledger: the capture's reference comes back with
+            # the authorization (from its CAPTURED event), and none where there was none.
+            redis = Redis.from_url(env.redis_url)
+            connection = await asyncpg.connect(env.pg_dsn)
+            try:
+                await redis.delete(
+                    env.keys.authorization(authorization_id), env.keys.authorization(plain.authorization_id)
+                )
+                await rebuild(connection, redis, env.keys)
+                assert await reconcile(connection, redis, env.keys) == []
+            finally:
+                await connection.close()
+                await redis.aclose()
+            rebuilt = await client.get_authorization(authorization_id)
+            assert rebuilt.channel_reference == "4200001234202611300012345678"
+            assert rebuilt.state == pb.AUTHORIZATION_STATE_REFUNDED
+            assert (await client.get_authorization(plain.authorization_id)).channel_reference == ""
         finally:
             await client.close()
 

@@ -98,7 +98,11 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     DECLINE_REASON_QUALIFICATION_REQUIRED: _DeclineReason.ValueType  # 15
     """15. The campaign issues qualifications and the request carries no redemption code."""
     DECLINE_REASON_QUALIFICATION_NOT_FOUND: _DeclineReason.ValueType  # 16
-    """16. No such qualification for this consumer and campaign (or the campaign issues none)."""
+    """16. No such qualification for this consumer and campaign (or the campaign issues none).
+    For a request with a redemption_code and no consumer identity (a till, the consumer being
+    the code's owner) an unknown code ranks right after 22 (STORE_OUTSIDE_REGION), before the
+    line reasons (5-12): without an owner nothing per-person can be checked.
+    """
     DECLINE_REASON_QUALIFICATION_NOT_USABLE: _DeclineReason.ValueType  # 17
     """17. The qualification is reserved by another payment, redeemed, expired or cancelled."""
     DECLINE_REASON_QUALIFICATION_EXPIRED: _DeclineReason.ValueType  # 18
@@ -132,7 +136,8 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why an authorization was declined. When several apply, the one listed first here is
     reported (the precedence order), so the same request always gets the same reason; the two
-    reasons added last (22, 23) say where they rank in that order.
+    reasons added last (22, 23) say where they rank in that order, and QUALIFICATION_NOT_FOUND
+    (16) ranks earlier for a request that names its consumer by redemption_code alone.
     """
 
 DECLINE_REASON_UNSPECIFIED: DeclineReason.ValueType  # 0
@@ -167,7 +172,11 @@ DECLINE_REASON_BUDGET_EXHAUSTED: DeclineReason.ValueType  # 14
 DECLINE_REASON_QUALIFICATION_REQUIRED: DeclineReason.ValueType  # 15
 """15. The campaign issues qualifications and the request carries no redemption code."""
 DECLINE_REASON_QUALIFICATION_NOT_FOUND: DeclineReason.ValueType  # 16
-"""16. No such qualification for this consumer and campaign (or the campaign issues none)."""
+"""16. No such qualification for this consumer and campaign (or the campaign issues none).
+For a request with a redemption_code and no consumer identity (a till, the consumer being
+the code's owner) an unknown code ranks right after 22 (STORE_OUTSIDE_REGION), before the
+line reasons (5-12): without an owner nothing per-person can be checked.
+"""
 DECLINE_REASON_QUALIFICATION_NOT_USABLE: DeclineReason.ValueType  # 17
 """17. The qualification is reserved by another payment, redeemed, expired or cancelled."""
 DECLINE_REASON_QUALIFICATION_EXPIRED: DeclineReason.ValueType  # 18
