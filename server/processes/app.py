@@ -77,7 +77,7 @@ from storage.postgres.pool import LazyPool
 from storage.redis.budget import BudgetReader
 from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
-from storage.redis.migrations import migrate_serial_keys
+from storage.redis.migrations import migrate_issued_counts, migrate_serial_keys
 from storage.redis.scripts import Scripts
 from storage.redis.store import RedisStore, StoreLimits
 
@@ -182,6 +182,7 @@ async def create_server(config: Config) -> Application:
         scripts = Scripts(redis)
         await scripts.preload()
         await migrate_serial_keys(redis, keys)
+        await migrate_issued_counts(redis, keys)
         store = RedisStore(
             redis,
             keys,

@@ -50,3 +50,36 @@ async def migrate_serial_keys(redis: Redis, keys: Keys) -> SerialMigration:
     if moved or conflicts:
         log.info("serial keys migrated", extra={"moved": moved, "conflicts": conflicts})
     return SerialMigration(moved, conflicts)
+
+
+# Qualifications ever issued, version 1: claim once per round (claim_qualification.lua) counts
+# every qualification issued to a person in ``<category>:issued`` of their holder hash, but the
+# claims made before that counter existed were never counted, so a person whose pre-upgrade
+# qualification expired could claim again live while a ledger rebuild (which counts them all)
+# would refuse them. Qualification hashes stay in Redis whatever their state, so the count is
+# rebuilt from them once; the counter is only ever raised (an atomic max), never lowered, so a
+# claim made by another gateway while this runs is not lost.
+ISSUED_COUNTS_VERSION = 1
+_RAISE_TO = "local c = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') local n = tonumber(ARGV[2]) if n > c then redis.call('HSET', KEYS[1], ARGV[1], n) return 1 end return 0"  # noqa: E501
+
+
+async def migrate_issued_counts(redis: Redis, keys: Keys) -> int:
+    """Fills ``<category>:issued`` from the qualifications in Redis; returns how many counters
+    it raised (0 once the deployment's ``schema`` hash records the version)."""
+    if await redis.hget(keys.schema, "issued_counts") == str(ISSUED_COUNTS_VERSION).encode():
+        return 0
+    counts: dict[tuple[str, str, str], int] = {}
+    async for raw in redis.scan_iter(match=f"{keys.tag}:qual:*", count=1000):
+        fields = await redis.hmget(raw, "campaign", "consumer", "category")
+        campaign, consumer, category = (value.decode() if isinstance(value, bytes) else value for value in fields)
+        if campaign and consumer and category:
+            key = (campaign, consumer, category)
+            counts[key] = counts.get(key, 0) + 1
+    raised = 0
+    for (campaign_id, consumer_key, category), count in counts.items():
+        holder = keys.qualification_holder(campaign_id, consumer_key)
+        raised += int(await redis.eval(_RAISE_TO, 1, holder, f"{category}:issued", str(count)))
+    await redis.hset(keys.schema, "issued_counts", str(ISSUED_COUNTS_VERSION))
+    if raised:
+        log.info("qualification issued counts filled", extra={"raised": raised})
+    return raised

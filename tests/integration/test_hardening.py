@@ -23,7 +23,7 @@ from server.processes.writer import WriterMetrics, serve_metrics
 from server.rpc.errors import REJECTED_CALLS, RejectionLog
 from storage.devenv import Services
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
-from storage.redis.migrations import migrate_serial_keys
+from storage.redis.migrations import migrate_issued_counts, migrate_serial_keys
 from storage.redis.store import sweep_backlog
 from tests.conftest import Environment, consumer_key, running_gateway, serial
 from tests.integration.test_ledger import ledger_world, traffic
@@ -263,6 +263,54 @@ async def test_serial_keys_of_the_old_layout_are_migrated(environment: Environme
     # Done once: a second start does nothing.
     assert await migrate_serial_keys(redis, keys) == type(result)(0, 0)
     await redis.delete(keys.serial(device), keys.serial(other))
+
+
+async def test_qualifications_issued_before_the_per_round_counter_are_counted(
+    environment: Environment, redis: Redis
+) -> None:
+    """Claim once per round counts ``<category>:issued``; qualifications claimed before that
+    counter existed are counted once at the next start (raised, never lowered), so a person whose
+    old voucher expired is refused a second claim live as after a ledger rebuild."""
+    keys = environment.keys
+    await redis.hdel(keys.schema, "issued_counts")
+    old, mixed, ahead = consumer_key(), consumer_key(), consumer_key()
+    codes = []
+
+    async def qualification(consumer: str, category: str) -> None:
+        code = "Q" + secrets.token_hex(6).upper()
+        codes.append(code)
+        await redis.hset(
+            keys.qualification(code),
+            mapping={
+                "code": code,
+                "campaign": "c-round",
+                "consumer": consumer,
+                "category": category,
+                "state": "EXPIRED",
+            },
+        )
+
+    await qualification(old, "fridge")
+    await qualification(old, "fridge")
+    await qualification(old, "phone")
+    await qualification(mixed, "fridge")
+    await qualification(mixed, "fridge")
+    await redis.hset(keys.qualification_holder("c-round", mixed), "fridge:issued", 1)  # claimed after the upgrade
+    await qualification(ahead, "fridge")
+    await redis.hset(keys.qualification_holder("c-round", ahead), "fridge:issued", 5)
+    try:
+        assert await migrate_issued_counts(redis, keys) == 3
+        assert await redis.hget(keys.qualification_holder("c-round", old), "fridge:issued") == b"2"
+        assert await redis.hget(keys.qualification_holder("c-round", old), "phone:issued") == b"1"
+        assert await redis.hget(keys.qualification_holder("c-round", mixed), "fridge:issued") == b"2"
+        assert await redis.hget(keys.qualification_holder("c-round", ahead), "fridge:issued") == b"5"
+        # Done once: a second start does nothing.
+        assert await migrate_issued_counts(redis, keys) == 0
+    finally:
+        await redis.delete(
+            *(keys.qualification(code) for code in codes),
+            *(keys.qualification_holder("c-round", consumer) for consumer in (old, mixed, ahead)),
+        )
 
 
 # 4. request_id was case-sensitive.
