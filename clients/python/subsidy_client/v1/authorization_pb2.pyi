@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from subsidy_client.v1 import qualification_pb2 as _qualification_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -132,6 +133,40 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     Numbered after the older reasons, it ranks with the consumer's limits: right after
     CONSUMER_LIMIT_REACHED (13) and before BUDGET_EXHAUSTED (14).
     """
+    DECLINE_REASON_LOCATION_REQUIRED: _DeclineReason.ValueType  # 24
+    """24-28. Location at redemption (Campaign.require_location_at_redemption): no
+    consumer_location was given (24), the device reports a mock location (25), the fix is older
+    than the campaign allows (26), its accuracy radius is larger than allowed (27), or the phone
+    is outside the campaign's region (28). They rank with the caller-level checks, right after
+    STORE_OUTSIDE_REGION (22), in this order, before every line-level reason.
+    """
+    DECLINE_REASON_LOCATION_MOCKED: _DeclineReason.ValueType  # 25
+    DECLINE_REASON_LOCATION_STALE: _DeclineReason.ValueType  # 26
+    DECLINE_REASON_LOCATION_INACCURATE: _DeclineReason.ValueType  # 27
+    DECLINE_REASON_LOCATION_OUTSIDE_REGION: _DeclineReason.ValueType  # 28
+    DECLINE_REASON_BASKET_BELOW_THRESHOLD: _DeclineReason.ValueType  # 29
+    """29. A basket voucher (CategoryRule.threshold_scope BASKET): the eligible lines of the
+    payment add up to less than the voucher's threshold ("X off Y": their total is below Y).
+    Ranks where PRICE_BELOW_THRESHOLD (10) ranks for a line voucher.
+    """
+    DECLINE_REASON_TERMINAL_VELOCITY_MINUTE: _DeclineReason.ValueType  # 30
+    """30-33. Velocity limits (Campaign.risk_limits): the terminal's subsidised sales in the last
+    minute (30) or hour (31), the merchant's today (32, the programme's day), or the consumer's
+    across all merchants in the last hour (33) reached the campaign's limit. Each decline is
+    recorded as a risk event.
+    """
+    DECLINE_REASON_TERMINAL_VELOCITY_HOUR: _DeclineReason.ValueType  # 31
+    DECLINE_REASON_MERCHANT_VELOCITY_DAY: _DeclineReason.ValueType  # 32
+    DECLINE_REASON_CONSUMER_VELOCITY_HOUR: _DeclineReason.ValueType  # 33
+    DECLINE_REASON_CONSUMER_BLOCKED: _DeclineReason.ValueType  # 34
+    """34-38. On the operator's block list (until the block's expiry): the consumer (34), a
+    line's device serial (35), the merchant (36), the terminal (37), or the partner app that
+    sent the request (38). Each decline is recorded as a risk event.
+    """
+    DECLINE_REASON_DEVICE_BLOCKED: _DeclineReason.ValueType  # 35
+    DECLINE_REASON_MERCHANT_BLOCKED: _DeclineReason.ValueType  # 36
+    DECLINE_REASON_TERMINAL_BLOCKED: _DeclineReason.ValueType  # 37
+    DECLINE_REASON_PARTNER_APP_BLOCKED: _DeclineReason.ValueType  # 38
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper):
     """Why an authorization was declined. When several apply, the one listed first here is
@@ -206,6 +241,40 @@ Tomorrow is allowed again; a voided or expired hold gives its slot back, a refun
 Numbered after the older reasons, it ranks with the consumer's limits: right after
 CONSUMER_LIMIT_REACHED (13) and before BUDGET_EXHAUSTED (14).
 """
+DECLINE_REASON_LOCATION_REQUIRED: DeclineReason.ValueType  # 24
+"""24-28. Location at redemption (Campaign.require_location_at_redemption): no
+consumer_location was given (24), the device reports a mock location (25), the fix is older
+than the campaign allows (26), its accuracy radius is larger than allowed (27), or the phone
+is outside the campaign's region (28). They rank with the caller-level checks, right after
+STORE_OUTSIDE_REGION (22), in this order, before every line-level reason.
+"""
+DECLINE_REASON_LOCATION_MOCKED: DeclineReason.ValueType  # 25
+DECLINE_REASON_LOCATION_STALE: DeclineReason.ValueType  # 26
+DECLINE_REASON_LOCATION_INACCURATE: DeclineReason.ValueType  # 27
+DECLINE_REASON_LOCATION_OUTSIDE_REGION: DeclineReason.ValueType  # 28
+DECLINE_REASON_BASKET_BELOW_THRESHOLD: DeclineReason.ValueType  # 29
+"""29. A basket voucher (CategoryRule.threshold_scope BASKET): the eligible lines of the
+payment add up to less than the voucher's threshold ("X off Y": their total is below Y).
+Ranks where PRICE_BELOW_THRESHOLD (10) ranks for a line voucher.
+"""
+DECLINE_REASON_TERMINAL_VELOCITY_MINUTE: DeclineReason.ValueType  # 30
+"""30-33. Velocity limits (Campaign.risk_limits): the terminal's subsidised sales in the last
+minute (30) or hour (31), the merchant's today (32, the programme's day), or the consumer's
+across all merchants in the last hour (33) reached the campaign's limit. Each decline is
+recorded as a risk event.
+"""
+DECLINE_REASON_TERMINAL_VELOCITY_HOUR: DeclineReason.ValueType  # 31
+DECLINE_REASON_MERCHANT_VELOCITY_DAY: DeclineReason.ValueType  # 32
+DECLINE_REASON_CONSUMER_VELOCITY_HOUR: DeclineReason.ValueType  # 33
+DECLINE_REASON_CONSUMER_BLOCKED: DeclineReason.ValueType  # 34
+"""34-38. On the operator's block list (until the block's expiry): the consumer (34), a
+line's device serial (35), the merchant (36), the terminal (37), or the partner app that
+sent the request (38). Each decline is recorded as a risk event.
+"""
+DECLINE_REASON_DEVICE_BLOCKED: DeclineReason.ValueType  # 35
+DECLINE_REASON_MERCHANT_BLOCKED: DeclineReason.ValueType  # 36
+DECLINE_REASON_TERMINAL_BLOCKED: DeclineReason.ValueType  # 37
+DECLINE_REASON_PARTNER_APP_BLOCKED: DeclineReason.ValueType  # 38
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _AuthorizationState:
@@ -281,6 +350,7 @@ class AuthorizeRequest(_message.Message):
     LINES_FIELD_NUMBER: _builtins.int
     REDEMPTION_CODE_FIELD_NUMBER: _builtins.int
     CONSUMER_ID_NUMBER_FIELD_NUMBER: _builtins.int
+    CONSUMER_LOCATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """UUID chosen by the caller; a retry MUST reuse it. Same id + same payload returns the
     first answer; same id + different payload fails with ALREADY_EXISTS / IDEMPOTENCY_CONFLICT.
@@ -310,6 +380,14 @@ class AuthorizeRequest(_message.Message):
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineItem]:
         """1 to 20 lines (the server's configured maximum)."""
 
+    @_builtins.property
+    def consumer_location(self) -> _qualification_pb2.DeviceLocation:
+        """Where the consumer's phone is when paying, from the partner app or the till. Campaigns with
+        Campaign.require_location_at_redemption check it with the same rules as a claim's
+        (coordinate system, accuracy, age, mock flag; LOCATION_* reasons below); other campaigns
+        ignore it. Like a claim's position, it is never stored or logged precisely.
+        """
+
     def __init__(
         self,
         *,
@@ -320,10 +398,11 @@ class AuthorizeRequest(_message.Message):
         lines: _abc.Iterable[Global___LineItem] | None = ...,
         redemption_code: _builtins.str = ...,
         consumer_id_number: _builtins.str = ...,
+        consumer_location: _qualification_pb2.DeviceLocation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consumer_location", b"consumer_location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "channel", b"channel", "consumer_id_number", b"consumer_id_number", "consumer_key", b"consumer_key", "lines", b"lines", "redemption_code", b"redemption_code", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "channel", b"channel", "consumer_id_number", b"consumer_id_number", "consumer_key", b"consumer_key", "consumer_location", b"consumer_location", "lines", b"lines", "redemption_code", b"redemption_code", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

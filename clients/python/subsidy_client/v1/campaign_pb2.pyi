@@ -85,6 +85,23 @@ REFUND_POLICY_COUNT_AS_USED: RefundPolicy.ValueType  # 2
 """Any refund counts as used."""
 Global___RefundPolicy: _TypeAlias = RefundPolicy  # noqa: Y015
 
+class _ThresholdScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ThresholdScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ThresholdScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    THRESHOLD_SCOPE_UNSPECIFIED: _ThresholdScope.ValueType  # 0
+    THRESHOLD_SCOPE_LINE: _ThresholdScope.ValueType  # 1
+    THRESHOLD_SCOPE_BASKET: _ThresholdScope.ValueType  # 2
+
+class ThresholdScope(_ThresholdScope, metaclass=_ThresholdScopeEnumTypeWrapper): ...
+
+THRESHOLD_SCOPE_UNSPECIFIED: ThresholdScope.ValueType  # 0
+THRESHOLD_SCOPE_LINE: ThresholdScope.ValueType  # 1
+THRESHOLD_SCOPE_BASKET: ThresholdScope.ValueType  # 2
+Global___ThresholdScope: _TypeAlias = ThresholdScope  # noqa: Y015
+
 @_typing.final
 class GradeRate(_message.Message):
     """The rate for one energy grade (0 = the product carries no grade)."""
@@ -151,6 +168,7 @@ class CategoryRule(_message.Message):
     TRANCHES_FIELD_NUMBER: _builtins.int
     QUALIFICATION_QUOTA_FIELD_NUMBER: _builtins.int
     QUALIFICATION_TRANCHES_FIELD_NUMBER: _builtins.int
+    THRESHOLD_SCOPE_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     """Lowercase identifier, e.g. "fridge", "phone", "general"."""
     kind: Global___RuleKind.ValueType
@@ -168,6 +186,12 @@ class CategoryRule(_message.Message):
     qualification_quota: _builtins.int
     """Campaigns that issue qualifications: how many the category issues in all (0: as many as
     the budget funds, budget_fen / off_fen or / cap_fen), optionally released in tranches.
+    """
+    threshold_scope: Global___ThresholdScope.ValueType
+    """FIXED rules: what threshold_fen applies to. LINE (or UNSPECIFIED, the contract before this
+    field): each line on its own, one line per payment. BASKET: the total of the payment's
+    eligible lines of this category; the amount off is apportioned to those lines by largest
+    remainder, to the fen, so a refund by line returns exactly its share.
     """
     @_builtins.property
     def rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GradeRate]:
@@ -197,14 +221,48 @@ class CategoryRule(_message.Message):
         tranches: _abc.Iterable[Global___BudgetTranche] | None = ...,
         qualification_quota: _builtins.int = ...,
         qualification_tranches: _abc.Iterable[Global___QualificationTranche] | None = ...,
+        threshold_scope: Global___ThresholdScope.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_fen", b"budget_fen", "cap_fen", b"cap_fen", "category", b"category", "kind", b"kind", "off_fen", b"off_fen", "per_person_limit", b"per_person_limit", "price_ceiling_fen", b"price_ceiling_fen", "qualification_quota", b"qualification_quota", "qualification_tranches", b"qualification_tranches", "rates", b"rates", "threshold_fen", b"threshold_fen", "tranches", b"tranches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_fen", b"budget_fen", "cap_fen", b"cap_fen", "category", b"category", "kind", b"kind", "off_fen", b"off_fen", "per_person_limit", b"per_person_limit", "price_ceiling_fen", b"price_ceiling_fen", "qualification_quota", b"qualification_quota", "qualification_tranches", b"qualification_tranches", "rates", b"rates", "threshold_fen", b"threshold_fen", "threshold_scope", b"threshold_scope", "tranches", b"tranches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CategoryRule: _TypeAlias = CategoryRule  # noqa: Y015
+
+@_typing.final
+class RiskLimits(_message.Message):
+    """Velocity limits checked on the hot path in the same atomic step as the rules. 0 = no limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TERMINAL_SALES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TERMINAL_SALES_PER_HOUR_FIELD_NUMBER: _builtins.int
+    MERCHANT_SALES_PER_DAY_FIELD_NUMBER: _builtins.int
+    CONSUMER_SALES_PER_HOUR_FIELD_NUMBER: _builtins.int
+    terminal_sales_per_minute: _builtins.int
+    """Subsidised sales per terminal in a sliding minute and hour."""
+    terminal_sales_per_hour: _builtins.int
+    merchant_sales_per_day: _builtins.int
+    """Subsidised sales per merchant per programme day (Asia/Shanghai)."""
+    consumer_sales_per_hour: _builtins.int
+    """Subsidised sales per consumer in a sliding hour, across all merchants."""
+    def __init__(
+        self,
+        *,
+        terminal_sales_per_minute: _builtins.int = ...,
+        terminal_sales_per_hour: _builtins.int = ...,
+        merchant_sales_per_day: _builtins.int = ...,
+        consumer_sales_per_hour: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_sales_per_hour", b"consumer_sales_per_hour", "merchant_sales_per_day", b"merchant_sales_per_day", "terminal_sales_per_hour", b"terminal_sales_per_hour", "terminal_sales_per_minute", b"terminal_sales_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskLimits: _TypeAlias = RiskLimits  # noqa: Y015
 
 @_typing.final
 class QualificationTranche(_message.Message):
@@ -250,6 +308,8 @@ class Campaign(_message.Message):
     PER_MERCHANT_DAILY_LIMIT_FIELD_NUMBER: _builtins.int
     RECLAIM_AFTER_EXPIRY_FIELD_NUMBER: _builtins.int
     REGION_COORDINATE_SYSTEM_FIELD_NUMBER: _builtins.int
+    REQUIRE_LOCATION_AT_REDEMPTION_FIELD_NUMBER: _builtins.int
+    RISK_LIMITS_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """1-64 characters of [A-Za-z0-9_.-]."""
     name: _builtins.str
@@ -291,12 +351,21 @@ class Campaign(_message.Message):
     WGS-84, the region's contract before this field, so existing clients keep working; any
     other value is INVALID_ARGUMENT naming this field. Answers carry WGS84 with a region.
     """
+    require_location_at_redemption: _builtins.bool
+    """Location at redemption: Authorize requires AuthorizeRequest.consumer_location and checks it
+    as a claim's (location_max_accuracy_m, location_max_age_s, mock flag, inside the region),
+    declining LOCATION_*. Needs a region (INVALID_ARGUMENT naming this field otherwise).
+    """
     @_builtins.property
     def starts_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def ends_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryRule]: ...
+    @_builtins.property
+    def risk_limits(self) -> Global___RiskLimits:
+        """Hot-path velocity limits (absent: none)."""
+
     def __init__(
         self,
         *,
@@ -315,10 +384,12 @@ class Campaign(_message.Message):
         per_merchant_daily_limit: _builtins.int | None = ...,
         reclaim_after_expiry: _builtins.bool = ...,
         region_coordinate_system: _common_pb2.CoordinateSystem.ValueType = ...,
+        require_location_at_redemption: _builtins.bool = ...,
+        risk_limits: Global___RiskLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "ends_at", b"ends_at", "per_merchant_daily_limit", b"per_merchant_daily_limit", "starts_at", b"starts_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "ends_at", b"ends_at", "per_merchant_daily_limit", b"per_merchant_daily_limit", "risk_limits", b"risk_limits", "starts_at", b"starts_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "per_merchant_daily_limit", b"per_merchant_daily_limit", "qualification_validity_s", b"qualification_validity_s", "reclaim_after_expiry", b"reclaim_after_expiry", "redeem_in_region_only", b"redeem_in_region_only", "refund_policy", b"refund_policy", "region_coordinate_system", b"region_coordinate_system", "region_geojson", b"region_geojson", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "per_merchant_daily_limit", b"per_merchant_daily_limit", "qualification_validity_s", b"qualification_validity_s", "reclaim_after_expiry", b"reclaim_after_expiry", "redeem_in_region_only", b"redeem_in_region_only", "refund_policy", b"refund_policy", "region_coordinate_system", b"region_coordinate_system", "region_geojson", b"region_geojson", "require_location_at_redemption", b"require_location_at_redemption", "risk_limits", b"risk_limits", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["per_merchant_daily_limit"]  # noqa: Y015
     _WhichOneofArgType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit"]  # noqa: Y015

@@ -104,6 +104,14 @@ class _ClaimDeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cl
     claim again (Campaign.reclaim_after_expiry off, the default). Its quota went back to the
     pool for others. Ranks right after PERSON_LIMIT_REACHED (8), before the quota reasons.
     """
+    CLAIM_DECLINE_REASON_CONSUMER_BLOCKED: _ClaimDeclineReason.ValueType  # 12
+    """12. The consumer is on the operator's block list (recorded as a risk event). Ranks right
+    after CAMPAIGN_NOT_ACTIVE (2).
+    """
+    CLAIM_DECLINE_REASON_PARTNER_APP_BLOCKED: _ClaimDeclineReason.ValueType  # 13
+    """13. The partner app that sent the claim is on the operator's block list (recorded as a
+    risk event). Ranks first, before CAMPAIGN_NOT_FOUND (1).
+    """
 
 class ClaimDeclineReason(_ClaimDeclineReason, metaclass=_ClaimDeclineReasonEnumTypeWrapper):
     """Why a claim was declined. When several apply, the one listed first here is reported."""
@@ -134,6 +142,14 @@ CLAIM_DECLINE_REASON_ALREADY_CLAIMED_THIS_ROUND: ClaimDeclineReason.ValueType  #
 this campaign, which expired unused or was cancelled, and the campaign does not let them
 claim again (Campaign.reclaim_after_expiry off, the default). Its quota went back to the
 pool for others. Ranks right after PERSON_LIMIT_REACHED (8), before the quota reasons.
+"""
+CLAIM_DECLINE_REASON_CONSUMER_BLOCKED: ClaimDeclineReason.ValueType  # 12
+"""12. The consumer is on the operator's block list (recorded as a risk event). Ranks right
+after CAMPAIGN_NOT_ACTIVE (2).
+"""
+CLAIM_DECLINE_REASON_PARTNER_APP_BLOCKED: ClaimDeclineReason.ValueType  # 13
+"""13. The partner app that sent the claim is on the operator's block list (recorded as a
+risk event). Ranks first, before CAMPAIGN_NOT_FOUND (1).
 """
 Global___ClaimDeclineReason: _TypeAlias = ClaimDeclineReason  # noqa: Y015
 
