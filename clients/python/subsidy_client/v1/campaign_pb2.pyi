@@ -310,6 +310,7 @@ class Campaign(_message.Message):
     REGION_COORDINATE_SYSTEM_FIELD_NUMBER: _builtins.int
     REQUIRE_LOCATION_AT_REDEMPTION_FIELD_NUMBER: _builtins.int
     RISK_LIMITS_FIELD_NUMBER: _builtins.int
+    PACKS_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """1-64 characters of [A-Za-z0-9_.-]."""
     name: _builtins.str
@@ -366,6 +367,12 @@ class Campaign(_message.Message):
     def risk_limits(self) -> Global___RiskLimits:
         """Hot-path velocity limits (absent: none)."""
 
+    @_builtins.property
+    def packs(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoucherPack]:
+        """Voucher packs (at most 20; only for campaigns that issue qualifications): a claim naming a
+        pack (ClaimQualificationRequest.pack_id) takes all its vouchers atomically or none.
+        """
+
     def __init__(
         self,
         *,
@@ -386,16 +393,94 @@ class Campaign(_message.Message):
         region_coordinate_system: _common_pb2.CoordinateSystem.ValueType = ...,
         require_location_at_redemption: _builtins.bool = ...,
         risk_limits: Global___RiskLimits | None = ...,
+        packs: _abc.Iterable[Global___VoucherPack] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "ends_at", b"ends_at", "per_merchant_daily_limit", b"per_merchant_daily_limit", "risk_limits", b"risk_limits", "starts_at", b"starts_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "per_merchant_daily_limit", b"per_merchant_daily_limit", "qualification_validity_s", b"qualification_validity_s", "reclaim_after_expiry", b"reclaim_after_expiry", "redeem_in_region_only", b"redeem_in_region_only", "refund_policy", b"refund_policy", "region_coordinate_system", b"region_coordinate_system", "region_geojson", b"region_geojson", "require_location_at_redemption", b"require_location_at_redemption", "risk_limits", b"risk_limits", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit", "campaign_id", b"campaign_id", "ends_at", b"ends_at", "location_max_accuracy_m", b"location_max_accuracy_m", "location_max_age_s", b"location_max_age_s", "name", b"name", "packs", b"packs", "per_merchant_daily_limit", b"per_merchant_daily_limit", "qualification_validity_s", b"qualification_validity_s", "reclaim_after_expiry", b"reclaim_after_expiry", "redeem_in_region_only", b"redeem_in_region_only", "refund_policy", b"refund_policy", "region_coordinate_system", b"region_coordinate_system", "region_geojson", b"region_geojson", "require_location_at_redemption", b"require_location_at_redemption", "risk_limits", b"risk_limits", "rules", b"rules", "starts_at", b"starts_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["per_merchant_daily_limit"]  # noqa: Y015
     _WhichOneofArgType__per_merchant_daily_limit: _TypeAlias = _typing.Literal["_per_merchant_daily_limit", b"_per_merchant_daily_limit"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__per_merchant_daily_limit) -> _WhichOneofReturnType__per_merchant_daily_limit | None: ...
 
 Global___Campaign: _TypeAlias = Campaign  # noqa: Y015
+
+@_typing.final
+class PackVoucher(_message.Message):
+    """One voucher of a pack: "off_fen off threshold_fen" on a payment of the category, redeemed
+    like a qualification of that category (one per payment) but with these amounts instead of
+    the category rule's threshold_fen and off_fen. The category needs a FIXED rule.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FEN_FIELD_NUMBER: _builtins.int
+    OFF_FEN_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    threshold_fen: _builtins.int
+    """0 < off_fen <= threshold_fen."""
+    off_fen: _builtins.int
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        threshold_fen: _builtins.int = ...,
+        off_fen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "off_fen", b"off_fen", "threshold_fen", b"threshold_fen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackVoucher: _TypeAlias = PackVoucher  # noqa: Y015
+
+@_typing.final
+class VoucherPack(_message.Message):
+    """A pack of vouchers claimed whole ("5 off 20, 10 off 40, 20 off 80"), first come first served
+    against a quota of packs. Each voucher gets its own code and expiry (the campaign's
+    qualification_validity_s) and is redeemed on its own. The pack goes back to the pool only
+    when every one of its vouchers has expired unused or been cancelled (one redeemed voucher
+    keeps the pack used); the person may claim the pack again only under reclaim_after_expiry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACK_ID_FIELD_NUMBER: _builtins.int
+    VOUCHERS_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    TRANCHES_FIELD_NUMBER: _builtins.int
+    pack_id: _builtins.str
+    """1-64 characters of [A-Za-z0-9_.-], unique in the campaign."""
+    quota: _builtins.int
+    """How many packs are issued in all (1 to 1,000,000,000), optionally released in tranches
+    (counts of packs, as a rule's qualification_tranches).
+    """
+    @_builtins.property
+    def vouchers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PackVoucher]:
+        """1 to 10 vouchers, thresholds strictly increasing. Per category, the vouchers of all the
+        campaign's packs may not outnumber its rule's per_person_limit (a person could not redeem
+        the rest).
+        """
+
+    @_builtins.property
+    def tranches(self) -> _containers.RepeatedCompositeFieldContainer[Global___QualificationTranche]: ...
+    def __init__(
+        self,
+        *,
+        pack_id: _builtins.str = ...,
+        vouchers: _abc.Iterable[Global___PackVoucher] | None = ...,
+        quota: _builtins.int = ...,
+        tranches: _abc.Iterable[Global___QualificationTranche] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_id", b"pack_id", "quota", b"quota", "tranches", b"tranches", "vouchers", b"vouchers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoucherPack: _TypeAlias = VoucherPack  # noqa: Y015
 
 @_typing.final
 class CreateCampaignRequest(_message.Message):

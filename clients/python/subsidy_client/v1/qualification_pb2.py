@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from subsidy_client.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esubsidy/v1/qualification.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\";\n\x10\x43onsumerIdentity\x12\x11\n\tid_number\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\"}\n\x0e\x44\x65viceLocation\x12&\n\x08location\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Location\x12,\n\x08\x66ix_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmock_location\x18\x03 \x01(\x08\"\x8b\x03\n\rQualification\x12\x17\n\x0fredemption_code\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.subsidy.v1.QualificationState\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x14\n\x0c\x63onsumer_key\x18\x05 \x01(\t\x12-\n\tissued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x61uthorization_id\x18\t \x01(\t\x12\x18\n\x10masked_id_number\x18\n \x01(\t\x12\x1b\n\x13masked_phone_number\x18\x0b \x01(\t\x12\x15\n\rlocation_cell\x18\x0c \x01(\t\"\xbb\x01\n\x19\x43laimQualificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12.\n\x08\x63onsumer\x18\x04 \x01(\x0b\x32\x1c.subsidy.v1.ConsumerIdentity\x12\x33\n\x0f\x64\x65vice_location\x18\x05 \x01(\x0b\x32\x1a.subsidy.v1.DeviceLocation\"\xc5\x01\n\x1a\x43laimQualificationResponse\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x19.subsidy.v1.ClaimDecision\x12\x30\n\rqualification\x18\x02 \x01(\x0b\x32\x19.subsidy.v1.Qualification\x12\x36\n\x0e\x64\x65\x63line_reason\x18\x03 \x01(\x0e\x32\x1e.subsidy.v1.ClaimDeclineReason\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"2\n\x17GetQualificationRequest\x12\x17\n\x0fredemption_code\x18\x01 \x01(\t\"L\n\x18GetQualificationResponse\x12\x30\n\rqualification\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Qualification\"`\n\x19ListQualificationsRequest\x12.\n\x08\x63onsumer\x18\x01 \x01(\x0b\x32\x1c.subsidy.v1.ConsumerIdentity\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\"O\n\x1aListQualificationsResponse\x12\x31\n\x0equalifications\x18\x01 \x03(\x0b\x32\x19.subsidy.v1.Qualification\"I\n\x1a\x43\x61ncelQualificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fredemption_code\x18\x02 \x01(\t\"a\n\x1b\x43\x61ncelQualificationResponse\x12\x30\n\rqualification\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Qualification\x12\x10\n\x08replayed\x18\x02 \x01(\x08*\xe1\x01\n\x12QualificationState\x12#\n\x1fQUALIFICATION_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aQUALIFICATION_STATE_ISSUED\x10\x01\x12 \n\x1cQUALIFICATION_STATE_RESERVED\x10\x02\x12 \n\x1cQUALIFICATION_STATE_REDEEMED\x10\x03\x12\x1f\n\x1bQUALIFICATION_STATE_EXPIRED\x10\x04\x12!\n\x1dQUALIFICATION_STATE_CANCELLED\x10\x05*g\n\rClaimDecision\x12\x1e\n\x1a\x43LAIM_DECISION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43LAIM_DECISION_ISSUED\x10\x01\x12\x1b\n\x17\x43LAIM_DECISION_DECLINED\x10\x02*\x83\x05\n\x12\x43laimDeclineReason\x12$\n CLAIM_DECLINE_REASON_UNSPECIFIED\x10\x00\x12+\n\'CLAIM_DECLINE_REASON_CAMPAIGN_NOT_FOUND\x10\x01\x12,\n(CLAIM_DECLINE_REASON_CAMPAIGN_NOT_ACTIVE\x10\x02\x12\'\n#CLAIM_DECLINE_REASON_USED_ELSEWHERE\x10\x03\x12(\n$CLAIM_DECLINE_REASON_LOCATION_MOCKED\x10\x04\x12\'\n#CLAIM_DECLINE_REASON_LOCATION_STALE\x10\x05\x12,\n(CLAIM_DECLINE_REASON_LOCATION_INACCURATE\x10\x06\x12\x30\n,CLAIM_DECLINE_REASON_LOCATION_OUTSIDE_REGION\x10\x07\x12-\n)CLAIM_DECLINE_REASON_PERSON_LIMIT_REACHED\x10\x08\x12)\n%CLAIM_DECLINE_REASON_NOT_YET_RELEASED\x10\t\x12(\n$CLAIM_DECLINE_REASON_QUOTA_EXHAUSTED\x10\n\x12\x33\n/CLAIM_DECLINE_REASON_ALREADY_CLAIMED_THIS_ROUND\x10\x0b\x12)\n%CLAIM_DECLINE_REASON_CONSUMER_BLOCKED\x10\x0c\x12,\n(CLAIM_DECLINE_REASON_PARTNER_APP_BLOCKED\x10\r2\xa7\x03\n\x14QualificationService\x12\x63\n\x12\x43laimQualification\x12%.subsidy.v1.ClaimQualificationRequest\x1a&.subsidy.v1.ClaimQualificationResponse\x12]\n\x10GetQualification\x12#.subsidy.v1.GetQualificationRequest\x1a$.subsidy.v1.GetQualificationResponse\x12\x63\n\x12ListQualifications\x12%.subsidy.v1.ListQualificationsRequest\x1a&.subsidy.v1.ListQualificationsResponse\x12\x66\n\x13\x43\x61ncelQualification\x12&.subsidy.v1.CancelQualificationRequest\x1a\'.subsidy.v1.CancelQualificationResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esubsidy/v1/qualification.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\";\n\x10\x43onsumerIdentity\x12\x11\n\tid_number\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\"}\n\x0e\x44\x65viceLocation\x12&\n\x08location\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Location\x12,\n\x08\x66ix_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmock_location\x18\x03 \x01(\x08\"\xc4\x03\n\rQualification\x12\x17\n\x0fredemption_code\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.subsidy.v1.QualificationState\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x14\n\x0c\x63onsumer_key\x18\x05 \x01(\t\x12-\n\tissued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x61uthorization_id\x18\t \x01(\t\x12\x18\n\x10masked_id_number\x18\n \x01(\t\x12\x1b\n\x13masked_phone_number\x18\x0b \x01(\t\x12\x15\n\rlocation_cell\x18\x0c \x01(\t\x12\x0f\n\x07pack_id\x18\r \x01(\t\x12\x15\n\rthreshold_fen\x18\x0e \x01(\x03\x12\x0f\n\x07off_fen\x18\x0f \x01(\x03\"\xcc\x01\n\x19\x43laimQualificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12.\n\x08\x63onsumer\x18\x04 \x01(\x0b\x32\x1c.subsidy.v1.ConsumerIdentity\x12\x33\n\x0f\x64\x65vice_location\x18\x05 \x01(\x0b\x32\x1a.subsidy.v1.DeviceLocation\x12\x0f\n\x07pack_id\x18\x06 \x01(\t\"\xf8\x01\n\x1a\x43laimQualificationResponse\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x19.subsidy.v1.ClaimDecision\x12\x30\n\rqualification\x18\x02 \x01(\x0b\x32\x19.subsidy.v1.Qualification\x12\x36\n\x0e\x64\x65\x63line_reason\x18\x03 \x01(\x0e\x32\x1e.subsidy.v1.ClaimDeclineReason\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x31\n\x0equalifications\x18\x05 \x03(\x0b\x32\x19.subsidy.v1.Qualification\"2\n\x17GetQualificationRequest\x12\x17\n\x0fredemption_code\x18\x01 \x01(\t\"L\n\x18GetQualificationResponse\x12\x30\n\rqualification\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Qualification\"`\n\x19ListQualificationsRequest\x12.\n\x08\x63onsumer\x18\x01 \x01(\x0b\x32\x1c.subsidy.v1.ConsumerIdentity\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\"O\n\x1aListQualificationsResponse\x12\x31\n\x0equalifications\x18\x01 \x03(\x0b\x32\x19.subsidy.v1.Qualification\"I\n\x1a\x43\x61ncelQualificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fredemption_code\x18\x02 \x01(\t\"a\n\x1b\x43\x61ncelQualificationResponse\x12\x30\n\rqualification\x18\x01 \x01(\x0b\x32\x19.subsidy.v1.Qualification\x12\x10\n\x08replayed\x18\x02 \x01(\x08*\xe1\x01\n\x12QualificationState\x12#\n\x1fQUALIFICATION_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aQUALIFICATION_STATE_ISSUED\x10\x01\x12 \n\x1cQUALIFICATION_STATE_RESERVED\x10\x02\x12 \n\x1cQUALIFICATION_STATE_REDEEMED\x10\x03\x12\x1f\n\x1bQUALIFICATION_STATE_EXPIRED\x10\x04\x12!\n\x1dQUALIFICATION_STATE_CANCELLED\x10\x05*g\n\rClaimDecision\x12\x1e\n\x1a\x43LAIM_DECISION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43LAIM_DECISION_ISSUED\x10\x01\x12\x1b\n\x17\x43LAIM_DECISION_DECLINED\x10\x02*\x83\x05\n\x12\x43laimDeclineReason\x12$\n CLAIM_DECLINE_REASON_UNSPECIFIED\x10\x00\x12+\n\'CLAIM_DECLINE_REASON_CAMPAIGN_NOT_FOUND\x10\x01\x12,\n(CLAIM_DECLINE_REASON_CAMPAIGN_NOT_ACTIVE\x10\x02\x12\'\n#CLAIM_DECLINE_REASON_USED_ELSEWHERE\x10\x03\x12(\n$CLAIM_DECLINE_REASON_LOCATION_MOCKED\x10\x04\x12\'\n#CLAIM_DECLINE_REASON_LOCATION_STALE\x10\x05\x12,\n(CLAIM_DECLINE_REASON_LOCATION_INACCURATE\x10\x06\x12\x30\n,CLAIM_DECLINE_REASON_LOCATION_OUTSIDE_REGION\x10\x07\x12-\n)CLAIM_DECLINE_REASON_PERSON_LIMIT_REACHED\x10\x08\x12)\n%CLAIM_DECLINE_REASON_NOT_YET_RELEASED\x10\t\x12(\n$CLAIM_DECLINE_REASON_QUOTA_EXHAUSTED\x10\n\x12\x33\n/CLAIM_DECLINE_REASON_ALREADY_CLAIMED_THIS_ROUND\x10\x0b\x12)\n%CLAIM_DECLINE_REASON_CONSUMER_BLOCKED\x10\x0c\x12,\n(CLAIM_DECLINE_REASON_PARTNER_APP_BLOCKED\x10\r2\xa7\x03\n\x14QualificationService\x12\x63\n\x12\x43laimQualification\x12%.subsidy.v1.ClaimQualificationRequest\x1a&.subsidy.v1.ClaimQualificationResponse\x12]\n\x10GetQualification\x12#.subsidy.v1.GetQualificationRequest\x1a$.subsidy.v1.GetQualificationResponse\x12\x63\n\x12ListQualifications\x12%.subsidy.v1.ListQualificationsRequest\x1a&.subsidy.v1.ListQualificationsResponse\x12\x66\n\x13\x43\x61ncelQualification\x12&.subsidy.v1.CancelQualificationRequest\x1a\'.subsidy.v1.CancelQualificationResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.qualification_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rcn.subsidy.v1P\001Z\024subsidy/v1;subsidyv1'
-  _globals['_QUALIFICATIONSTATE']._serialized_start=1564
-  _globals['_QUALIFICATIONSTATE']._serialized_end=1789
-  _globals['_CLAIMDECISION']._serialized_start=1791
-  _globals['_CLAIMDECISION']._serialized_end=1894
-  _globals['_CLAIMDECLINEREASON']._serialized_start=1897
-  _globals['_CLAIMDECLINEREASON']._serialized_end=2540
+  _globals['_QUALIFICATIONSTATE']._serialized_start=1689
+  _globals['_QUALIFICATIONSTATE']._serialized_end=1914
+  _globals['_CLAIMDECISION']._serialized_start=1916
+  _globals['_CLAIMDECISION']._serialized_end=2019
+  _globals['_CLAIMDECLINEREASON']._serialized_start=2022
+  _globals['_CLAIMDECLINEREASON']._serialized_end=2665
   _globals['_CONSUMERIDENTITY']._serialized_start=104
   _globals['_CONSUMERIDENTITY']._serialized_end=163
   _globals['_DEVICELOCATION']._serialized_start=165
   _globals['_DEVICELOCATION']._serialized_end=290
   _globals['_QUALIFICATION']._serialized_start=293
-  _globals['_QUALIFICATION']._serialized_end=688
-  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_start=691
-  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_end=878
-  _globals['_CLAIMQUALIFICATIONRESPONSE']._serialized_start=881
-  _globals['_CLAIMQUALIFICATIONRESPONSE']._serialized_end=1078
-  _globals['_GETQUALIFICATIONREQUEST']._serialized_start=1080
-  _globals['_GETQUALIFICATIONREQUEST']._serialized_end=1130
-  _globals['_GETQUALIFICATIONRESPONSE']._serialized_start=1132
-  _globals['_GETQUALIFICATIONRESPONSE']._serialized_end=1208
-  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_start=1210
-  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_end=1306
-  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_start=1308
-  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_end=1387
-  _globals['_CANCELQUALIFICATIONREQUEST']._serialized_start=1389
-  _globals['_CANCELQUALIFICATIONREQUEST']._serialized_end=1462
-  _globals['_CANCELQUALIFICATIONRESPONSE']._serialized_start=1464
-  _globals['_CANCELQUALIFICATIONRESPONSE']._serialized_end=1561
-  _globals['_QUALIFICATIONSERVICE']._serialized_start=2543
-  _globals['_QUALIFICATIONSERVICE']._serialized_end=2966
+  _globals['_QUALIFICATION']._serialized_end=745
+  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_start=748
+  _globals['_CLAIMQUALIFICATIONREQUEST']._serialized_end=952
+  _globals['_CLAIMQUALIFICATIONRESPONSE']._serialized_start=955
+  _globals['_CLAIMQUALIFICATIONRESPONSE']._serialized_end=1203
+  _globals['_GETQUALIFICATIONREQUEST']._serialized_start=1205
+  _globals['_GETQUALIFICATIONREQUEST']._serialized_end=1255
+  _globals['_GETQUALIFICATIONRESPONSE']._serialized_start=1257
+  _globals['_GETQUALIFICATIONRESPONSE']._serialized_end=1333
+  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_start=1335
+  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_end=1431
+  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_start=1433
+  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_end=1512
+  _globals['_CANCELQUALIFICATIONREQUEST']._serialized_start=1514
+  _globals['_CANCELQUALIFICATIONREQUEST']._serialized_end=1587
+  _globals['_CANCELQUALIFICATIONRESPONSE']._serialized_start=1589
+  _globals['_CANCELQUALIFICATIONRESPONSE']._serialized_end=1686
+  _globals['_QUALIFICATIONSERVICE']._serialized_start=2668
+  _globals['_QUALIFICATIONSERVICE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

@@ -231,6 +231,9 @@ class Qualification(_message.Message):
     MASKED_ID_NUMBER_FIELD_NUMBER: _builtins.int
     MASKED_PHONE_NUMBER_FIELD_NUMBER: _builtins.int
     LOCATION_CELL_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FEN_FIELD_NUMBER: _builtins.int
+    OFF_FEN_FIELD_NUMBER: _builtins.int
     redemption_code: _builtins.str
     """16 characters of [0-9A-Z] (Crockford base32, 80 random bits): the qualification's id and
     the code the consumer shows at the till (Authorize's redemption_code).
@@ -253,6 +256,13 @@ class Qualification(_message.Message):
     """The claim location, coarsened to a cell of about 1 km ("lat,lon" at 2 decimals, WGS-84);
     the precise position is not kept.
     """
+    pack_id: _builtins.str
+    """A voucher of a pack (Campaign.packs): the pack's id, and this voucher's own "X off Y"
+    (off_fen off a payment of at least threshold_fen), which Authorize applies instead of its
+    category rule's. Empty and 0 for a qualification claimed by category.
+    """
+    threshold_fen: _builtins.int
+    off_fen: _builtins.int
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -274,10 +284,13 @@ class Qualification(_message.Message):
         masked_id_number: _builtins.str = ...,
         masked_phone_number: _builtins.str = ...,
         location_cell: _builtins.str = ...,
+        pack_id: _builtins.str = ...,
+        threshold_fen: _builtins.int = ...,
+        off_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "category", b"category", "consumer_key", b"consumer_key", "expires_at", b"expires_at", "issued_at", b"issued_at", "location_cell", b"location_cell", "masked_id_number", b"masked_id_number", "masked_phone_number", b"masked_phone_number", "redemption_code", b"redemption_code", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "category", b"category", "consumer_key", b"consumer_key", "expires_at", b"expires_at", "issued_at", b"issued_at", "location_cell", b"location_cell", "masked_id_number", b"masked_id_number", "masked_phone_number", b"masked_phone_number", "off_fen", b"off_fen", "pack_id", b"pack_id", "redemption_code", b"redemption_code", "state", b"state", "threshold_fen", b"threshold_fen", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -292,11 +305,18 @@ class ClaimQualificationRequest(_message.Message):
     CATEGORY_FIELD_NUMBER: _builtins.int
     CONSUMER_FIELD_NUMBER: _builtins.int
     DEVICE_LOCATION_FIELD_NUMBER: _builtins.int
+    PACK_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """UUID chosen by the caller; a retry MUST reuse it (same semantics as Authorize)."""
     campaign_id: _builtins.str
     category: _builtins.str
-    """A category the campaign has a rule for."""
+    """A category the campaign has a rule for. Exactly one of category and pack_id is set."""
+    pack_id: _builtins.str
+    """One of the campaign's packs (Campaign.packs): the claim takes every voucher of the pack,
+    each with its own code and validity, in one atomic step, or none of them. The pack's
+    quota counts packs; a person holds a pack once per round. An unknown pack is
+    INVALID_ARGUMENT naming this field.
+    """
     @_builtins.property
     def consumer(self) -> Global___ConsumerIdentity: ...
     @_builtins.property
@@ -309,10 +329,11 @@ class ClaimQualificationRequest(_message.Message):
         category: _builtins.str = ...,
         consumer: Global___ConsumerIdentity | None = ...,
         device_location: Global___DeviceLocation | None = ...,
+        pack_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "device_location", b"device_location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "category", b"category", "consumer", b"consumer", "device_location", b"device_location", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "category", b"category", "consumer", b"consumer", "device_location", b"device_location", "pack_id", b"pack_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,6 +347,7 @@ class ClaimQualificationResponse(_message.Message):
     QUALIFICATION_FIELD_NUMBER: _builtins.int
     DECLINE_REASON_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    QUALIFICATIONS_FIELD_NUMBER: _builtins.int
     decision: Global___ClaimDecision.ValueType
     decline_reason: Global___ClaimDeclineReason.ValueType
     """Set when DECLINED."""
@@ -333,7 +355,15 @@ class ClaimQualificationResponse(_message.Message):
     """True when this answer is the stored answer to an earlier call with the same request_id."""
     @_builtins.property
     def qualification(self) -> Global___Qualification:
-        """Set when ISSUED."""
+        """Set when ISSUED: the qualification claimed, or for a pack claim its first voucher (also
+        qualifications[0]), so a client unaware of packs still sees a usable code.
+        """
+
+    @_builtins.property
+    def qualifications(self) -> _containers.RepeatedCompositeFieldContainer[Global___Qualification]:
+        """Set when ISSUED: every qualification the claim issued, in the pack's order (one for a
+        claim by category).
+        """
 
     def __init__(
         self,
@@ -342,10 +372,11 @@ class ClaimQualificationResponse(_message.Message):
         qualification: Global___Qualification | None = ...,
         decline_reason: Global___ClaimDeclineReason.ValueType = ...,
         replayed: _builtins.bool = ...,
+        qualifications: _abc.Iterable[Global___Qualification] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["qualification", b"qualification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "decline_reason", b"decline_reason", "qualification", b"qualification", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "decline_reason", b"decline_reason", "qualification", b"qualification", "qualifications", b"qualifications", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
