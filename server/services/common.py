@@ -37,6 +37,11 @@ SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
         common_pb2.ERROR_REASON_INVALID_STATE,
         "the authorization's state does not allow this call",
     ),
+    "CHANNEL_REFERENCE_CONFLICT": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_CHANNEL_REFERENCE_CONFLICT,
+        "the authorization was captured under another payment-channel reference",
+    ),
     "LINE_ALREADY_REFUNDED": (
         grpc.StatusCode.FAILED_PRECONDITION,
         common_pb2.ERROR_REASON_LINE_ALREADY_REFUNDED,

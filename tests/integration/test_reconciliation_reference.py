@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line, RetryPolicy
-from subsidy_client.errors import IdempotencyConflict, InvalidField
+from subsidy_client.errors import ChannelReferenceConflict, IdempotencyConflict, InvalidField
 from subsidy_client.v1 import authorization_pb2 as pb
 
 from storage.devenv import Services
@@ -49,6 +49,21 @@ async def test_channel_reference_reaches_postgres_and_get_authorization(services
 
             plain = await client.authorize(campaign_id="c-main", consumer_key=consumer_key(), lines=lines[1:])
             await client.capture(plain.authorization_id)
+            assert (await client.get_authorization(plain.authorization_id)).channel_reference == ""
+
+            # One authorization is one channel payment: a later capture (new request id) with the
+            # same reference or none gets it as it is; another reference, or one for a capture
+            # that recorded none, is refused and changes nothing.
+            first = "4200001234202611300012345678"
+            again = await client.capture(authorization_id, channel_reference=first)
+            assert again.authorization.channel_reference == first
+            assert (await client.capture(authorization_id)).authorization.channel_reference == first
+            with pytest.raises(ChannelReferenceConflict) as conflict:
+                await client.capture(authorization_id, channel_reference="4200009999202611300099999999")
+            assert conflict.value.metadata["state"] == "AUTHORIZATION_STATE_REFUNDED"
+            with pytest.raises(ChannelReferenceConflict):
+                await client.capture(plain.authorization_id, channel_reference="4200001234202611300000000001")
+            assert (await client.get_authorization(authorization_id)).channel_reference == first
             assert (await client.get_authorization(plain.authorization_id)).channel_reference == ""
 
             redis = Redis.from_url(env.redis_url)

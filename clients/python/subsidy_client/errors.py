@@ -150,6 +150,16 @@ class SlowConsumer(ResourceExhausted):
     """A stream (WatchFunds) was dropped because it was not read fast enough; open it again."""
 
 
+class ChannelReferenceConflict(FailedPrecondition):
+    """A Capture names an authorization already captured under another payment-channel
+    reference: one authorization is one channel payment."""
+
+
+class MerchantSuspended(FailedPrecondition):
+    """The merchant is blocked: its pending holds are kept but cannot be captured until the
+    block is lifted."""
+
+
 BY_REASON: dict[str, type[SubsidyError]] = {
     "INVALID_FIELD": InvalidField,
     "TOO_MANY_LINES": TooManyLines,
@@ -167,6 +177,8 @@ BY_REASON: dict[str, type[SubsidyError]] = {
     "STORE_OUTSIDE_REGION": StoreOutsideRegion,
     "RATE_LIMITED": RateLimited,
     "SLOW_CONSUMER": SlowConsumer,
+    "CHANNEL_REFERENCE_CONFLICT": ChannelReferenceConflict,
+    "MERCHANT_SUSPENDED": MerchantSuspended,
 }
 
 BY_CODE: dict[grpc.StatusCode, type[SubsidyError]] = {

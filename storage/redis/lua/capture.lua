@@ -1,17 +1,23 @@
 -- capture.lua: makes a PENDING hold final (PENDING -> CAPTURED), moving the reserved subsidy
 -- to spent. Capturing an authorization that is already captured (or refunded since) returns
--- it as it is, so a client that lost the first answer recovers.
+-- it as it is, so a client that lost the first answer recovers; one that names another
+-- payment-channel reference than the capture recorded (or one when the capture recorded none) is
+-- refused CHANNEL_REFERENCE_CONFLICT: one authorization is one channel payment, and the ledger's
+-- CAPTURED event, which reconciliation matches against the channel's bill, carries the first.
 --
 -- KEY and ARG: storage/redis/contract.py, CAPTURE (the caller's keys, the authorization's, its
 -- qualification's, and KEY.serials: the serial keys of its lines that carry one; ARG.channel_reference:
 -- the payment channel's transaction id, kept on the authorization and in the event, or '').
 --
--- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE", "state": ...}.
+-- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE" or "CHANNEL_REFERENCE_CONFLICT", "state": ...}.
 
 local auth, now = begin_lifecycle(KEY, ARG)
 if auth == nil then return now end
 if auth.state == 'VOIDED' or auth.state == 'EXPIRED' then
   return fail('INVALID_STATE', {state = auth.state})
+end
+if auth.state ~= 'PENDING' and ARG.channel_reference ~= '' and ARG.channel_reference ~= (auth.channel_reference or '') then
+  return fail('CHANNEL_REFERENCE_CONFLICT', {state = auth.state})
 end
 if auth.state == 'PENDING' then
   local sums, _, order = per_category(auth.lines)

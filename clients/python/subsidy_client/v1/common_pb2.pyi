@@ -87,6 +87,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: a streaming caller (SupervisionService.WatchFunds) did not read its
     stream fast enough and was dropped rather than buffered without bound; open it again.
     """
+    ERROR_REASON_CHANNEL_REFERENCE_CONFLICT: _ErrorReason.ValueType  # 17
+    """FAILED_PRECONDITION: a Capture names an authorization already captured under another
+    payment-channel reference (or none): one authorization is one channel payment. A retry of
+    the same capture sends the same reference (or none) and gets the authorization as it is.
+    """
+    ERROR_REASON_MERCHANT_SUSPENDED: _ErrorReason.ValueType  # 18
+    """FAILED_PRECONDITION: the merchant is on the operator's block list; its pending holds are
+    kept but cannot be captured (no money is paid out) until the block is lifted.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons carried in google.rpc.ErrorInfo.reason (domain
@@ -134,6 +143,15 @@ per consumer per day); metadata["limit"] names the limit, retry after it resets.
 ERROR_REASON_SLOW_CONSUMER: ErrorReason.ValueType  # 16
 """RESOURCE_EXHAUSTED: a streaming caller (SupervisionService.WatchFunds) did not read its
 stream fast enough and was dropped rather than buffered without bound; open it again.
+"""
+ERROR_REASON_CHANNEL_REFERENCE_CONFLICT: ErrorReason.ValueType  # 17
+"""FAILED_PRECONDITION: a Capture names an authorization already captured under another
+payment-channel reference (or none): one authorization is one channel payment. A retry of
+the same capture sends the same reference (or none) and gets the authorization as it is.
+"""
+ERROR_REASON_MERCHANT_SUSPENDED: ErrorReason.ValueType  # 18
+"""FAILED_PRECONDITION: the merchant is on the operator's block list; its pending holds are
+kept but cannot be captured (no money is paid out) until the block is lifted.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
