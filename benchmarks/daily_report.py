@@ -27,29 +27,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
-import tempfile
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from benchmarks import offline
+from benchmarks.offline import peak_rss_mb
 from server.domain.daily_report import BusinessCalendar
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
 from server.domain.reference import parse_reference
 from server.domain.report_files import BUDGET_COLUMNS, ROW_COLUMNS, XlsxReport, csv_head, csv_line
-from storage.devenv import DevServices
 from storage.postgres import daily_reports
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import save_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = offline.ROOT
 DATABASE = "subsidy_bench_report"
 CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
 DAY = date(2026, 3, 2)
@@ -58,10 +54,6 @@ CAMPAIGNS = (
     SimCampaign("bench-tradein", ("fridge", "washer", "tv"), rate_bp=1500, cap_fen=200_000),
     SimCampaign("bench-vouchers", ("general",), rate_bp=1000, cap_fen=500),
 )
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reference_document(merchants: int) -> dict[str, Any]:
@@ -196,30 +188,6 @@ async def export(dsn: str, folder: Path) -> dict[str, Any]:
     return measured
 
 
-def phase(name: str, dsn: str, arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """Runs one phase in a child process and returns what it measured."""
-    command = [sys.executable, "-m", "benchmarks.daily_report", "--phase", name, "--dsn", dsn]
-    command += ["--events", str(arguments.events), "--merchants", str(arguments.merchants), "--folder", str(folder)]
-    started = time.perf_counter()
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stderr)
-        raise SystemExit(f"phase {name} failed (exit status {completed.returncode})")
-    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
-    result["process_s"] = round(time.perf_counter() - started, 1)
-    return result
-
-
-async def recreate(admin_dsn: str, drop_only: bool = False) -> None:
-    connection = await asyncpg.connect(admin_dsn, timeout=10)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        if not drop_only:
-            await connection.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await connection.close()
-
-
 def summary(results: dict[str, Any]) -> str:
     generated, cut_result, exported = results["generate"], results["cut"], results["export"]
     return "\n".join(
@@ -259,30 +227,21 @@ def main() -> int:
             result = asyncio.run(export(arguments.dsn, arguments.folder))
         print(json.dumps(result))
         return 0
-    from server.commands.dev import with_database
-
-    with DevServices(ROOT / ".data") as found, tempfile.TemporaryDirectory() as raw:
-        dsn = with_database(found.pg_dsn, DATABASE)
-        asyncio.run(recreate(found.pg_dsn))
-        try:
-            results: dict[str, Any] = {}
-            for name in ("generate", "cut", "export"):
-                print(f"{name} ...", file=sys.stderr, flush=True)
-                results[name] = phase(name, dsn, arguments, Path(raw))
-                print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-        finally:
-            if not arguments.keep:
-                asyncio.run(recreate(found.pg_dsn, drop_only=True))
-    results["environment"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    arguments.output.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (arguments.output / f"daily-report-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(summary(results))
+    results = offline.run(
+        "benchmarks.daily_report",
+        DATABASE,
+        ("generate", "cut", "export"),
+        lambda folder: [
+            "--events",
+            str(arguments.events),
+            "--merchants",
+            str(arguments.merchants),
+            "--folder",
+            str(folder),
+        ],
+        arguments.keep,
+    )
+    offline.save(results, arguments.output, "daily-report", summary(results))
     return 0
 
 

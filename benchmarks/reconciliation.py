@@ -31,12 +31,7 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, date, datetime
@@ -46,16 +41,17 @@ from typing import Any
 import asyncpg
 import orjson
 
+from benchmarks import offline
+from benchmarks.offline import peak_rss_mb
 from server.domain.bill_matching import LedgerItem, mirror
 from server.domain.daily_report import BusinessCalendar
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
 from server.domain.settlement_file import ColumnMapping, standard_line
-from storage.devenv import DevServices
 from storage.postgres import reconciliation
 from storage.postgres.actions import Action
 from storage.postgres.migrate import migrate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = offline.ROOT
 DATABASE = "subsidy_bench_recon"
 CALENDAR = BusinessCalendar("Asia/Shanghai", "00:30")
 DAY = date(2026, 3, 2)
@@ -90,10 +86,6 @@ TIME_ORDER = (
     " occurred_at FROM ledger_events WHERE event_type IN ('CAPTURED', 'REFUNDED') AND occurred_at >= $1"
     " AND occurred_at < $2 ORDER BY event_ms, event_seq"
 )
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _row(entry_id: str, event: dict[str, Any], index: int) -> tuple[Any, ...]:
@@ -220,30 +212,6 @@ async def import_day(dsn: str, path: Path) -> dict[str, Any]:
     }
 
 
-def phase(name: str, dsn: str, arguments: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    """Runs one phase in a child process and returns what it measured."""
-    command = [sys.executable, "-m", "benchmarks.reconciliation", "--phase", name, "--dsn", dsn]
-    command += ["--lines", str(arguments.lines), "--merchants", str(arguments.merchants), "--folder", str(folder)]
-    started = time.perf_counter()
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stderr)
-        raise SystemExit(f"phase {name} failed (exit status {completed.returncode})")
-    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
-    result["process_s"] = round(time.perf_counter() - started, 1)
-    return result
-
-
-async def recreate(admin_dsn: str, drop_only: bool = False) -> None:
-    connection = await asyncpg.connect(admin_dsn, timeout=10)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        if not drop_only:
-            await connection.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await connection.close()
-
-
 def summary(results: dict[str, Any]) -> str:
     generated, made, imported = results["generate"], results["file"], results["import"]
     counts = ", ".join(f"{status} {lines:,}" for status, (lines, _) in sorted(imported["counts"].items()))
@@ -281,31 +249,21 @@ def main() -> int:
             result = asyncio.run(import_day(arguments.dsn, path))
         print(json.dumps(result))
         return 0
-    from server.commands.dev import with_database
-
-    with DevServices(ROOT / ".data") as found, tempfile.TemporaryDirectory() as raw:
-        dsn = with_database(found.pg_dsn, DATABASE)
-        asyncio.run(recreate(found.pg_dsn))
-        try:
-            results: dict[str, Any] = {}
-            for name in ("generate", "file", "import"):
-                print(f"{name} ...", file=sys.stderr, flush=True)
-                results[name] = phase(name, dsn, arguments, Path(raw))
-                print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-        finally:
-            if not arguments.keep:
-                asyncio.run(recreate(found.pg_dsn, drop_only=True))
-    results["environment"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "load_average": os.getloadavg(),
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    arguments.output.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (arguments.output / f"reconciliation-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(summary(results))
+    results = offline.run(
+        "benchmarks.reconciliation",
+        DATABASE,
+        ("generate", "file", "import"),
+        lambda folder: [
+            "--lines",
+            str(arguments.lines),
+            "--merchants",
+            str(arguments.merchants),
+            "--folder",
+            str(folder),
+        ],
+        arguments.keep,
+    )
+    offline.save(results, arguments.output, "reconciliation", summary(results))
     return 0
 
 

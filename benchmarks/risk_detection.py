@@ -24,29 +24,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 
-from benchmarks.daily_report import CALENDAR, CAMPAIGNS, DAY, merchant_ids, peak_rss_mb, reference_document
+from benchmarks import offline
+from benchmarks.daily_report import CALENDAR, CAMPAIGNS, DAY, merchant_ids, reference_document
+from benchmarks.offline import peak_rss_mb
 from server.domain.ledger_sim import SimSettings, simulate
 from server.domain.reference import parse_reference
-from storage.devenv import DevServices
 from storage.postgres import risk
 from storage.postgres.ledger import _insert_events, parse_event
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import save_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = offline.ROOT
 DATABASE = "subsidy_bench_risk"
 BATCH = 5_000
 CENTRE = (30.185, 120.264)
@@ -119,27 +116,6 @@ async def detect(dsn: str) -> dict[str, Any]:
     }
 
 
-def phase(name: str, dsn: str, arguments: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.risk_detection", "--phase", name, "--dsn", dsn]
-    command += ["--events", str(arguments.events), "--merchants", str(arguments.merchants)]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stderr)
-        raise SystemExit(f"phase {name} failed (exit status {completed.returncode})")
-    result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
-    return result
-
-
-async def recreate(admin_dsn: str, drop_only: bool = False) -> None:
-    connection = await asyncpg.connect(admin_dsn, timeout=10)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        if not drop_only:
-            await connection.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await connection.close()
-
-
 def summary(results: dict[str, Any]) -> str:
     generated, detected = results["generate"], results["detect"]
     lines = [
@@ -171,30 +147,14 @@ def main() -> int:
             result = asyncio.run(detect(arguments.dsn))
         print(json.dumps(result))
         return 0
-    from server.commands.dev import with_database
-
-    with DevServices(ROOT / ".data") as found:
-        dsn = with_database(found.pg_dsn, DATABASE)
-        asyncio.run(recreate(found.pg_dsn))
-        try:
-            results: dict[str, Any] = {}
-            for name in ("generate", "detect"):
-                print(f"{name} ...", file=sys.stderr, flush=True)
-                results[name] = phase(name, dsn, arguments)
-                print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-        finally:
-            if not arguments.keep:
-                asyncio.run(recreate(found.pg_dsn, drop_only=True))
-    results["environment"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    arguments.output.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (arguments.output / f"risk-detection-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(summary(results))
+    results = offline.run(
+        "benchmarks.risk_detection",
+        DATABASE,
+        ("generate", "detect"),
+        lambda _folder: ["--events", str(arguments.events), "--merchants", str(arguments.merchants)],
+        arguments.keep,
+    )
+    offline.save(results, arguments.output, "risk-detection", summary(results))
     return 0
 
 
