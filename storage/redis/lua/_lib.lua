@@ -78,6 +78,51 @@ local function per_category(lines)
   return sums, counts, order
 end
 
+-- floor(x * y / d) and (x * y) mod d, exactly. The product of a basket's amount off and a
+-- line's price reaches 10^20, past the 2^53 Lua's doubles hold exactly, so it is built one bit
+-- of y at a time (long multiplication modulo d), every intermediate value below 2d.
+-- Needs integers 0 <= x <= d, y >= 0 and 2d < 2^53 (a basket's total is below 10^12 fen).
+local function muldiv(x, y, d)
+  local bits = {}
+  while y > 0 do
+    local bit = y % 2
+    bits[#bits + 1] = bit
+    y = (y - bit) / 2
+  end
+  local q, r = 0, 0
+  for i = #bits, 1, -1 do
+    q, r = q * 2, r * 2
+    if r >= d then q, r = q + 1, r - d end
+    if bits[i] == 1 then
+      r = r + x
+      if r >= d then q, r = q + 1, r - d end
+    end
+  end
+  return q, r
+end
+
+-- A basket voucher's amount off shared among its lines' prices by largest remainder, to the
+-- fen: floor(off * price / total) each, then the fen left over one each to the largest
+-- remainders, ties to the earlier line. server/domain/basket.py's apportion() is the same rule
+-- in Python (tests/integration/test_basket_apportion.py runs both). Needs every price >= 1 and
+-- off <= the prices' total (the basket met its threshold, which is at least off).
+local function apportion(off, prices)
+  local total = 0
+  for _, price in ipairs(prices) do total = total + price end
+  local shares, remainders, order, left = {}, {}, {}, off
+  for i, price in ipairs(prices) do
+    shares[i], remainders[i] = muldiv(off, price, total)
+    left = left - shares[i]
+    order[i] = i
+  end
+  table.sort(order, function(a, b)
+    if remainders[a] ~= remainders[b] then return remainders[a] > remainders[b] end
+    return a < b
+  end)
+  for k = 1, left do shares[order[k]] = shares[order[k]] + 1 end
+  return shares
+end
+
 -- The programme day an authorization was counted on (its campaign's per-merchant daily
 -- limit), or nil when it was not counted.
 local function day_of(auth)
@@ -115,6 +160,8 @@ local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payl
     -- left out, when not counted): reconcile and rebuild derive the daily counters from it.
     day = day_of(auth),
     channel_reference = channel_reference,
+    -- A claw-back's risk case (clawback.lua; nil, left out, in every other event).
+    risk_case = auth.risk_case,
   }
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
@@ -126,6 +173,7 @@ local function qualification_view(q)
     consumer = q.consumer, issued_ms = tonumber(q.issued_ms), expires_ms = tonumber(q.expires_ms),
     updated_ms = tonumber(q.updated_ms), authorization = q.authorization or '',
     masked_id = q.masked_id or '', masked_phone = q.masked_phone or '', cell = q.cell or '',
+    pack = q.pack or '', threshold_fen = tonumber(q.threshold_fen or '0'), off_fen = tonumber(q.off_fen or '0'),
   }
 end
 
@@ -147,9 +195,22 @@ end
 -- Gives a qualification's quota back to the pool and the consumer's claim back (expiry,
 -- cancellation): called exactly once per qualification, on its one transition out of use.
 -- KEY: the script's, with the qualification's keys (contract.py's QualificationKeys).
+-- A pack's voucher (q.pack) counts against its pack, not its category: the pack's vouchers
+-- still out (pack:<id>:live in the holder's hash) go down by one, and the pack itself returns
+-- to the pool, and to the person, only with the last of them, so only when every voucher of it
+-- expired unused or was cancelled (a redeemed one never comes back here: the pack stays used).
 local function return_qualification(KEY, q, new_state, at_ms)
-  hincrby(KEY.qualification_quota, q.category .. ':claimed', -1)
-  hincrby(KEY.qualification_holder, q.category, -1)
+  if (q.pack or '') ~= '' then
+    local pack = 'pack:' .. q.pack
+    if redis.call('HINCRBY', KEY.qualification_holder, pack .. ':live', -1) <= 0 then
+      redis.call('HDEL', KEY.qualification_holder, pack .. ':live')
+      hincrby(KEY.qualification_quota, pack .. ':claimed', -1)
+      hincrby(KEY.qualification_holder, pack, -1)
+    end
+  else
+    hincrby(KEY.qualification_quota, q.category .. ':claimed', -1)
+    hincrby(KEY.qualification_holder, q.category, -1)
+  end
   redis.call('ZREM', KEY.qualification_expiry, q.code)
   q.state, q.updated_ms, q.authorization = new_state, at_ms, ''
   redis.call('HSET', KEY.qualification, 'state', new_state, 'updated_ms', at_ms, 'authorization', '')
