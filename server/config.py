@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 LISTEN_PATTERN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
+# An origin as a browser sends it (RFC 6454 serialisation): scheme, host, optional port.
+PUBLIC_ORIGIN_PATTERN = re.compile(r"https?://(\[[0-9a-f:]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:[1-9][0-9]{0,4})?")
 # The longest ticket SLA period, in business days: server/domain/complaints.SLA_BUSINESS_DAYS_MAX
 # (settings import nothing of the server; tests/unit/test_complaints_rules.py checks they agree).
 TICKET_SLA_BUSINESS_DAYS_MAX = 30
@@ -123,6 +125,10 @@ class Config:
     dashboard_session_max_s: int = 28_800
     dashboard_max_sessions: int = 200
     dashboard_sse_buffer: int = 8
+    # The dashboard's address as browsers see it when a reverse proxy serves it (TLS ended at
+    # the proxy): "https://host[:port]", no path. Sign-in and sign-out posts must come from this
+    # origin instead of the listener's own, and https here makes the session cookie Secure.
+    dashboard_public_origin: str = ""
     # Live fund supervision (server/services/supervision.py, README "Live supervision"): the
     # per-process poller reads every budget each supervision_poll_ms while anyone watches; a
     # watcher more than supervision_queue_size snapshots behind is dropped. A budget alert is
@@ -234,6 +240,12 @@ class Config:
             raise ConfigError("SUBSIDY_DASHBOARD_SESSION_IDLE_S must not exceed SUBSIDY_DASHBOARD_SESSION_MAX_S")
         _positive("SUBSIDY_DASHBOARD_MAX_SESSIONS", self.dashboard_max_sessions, 100_000)
         _positive("SUBSIDY_DASHBOARD_SSE_BUFFER", self.dashboard_sse_buffer, 1000)
+        origin = PUBLIC_ORIGIN_PATTERN.fullmatch(self.dashboard_public_origin)
+        if self.dashboard_public_origin and (origin is None or int((origin[3] or ":1")[1:]) > 65535):
+            raise ConfigError(
+                "SUBSIDY_DASHBOARD_PUBLIC_ORIGIN must be http(s)://host[:port] in lowercase, no path or"
+                f" trailing slash (as a browser sends it in Origin), got {self.dashboard_public_origin!r}"
+            )
         if not 100 <= self.supervision_poll_ms <= 60_000:
             raise ConfigError(
                 f"SUBSIDY_SUPERVISION_POLL_MS must be between 100 and 60000, got {self.supervision_poll_ms}"

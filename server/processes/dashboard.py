@@ -646,14 +646,20 @@ async def security_headers(
     return response
 
 
-def same_origin(request: web.Request) -> bool:
-    """Whether a POST comes from a page of this dashboard (the CSRF check of login and logout)."""
+def same_origin(request: web.Request, public_origin: str = "") -> bool:
+    """Whether a POST comes from a page of this dashboard (the CSRF check of login and logout):
+    of ``public_origin`` (SUBSIDY_DASHBOARD_PUBLIC_ORIGIN) when the dashboard is served through
+    a reverse proxy, which browsers see at another scheme, host or port than the listener's own;
+    else of the listener the request reached."""
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         return False
     origin = request.headers.get("Origin") or request.headers.get("Referer") or ""
     if not origin or origin == "null":
         return False
     parts = urlsplit(origin)
+    if public_origin:
+        expected = urlsplit(public_origin)
+        return (parts.scheme, parts.netloc) == (expected.scheme, expected.netloc)
     return parts.scheme == request.scheme and parts.netloc == request.host
 
 
@@ -684,7 +690,7 @@ STATIC_NAMES = web.AppKey("static_names", frozenset)
 
 async def login(request: web.Request) -> web.StreamResponse:
     dashboard = _dashboard(request)
-    if not same_origin(request):
+    if not same_origin(request, dashboard.config.dashboard_public_origin):
         raise web.HTTPForbidden(text="cross-site request refused")
     form = await request.post()
     caller_id, secret = str(form.get("caller_id", "")).strip(), str(form.get("secret", "")).strip()
@@ -717,7 +723,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     dashboard = _dashboard(request)
-    if not same_origin(request):
+    if not same_origin(request, dashboard.config.dashboard_public_origin):
         raise web.HTTPForbidden(text="cross-site request refused")
     session = dashboard.session(request)
     if session is not None:
@@ -966,6 +972,7 @@ class DashboardServer:
     channel: grpc.aio.Channel
     dashboard: Dashboard
     sweeper: asyncio.Task[None]
+    tls: bool
 
     @property
     def port(self) -> int:
@@ -973,9 +980,12 @@ class DashboardServer:
 
     @property
     def url(self) -> str:
+        """Where a browser opens the dashboard: its public origin behind a proxy, else the listener."""
+        if self.dashboard.config.dashboard_public_origin:
+            return self.dashboard.config.dashboard_public_origin + "/"
         host = self.dashboard.config.dashboard_listen.rpartition(":")[0]
         host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
-        return f"{'https' if self.dashboard.secure else 'http'}://{host}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
 
     async def stop(self) -> None:
         self.sweeper.cancel()
@@ -1002,14 +1012,16 @@ async def start_dashboard(config: Config) -> DashboardServer:
     """Binds SUBSIDY_DASHBOARD_LISTEN (port 0: any free port) and serves until ``stop``."""
     context = check_listener(config)
     channel = open_channel(gateway_target(config), gateway_tls(config))
-    app = create_app(config, channel, secure=context is not None)
+    # Secure cookies when browsers reach the dashboard over HTTPS: its own TLS, or a proxy's.
+    secure = context is not None or config.dashboard_public_origin.startswith("https://")
+    app = create_app(config, channel, secure=secure)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     host, _, port = config.dashboard_listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=context)
     await site.start()
     sweeper = asyncio.create_task(_sweep(app[DASHBOARD_KEY].sessions))
-    return DashboardServer(runner, site, channel, app[DASHBOARD_KEY], sweeper)
+    return DashboardServer(runner, site, channel, app[DASHBOARD_KEY], sweeper, tls=context is not None)
 
 
 async def serve(config: Config) -> None:
