@@ -62,6 +62,7 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
         redeem_in_region_only=campaign.redeem_in_region_only,
         per_merchant_daily_limit=campaign.per_merchant_daily_limit,
         reclaim_after_expiry=campaign.reclaim_after_expiry,
+        require_location_at_redemption=campaign.require_location_at_redemption,
         rules=[
             pb.CategoryRule(
                 category=rule.category,

@@ -74,6 +74,8 @@ class Campaign:
     per_merchant_daily_limit: int | None = None
     # A person whose qualification expired unused or was cancelled may claim again this round.
     reclaim_after_expiry: bool = False
+    # Authorize needs the phone's location, checked as a claim's (LOCATION_*); needs a region.
+    require_location_at_redemption: bool = False
 
     @property
     def issues_qualifications(self) -> bool:
@@ -328,7 +330,8 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
 def _with_redemption_rules(campaign: Campaign, record: Mapping[str, Any], path: str) -> Campaign:
     """The redemption-side rules (issue 13), each refused naming its field when it contradicts
     the rest of the campaign: region-bound redemption without a region, a per-day limit of 0,
-    claiming again in a campaign that issues no qualifications."""
+    claiming again in a campaign that issues no qualifications, location at redemption without
+    a region."""
     redeem_in_region_only = _flag(record, "redeem_in_region_only", path)
     if redeem_in_region_only and campaign.region is None:
         raise ReferenceError(f"{path}.redeem_in_region_only", "binds redemption to the region: the campaign has none")
@@ -340,11 +343,17 @@ def _with_redemption_rules(campaign: Campaign, record: Mapping[str, Any], path: 
         raise ReferenceError(
             f"{path}.reclaim_after_expiry", "the campaign issues no qualifications (qualification_validity_s is 0)"
         )
+    require_location = _flag(record, "require_location_at_redemption", path)
+    if require_location and campaign.region is None:
+        raise ReferenceError(
+            f"{path}.require_location_at_redemption", "checks the phone against the region: the campaign has none"
+        )
     return replace(
         campaign,
         redeem_in_region_only=redeem_in_region_only,
         per_merchant_daily_limit=daily_limit,
         reclaim_after_expiry=reclaim_after_expiry,
+        require_location_at_redemption=require_location,
     )
 
 

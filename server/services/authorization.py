@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
 from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc
 
-from server.domain import validation
+from server.domain import location, validation
 from server.rpc.auth import TERMINAL, caller
 from server.services import requests
-from server.services.common import key_id_number, payload_hash, raise_script_error, timestamp_ms
+from server.services.common import (
+    CampaignLocations,
+    device_point,
+    key_id_number,
+    payload_hash,
+    raise_script_error,
+    timestamp_ms,
+)
 from storage.redis.contract import Answer, AuthorizationView, AuthorizeAnswer, Declined, Failure, Line
 from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore
 
 pb = authorization_pb2
 log = logging.getLogger("subsidy.authorization")
+
+# Location at redemption: what the script is told about the phone's location, applied only
+# when the campaign requires it. A payment without one is LOCATION_REQUIRED; a judged one is 0
+# or the DeclineReason of the claim's verdict (server/domain/location.py).
+LOCATION_REQUIRED = pb.DECLINE_REASON_LOCATION_REQUIRED
+LOCATION_VERDICTS: Mapping[location.Verdict, int] = {
+    location.Verdict.ACCEPTED: 0,
+    location.Verdict.MOCKED: pb.DECLINE_REASON_LOCATION_MOCKED,
+    location.Verdict.STALE: pb.DECLINE_REASON_LOCATION_STALE,
+    location.Verdict.INACCURATE: pb.DECLINE_REASON_LOCATION_INACCURATE,
+    location.Verdict.OUTSIDE_REGION: pb.DECLINE_REASON_LOCATION_OUTSIDE_REGION,
+}
 
 
 def line_results(lines: Sequence[Line]) -> list[authorization_pb2.LineResult]:
@@ -83,6 +103,28 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
         self._store = store
         self._max_lines = max_lines
         self._programme_key = programme_key.encode()
+        self._campaigns = CampaignLocations(store)
+
+    async def _location_verdict(self, request: authorization_pb2.AuthorizeRequest) -> int:
+        """The phone's location judged as a claim's, from this process's copy of the campaign's
+        rule and region (no Redis call while it is under a second old). Validated whatever the
+        campaign (a malformed location is INVALID_ARGUMENT naming the field); the script applies
+        the verdict only when the campaign requires it. The point is dropped here."""
+        if not request.HasField("consumer_location"):
+            return LOCATION_REQUIRED
+        device = request.consumer_location
+        now_ms = int(time.time() * 1000)
+        point, fix_ms = device_point(device, "consumer_location", now_ms)
+        found = await self._campaigns.get(request.campaign_id, recheck_missing=True)
+        if found is None:
+            # No such campaign published: the script declines CAMPAIGN_NOT_FOUND before this
+            # matters (one published since would see this, never an unjudged location accepted).
+            return pb.DECLINE_REASON_CAMPAIGN_NOT_FOUND
+        rule, region = found
+        verdict = location.verdict(
+            point, device.location.accuracy_m, fix_ms, device.mock_location, now_ms, rule, region
+        )
+        return LOCATION_VERDICTS[verdict]
 
     async def Authorize(
         self, request: authorization_pb2.AuthorizeRequest, context: grpc.aio.ServicerContext
@@ -96,6 +138,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
                 self._programme_key, request.consumer_id_number, "consumer_id_number"
             )
             request.ClearField("consumer_id_number")
+        location_verdict = await self._location_verdict(request)
         reply = await self._store.authorize(
             AuthorizeInput(
                 payload_hash=payload_hash("Authorize", request),
@@ -112,6 +155,7 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
                     LineInput(line.line_id, line.gtin, line.unit_price_fen, line.serial_number)
                     for line in request.lines
                 ],
+                location_verdict=location_verdict,
             )
         )
         if isinstance(reply, Failure):

@@ -122,6 +122,7 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
     # so an explicit 0 reaches the domain's check and is refused naming the field.
     document["redeem_in_region_only"] = message.redeem_in_region_only
     document["reclaim_after_expiry"] = message.reclaim_after_expiry
+    document["require_location_at_redemption"] = message.require_location_at_redemption
     if message.HasField("per_merchant_daily_limit"):
         document["per_merchant_daily_limit"] = message.per_merchant_daily_limit
     return document
@@ -160,6 +161,7 @@ def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Camp
         redeem_in_region_only=row["redeem_in_region_only"],
         per_merchant_daily_limit=row["per_merchant_daily_limit"],
         reclaim_after_expiry=row["reclaim_after_expiry"],
+        require_location_at_redemption=row["require_location_at_redemption"],
         rules=[
             pb.CategoryRule(
                 category=rule["category"],

@@ -1,19 +1,22 @@
 """What the servicers share: the payload hash that idempotency compares, the one mapping of
-script error codes to gRPC errors, timestamps, and reported locations as domain points."""
+script error codes to gRPC errors, timestamps, reported locations as domain points, and each
+campaign's location rule and region as a process caches them (a claim's and a payment's)."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from subsidy_client.v1 import common_pb2
+from subsidy_client.v1 import common_pb2, qualification_pb2
 
-from server.domain import geo, identity
+from server.domain import geo, identity, location
 from server.rpc.errors import ApiError, invalid_field
 from storage.redis.contract import Failure
+from storage.redis.store import RedisStore
 
 # Script error codes -> what the caller is told.
 SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
@@ -142,3 +145,65 @@ def wgs84_point(location: common_pb2.Location) -> geo.Point:
     """A reported location, validated and converted to WGS-84 (raises ``geo.CoordinateError``
     naming the field relative to the location)."""
     return geo.to_wgs84(location.latitude, location.longitude, COORDINATE_SYSTEMS.get(location.coordinate_system))
+
+
+def device_point(device: qualification_pb2.DeviceLocation, field: str, now_ms: int) -> tuple[geo.Point, int]:
+    """A phone's reported location (a claim's ``device_location``, a payment's
+    ``consumer_location``, named by ``field``) validated and converted to WGS-84: (the point, the
+    fix time in ms). INVALID_ARGUMENT naming the field for what cannot be real (no location, a
+    coordinate out of range or not a number, no or an unknown coordinate system, an accuracy
+    that is no radius, no fix time or one from the future); a merely poor or old fix is not an
+    error but a verdict (``location.verdict``)."""
+    if not device.HasField("location"):
+        raise invalid_field(f"{field}.location", "is required")
+    # A fix time outside the Timestamp range is refused like any other impossible fix time,
+    # after the location and the accuracy (the order the fields are checked in).
+    in_range = not device.HasField("fix_time") or timestamp_in_range(device.fix_time)
+    fix_ms = device.fix_time.ToMilliseconds() if device.HasField("fix_time") and in_range else 0
+    try:
+        point = wgs84_point(device.location)
+        location.check_fix(device.location.accuracy_m, fix_ms if in_range else now_ms, now_ms)
+        if not in_range:
+            raise geo.CoordinateError("fix_time", TIMESTAMP_RANGE)
+    except geo.CoordinateError as error:
+        prefix = field if error.field == "fix_time" else f"{field}.location"
+        raise invalid_field(f"{prefix}.{error.field}", error.reason) from None
+    return point, fix_ms
+
+
+# How long a process trusts its copy of a campaign's location rule and region.
+CAMPAIGN_CACHE_S = 1.0
+
+
+class CampaignLocations:
+    """Each campaign's location rule and prepared region, re-read from Redis at most once a
+    second per campaign (an operator's change reaches every process within that). Shared by
+    ClaimQualification and Authorize: the verdict is computed here, in the gateway, and the
+    script only applies it, so the hot path stays one script call."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._cached: dict[str, tuple[float, tuple[location.LocationRule, geo.Region | None] | None]] = {}
+
+    async def get(
+        self, campaign_id: str, *, recheck_missing: bool = False
+    ) -> tuple[location.LocationRule, geo.Region | None] | None:
+        """The campaign's rule and region, None when it is not published. ``recheck_missing``
+        re-reads a campaign cached as absent instead of trusting that for the second (a payment
+        must not be judged without the rule of a campaign published a moment ago)."""
+        now = time.monotonic()
+        cached = self._cached.get(campaign_id)
+        if cached is not None and now - cached[0] < CAMPAIGN_CACHE_S and (cached[1] is not None or not recheck_missing):
+            return cached[1]
+        published = await self._store.location_rule(campaign_id)
+        found = None
+        if published is not None:
+            accuracy_m, age_s, region_text = published
+            found = (
+                location.LocationRule(max_accuracy_m=accuracy_m, max_age_s=age_s),
+                geo.region_from_text(region_text) if region_text else None,
+            )
+        if len(self._cached) > 1000:
+            self._cached.clear()
+        self._cached[campaign_id] = (now, found)
+        return found

@@ -20,18 +20,16 @@ import grpc
 from subsidy_client.v1 import common_pb2, qualification_pb2, qualification_pb2_grpc
 
 from server.domain import identity, location, sealing, validation
-from server.domain.geo import CoordinateError, Region, region_from_text
 from server.domain.reference import CATEGORY, IDENTIFIER
 from server.rpc.auth import PARTNER, caller
 from server.rpc.errors import ApiError, invalid_field
 from server.services.common import (
-    TIMESTAMP_RANGE,
+    CampaignLocations,
+    device_point,
     key_id_number,
     payload_hash,
     raise_script_error,
-    timestamp_in_range,
     timestamp_ms,
-    wgs84_point,
 )
 from storage.redis.contract import ClaimDeclined, Failure, QualificationView
 from storage.redis.store import CancelInput, ClaimInput, RedisStore
@@ -40,8 +38,6 @@ pb = qualification_pb2
 log = logging.getLogger("subsidy.qualification")
 
 LIST_LIMIT = 100
-# How long a process trusts its copy of a campaign's location rules and region.
-CAMPAIGN_CACHE_S = 1.0
 # The location verdict as the claim script takes it: 0, or the ClaimDeclineReason it answers.
 LOCATION_VERDICTS: Mapping[location.Verdict, int] = {
     location.Verdict.ACCEPTED: 0,
@@ -88,33 +84,6 @@ def not_found(code: str) -> ApiError:
         "no such qualification for this partner",
         {"kind": "qualification", "id": code},
     )
-
-
-class CampaignLocations:
-    """Each campaign's location rule and prepared region, re-read from Redis at most once a
-    second per campaign (an operator's change reaches every process within that)."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self._store = store
-        self._cached: dict[str, tuple[float, tuple[location.LocationRule, Region | None] | None]] = {}
-
-    async def get(self, campaign_id: str) -> tuple[location.LocationRule, Region | None] | None:
-        now = time.monotonic()
-        cached = self._cached.get(campaign_id)
-        if cached is not None and now - cached[0] < CAMPAIGN_CACHE_S:
-            return cached[1]
-        published = await self._store.location_rule(campaign_id)
-        found = None
-        if published is not None:
-            accuracy_m, age_s, region_text = published
-            found = (
-                location.LocationRule(max_accuracy_m=accuracy_m, max_age_s=age_s),
-                region_from_text(region_text) if region_text else None,
-            )
-        if len(self._cached) > 1000:
-            self._cached.clear()
-        self._cached[campaign_id] = (now, found)
-        return found
 
 
 class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
@@ -165,22 +134,9 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         if not CATEGORY.match(request.category):
             raise invalid_field("category", "must be 1-32 characters of [a-z0-9_]")
         consumer = self._consumer(request.consumer, "consumer")
-        if not request.HasField("device_location") or not request.device_location.HasField("location"):
-            raise invalid_field("device_location.location", "is required")
         device = request.device_location
         now_ms = int(time.time() * 1000)
-        # A fix time outside the Timestamp range is refused like any other impossible fix time,
-        # after the location and the accuracy (the order the fields are checked in).
-        in_range = not device.HasField("fix_time") or timestamp_in_range(device.fix_time)
-        fix_ms = device.fix_time.ToMilliseconds() if device.HasField("fix_time") and in_range else 0
-        try:
-            point = wgs84_point(device.location)
-            location.check_fix(device.location.accuracy_m, fix_ms if in_range else now_ms, now_ms)
-            if not in_range:
-                raise CoordinateError("fix_time", TIMESTAMP_RANGE)
-        except CoordinateError as error:
-            prefix = "device_location" if error.field == "fix_time" else "device_location.location"
-            raise invalid_field(f"{prefix}.{error.field}", error.reason) from None
+        point, fix_ms = device_point(device, "device_location", now_ms)
         found = await self._campaigns.get(request.campaign_id)
         verdict = location.Verdict.ACCEPTED
         if found is not None:

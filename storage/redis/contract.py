@@ -271,7 +271,7 @@ class AuthorizeKeys(NamedTuple):
     idempotency: str  # string: "<payload hash>|<answer JSON>" under the caller and request id
     terminal: str  # hash: status, merchant
     merchant: str  # hash: status, categories (",a,b," or "" for every category)
-    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s, region_bound, day_limit
+    campaign: str  # hash: status, starts_ms, ends_ms, q_validity_s, region_bound, day_limit, loc_redeem
     rules: str  # hash: category -> rule JSON (storage/redis/reference.py)
     budget: str  # hash: <category>:total|reserved|spent|refunded, fen
     # hash: category -> units held or bought by this consumer; day:<day>:<merchant> -> the
@@ -312,6 +312,10 @@ class AuthorizeArgs(NamedTuple):
     # The programme time zone's UTC offset now, in ms: the script's day (per-merchant daily
     # limit) is floor((Redis TIME + this) / 86,400,000), a calendar day in that zone.
     day_offset_ms: int
+    # Location at redemption: 0 (the phone's location accepted) or the DeclineReason the
+    # service's verdict gave (LOCATION_REQUIRED when none was sent, LOCATION_MOCKED ...
+    # LOCATION_OUTSIDE_REGION); the script applies it only when the campaign's loc_redeem is 1.
+    location_verdict: int
 
 
 class LineArgs(NamedTuple):

@@ -114,10 +114,11 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                     "loc_age_s": campaign.get("location_max_age_s", 300),
                     "region": _region_text(campaign.get("region")),
                     # Redemption-side rules, read by authorize.lua (region_bound, day_limit: 0
-                    # for none) and claim_qualification.lua (q_reclaim).
+                    # for none, loc_redeem) and claim_qualification.lua (q_reclaim).
                     "region_bound": "1" if campaign.get("redeem_in_region_only") else "0",
                     "day_limit": campaign.get("per_merchant_daily_limit") or 0,
                     "q_reclaim": "1" if campaign.get("reclaim_after_expiry") else "0",
+                    "loc_redeem": "1" if campaign.get("require_location_at_redemption") else "0",
                 },
             )
             # Replace the rule set whole, so a category removed from the campaign disappears.

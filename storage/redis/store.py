@@ -24,6 +24,7 @@ from storage.redis.contract import (
     CANCEL,
     CAPTURE,
     CLAIM,
+    DECLINE_REASONS,
     EXPIRE_HOLD,
     EXPIRE_QUALIFICATION,
     LINES,
@@ -81,6 +82,10 @@ class AuthorizeInput:
     authorization_id: str
     lines: Sequence[LineInput]
     redemption_code: str = ""
+    # Location at redemption: the service's verdict on the phone's location (0: accepted, else
+    # the LOCATION_* DeclineReason), applied by the script only when the campaign requires it.
+    # The default, LOCATION_REQUIRED, is a request that sent none.
+    location_verdict: int = DECLINE_REASONS["LOCATION_REQUIRED"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,7 @@ class RedisStore:
                 nonce_ttl_s=limits.nonce_ttl_s,
                 redemption_code=request.redemption_code,
                 day_offset_ms=limits.day_offset_ms(),
+                location_verdict=request.location_verdict,
             ),
             # A line without a serial still names a serial key, never touched, so that every
             # line has both of its keys.

@@ -224,10 +224,13 @@ class AuthorizationClient(SignedClient):
         request_id: str | None = None,
         redemption_code: str = "",
         consumer_id_number: str = "",
+        consumer_location: qualification_pb2.DeviceLocation | None = None,
     ) -> pb.AuthorizeResponse:
         """Who pays: ``consumer_key`` (a partner app holding the programme key), or
         ``consumer_id_number`` (a till that read an ID card; the gateway keys it and forgets
-        it), or neither with a ``redemption_code`` (the qualification's owner)."""
+        it), or neither with a ``redemption_code`` (the qualification's owner).
+        ``consumer_location``: where the consumer's phone is, for campaigns that require it at
+        redemption (location, fix time, mock flag, as a claim's ``device_location``)."""
         request = pb.AuthorizeRequest(
             request_id=request_id or str(uuid.uuid4()),
             campaign_id=campaign_id,
@@ -244,6 +247,7 @@ class AuthorizationClient(SignedClient):
                 )
                 for line in lines
             ],
+            consumer_location=consumer_location,
         )
         return await self.send_authorize(request)
 

@@ -1,9 +1,10 @@
 -- authorize.lua: every check and the whole reservation of one authorization, atomically.
 --
 -- KEY, ARG and the decline reasons (numbered as DeclineReason in authorization.proto: among
--- line-level reasons lower wins; STORE_OUTSIDE_REGION (22) and MERCHANT_DAILY_LIMIT_REACHED (23)
--- rank where their checks run, after CAMPAIGN_NOT_ACTIVE and after CONSUMER_LIMIT_REACHED, as
--- the proto says): storage/redis/contract.py, AUTHORIZE. KEY.lines[i] and ARG.lines[i] are line i's.
+-- line-level reasons lower wins; the later ones rank where their checks run, as the proto
+-- says: STORE_OUTSIDE_REGION (22) after CAMPAIGN_NOT_ACTIVE, LOCATION_* (24-28) right after
+-- it, MERCHANT_DAILY_LIMIT_REACHED (23) after CONSUMER_LIMIT_REACHED): storage/redis/contract.py,
+-- AUTHORIZE. KEY.lines[i] and ARG.lines[i] are line i's.
 --
 -- Returns {kind, JSON} (see _lib.lua); the answer is {"decision": "APPROVED", "authorization": ...}
 -- or {"decision": "DECLINED", "reason": <DeclineReason number>, "line_id": ...}.
@@ -25,7 +26,7 @@ if terminal[2] ~= ARG.merchant_id then return fail('TERMINAL_MERCHANT_MISMATCH')
 local merchant = redis.call('HMGET', KEY.merchant, 'status', 'categories')
 if merchant[1] ~= 'ACTIVE' then return decline(MERCHANT_INACTIVE) end
 local campaign = redis.call('HMGET', KEY.campaign, 'status', 'starts_ms', 'ends_ms', 'q_validity_s',
-  'region_bound', 'day_limit')
+  'region_bound', 'day_limit', 'loc_redeem')
 if campaign[1] ~= 'ACTIVE' then return decline(CAMPAIGN_NOT_FOUND) end
 if now < tonumber(campaign[2]) or now >= tonumber(campaign[3]) then
   return decline(CAMPAIGN_NOT_ACTIVE)
@@ -55,6 +56,12 @@ if consumer == '' then
   consumer = owner[1]
   usage_key, external_key = KEY.usage .. consumer, KEY.external_consumer .. consumer
 end
+-- Location at redemption: the service judged the phone's reported location against its copy
+-- of the campaign's rule and region (at most a second old) and passed 0 or the LOCATION_*
+-- reason; whether the campaign requires it is read here, in this call, so a campaign switched
+-- on a moment ago already declines a payment without a location. A caller-level check, ranked
+-- right after STORE_OUTSIDE_REGION (and a code-only request's unknown code).
+if campaign[7] == '1' and ARG.location_verdict ~= 0 then return decline(ARG.location_verdict) end
 
 -- Computes one line's subsidy under its rule; returns subsidy, or nil and a decline reason.
 local function line_subsidy(rule, grade, price, reference_price)
