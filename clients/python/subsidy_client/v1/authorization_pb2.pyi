@@ -138,7 +138,8 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     consumer_location was given (24), the device reports a mock location (25), the fix is older
     than the campaign allows (26), its accuracy radius is larger than allowed (27), or the phone
     is outside the campaign's region (28). They rank with the caller-level checks, right after
-    STORE_OUTSIDE_REGION (22), in this order, before every line-level reason.
+    STORE_OUTSIDE_REGION (22) (and, for a request naming its consumer by redemption_code alone,
+    an unknown code), in this order, before every line-level reason.
     """
     DECLINE_REASON_LOCATION_MOCKED: _DeclineReason.ValueType  # 25
     DECLINE_REASON_LOCATION_STALE: _DeclineReason.ValueType  # 26
@@ -246,7 +247,8 @@ DECLINE_REASON_LOCATION_REQUIRED: DeclineReason.ValueType  # 24
 consumer_location was given (24), the device reports a mock location (25), the fix is older
 than the campaign allows (26), its accuracy radius is larger than allowed (27), or the phone
 is outside the campaign's region (28). They rank with the caller-level checks, right after
-STORE_OUTSIDE_REGION (22), in this order, before every line-level reason.
+STORE_OUTSIDE_REGION (22) (and, for a request naming its consumer by redemption_code alone,
+an unknown code), in this order, before every line-level reason.
 """
 DECLINE_REASON_LOCATION_MOCKED: DeclineReason.ValueType  # 25
 DECLINE_REASON_LOCATION_STALE: DeclineReason.ValueType  # 26
@@ -385,7 +387,8 @@ class AuthorizeRequest(_message.Message):
         """Where the consumer's phone is when paying, from the partner app or the till. Campaigns with
         Campaign.require_location_at_redemption check it with the same rules as a claim's
         (coordinate system, accuracy, age, mock flag; LOCATION_* reasons below); other campaigns
-        ignore it. Like a claim's position, it is never stored or logged precisely.
+        ignore its verdict, but a malformed one is INVALID_ARGUMENT naming the field whatever the
+        campaign, as in a claim. Like a claim's position, it is never stored or logged precisely.
         """
 
     def __init__(
