@@ -1,9 +1,9 @@
 """The obvious alternative: authorization as one PostgreSQL transaction per request.
 
 What most vendors would build: the same gRPC stack as the gateway (``grpc.aio`` with the same
-``ErrorInterceptor`` and ``AuthInterceptor``, the same credential cache read from Redis, the
-same request validation), but the money state lives in PostgreSQL and each ``Authorize`` is one
-transaction that locks the campaign-category budget row:
+error guard and authentication wrapped once around each handler by ``GuardedServer``, the same
+credential cache read from Redis, the same request validation), but the money state lives in
+PostgreSQL and each ``Authorize`` is one transaction that locks the campaign-category budget row:
 
 1. ``INSERT`` the nonce (refused if reused; the gateway claims it inside its Lua script);
 2. ``SELECT`` an earlier answer for (terminal, request_id): a replay or a conflict;
@@ -52,8 +52,9 @@ from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, common_
 from server import logs
 from server.config import Config, ConfigError
 from server.domain.reference import parse_reference
-from server.rpc.auth import TERMINAL, AuthInterceptor, Caller, caller
-from server.rpc.errors import ApiError, ErrorInterceptor
+from server.rpc.auth import TERMINAL, Authenticator, Caller, caller
+from server.rpc.errors import ApiError
+from server.rpc.handlers import GuardedServer
 from server.services import requests
 from server.services.common import payload_hash
 from storage.postgres.migrate import migrate
@@ -557,7 +558,7 @@ class BaselineServer:
 
 
 async def create_baseline_server(config: Config, pool_size: int) -> BaselineServer:
-    """Mirrors ``server.processes.app.create_server``: same interceptors, options and limits."""
+    """Mirrors ``server.processes.app.create_server``: same handler wrapping, options and limits."""
     if not 0 < pool_size <= POOL_SIZE_MAX:
         raise ValueError(f"pool size must be in 1..{POOL_SIZE_MAX}")
     redis = Redis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s)
@@ -571,7 +572,6 @@ async def create_baseline_server(config: Config, pool_size: int) -> BaselineServ
         async with pool.acquire() as connection:
             reference = await load_reference(connection)
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(credentials, config.auth_clock_skew_s)],
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.server.max_pending_requests", config.max_pending_rpcs),
@@ -579,11 +579,12 @@ async def create_baseline_server(config: Config, pool_size: int) -> BaselineServ
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
+        guarded = GuardedServer(server, Authenticator(credentials, config.auth_clock_skew_s))
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
-            BaselineAuthorizationService(pool, reference, config.hold_ttl_s, config.max_lines), server
+            BaselineAuthorizationService(pool, reference, config.hold_ttl_s, config.max_lines), guarded
         )
         health_servicer = health_async.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         port = server.add_insecure_port(config.listen)
         if port == 0:

@@ -1,5 +1,6 @@
 """The application factory: ``create_server(config)`` builds a started-but-not-serving-yet
-gRPC server with its services, interceptors and background tasks; ``Application.stop``
+gRPC server with its services (each method handler wrapped once with authentication and the
+error guard: server/rpc/handlers.py) and background tasks; ``Application.stop``
 drains it. ``server.processes.worker`` runs one per worker process."""
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from server.domain.daily_report import BusinessCalendar
 from server.domain.supervision import SurgeRule
 from server.processes.http import HttpEndpoint, serve_gateway_metrics
 from server.processes.sweeper import run_sweeper
-from server.rpc.auth import AuthInterceptor
-from server.rpc.errors import ErrorInterceptor
+from server.rpc.auth import Authenticator
+from server.rpc.handlers import GuardedServer
 from server.rpc.tls import CertificateReloader, ClientCertificatePolicy, bind, check_listeners
 from server.services.authorization import AuthorizationService
 from server.services.campaigns import CampaignService
@@ -199,11 +200,7 @@ async def create_server(config: Config) -> Application:
         )
         credentials = CredentialCache(redis, keys, nonce_ttl_s=store.nonce_ttl_s)
         await credentials.refresh()
-        server = grpc.aio.server(
-            interceptors=[
-                ErrorInterceptor(spans),
-                AuthInterceptor(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config)),
-            ],
+        grpc_server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1),
                 # gRPC core cancels calls queued beyond 1,000 (soft) waiting for the application to
@@ -212,6 +209,13 @@ async def create_server(config: Config) -> Application:
                 ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        # Every service is registered through this: no grpc.aio interceptors (each costs an async
+        # pipeline and a re-wrapped handler per call), each handler wrapped once, here.
+        server = GuardedServer(
+            grpc_server,
+            Authenticator(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config)),
+            spans,
         )
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationService(store, config.max_lines, config.programme_key), server
@@ -272,15 +276,17 @@ async def create_server(config: Config) -> Application:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        listeners = bind(server, config)
+        # On the grpc.aio server itself: it picks its asyncio servicer by the server's type, and a
+        # bidirectional stream is neither authenticated nor counted (as before).
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
+        listeners = bind(grpc_server, config)
     except (Exception, asyncio.CancelledError):
         await redis.aclose()
         if spans is not None:
             spans.shutdown()
         raise
     application = Application(
-        server,
+        grpc_server,
         listeners.port,
         redis,
         store,

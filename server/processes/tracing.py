@@ -1,15 +1,15 @@
 """Optional OpenTelemetry tracing of the gRPC server (SUBSIDY_TRACING, off by default).
 
 Off, nothing here is imported by the gateway: ``create_server`` imports this module only when
-the setting is on, and the error interceptor then makes no tracing call at all. On, each call
-gets one SERVER span, started and ended by the outermost interceptor (server/rpc/errors.py) in
-the wrapper that already records its metrics, rather than by opentelemetry-instrumentation-grpc's
-aio interceptor: that one would add a second wrapper and a proxy of the servicer context to
-every call, loses the status code of calls answered with ``abort_with_status`` (how every error
-here is answered: its context proxy only watches ``abort`` and ``set_code``), records the peer
-address, and records exceptions with their messages. Spans go through a BatchSpanProcessor
-(a bounded queue; export on its own thread, never on the event loop) to an OTLP/gRPC collector,
-or to stdout for development.
+the setting is on, and the call guard then makes no tracing call at all. On, each call gets one
+SERVER span, started and ended by the call guard wrapped around every handler
+(server/rpc/handlers.py) in the wrapper that already records its metrics, rather than by
+opentelemetry-instrumentation-grpc's aio interceptor: that one would add an interceptor and a
+proxy of the servicer context to every call, loses the status code of calls answered with
+``abort_with_status`` (how every error here is answered: its context proxy only watches
+``abort`` and ``set_code``), records the peer address, and records exceptions with their
+messages. Spans go through a BatchSpanProcessor (a bounded queue; export on its own thread,
+never on the event loop) to an OTLP/gRPC collector, or to stdout for development.
 
 A span carries only what says what happened: ``rpc.system``, ``rpc.service``, ``rpc.method``,
 ``rpc.grpc.status_code``, the ErrorInfo reason of a failed call (``subsidy.error_reason``) and
@@ -49,7 +49,7 @@ EXPORT_BATCH_SIZE_MAX = 512
 
 
 class CallSpans:
-    """What the error interceptor calls per call (its ``CallSpans`` protocol)."""
+    """What the call guard calls per call (server/rpc/errors.py's ``CallSpans`` protocol)."""
 
     def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider

@@ -1,8 +1,10 @@
 """Terminal authentication: every call to a subsidy.v1 service is signed by its terminal.
 
-The interceptor verifies the HMAC over the exact request bytes (see
-``subsidy_client.signing``), the timestamp window and the nonce's shape, then exposes the
-caller (terminal, merchant, nonce) to the handler through a context variable. The merchant
+``Authenticator``, called inside every subsidy.v1 handler (each wrapped once at registration:
+server/rpc/handlers.py), verifies the HMAC over the exact request bytes as received (see
+``subsidy_client.signing``; never a re-serialisation), the timestamp window and the nonce's
+shape; the wrapper then exposes the caller (terminal, merchant, nonce) to the handler through a
+context variable. The merchant
 comes from the credential record, never from the request. The nonce is recorded in Redis by
 the handler's own script (one round trip on the hot path), so a replayed call is refused.
 
@@ -17,16 +19,14 @@ import contextvars
 import hmac
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from subsidy_client import signing
 from subsidy_client.v1 import common_pb2
 
-from server.rpc.errors import ApiError, invalid_field
+from server.rpc.errors import ApiError
 from storage.redis.credentials import CredentialCache
 
 NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -91,10 +91,14 @@ async def claim_operator_nonce(credentials: CredentialCache, identity: Caller) -
     """Operator and provider calls record their nonce here (one Redis call, off the hot path);
     terminal and partner calls record it inside their own script or handler, in the same round
     trip as the call."""
-    if identity.role not in (OPERATOR, PROVIDER, GOVERNMENT, AUDITOR):
+    if identity.role not in _NONCE_HERE:
         return
     if not await credentials.claim_nonce(identity.terminal_id, identity.nonce):
         raise unauthenticated("nonce already used; sign every attempt with a fresh nonce")
+
+
+# The callers whose nonce claim_operator_nonce records (the others' is recorded by their handler).
+_NONCE_HERE = frozenset({OPERATOR, PROVIDER, GOVERNMENT, AUDITOR})
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -131,8 +135,11 @@ async def authenticate(
     return Caller(terminal_id=terminal_id, merchant_id=credential.merchant_id, nonce=nonce, role=credential.role)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every unary subsidy.v1 call over the raw request bytes."""
+class Authenticator:
+    """The per-call check of every subsidy.v1 method (server/rpc/handlers.py calls it inside the
+    handler it wrapped once at registration): the signature over the raw request bytes, the
+    connection's client certificate, the nonce of operator-side callers. Returns the caller;
+    raises UNAUTHENTICATED (an ApiError) before the handler runs anything."""
 
     def __init__(
         self,
@@ -144,101 +151,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._clock_skew_s = clock_skew_s
         self._check_peer = check_peer
 
-    async def _transport_check(self, identity: Caller, context: grpc.aio.ServicerContext) -> None:
-        """Once the signing credential is resolved: the connection's client certificate must fit
-        it (server.rpc.tls.ClientCertificatePolicy; raises UNAUTHENTICATED). Before the nonce is
-        claimed and before the handler runs, so a refused call executes nothing."""
+    async def __call__(self, method: str, body: bytes, context: grpc.aio.ServicerContext) -> Caller:
+        identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
         if self._check_peer is not None:
+            # Once the signing credential is resolved: the connection's client certificate must
+            # fit it (server.rpc.tls.ClientCertificatePolicy; raises UNAUTHENTICATED). Before the
+            # nonce is claimed and before the handler runs, so a refused call executes nothing.
             credential = await self._credentials.get(identity.terminal_id)
             required = credential is not None and credential.require_client_certificate
             self._check_peer(context, identity.terminal_id, required)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(PROTECTED_PREFIX):
-            return handler
-        if handler.stream_unary is not None:
-            return self._stream_unary(handler, method)
-        if handler.unary_stream is not None:
-            return self._unary_stream(handler, method)
-        if handler.unary_unary is None:
-            raise RuntimeError(f"{method}: only unary and client-streaming methods are authenticated")
-        behavior = handler.unary_unary
-        deserialize = handler.request_deserializer
-
-        def keep_bytes(body: bytes) -> tuple[bytes, Any]:
-            # The signature covers the bytes as sent, so keep them beside the parsed message.
-            # Bytes that do not parse become None and an INVALID_ARGUMENT below, not INTERNAL.
-            try:
-                return body, deserialize(body)
-            except DecodeError:
-                return body, None
-
-        async def authenticated(request: tuple[bytes, Any], context: grpc.aio.ServicerContext) -> Any:
-            body, message = request
-            identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
-            await self._transport_check(identity, context)
+        if identity.role in _NONCE_HERE:
             await claim_operator_nonce(self._credentials, identity)
-            current_caller.set(identity)
-            if message is None:
-                raise invalid_field("request", "is not a valid protobuf message for this method")
-            return await behavior(message, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            authenticated,
-            request_deserializer=keep_bytes,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _stream_unary(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """Client-streaming calls: the metadata is sent before any message, so the signature
-        covers the method, caller, time and nonce with the SHA-256 of empty bytes as the body;
-        the stream's content is protected by TLS, not by the signature."""
-        behavior = handler.stream_unary
-
-        async def authenticated(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            identity = await authenticate(self._credentials, self._clock_skew_s, method, b"", _metadata(context))
-            await self._transport_check(identity, context)
-            await claim_operator_nonce(self._credentials, identity)
-            current_caller.set(identity)
-            return await behavior(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            authenticated,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _unary_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """Server-streaming calls (a daily report's rows): one request, signed over its bytes
-        exactly as a unary call; the handler is an async generator of responses."""
-        behavior = handler.unary_stream
-        deserialize = handler.request_deserializer
-
-        def keep_bytes(body: bytes) -> tuple[bytes, Any]:
-            try:
-                return body, deserialize(body)
-            except DecodeError:
-                return body, None
-
-        async def authenticated(request: tuple[bytes, Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            body, message = request
-            identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
-            await self._transport_check(identity, context)
-            await claim_operator_nonce(self._credentials, identity)
-            current_caller.set(identity)
-            if message is None:
-                raise invalid_field("request", "is not a valid protobuf message for this method")
-            async for response in behavior(message, context):
-                yield response
-
-        return grpc.unary_stream_rpc_method_handler(
-            authenticated,
-            request_deserializer=keep_bytes,
-            response_serializer=handler.response_serializer,
-        )
+        return identity

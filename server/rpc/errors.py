@@ -1,5 +1,6 @@
 """Errors as google.rpc.Status with exactly one ErrorInfo (and, for an invalid field, a
-google.rpc.BadRequest), and the interceptor that maps every failure of a handler to one.
+google.rpc.BadRequest), and how every failure of a handler maps to one (the guard around each
+handler, server/rpc/handlers.py, answers with ``to_status(classify(exception))``).
 
 Three causes, three treatments: the caller's bad input (``ApiError`` with a precise code and
 reason, or the domain's ``InvalidField`` from a pure check, answered INVALID_ARGUMENT naming
@@ -10,11 +11,10 @@ incident id, never to the caller).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -25,7 +25,6 @@ from prometheus_client import Counter
 from subsidy_client.v1 import common_pb2
 
 from server.domain.errors import AlreadyExists, IdempotencyConflict, InvalidField, NotFound, TooManyLines
-from server.rpc.metrics import CallMetrics
 from storage.redis.store import UNAVAILABLE
 
 DOMAIN = "subsidy.gateway"
@@ -127,8 +126,6 @@ def classify(exception: BaseException) -> ApiError:
     )
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
 REJECTED_CALLS = Counter(
     "subsidy_rejected_calls",
     "Calls answered with an error status, by method, status code and reason (every one is counted)",
@@ -168,118 +165,10 @@ class RejectionLog:
 
 class CallSpans(Protocol):
     """Tracing of calls, when SUBSIDY_TRACING is on (server/processes/tracing.py builds one; the
-    interceptor gets None otherwise and makes no tracing call): ``start`` as the handler is
+    call guard (server/rpc/handlers.py) gets None otherwise and makes no tracing call): ``start`` as the handler is
     entered, ``end`` with the status code name, the ErrorInfo reason (empty when OK) and the
     response once the call is answered."""
 
     def start(self, method: str, context: grpc.aio.ServicerContext) -> Any: ...
 
     def end(self, span: Any, code: str, reason: str, response: Any) -> None: ...
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Outermost interceptor: no exception leaves a handler except as a rich status. It also
-    records each call's metrics (server/rpc/metrics.py) and, with tracing on, its span, so that
-    neither adds an interceptor of its own."""
-
-    def __init__(self, spans: CallSpans | None = None) -> None:
-        self._rejections = RejectionLog()
-        self._metrics: dict[str, CallMetrics] = {}
-        self._spans = spans
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is not None and handler.unary_stream is not None:
-            return self._guard_stream(handler, handler_call_details.method)
-        if handler is None or (handler.unary_unary is None and handler.stream_unary is None):
-            return handler
-        behavior: Behavior = handler.unary_unary or handler.stream_unary
-        method = handler_call_details.method
-        metrics = self._method_metrics(method)
-        spans = self._spans
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = metrics.started()
-            span = spans.start(method, context) if spans is not None else None
-            try:
-                response = await behavior(request, context)
-            except (Exception, asyncio.CancelledError) as exception:
-                await self._failed(exception, method, metrics, started, span, context)
-                raise
-            self._answered(metrics, started, span, "OK", "", response)
-            return response
-
-        make_handler = (
-            grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-        )
-        return make_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _guard_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """Server-streaming calls (an async generator of responses): a failure before or
-        between responses ends the stream with the same rich status as a unary call's."""
-        behavior = handler.unary_stream
-        metrics = self._method_metrics(method)
-        spans = self._spans
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = metrics.started()
-            span = spans.start(method, context) if spans is not None else None
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except (Exception, asyncio.CancelledError) as exception:
-                await self._failed(exception, method, metrics, started, span, context)
-                raise
-            self._answered(metrics, started, span, "OK", "", None)
-
-        return grpc.unary_stream_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _method_metrics(self, method: str) -> CallMetrics:
-        metrics = self._metrics.get(method)
-        if metrics is None:
-            metrics = self._metrics[method] = CallMetrics(method)
-        return metrics
-
-    def _answered(self, metrics: CallMetrics, started: float, span: Any, code: str, reason: str, response: Any) -> None:
-        metrics.done(started, code, response)
-        if span is not None:
-            assert self._spans is not None
-            self._spans.end(span, code, reason, response)
-
-    async def _failed(
-        self,
-        exception: BaseException,
-        method: str,
-        metrics: CallMetrics,
-        started: float,
-        span: Any,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        """A handler's failure, recorded; an exception becomes the rich status it maps to
-        (``abort_with_status`` raises AbortError). A handler's own abort and a cancellation
-        (the caller went away or its deadline passed: nothing to answer) return, and the
-        caller re-raises them."""
-        if isinstance(exception, grpc.aio.AbortError):
-            self._answered(metrics, started, span, "ABORTED_BY_HANDLER", "", None)
-            return
-        if isinstance(exception, asyncio.CancelledError):
-            self._answered(metrics, started, span, "CANCELLED", "", None)
-            log.info("call cancelled", extra={"method": method})
-            return
-        error = classify(exception)
-        self._answered(metrics, started, span, error.code.name, error.reason_name, None)
-        if error.code != grpc.StatusCode.INTERNAL:
-            self._rejections.rejected(method, error.code.name, error.reason_name)
-        await context.abort_with_status(to_status(error))

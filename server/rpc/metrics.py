@@ -2,9 +2,10 @@
 with several workers, prometheus_client's multiprocess mode gathers every worker's values in
 the parent: server/processes/gateway.py).
 
-Recorded by the outermost interceptor (server/rpc/errors.py) in the same wrapper that maps
-errors, so the instrumentation adds no interceptor of its own: a call costs one clock read
-before, one after, one counter and one histogram update (children looked up once per method).
+Recorded by the call guard wrapped around every handler (server/rpc/handlers.py), in the same
+wrapper that maps errors, so the instrumentation adds no wrapper of its own: a call costs one
+clock read before, one after, one counter and one histogram update (children looked up once per
+method, at registration).
 """
 
 from __future__ import annotations

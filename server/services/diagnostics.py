@@ -1,4 +1,4 @@
-"""DiagnosticsService.Echo: the transport floor on the same stack (interceptors, auth)."""
+"""DiagnosticsService.Echo: the transport floor on the same stack (call guard, auth)."""
 
 from __future__ import annotations
 
