@@ -38,6 +38,11 @@ class Config:
     redis_pool_size: int = 64
     # The CLIENT SETNAME of the gateway's Redis connections (CLIENT LIST tells them apart).
     redis_client_name: str = "subsidy-gateway"
+    # The client of the money path's script calls: lean (storage/redis/lean.py: one pipelined
+    # connection per process, at most SUBSIDY_REDIS_POOL_SIZE calls in flight) or redis-py (its
+    # pool of up to SUBSIDY_REDIS_POOL_SIZE connections). Everything else always uses redis-py;
+    # a rediss:// URL keeps redis-py for the scripts too (the lean path has no TLS).
+    redis_client: str = "lean"
     hold_ttl_s: int = 900
     idempotency_ttl_s: int = 86_400
     auth_clock_skew_s: int = 300
@@ -171,6 +176,8 @@ class Config:
             raise ConfigError("SUBSIDY_REDIS_PREFIX must be 1-40 characters of [A-Za-z0-9_.-]")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("SUBSIDY_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.redis_client not in ("lean", "redis-py"):
+            raise ConfigError(f"SUBSIDY_REDIS_CLIENT must be lean or redis-py, got {self.redis_client!r}")
         _positive("SUBSIDY_WRITER_BATCH_SIZE", self.writer_batch_size, 10_000)
         _positive("SUBSIDY_WRITER_BLOCK_MS", self.writer_block_ms, 60_000)
         _positive("SUBSIDY_WRITER_CLAIM_IDLE_MS", self.writer_claim_idle_ms, 3_600_000)

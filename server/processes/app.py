@@ -78,6 +78,7 @@ from storage.postgres.pool import LazyPool
 from storage.redis.budget import BudgetReader
 from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
+from storage.redis.lean import LeanRedis
 from storage.redis.migrations import migrate_issued_counts, migrate_serial_keys
 from storage.redis.scripts import Scripts
 from storage.redis.store import RedisStore, StoreLimits
@@ -146,6 +147,7 @@ class Application:
         if self.poller is not None:
             await self.poller.stop()
         await self.operator_pool.close()
+        await self.store.close_scripts()
         await self.redis.aclose()
         if self.spans is not None:
             await asyncio.to_thread(self.spans.shutdown)
@@ -178,9 +180,21 @@ async def create_server(config: Config) -> Application:
         client_name=config.redis_client_name,
     )
     redis = Redis(connection_pool=pool)
+    # The money path's script calls: the lean pipelined client unless SUBSIDY_REDIS_CLIENT
+    # says redis-py or the URL needs what it lacks (TLS): storage/redis/lean.py.
+    lean = (
+        LeanRedis.from_url(
+            config.redis_url,
+            client_name=config.redis_client_name,
+            timeout_s=config.redis_timeout_s,
+            max_in_flight=config.redis_pool_size,
+        )
+        if config.redis_client == "lean"
+        else None
+    )
     try:
         keys = Keys(config.redis_prefix)
-        scripts = Scripts(redis)
+        scripts = Scripts(redis, lean)
         await scripts.preload()
         await migrate_serial_keys(redis, keys)
         await migrate_issued_counts(redis, keys)
@@ -281,6 +295,8 @@ async def create_server(config: Config) -> Application:
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
         listeners = bind(grpc_server, config)
     except (Exception, asyncio.CancelledError):
+        if lean is not None:
+            await lean.aclose()
         await redis.aclose()
         if spans is not None:
             spans.shutdown()

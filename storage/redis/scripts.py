@@ -5,6 +5,11 @@ produces (``KEY``, ``ARG``, its enum constants), then the script's own file, so 
 need no cross-script calls and no script reads ``KEYS[i]`` or ``ARGV[i]`` itself. A call is
 one EVALSHA; on NOSCRIPT (after a Redis restart or SCRIPT FLUSH) it loads the script and
 retries, as redis-py's Script objects do, so callers never see the miss.
+
+With a ``LeanRedis`` (``storage/redis/lean.py``, ``SUBSIDY_REDIS_CLIENT=lean``) the calls go
+over its pipelined connection with the ``EVALSHA <sha>`` part of each command encoded once;
+without one (``redis-py``, or a URL the lean path does not support) through redis-py. The
+callers (``storage/redis/store.py``) see the same replies and the same exceptions either way.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from importlib import resources
 from itertools import chain
 from typing import Any, TypeVar
 
+import hiredis
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from storage.redis.contract import FAILURE, SCRIPTS, Answer, Reply, Script
+from storage.redis.lean import LeanRedis, command_prefix, encode, reply_error
 
 K = TypeVar("K", bound=tuple[Any, ...])
 A = TypeVar("A", bound=tuple[Any, ...])
@@ -33,11 +40,23 @@ def script_source(script: Script[Any, Any, Any]) -> str:
 
 
 class Scripts:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, lean: LeanRedis | None = None) -> None:
         self._redis = redis
+        self._lean = lean
         self._scripts: dict[str, AsyncScript] = {
             script.name: redis.register_script(script_source(script)) for script in SCRIPTS
         }
+        # The lean path's constant parts, encoded once: "EVALSHA <sha>" and "SCRIPT LOAD <source>".
+        self._evalsha = {name: command_prefix("EVALSHA", loaded.sha) for name, loaded in self._scripts.items()}
+        self._load = {name: encode(b"", 0, ("SCRIPT", "LOAD", loaded.script)) for name, loaded in self._scripts.items()}
+
+    @property
+    def lean(self) -> LeanRedis | None:
+        return self._lean
+
+    async def aclose(self) -> None:
+        if self._lean is not None:
+            await self._lean.aclose()
 
     async def preload(self) -> None:
         """SCRIPT LOAD every script now, so the first call of each is one EVALSHA."""
@@ -63,12 +82,35 @@ class Scripts:
             key_tail = list(chain.from_iterable(key_tail))
         if script.arg_width > 1:
             arg_tail = list(chain.from_iterable(arg_tail))
-        try:
-            kind, body = await self._redis.evalsha(loaded.sha, key_count, *keys, *key_tail, *args, *arg_tail)
-        except NoScriptError:
-            # Redis restarted or flushed its scripts (as redis-py's Script objects do).
-            loaded.sha = await self._redis.script_load(loaded.script)
-            kind, body = await self._redis.evalsha(loaded.sha, key_count, *keys, *key_tail, *args, *arg_tail)
+        if self._lean is not None:
+            kind, body = await self._lean_call(script.name, (key_count, *keys, *key_tail, *args, *arg_tail))
+        else:
+            kind, body = await self._redis_py_call(loaded, (key_count, *keys, *key_tail, *args, *arg_tail))
         if kind == b"error":
             return FAILURE.decode(body)
         return Answer(script.decoder.decode(body), kind == b"replay")
+
+    async def _redis_py_call(self, loaded: AsyncScript, arguments: tuple[Any, ...]) -> Any:
+        try:
+            return await self._redis.evalsha(loaded.sha, *arguments)
+        except NoScriptError:
+            # Redis restarted or flushed its scripts (as redis-py's Script objects do).
+            loaded.sha = await self._redis.script_load(loaded.script)
+            return await self._redis.evalsha(loaded.sha, *arguments)
+
+    async def _lean_call(self, name: str, arguments: tuple[Any, ...]) -> Any:
+        assert self._lean is not None
+        command = encode(self._evalsha[name], 2, arguments)
+        reply = await self._lean.call(command)
+        if isinstance(reply, hiredis.ReplyError):
+            error = reply_error(reply)
+            if not isinstance(error, NoScriptError):
+                raise error
+            # Redis restarted or flushed its scripts: load it (same source, same SHA), retry once.
+            loaded = await self._lean.call(self._load[name])
+            if isinstance(loaded, hiredis.ReplyError):
+                raise reply_error(loaded)
+            reply = await self._lean.call(command)
+            if isinstance(reply, hiredis.ReplyError):
+                raise reply_error(reply)
+        return reply
