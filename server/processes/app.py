@@ -124,6 +124,8 @@ class Application:
     spans: CallSpans | None = None
     # The live supervision poller (runs only while WatchFunds streams are open).
     poller: FundsPoller | None = None
+    # The money path's lean Redis client (None with SUBSIDY_REDIS_CLIENT=redis-py or TLS).
+    lean: LeanRedis | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -147,7 +149,8 @@ class Application:
         if self.poller is not None:
             await self.poller.stop()
         await self.operator_pool.close()
-        await self.store.close_scripts()
+        if self.lean is not None:
+            await self.lean.aclose()
         await self.redis.aclose()
         if self.spans is not None:
             await asyncio.to_thread(self.spans.shutdown)
@@ -313,6 +316,7 @@ async def create_server(config: Config) -> Application:
         certificates=listeners.reloader,
         spans=spans,
         poller=poller,
+        lean=lean,
     )
     application.tasks.append(asyncio.create_task(run_sweeper(store, config, application.stopping)))
     application.tasks.append(

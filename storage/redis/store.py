@@ -158,10 +158,6 @@ class RedisStore:
         self._scripts = scripts
         self._limits = limits
 
-    async def close_scripts(self) -> None:
-        """Closes the lean script client, if any (redis-py's pool is closed with ``redis``)."""
-        await self._scripts.aclose()
-
     @property
     def nonce_ttl_s(self) -> int:
         return self._limits.nonce_ttl_s

@@ -383,8 +383,7 @@ async def test_the_gateway_uses_the_configured_client(environment: Environment, 
     """SUBSIDY_REDIS_CLIENT picks the money path's client; with either, Authorize approves, a
     flushed script cache is reloaded."""
     async with running_gateway(environment.config(redis_client=redis_client)) as gateway:
-        scripts = gateway.store._scripts
-        assert (scripts.lean is not None) == (redis_client == "lean")
+        assert (gateway.lean is not None) == (redis_client == "lean")
         async with AuthorizationClient(
             f"127.0.0.1:{gateway.port}", "t-main-01", environment.credentials["t-main-01"]
         ) as client:
@@ -398,5 +397,5 @@ async def test_the_gateway_uses_the_configured_client(environment: Environment, 
                 lines=[Line("1", "6970000000017", 300_000, f"LEAN{secrets.token_hex(4)}")],
             )
             assert second.decision == pb.DECISION_APPROVED
-        if scripts.lean is not None:
-            assert scripts.lean.connections == 1
+        if gateway.lean is not None:
+            assert gateway.lean.connections == 1
