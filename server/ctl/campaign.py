@@ -85,6 +85,20 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
             )
             for rule in campaign.rules
         ],
+        packs=[
+            pb.VoucherPack(
+                pack_id=pack.pack_id,
+                vouchers=[
+                    pb.PackVoucher(category=v.category, threshold_fen=v.threshold_fen, off_fen=v.off_fen)
+                    for v in pack.vouchers
+                ],
+                quota=pack.quota,
+                tranches=[
+                    pb.QualificationTranche(release_at=_stamp(moment), count=count) for moment, count in pack.tranches
+                ],
+            )
+            for pack in campaign.packs
+        ],
     )
 
 

@@ -55,6 +55,33 @@ class Rule:
     qualification_tranches: Sequence[tuple[datetime, int]] = ()
 
 
+# Voucher packs (issue 13, item 5): at most this many packs per campaign and vouchers per pack.
+# Hangzhou's packs hold 3 to 5 vouchers; the bound keeps one claim's script call small.
+PACKS_MAX = 20
+PACK_VOUCHERS_MAX = 10
+
+
+@dataclass(frozen=True)
+class PackVoucher:
+    """One voucher of a pack: off_fen off a payment of the category of at least threshold_fen,
+    in place of the category rule's amounts (the rule must be FIXED)."""
+
+    category: str
+    threshold_fen: int
+    off_fen: int
+
+
+@dataclass(frozen=True)
+class VoucherPack:
+    """Vouchers claimed together, atomically, against a quota counting packs."""
+
+    pack_id: str
+    vouchers: Sequence[PackVoucher]
+    quota: int
+    # (release time, count of packs) pairs; empty: the whole quota at the campaign's start.
+    tranches: Sequence[tuple[datetime, int]] = ()
+
+
 @dataclass(frozen=True)
 class Campaign:
     campaign_id: str
@@ -66,6 +93,7 @@ class Campaign:
     region: Mapping[str, Any] | None = None
     qualification_validity_s: int = 0
     refund_policy: str = "COUNT_AS_USED"
+    packs: Sequence[VoucherPack] = ()
     location_max_accuracy_m: int = 100
     location_max_age_s: int = 300
     # Redemption only at stores inside the region (STORE_OUTSIDE_REGION); needs a region.
@@ -324,7 +352,68 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
         location_max_accuracy_m=_integer(record, "location_max_accuracy_m", path, 1, 100_000, 100),
         location_max_age_s=_integer(record, "location_max_age_s", path, 1, 86_400, 300),
     )
-    return _with_redemption_rules(campaign, record, path)
+    return _with_packs(_with_redemption_rules(campaign, record, path), record, path)
+
+
+def _with_packs(campaign: Campaign, record: Mapping[str, Any], path: str) -> Campaign:
+    """The campaign's voucher packs, each refused naming its field when it cannot work: a
+    campaign that issues no qualifications, an empty or oversized pack, a category without a
+    FIXED rule, thresholds not strictly increasing, more vouchers of a category over all packs
+    than its rule's per_person_limit lets one person redeem."""
+    raw = record.get("packs") or []
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise ReferenceError(f"{path}.packs", "must be a list")
+    if not raw:
+        return campaign
+    if not campaign.issues_qualifications:
+        raise ReferenceError(f"{path}.packs", "the campaign issues no qualifications (qualification_validity_s is 0)")
+    if len(raw) > PACKS_MAX:
+        raise ReferenceError(f"{path}.packs", f"at most {PACKS_MAX} packs")
+    rules = {rule.category: rule for rule in campaign.rules}
+    packs = []
+    per_category: dict[str, int] = {}
+    for index, item in enumerate(raw):
+        pack_path = f"{path}.packs[{index}]"
+        if not isinstance(item, Mapping):
+            raise ReferenceError(pack_path, "must have pack_id, vouchers and quota")
+        pack_id = _pattern(item, "pack_id", pack_path, IDENTIFIER)
+        raw_vouchers = item.get("vouchers") or []
+        if not isinstance(raw_vouchers, Sequence) or isinstance(raw_vouchers, str):
+            raise ReferenceError(f"{pack_path}.vouchers", "must be a list")
+        if not 1 <= len(raw_vouchers) <= PACK_VOUCHERS_MAX:
+            raise ReferenceError(f"{pack_path}.vouchers", f"must hold 1 to {PACK_VOUCHERS_MAX} vouchers")
+        vouchers: list[PackVoucher] = []
+        for number, voucher in enumerate(raw_vouchers):
+            voucher_path = f"{pack_path}.vouchers[{number}]"
+            if not isinstance(voucher, Mapping):
+                raise ReferenceError(voucher_path, "must have category, threshold_fen and off_fen")
+            category = _pattern(voucher, "category", voucher_path, CATEGORY)
+            rule = rules.get(category)
+            if rule is None or rule.kind != "FIXED":
+                raise ReferenceError(f"{voucher_path}.category", "the campaign has no FIXED rule for this category")
+            threshold_fen = _integer(voucher, "threshold_fen", voucher_path, 1, PRICE_FEN_MAX)
+            off_fen = _integer(voucher, "off_fen", voucher_path, 1, PRICE_FEN_MAX)
+            if off_fen > threshold_fen:
+                raise ReferenceError(f"{voucher_path}.off_fen", "must not exceed threshold_fen")
+            if vouchers and threshold_fen <= vouchers[-1].threshold_fen:
+                raise ReferenceError(f"{voucher_path}.threshold_fen", "thresholds must be strictly increasing")
+            vouchers.append(PackVoucher(category, threshold_fen, off_fen))
+            per_category[category] = per_category.get(category, 0) + 1
+            if per_category[category] > rule.per_person_limit:
+                raise ReferenceError(
+                    f"{voucher_path}.category",
+                    f"the packs hold more vouchers of this category than its per_person_limit"
+                    f" ({rule.per_person_limit}) lets one person redeem",
+                )
+        quota = _integer(item, "quota", pack_path, 1, QUOTA_MAX)
+        tranches = _parse_tranches(item.get("tranches") or [], f"{pack_path}.tranches", "count")
+        if sum(count for _, count in tranches) > quota:
+            raise ReferenceError(f"{pack_path}.tranches", "the tranches add up to more than the quota")
+        packs.append(VoucherPack(pack_id, tuple(vouchers), quota, tranches))
+    ids = [pack.pack_id for pack in packs]
+    if len(set(ids)) != len(ids):
+        raise ReferenceError(f"{path}.packs", "each pack_id may appear once")
+    return replace(campaign, packs=tuple(packs))
 
 
 def _with_redemption_rules(campaign: Campaign, record: Mapping[str, Any], path: str) -> Campaign:

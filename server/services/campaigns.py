@@ -110,6 +110,7 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
         "region": message.region_geojson or None,
         "region_coordinate_system": _region_system(message.region_coordinate_system).value,
         "rules": rules,
+        "packs": pack_documents(message),
         "qualification_validity_s": message.qualification_validity_s,
         "refund_policy": _enum(message.refund_policy, POLICIES, "campaign.refund_policy", default="COUNT_AS_USED"),
     }
@@ -126,6 +127,31 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
     if message.HasField("per_merchant_daily_limit"):
         document["per_merchant_daily_limit"] = message.per_merchant_daily_limit
     return document
+
+
+def pack_documents(message: campaign_pb2.Campaign) -> list[dict[str, Any]]:
+    """The message's voucher packs as reference-file records, validated by parse_campaign."""
+    return [
+        {
+            "pack_id": pack.pack_id,
+            "vouchers": [
+                {"category": v.category, "threshold_fen": v.threshold_fen, "off_fen": v.off_fen} for v in pack.vouchers
+            ],
+            "quota": pack.quota,
+            "tranches": [
+                {
+                    "release_at": _time(
+                        tranche.release_at,
+                        tranche.HasField("release_at"),
+                        f"campaign.packs[{index}].tranches[{number}].release_at",
+                    ),
+                    "count": tranche.count,
+                }
+                for number, tranche in enumerate(pack.tranches)
+            ],
+        }
+        for index, pack in enumerate(message.packs)
+    ]
 
 
 def parse_request_campaign(message: campaign_pb2.Campaign) -> Campaign:
@@ -193,7 +219,29 @@ def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Camp
             )
             for rule in rules
         ],
+        packs=pack_messages(orjson.loads(row["voucher_packs"])),
     )
+
+
+def pack_messages(packs: list[dict[str, Any]]) -> list[campaign_pb2.VoucherPack]:
+    """The stored voucher packs (storage/postgres/reference.py's pack_documents) as messages."""
+    return [
+        pb.VoucherPack(
+            pack_id=pack["pack_id"],
+            vouchers=[
+                pb.PackVoucher(category=v["category"], threshold_fen=v["threshold_fen"], off_fen=v["off_fen"])
+                for v in pack["vouchers"]
+            ],
+            quota=pack["quota"],
+            tranches=[
+                pb.QualificationTranche(
+                    release_at=_stamp(datetime.fromisoformat(tranche["release_at"])), count=tranche["count"]
+                )
+                for tranche in pack["tranches"]
+            ],
+        )
+        for pack in packs
+    ]
 
 
 class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):

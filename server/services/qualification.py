@@ -20,7 +20,7 @@ import grpc
 from subsidy_client.v1 import common_pb2, qualification_pb2, qualification_pb2_grpc
 
 from server.domain import identity, location, sealing, validation
-from server.domain.reference import CATEGORY, IDENTIFIER
+from server.domain.reference import CATEGORY, IDENTIFIER, PACK_VOUCHERS_MAX
 from server.rpc.auth import PARTNER, caller
 from server.rpc.errors import ApiError, invalid_field
 from server.services.common import (
@@ -31,7 +31,7 @@ from server.services.common import (
     raise_script_error,
     timestamp_ms,
 )
-from storage.redis.contract import ClaimDeclined, Failure, QualificationView
+from storage.redis.contract import ClaimDeclined, Failure, QualificationView, VoucherArgs
 from storage.redis.store import CancelInput, ClaimInput, RedisStore
 
 pb = qualification_pb2
@@ -74,6 +74,9 @@ def qualification_message(
         masked_id_number=masked_id_number,
         masked_phone_number=masked_phone_number,
         location_cell=view.location_cell,
+        pack_id=view.pack_id,
+        threshold_fen=view.threshold_fen,
+        off_fen=view.off_fen,
     )
 
 
@@ -131,7 +134,13 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         request.request_id = validation.check_request_id(request.request_id)
         if not IDENTIFIER.match(request.campaign_id):
             raise invalid_field("campaign_id", "must be 1-64 characters of [A-Za-z0-9_.-]")
-        if not CATEGORY.match(request.category):
+        if request.pack_id:
+            # A pack claim names the pack; its vouchers name their categories.
+            if not IDENTIFIER.match(request.pack_id):
+                raise invalid_field("pack_id", "must be 1-64 characters of [A-Za-z0-9_.-]")
+            if request.category:
+                raise invalid_field("category", "must be empty when pack_id is set (one of the two)")
+        elif not CATEGORY.match(request.category):
             raise invalid_field("category", "must be 1-32 characters of [a-z0-9_]")
         consumer = self._consumer(request.consumer, "consumer")
         device = request.device_location
@@ -151,6 +160,19 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         scrubbed.consumer.id_number = consumer.key
         scrubbed.consumer.phone_number = consumer.phone_digest
         code = validation.new_redemption_code()
+        # A pack claim: a candidate code per voucher the largest pack may hold, each with the
+        # masks sealed for it; the script issues as many as the pack has (PACK_VOUCHERS_MAX
+        # rather than the pack's size, which only the script reads: no extra round trip).
+        vouchers = [
+            VoucherArgs(
+                code=candidate,
+                masked_id_number=self._seal(consumer.masked_id_number, "masked_id", candidate, consumer.key),
+                masked_phone_number=self._seal(consumer.masked_phone_number, "masked_phone", candidate, consumer.key),
+            )
+            for candidate in (
+                validation.new_redemption_code() for _ in range(PACK_VOUCHERS_MAX if request.pack_id else 0)
+            )
+        ]
         reply = await self._store.claim(
             ClaimInput(
                 payload_hash=payload_hash("ClaimQualification", scrubbed),
@@ -165,11 +187,19 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 masked_id_number=self._seal(consumer.masked_id_number, "masked_id", code, consumer.key),
                 masked_phone_number=self._seal(consumer.masked_phone_number, "masked_phone", code, consumer.key),
                 location_cell=location.coarse_cell(point),
+                pack_id=request.pack_id,
+                vouchers=vouchers,
             )
         )
         if isinstance(reply, Failure):
+            if reply.error == "UNKNOWN_PACK":
+                raise invalid_field("pack_id", "the campaign has no such pack")
+            if reply.error == "UNKNOWN_CATEGORY" and request.pack_id:
+                raise invalid_field("pack_id", "the pack names a category the campaign has no rule for")
             if reply.error == "UNKNOWN_CATEGORY":
                 raise invalid_field("category", "the campaign has no rule for this category")
+            if reply.error == "CATEGORY_IN_PACK":
+                raise invalid_field("category", "the campaign issues this category in packs: claim one with pack_id")
             raise_script_error(reply)
         body = reply.body
         replayed = reply.replayed
@@ -191,13 +221,17 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 decline_reason=pb.ClaimDeclineReason.ValueType(body.reason),
                 replayed=replayed,
             )
+        # The numbers of this request are the claim's (the payload hash covers their keyed
+        # digests), so its masks answer for a replay too, with or without a local data key. An
+        # answer stored before packs has no list: its one qualification.
+        issued = [
+            qualification_message(view, consumer.masked_id_number, consumer.masked_phone_number)
+            for view in (body.qualifications or [body.qualification])
+        ]
         return pb.ClaimQualificationResponse(
             decision=pb.CLAIM_DECISION_ISSUED,
-            # The numbers of this request are the claim's (the payload hash covers their keyed
-            # digests), so its masks answer for a replay too, with or without a local data key.
-            qualification=qualification_message(
-                body.qualification, consumer.masked_id_number, consumer.masked_phone_number
-            ),
+            qualification=issued[0],
+            qualifications=issued,
             replayed=replayed,
         )
 

@@ -45,8 +45,9 @@ OUT_OF_POOL = ("ISSUED", "RESERVED", "REDEEMED")
 UPSERT = """
 INSERT INTO qualifications (redemption_code, state, campaign_id, category, consumer_key, partner_id,
     issued_at, expires_at, updated_at, authorization_id, refund_policy, masked_id_number,
-    masked_phone_number, location_cell, request_id, last_event_ms, last_event_seq)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    masked_phone_number, location_cell, request_id, last_event_ms, last_event_seq, pack_id, threshold_fen,
+    off_fen)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
 ON CONFLICT (redemption_code) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at,
     authorization_id = excluded.authorization_id, last_event_ms = excluded.last_event_ms,
     last_event_seq = excluded.last_event_seq
@@ -81,6 +82,10 @@ def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
         payload.get("request_id", ""),
         int(milliseconds),
         int(sequence),
+        # A pack's voucher: its pack and its own amounts (migration 0018).
+        payload.get("pack", ""),
+        int(payload.get("threshold_fen", 0)),
+        int(payload.get("off_fen", 0)),
     )
 
 
@@ -214,6 +219,21 @@ async def mirror_backlog(redis: Redis, keys: Keys) -> tuple[int, int]:
     return await redis.xlen(keys.qualification_events), await redis.xlen(keys.qualification_events + ":dead")
 
 
+def _pack_counters(pack_claims: Counter[tuple[str, str, str, str, str]]) -> Counter[tuple[str, str, str, str]]:
+    """The packs' counters from their claims' vouchers still out: per campaign and pack,
+    "claimed" (claims holding the pack: the quota's count, consumer ""); per consumer and pack,
+    "" (held), ":issued" (claimed this round, whatever became of it) and ":live" (the held
+    claim's vouchers still out)."""
+    counters: Counter[tuple[str, str, str, str]] = Counter()
+    for (campaign_id, consumer_key, pack_id, _, _), out in pack_claims.items():
+        counters[(campaign_id, consumer_key, pack_id, ":issued")] += 1
+        if out:
+            counters[(campaign_id, "", pack_id, "claimed")] += 1
+            counters[(campaign_id, consumer_key, pack_id, "")] += 1
+            counters[(campaign_id, consumer_key, pack_id, ":live")] += out
+    return counters
+
+
 async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> int:
     """Rewrites every qualification key of Redis from the mirrored rows; returns how many
     qualifications it restored. Part of ``rebuild`` (run with the streams drained)."""
@@ -225,6 +245,10 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
     held: Counter[tuple[str, str, str]] = Counter()
     # Every qualification ever issued to a person, whatever its state: claim once per round.
     issued: Counter[tuple[str, str, str]] = Counter()
+    # Pack vouchers count against their pack, not their category (return_qualification in
+    # _lib.lua): per claim of a pack (campaign, consumer, pack, partner, request id), how many
+    # of its vouchers are still out of the pool; the claim holds the pack while any is.
+    pack_claims: Counter[tuple[str, str, str, str, str]] = Counter()
     # Which qualification each payment redeemed, from the ledger (the mirror keeps only each
     # qualification's latest holder): voided and refunded payments keep showing their code.
     links = await connection.fetch(
@@ -260,18 +284,34 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
                 },
             )
             pipe.zadd(keys.consumer_qualifications(row["consumer_key"]), {code: to_ms(row["issued_at"])})
-            issued[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
+            if row["pack_id"]:
+                pipe.hset(
+                    keys.qualification(code),
+                    mapping={"pack": row["pack_id"], "threshold_fen": row["threshold_fen"], "off_fen": row["off_fen"]},
+                )
+                claim = (row["campaign_id"], row["consumer_key"], row["pack_id"], row["partner_id"], row["request_id"])
+                pack_claims[claim] += row["state"] in OUT_OF_POOL
+            else:
+                issued[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
+            if row["state"] == "ISSUED":
+                pipe.zadd(keys.qualification_expiry, {code: to_ms(row["expires_at"])})
+            if row["pack_id"]:
+                continue
             if row["state"] in OUT_OF_POOL:
                 claimed[(row["campaign_id"], row["category"])] += 1
                 held[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
-            if row["state"] == "ISSUED":
-                pipe.zadd(keys.qualification_expiry, {code: to_ms(row["expires_at"])})
         for (campaign_id, category), count in claimed.items():
             pipe.hset(keys.qualification_quota(campaign_id), f"{category}:claimed", count)
         for (campaign_id, consumer_key, category), count in held.items():
             pipe.hset(keys.qualification_holder(campaign_id, consumer_key), category, count)
         for (campaign_id, consumer_key, category), count in issued.items():
             pipe.hset(keys.qualification_holder(campaign_id, consumer_key), f"{category}:issued", count)
+        for (campaign_id, consumer_key, pack_id, field), count in _pack_counters(pack_claims).items():
+            if field == "claimed":
+                pipe.hset(keys.qualification_quota(campaign_id), f"pack:{pack_id}:claimed", count)
+            else:
+                holder = keys.qualification_holder(campaign_id, consumer_key)
+                pipe.hset(holder, f"pack:{pack_id}{field}", count)
         await pipe.execute()
     newest = await connection.fetchrow(
         "SELECT last_event_ms, last_event_seq FROM qualifications ORDER BY last_event_ms DESC, last_event_seq DESC"

@@ -97,6 +97,28 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
             for rule in campaign.rules
         ],
     )
+    # Voucher packs (migration 0018), kept in the document form parse_campaign reads.
+    await connection.execute(
+        "UPDATE campaigns SET voucher_packs = $2::jsonb WHERE campaign_id = $1",
+        campaign.campaign_id,
+        orjson.dumps(pack_documents(campaign)).decode(),
+    )
+
+
+def pack_documents(campaign: Campaign) -> list[dict[str, Any]]:
+    """A campaign's voucher packs as reference-file records (examples/campaigns/*.yaml)."""
+    return [
+        {
+            "pack_id": pack.pack_id,
+            "vouchers": [
+                {"category": voucher.category, "threshold_fen": voucher.threshold_fen, "off_fen": voucher.off_fen}
+                for voucher in pack.vouchers
+            ],
+            "quota": pack.quota,
+            "tranches": [{"release_at": moment.isoformat(), "count": count} for moment, count in pack.tranches],
+        }
+        for pack in campaign.packs
+    ]
 
 
 async def fetch_campaign(connection: asyncpg.Connection, campaign_id: str) -> tuple[Any, list[dict[str, Any]]] | None:
@@ -234,6 +256,8 @@ class ReferenceSnapshot:
     # Campaigns with redeem_in_region_only (id, region text) and the stores to place in them.
     bound_campaigns: list[dict[str, Any]] = field(default_factory=list)
     stores: list[dict[str, Any]] = field(default_factory=list)
+    # Each published campaign's voucher packs (pack_documents' form).
+    packs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 async def fetch_reference(
@@ -275,6 +299,7 @@ async def fetch_reference(
             None if campaign_ids is None or campaign_ids else merchant_ids,
         )
         rules = await rows("SELECT * FROM campaign_rules", "campaign_id", campaign_ids)
+        packs = await rows("SELECT campaign_id, voucher_packs FROM campaigns", "campaign_id", campaign_ids)
         products = await rows("SELECT * FROM products", "gtin", gtins)
         merchants = await rows("SELECT merchant_id, status, categories FROM merchants", "merchant_id", merchant_ids)
         terminals = await rows(
@@ -298,4 +323,5 @@ async def fetch_reference(
         partners=[dict(row) for row in partners],
         bound_campaigns=[dict(row) for row in bound_campaigns],
         stores=[dict(row) for row in stores],
+        packs={row["campaign_id"]: orjson.loads(row["voucher_packs"]) for row in packs},
     )

@@ -88,6 +88,10 @@ class QualificationView(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     masked_id: str = ""
     masked_phone: str = ""
     location_cell: str = msgspec.field(name="cell", default="")
+    # A pack's voucher: its pack and its own amounts ("" and 0 for one claimed by category).
+    pack_id: str = msgspec.field(name="pack", default="")
+    threshold_fen: int = 0
+    off_fen: int = 0
 
 
 class Approved(msgspec.Struct, frozen=True, gc=False, tag_field="decision", tag="APPROVED"):
@@ -119,6 +123,9 @@ class Expiry(msgspec.Struct, frozen=True, gc=False):
 
 class Issued(msgspec.Struct, frozen=True, gc=False, tag_field="decision", tag="ISSUED"):
     qualification: QualificationView
+    # Every qualification issued: a pack's vouchers in its order (absent from answers stored
+    # before packs: the one qualification).
+    qualifications: list[QualificationView] = []
 
 
 class ClaimDeclined(msgspec.Struct, frozen=True, gc=False, tag_field="decision", tag="DECLINED"):
@@ -410,6 +417,18 @@ class ClaimArgs(NamedTuple):
     masked_id_number: str
     masked_phone_number: str
     location_cell: str  # the coarse cell kept with the qualification
+    # A pack claim: the campaign's pack to issue whole ("" for a claim by category, which
+    # issues redemption_code into KEY.qualification); its vouchers take the first codes of
+    # the VOUCHERS tails, one per voucher in the pack's order (the rest are never written).
+    pack_id: str
+
+
+class VoucherArgs(NamedTuple):
+    """One code a pack claim may issue (ARG.vouchers[i]; its hash is KEY.vouchers[i])."""
+
+    code: str
+    masked_id_number: str  # sealed for this code, as ClaimArgs' masks
+    masked_phone_number: str
 
 
 class CancelKeys(NamedTuple):
@@ -592,7 +611,15 @@ REFUND: Script[LifecycleKeys, ChannelLifecycleArgs, Refunded] = Script(
 )
 EXPIRE_HOLD: Script[HoldKeys, NoArgs, Expiry] = Script("expire_hold", HoldKeys, NoArgs, Expiry, key_tail=SERIALS)
 CLAIM: Script[ClaimKeys, ClaimArgs, ClaimAnswer] = Script(
-    "claim_qualification", ClaimKeys, ClaimArgs, ClaimAnswer, enums=CLAIM_DECLINE_REASONS
+    "claim_qualification",
+    ClaimKeys,
+    ClaimArgs,
+    ClaimAnswer,
+    # A pack claim's candidate codes: their qualification hashes and their codes and masks
+    # (empty for a claim by category).
+    key_tail=Tail("vouchers", str),
+    arg_tail=Tail("vouchers", VoucherArgs),
+    enums=CLAIM_DECLINE_REASONS,
 )
 CANCEL: Script[CancelKeys, CancelArgs, Cancelled] = Script("cancel_qualification", CancelKeys, CancelArgs, Cancelled)
 EXPIRE_QUALIFICATION: Script[QualificationKeys, ExpireQualificationArgs, Expiry] = Script(

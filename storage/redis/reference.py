@@ -69,6 +69,24 @@ def tranche_schedule(raw: Any, amount_key: str = "amount_fen") -> list[list[int]
     return [list(step) for step in budget.schedule(timed)]
 
 
+def pack_json(packs: list[dict[str, Any]]) -> bytes:
+    """A campaign's packs as claim_qualification.lua reads them: pack id -> {v: the vouchers as
+    [category, threshold_fen, off_fen] in the pack's order, q: the quota of packs, qt: its
+    tranches as [release ms, cumulative count] (released in _lib.lua)}."""
+    return orjson.dumps(
+        {
+            pack["pack_id"]: {
+                "v": [
+                    [voucher["category"], voucher["threshold_fen"], voucher["off_fen"]] for voucher in pack["vouchers"]
+                ],
+                "q": pack["quota"],
+                "qt": tranche_schedule(pack.get("tranches") or [], "count"),
+            }
+            for pack in packs
+        }
+    )
+
+
 def _place_stores(pipe: Any, keys: Keys, snapshot: ReferenceSnapshot) -> None:
     """Region-bound redemption, precomputed: each campaign with redeem_in_region_only gets the
     set of stores inside its region. A published campaign's set is replaced whole (its region
@@ -127,6 +145,10 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                 pipe.hset(keys.rules(campaign_id), mapping=rules_by_campaign[campaign_id])
         for row in snapshot.rules:
             pipe.hset(keys.budget(row["campaign_id"]), f"{row['category']}:total", row["budget_fen"])
+        # Voucher packs, read by claim_qualification.lua; replaced whole ("{}": none).
+        for campaign in snapshot.campaigns:
+            campaign_id = campaign["campaign_id"]
+            pipe.hset(keys.campaign(campaign_id), "packs", pack_json(snapshot.packs.get(campaign_id, [])))
         for merchant in snapshot.merchants:
             scope = "," + ",".join(merchant["categories"]) + "," if merchant["categories"] else ""
             pipe.hset(

@@ -54,6 +54,7 @@ from storage.redis.contract import (
     Refunded,
     Reply,
     Settled,
+    VoucherArgs,
 )
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
@@ -115,6 +116,10 @@ class ClaimInput:
     masked_id_number: str
     masked_phone_number: str
     location_cell: str
+    # A pack claim: the pack, and as many candidate codes with their sealed masks as the largest
+    # pack may hold (the script issues the first ones); category and redemption_code unused.
+    pack_id: str = ""
+    vouchers: Sequence[VoucherArgs] = ()
 
 
 @dataclass(frozen=True)
@@ -423,7 +428,10 @@ class RedisStore:
                 masked_id_number=request.masked_id_number,
                 masked_phone_number=request.masked_phone_number,
                 location_cell=request.location_cell,
+                pack_id=request.pack_id,
             ),
+            key_tail=[keys.qualification(voucher.code) for voucher in request.vouchers],
+            arg_tail=request.vouchers,
         )
 
     async def cancel_qualification(self, request: CancelInput) -> Reply[Cancelled]:
@@ -538,6 +546,9 @@ def qualification_view(fields: dict[str, str]) -> QualificationView:
         masked_id=fields.get("masked_id", ""),
         masked_phone=fields.get("masked_phone", ""),
         location_cell=fields.get("cell", ""),
+        pack_id=fields.get("pack", ""),
+        threshold_fen=int(fields.get("threshold_fen", "0")),
+        off_fen=int(fields.get("off_fen", "0")),
     )
 
 

@@ -104,6 +104,8 @@ class ClaimJob:
     channels: int
     # Retries (same request_id) of UNAVAILABLE answers: a burst can outlast the Redis pool wait.
     max_attempts: int = 8
+    # A pack claim (category ""): the pack's id.
+    pack_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class ClaimOutcome:
     redemption_code: str
     consumer_key: str
     error: str
+    # Every code the claim issued (a pack's vouchers), with each one's pack, consumer and expiry.
+    vouchers: tuple[tuple[str, str, str, int], ...] = ()
 
 
 async def _run_claims(job: ClaimJob) -> list[ClaimOutcome]:
@@ -149,6 +153,7 @@ async def _run_claims(job: ClaimJob) -> list[ClaimOutcome]:
                 location=location,
                 fix_time_ms=job.fix_time_ms,
                 request_id=request_id,
+                pack_id=job.pack_id,
             )
         except SubsidyError as error:
             return ClaimOutcome(request_id, id_number, "ERROR", "", "", "", f"{error.code.name} {error.message}")
@@ -160,6 +165,10 @@ async def _run_claims(job: ClaimJob) -> list[ClaimOutcome]:
             response.qualification.redemption_code,
             response.qualification.consumer_key,
             "",
+            tuple(
+                (q.redemption_code, q.pack_id, q.consumer_key, q.expires_at.ToMilliseconds())
+                for q in response.qualifications
+            ),
         )
 
     try:

@@ -71,6 +71,7 @@ UNKNOWN_GTIN = "6970000000109"  # valid check digit, not in the catalog
 OPERATOR = "op-auditor"
 HUBEI = "hubei-2022-district-vouchers"
 HANGZHOU = "hz-2020-voucher-pack"
+HANGZHOU_PACK = "hz-2020-pack"
 
 XIAOSHAN_GOVERNMENT = (30.18, 120.26)  # inside the Xiaoshan outline
 XIAOSHAN_VERTEX = (30.225, 120.25)  # a vertex of the outline: exactly on its boundary
@@ -265,6 +266,21 @@ async def voucher(world: World, person: str, campaign: str) -> str:
     return response.qualification.redemption_code
 
 
+async def pack_codes(world: World, person: str) -> list[str]:
+    """The Hangzhou example's pack, claimed whole: its three codes ("5 off 20", "10 off 40",
+    "20 off 80"), each redeemable by a payment of 80 yuan."""
+    response = await world.wallet.claim(
+        campaign_id=HANGZHOU,
+        category="",
+        pack_id=HANGZHOU_PACK,
+        id_number=person,
+        location=wgs84(XIAOSHAN_GOVERNMENT, accuracy_m=20.0),
+        fix_time_ms=int(time.time() * 1000),
+    )
+    assert decision(response) == "ISSUED", response
+    return [qualification.redemption_code for qualification in response.qualifications]
+
+
 def outcome(response: apb.AuthorizeResponse) -> str:
     if response.decision == apb.DECISION_APPROVED:
         return "APPROVED"
@@ -379,17 +395,17 @@ def programme_day(zone: str = "Asia/Shanghai") -> int:
 
 
 async def test_hangzhou_two_per_merchant_per_day(world: World) -> None:
-    """The Hangzhou-style example (N = 2): the first and second payments at a merchant are
-    approved, the third declined MERCHANT_DAILY_LIMIT_REACHED with nothing reserved, while
+    """The Hangzhou-style example (N = 2), with its pack's three vouchers: the first and second
+    payments at a merchant are approved, the third declined MERCHANT_DAILY_LIMIT_REACHED with nothing reserved, while
     another merchant still redeems; a void gives the slot back, a refund does not. The counter
     is kept per Asia/Shanghai calendar day."""
     person = id_number()
-    codes = [await voucher(world, person, HANGZHOU) for _ in range(5)]
+    codes = await pack_codes(world, person)
     before_day = programme_day()
-    first = await pay(world.till("inside"), person, codes[0], HANGZHOU, 4_000)
-    second = await pay(world.till("boundary"), person, codes[1], HANGZHOU, 4_000)  # same merchant, other store
+    first = await pay(world.till("inside"), person, codes[0], HANGZHOU, 8_000)
+    second = await pay(world.till("boundary"), person, codes[1], HANGZHOU, 8_000)  # same merchant, other store
     assert (outcome(first), outcome(second)) == ("APPROVED", "APPROVED")
-    third = await pay(world.till("inside"), person, codes[2], HANGZHOU, 4_000)
+    third = await pay(world.till("inside"), person, codes[2], HANGZHOU, 8_000)
     assert outcome(third) == "MERCHANT_DAILY_LIMIT_REACHED"
     assert await qualification_state(world, codes[2]) == qpb.QUALIFICATION_STATE_ISSUED
     usage = world.env.keys.usage(HANGZHOU, consumer_key_of(person))
@@ -398,15 +414,15 @@ async def test_hangzhou_two_per_merchant_per_day(world: World) -> None:
     assert len(day_fields) == 1 and list(day_fields.values()) == [2]
     (field,) = day_fields
     assert int(field.split(":")[1]) in {before_day, programme_day()}  # the Shanghai date, even at midnight
-    assert outcome(await pay(world.till("other"), person, codes[2], HANGZHOU, 4_000)) == "APPROVED"
+    assert outcome(await pay(world.till("other"), person, codes[2], HANGZHOU, 8_000)) == "APPROVED"
     # A void gives the slot back; the voucher is usable again.
     await world.till("inside").void(first.authorization_id)
-    again = await pay(world.till("inside"), person, codes[0], HANGZHOU, 4_000)
+    again = await pay(world.till("inside"), person, codes[0], HANGZHOU, 8_000)
     assert outcome(again) == "APPROVED"
-    # A refund does not: the redemption took place.
+    # A refund does not: the redemption took place (the full refund restores the voucher).
     await world.till("inside").capture(again.authorization_id)
     await world.till("inside").refund(again.authorization_id)
-    assert outcome(await pay(world.till("inside"), person, codes[3], HANGZHOU, 4_000)) == "MERCHANT_DAILY_LIMIT_REACHED"
+    assert outcome(await pay(world.till("inside"), person, codes[0], HANGZHOU, 8_000)) == "MERCHANT_DAILY_LIMIT_REACHED"
 
 
 async def test_a_limit_of_one_and_the_next_day(world: World, services: Services) -> None:
@@ -441,12 +457,12 @@ async def test_reconcile_knows_the_daily_counters_and_rebuild_restores_them(worl
     drained, reconcile finds no difference; after the usage hashes are lost, rebuild restores
     the daily counter exactly, and a void after the rebuild still gives the slot back."""
     person = id_number()
-    codes = [await voucher(world, person, HANGZHOU) for _ in range(3)]
-    first = await pay(world.till("inside"), person, codes[0], HANGZHOU, 4_000)
-    second = await pay(world.till("inside"), person, codes[1], HANGZHOU, 4_000)
+    codes = await pack_codes(world, person)
+    first = await pay(world.till("inside"), person, codes[0], HANGZHOU, 8_000)
+    second = await pay(world.till("inside"), person, codes[1], HANGZHOU, 8_000)
     assert (outcome(first), outcome(second)) == ("APPROVED", "APPROVED")
     await world.till("inside").void(second.authorization_id)
-    held = await pay(world.till("inside"), person, codes[1], HANGZHOU, 4_000)
+    held = await pay(world.till("inside"), person, codes[1], HANGZHOU, 8_000)
     assert outcome(held) == "APPROVED"
     env = world.env
     writer = LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), world.redis)
@@ -471,9 +487,9 @@ async def test_reconcile_knows_the_daily_counters_and_rebuild_restores_them(worl
         assert await reconcile(connection, world.redis, env.keys) == []
     finally:
         await connection.close()
-    assert outcome(await pay(world.till("inside"), person, codes[2], HANGZHOU, 4_000)) == "MERCHANT_DAILY_LIMIT_REACHED"
+    assert outcome(await pay(world.till("inside"), person, codes[2], HANGZHOU, 8_000)) == "MERCHANT_DAILY_LIMIT_REACHED"
     await world.till("inside").void(held.authorization_id)
-    assert outcome(await pay(world.till("inside"), person, codes[2], HANGZHOU, 4_000)) == "APPROVED"
+    assert outcome(await pay(world.till("inside"), person, codes[2], HANGZHOU, 8_000)) == "APPROVED"
 
 
 def plain_campaign(campaign_id: str, budget_fen: int, per_person_limit: int, daily_limit: int) -> cpb.Campaign:
@@ -663,7 +679,7 @@ async def test_authorize_under_the_new_rules_is_still_one_evalsha(world: World) 
     name = f"gateway-{world.env.prefix}"  # the world's gateway (conftest names its connections)
     person, shopper = id_number(), id_number()
     hubei = [await voucher(world, person, HUBEI)]
-    hangzhou = [await voucher(world, shopper, HANGZHOU) for _ in range(3)]
+    hangzhou = await pack_codes(world, shopper)
     inside, binjiang = world.till("inside"), world.till("binjiang")
     sentinel = "end-of-watch-" + uuid.uuid4().hex
     probe = Redis.from_url(world.env.redis_url, single_connection_client=True)
@@ -674,7 +690,7 @@ async def test_authorize_under_the_new_rules_is_still_one_evalsha(world: World) 
     outcomes = [
         outcome(await pay(binjiang, person, hubei[0], HUBEI)),
         outcome(await pay(inside, person, hubei[0], HUBEI)),
-        *[outcome(await pay(inside, shopper, code, HANGZHOU, 4_000)) for code in hangzhou],
+        *[outcome(await pay(inside, shopper, code, HANGZHOU, 8_000)) for code in hangzhou],
     ]
     addresses = {entry["addr"] for entry in await probe.client_list() if entry.get("name") == name}
     await probe.echo(sentinel)

@@ -306,13 +306,17 @@ class QualificationClient(SignedClient):
         mock_location: bool = False,
         phone_number: str = "",
         request_id: str | None = None,
+        pack_id: str = "",
     ) -> qualification_pb2.ClaimQualificationResponse:
+        """Claims one qualification of ``category``, or with ``pack_id`` (and ``category`` "")
+        every voucher of the campaign's pack (the answer's ``qualifications``)."""
         fix_time = Timestamp()
         fix_time.FromMilliseconds(fix_time_ms)
         request = qualification_pb2.ClaimQualificationRequest(
             request_id=request_id or str(uuid.uuid4()),
             campaign_id=campaign_id,
             category=category,
+            pack_id=pack_id,
             consumer=qualification_pb2.ConsumerIdentity(id_number=id_number, phone_number=phone_number),
             device_location=qualification_pb2.DeviceLocation(
                 location=location, fix_time=fix_time, mock_location=mock_location

@@ -171,6 +171,7 @@ local function qualification_view(q)
     consumer = q.consumer, issued_ms = tonumber(q.issued_ms), expires_ms = tonumber(q.expires_ms),
     updated_ms = tonumber(q.updated_ms), authorization = q.authorization or '',
     masked_id = q.masked_id or '', masked_phone = q.masked_phone or '', cell = q.cell or '',
+    pack = q.pack or '', threshold_fen = tonumber(q.threshold_fen or '0'), off_fen = tonumber(q.off_fen or '0'),
   }
 end
 
@@ -192,9 +193,22 @@ end
 -- Gives a qualification's quota back to the pool and the consumer's claim back (expiry,
 -- cancellation): called exactly once per qualification, on its one transition out of use.
 -- KEY: the script's, with the qualification's keys (contract.py's QualificationKeys).
+-- A pack's voucher (q.pack) counts against its pack, not its category: the pack's vouchers
+-- still out (pack:<id>:live in the holder's hash) go down by one, and the pack itself returns
+-- to the pool, and to the person, only with the last of them, so only when every voucher of it
+-- expired unused or was cancelled (a redeemed one never comes back here: the pack stays used).
 local function return_qualification(KEY, q, new_state, at_ms)
-  hincrby(KEY.qualification_quota, q.category .. ':claimed', -1)
-  hincrby(KEY.qualification_holder, q.category, -1)
+  if (q.pack or '') ~= '' then
+    local pack = 'pack:' .. q.pack
+    if redis.call('HINCRBY', KEY.qualification_holder, pack .. ':live', -1) <= 0 then
+      redis.call('HDEL', KEY.qualification_holder, pack .. ':live')
+      hincrby(KEY.qualification_quota, pack .. ':claimed', -1)
+      hincrby(KEY.qualification_holder, pack, -1)
+    end
+  else
+    hincrby(KEY.qualification_quota, q.category .. ':claimed', -1)
+    hincrby(KEY.qualification_holder, q.category, -1)
+  end
   redis.call('ZREM', KEY.qualification_expiry, q.code)
   q.state, q.updated_ms, q.authorization = new_state, at_ms, ''
   redis.call('HSET', KEY.qualification, 'state', new_state, 'updated_ms', at_ms, 'authorization', '')

@@ -82,6 +82,20 @@ end
 -- Line-level checks. Every line is checked so that the reported reason is the one with the
 -- highest precedence over the whole request, not merely the first line's.
 local rules, lines = {}, {}
+-- A pack's voucher carries its own "X off Y" (claim_qualification.lua): its category's FIXED
+-- rule applies with the voucher's threshold_fen and off_fen in place of the rule's. A code of
+-- another campaign, or without amounts, leaves the rules as they are (its checks come below).
+if ARG.redemption_code ~= '' then
+  local voucher = redis.call('HMGET', KEY.qualification, 'category', 'threshold_fen', 'off_fen', 'campaign')
+  local raw_rule = voucher[2] and voucher[4] == ARG.campaign_id and redis.call('HGET', KEY.rules, voucher[1])
+  if raw_rule then
+    local rule = cjson.decode(raw_rule)
+    if rule.kind == 'FIXED' then
+      rule.threshold_fen, rule.off_fen = tonumber(voucher[2]), tonumber(voucher[3])
+      rules[voucher[1]] = rule
+    end
+  end
+end
 local worst_reason, worst_line = nil, ''
 -- The first line whose subsidy is 0 fen: declined NO_SUBSIDY, the last reason in precedence.
 local nothing_line = nil
