@@ -612,3 +612,31 @@ async def _watch(redis: Redis, sentinel: str, ready: asyncio.Event) -> list[dict
             if entry["command"].startswith("ECHO") and sentinel in entry["command"]:
                 return seen
             seen.append(entry)
+
+
+async def test_the_gateways_copy_of_the_limits_and_what_happens_while_it_is_stale(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limits and the region come from the gateway's copy, re-read once it is older than
+    CAMPAIGN_CACHE_S (1 s; stretched here to an hour, then shrunk to 0, so that the test does
+    not depend on timing): while the copy is fresh, a tightened accuracy limit is not yet
+    applied (the documented window); once re-read it is. A campaign the copy holds as absent is
+    read again rather than trusted: one created after a payment for its id was tried is judged
+    by its own rule at once."""
+    monkeypatch.setattr("server.services.common.CAMPAIGN_CACHE_S", 3_600.0)
+    campaign_id = f"yt-{secrets.token_hex(3)}"
+    missing = await world.inside.authorize(
+        campaign_id=campaign_id, consumer_key=consumer_key(), lines=[Line("1", GOODS, 6_000)], consumer_location=phone()
+    )
+    assert outcome(missing) == "CAMPAIGN_NOT_FOUND"
+    await create(world.operator, yantai(campaign_id))
+    people = [id_number() for _ in range(4)]
+    codes = [await voucher(world, person, campaign_id) for person in people]
+    assert outcome(await pay(world.inside, people[0], codes[0], phone(mock=True), campaign_id)) == "LOCATION_MOCKED"
+    assert outcome(await pay(world.inside, people[0], codes[0], phone(accuracy_m=150), campaign_id)) == "APPROVED"
+    await update(world.operator, yantai(campaign_id, location_max_accuracy_m=100))
+    assert outcome(await pay(world.inside, people[1], codes[1], phone(accuracy_m=150), campaign_id)) == "APPROVED"
+    monkeypatch.setattr("server.services.common.CAMPAIGN_CACHE_S", 0.0)
+    tightened = await pay(world.inside, people[2], codes[2], phone(accuracy_m=150), campaign_id)
+    assert outcome(tightened) == "LOCATION_INACCURATE"
+    assert outcome(await pay(world.inside, people[2], codes[2], phone(accuracy_m=100), campaign_id)) == "APPROVED"
