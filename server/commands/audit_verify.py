@@ -57,6 +57,7 @@ FLOWS = {
     "VOIDED": ("AVAILABLE", "PENDING"),
     "EXPIRED": ("AVAILABLE", "PENDING"),
     "REFUNDED": ("AVAILABLE", "MERCHANT_RECEIVABLE"),
+    "CLAWED_BACK": ("RECOVERED", "MERCHANT_RECEIVABLE"),
 }
 MANIFEST = "manifest.json"
 
@@ -314,7 +315,8 @@ def check_reports(archive: Archive, manifest: dict[str, Any], entries: list[dict
                     f" (entry {seq}) is not that entry's hash in the archive"
                 )
     for number, line in archive.lines(names["budgets"]):
-        spent = line["opening_spent_fen"] + line["captured_fen"] - line["refunded_fen"]
+        # Format-2 reports carry claw-backs (absent, 0, in format 1).
+        spent = line["opening_spent_fen"] + line["captured_fen"] - line["refunded_fen"] - line.get("clawed_back_fen", 0)
         held = line["opening_held_fen"] + line["held_fen"] - line["captured_fen"] - line["released_hold_fen"]
         if spent != line["closing_spent_fen"] or held != line["closing_held_fen"]:
             raise Break(

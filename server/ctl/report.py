@@ -74,7 +74,9 @@ def _summary(header: pb.DailyReportHeader) -> dict[str, str]:
         "redeemed": yuan(day.redeemed_fen),
         "orders": yuan(day.order_fen),
         "refunded": yuan(day.refunded_fen),
+        "clawed_back": yuan(day.clawed_back_fen),
         "merchants": str(day.merchants),
+        "tickets": f"{header.tickets_opened}/{header.tickets_resolved}/{header.tickets_overdue}",
         "adjustments": str(header.adjustment_rows),
         "published_by": header.published_by,
         "content_hash": header.content_hash[:16],
@@ -89,7 +91,9 @@ def _budget_row(line: pb.DailyReportBudget) -> dict[str, str]:
         "opening": yuan(line.opening_spent_fen),
         "captured": yuan(line.captured_fen),
         "refunded": yuan(line.refunded_fen),
+        "clawed_back": yuan(line.clawed_back_fen),
         "closing": yuan(line.closing_spent_fen),
+        "recovered": yuan(line.closing_recovered_fen),
         "held": yuan(line.closing_held_fen),
         "remaining": yuan(line.remaining_fen),
     }
@@ -109,12 +113,13 @@ def _row(row: pb.DailyReportRow) -> dict[str, str]:
         "orders": yuan(figures.order_fen),
         "refunds": str(figures.refunds),
         "refunded": yuan(figures.refunded_fen),
+        "clawed_back": yuan(figures.clawed_back_fen),
         "merchants": str(figures.merchants),
     }
 
 
 NUMERIC = {"consumers", "sales", "redeemed", "orders", "refunds", "refunded", "merchants", "adjustments"}
-NUMERIC |= {"budget", "opening", "captured", "closing", "held", "remaining"}
+NUMERIC |= {"budget", "opening", "captured", "closing", "held", "remaining", "clawed_back", "recovered", "tickets"}
 
 
 async def _resolve(client: DailyReportClient, business_date: str) -> str:
@@ -200,7 +205,10 @@ def show(settings: Settings, business_date: str, merchants: bool, json_here: boo
                     budgets = [to_dict(line) for line in part.budgets]
                     click.echo('"budgets": ' + json.dumps(budgets, ensure_ascii=False) + ',\n"rows": [')
                 else:
-                    click.echo("\nbudgets (yuan; spent = captured net of refunds, held = open holds)")
+                    click.echo(
+                        "\nbudgets (yuan; spent = owed to merchants: captured net of refunds and claw-backs,"
+                        " held = open holds, recovered = clawed back, not granted again)"
+                    )
                     click.echo(_table([_budget_row(line) for line in part.budgets], NUMERIC))
                     click.echo("\nrows (yuan)")
             else:
@@ -243,6 +251,11 @@ def _print_header(header: pb.DailyReportHeader) -> None:
     for head in header.chain_heads:
         click.echo(f"  chain head {head.campaign_id}: entry {head.entry_seq} {head.entry_hash}")
     click.echo(f"  {header.row_count} rows, {header.adjustment_rows} of them adjustments of earlier days")
+    if header.format_version >= 2:
+        click.echo(
+            f"  complaints: {header.tickets_opened} opened, {header.tickets_resolved} resolved or rejected,"
+            f" {header.tickets_overdue} open and overdue at the day's end"
+        )
 
 
 @report.command("export")

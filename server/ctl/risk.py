@@ -7,6 +7,7 @@
     subsidyctl risk review CASE [--note TEXT]          NEW -> REVIEWING
     subsidyctl risk confirm CASE --note TEXT           REVIEWING -> CONFIRMED
     subsidyctl risk dismiss CASE --note TEXT           NEW or REVIEWING -> DISMISSED
+    subsidyctl risk clawback CASE AUTHORIZATION --note TEXT [--line ID ...]   over the gateway
 
 They talk to PostgreSQL directly (SUBSIDY_PG_DSN, or what make run recorded), like ``ledger``.
 DATEs are business days in SUBSIDY_REPORT_TIMEZONE, both ends included. Case work is recorded
@@ -27,12 +28,15 @@ from typing import Any, TypeVar
 
 import asyncpg
 import click
+from subsidy_client import SignedClient
+from subsidy_client.v1 import risk_pb2
 
 from server import logs
 from server.commands import risk as jobs
 from server.ctl.common import (
     LOCAL,
     ConfigurationError,
+    Settings,
     check_services,
     emit_document,
     format_table,
@@ -41,6 +45,8 @@ from server.ctl.common import (
     local_config,
     new_request_id,
     options,
+    pass_settings,
+    run,
     steps,
 )
 from server.domain.daily_report import BusinessCalendar
@@ -198,7 +204,7 @@ def review(case_id: int, note: str, request_id: str | None) -> None:
 @request_id_option
 @json_option
 def confirm(case_id: int, note: str, request_id: str | None) -> None:
-    """REVIEWING -> CONFIRMED. Blocking the subject or clawing back is not done here (yet)."""
+    """REVIEWING -> CONFIRMED. A sale's subsidy is then clawed back with ``risk clawback``."""
     _move(case_id, CONFIRMED, note, request_id)
 
 
@@ -212,5 +218,52 @@ def dismiss(case_id: int, note: str, request_id: str | None) -> None:
     _move(case_id, DISMISSED, note, request_id)
 
 
+@risk.command(short_help="Claw back a sale's subsidy on a CONFIRMED case (over the gateway).")
+@click.argument("case_id", type=click.IntRange(1))
+@click.argument("authorization_id")
+@click.option("--line", "line_ids", multiple=True, help="only this line (repeatable; default: every line left)")
+@click.option("--note", required=True, help="why, for the audit trail")
+@request_id_option
+@json_option
+@pass_settings
+def clawback(
+    settings: Settings,
+    case_id: int,
+    authorization_id: str,
+    line_ids: tuple[str, ...],
+    note: str,
+    request_id: str | None,
+) -> None:
+    """Claw back the subsidy of AUTHORIZATION (a captured sale of the case's subject) through
+    RiskCaseService.ClawBack: it moves money, so it goes through the gateway's money path (one
+    Redis script, one CLAWED_BACK ledger event), never straight into PostgreSQL. Needs the
+    operator's credential; exit 1 with the gateway's reason when refused."""
+    request = risk_pb2.ClawBackRequest(
+        request_id=request_id or new_request_id(),
+        case_id=case_id,
+        authorization_id=authorization_id,
+        line_ids=line_ids,
+        note=note,
+    )
+
+    async def action(client: SignedClient) -> risk_pb2.ClawBackResponse:
+        return await client._call(RISK_SERVICE + "ClawBack", request, risk_pb2.ClawBackResponse)
+
+    response = run(settings, action)
+    emit_document(
+        {
+            "case": case_id,
+            "authorization": response.authorization_id,
+            "merchant": response.merchant_id,
+            "lines": list(response.line_ids),
+            "clawed_back_yuan": f"{response.clawed_back_fen / 100:.2f}",
+            "clawed_back_fen": response.clawed_back_fen,
+            "all_clawed_back_lines": list(response.clawed_back_line_ids),
+            "replayed": response.replayed,
+        }
+    )
+
+
+RISK_SERVICE = "/subsidy.v1.RiskCaseService/"
 SECTION = LOCAL
 COMMANDS = (risk,)

@@ -33,12 +33,21 @@ is one person in the total.
 
 **Budgets** (campaign x category): the spent balance (MERCHANT_RECEIVABLE) and the held
 balance (PENDING) at the day's opening (the previous report's closing) and closing, with the
-movements of the day and its adjustments: ``opening + captured - refunded = closing`` and
-``opening held + held - captured - released = closing held``, to the fen. The closing
+movements of the day and its adjustments: ``opening + captured - refunded - clawed back =
+closing`` and ``opening held + held - captured - released = closing held``, to the fen. The closing
 balances are computed independently of the movements (from the previous report's whole-chain
 balance, the entries between the two watermarks, and the entries already in the ledger for
 later days), so the identities are checked, not assumed; a report that does not tie out is
 not published.
+
+**Format 2** (from migration 0021) adds claw-backs (a confirmed fraud's subsidy taken back from
+the merchant: CLAWED_BACK events, debit RECOVERED, credit MERCHANT_RECEIVABLE): per row
+``clawbacks`` and ``clawed_back_fen`` (追回金额), per budget the day's ``clawed_back_fen`` and the
+RECOVERED balance (``opening + clawed back = closing recovered``, checked the same way; the
+remaining budget leaves it out: recovered money is not granted again), and in the header the
+complaints desk's day (tickets opened, closed RESOLVED or REJECTED, and open at the day's end
+past a deadline). A format-1 report (published before) is hashed, verified and shown exactly as
+it was: its content hash covers the format-1 fields only, and the new ones read 0.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from server.domain.budget import released_by
 from server.domain.errors import InvalidField
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 DEFAULT_CUTOFF = "00:30"
 DAY, ADJUSTMENT = "DAY", "ADJUSTMENT"
@@ -143,11 +152,16 @@ class Figures:
     refunds: int = 0
     refunded_fen: int = 0
     merchants: int = 0
+    # Format 2: claw-back events and the subsidy they took back (no longer owed to the merchant).
+    clawbacks: int = 0
+    clawed_back_fen: int = 0
 
 
 FIGURE_NAMES = tuple(item.name for item in fields(Figures))
+# What a format-1 report's content hash covers, of a row's figures and of a budget line.
+FIGURE_NAMES_V1 = FIGURE_NAMES[:8]
 # Figures that add up across rows; consumers and merchants are distinct counts.
-ADDITIVE = ("sales", "units", "redeemed_fen", "order_fen", "refunds", "refunded_fen")
+ADDITIVE = ("sales", "units", "redeemed_fen", "order_fen", "refunds", "refunded_fen", "clawbacks", "clawed_back_fen")
 
 
 def add(left: Figures, right: Figures) -> Figures:
@@ -166,7 +180,8 @@ class ReportRow:
     merchant_name: str
     figures: Figures
 
-    def material(self) -> str:
+    def material(self, version: int = FORMAT_VERSION) -> str:
+        names = FIGURE_NAMES_V1 if version < 2 else FIGURE_NAMES
         values = [
             self.kind,
             self.level,
@@ -176,7 +191,7 @@ class ReportRow:
             self.category,
             self.merchant_id,
             self.merchant_name,
-            *(str(getattr(self.figures, name)) for name in FIGURE_NAMES),
+            *(str(getattr(self.figures, name)) for name in names),
         ]
         return "row|" + "|".join(_escape(value) for value in values)
 
@@ -196,13 +211,23 @@ class BudgetLine:
     held_fen: int
     released_hold_fen: int  # holds voided or expired
     closing_held_fen: int
-    remaining_fen: int  # budget_fen - closing spent - closing held
+    remaining_fen: int  # budget_fen - closing spent - closing held - closing recovered
     chain_spent_fen: int  # whole-chain balances at the report's chain head
     chain_held_fen: int
+    # Format 2: the day's claw-backs and the RECOVERED balance (clawed back, not re-granted).
+    clawed_back_fen: int = 0
+    opening_recovered_fen: int = 0
+    closing_recovered_fen: int = 0
+    chain_recovered_fen: int = 0
 
-    def material(self) -> str:
+    def material(self, version: int = FORMAT_VERSION) -> str:
         values = [getattr(self, item.name) for item in fields(self)]
+        if version < 2:
+            values = values[:BUDGET_FIELDS_V1]
         return "budget|" + "|".join(_escape(str(value)) for value in values)
+
+
+BUDGET_FIELDS_V1 = 16  # budget_fen ... chain_held_fen, with the names: what format 1 hashed
 
 
 @dataclass(frozen=True)
@@ -229,6 +254,10 @@ class ReportHeader:
     adjustment_rows: int = 0
     format_version: int = FORMAT_VERSION
     content_hash: str = ""
+    # Format 2: the complaints desk's day (README "Complaints desk"), in the report's time zone.
+    tickets_opened: int = 0
+    tickets_resolved: int = 0  # closed RESOLVED or REJECTED during the day
+    tickets_overdue: int = 0  # open at the day's end and past a deadline then
 
     def material(self) -> str:
         values = [
@@ -244,6 +273,8 @@ class ReportHeader:
             self.previous_hash,
             ";".join(f"{head.campaign_id}:{head.seq}:{head.hash}" for head in self.chain_heads),
         ]
+        if self.format_version >= 2:
+            values += [str(self.tickets_opened), str(self.tickets_resolved), str(self.tickets_overdue)]
         return "header|" + "|".join(_escape(value) for value in values)
 
     def watermark(self) -> dict[str, int]:
@@ -265,6 +296,7 @@ class ContentHasher:
 
     def __init__(self, header: ReportHeader) -> None:
         self._digest = hashlib.sha256()
+        self._version = header.format_version
         self._line(header.material())
         self.budgets = 0
         self.rows = 0
@@ -275,11 +307,11 @@ class ContentHasher:
 
     def budget(self, line: BudgetLine) -> None:
         self.budgets += 1
-        self._line(line.material())
+        self._line(line.material(self._version))
 
     def row(self, row: ReportRow) -> None:
         self.rows += 1
-        self._line(row.material())
+        self._line(row.material(self._version))
 
     def hexdigest(self) -> str:
         digest = self._digest.copy()
@@ -339,8 +371,8 @@ class Flows:
         return total
 
 
-EVENT_TYPES = ("AUTHORIZED", "CAPTURED", "VOIDED", "EXPIRED", "REFUNDED")
-SPENT, HELD = "MERCHANT_RECEIVABLE", "PENDING"
+EVENT_TYPES = ("AUTHORIZED", "CAPTURED", "VOIDED", "EXPIRED", "REFUNDED", "CLAWED_BACK")
+SPENT, HELD, RECOVERED = "MERCHANT_RECEIVABLE", "PENDING", "RECOVERED"
 
 
 def budget_line(rule: Rule, flows: Flows, previous: BudgetLine | None, day_end_ms: int) -> BudgetLine:
@@ -348,27 +380,45 @@ def budget_line(rule: Rule, flows: Flows, previous: BudgetLine | None, day_end_m
     moved = (DAY_PART, LATE_PART)
     captured = flows.debit(moved, SPENT, "CAPTURED")
     refunded = flows.credit(moved, SPENT, "REFUNDED")
+    clawed_back = flows.credit(moved, SPENT, "CLAWED_BACK")
     held = flows.debit(moved, HELD, "AUTHORIZED")
     captured_from_hold = flows.credit(moved, HELD, "CAPTURED")
     released_hold = flows.credit(moved, HELD, "VOIDED", "EXPIRED")
-    # Only a capture debits the spent account and only a refund credits it; a capture moves
-    # exactly what it takes from the held account.
+    # Only a capture debits the spent account and only a refund or a claw-back credits it; a
+    # capture moves exactly what it takes from the held account, a claw-back exactly what it
+    # puts in the recovered one, and nothing else touches that.
     spent_debits = flows.debit(moved, SPENT, *EVENT_TYPES)
     spent_credits = flows.credit(moved, SPENT, *EVENT_TYPES)
-    if spent_debits != captured or spent_credits != refunded or captured != captured_from_hold:
+    if (
+        spent_debits != captured
+        or spent_credits != refunded + clawed_back
+        or captured != captured_from_hold
+        or flows.debit(moved, RECOVERED, *EVENT_TYPES) != clawed_back
+        or flows.credit(moved, RECOVERED, *EVENT_TYPES) != 0
+    ):
         raise TieOutError(f"{rule.campaign_id}/{rule.category}: postings outside the posting rules")
     opening_spent = previous.closing_spent_fen if previous else 0
     opening_held = previous.closing_held_fen if previous else 0
+    opening_recovered = previous.closing_recovered_fen if previous else 0
     # Independently of the movements: the whole chain's balance at this cut, less what it
     # already holds for later days.
     chain_spent = (previous.chain_spent_fen if previous else 0) + flows.balance((LATE_PART, RANGE_PART), SPENT)
     chain_held = (previous.chain_held_fen if previous else 0) + flows.balance((LATE_PART, RANGE_PART), HELD)
+    chain_recovered = (previous.chain_recovered_fen if previous else 0) + flows.balance(
+        (LATE_PART, RANGE_PART), RECOVERED
+    )
     closing_spent = chain_spent - flows.balance((AHEAD_PART,), SPENT)
     closing_held = chain_held - flows.balance((AHEAD_PART,), HELD)
+    closing_recovered = chain_recovered - flows.balance((AHEAD_PART,), RECOVERED)
     name = f"{rule.campaign_id}/{rule.category}"
-    if opening_spent + captured - refunded != closing_spent:
+    if opening_spent + captured - refunded - clawed_back != closing_spent:
         raise TieOutError(
-            f"{name}: opening {opening_spent} + captured {captured} - refunded {refunded} != closing {closing_spent}"
+            f"{name}: opening {opening_spent} + captured {captured} - refunded {refunded}"
+            f" - clawed back {clawed_back} != closing {closing_spent}"
+        )
+    if opening_recovered + clawed_back != closing_recovered:
+        raise TieOutError(
+            f"{name}: recovered opening {opening_recovered} + clawed back {clawed_back} != closing {closing_recovered}"
         )
     if opening_held + held - captured - released_hold != closing_held:
         raise TieOutError(
@@ -389,9 +439,13 @@ def budget_line(rule: Rule, flows: Flows, previous: BudgetLine | None, day_end_m
         held_fen=held,
         released_hold_fen=released_hold,
         closing_held_fen=closing_held,
-        remaining_fen=rule.budget_fen - closing_spent - closing_held,
+        remaining_fen=rule.budget_fen - closing_spent - closing_held - closing_recovered,
         chain_spent_fen=chain_spent,
         chain_held_fen=chain_held,
+        clawed_back_fen=clawed_back,
+        opening_recovered_fen=opening_recovered,
+        closing_recovered_fen=closing_recovered,
+        chain_recovered_fen=chain_recovered,
     )
 
 
@@ -480,15 +534,17 @@ class RowChecker:
         if DAY not in self._kinds_done:
             raise TieOutError("no district total for the day")
         for line in budgets:
-            redeemed = refunded = 0
+            redeemed = refunded = clawed_back = 0
             for kind in KINDS:
                 totals = self.category_totals.get((kind, line.campaign_id, line.category), Figures())
                 redeemed += totals.redeemed_fen
                 refunded += totals.refunded_fen
-            if (redeemed, refunded) != (line.captured_fen, line.refunded_fen):
+                clawed_back += totals.clawed_back_fen
+            if (redeemed, refunded, clawed_back) != (line.captured_fen, line.refunded_fen, line.clawed_back_fen):
                 raise TieOutError(
-                    f"{line.campaign_id}/{line.category}: rows captured {redeemed}, refunded {refunded};"
-                    f" budget captured {line.captured_fen}, refunded {line.refunded_fen}"
+                    f"{line.campaign_id}/{line.category}: rows captured {redeemed}, refunded {refunded},"
+                    f" clawed back {clawed_back}; budget captured {line.captured_fen}, refunded {line.refunded_fen},"
+                    f" clawed back {line.clawed_back_fen}"
                 )
         known = {(line.campaign_id, line.category) for line in budgets}
         for _, campaign_id, category in self.category_totals:

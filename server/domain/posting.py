@@ -9,10 +9,14 @@ Each ledger event moves one amount per category between two accounts of the camp
 | VOIDED     | AVAILABLE           | PENDING             |
 | EXPIRED    | AVAILABLE           | PENDING             |
 | REFUNDED   | AVAILABLE           | MERCHANT_RECEIVABLE |
+| CLAWED_BACK| RECOVERED           | MERCHANT_RECEIVABLE |
 
 Balances are debits minus credits: PENDING is the held subsidy (Redis ``reserved``),
-MERCHANT_RECEIVABLE the captured subsidy still owed (Redis ``spent``), and AVAILABLE is minus
-the budget in use. Every event's debits equal its credits, so the whole ledger balances.
+MERCHANT_RECEIVABLE the captured subsidy still owed to merchants, RECOVERED the subsidy clawed
+back from fraudulent sales (Redis ``clawed_back``; Redis ``spent`` is MERCHANT_RECEIVABLE plus
+RECOVERED: clawed-back money stays used, it never returns to AVAILABLE to be granted again), and
+AVAILABLE is minus the budget in use. Every event's debits equal its credits, so the whole
+ledger balances.
 """
 
 from __future__ import annotations
@@ -29,9 +33,18 @@ FLOWS: Mapping[str, tuple[str, str]] = {
     "VOIDED": ("AVAILABLE", "PENDING"),
     "EXPIRED": ("AVAILABLE", "PENDING"),
     "REFUNDED": ("AVAILABLE", "MERCHANT_RECEIVABLE"),
+    "CLAWED_BACK": ("RECOVERED", "MERCHANT_RECEIVABLE"),
 }
-# Unit changes to a consumer's per-category usage, and whether the event releases serials.
-USAGE_DELTA: Mapping[str, int] = {"AUTHORIZED": 1, "CAPTURED": 0, "VOIDED": -1, "EXPIRED": -1, "REFUNDED": -1}
+# Unit changes to a consumer's per-category usage, and whether the event releases serials. A
+# claw-back frees neither: the sale was fraudulent, the person's right and the device were used.
+USAGE_DELTA: Mapping[str, int] = {
+    "AUTHORIZED": 1,
+    "CAPTURED": 0,
+    "VOIDED": -1,
+    "EXPIRED": -1,
+    "REFUNDED": -1,
+    "CLAWED_BACK": 0,
+}
 
 
 @dataclass(frozen=True)

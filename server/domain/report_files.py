@@ -73,6 +73,12 @@ ROW_COLUMNS: tuple[Column, ...] = (
     Column("核销退款金额（元）", "refunded_fen", _figure("refunded_fen"), money=True, width=18),
     Column("核销商家数", "merchants", _figure("merchants"), width=10),
 )
+# Format 2 (claw-backs): the same columns, then these. A format-1 report's file is as it was.
+ROW_COLUMNS_V2: tuple[Column, ...] = (
+    *ROW_COLUMNS,
+    Column("追回笔数", "clawbacks", _figure("clawbacks"), width=10),
+    Column("追回金额（元）", "clawed_back_fen", _figure("clawed_back_fen"), money=True, width=16),
+)
 
 
 def _budget(name: str) -> Callable[[BudgetLine], Any]:
@@ -95,6 +101,21 @@ BUDGET_COLUMNS: tuple[Column, ...] = (
     Column("期末冻结（元）", "closing_held_fen", _budget("closing_held_fen"), money=True, width=16),
     Column("预算余额（元）", "remaining_fen", _budget("remaining_fen"), money=True, width=18),
 )
+BUDGET_COLUMNS_V2: tuple[Column, ...] = (
+    *BUDGET_COLUMNS,
+    Column("本期追回（元）", "clawed_back_fen", _budget("clawed_back_fen"), money=True, width=16),
+    Column("期初已追回（元）", "opening_recovered_fen", _budget("opening_recovered_fen"), money=True, width=18),
+    Column("期末已追回（元）", "closing_recovered_fen", _budget("closing_recovered_fen"), money=True, width=18),
+)
+
+
+def row_columns(header: ReportHeader) -> tuple[Column, ...]:
+    """The rows' columns of a report of this format."""
+    return ROW_COLUMNS if header.format_version < 2 else ROW_COLUMNS_V2
+
+
+def budget_columns(header: ReportHeader) -> tuple[Column, ...]:
+    return BUDGET_COLUMNS if header.format_version < 2 else BUDGET_COLUMNS_V2
 
 
 def about(header: ReportHeader) -> list[tuple[str, str]]:
@@ -114,6 +135,12 @@ def about(header: ReportHeader) -> list[tuple[str, str]]:
         ("行数 rows", str(header.row_count)),
         ("调整行数 adjustment rows", str(header.adjustment_rows)),
     ]
+    if header.format_version >= 2:
+        pairs += [
+            ("受理投诉 tickets opened", str(header.tickets_opened)),
+            ("办结投诉 tickets resolved or rejected", str(header.tickets_resolved)),
+            ("超时投诉 tickets overdue at the day's end", str(header.tickets_overdue)),
+        ]
     pairs += [(f"账链头 chain head {head.campaign_id}", f"{head.seq} {head.hash}") for head in header.chain_heads]
     return pairs
 
@@ -163,8 +190,9 @@ class XlsxReport:
         self._budgets = self._book.create_sheet(BUDGETS_SHEET)
         self._about = self._book.create_sheet(ABOUT_SHEET)
         self._bold = Font(bold=True)
-        self._prepare(self._rows, ROW_COLUMNS)
-        self._prepare(self._budgets, BUDGET_COLUMNS)
+        self._row_columns, self._budget_columns = row_columns(header), budget_columns(header)
+        self._prepare(self._rows, self._row_columns)
+        self._prepare(self._budgets, self._budget_columns)
         self._about.column_dimensions["A"].width = 34
         self._about.column_dimensions["B"].width = 80
         for label, value in about(header):
@@ -195,10 +223,10 @@ class XlsxReport:
         sheet.append(values)
 
     def budget(self, line: BudgetLine) -> None:
-        self._append(self._budgets, BUDGET_COLUMNS, line)
+        self._append(self._budgets, self._budget_columns, line)
 
     def row(self, row: ReportRow) -> None:
-        self._append(self._rows, ROW_COLUMNS, row)
+        self._append(self._rows, self._row_columns, row)
 
     def save(self, target: str | IO[bytes]) -> None:
         self._book.save(target)

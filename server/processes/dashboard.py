@@ -339,6 +339,12 @@ def report_json(header: daily_report_pb2.DailyReportHeader) -> dict[str, Any]:
         "order": money(total.order_fen),
         "refunded": money(total.refunded_fen),
         "merchants": total.merchants,
+        # Format 2 (0 in reports published before): the day's claw-backs and the complaints
+        # desk's day as the report froze them (the complaints panel shows the live counts).
+        "clawed_back": money(total.clawed_back_fen),
+        "tickets_opened": header.tickets_opened,
+        "tickets_resolved": header.tickets_resolved,
+        "tickets_overdue": header.tickets_overdue,
     }
 
 

@@ -50,6 +50,11 @@ SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
         common_pb2.ERROR_REASON_LINE_ALREADY_REFUNDED,
         "the line was already refunded",
     ),
+    "LINE_CLAWED_BACK": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_INVALID_STATE,
+        "the line's subsidy was clawed back (a confirmed risk case): it cannot be refunded or clawed back again",
+    ),
     "TERMINAL_INACTIVE": (
         grpc.StatusCode.PERMISSION_DENIED,
         common_pb2.ERROR_REASON_PERMISSION_DENIED,

@@ -37,7 +37,7 @@ from server.domain.daily_report import (
     parse_business_date,
 )
 from server.domain.errors import InvalidField, NotFound
-from server.domain.report_files import BUDGET_COLUMNS, ROW_COLUMNS, XlsxReport, csv_head, csv_line
+from server.domain.report_files import XlsxReport, budget_columns, csv_head, csv_line, row_columns
 from server.rpc.auth import GOVERNMENT, OPERATOR, caller_in
 from server.rpc.errors import ApiError
 from server.services.operations import OperatorDeps, begin_action
@@ -79,6 +79,8 @@ def figures_message(figures: Figures) -> daily_report_pb2.DailyReportFigures:
         refunds=figures.refunds,
         refunded_fen=figures.refunded_fen,
         merchants=figures.merchants,
+        clawbacks=figures.clawbacks,
+        clawed_back_fen=figures.clawed_back_fen,
     )
 
 
@@ -107,6 +109,9 @@ def header_message(
         content_hash=header.content_hash,
         day_total=figures_message(totals.get(DAY, Figures())),
         adjustment_total=figures_message(totals.get(ADJUSTMENT, Figures())),
+        tickets_opened=header.tickets_opened,
+        tickets_resolved=header.tickets_resolved,
+        tickets_overdue=header.tickets_overdue,
     )
 
 
@@ -126,6 +131,9 @@ def budget_message(line: BudgetLine) -> daily_report_pb2.DailyReportBudget:
         released_hold_fen=line.released_hold_fen,
         closing_held_fen=line.closing_held_fen,
         remaining_fen=line.remaining_fen,
+        clawed_back_fen=line.clawed_back_fen,
+        opening_recovered_fen=line.opening_recovered_fen,
+        closing_recovered_fen=line.closing_recovered_fen,
     )
 
 
@@ -287,13 +295,14 @@ class DailyReportService(daily_report_pb2_grpc.DailyReportServiceServicer):
         first: daily_report_pb2.ExportDailyReportResponse,
     ) -> AsyncIterator[daily_report_pb2.ExportDailyReportResponse]:
         day = header.business_date
-        pending, buffer = first, bytearray(csv_head(BUDGET_COLUMNS if budgets_only else ROW_COLUMNS))
+        budget_table, row_table = budget_columns(header), row_columns(header)
+        pending, buffer = first, bytearray(csv_head(budget_table if budgets_only else row_table))
         if budgets_only:
             async for line in daily_reports.stream_budgets(connection, day):
-                buffer += csv_line(header, BUDGET_COLUMNS, line)
+                buffer += csv_line(header, budget_table, line)
         else:
             async for row in daily_reports.stream_rows(connection, day):
-                buffer += csv_line(header, ROW_COLUMNS, row)
+                buffer += csv_line(header, row_table, row)
                 if len(buffer) >= FILE_CHUNK_BYTES:
                     pending.chunk = bytes(buffer)
                     yield pending

@@ -1,9 +1,15 @@
 """RiskCaseService: the risk team's cases over the gateway (issue 14, section 2).
 
-Reading (list, get) for operators and the bureau's government users; assigning and moving for
-operators, each recorded in the operator audit trail under the request's id (a retry acts once).
-The cases and their audit are storage's (storage/postgres/risk_cases.py), the states the
-domain's (server/domain/risk_detection.py).
+Reading (list, get) for operators and the bureau's government users; assigning, moving and
+clawing back for operators, each recorded in the operator audit trail under the request's id (a
+retry acts once). The cases and their audit are storage's (storage/postgres/risk_cases.py), the
+states the domain's (server/domain/risk_detection.py).
+
+A claw-back (README "Claw-back") moves money, so it goes through the money path like a refund:
+one Redis script (clawback.lua, RedisStore.claw_back), idempotent on the operator and request
+id, whose CLAWED_BACK ledger event the writer posts into the hash-chained ledger. PostgreSQL is
+checked first (the case is CONFIRMED) and written last (the audit row, once per request id):
+a refusal anywhere writes nothing.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ from server.domain.risk_detection import (
     InvalidCaseTransition,
 )
 from server.rpc.auth import GOVERNMENT, OPERATOR, caller, caller_in
-from server.rpc.errors import ApiError
+from server.rpc.errors import ApiError, invalid_field
+from server.services.common import payload_hash, raise_script_error
 from server.services.operations import OperatorDeps
 from storage.postgres import risk_cases
 from storage.postgres.risk_cases import RiskCase
+from storage.redis.complaints import authorization_owner
+from storage.redis.contract import Failure
 
 READERS = (OPERATOR, GOVERNMENT)
 STATE_TO_PROTO = {
@@ -41,6 +50,8 @@ STATE_TO_PROTO = {
 }
 PROTO_TO_STATE: dict[int, str] = {int(value): key for key, value in STATE_TO_PROTO.items()}
 NOTE_CHARACTERS_MAX = 2_000
+# An authorization has at most SUBSIDY_MAX_LINES lines, itself at most 100.
+CLAW_BACK_LINES_MAX = 100
 
 
 def _stamp(moment: datetime) -> Timestamp:
@@ -96,6 +107,7 @@ def _assignee(value: str) -> str:
 class RiskCaseService(risk_pb2_grpc.RiskCaseServiceServicer):
     def __init__(self, deps: OperatorDeps) -> None:
         self._pool = deps.pool
+        self._store = deps.store
 
     async def ListRiskCases(
         self, request: risk_pb2.ListRiskCasesRequest, context: grpc.aio.ServicerContext
@@ -164,3 +176,65 @@ class RiskCaseService(risk_pb2_grpc.RiskCaseServiceServicer):
             except InvalidCaseTransition as error:
                 raise invalid_state(error) from None
         return risk_pb2.TransitionRiskCaseResponse(risk_case=case_message(case, True))
+
+    async def ClawBack(
+        self, request: risk_pb2.ClawBackRequest, context: grpc.aio.ServicerContext
+    ) -> risk_pb2.ClawBackResponse:
+        identity = caller(OPERATOR)
+        request_id = validation.check_request_id(request.request_id)
+        case_id = _case_id(request.case_id)
+        authorization_id = validation.check_authorization_id(request.authorization_id)
+        line_ids = validation.canonical_line_ids(request.line_ids, CLAW_BACK_LINES_MAX)
+        note = request.note.strip()
+        if not note:
+            raise InvalidField("note", "is required: why the subsidy is clawed back")
+        if len(note) > NOTE_CHARACTERS_MAX:
+            raise InvalidField("note", f"is at most {NOTE_CHARACTERS_MAX} characters")
+        canonical = risk_pb2.ClawBackRequest(
+            request_id=request_id, case_id=case_id, authorization_id=authorization_id, line_ids=line_ids, note=note
+        )
+        digest = payload_hash("ClawBack", canonical)
+        pool = await self._pool.get()
+        async with pool.acquire() as connection:
+            case = await risk_cases.get(connection, case_id)
+            if case.state != CONFIRMED:
+                raise ApiError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    common_pb2.ERROR_REASON_INVALID_STATE,
+                    f"case {case_id} is {case.state}: only a CONFIRMED case claws back",
+                    {"state": "RISK_CASE_STATE_" + case.state},
+                )
+            owner = await authorization_owner(self._store, authorization_id)
+            if owner is None:
+                raise_script_error(Failure("AUTHORIZATION_NOT_FOUND"))
+            made_by = {"MERCHANT": owner.merchant_id, "TERMINAL": owner.terminal_id, "CONSUMER": owner.consumer_key}
+            if made_by.get(case.subject_kind) != case.subject_id:
+                raise invalid_field(
+                    "authorization_id", f"is not a sale of the case's {case.subject_kind.lower()} ({case.subject_id})"
+                )
+            reply = await self._store.claw_back(
+                digest, request_id, identity.terminal_id, case_id, authorization_id, line_ids
+            )
+            if isinstance(reply, Failure):
+                raise_script_error(reply)
+            body = reply.body
+            details = {
+                "authorization_id": authorization_id,
+                "merchant_id": body.authorization.merchant_id,
+                "line_ids": body.line_ids,
+                "clawed_back_fen": body.clawed_back_fen,
+                "note": note,
+            }
+            # Once per request id: a replayed claw-back (Redis answered its stored answer) finds
+            # its audit row already written, unless the first call failed right before it.
+            async with connection.transaction():
+                await risk_cases.audit_clawback(connection, identity.terminal_id, request_id, case_id, details)
+        view = body.authorization
+        return risk_pb2.ClawBackResponse(
+            authorization_id=view.authorization_id,
+            merchant_id=view.merchant_id,
+            line_ids=body.line_ids,
+            clawed_back_fen=body.clawed_back_fen,
+            clawed_back_line_ids=[line.line_id for line in view.lines if line.refunded == 2],
+            replayed=reply.replayed,
+        )

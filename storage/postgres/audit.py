@@ -128,7 +128,7 @@ class Counters:
         )
 
 
-ACCOUNT_FIELDS = {"PENDING": "reserved", "MERCHANT_RECEIVABLE": "spent"}
+ACCOUNT_FIELDS = {"PENDING": "reserved", "MERCHANT_RECEIVABLE": "spent", "RECOVERED": "clawed_back"}
 
 
 async def ledger_counters(connection: asyncpg.Connection) -> Counters:
@@ -138,7 +138,13 @@ async def ledger_counters(connection: asyncpg.Connection) -> Counters:
         " WHERE account <> 'AVAILABLE' GROUP BY campaign_id, category, account"
     )
     for row in balances:
-        counters.budget[(row["campaign_id"], row["category"], ACCOUNT_FIELDS[row["account"]])] = int(row["balance"])
+        key = (row["campaign_id"], row["category"], ACCOUNT_FIELDS[row["account"]])
+        counters.budget[key] = counters.budget.get(key, 0) + int(row["balance"])
+        # Redis spent is the budget used: still owed to merchants (MERCHANT_RECEIVABLE) or
+        # clawed back from them (RECOVERED, not granted again).
+        if row["account"] == "RECOVERED":
+            spent = (row["campaign_id"], row["category"], "spent")
+            counters.budget[spent] = counters.budget.get(spent, 0) + int(row["balance"])
     refunded = await connection.fetch(
         "SELECT campaign_id, line->>'c' AS category, sum((line->>'s')::bigint) AS amount"
         " FROM ledger_events, jsonb_array_elements(lines) AS line WHERE event_type = 'REFUNDED'"
@@ -148,7 +154,8 @@ async def ledger_counters(connection: asyncpg.Connection) -> Counters:
         counters.budget[(row["campaign_id"], row["category"], "refunded")] = int(row["amount"])
     usage = await connection.fetch(
         "SELECT campaign_id, consumer_key, line->>'c' AS category, sum(CASE event_type WHEN 'AUTHORIZED' THEN 1"
-        " WHEN 'CAPTURED' THEN 0 ELSE -1 END) AS units FROM ledger_events, jsonb_array_elements(lines) AS line"
+        " WHEN 'CAPTURED' THEN 0 WHEN 'CLAWED_BACK' THEN 0 ELSE -1 END) AS units"
+        " FROM ledger_events, jsonb_array_elements(lines) AS line"
         " GROUP BY campaign_id, consumer_key, line->>'c'"
     )
     for row in usage:
@@ -165,13 +172,14 @@ async def ledger_counters(connection: asyncpg.Connection) -> Counters:
     for row in days:
         field_name = f"day:{row['day']}:{row['merchant_id']}"
         counters.usage[(row["campaign_id"], row["consumer_key"], field_name)] = int(row["payments"])
-    # A serial is held from the authorization until a void, expiry or refund of its line.
+    # A serial is held from the authorization until a void, expiry or refund of its line (a
+    # claw-back keeps it: the device was sold, fraudulently).
     serials = await connection.fetch(
         "SELECT line->>'sn' AS serial, authorization_id, sum(CASE event_type"
-        " WHEN 'AUTHORIZED' THEN 1 WHEN 'CAPTURED' THEN 0 ELSE -1 END) AS held"
+        " WHEN 'AUTHORIZED' THEN 1 WHEN 'CAPTURED' THEN 0 WHEN 'CLAWED_BACK' THEN 0 ELSE -1 END) AS held"
         " FROM ledger_events, jsonb_array_elements(lines) AS line WHERE line->>'sn' <> ''"
         " GROUP BY line->>'sn', authorization_id HAVING sum(CASE event_type WHEN 'AUTHORIZED' THEN 1"
-        " WHEN 'CAPTURED' THEN 0 ELSE -1 END) > 0"
+        " WHEN 'CAPTURED' THEN 0 WHEN 'CLAWED_BACK' THEN 0 ELSE -1 END) > 0"
     )
     for row in serials:
         counters.serials[row["serial"]] = row["authorization_id"]
@@ -227,7 +235,7 @@ async def reconcile(connection: asyncpg.Connection, redis: Redis, keys: Keys) ->
 
 
 async def rebuild(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> Counters:
-    """Restores Redis money state from the ledger: budget reserved/spent/refunded, consumer usage,
+    """Restores Redis money state from the ledger: budget reserved/spent/refunded/clawed_back, consumer usage,
     serials, and the authorizations with their pending holds. Run it after a Redis loss, with
     the reference data re-published first (``server.reference publish``)."""
     counters = await ledger_counters(connection)

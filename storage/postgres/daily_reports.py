@@ -90,7 +90,7 @@ SELECT part, campaign_id, category, account, event_type,
 FROM parts GROUP BY part, campaign_id, category, account, event_type
 """
 
-# Captures debit and refunds credit MERCHANT_RECEIVABLE: one entry per event and category.
+# Captures debit, refunds and claw-backs credit MERCHANT_RECEIVABLE: one entry per event and category.
 ROWS = f"""
 WITH {WATERMARK},
 moved AS (
@@ -124,7 +124,9 @@ grouped AS (
         coalesce(sum(order_fen) FILTER (WHERE event_type = 'CAPTURED'), 0)::bigint AS order_fen,
         count(*) FILTER (WHERE event_type = 'REFUNDED') AS refunds,
         coalesce(sum(credit_fen) FILTER (WHERE event_type = 'REFUNDED'), 0)::bigint AS refunded_fen,
-        count(DISTINCT merchant_id) FILTER (WHERE event_type = 'CAPTURED') AS merchants
+        count(DISTINCT merchant_id) FILTER (WHERE event_type = 'CAPTURED') AS merchants,
+        count(*) FILTER (WHERE event_type = 'CLAWED_BACK') AS clawbacks,
+        coalesce(sum(credit_fen) FILTER (WHERE event_type = 'CLAWED_BACK'), 0)::bigint AS clawed_back_fen
     FROM detailed
     GROUP BY GROUPING SETS (
         (kind, campaign_id, category, merchant_id, original_date), (kind, campaign_id, category), (kind)
@@ -158,6 +160,10 @@ BUDGET_COLUMNS = (
     "remaining_fen",
     "chain_spent_fen",
     "chain_held_fen",
+    "clawed_back_fen",
+    "opening_recovered_fen",
+    "closing_recovered_fen",
+    "chain_recovered_fen",
 )
 ROW_COLUMNS = (
     "business_date",
@@ -178,6 +184,8 @@ ROW_COLUMNS = (
     "refunds",
     "refunded_fen",
     "merchants",
+    "clawbacks",
+    "clawed_back_fen",
 )
 
 
@@ -241,6 +249,7 @@ async def _cut(
         low = previous.watermark() if previous else {}
         campaigns = [head.campaign_id for head in heads]
         marks = (campaigns, [low.get(campaign, 0) for campaign in campaigns], [head.seq for head in heads])
+        opened, resolved, overdue = await ticket_counts(connection, start, end)
         header = ReportHeader(
             business_date=day,
             timezone=calendar.timezone,
@@ -252,6 +261,9 @@ async def _cut(
             previous_date=previous.business_date if previous else None,
             previous_hash=previous.content_hash if previous else GENESIS_HASH,
             chain_heads=heads,
+            tickets_opened=opened,
+            tickets_resolved=resolved,
+            tickets_overdue=overdue,
         )
         hasher = ContentHasher(header)
         budgets = await _budgets(connection, start, end, marks, previous, int(end.timestamp() * 1000))
@@ -300,8 +312,8 @@ async def _cut(
         await connection.execute(
             "INSERT INTO daily_reports (business_date, timezone, cutoff, day_starts_at, day_ends_at, cut_at,"
             " published_by, previous_date, previous_hash, chain_heads, budget_count, row_count, adjustment_rows,"
-            " format_version, content_hash)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15)",
+            " format_version, content_hash, tickets_opened, tickets_resolved, tickets_overdue)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15, $16, $17, $18)",
             final.business_date,
             final.timezone,
             final.cutoff,
@@ -317,8 +329,33 @@ async def _cut(
             final.adjustment_rows,
             final.format_version,
             final.content_hash,
+            final.tickets_opened,
+            final.tickets_resolved,
+            final.tickets_overdue,
         )
     return final
+
+
+# The complaints desk's day [start, end): tickets opened in it, closed RESOLVED or REJECTED in
+# it, and open at its end past a deadline then: the first reply due before the end and not
+# given by its deadline (given late, or not yet), or the resolution due before the end. The
+# deadlines are each ticket's own, fixed by the SLA when it was opened (storage/postgres/
+# complaints.py). Read inside the cut's snapshot: a published report keeps what it counted.
+TICKET_COUNTS = """
+SELECT
+    count(*) FILTER (WHERE opened_at >= $1 AND opened_at < $2) AS opened,
+    count(*) FILTER (WHERE closed_at >= $1 AND closed_at < $2 AND state IN ('RESOLVED', 'REJECTED')) AS resolved,
+    count(*) FILTER (WHERE opened_at < $2 AND (closed_at IS NULL OR closed_at >= $2) AND (
+        (first_reply_due_at < $2 AND (first_replied_at IS NULL OR first_replied_at > first_reply_due_at))
+        OR resolution_due_at < $2)) AS overdue
+FROM tickets WHERE opened_at < $2 AND (closed_at IS NULL OR closed_at >= $1)
+"""
+
+
+async def ticket_counts(connection: asyncpg.Connection, start: datetime, end: datetime) -> tuple[int, int, int]:
+    """(opened, resolved or rejected, overdue at the end) of the business day [start, end)."""
+    row = await connection.fetchrow(TICKET_COUNTS, start, end)
+    return int(row["opened"]), int(row["resolved"]), int(row["overdue"])
 
 
 async def _budgets(
@@ -378,6 +415,8 @@ def _row(record: asyncpg.Record) -> ReportRow:
             refunds=int(record["refunds"]),
             refunded_fen=int(record["refunded_fen"]),
             merchants=int(record["merchants"]),
+            clawbacks=int(record["clawbacks"]),
+            clawed_back_fen=int(record["clawed_back_fen"]),
         ),
     )
 
@@ -407,6 +446,8 @@ def _row_record(day: date, position: int, row: ReportRow) -> tuple[Any, ...]:
         figures.refunds,
         figures.refunded_fen,
         figures.merchants,
+        figures.clawbacks,
+        figures.clawed_back_fen,
     )
 
 
@@ -431,6 +472,9 @@ def _header(record: asyncpg.Record) -> ReportHeader:
         adjustment_rows=record["adjustment_rows"],
         format_version=record["format_version"],
         content_hash=record["content_hash"],
+        tickets_opened=int(record["tickets_opened"]),
+        tickets_resolved=int(record["tickets_resolved"]),
+        tickets_overdue=int(record["tickets_overdue"]),
     )
 
 

@@ -11,14 +11,15 @@ import asyncpg
 
 from server.domain.exchange_file import ConsumerRecord, ExchangeFile, SerialRecord
 
-# A capture's lines as they stand now: a line refunded since is no longer a subsidy to report.
+# A capture's lines as they stand now: a line refunded since is no longer a subsidy to report;
+# a line clawed back (r = 2) still is: the consumer's right and the device stay used.
 SUBSIDISED_LINES = """
     SELECT DISTINCT a.consumer_key, line->>'c' AS category, line->>'g' AS gtin, line->>'sn' AS serial
     FROM ledger_events AS e
     JOIN authorizations AS a ON a.authorization_id = e.authorization_id
     CROSS JOIN jsonb_array_elements(a.lines) AS line
     WHERE e.event_type = 'CAPTURED' AND e.occurred_at >= $1 AND e.occurred_at < $2
-      AND (line->>'r')::int = 0
+      AND (line->>'r')::int <> 1
 """
 
 CREATE_STAGING = """

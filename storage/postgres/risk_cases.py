@@ -234,3 +234,11 @@ async def move(
             assignee,
         )
     return await get(connection, case_id)
+
+
+async def audit_clawback(
+    connection: asyncpg.Connection, operator_id: str, request_id: str, case_id: int, details: dict[str, Any]
+) -> bool:
+    """Records a claw-back on ``case_id`` (the money moved through clawback.lua and the ledger;
+    this is who did it and why); False when this request id recorded it already."""
+    return await _audit(connection, operator_id, request_id, "risk.clawback", "RISK_CASE", str(case_id), details)

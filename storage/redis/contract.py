@@ -31,7 +31,7 @@ import msgspec
 
 AuthorizationState = Literal["PENDING", "CAPTURED", "VOIDED", "EXPIRED", "PARTIALLY_REFUNDED", "REFUNDED"]
 QualificationState = Literal["ISSUED", "RESERVED", "REDEEMED", "EXPIRED", "CANCELLED"]
-EventType = Literal["AUTHORIZED", "CAPTURED", "VOIDED", "EXPIRED", "REFUNDED"]
+EventType = Literal["AUTHORIZED", "CAPTURED", "VOIDED", "EXPIRED", "REFUNDED", "CLAWED_BACK"]
 
 
 class Line(msgspec.Struct, kw_only=True, frozen=True, gc=False):
@@ -47,7 +47,7 @@ class Line(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     unit_price_fen: int = msgspec.field(name="p", default=0)
     subsidy_fen: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(name="s")
     serial_number: str = msgspec.field(name="sn", default="")
-    refunded: int = msgspec.field(name="r", default=0)  # 1 once refunded
+    refunded: int = msgspec.field(name="r", default=0)  # 1 once refunded, 2 once clawed back (clawback.lua)
 
 
 class AuthorizationView(msgspec.Struct, kw_only=True, frozen=True, gc=False):
@@ -112,6 +112,15 @@ class Settled(msgspec.Struct, frozen=True, gc=False):
 class Refunded(msgspec.Struct, frozen=True, gc=False):
     authorization: AuthorizationView
     refunded_fen: int
+
+
+class ClawedBack(msgspec.Struct, frozen=True, gc=False):
+    """clawback.lua's answer: the authorization (its clawed-back lines r = 2) and the subsidy
+    this claw-back took back."""
+
+    authorization: AuthorizationView
+    clawed_back_fen: int
+    line_ids: list[str]  # the lines this claw-back took back
 
 
 class Expiry(msgspec.Struct, frozen=True, gc=False):
@@ -205,6 +214,8 @@ class LedgerEventRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     # The payment channel's transaction id of a capture or refund (absent when none was given,
     # and in every other event and older ones).
     channel_reference: str = ""
+    # A claw-back's risk case (clawback.lua); 0 in every other event.
+    risk_case: int = 0
 
 
 # --- Enums the scripts number ---------------------------------------------------------------------
@@ -465,6 +476,25 @@ class ExpireQualificationArgs(NamedTuple):
     redemption_code: str
 
 
+class ClawBackKeys(NamedTuple):
+    """clawback.lua's KEYS: an operator's call (no nonce, no terminal), the authorization and
+    its campaign's budget."""
+
+    idempotency: str  # string: the answer under "operator:<operator id>" and the request id
+    authorization: str  # hash
+    budget: str  # hash: <category>:clawed_back rises; spent stays (recovered money is not re-granted)
+    ledger: str  # stream
+
+
+class ClawBackArgs(NamedTuple):
+    payload_hash: str
+    request_id: str
+    idempotency_ttl_s: int
+    campaign_id: str  # as the caller read it from the authorization (re-checked)
+    operator_id: str  # the event's terminal is "operator:<operator id>"
+    risk_case: int  # the CONFIRMED risk case, carried in the event
+
+
 # --- The declarations -----------------------------------------------------------------------------
 
 K = TypeVar("K", bound=tuple[Any, ...])
@@ -610,6 +640,10 @@ REFUND: Script[LifecycleKeys, ChannelLifecycleArgs, Refunded] = Script(
     arg_tail=Tail("line_ids", str),
 )
 EXPIRE_HOLD: Script[HoldKeys, NoArgs, Expiry] = Script("expire_hold", HoldKeys, NoArgs, Expiry, key_tail=SERIALS)
+# The line ids to claw back; none means every line neither refunded nor clawed back.
+CLAW_BACK: Script[ClawBackKeys, ClawBackArgs, ClawedBack] = Script(
+    "clawback", ClawBackKeys, ClawBackArgs, ClawedBack, arg_tail=Tail("line_ids", str)
+)
 CLAIM: Script[ClaimKeys, ClaimArgs, ClaimAnswer] = Script(
     "claim_qualification",
     ClaimKeys,
@@ -635,6 +669,7 @@ SCRIPTS: tuple[Script[Any, Any, Any], ...] = (
     CLAIM,
     CANCEL,
     EXPIRE_QUALIFICATION,
+    CLAW_BACK,
 )
 
 FAILURE = msgspec.json.Decoder(Failure)

@@ -24,6 +24,7 @@ from storage.redis.contract import (
     CANCEL,
     CAPTURE,
     CLAIM,
+    CLAW_BACK,
     DECLINE_REASONS,
     EXPIRE_HOLD,
     EXPIRE_QUALIFICATION,
@@ -41,6 +42,9 @@ from storage.redis.contract import (
     ClaimAnswer,
     ClaimArgs,
     ClaimKeys,
+    ClawBackArgs,
+    ClawBackKeys,
+    ClawedBack,
     ExpireQualificationArgs,
     Failure,
     HoldKeys,
@@ -308,6 +312,41 @@ class RedisStore:
         keys, args, serials = found
         return await self._scripts.call(
             REFUND, keys, ChannelLifecycleArgs(*args, request.channel_reference), key_tail=serials, arg_tail=line_ids
+        )
+
+    async def claw_back(
+        self,
+        payload_hash: str,
+        request_id: str,
+        operator_id: str,
+        risk_case: int,
+        authorization_id: str,
+        line_ids: Sequence[str],
+    ) -> Reply[ClawedBack]:
+        """An operator's claw-back of captured lines (clawback.lua): the authorization's campaign
+        read first to name its budget, then one script call."""
+        key = self.keys.authorization(authorization_id)
+        campaign = await self.redis.hget(key, "campaign")
+        if campaign is None:
+            return NOT_FOUND
+        campaign_id = text(campaign)
+        return await self._scripts.call(
+            CLAW_BACK,
+            ClawBackKeys(
+                idempotency=self.keys.idempotency("operator:" + operator_id, request_id),
+                authorization=key,
+                budget=self.keys.budget(campaign_id),
+                ledger=self.keys.ledger,
+            ),
+            ClawBackArgs(
+                payload_hash=payload_hash,
+                request_id=request_id,
+                idempotency_ttl_s=self._limits.idempotency_ttl_s,
+                campaign_id=campaign_id,
+                operator_id=operator_id,
+                risk_case=risk_case,
+            ),
+            arg_tail=line_ids,
         )
 
     async def location_rule(self, campaign_id: str) -> tuple[float, int, str] | None:

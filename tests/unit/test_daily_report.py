@@ -42,7 +42,7 @@ from server.domain.daily_report import (
 )
 from server.domain.errors import InvalidField
 from server.domain.ledger_sim import SimCampaign, SimSettings, simulate
-from server.domain.report_files import BUDGET_COLUMNS, ROW_COLUMNS, XlsxReport, csv_lines
+from server.domain.report_files import BUDGET_COLUMNS, ROW_COLUMNS, ROW_COLUMNS_V2, XlsxReport, csv_lines
 
 SHANGHAI = BusinessCalendar("Asia/Shanghai", "00:30")
 
@@ -335,7 +335,7 @@ def test_the_xlsx_has_three_sheets_and_exact_yuan(tmp_path: object) -> None:
     book = openpyxl.load_workbook(io.BytesIO(buffer.getvalue()))
     assert book.sheetnames == ["日报", "预算", "说明"]
     rows = list(book["日报"].iter_rows(values_only=True))
-    assert rows[0] == ("业务日期", *(column.title for column in ROW_COLUMNS))
+    assert rows[0] == ("业务日期", *(column.title for column in ROW_COLUMNS_V2))  # a format-2 report
     record = dict(zip(rows[0], rows[1], strict=True))
     assert record["核销金额（元）"] == pytest.approx(919.80)
     assert book["日报"].cell(row=2, column=13).number_format == "#,##0.00"

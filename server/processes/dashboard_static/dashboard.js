@@ -224,7 +224,7 @@ function renderReports() {
   const body = document.querySelector("#reports tbody");
   if (!state.reports || state.reports.length === 0) {
     const text = state.reportsFailed ? t("unavailable") : t("none");
-    body.replaceChildren(element("tr", {}, element("td", { colspan: "9", class: "muted", text })));
+    body.replaceChildren(element("tr", {}, element("td", { colspan: "11", class: "muted", text })));
     return;
   }
   body.replaceChildren(...state.reports.map((report) => element("tr", { dataset: { report: report.business_date } },
@@ -234,6 +234,9 @@ function renderReports() {
     element("td", { class: "number", text: String(report.sales) }),
     element("td", { class: "number", text: formatYuan(report.redeemed) }),
     element("td", { class: "number", text: formatYuan(report.refunded) }),
+    element("td", { class: "number", text: formatYuan(report.clawed_back) }),
+    element("td", { class: "number",
+      text: `${report.tickets_opened} / ${report.tickets_resolved} / ${report.tickets_overdue}` }),
     element("td", { class: "number", text: String(report.row_count) }),
     element("td", { class: "hash", title: report.content_hash, text: report.content_hash.slice(0, 12) }),
     element("td", { class: "downloads" }, downloadLink(report.business_date, "rows", "csv", "csv_rows"),

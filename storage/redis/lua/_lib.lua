@@ -160,6 +160,8 @@ local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payl
     -- left out, when not counted): reconcile and rebuild derive the daily counters from it.
     day = day_of(auth),
     channel_reference = channel_reference,
+    -- A claw-back's risk case (clawback.lua; nil, left out, in every other event).
+    risk_case = auth.risk_case,
   }
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end

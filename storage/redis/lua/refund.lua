@@ -1,6 +1,6 @@
 -- refund.lua: refunds captured lines (CAPTURED -> PARTIALLY_REFUNDED -> REFUNDED). Each
 -- refunded line gives its subsidy back to the budget, one unit back to the consumer's quota
--- and frees its serial. A line is refunded at most once.
+-- and frees its serial. A line is refunded at most once, and never after a claw-back.
 --
 -- KEY and ARG: storage/redis/contract.py, REFUND (as CAPTURE, and ARG.line_ids: the line ids
 -- to refund; none means every line not yet refunded). ARG.channel_reference is the refund's
@@ -15,18 +15,23 @@ if auth.state ~= 'CAPTURED' and auth.state ~= 'PARTIALLY_REFUNDED' then
 end
 
 -- Choose the lines; every check before the first write.
-local wanted, chosen = {}, {}
+-- A line clawed back (r = 2, clawback.lua: a confirmed fraud) is never refunded: its subsidy
+-- is no longer the merchant's to give back.
+local wanted, chosen, clawed = {}, {}, nil
 for _, line_id in ipairs(ARG.line_ids) do wanted[line_id] = true end
 local explicit = #ARG.line_ids > 0
 for _, line in ipairs(auth.lines) do
   if not explicit or wanted[line.l] then
     if line.r == 1 and explicit then return fail('LINE_ALREADY_REFUNDED', {line_id = line.l}) end
+    if line.r == 2 and explicit then return fail('LINE_CLAWED_BACK', {line_id = line.l}) end
     if line.r == 0 then chosen[#chosen + 1] = line end
+    if line.r == 2 and clawed == nil then clawed = line.l end
     wanted[line.l] = nil
   end
 end
 local unknown = next(wanted)
 if unknown then return fail('LINE_NOT_FOUND', {line_id = unknown}) end
+if #chosen == 0 then return fail('LINE_CLAWED_BACK', {line_id = clawed or ''}) end
 
 local sums, counts, order = per_category(chosen)
 local refunded_fen = 0

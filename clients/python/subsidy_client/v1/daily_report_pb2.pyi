@@ -259,6 +259,8 @@ class DailyReportFigures(_message.Message):
     REFUNDS_FIELD_NUMBER: _builtins.int
     REFUNDED_FEN_FIELD_NUMBER: _builtins.int
     MERCHANTS_FIELD_NUMBER: _builtins.int
+    CLAWBACKS_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FEN_FIELD_NUMBER: _builtins.int
     consumers: _builtins.int
     """Distinct consumer keys with a sale."""
     sales: _builtins.int
@@ -275,6 +277,10 @@ class DailyReportFigures(_message.Message):
     """核销退款金额: subsidy refunded."""
     merchants: _builtins.int
     """核销商家数: distinct merchants with a sale."""
+    clawbacks: _builtins.int
+    """Claw-back events (a confirmed fraud; format 2, 0 in format-1 reports)."""
+    clawed_back_fen: _builtins.int
+    """追回金额: subsidy clawed back, no longer owed to the merchant (format 2)."""
     def __init__(
         self,
         *,
@@ -286,10 +292,12 @@ class DailyReportFigures(_message.Message):
         refunds: _builtins.int = ...,
         refunded_fen: _builtins.int = ...,
         merchants: _builtins.int = ...,
+        clawbacks: _builtins.int = ...,
+        clawed_back_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "merchants", b"merchants", "order_fen", b"order_fen", "redeemed_fen", b"redeemed_fen", "refunded_fen", b"refunded_fen", "refunds", b"refunds", "sales", b"sales", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clawbacks", b"clawbacks", "clawed_back_fen", b"clawed_back_fen", "consumers", b"consumers", "merchants", b"merchants", "order_fen", b"order_fen", "redeemed_fen", b"redeemed_fen", "refunded_fen", b"refunded_fen", "refunds", b"refunds", "sales", b"sales", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -316,6 +324,9 @@ class DailyReportHeader(_message.Message):
     CONTENT_HASH_FIELD_NUMBER: _builtins.int
     DAY_TOTAL_FIELD_NUMBER: _builtins.int
     ADJUSTMENT_TOTAL_FIELD_NUMBER: _builtins.int
+    TICKETS_OPENED_FIELD_NUMBER: _builtins.int
+    TICKETS_RESOLVED_FIELD_NUMBER: _builtins.int
+    TICKETS_OVERDUE_FIELD_NUMBER: _builtins.int
     business_date: _builtins.str
     """YYYY-MM-DD in time_zone."""
     time_zone: _builtins.str
@@ -332,6 +343,13 @@ class DailyReportHeader(_message.Message):
     format_version: _builtins.int
     content_hash: _builtins.str
     """SHA-256 (hex) over the header, budget lines and rows in their canonical form."""
+    tickets_opened: _builtins.int
+    """The complaints desk's day (format 2; 0 in format-1 reports), in time_zone: tickets opened
+    during the day, closed RESOLVED or REJECTED during the day, and still open at the day's
+    end past a deadline then (first reply or resolution, per the SLA each was opened under).
+    """
+    tickets_resolved: _builtins.int
+    tickets_overdue: _builtins.int
     @_builtins.property
     def day_starts_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -366,10 +384,13 @@ class DailyReportHeader(_message.Message):
         content_hash: _builtins.str = ...,
         day_total: Global___DailyReportFigures | None = ...,
         adjustment_total: Global___DailyReportFigures | None = ...,
+        tickets_opened: _builtins.int = ...,
+        tickets_resolved: _builtins.int = ...,
+        tickets_overdue: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adjustment_total", b"adjustment_total", "cut_at", b"cut_at", "day_ends_at", b"day_ends_at", "day_starts_at", b"day_starts_at", "day_total", b"day_total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjustment_rows", b"adjustment_rows", "adjustment_total", b"adjustment_total", "budget_count", b"budget_count", "business_date", b"business_date", "chain_heads", b"chain_heads", "content_hash", b"content_hash", "cut_at", b"cut_at", "cutoff", b"cutoff", "day_ends_at", b"day_ends_at", "day_starts_at", b"day_starts_at", "day_total", b"day_total", "format_version", b"format_version", "previous_date", b"previous_date", "previous_hash", b"previous_hash", "published_by", b"published_by", "row_count", b"row_count", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjustment_rows", b"adjustment_rows", "adjustment_total", b"adjustment_total", "budget_count", b"budget_count", "business_date", b"business_date", "chain_heads", b"chain_heads", "content_hash", b"content_hash", "cut_at", b"cut_at", "cutoff", b"cutoff", "day_ends_at", b"day_ends_at", "day_starts_at", b"day_starts_at", "day_total", b"day_total", "format_version", b"format_version", "previous_date", b"previous_date", "previous_hash", b"previous_hash", "published_by", b"published_by", "row_count", b"row_count", "tickets_opened", b"tickets_opened", "tickets_overdue", b"tickets_overdue", "tickets_resolved", b"tickets_resolved", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,8 +443,9 @@ Global___DailyReportRow: _TypeAlias = DailyReportRow  # noqa: Y015
 
 @_typing.final
 class DailyReportBudget(_message.Message):
-    """One campaign budget (campaign x category): opening_spent + captured - refunded =
-    closing_spent, and opening_held + held - captured - released_hold = closing_held, to the fen.
+    """One campaign budget (campaign x category): opening_spent + captured - refunded - clawed_back
+    = closing_spent, opening_held + held - captured - released_hold = closing_held, and
+    opening_recovered + clawed_back = closing_recovered, to the fen.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -442,6 +464,9 @@ class DailyReportBudget(_message.Message):
     RELEASED_HOLD_FEN_FIELD_NUMBER: _builtins.int
     CLOSING_HELD_FEN_FIELD_NUMBER: _builtins.int
     REMAINING_FEN_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FEN_FIELD_NUMBER: _builtins.int
+    OPENING_RECOVERED_FEN_FIELD_NUMBER: _builtins.int
+    CLOSING_RECOVERED_FEN_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     campaign_name: _builtins.str
     category: _builtins.str
@@ -459,7 +484,13 @@ class DailyReportBudget(_message.Message):
     released_hold_fen: _builtins.int
     closing_held_fen: _builtins.int
     remaining_fen: _builtins.int
-    """budget_fen - closing_spent_fen - closing_held_fen."""
+    """budget_fen - closing_spent_fen - closing_held_fen - closing_recovered_fen."""
+    clawed_back_fen: _builtins.int
+    """Subsidy clawed back from merchants (format 2): the day's, and the recovered balance, which
+    stays out of the budget (recovered public money is not granted again).
+    """
+    opening_recovered_fen: _builtins.int
+    closing_recovered_fen: _builtins.int
     def __init__(
         self,
         *,
@@ -477,10 +508,13 @@ class DailyReportBudget(_message.Message):
         released_hold_fen: _builtins.int = ...,
         closing_held_fen: _builtins.int = ...,
         remaining_fen: _builtins.int = ...,
+        clawed_back_fen: _builtins.int = ...,
+        opening_recovered_fen: _builtins.int = ...,
+        closing_recovered_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_fen", b"budget_fen", "campaign_id", b"campaign_id", "campaign_name", b"campaign_name", "captured_fen", b"captured_fen", "category", b"category", "closing_held_fen", b"closing_held_fen", "closing_spent_fen", b"closing_spent_fen", "held_fen", b"held_fen", "opening_held_fen", b"opening_held_fen", "opening_spent_fen", b"opening_spent_fen", "refunded_fen", b"refunded_fen", "released_fen", b"released_fen", "released_hold_fen", b"released_hold_fen", "remaining_fen", b"remaining_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_fen", b"budget_fen", "campaign_id", b"campaign_id", "campaign_name", b"campaign_name", "captured_fen", b"captured_fen", "category", b"category", "clawed_back_fen", b"clawed_back_fen", "closing_held_fen", b"closing_held_fen", "closing_recovered_fen", b"closing_recovered_fen", "closing_spent_fen", b"closing_spent_fen", "held_fen", b"held_fen", "opening_held_fen", b"opening_held_fen", "opening_recovered_fen", b"opening_recovered_fen", "opening_spent_fen", b"opening_spent_fen", "refunded_fen", b"refunded_fen", "released_fen", b"released_fen", "released_hold_fen", b"released_hold_fen", "remaining_fen", b"remaining_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -296,3 +296,81 @@ class TransitionRiskCaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransitionRiskCaseResponse: _TypeAlias = TransitionRiskCaseResponse  # noqa: Y015
+
+@_typing.final
+class ClawBackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    LINE_IDS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """A UUID; a retry with the same id answers the same claw-back and acts once."""
+    case_id: _builtins.int
+    """A CONFIRMED case whose subject (merchant, terminal or consumer) made the sale."""
+    authorization_id: _builtins.str
+    note: _builtins.str
+    """Why, for the audit trail: required, at most 2,000 characters."""
+    @_builtins.property
+    def line_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The lines to claw back; empty: every line neither refunded nor clawed back."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        case_id: _builtins.int = ...,
+        authorization_id: _builtins.str = ...,
+        line_ids: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "case_id", b"case_id", "line_ids", b"line_ids", "note", b"note", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClawBackRequest: _TypeAlias = ClawBackRequest  # noqa: Y015
+
+@_typing.final
+class ClawBackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    LINE_IDS_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FEN_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_LINE_IDS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    merchant_id: _builtins.str
+    clawed_back_fen: _builtins.int
+    replayed: _builtins.bool
+    """True when this is the answer to an earlier call with the same request_id."""
+    @_builtins.property
+    def line_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The lines this claw-back took back, and their subsidy."""
+
+    @_builtins.property
+    def clawed_back_line_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every line of the authorization clawed back so far (this call and earlier ones)."""
+
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        line_ids: _abc.Iterable[_builtins.str] | None = ...,
+        clawed_back_fen: _builtins.int = ...,
+        clawed_back_line_ids: _abc.Iterable[_builtins.str] | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "clawed_back_fen", b"clawed_back_fen", "clawed_back_line_ids", b"clawed_back_line_ids", "line_ids", b"line_ids", "merchant_id", b"merchant_id", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClawBackResponse: _TypeAlias = ClawBackResponse  # noqa: Y015

@@ -31,8 +31,8 @@ class RiskCaseServiceStub:
     merchant, a terminal or a consumer key, worked NEW -> REVIEWING -> CONFIRMED | DISMISSED.
 
     Who may call what: ListRiskCases and GetRiskCase for operators and government users (read
-    only); AssignRiskCase and TransitionRiskCase for operators, each an audited action idempotent
-    on its request_id. Everyone else gets PERMISSION_DENIED.
+    only); AssignRiskCase, TransitionRiskCase and ClawBack for operators, each an audited action
+    idempotent on its request_id. Everyone else gets PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -61,6 +61,11 @@ class RiskCaseServiceStub:
                 request_serializer=subsidy_dot_v1_dot_risk__pb2.TransitionRiskCaseRequest.SerializeToString,
                 response_deserializer=subsidy_dot_v1_dot_risk__pb2.TransitionRiskCaseResponse.FromString,
                 _registered_method=True)
+        self.ClawBack = channel.unary_unary(
+                '/subsidy.v1.RiskCaseService/ClawBack',
+                request_serializer=subsidy_dot_v1_dot_risk__pb2.ClawBackRequest.SerializeToString,
+                response_deserializer=subsidy_dot_v1_dot_risk__pb2.ClawBackResponse.FromString,
+                _registered_method=True)
 
 
 class RiskCaseServiceServicer:
@@ -69,8 +74,8 @@ class RiskCaseServiceServicer:
     merchant, a terminal or a consumer key, worked NEW -> REVIEWING -> CONFIRMED | DISMISSED.
 
     Who may call what: ListRiskCases and GetRiskCase for operators and government users (read
-    only); AssignRiskCase and TransitionRiskCase for operators, each an audited action idempotent
-    on its request_id. Everyone else gets PERMISSION_DENIED.
+    only); AssignRiskCase, TransitionRiskCase and ClawBack for operators, each an audited action
+    idempotent on its request_id. Everyone else gets PERMISSION_DENIED.
     """
 
     def ListRiskCases(self, request, context):
@@ -102,6 +107,21 @@ class RiskCaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClawBack(self, request, context):
+        """Claws back the subsidy of captured lines of a sale of the case's subject, on a CONFIRMED
+        case (README "Claw-back"): one CLAWED_BACK ledger event through the money path's script;
+        the merchant is no longer owed that subsidy, the budget does not get it back to grant
+        again, the consumer's quota and the device serial stay used. A case not CONFIRMED, or an
+        authorization not CAPTURED / PARTIALLY_REFUNDED, is FAILED_PRECONDITION (INVALID_STATE,
+        metadata state); a line already refunded FAILED_PRECONDITION (LINE_ALREADY_REFUNDED); a
+        line already clawed back FAILED_PRECONDITION (INVALID_STATE, metadata line_id); an unknown
+        case or authorization NOT_FOUND; a sale of another subject or an unknown line
+        INVALID_ARGUMENT naming the field. Nothing is written on any error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RiskCaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +145,11 @@ def add_RiskCaseServiceServicer_to_server(servicer, server):
                     request_deserializer=subsidy_dot_v1_dot_risk__pb2.TransitionRiskCaseRequest.FromString,
                     response_serializer=subsidy_dot_v1_dot_risk__pb2.TransitionRiskCaseResponse.SerializeToString,
             ),
+            'ClawBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClawBack,
+                    request_deserializer=subsidy_dot_v1_dot_risk__pb2.ClawBackRequest.FromString,
+                    response_serializer=subsidy_dot_v1_dot_risk__pb2.ClawBackResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'subsidy.v1.RiskCaseService', rpc_method_handlers)
@@ -139,8 +164,8 @@ class RiskCaseService:
     merchant, a terminal or a consumer key, worked NEW -> REVIEWING -> CONFIRMED | DISMISSED.
 
     Who may call what: ListRiskCases and GetRiskCase for operators and government users (read
-    only); AssignRiskCase and TransitionRiskCase for operators, each an audited action idempotent
-    on its request_id. Everyone else gets PERMISSION_DENIED.
+    only); AssignRiskCase, TransitionRiskCase and ClawBack for operators, each an audited action
+    idempotent on its request_id. Everyone else gets PERMISSION_DENIED.
     """
 
     @staticmethod
@@ -241,6 +266,33 @@ class RiskCaseService:
             '/subsidy.v1.RiskCaseService/TransitionRiskCase',
             subsidy_dot_v1_dot_risk__pb2.TransitionRiskCaseRequest.SerializeToString,
             subsidy_dot_v1_dot_risk__pb2.TransitionRiskCaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClawBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/subsidy.v1.RiskCaseService/ClawBack',
+            subsidy_dot_v1_dot_risk__pb2.ClawBackRequest.SerializeToString,
+            subsidy_dot_v1_dot_risk__pb2.ClawBackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,8 +32,8 @@ class RiskCaseServiceStub:
     merchant, a terminal or a consumer key, worked NEW -> REVIEWING -> CONFIRMED | DISMISSED.
 
     Who may call what: ListRiskCases and GetRiskCase for operators and government users (read
-    only); AssignRiskCase and TransitionRiskCase for operators, each an audited action idempotent
-    on its request_id. Everyone else gets PERMISSION_DENIED.
+    only); AssignRiskCase, TransitionRiskCase and ClawBack for operators, each an audited action
+    idempotent on its request_id. Everyone else gets PERMISSION_DENIED.
     """
 
     @_typing.overload
@@ -50,6 +50,17 @@ class RiskCaseServiceStub:
     """Moves a case; a move its state does not allow is FAILED_PRECONDITION (INVALID_STATE) and
     changes nothing.
     """
+    ClawBack: _grpc.UnaryUnaryMultiCallable[_risk_pb2.ClawBackRequest, _risk_pb2.ClawBackResponse]
+    """Claws back the subsidy of captured lines of a sale of the case's subject, on a CONFIRMED
+    case (README "Claw-back"): one CLAWED_BACK ledger event through the money path's script;
+    the merchant is no longer owed that subsidy, the budget does not get it back to grant
+    again, the consumer's quota and the device serial stay used. A case not CONFIRMED, or an
+    authorization not CAPTURED / PARTIALLY_REFUNDED, is FAILED_PRECONDITION (INVALID_STATE,
+    metadata state); a line already refunded FAILED_PRECONDITION (LINE_ALREADY_REFUNDED); a
+    line already clawed back FAILED_PRECONDITION (INVALID_STATE, metadata line_id); an unknown
+    case or authorization NOT_FOUND; a sale of another subject or an unknown line
+    INVALID_ARGUMENT naming the field. Nothing is written on any error.
+    """
 
 @_typing.type_check_only
 class RiskCaseServiceAsyncStub(RiskCaseServiceStub):
@@ -58,8 +69,8 @@ class RiskCaseServiceAsyncStub(RiskCaseServiceStub):
     merchant, a terminal or a consumer key, worked NEW -> REVIEWING -> CONFIRMED | DISMISSED.
 
     Who may call what: ListRiskCases and GetRiskCase for operators and government users (read
-    only); AssignRiskCase and TransitionRiskCase for operators, each an audited action idempotent
-    on its request_id. Everyone else gets PERMISSION_DENIED.
+    only); AssignRiskCase, TransitionRiskCase and ClawBack for operators, each an audited action
+    idempotent on its request_id. Everyone else gets PERMISSION_DENIED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -73,6 +84,17 @@ class RiskCaseServiceAsyncStub(RiskCaseServiceStub):
     """Moves a case; a move its state does not allow is FAILED_PRECONDITION (INVALID_STATE) and
     changes nothing.
     """
+    ClawBack: _aio.UnaryUnaryMultiCallable[_risk_pb2.ClawBackRequest, _risk_pb2.ClawBackResponse]  # type: ignore[assignment]
+    """Claws back the subsidy of captured lines of a sale of the case's subject, on a CONFIRMED
+    case (README "Claw-back"): one CLAWED_BACK ledger event through the money path's script;
+    the merchant is no longer owed that subsidy, the budget does not get it back to grant
+    again, the consumer's quota and the device serial stay used. A case not CONFIRMED, or an
+    authorization not CAPTURED / PARTIALLY_REFUNDED, is FAILED_PRECONDITION (INVALID_STATE,
+    metadata state); a line already refunded FAILED_PRECONDITION (LINE_ALREADY_REFUNDED); a
+    line already clawed back FAILED_PRECONDITION (INVALID_STATE, metadata line_id); an unknown
+    case or authorization NOT_FOUND; a sale of another subject or an unknown line
+    INVALID_ARGUMENT naming the field. Nothing is written on any error.
+    """
 
 class RiskCaseServiceServicer(metaclass=_abc_1.ABCMeta):
     """The risk team's cases (issue 14, section 2): findings of the offline detectors over the
@@ -80,8 +102,8 @@ class RiskCaseServiceServicer(metaclass=_abc_1.ABCMeta):
     merchant, a terminal or a consumer key, worked NEW -> REVIEWING -> CONFIRMED | DISMISSED.
 
     Who may call what: ListRiskCases and GetRiskCase for operators and government users (read
-    only); AssignRiskCase and TransitionRiskCase for operators, each an audited action idempotent
-    on its request_id. Everyone else gets PERMISSION_DENIED.
+    only); AssignRiskCase, TransitionRiskCase and ClawBack for operators, each an audited action
+    idempotent on its request_id. Everyone else gets PERMISSION_DENIED.
     """
 
     @_abc_1.abstractmethod
@@ -116,6 +138,23 @@ class RiskCaseServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_risk_pb2.TransitionRiskCaseResponse, _abc.Awaitable[_risk_pb2.TransitionRiskCaseResponse]]:
         """Moves a case; a move its state does not allow is FAILED_PRECONDITION (INVALID_STATE) and
         changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ClawBack(
+        self,
+        request: _risk_pb2.ClawBackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_risk_pb2.ClawBackResponse, _abc.Awaitable[_risk_pb2.ClawBackResponse]]:
+        """Claws back the subsidy of captured lines of a sale of the case's subject, on a CONFIRMED
+        case (README "Claw-back"): one CLAWED_BACK ledger event through the money path's script;
+        the merchant is no longer owed that subsidy, the budget does not get it back to grant
+        again, the consumer's quota and the device serial stay used. A case not CONFIRMED, or an
+        authorization not CAPTURED / PARTIALLY_REFUNDED, is FAILED_PRECONDITION (INVALID_STATE,
+        metadata state); a line already refunded FAILED_PRECONDITION (LINE_ALREADY_REFUNDED); a
+        line already clawed back FAILED_PRECONDITION (INVALID_STATE, metadata line_id); an unknown
+        case or authorization NOT_FOUND; a sale of another subject or an unknown line
+        INVALID_ARGUMENT naming the field. Nothing is written on any error.
         """
 
 def add_RiskCaseServiceServicer_to_server(servicer: RiskCaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
