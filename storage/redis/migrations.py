@@ -70,9 +70,11 @@ async def migrate_issued_counts(redis: Redis, keys: Keys) -> int:
         return 0
     counts: dict[tuple[str, str, str], int] = {}
     async for raw in redis.scan_iter(match=f"{keys.tag}:qual:*", count=1000):
-        fields = await redis.hmget(raw, "campaign", "consumer", "category")
-        campaign, consumer, category = (value.decode() if isinstance(value, bytes) else value for value in fields)
-        if campaign and consumer and category:
+        fields = await redis.hmget(raw, "campaign", "consumer", "category", "pack")
+        campaign, consumer, category, pack = (value.decode() if isinstance(value, bytes) else value for value in fields)
+        # A pack's voucher counts against its pack (pack:<id>:issued, written by every pack
+        # claim), never its category.
+        if campaign and consumer and category and not pack:
             key = (campaign, consumer, category)
             counts[key] = counts.get(key, 0) + 1
     raised = 0

@@ -37,6 +37,7 @@ from subsidy_client.v1 import qualification_pb2 as qpb
 
 from storage.devenv import Services
 from storage.postgres.qualifications import QualificationMirror, restore_qualifications
+from storage.redis.migrations import migrate_issued_counts
 from tests.conftest import (
     Environment,
     consumer_key_of,
@@ -423,6 +424,21 @@ async def test_rebuild_restores_the_packs_and_their_counters(world: World) -> No
     assert decision(await claim(world, returned, campaign_id)) == "ALREADY_CLAIMED_THIS_ROUND"
     approved = await pay(world, held, listed[0].redemption_code, campaign_id, listed[0].threshold_fen)
     assert outcome(approved) == "APPROVED" and approved.subsidy_fen == listed[0].off_fen
+
+
+async def test_the_issued_counts_migration_leaves_pack_vouchers_to_their_pack(world: World) -> None:
+    """migrate_issued_counts (run once per deployment at gateway start, again after a Redis
+    loss took its schema mark) counts claims by category only: a pack's vouchers give their
+    holder no <category>:issued."""
+    campaign_id = new_id()
+    await create(world, pack_campaign(campaign_id))
+    person = id_number()
+    await codes_of(world, person, campaign_id)
+    before = await counters(world, campaign_id, person)
+    await world.redis.hdel(world.env.keys.schema, "issued_counts")
+    await migrate_issued_counts(world.redis, world.env.keys)
+    assert await counters(world, campaign_id, person) == before
+    assert "general:issued" not in before[1]
 
 
 # --- Bounds and bad input ------------------------------------------------------------------------
