@@ -147,6 +147,32 @@ FUZZ_CAMPAIGNS.append(
     }
 )  # fmt: skip
 REGION_BOUND = {"c-fuzz-bound"}
+# Location at redemption (issue 13, item 2): the fuzzer's payments carry no consumer_location,
+# so every authorization on this campaign is declined LOCATION_REQUIRED, or for a reason ranked
+# before it (a suspended caller; a code-only request's unknown code).
+FUZZ_CAMPAIGNS.append(
+    {
+        "id": "c-fuzz-located",
+        "status": "ACTIVE",
+        "starts_at": "2020-01-01T00:00:00+08:00",
+        "ends_at": "2099-01-01T00:00:00+08:00",
+        "region": next(c["region"] for c in REFERENCE["campaigns"] if c["id"] == "c-qual"),
+        "require_location_at_redemption": True,
+        "rules": [
+            {"category": "fridge", "kind": "PERCENT", "rates_bp": {"1": 2000}, "cap_fen": 200_000,
+             "per_person_limit": 1, "budget_fen": 1_000_000},
+            {"category": "general", "kind": "FIXED", "threshold_fen": 1, "off_fen": 1, "per_person_limit": 2,
+             "budget_fen": 1_000},
+        ],
+    }
+)  # fmt: skip
+LOCATED = {"c-fuzz-located"}
+LOCATED_REASONS = {
+    apb.DECLINE_REASON_TERMINAL_INACTIVE,
+    apb.DECLINE_REASON_MERCHANT_INACTIVE,
+    apb.DECLINE_REASON_QUALIFICATION_NOT_FOUND,
+    apb.DECLINE_REASON_LOCATION_REQUIRED,
+}
 # What a region-bound campaign may answer a store-less terminal: the caller-level reasons that
 # rank before STORE_OUTSIDE_REGION, or it.
 BOUND_REASONS = {
@@ -539,7 +565,9 @@ sales = st.builds(
     AuthorizeOp,
     terminals,
     st.builds(Ident, st.just("uuid"), st.none(), spelling("uuid", plain_weight=95)),
-    campaigns(("c-main", "c-main", "c-main", "c-voucher", "c-fuzz-tiny", "c-fuzz-edge", "c-fuzz-bound")),
+    campaigns(
+        ("c-main", "c-main", "c-main", "c-voucher", "c-fuzz-tiny", "c-fuzz-edge", "c-fuzz-bound", "c-fuzz-located")
+    ),
     st.builds(Ident, st.just("person"), st.integers(0, 4), spelling("consumer", 95)),
     weighted((97, st.just(apb.CHANNEL_POS)), (3, st.just(apb.CHANNEL_ONLINE))),
     st.lists(plausible_lines, min_size=1, max_size=3, unique_by=lambda line: line.line_id.key).map(tuple),
@@ -1704,6 +1732,14 @@ class World:
                     outcome.response.decision == apb.DECISION_DECLINED
                     and outcome.response.decline_reason in BOUND_REASONS,
                     "a region-bound campaign redeemed at a terminal without a store, or not for the store",
+                    outcome.label,
+                    request,
+                )
+            if canon("campaign", request.campaign_id) in LOCATED and caller in TERMINAL_MERCHANTS:
+                require(
+                    outcome.response.decision == apb.DECISION_DECLINED
+                    and outcome.response.decline_reason in LOCATED_REASONS,
+                    "a campaign requiring the location at redemption answered a payment without one",
                     outcome.label,
                     request,
                 )
