@@ -267,3 +267,6 @@ def clawback(
 RISK_SERVICE = "/subsidy.v1.RiskCaseService/"
 SECTION = LOCAL
 COMMANDS = (risk,)
+
+# The block lists' commands (block, unblock, blocks) join this group from their own module.
+from server.ctl import risk_blocks as _risk_blocks  # noqa: E402,F401

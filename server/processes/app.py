@@ -22,6 +22,8 @@ from redis.backoff import NoBackoff
 from subsidy_client.v1 import (
     authorization_pb2,
     authorization_pb2_grpc,
+    blocklist_pb2,
+    blocklist_pb2_grpc,
     campaign_pb2,
     campaign_pb2_grpc,
     catalog_pb2,
@@ -60,6 +62,7 @@ from server.rpc.auth import Authenticator
 from server.rpc.handlers import GuardedServer
 from server.rpc.tls import CertificateReloader, ClientCertificatePolicy, bind, check_listeners
 from server.services.authorization import AuthorizationService
+from server.services.blocklist import BlockListService
 from server.services.campaigns import CampaignService
 from server.services.catalog import CatalogService
 from server.services.complaints import ComplaintService, DailyLimits
@@ -101,6 +104,7 @@ SERVICE_NAMES = (
     exchange_pb2.DESCRIPTOR.services_by_name["ExchangeService"].full_name,
     complaints_pb2.DESCRIPTOR.services_by_name["ComplaintService"].full_name,
     risk_pb2.DESCRIPTOR.services_by_name["RiskCaseService"].full_name,
+    blocklist_pb2.DESCRIPTOR.services_by_name["BlockListService"].full_name,
     supervision_pb2.DESCRIPTOR.services_by_name["SupervisionService"].full_name,
 )
 
@@ -256,6 +260,7 @@ async def create_server(config: Config) -> Application:
         )
         exchange_pb2_grpc.add_ExchangeServiceServicer_to_server(ExchangeService(store, operator_pool), server)
         risk_pb2_grpc.add_RiskCaseServiceServicer_to_server(RiskCaseService(deps), server)
+        blocklist_pb2_grpc.add_BlockListServiceServicer_to_server(BlockListService(deps), server)
         complaints_pb2_grpc.add_ComplaintServiceServicer_to_server(
             ComplaintService(
                 deps,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from redis.asyncio import Redis
 
+from storage.postgres import risk_blocks
 from storage.postgres.actions import CatchUp, catch_up
 from storage.redis.keys import Keys
 
@@ -62,6 +63,15 @@ async def run_publisher(
                     log.info("published %d change(s) their gateway had left unpublished", state.last.published)
             except Exception as error:
                 log.warning("publishing left-behind changes failed: %s", type(error).__name__)
+            # The block lists: re-published whenever Redis does not hold PostgreSQL's version
+            # (a Redis loss, a gateway that failed before publishing), so within about a second.
+            try:
+                if pool is not None:
+                    async with pool.acquire() as connection:
+                        if await risk_blocks.sync(connection, redis, keys):
+                            log.info("re-published the block lists")
+            except Exception as error:
+                log.warning("re-publishing the block lists failed: %s", type(error).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), interval_s)
     finally:

@@ -1,7 +1,8 @@
 """The ledger writer process (``python -m server.ledger writer``; ``make run`` starts one).
 
 Drains the ledger stream into PostgreSQL (storage/postgres/writer.py), mirrors qualifications
-into PostgreSQL in the same process (storage/postgres/qualifications.py), and, with
+into PostgreSQL in the same process (storage/postgres/qualifications.py), writes the risk events
+(storage/postgres/risk_events.py), and, with
 SUBSIDY_WRITER_METRICS_LISTEN set, serves ``/metrics`` (Prometheus) and ``/health`` (JSON lag
 details) on it, over HTTPS when the gateway has a TLS certificate.
 """
@@ -27,6 +28,7 @@ from server.processes.report_scheduler import ReportScheduler
 from server.rpc.tls import metrics_tls
 from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror
+from storage.postgres.risk_events import RiskEventWriter
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.keys import Keys
 from storage.redis.store import sweep_backlog
@@ -162,6 +164,14 @@ async def run_writer(config: Config) -> None:
         consumer=config.writer_consumer,
         block_ms=config.writer_block_ms,
     )
+    # Risk events (declines by a risk rule, flags): not money either; their own stream and group.
+    risk_events = RiskEventWriter(
+        redis,
+        Keys(config.redis_prefix),
+        config.pg_dsn,
+        consumer=config.writer_consumer,
+        block_ms=config.writer_block_ms,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -177,6 +187,7 @@ async def run_writer(config: Config) -> None:
         else None
     )
     mirroring = asyncio.create_task(mirror.run(stopping))
+    risk_writing = asyncio.create_task(risk_events.run(stopping))
     # T+1 daily reports: published after each cut-off, missed days caught up (report_scheduler.py).
     reporting = (
         asyncio.create_task(ReportScheduler(config, redis, Keys(config.redis_prefix)).run(stopping))
@@ -189,7 +200,7 @@ async def run_writer(config: Config) -> None:
         await writer.run(stopping)
     finally:
         stopping.set()
-        background = [mirroring, alerting, publishing, *([reporting] if reporting else [])]
+        background = [mirroring, risk_writing, alerting, publishing, *([reporting] if reporting else [])]
         await asyncio.gather(*background, return_exceptions=True)
         if server is not None:
             server.close()

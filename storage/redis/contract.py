@@ -167,6 +167,9 @@ class Failure(msgspec.Struct, frozen=True, gc=False):
     error: str
     state: str = ""
     line_id: str = ""
+    # Why a state-allowed call was refused anyway (capture of a blocked merchant's hold:
+    # MERCHANT_BLOCKED), or "".
+    refusal: str = ""
 
     def details(self) -> dict[str, str]:
         """The refusal's details by name, as the error's metadata carries them."""
@@ -175,6 +178,8 @@ class Failure(msgspec.Struct, frozen=True, gc=False):
             found["state"] = self.state
         if self.line_id:
             found["line_id"] = self.line_id
+        if self.refusal:
+            found["refusal"] = self.refusal
         return found
 
 
@@ -216,6 +221,27 @@ class LedgerEventRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     channel_reference: str = ""
     # A claw-back's risk case (clawback.lua); 0 in every other event.
     risk_case: int = 0
+
+
+class RiskEventRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
+    """A risk event as ``risk_event`` in ``_lib.lua`` appends it to the risk event stream (field
+    ``r``): a decline by a risk rule (a block, a velocity limit) or a flag (the price flag, on an
+    approved authorization). Written into PostgreSQL's risk_events by the ledger writer process."""
+
+    action: Literal["DECLINE", "FLAG"]
+    rule: str  # the DeclineReason / ClaimDeclineReason name, or PRICE_AT_CAP_THRESHOLD
+    subject_kind: str  # CONSUMER, DEVICE, MERCHANT, TERMINAL or PARTNER_APP
+    subject_id: str
+    campaign_id: str = msgspec.field(name="campaign")
+    merchant_id: str = msgspec.field(name="merchant", default="")
+    terminal_id: str = msgspec.field(name="terminal", default="")  # the caller (a partner's id for a claim)
+    request_id: str
+    authorization_id: str = msgspec.field(name="authorization", default="")
+    evidence: dict[str, Any] = msgspec.field(default_factory=dict)
+    at_ms: int
+
+
+RISK_EVENT = msgspec.json.Decoder(RiskEventRecord)
 
 
 # --- Enums the scripts number ---------------------------------------------------------------------
@@ -307,6 +333,8 @@ class AuthorizeKeys(NamedTuple):
     qualification_events: str  # stream: the qualification's new state, mirrored into PostgreSQL
     # set: the stores inside the campaign's region (read only when it binds redemption to it)
     region_stores: str
+    blocks: str  # hash: <KIND>:<subject id> -> block expiry ms (0: until lifted), the blocks in force
+    risk_events: str  # stream: each decline by a risk rule and each flag, written into PostgreSQL
 
 
 class LineKeys(NamedTuple):
@@ -379,6 +407,8 @@ class LifecycleKeys(NamedTuple):
     qualification_holder: str
     qualification_expiry: str
     qualification_events: str
+    # hash: the blocks in force; capture refuses a blocked merchant's holds (MERCHANT_BLOCKED)
+    blocks: str
 
 
 class LifecycleArgs(NamedTuple):
@@ -410,6 +440,8 @@ class ClaimKeys(NamedTuple):
     consumer_qualifications: str  # zset: the consumer's codes by issue time
     qualification_expiry: str  # zset: codes by expiry (ms), for the sweeper
     qualification_events: str  # stream: the new qualification, mirrored into PostgreSQL
+    blocks: str  # hash: the blocks in force (CONSUMER and PARTNER_APP are read)
+    risk_events: str  # stream: a decline by a block
 
 
 class ClaimArgs(NamedTuple):

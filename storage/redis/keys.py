@@ -131,6 +131,19 @@ class Keys:
         return f"{self.tag}:ledger"
 
     @property
+    def blocks(self) -> str:
+        """Hash: ``<KIND>:<subject id>`` -> the block's expiry (ms, 0 = until lifted), for every
+        block in force (CONSUMER, DEVICE, MERCHANT, TERMINAL, PARTNER_APP); field ``_version``: the
+        PostgreSQL change it reflects (storage/redis/blocks.py). Read by the scripts in their call."""
+        return f"{self.tag}:blocks"
+
+    @property
+    def risk_events(self) -> str:
+        """Stream: every decline by a risk rule and every flag (``risk_event`` in _lib.lua), which
+        the ledger writer process writes into PostgreSQL (storage/postgres/risk_events.py)."""
+        return f"{self.tag}:risk_events"
+
+    @property
     def credentials(self) -> str:
         """Hash: terminal id -> JSON {"merchant": ..., "secret": ...}."""
         return f"{self.tag}:credentials"

@@ -195,6 +195,8 @@ class RedisStore:
                 qualification_events=keys.qualification_events,
                 # Read only when the campaign binds redemption to its region.
                 region_stores=keys.region_stores(request.campaign_id),
+                blocks=keys.blocks,
+                risk_events=keys.risk_events,
             ),
             AuthorizeArgs(
                 payload_hash=request.payload_hash,
@@ -276,6 +278,7 @@ class RedisStore:
             qualification_holder=hold.qualification_holder,
             qualification_expiry=hold.qualification_expiry,
             qualification_events=hold.qualification_events,
+            blocks=self.keys.blocks,
         )
         args = LifecycleArgs(
             payload_hash=request.payload_hash,
@@ -452,6 +455,8 @@ class RedisStore:
                 consumer_qualifications=keys.consumer_qualifications(request.consumer_key),
                 qualification_expiry=keys.qualification_expiry,
                 qualification_events=keys.qualification_events,
+                blocks=keys.blocks,
+                risk_events=keys.risk_events,
             ),
             ClaimArgs(
                 payload_hash=request.payload_hash,

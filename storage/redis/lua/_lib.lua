@@ -166,6 +166,29 @@ local function emit(stream_key, event_type, auth, lines, amount_fen, at_ms, payl
   return redis.call('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
 
+-- Whether a block read from the block hash (its expiry in ms, "0" until lifted; false when the
+-- subject is not blocked) is in force at now_ms. An expired block is ignored here and removed
+-- from the hash by the next publication of the list (storage/redis/blocks.py).
+local function blocked(value, now_ms)
+  if not value then return false end
+  local expires_ms = tonumber(value) or 0
+  return expires_ms == 0 or now_ms < expires_ms
+end
+
+-- Appends one risk event (a decline by a risk rule, or a flag) to the risk event stream, from
+-- which the ledger writer process writes it into PostgreSQL once (contract.py RiskEventRecord).
+-- Called in the same script call as the decision, before its answer is stored, so a replay of
+-- the request (the stored answer) appends nothing.
+local function risk_event(stream_key, action, rule, subject_kind, subject_id, fields, evidence, at_ms)
+  local event = {
+    action = action, rule = rule, subject_kind = subject_kind, subject_id = subject_id,
+    campaign = fields.campaign, merchant = fields.merchant or '', terminal = fields.terminal or '',
+    request_id = fields.request_id, authorization = fields.authorization or '',
+    evidence = evidence or {}, at_ms = at_ms,
+  }
+  redis.call('XADD', stream_key, '*', 'r', cjson.encode(event))
+end
+
 -- The view of a qualification, as stored in idempotency records and returned.
 local function qualification_view(q)
   return {

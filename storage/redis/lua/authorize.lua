@@ -3,8 +3,8 @@
 -- KEY, ARG and the decline reasons (numbered as DeclineReason in authorization.proto: among
 -- line-level reasons lower wins; the later ones rank where their checks run, as the proto
 -- says: STORE_OUTSIDE_REGION (22) after CAMPAIGN_NOT_ACTIVE, LOCATION_* (24-28) right after
--- it, MERCHANT_DAILY_LIMIT_REACHED (23) after CONSUMER_LIMIT_REACHED): storage/redis/contract.py,
--- AUTHORIZE. KEY.lines[i] and ARG.lines[i] are line i's.
+-- it, MERCHANT_DAILY_LIMIT_REACHED (23) after CONSUMER_LIMIT_REACHED; the blocks (34-38) as
+-- the comments below say): storage/redis/contract.py, AUTHORIZE. KEY.lines[i] and ARG.lines[i] are line i's.
 --
 -- Returns {kind, JSON} (see _lib.lua); the answer is {"decision": "APPROVED", "authorization": ...}
 -- or {"decision": "DECLINED", "reason": <DeclineReason number>, "line_id": ...}.
@@ -16,6 +16,29 @@ local now = now_ms()
 
 local function decline(reason, line_id)
   return answer(KEY, ARG, {decision = 'DECLINED', reason = reason, line_id = line_id or ''})
+end
+
+-- A decline by a risk rule: the same answer, and one risk event in this same call (a replay
+-- returns the stored answer before reaching here, so a retried request adds no second event).
+local event_fields = {campaign = ARG.campaign_id, merchant = ARG.merchant_id, terminal = ARG.terminal_id,
+  request_id = ARG.request_id}
+local function risk_decline(reason, rule, subject_kind, subject_id, evidence, line_id)
+  risk_event(KEY.risk_events, 'DECLINE', rule, subject_kind, subject_id, event_fields, evidence, now)
+  return decline(reason, line_id)
+end
+
+-- The operator's blocks of the caller rank first, before its status (TERMINAL_INACTIVE): a
+-- block is a risk decision about this subject, and every attempt of a blocked terminal or
+-- merchant is recorded as a risk event, whatever else would have declined it. Terminal, then
+-- merchant, as their statuses rank.
+local caller_blocks = redis.call('HMGET', KEY.blocks, 'TERMINAL:' .. ARG.terminal_id, 'MERCHANT:' .. ARG.merchant_id)
+if blocked(caller_blocks[1], now) then
+  return risk_decline(TERMINAL_BLOCKED, 'TERMINAL_BLOCKED', 'TERMINAL', ARG.terminal_id,
+    {block_expires_ms = tonumber(caller_blocks[1])})
+end
+if blocked(caller_blocks[2], now) then
+  return risk_decline(MERCHANT_BLOCKED, 'MERCHANT_BLOCKED', 'MERCHANT', ARG.merchant_id,
+    {block_expires_ms = tonumber(caller_blocks[2])})
 end
 
 -- Caller-level checks, in precedence order.
@@ -50,18 +73,56 @@ local merchant_scope = merchant[2] or ''
 -- An unknown code, or one of another campaign, has no owner: QUALIFICATION_NOT_FOUND, ranked
 -- here (before the line-level reasons) because nothing per-person can be checked without one.
 local consumer, usage_key, external_key = ARG.consumer_key, KEY.usage, KEY.external_consumer
+-- The partner app that issued the redemption code ('' without one, or when the code is not this
+-- consumer's in this campaign: the qualification checks below report that).
+local partner = ''
 if consumer == '' then
-  local owner = redis.call('HMGET', KEY.qualification, 'consumer', 'campaign')
+  local owner = redis.call('HMGET', KEY.qualification, 'consumer', 'campaign', 'partner')
   if not owner[1] or owner[2] ~= ARG.campaign_id then return decline(QUALIFICATION_NOT_FOUND) end
   consumer = owner[1]
   usage_key, external_key = KEY.usage .. consumer, KEY.external_consumer .. consumer
+  partner = owner[3] or ''
+elseif ARG.redemption_code ~= '' then
+  local owner = redis.call('HMGET', KEY.qualification, 'consumer', 'campaign', 'partner')
+  if owner[1] == consumer and owner[2] == ARG.campaign_id then partner = owner[3] or '' end
 end
+
 -- Location at redemption: the service judged the phone's reported location against its copy
 -- of the campaign's rule and region (at most a second old) and passed 0 or the LOCATION_*
 -- reason; whether the campaign requires it is read here, in this call, so a campaign switched
 -- on a moment ago already declines a payment without a location. A caller-level check, ranked
 -- right after STORE_OUTSIDE_REGION (and a code-only request's unknown code).
 if campaign[7] == '1' and ARG.location_verdict ~= 0 then return decline(ARG.location_verdict) end
+
+-- The operator's blocks of the person, the devices and the issuing app: ranked once the
+-- consumer is known, after the location reasons, before every line-level reason (a blocked
+-- device is refused whatever else its line has wrong). Consumer, then the lines' devices in
+-- line order, then the partner app.
+local person_fields = {'CONSUMER:' .. consumer, 'PARTNER_APP:' .. partner}
+for _, line in ipairs(ARG.lines) do
+  if line.serial_number ~= '' then person_fields[#person_fields + 1] = 'DEVICE:' .. line.serial_number end
+end
+local person_blocks = redis.call('HMGET', KEY.blocks, unpack(person_fields))
+if blocked(person_blocks[1], now) then
+  return risk_decline(CONSUMER_BLOCKED, 'CONSUMER_BLOCKED', 'CONSUMER', consumer,
+    {block_expires_ms = tonumber(person_blocks[1])})
+end
+do
+  local n = 2
+  for _, line in ipairs(ARG.lines) do
+    if line.serial_number ~= '' then
+      n = n + 1
+      if blocked(person_blocks[n], now) then
+        return risk_decline(DEVICE_BLOCKED, 'DEVICE_BLOCKED', 'DEVICE', line.serial_number,
+          {block_expires_ms = tonumber(person_blocks[n]), gtin = line.gtin}, line.line_id)
+      end
+    end
+  end
+end
+if partner ~= '' and blocked(person_blocks[2], now) then
+  return risk_decline(PARTNER_APP_BLOCKED, 'PARTNER_APP_BLOCKED', 'PARTNER_APP', partner,
+    {block_expires_ms = tonumber(person_blocks[2])})
+end
 
 -- Computes one line's subsidy under its rule; returns subsidy, or nil and a decline reason.
 local function line_subsidy(rule, grade, price, reference_price)

@@ -9,7 +9,8 @@
 -- qualification's, and KEY.serials: the serial keys of its lines that carry one; ARG.channel_reference:
 -- the payment channel's transaction id, kept on the authorization and in the event, or '').
 --
--- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE" or "CHANNEL_REFERENCE_CONFLICT", "state": ...}.
+-- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE" or "CHANNEL_REFERENCE_CONFLICT", "state": ...}
+-- (INVALID_STATE with "refusal": "MERCHANT_BLOCKED" for a pending hold of a blocked merchant).
 
 local auth, now = begin_lifecycle(KEY, ARG)
 if auth == nil then return now end
@@ -18,6 +19,12 @@ if auth.state == 'VOIDED' or auth.state == 'EXPIRED' then
 end
 if auth.state ~= 'PENDING' and ARG.channel_reference ~= '' and ARG.channel_reference ~= (auth.channel_reference or '') then
   return fail('CHANNEL_REFERENCE_CONFLICT', {state = auth.state})
+end
+-- A merchant on the operator's block list is paid nothing: its pending holds stay PENDING with
+-- their reservation (the sweeper still expires them at their usual time, which pays nothing),
+-- and capture is refused without writing anything, so it succeeds once the block is lifted.
+if auth.state == 'PENDING' and blocked(redis.call('HGET', KEY.blocks, 'MERCHANT:' .. auth.merchant), now) then
+  return fail('INVALID_STATE', {state = auth.state, refusal = 'MERCHANT_BLOCKED'})
 end
 if auth.state == 'PENDING' then
   local sums, _, order = per_category(auth.lines)

@@ -30,6 +30,20 @@ local function decline(reason)
   return answer(KEY, ARG, {decision = 'DECLINED', reason = reason})
 end
 
+-- The operator's blocks (qualification.proto): the partner app making the claim ranks first, the
+-- consumer right after CAMPAIGN_NOT_ACTIVE. Each decline is a risk event, appended in this same
+-- call (a replay returns the stored answer before reaching here). One HMGET for both.
+local claim_blocks = redis.call('HMGET', KEY.blocks, 'PARTNER_APP:' .. ARG.partner_id, 'CONSUMER:' .. ARG.consumer_key)
+local function block_decline(reason, rule, subject_kind, subject_id, value)
+  risk_event(KEY.risk_events, 'DECLINE', rule, subject_kind, subject_id,
+    {campaign = ARG.campaign_id, terminal = ARG.partner_id, request_id = ARG.request_id},
+    {block_expires_ms = tonumber(value), category = category}, now)
+  return decline(reason)
+end
+if blocked(claim_blocks[1], now) then
+  return block_decline(PARTNER_APP_BLOCKED, 'PARTNER_APP_BLOCKED', 'PARTNER_APP', ARG.partner_id, claim_blocks[1])
+end
+
 local campaign = redis.call('HMGET', KEY.campaign, 'status', 'starts_ms', 'ends_ms', 'q_validity_s', 'q_refund',
   'q_reclaim', 'packs')
 local validity_s = tonumber(campaign[4] or '0')
@@ -108,6 +122,9 @@ if campaign[7] and campaign[7] ~= '{}' then
   end
 end
 if now < tonumber(campaign[2]) or now >= tonumber(campaign[3]) then return decline(CAMPAIGN_NOT_ACTIVE) end
+if blocked(claim_blocks[2], now) then
+  return block_decline(CONSUMER_BLOCKED, 'CONSUMER_BLOCKED', 'CONSUMER', ARG.consumer_key, claim_blocks[2])
+end
 if redis.call('HEXISTS', KEY.external_consumer, category) == 1 then return decline(USED_ELSEWHERE) end
 if ARG.location_verdict ~= 0 then return decline(ARG.location_verdict) end
 

@@ -2,6 +2,8 @@
 
 from subsidy_client.v1 import authorization_pb2 as authorization_pb2
 from subsidy_client.v1 import authorization_pb2_grpc as authorization_pb2_grpc
+from subsidy_client.v1 import blocklist_pb2 as blocklist_pb2
+from subsidy_client.v1 import blocklist_pb2_grpc as blocklist_pb2_grpc
 from subsidy_client.v1 import campaign_pb2 as campaign_pb2
 from subsidy_client.v1 import campaign_pb2_grpc as campaign_pb2_grpc
 from subsidy_client.v1 import catalog_pb2 as catalog_pb2

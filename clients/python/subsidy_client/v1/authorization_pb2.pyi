@@ -160,9 +160,18 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     DECLINE_REASON_MERCHANT_VELOCITY_DAY: _DeclineReason.ValueType  # 32
     DECLINE_REASON_CONSUMER_VELOCITY_HOUR: _DeclineReason.ValueType  # 33
     DECLINE_REASON_CONSUMER_BLOCKED: _DeclineReason.ValueType  # 34
-    """34-38. On the operator's block list (until the block's expiry): the consumer (34), a
-    line's device serial (35), the merchant (36), the terminal (37), or the partner app that
-    sent the request (38). Each decline is recorded as a risk event.
+    """34-38. On the operator's block list (BlockListService, blocklist.proto; until the block's
+    expiry by the server's clock): the consumer (34), a line's device serial (35, with the
+    line), the merchant (36), the terminal (37), or the partner app that issued the redemption
+    code being redeemed (38; a till's Authorize has no app of its own). Each decline is recorded
+    as a risk event. Where they rank: the terminal's (37) and then the merchant's (36) block
+    come first of all, before TERMINAL_INACTIVE (1): a block is a risk decision about that
+    caller, and every attempt a blocked caller makes is to be recorded as a risk event whatever
+    else is wrong with it (a suspended terminal that is also blocked hears TERMINAL_BLOCKED).
+    The consumer's (34), then each line's device (35, in line order), then the issuing app's
+    (38) rank once the consumer is known: after STORE_OUTSIDE_REGION (22), a code-only
+    request's QUALIFICATION_NOT_FOUND (16) and the location reasons (24-28), before every
+    line-level reason.
     """
     DECLINE_REASON_DEVICE_BLOCKED: _DeclineReason.ValueType  # 35
     DECLINE_REASON_MERCHANT_BLOCKED: _DeclineReason.ValueType  # 36
@@ -269,9 +278,18 @@ DECLINE_REASON_TERMINAL_VELOCITY_HOUR: DeclineReason.ValueType  # 31
 DECLINE_REASON_MERCHANT_VELOCITY_DAY: DeclineReason.ValueType  # 32
 DECLINE_REASON_CONSUMER_VELOCITY_HOUR: DeclineReason.ValueType  # 33
 DECLINE_REASON_CONSUMER_BLOCKED: DeclineReason.ValueType  # 34
-"""34-38. On the operator's block list (until the block's expiry): the consumer (34), a
-line's device serial (35), the merchant (36), the terminal (37), or the partner app that
-sent the request (38). Each decline is recorded as a risk event.
+"""34-38. On the operator's block list (BlockListService, blocklist.proto; until the block's
+expiry by the server's clock): the consumer (34), a line's device serial (35, with the
+line), the merchant (36), the terminal (37), or the partner app that issued the redemption
+code being redeemed (38; a till's Authorize has no app of its own). Each decline is recorded
+as a risk event. Where they rank: the terminal's (37) and then the merchant's (36) block
+come first of all, before TERMINAL_INACTIVE (1): a block is a risk decision about that
+caller, and every attempt a blocked caller makes is to be recorded as a risk event whatever
+else is wrong with it (a suspended terminal that is also blocked hears TERMINAL_BLOCKED).
+The consumer's (34), then each line's device (35, in line order), then the issuing app's
+(38) rank once the consumer is known: after STORE_OUTSIDE_REGION (22), a code-only
+request's QUALIFICATION_NOT_FOUND (16) and the location reasons (24-28), before every
+line-level reason.
 """
 DECLINE_REASON_DEVICE_BLOCKED: DeclineReason.ValueType  # 35
 DECLINE_REASON_MERCHANT_BLOCKED: DeclineReason.ValueType  # 36
