@@ -82,6 +82,9 @@ if ARG.pack_id ~= '' then
     if redis.call('HEXISTS', KEY.rules, voucher[1]) == 0 then return fail('UNKNOWN_CATEGORY') end
   end
   if now < tonumber(campaign[2]) or now >= tonumber(campaign[3]) then return decline(CAMPAIGN_NOT_ACTIVE) end
+  if blocked(claim_blocks[2], now) then
+    return block_decline(CONSUMER_BLOCKED, 'CONSUMER_BLOCKED', 'CONSUMER', ARG.consumer_key, claim_blocks[2])
+  end
   for _, voucher in ipairs(pack.v) do
     if redis.call('HEXISTS', KEY.external_consumer, voucher[1]) == 1 then return decline(USED_ELSEWHERE) end
   end
