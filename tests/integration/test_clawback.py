@@ -10,6 +10,7 @@ import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -28,8 +29,11 @@ from server.ctl import main as subsidyctl
 from server.domain.daily_report import MERCHANT, BusinessCalendar
 from storage.devenv import Services
 from storage.postgres import daily_reports, risk_cases
-from storage.postgres.audit import reconcile, verify
+from storage.postgres.audit import rebuild, reconcile, redis_counters, verify
+from storage.postgres.exchange import subsidised_between
+from storage.postgres.reference import fetch_reference
 from storage.postgres.writer import LedgerWriter, WriterConfig
+from storage.redis.reference import publish_reference
 from tests.conftest import (
     REFERENCE_FILE,
     Environment,
@@ -153,8 +157,8 @@ class World:
         return found
 
 
-@pytest.fixture(scope="module")
-async def world(services: Services) -> AsyncIterator[World]:
+@asynccontextmanager
+async def made_world(services: Services) -> AsyncIterator[World]:
     async with isolated_environment(services) as env:
         document = yaml.safe_load(REFERENCE_FILE.read_text())
         document["operators"] = [*document["operators"], GOVERNMENT]
@@ -174,6 +178,12 @@ async def world(services: Services) -> AsyncIterator[World]:
                 await redis.aclose()
                 for client in (till, operator, government):
                     await client.close()
+
+
+@pytest.fixture(scope="module")
+async def world(services: Services) -> AsyncIterator[World]:
+    async with made_world(services) as made:
+        yield made
 
 
 async def test_a_claw_back_keeps_the_ledger_verified_and_reconciled(world: World) -> None:
@@ -448,3 +458,36 @@ async def test_the_daily_report_shows_the_merchant_owed_less(world: World) -> No
         category: item.redeemed_fen - item.refunded_fen - item.clawed_back_fen for category, item in by_category.items()
     }
     assert owed == {"fridge": 0, "washer": 30_000}
+
+
+async def test_a_redis_loss_after_a_claw_back_is_rebuilt_from_the_ledger(services: Services) -> None:
+    """On a world of its own (a rebuild rewrites every counter): after a partial claw-back, the
+    Redis money state is lost and rebuilt from the ledger: the same counters (clawed_back,
+    spent, quota, serial), the clawed-back line still refused a refund while the other line
+    refunds; the day's exchange file still reports the clawed-back line's consumer and device."""
+    async with made_world(services) as world:
+        campaign, person, device = await world.campaign(), consumer_key(), new_serial()
+        authorization_id = await world.sale(campaign, person, device)
+        await world.till.capture(authorization_id)
+        await world.claw_back(await world.case(), authorization_id, ("f",))
+        await world.drain_ledger()
+        before = await redis_counters(world.redis, world.env.keys)
+        for pattern in ("usage", "serial", "budget", "auth", "holds"):
+            doomed = [key async for key in world.redis.scan_iter(match=f"{world.env.keys.tag}:{pattern}*")]
+            if doomed:
+                await world.redis.delete(*doomed)
+        async with world.pool.acquire() as connection:
+            assert await reconcile(connection, world.redis, world.env.keys) != []
+            await publish_reference(world.redis, world.env.keys, await fetch_reference(connection))
+            await rebuild(connection, world.redis, world.env.keys)
+            assert (await redis_counters(world.redis, world.env.keys)).nonzero() == before.nonzero()
+            assert await reconcile(connection, world.redis, world.env.keys) == []
+            now = datetime.now(UTC)
+            exported = await subsidised_between(connection, now - timedelta(days=1), now + timedelta(minutes=1))
+        assert (await world.counters(campaign, person))["budget.fridge:clawed_back"] == 60_000
+        with pytest.raises(FailedPrecondition) as refused:
+            await world.till.refund(authorization_id, ["f"])
+        assert refused.value.metadata["line_id"] == "f"
+        assert (await world.till.refund(authorization_id)).refunded_subsidy_fen == 30_000
+        assert device in {record.serial for record in exported.serials}
+        assert (person, "fridge") in {(record.consumer_key, record.category) for record in exported.consumers}
