@@ -528,6 +528,13 @@ def markdown(result: RunResult, png_name: str) -> str:
         lines += ["", "## 0. The floor: a bare grpc.aio Echo server (issue 15)", "", *floor_section(result)]
     if result.redis_script:
         lines += ["", "## 0b. The authorize script driven directly (issue 15)", "", *redis_script_section(result)]
+    if "redis_client: lean / redis-py" in result.comparisons:
+        lines += [
+            "",
+            "## 0c. Authorize through the lean Redis path vs redis-py (issue 15)",
+            "",
+            *redis_client_section(result),
+        ]
     transport = result.comparisons.get("transport")
     if transport is not None:
         lines += [
@@ -713,6 +720,52 @@ def floor_section(result: RunResult) -> list[str]:
             f" {m.server_cpu_ms_per_1k:,.0f} | {m.client_cpu_cores:.2f} | {m.outside_cpu_cores:.2f}"
             f"{' (disturbed)' if disturbed(m) else ''} |"
             for index, triple in enumerate(zip(bare_rounds, echo.rounds_a, authorize.rounds_a, strict=True))
+            for m in triple
+        ),
+    ]
+
+
+def redis_client_section(result: RunResult) -> list[str]:
+    lean = result.comparisons["redis_client: lean / bare"]
+    redis_py = result.comparisons["redis_client: redis-py / bare"]
+    both = result.comparisons["redis_client: lean / redis-py"]
+    bare_rounds = lean.rounds_b
+
+    def row(name: str, rounds: list[Measurement], against_bare: Comparison | None) -> str:
+        calls = [m.throughput_per_s for m in rounds]
+        cpu_us = [m.server_cpu_ms_per_1k for m in rounds]  # CPU-ms per 1,000 calls = CPU-µs per call
+        cpu = f"{against_bare.server_cpu.value:.2f} ({_spread(against_bare.server_cpu)})" if against_bare else "1.00"
+        throughput = (
+            f"{against_bare.throughput.value:.2f} ({_spread(against_bare.throughput)})" if against_bare else "1.00"
+        )
+        return (
+            f"| {name} | {_median(calls):,.0f} ({min(calls):,.0f}–{max(calls):,.0f}) |"
+            f" {_median(cpu_us):,.0f} ({min(cpu_us):,.0f}–{max(cpu_us):,.0f}) | {cpu} | {throughput} |"
+        )
+
+    return [
+        "| server, call | calls/s, median (range) | server CPU-µs per call, median (range) | CPU ÷ bare"
+        " | calls/s ÷ bare |",
+        "|---|---:|---:|---:|---:|",
+        row("bare grpc.aio Echo", bare_rounds, None),
+        row("gateway Authorize, SUBSIDY_REDIS_CLIENT=lean", lean.rounds_a, lean),
+        row("gateway Authorize, SUBSIDY_REDIS_CLIENT=redis-py", redis_py.rounds_a, redis_py),
+        "",
+        f"- lean / redis-py: server CPU per call **{both.server_cpu.value:.2f}**"
+        f" (per triple {_spread(both.server_cpu)}), calls/s **{both.throughput.value:.2f}**"
+        f" (per triple {_spread(both.throughput)}), p99 {both.p99.value:.2f} (per triple {_spread(both.p99)})",
+        "",
+        f"Two gateways alike but for SUBSIDY_REDIS_CLIENT, and the bare Echo server; {len(bare_rounds)} triples of"
+        " bare Echo then Authorize on each gateway (their order swapped every triple), closed loop,"
+        f" {result.plan.concurrency} in flight. Rounds:",
+        "",
+        "| round | calls/s | p50 / p99 ms | server CPU-µs/call | clients cores | outside cores |",
+        "|---|---:|---|---:|---:|---:|",
+        *(
+            f"| {m.label} {index + 1} | {m.throughput_per_s:,.0f} | {m.latency.p50_ms:.1f} / {m.latency.p99_ms:.1f} |"
+            f" {m.server_cpu_ms_per_1k:,.0f} | {m.client_cpu_cores:.2f} | {m.outside_cpu_cores:.2f}"
+            f"{' (disturbed)' if disturbed(m) else ''} |"
+            for index, triple in enumerate(zip(bare_rounds, lean.rounds_a, redis_py.rounds_a, strict=True))
             for m in triple
         ),
     ]

@@ -51,6 +51,7 @@ from storage.devenv import DevServices
 
 SCENARIOS = (
     "floor",
+    "redis_client",
     "redis_script",
     "transport",
     "tls",
@@ -784,6 +785,61 @@ def run_floor(bench: Bench, result: RunResult) -> None:
         bench.stop_target("bare")
 
 
+def run_redis_client(bench: Bench, result: RunResult) -> None:
+    """The lean Redis path against redis-py (issue 15), in one run: a second gateway configured
+    as the reference one (SUBSIDY_REDIS_CLIENT=lean, the default) but with SUBSIDY_REDIS_CLIENT=
+    redis-py, and the bare grpc.aio Echo server; each triple runs bare Echo, then Authorize on
+    the two gateways (their order swapped every triple, so a drift of the machine does not
+    favour one), closed loop, same concurrency. Both Authorizes are divided by the bare Echo of
+    the same triples, and lean by redis-py."""
+    bare_process = services.bare_echo_process("bare echo")
+    bare_process.start()
+    bench.servers.append(bare_process)
+    bare_target = Target("bare", bare_process, "none", list)
+    bench.targets["bare"] = bare_target
+    redis_server = bench.redis["always"]
+    name = "gateway redis-py"
+    try:
+        redis_py = bench.start_gateway(name, GatewaySettings(redis_client="redis-py"), redis_server)
+        lean = bench.targets["gateway"]
+        bench.measure(
+            "warm-up bare echo",
+            bare_target,
+            "echo",
+            "closed",
+            warmup_s=0.0,
+            duration_s=bench.plan.initial_warmup_s,
+            concurrency=bench.plan.concurrency,
+        )
+        bench.warm(redis_py)
+        bare: list[Measurement] = []
+        through_lean: list[Measurement] = []
+        through_redis_py: list[Measurement] = []
+        for index in range(bench.plan.pairs):
+            bench.log(f"redis_client: triple {index + 1}/{bench.plan.pairs}")
+            bare.append(bench.closed_round("bare echo", bare_target, "echo"))
+            order = [("lean", lean, through_lean), ("redis-py", redis_py, through_redis_py)]
+            for label, target, rounds in order if index % 2 == 0 else reversed(order):
+                rounds.append(bench.closed_round(f"authorize {label}", target, "authorize"))
+        result.comparisons["redis_client: lean / bare"] = compare(
+            "redis_client: authorize lean / bare", "authorize lean", "bare echo", through_lean, bare
+        )
+        result.comparisons["redis_client: redis-py / bare"] = compare(
+            "redis_client: authorize redis-py / bare", "authorize redis-py", "bare echo", through_redis_py, bare
+        )
+        result.comparisons["redis_client: lean / redis-py"] = compare(
+            "redis_client: authorize lean / redis-py",
+            "authorize lean",
+            "authorize redis-py",
+            through_lean,
+            through_redis_py,
+        )
+    finally:
+        if name in bench.targets:
+            bench.stop_target(name)
+        bench.stop_target("bare")
+
+
 def run_redis_script(bench: Bench, result: RunResult) -> None:
     """The authorize script driven directly (benchmarks/redis_direct.py): pipelined EVALSHAs of
     approvable Authorizes from several connections against the bench's dedicated Redis
@@ -1492,6 +1548,7 @@ def run_structure(bench: Bench, result: RunResult) -> None:
 
 RUNNERS: dict[str, Callable[[Bench, RunResult], None]] = {
     "floor": run_floor,
+    "redis_client": run_redis_client,
     "redis_script": run_redis_script,
     "transport": run_transport,
     "tls": run_tls,

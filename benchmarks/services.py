@@ -579,6 +579,8 @@ class GatewaySettings:
     # SUBSIDY_TRACING and SUBSIDY_TRACING_ENDPOINT (the tracing scenario's OTLP receiver).
     tracing: str = "off"
     tracing_endpoint: str = ""
+    # SUBSIDY_REDIS_CLIENT: the script calls' client (lean, the default, or redis-py).
+    redis_client: str = "lean"
     # Run another checkout's gateway (its own code: see tree_environment), not this one's.
     tree: Path | None = None
 
@@ -605,6 +607,7 @@ def gateway_process(
         # Qualification claims turn ID numbers into consumer keys with it (>= 32 bytes).
         "SUBSIDY_PROGRAMME_KEY": programme_key,
         "SUBSIDY_LOG_LEVEL": "INFO",
+        "SUBSIDY_REDIS_CLIENT": settings.redis_client,
     }
     if settings.tls_cert:
         environment |= {"SUBSIDY_TLS_CERT": settings.tls_cert, "SUBSIDY_TLS_KEY": settings.tls_key}
