@@ -154,9 +154,14 @@ def cases(state: str | None, detector: str | None, assignee: str | None, limit: 
 @click.argument("case_id", type=click.IntRange(1))
 @json_option
 def show(case_id: int) -> None:
-    """The case, its state, assignee, note and the detector's evidence."""
-    case = _with_connection(lambda connection, _calendar: risk_cases.get(connection, case_id))
-    emit_document(case.document())
+    """The case, its state, assignee, note, the detector's evidence and its claw-backs."""
+
+    async def read(connection: asyncpg.Connection, _calendar: BusinessCalendar) -> dict[str, Any]:
+        case = await risk_cases.get(connection, case_id)
+        clawed = await risk_cases.clawbacks(connection, case_id)
+        return {**case.document(), "clawbacks": [item.document() for item in clawed]}
+
+    emit_document(_with_connection(read))
 
 
 @risk.command(short_help="Give a case to an operator.")

@@ -14,6 +14,7 @@ a refusal anywhere writes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -37,7 +38,7 @@ from server.rpc.errors import ApiError, invalid_field
 from server.services.common import payload_hash, raise_script_error
 from server.services.operations import OperatorDeps
 from storage.postgres import risk_cases
-from storage.postgres.risk_cases import RiskCase
+from storage.postgres.risk_cases import ClawBack, RiskCase
 from storage.redis.complaints import authorization_owner
 from storage.redis.contract import Failure
 
@@ -60,7 +61,7 @@ def _stamp(moment: datetime) -> Timestamp:
     return stamp
 
 
-def case_message(case: RiskCase, with_evidence: bool) -> risk_pb2.RiskCase:
+def case_message(case: RiskCase, with_evidence: bool, clawbacks: Sequence[ClawBack] = ()) -> risk_pb2.RiskCase:
     message = risk_pb2.RiskCase(
         case_id=case.case_id,
         detector=case.detector,
@@ -80,6 +81,17 @@ def case_message(case: RiskCase, with_evidence: bool) -> risk_pb2.RiskCase:
         evidence = Struct()
         evidence.update(case.evidence)
         message.evidence.CopyFrom(evidence)
+    for clawed in clawbacks:
+        message.clawbacks.append(
+            risk_pb2.RiskCaseClawBack(
+                authorization_id=clawed.authorization_id,
+                merchant_id=clawed.merchant_id,
+                line_ids=clawed.line_ids,
+                clawed_back_fen=clawed.clawed_back_fen,
+                operator_id=clawed.operator_id,
+                clawed_back_at=_stamp(clawed.clawed_back_at),
+            )
+        )
     return message
 
 
@@ -139,7 +151,8 @@ class RiskCaseService(risk_pb2_grpc.RiskCaseServiceServicer):
         pool = await self._pool.get()
         async with pool.acquire() as connection:
             case = await risk_cases.get(connection, case_id)
-        return risk_pb2.GetRiskCaseResponse(risk_case=case_message(case, True))
+            clawed = await risk_cases.clawbacks(connection, case_id)
+        return risk_pb2.GetRiskCaseResponse(risk_case=case_message(case, True, clawed))
 
     async def AssignRiskCase(
         self, request: risk_pb2.AssignRiskCaseRequest, context: grpc.aio.ServicerContext

@@ -236,6 +236,48 @@ async def move(
     return await get(connection, case_id)
 
 
+@dataclass(frozen=True)
+class ClawBack:
+    """A CLAWED_BACK ledger event of a case."""
+
+    authorization_id: str
+    merchant_id: str
+    line_ids: list[str]
+    clawed_back_fen: int
+    operator_id: str
+    clawed_back_at: datetime
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "authorization": self.authorization_id,
+            "merchant": self.merchant_id,
+            "lines": self.line_ids,
+            "clawed_back_fen": self.clawed_back_fen,
+            "operator": self.operator_id,
+            "at": self.clawed_back_at.isoformat(),
+        }
+
+
+async def clawbacks(connection: asyncpg.Connection, case_id: int) -> list[ClawBack]:
+    """The case's claw-backs from the ledger (index ledger_events_risk_case, migration 0022)."""
+    rows = await connection.fetch(
+        "SELECT authorization_id, merchant_id, terminal_id, amount_fen, lines, occurred_at FROM ledger_events"
+        " WHERE event_type = 'CLAWED_BACK' AND payload->>'risk_case' = $1 ORDER BY event_ms, event_seq",
+        str(case_id),
+    )
+    return [
+        ClawBack(
+            authorization_id=row["authorization_id"],
+            merchant_id=row["merchant_id"],
+            line_ids=[line["l"] for line in orjson.loads(row["lines"])],
+            clawed_back_fen=int(row["amount_fen"]),
+            operator_id=row["terminal_id"].removeprefix("operator:"),
+            clawed_back_at=row["occurred_at"],
+        )
+        for row in rows
+    ]
+
+
 async def audit_clawback(
     connection: asyncpg.Connection, operator_id: str, request_id: str, case_id: int, details: dict[str, Any]
 ) -> bool:

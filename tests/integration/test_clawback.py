@@ -246,6 +246,17 @@ async def test_a_claw_back_keeps_the_ledger_verified_and_reconciled(world: World
         }
         assert await reconcile(connection, world.redis, world.env.keys) == []
     assert await world.audit_rows(case_id) == 1
+    # The case lists its claw-back, read from the ledger (for the bureau's read-only users too).
+    got_case = await world.government._call(
+        SERVICE + "GetRiskCase", risk_pb2.GetRiskCaseRequest(case_id=case_id), risk_pb2.GetRiskCaseResponse
+    )
+    [listed] = got_case.risk_case.clawbacks
+    assert (listed.authorization_id, sorted(listed.line_ids), listed.clawed_back_fen) == (
+        authorization_id,
+        ["f", "w"],
+        90_000,
+    )
+    assert listed.operator_id == "op-auditor" and listed.merchant_id == "m-main"
 
     # The same person cannot buy another fridge: the right was used by the fraudulent sale.
     again = await world.till.authorize(
@@ -399,6 +410,18 @@ async def test_subsidyctl_risk_clawback(world: World) -> None:
     answer = json.loads(done.output)
     assert answer["clawed_back_fen"] == 30_000 and answer["lines"] == ["w"] and answer["merchant"] == "m-main"
     assert (await world.counters(campaign, person))["budget.washer:clawed_back"] == 30_000
+    await world.drain_ledger()
+    local = {
+        "SUBSIDY_PG_DSN": world.env.pg_dsn,
+        "SUBSIDY_REDIS_URL": world.env.redis_url,
+        "SUBSIDY_REPORT_TIMEZONE": "Asia/Shanghai",
+    }
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, subsidyctl, ["--json", "risk", "show", str(confirmed)], env=local
+    )
+    assert shown.exit_code == 0, shown.output
+    [clawed] = json.loads(shown.output)["clawbacks"]
+    assert (clawed["authorization"], clawed["lines"], clawed["clawed_back_fen"]) == (authorization_id, ["w"], 30_000)
 
 
 async def test_the_daily_report_shows_the_merchant_owed_less(world: World) -> None:

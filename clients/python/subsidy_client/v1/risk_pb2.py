@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15subsidy/v1/risk.proto\x12\nsubsidy.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x03\n\x08RiskCase\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\x03\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x14\n\x0csubject_kind\x18\x03 \x01(\t\x12\x12\n\nsubject_id\x18\x04 \x01(\t\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x07 \x01(\x01\x12(\n\x05state\x18\x08 \x01(\x0e\x32\x19.subsidy.v1.RiskCaseState\x12\x10\n\x08\x61ssignee\x18\t \x01(\t\x12\x0c\n\x04note\x18\n \x01(\t\x12\x13\n\x0b\x64\x65tected_by\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08\x65vidence\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\"s\n\x14ListRiskCasesRequest\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.subsidy.v1.RiskCaseState\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x10\n\x08\x61ssignee\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\"<\n\x15ListRiskCasesResponse\x12#\n\x05\x63\x61ses\x18\x01 \x03(\x0b\x32\x14.subsidy.v1.RiskCase\"%\n\x12GetRiskCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\x03\">\n\x13GetRiskCaseResponse\x12\'\n\trisk_case\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.RiskCase\"N\n\x15\x41ssignRiskCaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\x03\x12\x10\n\x08\x61ssignee\x18\x03 \x01(\t\"A\n\x16\x41ssignRiskCaseResponse\x12\'\n\trisk_case\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.RiskCase\"{\n\x19TransitionRiskCaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\x03\x12+\n\x08to_state\x18\x03 \x01(\x0e\x32\x19.subsidy.v1.RiskCaseState\x12\x0c\n\x04note\x18\x04 \x01(\t\"E\n\x1aTransitionRiskCaseResponse\x12\'\n\trisk_case\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.RiskCase\"p\n\x0f\x43lawBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\x03\x12\x18\n\x10\x61uthorization_id\x18\x03 \x01(\t\x12\x10\n\x08line_ids\x18\x04 \x03(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\"\x9c\x01\n\x10\x43lawBackResponse\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08line_ids\x18\x03 \x03(\t\x12\x17\n\x0f\x63lawed_back_fen\x18\x04 \x01(\x03\x12\x1c\n\x14\x63lawed_back_line_ids\x18\x05 \x03(\t\x12\x10\n\x08replayed\x18\x06 \x01(\x08*\xa6\x01\n\rRiskCaseState\x12\x1f\n\x1bRISK_CASE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13RISK_CASE_STATE_NEW\x10\x01\x12\x1d\n\x19RISK_CASE_STATE_REVIEWING\x10\x02\x12\x1d\n\x19RISK_CASE_STATE_CONFIRMED\x10\x03\x12\x1d\n\x19RISK_CASE_STATE_DISMISSED\x10\x04\x32\xbc\x03\n\x0fRiskCaseService\x12T\n\rListRiskCases\x12 .subsidy.v1.ListRiskCasesRequest\x1a!.subsidy.v1.ListRiskCasesResponse\x12N\n\x0bGetRiskCase\x12\x1e.subsidy.v1.GetRiskCaseRequest\x1a\x1f.subsidy.v1.GetRiskCaseResponse\x12W\n\x0e\x41ssignRiskCase\x12!.subsidy.v1.AssignRiskCaseRequest\x1a\".subsidy.v1.AssignRiskCaseResponse\x12\x63\n\x12TransitionRiskCase\x12%.subsidy.v1.TransitionRiskCaseRequest\x1a&.subsidy.v1.TransitionRiskCaseResponse\x12\x45\n\x08\x43lawBack\x12\x1b.subsidy.v1.ClawBackRequest\x1a\x1c.subsidy.v1.ClawBackResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15subsidy/v1/risk.proto\x12\nsubsidy.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x03\n\x08RiskCase\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\x03\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x14\n\x0csubject_kind\x18\x03 \x01(\t\x12\x12\n\nsubject_id\x18\x04 \x01(\t\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x07 \x01(\x01\x12(\n\x05state\x18\x08 \x01(\x0e\x32\x19.subsidy.v1.RiskCaseState\x12\x10\n\x08\x61ssignee\x18\t \x01(\t\x12\x0c\n\x04note\x18\n \x01(\t\x12\x13\n\x0b\x64\x65tected_by\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08\x65vidence\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\tclawbacks\x18\x0f \x03(\x0b\x32\x1c.subsidy.v1.RiskCaseClawBack\"\xb5\x01\n\x10RiskCaseClawBack\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08line_ids\x18\x03 \x03(\t\x12\x17\n\x0f\x63lawed_back_fen\x18\x04 \x01(\x03\x12\x13\n\x0boperator_id\x18\x05 \x01(\t\x12\x32\n\x0e\x63lawed_back_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x14ListRiskCasesRequest\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.subsidy.v1.RiskCaseState\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x10\n\x08\x61ssignee\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\"<\n\x15ListRiskCasesResponse\x12#\n\x05\x63\x61ses\x18\x01 \x03(\x0b\x32\x14.subsidy.v1.RiskCase\"%\n\x12GetRiskCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\x03\">\n\x13GetRiskCaseResponse\x12\'\n\trisk_case\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.RiskCase\"N\n\x15\x41ssignRiskCaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\x03\x12\x10\n\x08\x61ssignee\x18\x03 \x01(\t\"A\n\x16\x41ssignRiskCaseResponse\x12\'\n\trisk_case\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.RiskCase\"{\n\x19TransitionRiskCaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\x03\x12+\n\x08to_state\x18\x03 \x01(\x0e\x32\x19.subsidy.v1.RiskCaseState\x12\x0c\n\x04note\x18\x04 \x01(\t\"E\n\x1aTransitionRiskCaseResponse\x12\'\n\trisk_case\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.RiskCase\"p\n\x0f\x43lawBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\x03\x12\x18\n\x10\x61uthorization_id\x18\x03 \x01(\t\x12\x10\n\x08line_ids\x18\x04 \x03(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\"\x9c\x01\n\x10\x43lawBackResponse\x12\x18\n\x10\x61uthorization_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08line_ids\x18\x03 \x03(\t\x12\x17\n\x0f\x63lawed_back_fen\x18\x04 \x01(\x03\x12\x1c\n\x14\x63lawed_back_line_ids\x18\x05 \x03(\t\x12\x10\n\x08replayed\x18\x06 \x01(\x08*\xa6\x01\n\rRiskCaseState\x12\x1f\n\x1bRISK_CASE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13RISK_CASE_STATE_NEW\x10\x01\x12\x1d\n\x19RISK_CASE_STATE_REVIEWING\x10\x02\x12\x1d\n\x19RISK_CASE_STATE_CONFIRMED\x10\x03\x12\x1d\n\x19RISK_CASE_STATE_DISMISSED\x10\x04\x32\xbc\x03\n\x0fRiskCaseService\x12T\n\rListRiskCases\x12 .subsidy.v1.ListRiskCasesRequest\x1a!.subsidy.v1.ListRiskCasesResponse\x12N\n\x0bGetRiskCase\x12\x1e.subsidy.v1.GetRiskCaseRequest\x1a\x1f.subsidy.v1.GetRiskCaseResponse\x12W\n\x0e\x41ssignRiskCase\x12!.subsidy.v1.AssignRiskCaseRequest\x1a\".subsidy.v1.AssignRiskCaseResponse\x12\x63\n\x12TransitionRiskCase\x12%.subsidy.v1.TransitionRiskCaseRequest\x1a&.subsidy.v1.TransitionRiskCaseResponse\x12\x45\n\x08\x43lawBack\x12\x1b.subsidy.v1.ClawBackRequest\x1a\x1c.subsidy.v1.ClawBackResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.risk_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rcn.subsidy.v1P\001Z\024subsidy/v1;subsidyv1'
-  _globals['_RISKCASESTATE']._serialized_start=1436
-  _globals['_RISKCASESTATE']._serialized_end=1602
+  _globals['_RISKCASESTATE']._serialized_start=1669
+  _globals['_RISKCASESTATE']._serialized_end=1835
   _globals['_RISKCASE']._serialized_start=101
-  _globals['_RISKCASE']._serialized_end=535
-  _globals['_LISTRISKCASESREQUEST']._serialized_start=537
-  _globals['_LISTRISKCASESREQUEST']._serialized_end=652
-  _globals['_LISTRISKCASESRESPONSE']._serialized_start=654
-  _globals['_LISTRISKCASESRESPONSE']._serialized_end=714
-  _globals['_GETRISKCASEREQUEST']._serialized_start=716
-  _globals['_GETRISKCASEREQUEST']._serialized_end=753
-  _globals['_GETRISKCASERESPONSE']._serialized_start=755
-  _globals['_GETRISKCASERESPONSE']._serialized_end=817
-  _globals['_ASSIGNRISKCASEREQUEST']._serialized_start=819
-  _globals['_ASSIGNRISKCASEREQUEST']._serialized_end=897
-  _globals['_ASSIGNRISKCASERESPONSE']._serialized_start=899
-  _globals['_ASSIGNRISKCASERESPONSE']._serialized_end=964
-  _globals['_TRANSITIONRISKCASEREQUEST']._serialized_start=966
-  _globals['_TRANSITIONRISKCASEREQUEST']._serialized_end=1089
-  _globals['_TRANSITIONRISKCASERESPONSE']._serialized_start=1091
-  _globals['_TRANSITIONRISKCASERESPONSE']._serialized_end=1160
-  _globals['_CLAWBACKREQUEST']._serialized_start=1162
-  _globals['_CLAWBACKREQUEST']._serialized_end=1274
-  _globals['_CLAWBACKRESPONSE']._serialized_start=1277
-  _globals['_CLAWBACKRESPONSE']._serialized_end=1433
-  _globals['_RISKCASESERVICE']._serialized_start=1605
-  _globals['_RISKCASESERVICE']._serialized_end=2049
+  _globals['_RISKCASE']._serialized_end=584
+  _globals['_RISKCASECLAWBACK']._serialized_start=587
+  _globals['_RISKCASECLAWBACK']._serialized_end=768
+  _globals['_LISTRISKCASESREQUEST']._serialized_start=770
+  _globals['_LISTRISKCASESREQUEST']._serialized_end=885
+  _globals['_LISTRISKCASESRESPONSE']._serialized_start=887
+  _globals['_LISTRISKCASESRESPONSE']._serialized_end=947
+  _globals['_GETRISKCASEREQUEST']._serialized_start=949
+  _globals['_GETRISKCASEREQUEST']._serialized_end=986
+  _globals['_GETRISKCASERESPONSE']._serialized_start=988
+  _globals['_GETRISKCASERESPONSE']._serialized_end=1050
+  _globals['_ASSIGNRISKCASEREQUEST']._serialized_start=1052
+  _globals['_ASSIGNRISKCASEREQUEST']._serialized_end=1130
+  _globals['_ASSIGNRISKCASERESPONSE']._serialized_start=1132
+  _globals['_ASSIGNRISKCASERESPONSE']._serialized_end=1197
+  _globals['_TRANSITIONRISKCASEREQUEST']._serialized_start=1199
+  _globals['_TRANSITIONRISKCASEREQUEST']._serialized_end=1322
+  _globals['_TRANSITIONRISKCASERESPONSE']._serialized_start=1324
+  _globals['_TRANSITIONRISKCASERESPONSE']._serialized_end=1393
+  _globals['_CLAWBACKREQUEST']._serialized_start=1395
+  _globals['_CLAWBACKREQUEST']._serialized_end=1507
+  _globals['_CLAWBACKRESPONSE']._serialized_start=1510
+  _globals['_CLAWBACKRESPONSE']._serialized_end=1666
+  _globals['_RISKCASESERVICE']._serialized_start=1838
+  _globals['_RISKCASESERVICE']._serialized_end=2282
 # @@protoc_insertion_point(module_scope)

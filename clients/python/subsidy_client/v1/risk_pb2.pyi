@@ -60,6 +60,7 @@ class RiskCase(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
+    CLAWBACKS_FIELD_NUMBER: _builtins.int
     case_id: _builtins.int
     detector: _builtins.str
     """CAPPED_SHARE, THRESHOLD_CLUSTER, TERMINAL_BURST, IMPOSSIBLE_TRAVEL or LATE_REFUND."""
@@ -85,6 +86,13 @@ class RiskCase(_message.Message):
     def evidence(self) -> _struct_pb2.Struct:
         """The detector's figures (GetRiskCase only; empty in lists)."""
 
+    @_builtins.property
+    def clawbacks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskCaseClawBack]:
+        """The claw-backs made on this case, oldest first, as the ledger holds them (GetRiskCase and
+        ClawBack's case; empty in lists). A claw-back just made appears once the ledger writer has
+        written it (normally within a second).
+        """
+
     def __init__(
         self,
         *,
@@ -102,14 +110,53 @@ class RiskCase(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         evidence: _struct_pb2.Struct | None = ...,
+        clawbacks: _abc.Iterable[Global___RiskCaseClawBack] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evidence", b"evidence", "updated_at", b"updated_at", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee", b"assignee", "case_id", b"case_id", "created_at", b"created_at", "detected_by", b"detected_by", "detector", b"detector", "evidence", b"evidence", "note", b"note", "score", b"score", "state", b"state", "subject_id", b"subject_id", "subject_kind", b"subject_kind", "updated_at", b"updated_at", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee", b"assignee", "case_id", b"case_id", "clawbacks", b"clawbacks", "created_at", b"created_at", "detected_by", b"detected_by", "detector", b"detector", "evidence", b"evidence", "note", b"note", "score", b"score", "state", b"state", "subject_id", b"subject_id", "subject_kind", b"subject_kind", "updated_at", b"updated_at", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RiskCase: _TypeAlias = RiskCase  # noqa: Y015
+
+@_typing.final
+class RiskCaseClawBack(_message.Message):
+    """One CLAWED_BACK ledger event of a case."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    LINE_IDS_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FEN_FIELD_NUMBER: _builtins.int
+    OPERATOR_ID_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_AT_FIELD_NUMBER: _builtins.int
+    authorization_id: _builtins.str
+    merchant_id: _builtins.str
+    clawed_back_fen: _builtins.int
+    operator_id: _builtins.str
+    @_builtins.property
+    def line_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def clawed_back_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        authorization_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        line_ids: _abc.Iterable[_builtins.str] | None = ...,
+        clawed_back_fen: _builtins.int = ...,
+        operator_id: _builtins.str = ...,
+        clawed_back_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clawed_back_at", b"clawed_back_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "clawed_back_at", b"clawed_back_at", "clawed_back_fen", b"clawed_back_fen", "line_ids", b"line_ids", "merchant_id", b"merchant_id", "operator_id", b"operator_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskCaseClawBack: _TypeAlias = RiskCaseClawBack  # noqa: Y015
 
 @_typing.final
 class ListRiskCasesRequest(_message.Message):
