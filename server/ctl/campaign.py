@@ -211,6 +211,16 @@ def status(settings: Settings, campaign_id: str) -> None:
         }
         for item in response.categories
     ]
+    # Voucher packs: claimed / released of the quota, counted in packs (their vouchers'
+    # discounts are spent from the categories' budgets above).
+    rows += [
+        {
+            "category": f"pack {pack.pack_id}",
+            **dict.fromkeys(("budget", "released", "reserved", "spent", "refunded", "available"), "-"),
+            "vouchers": f"{pack.claimed}/{pack.released} of {pack.quota} packs",
+        }
+        for pack in response.packs
+    ]
     emit(settings, response, rows)
 
 

@@ -327,6 +327,19 @@ class CampaignService(campaign_pb2_grpc.CampaignServiceServicer):
                     qualifications_claimed=category.qualifications_claimed,
                 )
             )
+        packs = [
+            pb.PackBudget(
+                pack_id=pack.pack_id,
+                quota=pack.quota,
+                released=released_by(
+                    [(t.release_at.ToMilliseconds(), t.count) for t in pack.tranches], pack.quota, now_ms
+                ),
+                claimed=counters.quota.get(f"pack:{pack.pack_id}:claimed", 0),
+            )
+            for pack in campaign.packs
+        ]
         as_of = Timestamp()
         as_of.FromMilliseconds(now_ms)
-        return pb.GetBudgetStatusResponse(campaign_id=request.campaign_id, categories=categories, as_of=as_of)
+        return pb.GetBudgetStatusResponse(
+            campaign_id=request.campaign_id, categories=categories, as_of=as_of, packs=packs
+        )

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from click.testing import CliRunner
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SignedClient
@@ -35,6 +36,7 @@ from subsidy_client.v1 import campaign_pb2 as cpb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
+from server.ctl import main as subsidyctl
 from storage.devenv import Services
 from storage.postgres.qualifications import QualificationMirror, restore_qualifications
 from storage.redis.migrations import migrate_issued_counts
@@ -53,6 +55,7 @@ SERVICE = "/subsidy.v1.CampaignService/"
 OPERATOR = "op-auditor"
 GOODS = "6970000000086"  # category general, no serial
 XIAOSHAN_GOVERNMENT = (30.18, 120.26)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "campaigns"
 HANGZHOU = ((2_000, 500), (4_000, 1_000), (8_000, 2_000))  # "5 off 20, 10 off 40, 20 off 80"
 
 
@@ -149,6 +152,11 @@ async def create(world: World, campaign: cpb.Campaign) -> cpb.Campaign:
 async def fetch(world: World, campaign_id: str) -> cpb.Campaign:
     request = cpb.GetCampaignRequest(campaign_id=campaign_id)
     return (await world.operator._call(SERVICE + "GetCampaign", request, cpb.GetCampaignResponse)).campaign
+
+
+async def budget_status(world: World, campaign_id: str) -> cpb.GetBudgetStatusResponse:
+    request = cpb.GetBudgetStatusRequest(campaign_id=campaign_id)
+    return await world.operator._call(SERVICE + "GetBudgetStatus", request, cpb.GetBudgetStatusResponse)
 
 
 def location() -> common_pb2.Location:
@@ -305,7 +313,8 @@ async def test_each_voucher_is_redeemed_once_at_its_own_threshold(world: World) 
 
 async def test_the_quota_counts_packs(world: World) -> None:
     """Quota 1: one pack of three is issued (three codes), the next person's claim is
-    QUOTA_EXHAUSTED with nothing issued. Quota 2: exactly two packs, six codes."""
+    QUOTA_EXHAUSTED with nothing issued. Quota 2: exactly two packs, six codes. GetBudgetStatus
+    counts packs."""
     for quota in (1, 2):
         campaign_id = new_id()
         await create(world, pack_campaign(campaign_id, quota=quota))
@@ -315,15 +324,20 @@ async def test_the_quota_counts_packs(world: World) -> None:
         assert sum(len(answer.qualifications) for answer in answers) == 3 * quota
         quota_hash, holder = await counters(world, campaign_id, people[-1])
         assert quota_hash == {"pack:p:claimed": str(quota)} and holder == {}
+        status = await budget_status(world, campaign_id)
+        assert list(status.packs) == [cpb.PackBudget(pack_id="p", quota=quota, released=quota, claimed=quota)]
 
 
 async def test_packs_are_released_by_their_tranches(world: World) -> None:
-    """A pack whose only tranche opens tomorrow: NOT_YET_RELEASED, nothing issued."""
+    """A pack whose only tranche opens tomorrow: NOT_YET_RELEASED, nothing issued, none
+    released in GetBudgetStatus."""
     campaign_id = new_id()
     await create(world, pack_campaign(campaign_id, quota=5, tranches=[(time.time() + 86_400, 5)]))
     person = id_number()
     assert decision(await claim(world, person, campaign_id)) == "NOT_YET_RELEASED"
     assert await counters(world, campaign_id, person) == ({}, {})
+    status = await budget_status(world, campaign_id)
+    assert list(status.packs) == [cpb.PackBudget(pack_id="p", quota=5, released=0, claimed=0)]
 
 
 # --- Back to the pool ------------------------------------------------------------------------------
@@ -439,6 +453,36 @@ async def test_the_issued_counts_migration_leaves_pack_vouchers_to_their_pack(wo
     await migrate_issued_counts(world.redis, world.env.keys)
     assert await counters(world, campaign_id, person) == before
     assert "general:issued" not in before[1]
+
+
+async def test_subsidyctl_applies_the_hangzhou_pack_file_and_shows_its_packs(world: World, tmp_path: Path) -> None:
+    """The example file through subsidyctl (create, then a replay): GetCampaign answers its
+    pack as the file says, a claim of the pack issues its three vouchers at their amounts, and
+    `budget status` shows the pack counted in packs, as a table and as JSON."""
+    example = EXAMPLES / "hangzhou-voucher-pack.yaml"
+    credentials = tmp_path / "credentials.json"
+    target = world.operator._target
+    credentials.write_text(
+        orjson.dumps({"target": target, "operators": {OPERATOR: world.env.credentials[OPERATOR]}}).decode()
+    )
+    base = ["--credentials", str(credentials)]
+    runner = CliRunner()
+    for _ in range(2):
+        applied = await asyncio.to_thread(runner.invoke, subsidyctl, [*base, "campaign", "apply", str(example)])
+        assert applied.exit_code == 0, applied.output
+    (pack,) = (await fetch(world, "hz-2020-voucher-pack")).packs
+    assert (pack.pack_id, pack.quota, len(pack.tranches)) == ("hz-2020-pack", 2_000_000, 4)
+    response = await claim(world, id_number(), "hz-2020-voucher-pack", "hz-2020-pack")
+    assert [(q.threshold_fen, q.off_fen) for q in response.qualifications] == list(HANGZHOU)
+    table = await asyncio.to_thread(runner.invoke, subsidyctl, [*base, "budget", "status", "hz-2020-voucher-pack"])
+    assert table.exit_code == 0 and "pack hz-2020-pack" in table.output and "1/2000000 of 2000000" in table.output
+    as_json = await asyncio.to_thread(
+        runner.invoke, subsidyctl, [*base, "--json", "budget", "status", "hz-2020-voucher-pack"]
+    )
+    assert as_json.exit_code == 0, as_json.output
+    assert orjson.loads(as_json.output)["packs"] == [
+        {"pack_id": "hz-2020-pack", "quota": "2000000", "released": "2000000", "claimed": "1"}
+    ]
 
 
 # --- Bounds and bad input ------------------------------------------------------------------------

@@ -695,22 +695,64 @@ class GetBudgetStatusResponse(_message.Message):
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    PACKS_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     @_builtins.property
     def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryBudget]: ...
     @_builtins.property
     def as_of(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def packs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PackBudget]:
+        """The campaign's voucher packs, in the campaign's order (none without packs). Their
+        vouchers' discounts are spent from their categories' budgets above.
+        """
+
     def __init__(
         self,
         *,
         campaign_id: _builtins.str = ...,
         categories: _abc.Iterable[Global___CategoryBudget] | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
+        packs: _abc.Iterable[Global___PackBudget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "campaign_id", b"campaign_id", "categories", b"categories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "campaign_id", b"campaign_id", "categories", b"categories", "packs", b"packs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBudgetStatusResponse: _TypeAlias = GetBudgetStatusResponse  # noqa: Y015
+
+@_typing.final
+class PackBudget(_message.Message):
+    """A voucher pack's quota as the claims see it: packs, not vouchers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACK_ID_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    CLAIMED_FIELD_NUMBER: _builtins.int
+    pack_id: _builtins.str
+    quota: _builtins.int
+    released: _builtins.int
+    """Released by the pack's tranches so far (the quota without tranches)."""
+    claimed: _builtins.int
+    """Out of the pool: claimed and not yet returned whole (a pack returns only when every
+    voucher of it expired unused or was cancelled).
+    """
+    def __init__(
+        self,
+        *,
+        pack_id: _builtins.str = ...,
+        quota: _builtins.int = ...,
+        released: _builtins.int = ...,
+        claimed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed", b"claimed", "pack_id", b"pack_id", "quota", b"quota", "released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackBudget: _TypeAlias = PackBudget  # noqa: Y015
