@@ -640,3 +640,36 @@ async def test_the_gateways_copy_of_the_limits_and_what_happens_while_it_is_stal
     tightened = await pay(world.inside, people[2], codes[2], phone(accuracy_m=150), campaign_id)
     assert outcome(tightened) == "LOCATION_INACCURATE"
     assert outcome(await pay(world.inside, people[2], codes[2], phone(accuracy_m=100), campaign_id)) == "APPROVED"
+
+
+async def test_a_retry_replays_the_first_answer_even_once_its_fix_is_stale(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict is the first call's: a retry of an approved payment (same request id, same
+    message) after its fix has aged past the limit answers the stored approval, replayed, not
+    LOCATION_STALE. The gateway's clock is moved ten minutes ahead for the retry (its module's
+    ``time`` only: the client still signs with the real clock)."""
+    import types
+
+    from server.services import authorization
+
+    person = id_number()
+    code = await voucher(world, person)
+    request = apb.AuthorizeRequest(
+        request_id=request_id(),
+        campaign_id=YANTAI,
+        consumer_key=consumer_key_of(person),
+        channel=apb.CHANNEL_POS,
+        lines=[apb.LineItem(line_id="1", gtin=GOODS, unit_price_fen=6_000)],
+        redemption_code=code,
+        consumer_location=phone(),
+    )
+    first = await world.inside.send_authorize(request)
+    assert outcome(first) == "APPROVED" and not first.replayed
+    later = types.SimpleNamespace(time=lambda: time.time() + 600.0)
+    monkeypatch.setattr(authorization, "time", later)
+    other = id_number()
+    fresh = await pay(world.inside, other, await voucher(world, other), phone())
+    assert outcome(fresh) == "LOCATION_STALE"  # the moved clock does judge a new payment
+    retried = await world.inside.send_authorize(request)
+    assert retried.replayed and retried.authorization_id == first.authorization_id
