@@ -105,36 +105,6 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
-async def authenticate(
-    credentials: CredentialCache,
-    clock_skew_s: int,
-    method: str,
-    body: bytes,
-    metadata: dict[str, str],
-) -> Caller:
-    terminal_id = metadata.get(signing.TERMINAL_HEADER, "")
-    timestamp = metadata.get(signing.TIMESTAMP_HEADER, "")
-    nonce = metadata.get(signing.NONCE_HEADER, "")
-    presented = metadata.get(signing.SIGNATURE_HEADER, "")
-    if not (terminal_id and timestamp and nonce and presented):
-        raise unauthenticated("missing credential metadata (x-subsidy-terminal, -timestamp, -nonce, -signature)")
-    if not (
-        TERMINAL_PATTERN.fullmatch(terminal_id)
-        and NONCE_PATTERN.fullmatch(nonce)
-        and TIMESTAMP_PATTERN.fullmatch(timestamp)
-    ):
-        raise unauthenticated("malformed credential metadata")
-    if abs(time.time() * 1000 - int(timestamp)) > clock_skew_s * 1000:
-        raise unauthenticated("timestamp outside the allowed clock skew")
-    credential = await credentials.get(terminal_id)
-    # Compute a signature even for an unknown terminal, so timing does not reveal which exist.
-    secret = credential.secret if credential else "unknown-terminal"
-    expected = signing.signature(secret, method, terminal_id, int(timestamp), nonce, body)
-    if credential is None or not hmac.compare_digest(expected, presented):
-        raise unauthenticated("unknown terminal or bad signature")
-    return Caller(terminal_id=terminal_id, merchant_id=credential.merchant_id, nonce=nonce, role=credential.role)
-
-
 class Authenticator:
     """The per-call check of every subsidy.v1 method (server/rpc/handlers.py calls it inside the
     handler it wrapped once at registration): the signature over the raw request bytes, the
@@ -152,14 +122,34 @@ class Authenticator:
         self._check_peer = check_peer
 
     async def __call__(self, method: str, body: bytes, context: grpc.aio.ServicerContext) -> Caller:
-        identity = await authenticate(self._credentials, self._clock_skew_s, method, body, _metadata(context))
+        metadata = _metadata(context)
+        terminal_id = metadata.get(signing.TERMINAL_HEADER, "")
+        timestamp = metadata.get(signing.TIMESTAMP_HEADER, "")
+        nonce = metadata.get(signing.NONCE_HEADER, "")
+        presented = metadata.get(signing.SIGNATURE_HEADER, "")
+        if not (terminal_id and timestamp and nonce and presented):
+            raise unauthenticated("missing credential metadata (x-subsidy-terminal, -timestamp, -nonce, -signature)")
+        if not (
+            TERMINAL_PATTERN.fullmatch(terminal_id)
+            and NONCE_PATTERN.fullmatch(nonce)
+            and TIMESTAMP_PATTERN.fullmatch(timestamp)
+        ):
+            raise unauthenticated("malformed credential metadata")
+        timestamp_ms = int(timestamp)
+        if abs(time.time() * 1000 - timestamp_ms) > self._clock_skew_s * 1000:
+            raise unauthenticated("timestamp outside the allowed clock skew")
+        credential = await self._credentials.get(terminal_id)
+        # Compute a signature even for an unknown terminal, so timing does not reveal which exist.
+        secret = credential.secret if credential else "unknown-terminal"
+        expected = signing.signature(secret, method, terminal_id, timestamp_ms, nonce, body)
+        if credential is None or not hmac.compare_digest(expected, presented):
+            raise unauthenticated("unknown terminal or bad signature")
         if self._check_peer is not None:
-            # Once the signing credential is resolved: the connection's client certificate must
-            # fit it (server.rpc.tls.ClientCertificatePolicy; raises UNAUTHENTICATED). Before the
-            # nonce is claimed and before the handler runs, so a refused call executes nothing.
-            credential = await self._credentials.get(identity.terminal_id)
-            required = credential is not None and credential.require_client_certificate
-            self._check_peer(context, identity.terminal_id, required)
+            # The connection's client certificate must fit the signing credential
+            # (server.rpc.tls.ClientCertificatePolicy; raises UNAUTHENTICATED). Before the nonce is
+            # claimed and before the handler runs, so a refused call executes nothing.
+            self._check_peer(context, terminal_id, credential.require_client_certificate)
+        identity = Caller(terminal_id, credential.merchant_id, nonce, credential.role)
         if identity.role in _NONCE_HERE:
             await claim_operator_nonce(self._credentials, identity)
         return identity
