@@ -311,6 +311,25 @@ async def test_each_voucher_is_redeemed_once_at_its_own_threshold(world: World) 
     assert outcome(await pay(world, id_number(), codes[0], campaign_id, 10_000)) == "QUALIFICATION_NOT_FOUND"
 
 
+async def test_a_voucher_keeps_the_amounts_it_was_issued_with(world: World) -> None:
+    """UpdateCampaign changing the pack's amounts applies to later claims: a voucher claimed
+    before keeps its own "5 off 20", one claimed after has the new "6 off 30"."""
+    campaign_id = new_id()
+    await create(world, pack_campaign(campaign_id, HANGZHOU[:1]))
+    before, after = id_number(), id_number()
+    (old_code,) = await codes_of(world, before, campaign_id)
+    request = cpb.UpdateCampaignRequest(
+        request_id=str(uuid.uuid4()), campaign=pack_campaign(campaign_id, [(3_000, 600)])
+    )
+    await world.operator._call(SERVICE + "UpdateCampaign", request, cpb.UpdateCampaignResponse)
+    (new_code,) = await codes_of(world, after, campaign_id)
+    old_payment = await pay(world, before, old_code, campaign_id, 2_000)
+    assert outcome(old_payment) == "APPROVED" and old_payment.subsidy_fen == 500
+    assert outcome(await pay(world, after, new_code, campaign_id, 2_999)) == "PRICE_BELOW_THRESHOLD"
+    new_payment = await pay(world, after, new_code, campaign_id, 3_000)
+    assert outcome(new_payment) == "APPROVED" and new_payment.subsidy_fen == 600
+
+
 async def test_the_quota_counts_packs(world: World) -> None:
     """Quota 1: one pack of three is issued (three codes), the next person's claim is
     QUOTA_EXHAUSTED with nothing issued. Quota 2: exactly two packs, six codes. GetBudgetStatus
