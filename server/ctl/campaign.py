@@ -17,7 +17,7 @@ from subsidy_client.v1 import common_pb2
 
 from server.ctl.common import GATEWAY, Settings, emit, json_option, pass_settings, run
 from server.domain.reference import ReferenceError, parse_campaign
-from server.services.campaigns import KINDS, POLICIES, STATUSES
+from server.services.campaigns import KINDS, POLICIES, SCOPES, STATUSES
 
 SERVICE = "/subsidy.v1.CampaignService/"
 
@@ -82,6 +82,7 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
                     pb.QualificationTranche(release_at=_stamp(moment), count=count)
                     for moment, count in rule.qualification_tranches
                 ],
+                threshold_scope={name: value for value, name in SCOPES.items()}[rule.threshold_scope],
             )
             for rule in campaign.rules
         ],
@@ -110,6 +111,7 @@ def rule_rows(campaign: pb.Campaign) -> list[dict[str, Any]]:
             "rates": ",".join(f"g{rate.energy_grade}:{rate.rate_bp / 100:g}%" for rate in rule.rates),
             "cap_yuan": rule.cap_fen / 100,
             "off_yuan/min_yuan": f"{rule.off_fen / 100:g}/{rule.threshold_fen / 100:g}" if rule.off_fen else "",
+            "min_of": "basket" if rule.threshold_scope == pb.THRESHOLD_SCOPE_BASKET else "",
             "ceiling_yuan": rule.price_ceiling_fen / 100 if rule.price_ceiling_fen else "",
             "per_person": rule.per_person_limit,
             "budget_yuan": rule.budget_fen / 100,

@@ -25,6 +25,8 @@ PRICE_FEN_MAX = 10_000_000_000
 QUOTA_MAX = 1_000_000_000
 BUDGET_FEN_MAX = 10_000_000_000_000
 GRADES = ("0", "1", "2", "3", "4", "5")
+# What a FIXED rule's threshold applies to: each line, or the payment's lines of the category.
+THRESHOLD_SCOPES = ("LINE", "BASKET")
 
 
 class ReferenceError(ValueError):
@@ -53,6 +55,10 @@ class Rule:
     # without tranches the whole quota is released when the campaign starts.
     qualification_quota: int = 0
     qualification_tranches: Sequence[tuple[datetime, int]] = ()
+    # FIXED rules: what threshold_fen applies to, "LINE" (each line on its own, the rule before
+    # this field) or "BASKET" (the payment's lines of the category together, the amount off
+    # shared among them: server/domain/basket.py).
+    threshold_scope: str = "LINE"
 
 
 # Voucher packs (issue 13, item 5): at most this many packs per campaign and vouchers per pack.
@@ -247,6 +253,7 @@ def parse_rule(record: Mapping[str, Any], path: str) -> Rule:
         qualification_tranches=_parse_tranches(
             record.get("qualification_tranches") or [], f"{path}.qualification_tranches", "count"
         ),
+        threshold_scope=_choice(record, "threshold_scope", path, THRESHOLD_SCOPES, "LINE"),
     )
     if kind == "PERCENT" and not rates:
         raise ReferenceError(f"{path}.rates_bp", "a PERCENT rule needs at least one grade's rate")
@@ -256,6 +263,8 @@ def parse_rule(record: Mapping[str, Any], path: str) -> Rule:
         raise ReferenceError(f"{path}.off_fen", "a FIXED rule needs a positive amount off")
     if kind == "FIXED" and rule.off_fen > rule.threshold_fen:
         raise ReferenceError(f"{path}.off_fen", "must not exceed threshold_fen")
+    if rule.threshold_scope == "BASKET" and kind != "FIXED":
+        raise ReferenceError(f"{path}.threshold_scope", "a basket threshold needs a FIXED rule (X off Y)")
     if sum(amount for _, amount in rule.tranches) > rule.budget_fen:
         raise ReferenceError(f"{path}.tranches", "the tranches add up to more than budget_fen")
     return rule

@@ -34,6 +34,8 @@ POLICIES: dict[Any, str] = {
     pb.REFUND_POLICY_RESTORE_ON_FULL_REFUND: "RESTORE_ON_FULL_REFUND",
     pb.REFUND_POLICY_COUNT_AS_USED: "COUNT_AS_USED",
 }
+# UNSPECIFIED is LINE, the threshold's meaning before the field; answers say LINE or BASKET.
+SCOPES: dict[Any, str] = {pb.THRESHOLD_SCOPE_LINE: "LINE", pb.THRESHOLD_SCOPE_BASKET: "BASKET"}
 
 
 def _time(stamp: Timestamp, present: bool, field: str) -> str | None:
@@ -99,6 +101,7 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
                     }
                     for number, tranche in enumerate(rule.qualification_tranches)
                 ],
+                "threshold_scope": _enum(rule.threshold_scope, SCOPES, f"{path}.threshold_scope", default="LINE"),
             }
         )
     document: dict[str, Any] = {
@@ -216,6 +219,7 @@ def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Camp
                     )
                     for tranche in rule["qualification_tranches"]
                 ],
+                threshold_scope=next(value for value, name in SCOPES.items() if name == rule["threshold_scope"]),
             )
             for rule in rules
         ],

@@ -104,6 +104,8 @@ def raise_script_error(failure: Failure) -> NoReturn:
     code = failure.error
     if code == "LINE_NOT_FOUND":
         raise invalid_field("line_ids", f"line {failure.line_id} is not part of this authorization")
+    if code == "VOUCHER_NEEDS_ONE_LINE":
+        raise invalid_field("lines", "a payment that redeems a qualification of a per-line rule has exactly one line")
     if code not in SCRIPT_ERRORS:
         raise RuntimeError(f"script returned unknown error {code}")
     status, reason, message = SCRIPT_ERRORS[code]

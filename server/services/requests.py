@@ -37,9 +37,9 @@ def check_authorize(request: authorization_pb2.AuthorizeRequest, max_lines: int)
             line.serial_number = serial
     if request.redemption_code:
         request.redemption_code = validation.canonical_redemption_code(request.redemption_code)
-        # A qualification is one discount on one unit: its quota counts units, like the budget.
-        if len(request.lines) != 1:
-            raise InvalidField("lines", "a payment that redeems a qualification has exactly one line")
+        # A qualification of a LINE-scope rule is one discount on one line, so its payment has
+        # one line; a BASKET rule's covers several. Only the rule knows: authorize.lua refuses
+        # the first kind with more lines (VOUCHER_NEEDS_ONE_LINE, INVALID_ARGUMENT naming lines).
     return request
 
 

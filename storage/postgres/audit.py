@@ -152,8 +152,11 @@ async def ledger_counters(connection: asyncpg.Connection) -> Counters:
     )
     for row in refunded:
         counters.budget[(row["campaign_id"], row["category"], "refunded")] = int(row["amount"])
+    # A line counts one unit, unless it carries u: a basket voucher counts once, on its first
+    # line, and a refund of part of a basket gives nothing back (refund.lua).
     usage = await connection.fetch(
-        "SELECT campaign_id, consumer_key, line->>'c' AS category, sum(CASE event_type WHEN 'AUTHORIZED' THEN 1"
+        "SELECT campaign_id, consumer_key, line->>'c' AS category,"
+        " sum(coalesce((line->>'u')::int, 1) * CASE event_type WHEN 'AUTHORIZED' THEN 1"
         " WHEN 'CAPTURED' THEN 0 WHEN 'CLAWED_BACK' THEN 0 ELSE -1 END) AS units"
         " FROM ledger_events, jsonb_array_elements(lines) AS line"
         " GROUP BY campaign_id, consumer_key, line->>'c'"

@@ -69,8 +69,8 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
     await connection.executemany(
         "INSERT INTO campaign_rules (campaign_id, category, kind, rates_bp, cap_fen,"
         " threshold_fen, off_fen, price_ceiling_fen, per_person_limit, budget_fen, tranches,"
-        " qualification_quota, qualification_tranches)"
-        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13::jsonb)",
+        " qualification_quota, qualification_tranches, threshold_scope)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13::jsonb, $14)",
         [
             (
                 campaign.campaign_id,
@@ -93,6 +93,7 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
                         for moment, count in rule.qualification_tranches
                     ]
                 ).decode(),
+                rule.threshold_scope,
             )
             for rule in campaign.rules
         ],

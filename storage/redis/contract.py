@@ -48,6 +48,10 @@ class Line(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     subsidy_fen: Annotated[int, msgspec.Meta(ge=0)] = msgspec.field(name="s")
     serial_number: str = msgspec.field(name="sn", default="")
     refunded: int = msgspec.field(name="r", default=0)  # 1 once refunded, 2 once clawed back (clawback.lua)
+    # A basket voucher's line (authorize.lua): the units it counts against the per-person limit
+    # (1 on the basket's first line, 0 on the others; in a refund's event, what it gives back).
+    # None: an ordinary line, one unit.
+    units: int | None = msgspec.field(name="u", default=None)
 
 
 class AuthorizationView(msgspec.Struct, kw_only=True, frozen=True, gc=False):

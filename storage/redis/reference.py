@@ -54,6 +54,9 @@ def rule_json(row: dict[str, Any]) -> bytes:
             "tranches": tranche_schedule(row.get("tranches")),
             "q_quota": row.get("qualification_quota", 0),
             "q_tranches": tranche_schedule(row.get("qualification_tranches"), "count"),
+            # FIXED rules: "BASKET" takes the amount off the payment's lines of the category
+            # together (authorize.lua); "LINE" (and rows from before the column) each line.
+            "threshold_scope": row.get("threshold_scope") or "LINE",
         }
     )
 

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.domain.basket import apportion
+from server.domain.reference import ReferenceError, parse_rule
 
 PRICE_MAX = 10_000_000_000 - 1  # PRICE_FEN_MAX - 1: the dearest line a request may carry
 LINES_MAX = 100  # SUBSIDY_MAX_LINES' upper bound
@@ -88,3 +89,38 @@ def test_a_line_with_a_larger_remainder_never_gets_less_rounding(basket: tuple[i
             assert remainders[down_index] <= remainders[up_index]
             if remainders[down_index] == remainders[up_index]:
                 assert up_index < down_index
+
+
+def basket_rule(**fields: object) -> dict[str, object]:
+    record: dict[str, object] = {
+        "category": "general",
+        "kind": "FIXED",
+        "threshold_fen": 20_000,
+        "off_fen": 5_000,
+        "per_person_limit": 1,
+        "budget_fen": 1_000_000,
+    }
+    record.update(fields)
+    return record
+
+
+def test_a_rule_is_per_line_unless_it_says_basket() -> None:
+    assert parse_rule(basket_rule(), "rule").threshold_scope == "LINE"
+    assert parse_rule(basket_rule(threshold_scope="LINE"), "rule").threshold_scope == "LINE"
+    assert parse_rule(basket_rule(threshold_scope="BASKET"), "rule").threshold_scope == "BASKET"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"threshold_scope": "basket"},
+        {"threshold_scope": ""},
+        {"threshold_scope": 2},
+        {"threshold_scope": "BASKET", "kind": "PERCENT", "rates_bp": {"0": 1500}, "cap_fen": 50_000},
+    ],
+    ids=["lower case", "empty", "a number", "basket on a percent rule"],
+)
+def test_a_scope_that_cannot_work_is_refused_naming_it(fields: dict[str, object]) -> None:
+    with pytest.raises(ReferenceError) as refused:
+        parse_rule(basket_rule(**fields), "rule")
+    assert refused.value.field == "rule.threshold_scope"

@@ -65,7 +65,9 @@ local function auth_view(auth)
   }
 end
 
--- Sums subsidy and unit counts per category over the given lines.
+-- Sums subsidy and unit counts per category over the given lines. A line counts one unit,
+-- unless it carries u (a basket voucher's line: 1 on the basket's first line, 0 on the others,
+-- so the basket counts once; refund.lua sets u to what a refund gives back).
 local function per_category(lines)
   local sums, counts, order = {}, {}, {}
   for _, line in ipairs(lines) do
@@ -73,7 +75,7 @@ local function per_category(lines)
       sums[line.c] = 0; counts[line.c] = 0; order[#order + 1] = line.c
     end
     sums[line.c] = sums[line.c] + line.s
-    counts[line.c] = counts[line.c] + 1
+    counts[line.c] = counts[line.c] + (line.u or 1)
   end
   return sums, counts, order
 end

@@ -9,6 +9,17 @@
 -- Returns {kind, JSON} (see _lib.lua); the answer is {"decision": "APPROVED", "authorization": ...}
 -- or {"decision": "DECLINED", "reason": <DeclineReason number>, "line_id": ...}.
 
+-- A redemption code is one voucher. Under a LINE-scope rule it takes its amount off one line,
+-- so its payment has exactly one line (refused as a bad request, INVALID_ARGUMENT naming lines,
+-- as the service refused it before basket rules); under a BASKET rule it covers the payment's
+-- lines of its category. An unknown code is refused the same way (nothing to say it is a basket).
+-- Checked before the nonce and request id, like the service's own validation of a request.
+if ARG.redemption_code ~= '' and #ARG.lines > 1 then
+  local category = redis.call('HGET', KEY.qualification, 'category')
+  local raw_rule = category and redis.call('HGET', KEY.rules, category)
+  if not raw_rule or cjson.decode(raw_rule).threshold_scope ~= 'BASKET' then return fail('VOUCHER_NEEDS_ONE_LINE') end
+end
+
 local early = open_request(KEY, ARG)
 if early then return early end
 
@@ -124,7 +135,8 @@ if partner ~= '' and blocked(person_blocks[2], now) then
     {block_expires_ms = tonumber(person_blocks[2])})
 end
 
--- Computes one line's subsidy under its rule; returns subsidy, or nil and a decline reason.
+-- Computes one line's subsidy under its rule; returns subsidy, or nil and a decline reason. A
+-- basket rule's line has no subsidy of its own: its share is apportioned once the basket is known.
 local function line_subsidy(rule, grade, price, reference_price)
   local rate = 0
   if rule.kind == 'PERCENT' then
@@ -134,6 +146,7 @@ local function line_subsidy(rule, grade, price, reference_price)
   if rule.price_ceiling_fen > 0 and price > rule.price_ceiling_fen then return nil, PRICE_ABOVE_CEILING end
   if reference_price > 0 and price > reference_price then return nil, PRICE_ABOVE_CEILING end
   if rule.kind == 'FIXED' then
+    if rule.threshold_scope == 'BASKET' then return 0, nil end
     if price < rule.threshold_fen then return nil, PRICE_BELOW_THRESHOLD end
     return math.min(rule.off_fen, price), nil
   end
@@ -160,9 +173,19 @@ end
 local worst_reason, worst_line = nil, ''
 -- The first line whose subsidy is 0 fen: declined NO_SUBSIDY, the last reason in precedence.
 local nothing_line = nil
-local function note(reason, line_id)
-  if worst_reason == nil or reason < worst_reason then worst_reason, worst_line = reason, line_id end
+-- BASKET_BELOW_THRESHOLD (29) ranks where PRICE_BELOW_THRESHOLD (10) does, right after it.
+local function rank(reason)
+  if reason == BASKET_BELOW_THRESHOLD then return PRICE_BELOW_THRESHOLD + 0.5 end
+  return reason
 end
+local function note(reason, line_id)
+  if worst_reason == nil or rank(reason) < rank(worst_reason) then worst_reason, worst_line = reason, line_id end
+end
+-- Basket rules (threshold_scope BASKET): per category, in order of first line, the total of
+-- the lines the rule covers (product active, category covered, merchant allowed) and the first
+-- such line. A line failing a later check of its own still counts here, so the reported reason
+-- is that line's rather than a basket made short by leaving it out.
+local baskets, basket_order = {}, {}
 for i, line in ipairs(ARG.lines) do
   local line_id, gtin, price, serial = line.line_id, line.gtin, line.unit_price_fen, line.serial_number
   local product = redis.call('HMGET', KEY.lines[i].product,
@@ -176,6 +199,14 @@ for i, line in ipairs(ARG.lines) do
     note(MERCHANT_CATEGORY_NOT_ALLOWED, line_id)
   else
     if rules[category] == nil then rules[category] = cjson.decode(redis.call('HGET', KEY.rules, category)) end
+    local basket = rules[category].kind == 'FIXED' and rules[category].threshold_scope == 'BASKET'
+    if basket then
+      if baskets[category] == nil then
+        baskets[category] = {total = 0, first = line_id}
+        basket_order[#basket_order + 1] = category
+      end
+      baskets[category].total = baskets[category].total + price
+    end
     local subsidy, reason = line_subsidy(rules[category], product[3], price, tonumber(product[4]))
     if reason then
       note(reason, line_id)
@@ -184,12 +215,36 @@ for i, line in ipairs(ARG.lines) do
     elseif serial ~= '' and redis.call('EXISTS', KEY.lines[i].serial) == 1 then
       note(SERIAL_ALREADY_SUBSIDISED, line_id)
     else
-      if subsidy == 0 and nothing_line == nil then nothing_line = line_id end
-      lines[#lines + 1] = {l = line_id, g = gtin, c = category, p = price, s = subsidy, sn = serial, r = 0}
+      if subsidy == 0 and nothing_line == nil and not basket then nothing_line = line_id end
+      -- u: set below on a basket's lines (nil, left out, on the others).
+      lines[#lines + 1] = {l = line_id, g = gtin, c = category, p = price, s = subsidy, sn = serial, r = 0, u = nil}
     end
   end
 end
+-- A basket's threshold applies to its total (reported on its first line).
+for _, category in ipairs(basket_order) do
+  if baskets[category].total < rules[category].threshold_fen then
+    note(BASKET_BELOW_THRESHOLD, baskets[category].first)
+  end
+end
 if worst_reason then return decline(worst_reason, worst_line) end
+-- Every line passed: each basket takes its amount off once, shared among its lines by largest
+-- remainder to the fen (apportion in _lib.lua), so a refund of some lines returns exactly their
+-- part. One voucher, one unit: the basket's first line counts 1 against the per-person limit and
+-- the others 0 (u, read by per_category in _lib.lua; lines without u count 1 each).
+for _, category in ipairs(basket_order) do
+  local members, prices = {}, {}
+  for _, line in ipairs(lines) do
+    if line.c == category then
+      members[#members + 1] = line
+      prices[#prices + 1] = line.p
+      line.u = 0
+    end
+  end
+  local shares = apportion(rules[category].off_fen, prices)
+  for i, line in ipairs(members) do line.s = shares[i] end
+  members[1].u = 1
+end
 
 -- Aggregate checks: the consumer's quota, then the budget, per category.
 local sums, counts, order = per_category(lines)

@@ -1,6 +1,8 @@
 -- refund.lua: refunds captured lines (CAPTURED -> PARTIALLY_REFUNDED -> REFUNDED). Each
 -- refunded line gives its subsidy back to the budget, one unit back to the consumer's quota
--- and frees its serial. A line is refunded at most once, and never after a claw-back.
+-- (a basket voucher's lines: one unit for the whole basket, see below) and frees its serial.
+-- A line is refunded at most once, whole (there is no refund of part of a line's price), and
+-- never after a claw-back.
 --
 -- KEY and ARG: storage/redis/contract.py, REFUND (as CAPTURE, and ARG.line_ids: the line ids
 -- to refund; none means every line not yet refunded). ARG.channel_reference is the refund's
@@ -33,7 +35,31 @@ local unknown = next(wanted)
 if unknown then return fail('LINE_NOT_FOUND', {line_id = unknown}) end
 if #chosen == 0 then return fail('LINE_CLAWED_BACK', {line_id = clawed or ''}) end
 
-local sums, counts, order = per_category(chosen)
+-- What the refund moves, line by line (the event's lines): each line's own subsidy, its share
+-- for a basket voucher's line (authorize.lua apportioned the amount off, so the shares of a
+-- basket refunded line by line add up to exactly what was granted). A basket counts one unit
+-- against the per-person limit (u): it goes back only when this one refund takes the whole
+-- basket back; a refund of some of its lines counts the voucher as used, so neither it nor a
+-- later refund of the rest gives the unit back (u = 0 on the event's lines).
+local whole = {}
+for _, line in ipairs(auth.lines) do
+  if line.u ~= nil and whole[line.c] == nil then whole[line.c] = true end
+end
+local moved = {}
+for _, line in ipairs(chosen) do moved[line.l] = true end
+for _, line in ipairs(auth.lines) do
+  if line.u ~= nil and not moved[line.l] then whole[line.c] = false end
+end
+local refunded_lines = {}
+for i, line in ipairs(chosen) do
+  local copy = {}
+  for field, value in pairs(line) do copy[field] = value end
+  copy.r = 1
+  if line.u ~= nil and not whole[line.c] then copy.u = 0 end
+  refunded_lines[i] = copy
+end
+
+local sums, counts, order = per_category(refunded_lines)
 local refunded_fen = 0
 for _, category in ipairs(order) do
   hincrby(KEY.budget, category .. ':spent', -sums[category])
@@ -76,5 +102,5 @@ auth.refunded_fen = tonumber(auth.refunded_fen) + refunded_fen
 auth.updated_ms, auth.last_request_id = now, ARG.request_id
 redis.call('HSET', KEY.authorization, 'state', auth.state, 'lines', cjson.encode(auth.lines),
   'refunded_fen', auth.refunded_fen, 'updated_ms', now, 'last_request_id', ARG.request_id)
-emit(KEY.ledger, 'REFUNDED', auth, chosen, refunded_fen, now, ARG.payload_hash, ARG.channel_reference)
+emit(KEY.ledger, 'REFUNDED', auth, refunded_lines, refunded_fen, now, ARG.payload_hash, ARG.channel_reference)
 return finish_lifecycle(KEY, ARG, auth, {refunded_fen = refunded_fen})
