@@ -238,6 +238,7 @@ def check_chains(archive: Archive, manifest: dict[str, Any], events: dict[str, d
                 "campaign_id": campaign,
                 "entry_seq": entry["entry_seq"],
                 "account": entry["account"],
+                "event_type": entry["event_type"],
                 "debit_fen": entry["debit_fen"],
                 "credit_fen": entry["credit_fen"],
                 "occurred_ms": entry["occurred_ms"],
@@ -278,7 +279,9 @@ def check_totals(manifest: dict[str, Any], entries: list[dict[str, Any]]) -> Non
                 figures["credit_fen"] += entry["credit_fen"]
                 if entry["account"] == "MERCHANT_RECEIVABLE":
                     figures["captured_fen"] += entry["debit_fen"]
-                    figures["refunded_fen"] += entry["credit_fen"]
+                    # A claw-back's credit is counted apart, and only when there is one.
+                    name = "clawed_back_fen" if entry.get("event_type") == "CLAWED_BACK" else "refunded_fen"
+                    figures[name] = figures.get(name, 0) + entry["credit_fen"]
                 break
     expected: dict[str, Any] = manifest.get("totals") or {}
     for day, _start, _end in days:

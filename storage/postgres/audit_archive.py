@@ -121,12 +121,17 @@ async def day_totals(
     connection: asyncpg.Connection, days: Sequence[tuple[date, datetime, datetime]]
 ) -> dict[str, dict[str, dict[str, int]]]:
     """Per business day and campaign: entries, debits, credits, captured (debits to
-    MERCHANT_RECEIVABLE) and refunded (its credits), summed by the database."""
+    MERCHANT_RECEIVABLE), refunded (its credits by refunds) and, only when there are any,
+    clawed_back_fen (its credits by claw-backs: an archive of days without claw-backs reads as
+    it did before they existed), summed by the database."""
     rows = await connection.fetch(
         "SELECT d.day, e.campaign_id, count(*) AS entries, sum(e.debit_fen) AS debit_fen,"
         " sum(e.credit_fen) AS credit_fen,"
         " coalesce(sum(e.debit_fen) FILTER (WHERE e.account = 'MERCHANT_RECEIVABLE'), 0) AS captured_fen,"
-        " coalesce(sum(e.credit_fen) FILTER (WHERE e.account = 'MERCHANT_RECEIVABLE'), 0) AS refunded_fen"
+        " coalesce(sum(e.credit_fen) FILTER (WHERE e.account = 'MERCHANT_RECEIVABLE'"
+        " AND e.event_type <> 'CLAWED_BACK'), 0) AS refunded_fen,"
+        " coalesce(sum(e.credit_fen) FILTER (WHERE e.account = 'MERCHANT_RECEIVABLE'"
+        " AND e.event_type = 'CLAWED_BACK'), 0) AS clawed_back_fen"
         " FROM unnest($1::date[], $2::timestamptz[], $3::timestamptz[]) AS d (day, starts, ends)"
         " JOIN ledger_entries AS e ON e.occurred_at >= d.starts AND e.occurred_at < d.ends"
         " GROUP BY d.day, e.campaign_id ORDER BY d.day, e.campaign_id",
@@ -136,9 +141,12 @@ async def day_totals(
     )
     totals: dict[str, dict[str, dict[str, int]]] = {}
     for row in rows:
-        totals.setdefault(row["day"].isoformat(), {})[row["campaign_id"]] = {
+        figures = {
             name: int(row[name]) for name in ("entries", "debit_fen", "credit_fen", "captured_fen", "refunded_fen")
         }
+        if row["clawed_back_fen"]:
+            figures["clawed_back_fen"] = int(row["clawed_back_fen"])
+        totals.setdefault(row["day"].isoformat(), {})[row["campaign_id"]] = figures
     return totals
 
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -43,6 +44,7 @@ from tests.conftest import (
     running_gateway,
 )
 from tests.conftest import serial as new_serial
+from tests.integration.test_audit_archive import export, run_verify
 
 FRIDGE_G1 = "6970000000017"  # serial required
 WASHER = "6970000000093"
@@ -424,7 +426,7 @@ async def test_subsidyctl_risk_clawback(world: World) -> None:
     assert (clawed["authorization"], clawed["lines"], clawed["clawed_back_fen"]) == (authorization_id, ["w"], 30_000)
 
 
-async def test_the_daily_report_shows_the_merchant_owed_less(world: World) -> None:
+async def test_the_daily_report_shows_the_merchant_owed_less(world: World, tmp_path: Path) -> None:
     """Runs last in the module: publishes today's report (as if its cut-off had passed). The
     merchant's row carries the claw-back and the subsidy it is still owed is the capture less
     it; the budget line ties out (opening + captured - refunded - clawed back = closing spent,
@@ -477,6 +479,14 @@ async def test_the_daily_report_shows_the_merchant_owed_less(world: World) -> No
     by_category = {row.category: row.figures for row in rows}
     assert by_category["fridge"].redeemed_fen == 60_000
     assert (by_category["fridge"].clawbacks, by_category["fridge"].clawed_back_fen) == (1, 60_000)
+    # The audit archive of the day verifies with its own script, the claw-back counted apart.
+    status, summary, stderr = export(world.env, today, today, tmp_path / "archive")
+    assert status == 0 and summary["ok"], (stderr, summary.get("verification"))
+    manifest = json.loads((tmp_path / "archive" / "manifest.json").read_text())
+    figures = manifest["totals"][today.isoformat()][campaign]
+    assert (figures["captured_fen"], figures["refunded_fen"], figures["clawed_back_fen"]) == (90_000, 0, 60_000)
+    verified = run_verify(tmp_path / "archive")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     owed = {
         category: item.redeemed_fen - item.refunded_fen - item.clawed_back_fen for category, item in by_category.items()
     }
