@@ -1,0 +1,1 @@
+"""Redis Cluster pieces of the scale-out design (docs/scale-out.md), standalone for now."""

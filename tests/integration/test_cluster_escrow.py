@@ -1,0 +1,319 @@
+"""Escrow budget shards (storage/redis/cluster/escrow.py, docs/scale-out.md 2.1) on the real
+six-node local cluster: the steps one by one with a crash between each pair, bad input, and
+several processes reserving a budget of N 1-fen units across shards, with and without a
+primary killed mid-load. Every step runs with WAIT 1 (one replica per primary)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import pytest
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from storage.cluster_dev import LocalCluster
+from storage.redis.cluster.escrow import (
+    MAX_FEN,
+    MAX_SHARDS,
+    EscrowBudget,
+    EscrowConflict,
+    EscrowError,
+    split,
+)
+from tests.integration import cluster_fixtures
+from tests.integration.escrow_load import LoadResult, LoadSpec, run_load
+
+redis_cluster = cluster_fixtures.redis_cluster  # the module's fixture
+
+SHARDS = 6
+CATEGORY = "phone"
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in redis_cluster.startup_nodes])
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _escrow(client: RedisCluster, shards: int = SHARDS) -> EscrowBudget:
+    """A budget of a campaign of its own (each test its own keys)."""
+    return EscrowBudget(client, prefix="esc", campaign_id=uuid.uuid4().hex[:12], category=CATEGORY, shards=shards)
+
+
+async def _ledger(escrow: EscrowBudget, shard: int) -> list[dict[str, str]]:
+    client = await escrow._node_client(escrow.ledger_key(shard))
+    entries = await client.xrange(escrow.ledger_key(shard))
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+# --------------------------------------------------------------------------- one step at a time
+
+
+def test_split_sums_to_the_budget() -> None:
+    for budget in (0, 1, 5, 6, 7, MAX_FEN):
+        slices = split(budget, SHARDS)
+        assert sum(slices) == budget and max(slices) - min(slices) <= 1
+    assert split(MAX_FEN, 1) == [MAX_FEN]
+
+
+async def test_setup_zero_one_and_the_maximum_and_refusals(cluster_client: RedisCluster) -> None:
+    for budget in (0, 1, MAX_FEN):
+        escrow = _escrow(cluster_client)
+        assert sum(await escrow.setup(budget)) == budget
+        audit = await escrow.audit(budget)
+        assert audit.alloc == budget and audit.conserved and audit.reserved == 0
+        assert await escrow.setup(budget) == split(budget, SHARDS)  # again: a no-op
+        with pytest.raises(EscrowConflict):
+            await escrow.setup(budget + 1 if budget < MAX_FEN else budget - 1)  # not re-split
+        assert (await escrow.audit(budget)).alloc == budget
+    escrow = _escrow(cluster_client)
+    for bad in (-1, MAX_FEN + 1):
+        with pytest.raises(EscrowError, match="budget"):
+            await escrow.setup(bad)
+    assert all(state.slice == 0 and state.alloc == 0 for state in (await escrow.audit(0)).shards)
+    assert [await _ledger(escrow, shard) for shard in range(SHARDS)] == [[]] * SHARDS  # nothing written
+    EscrowBudget(cluster_client, prefix="esc", campaign_id="c", category=CATEGORY, shards=1)
+    EscrowBudget(cluster_client, prefix="esc", campaign_id="c", category=CATEGORY, shards=MAX_SHARDS)
+    for shards in (0, MAX_SHARDS + 1):
+        with pytest.raises(EscrowError, match="shards"):
+            EscrowBudget(cluster_client, prefix="esc", campaign_id="c", category=CATEGORY, shards=shards)
+    for field, value in (("prefix", "a b"), ("campaign_id", ""), ("category", "Phone!")):
+        arguments = {"prefix": "esc", "campaign_id": "c", "category": CATEGORY, field: value}
+        with pytest.raises(EscrowError, match=field):
+            EscrowBudget(cluster_client, shards=SHARDS, **arguments)
+
+
+async def test_shards_spread_over_the_slot_range(cluster_client: RedisCluster, redis_cluster: LocalCluster) -> None:
+    escrow = _escrow(cluster_client)
+    slots = [redis_cluster.slot_of(escrow.escrow_key(shard)) for shard in range(SHARDS)]
+    assert all(shard * 16384 // SHARDS <= slot < (shard + 1) * 16384 // SHARDS for shard, slot in enumerate(slots))
+    primaries = {redis_cluster.primary_of_slot(slot).port for slot in slots}
+    assert len(primaries) == 3  # six shards over the three primaries
+    for shard in range(SHARDS):  # every key of a shard is in its slot
+        keys = [escrow.escrow_key(shard), escrow.reservations_key(shard), escrow.transfers_key(shard)]
+        keys += [escrow.open_key(shard), escrow.credited_key(shard), escrow.ledger_key(shard)]
+        assert {redis_cluster.slot_of(key) for key in keys} == {slots[shard]}
+
+
+async def test_reserve_zero_one_all_and_one_more(cluster_client: RedisCluster) -> None:
+    escrow = _escrow(cluster_client, shards=2)
+    await escrow.setup(20)  # 10 a shard
+    for bad in (0, -1, MAX_FEN + 1):
+        with pytest.raises(EscrowError, match="amount"):
+            await escrow.reserve(0, "r-bad", bad)
+    first = await escrow.reserve(0, "r1", 1)
+    assert first.approved and first.new and first.available == 9
+    again = await escrow.reserve(0, "r1", 1)  # a retry: the same answer, nothing more reserved
+    assert again.approved and not again.new and again.available == 9
+    with pytest.raises(EscrowConflict):
+        await escrow.reserve(0, "r1", 2)  # the id with another amount
+    short = await escrow.reserve(0, "r2", 10)  # one more than is left
+    assert not short.approved and short.available == 9
+    assert (await escrow.reserve(0, "r2", 9)).approved  # exactly what is left
+    assert not (await escrow.reserve(0, "r3", 1)).approved
+    audit = await escrow.audit(20)
+    assert audit.shards[0].reserved == 10 and audit.shards[0].reservations == 2 and audit.conserved
+    assert [e["event"] for e in await _ledger(escrow, 0)] == ["SHARD_FUNDED", "RESERVED", "RESERVED"]
+    with pytest.raises(EscrowError, match="shard"):
+        await escrow.reserve(2, "r4", 1)
+    with pytest.raises(EscrowError, match="reservation_id"):
+        await escrow.reserve(0, "r 4", 1)
+
+
+async def test_borrowing_moves_money_and_never_creates_it(cluster_client: RedisCluster) -> None:
+    escrow = _escrow(cluster_client, shards=3)
+    await escrow.setup(30)
+    assert (await escrow.reserve(0, "a", 10)).approved
+    reservation = await escrow.reserve_or_borrow(0, "b", 4, chunk=3)
+    assert reservation.approved
+    audit = await escrow.audit(30)
+    assert audit.conserved and audit.in_flight == 0 and audit.alloc == 30
+    assert audit.shards[0].alloc == 14 and audit.shards[0].reserved == 14
+    # A lender gives at most its unreserved allocation, and nothing when it has none.
+    assert await escrow.debit(1, "t-all", 100, 0) == audit.shards[1].alloc
+    assert await escrow.debit(1, "t-none", 1, 0) == 0
+    assert "t-none" not in (await escrow.audit(30)).shards[1].open_transfers
+    await escrow.sweep()
+    # Everything reserved, then one more unit: declined after asking every shard.
+    for index in range(16):
+        assert (await escrow.reserve_or_borrow(index % 3, f"fill{index}", 1)).approved
+    final = await escrow.reserve_or_borrow(2, "over", 1)
+    assert not final.approved
+    audit = await escrow.audit(30)
+    assert audit.reserved == 30 and audit.alloc == 30 and audit.conserved
+    with pytest.raises(EscrowError, match="itself"):
+        await escrow.debit(1, "t-self", 1, 1)
+
+
+async def test_crash_between_debit_and_credit_is_settled_once(cluster_client: RedisCluster) -> None:
+    escrow = _escrow(cluster_client, shards=2)
+    await escrow.setup(10)
+    assert await escrow.debit(1, "t1", 3, 0) == 3  # the borrower dies here
+    assert await escrow.debit(1, "t1", 3, 0) == 3  # a retry of step 1: the same transfer
+    with pytest.raises(EscrowConflict):
+        await escrow.debit(1, "t1", 4, 0)
+    audit = await escrow.audit(10)
+    assert audit.in_flight == 3 and audit.alloc == 7 and audit.conserved
+    assert not (await escrow.reserve(0, "r", 6)).approved  # in flight is nobody's to spend
+    assert [t.amount for t in await escrow.sweep()] == [3]
+    assert await escrow.sweep() == []
+    assert not await escrow.credit(0, "t1", 3, 1)  # a late credit by the original borrower
+    assert not await escrow.settle(1, "t1")
+    with pytest.raises(EscrowConflict):
+        await escrow.credit(0, "t1", 4, 1)
+    audit = await escrow.audit(10)
+    assert audit.in_flight == 0 and audit.alloc == 10 and audit.conserved
+    assert audit.shards[0].alloc == 8 and audit.shards[1].alloc == 2
+    assert [e["event"] for e in await _ledger(escrow, 0)] == ["SHARD_FUNDED", "TRANSFER_IN"]
+    assert [e["event"] for e in await _ledger(escrow, 1)] == ["SHARD_FUNDED", "TRANSFER_OUT"]
+
+
+async def test_crash_between_credit_and_settle_credits_nothing_more(cluster_client: RedisCluster) -> None:
+    escrow = _escrow(cluster_client, shards=2)
+    await escrow.setup(10)
+    assert await escrow.debit(0, "t2", 5, 1) == 5
+    assert await escrow.credit(1, "t2", 5, 0)  # the borrower dies before settling
+    audit = await escrow.audit(10)
+    assert audit.in_flight == 0 and audit.debited_credited_unsettled == 5 and audit.conserved
+    assert [t.transfer_id for t in await escrow.sweep()] == ["t2"]
+    audit = await escrow.audit(10)
+    assert audit.shards[1].alloc == 10 and audit.shards[0].alloc == 0 and audit.conserved
+    assert audit.shards[0].open_transfers == {} and audit.debited_credited_unsettled == 0
+    with pytest.raises(EscrowError, match="UNKNOWN"):
+        await escrow.settle(0, "never-debited")
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+async def _load(
+    escrow: EscrowBudget,
+    redis_cluster: LocalCluster,
+    budget: int,
+    *,
+    workers: int = 3,
+    abandon: float = 0.0,
+    kill_at: int | None = None,
+) -> tuple[list[LoadResult], int | None]:
+    """Runs the workers to their first declines; with ``kill_at``, SIGKILLs the primary of the
+    hottest shard once that many units are reserved, waits for the promotion and restarts the
+    killed node (it rejoins as a replica, so WAIT 1 can succeed again). Returns the results
+    and the reserved count seen at the kill."""
+    specs = [
+        LoadSpec(
+            startup=redis_cluster.startup_nodes,
+            prefix=escrow.prefix,
+            campaign_id=escrow.campaign_id,
+            category=escrow.category,
+            shards=escrow.shards,
+            worker=worker,
+            abandon=abandon,
+            seed=7,
+            max_approvals=budget + 1,
+        )
+        for worker in range(workers)
+    ]
+    seen_at_kill = None
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures: list[Future[LoadResult]] = [pool.submit(run_load, spec) for spec in specs]
+        while kill_at is not None and seen_at_kill is None and not all(f.done() for f in futures):
+            reserved = (await escrow.audit(budget)).reserved
+            if reserved >= kill_at:
+                seen_at_kill = reserved
+                slot = redis_cluster.slot_of(escrow.escrow_key(0))
+                victim = await asyncio.to_thread(redis_cluster.kill_primary, slot)
+                await asyncio.to_thread(redis_cluster.restart, victim)
+                await asyncio.to_thread(redis_cluster.wait_ok)
+            await asyncio.sleep(0.02)
+        results = [await asyncio.wrap_future(f) for f in futures]
+    return results, seen_at_kill
+
+
+async def _check_exactly_the_budget(escrow: EscrowBudget, budget: int, results: list[LoadResult]) -> None:
+    acknowledged = [approved for result in results for approved in result.approved]
+    assert len(set(acknowledged)) == len(acknowledged)
+    audit = await escrow.audit(budget)
+    # I1 with whatever the abandoned borrowers left in flight; I2: never past the budget.
+    assert audit.conserved, (audit.alloc, audit.in_flight, budget)
+    assert audit.reserved == len(acknowledged) <= budget
+    assert audit.in_flight == 0 or any(result.abandoned for result in results)
+    # Every acknowledged reservation is in its shard, once; nothing else is.
+    by_shard: dict[int, set[str]] = {}
+    for shard, reservation_id in acknowledged:
+        by_shard.setdefault(shard, set()).add(reservation_id)
+    for shard in range(escrow.shards):
+        client = await escrow._node_client(escrow.reservations_key(shard))
+        stored = {key.decode() for key in await client.hkeys(escrow.reservations_key(shard))}
+        assert stored == by_shard.get(shard, set())
+        assert audit.shards[shard].reserved == len(stored) <= audit.shards[shard].alloc
+    # The sweeper settles what was left in flight; then one caller takes the tail (the budget a
+    # decline under concurrency left in another shard), and the total is exactly the budget.
+    await escrow.sweep()
+    audit = await escrow.audit(budget)
+    assert audit.in_flight == 0 and audit.alloc == budget and audit.conserved
+    tail = 0
+    while (await escrow.reserve_or_borrow(tail % escrow.shards, f"tail{tail}", 1)).approved:
+        tail += 1
+    audit = await escrow.audit(budget)
+    assert audit.reserved == budget == len(acknowledged) + tail
+    assert all(state.alloc == state.reserved for state in audit.shards) and audit.conserved
+    # The shards' streams: one event per reservation and per transfer step.
+    reserved_events = transfers_out = transfers_in = 0
+    for shard in range(escrow.shards):
+        for event in await _ledger(escrow, shard):
+            reserved_events += event["event"] == "RESERVED"
+            transfers_out += int(event["amount"]) if event["event"] == "TRANSFER_OUT" else 0
+            transfers_in += int(event["amount"]) if event["event"] == "TRANSFER_IN" else 0
+    assert reserved_events == budget and transfers_out == transfers_in
+    print(f"acknowledged {len(acknowledged)}, tail {tail}, transfers {transfers_out} fen moved")
+
+
+@pytest.mark.slow
+async def test_exactly_the_budget_from_several_processes_with_borrowing(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster
+) -> None:
+    escrow = _escrow(cluster_client)
+    budget = 1500
+    await escrow.setup(budget)
+    results, _ = await _load(escrow, redis_cluster, budget, abandon=0.05)
+    assert sum(r.abandoned for r in results) > 0  # some borrowers "died" between the steps
+    await _check_exactly_the_budget(escrow, budget, results)
+
+
+@pytest.mark.slow
+async def test_exactly_the_budget_with_a_primary_killed_mid_load(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster
+) -> None:
+    escrow = _escrow(cluster_client)
+    budget = 3000
+    await escrow.setup(budget)
+    results, seen_at_kill = await _load(escrow, redis_cluster, budget, kill_at=budget // 4)
+    assert seen_at_kill is not None and seen_at_kill < budget  # killed while the load ran
+    retried: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.retried.items():
+            retried[reason] = retried.get(reason, 0) + count
+    print(f"reserved at the kill: {seen_at_kill}; steps re-sent: {retried}")
+    # The callers of the killed primary's shards lost their connections, and the new primary's
+    # writes went unacknowledged (WAIT 0) until the killed node rejoined as its replica.
+    assert retried.get("connection", 0) > 0
+    await _check_exactly_the_budget(escrow, budget, results)
+
+
+async def test_amounts_near_the_maximum_stay_exact(cluster_client: RedisCluster) -> None:
+    """Amounts leave the scripts as decimal strings: cjson prints Lua's doubles with 14 digits,
+    which would turn 499,999,999,999,999 into 5e+14."""
+    escrow = _escrow(cluster_client, shards=2)
+    assert await escrow.setup(MAX_FEN) == [MAX_FEN // 2, MAX_FEN // 2]
+    reservation = await escrow.reserve(0, "big", MAX_FEN // 2 - 1)
+    assert reservation.approved and reservation.available == 1
+    assert (await escrow.borrow(0, 1, MAX_FEN)).amount == MAX_FEN // 2
+    assert (await escrow.reserve(0, "rest", MAX_FEN // 2 + 1)).available == 0
+    audit = await escrow.audit(MAX_FEN)
+    assert audit.alloc == MAX_FEN and audit.reserved == MAX_FEN and audit.conserved
