@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from subsidy_client.v1 import common_pb2, risk_pb2, risk_pb2_grpc
 
 from server.domain import validation
-from server.domain.errors import InvalidField
+from server.domain.errors import IdempotencyConflict, InvalidField
 from server.domain.reference import IDENTIFIER
 from server.domain.risk_detection import (
     CONFIRMED,
@@ -217,6 +217,8 @@ class RiskCaseService(risk_pb2_grpc.RiskCaseServiceServicer):
                     f"case {case_id} is {case.state}: only a CONFIRMED case claws back",
                     {"state": "RISK_CASE_STATE_" + case.state},
                 )
+            if await risk_cases.request_taken(connection, identity.terminal_id, request_id, case_id):
+                raise IdempotencyConflict
             owner = await authorization_owner(self._store, authorization_id)
             if owner is None:
                 raise_script_error(Failure("AUTHORIZATION_NOT_FOUND"))

@@ -278,6 +278,18 @@ async def clawbacks(connection: asyncpg.Connection, case_id: int) -> list[ClawBa
     ]
 
 
+async def request_taken(connection: asyncpg.Connection, operator_id: str, request_id: str, case_id: int) -> bool:
+    """Whether the operator's request id already acted as something other than a claw-back on
+    this case: checked before a claw-back moves money, so that a request id reused for another
+    action is refused (IdempotencyConflict) before the money moves, not after."""
+    found = await connection.fetchrow(
+        "SELECT action, target_id FROM operator_actions WHERE operator_id = $1 AND request_id = $2",
+        operator_id,
+        request_id,
+    )
+    return found is not None and (found["action"], found["target_id"]) != ("risk.clawback", str(case_id))
+
+
 async def audit_clawback(
     connection: asyncpg.Connection, operator_id: str, request_id: str, case_id: int, details: dict[str, Any]
 ) -> bool:

@@ -285,6 +285,14 @@ async def test_a_retried_claw_back_acts_once(world: World) -> None:
         await world.claw_back(case_id, authorization_id, ("f",), request_id=request_id)
     assert await world.counters(campaign, person) == before
     assert before["budget.washer:clawed_back"] == 30_000 and "budget.fridge:clawed_back" not in before
+    # A request id the operator used for another action is refused before any money moves.
+    moved = str(uuid.uuid4())
+    other_case = await world.case(confirm=False)
+    async with world.pool.acquire() as connection:
+        await risk_cases.assign(connection, other_case, "op-lee", "op-auditor", moved)
+    with pytest.raises(IdempotencyConflict):
+        await world.claw_back(case_id, authorization_id, ("f",), request_id=moved)
+    assert await world.counters(campaign, person) == before
     types = [event["type"] for event in await world.stream_events(authorization_id)]
     assert types.count("CLAWED_BACK") == 1
     await world.drain_ledger()
