@@ -148,7 +148,10 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     DECLINE_REASON_BASKET_BELOW_THRESHOLD: _DeclineReason.ValueType  # 29
     """29. A basket voucher (CategoryRule.threshold_scope BASKET): the eligible lines of the
     payment add up to less than the voucher's threshold ("X off Y": their total is below Y).
-    Ranks where PRICE_BELOW_THRESHOLD (10) ranks for a line voucher.
+    Ranks right after PRICE_BELOW_THRESHOLD (10), before SERIAL_REQUIRED (11); the declined
+    line is the basket's first. Every line counts in the total that the rule covers (product
+    active, category covered, merchant allowed), so a line failing a later check of its own
+    is reported with its own reason rather than this one.
     """
     DECLINE_REASON_TERMINAL_VELOCITY_MINUTE: _DeclineReason.ValueType  # 30
     """30-33. Velocity limits (Campaign.risk_limits): the terminal's subsidised sales in the last
@@ -266,7 +269,10 @@ DECLINE_REASON_LOCATION_OUTSIDE_REGION: DeclineReason.ValueType  # 28
 DECLINE_REASON_BASKET_BELOW_THRESHOLD: DeclineReason.ValueType  # 29
 """29. A basket voucher (CategoryRule.threshold_scope BASKET): the eligible lines of the
 payment add up to less than the voucher's threshold ("X off Y": their total is below Y).
-Ranks where PRICE_BELOW_THRESHOLD (10) ranks for a line voucher.
+Ranks right after PRICE_BELOW_THRESHOLD (10), before SERIAL_REQUIRED (11); the declined
+line is the basket's first. Every line counts in the total that the rule covers (product
+active, category covered, merchant allowed), so a line failing a later check of its own
+is reported with its own reason rather than this one.
 """
 DECLINE_REASON_TERMINAL_VELOCITY_MINUTE: DeclineReason.ValueType  # 30
 """30-33. Velocity limits (Campaign.risk_limits): the terminal's subsidised sales in the last
@@ -706,7 +712,11 @@ class RefundRequest(_message.Message):
     """
     @_builtins.property
     def line_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lines to refund; empty means every line not yet refunded (a full refund)."""
+        """Lines to refund; empty means every line not yet refunded (a full refund). Whole lines
+        only: there is no refund of an amount or of part of a line's price (a price adjustment),
+        and the gateway never prorates one; refund the line and, if the goods are kept at a new
+        price, authorize that as a new sale.
+        """
 
     def __init__(
         self,

@@ -108,7 +108,10 @@ class AuthorizationServiceServicer:
 
     def Refund(self, request, context):
         """Refunds captured lines (all remaining lines when line_ids is empty), restoring budget,
-        quota and serials for each refunded line.
+        quota and serials for each refunded line. A line is refunded whole: a basket voucher's
+        line returns its apportioned share of the amount off, and the basket's one quota unit
+        comes back only when the whole basket is refunded at once (a partial refund counts the
+        voucher as used).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,10 @@ class AuthorizationServiceStub:
     """Releases a PENDING hold. Voiding an already VOIDED authorization returns it as is."""
     Refund: _grpc.UnaryUnaryMultiCallable[_authorization_pb2.RefundRequest, _authorization_pb2.RefundResponse]
     """Refunds captured lines (all remaining lines when line_ids is empty), restoring budget,
-    quota and serials for each refunded line.
+    quota and serials for each refunded line. A line is refunded whole: a basket voucher's
+    line returns its apportioned share of the amount off, and the basket's one quota unit
+    comes back only when the whole basket is refunded at once (a partial refund counts the
+    voucher as used).
     """
     GetAuthorization: _grpc.UnaryUnaryMultiCallable[_authorization_pb2.GetAuthorizationRequest, _authorization_pb2.GetAuthorizationResponse]
     """Reads one authorization of the calling terminal's merchant."""
@@ -83,7 +86,10 @@ class AuthorizationServiceAsyncStub(AuthorizationServiceStub):
     """Releases a PENDING hold. Voiding an already VOIDED authorization returns it as is."""
     Refund: _aio.UnaryUnaryMultiCallable[_authorization_pb2.RefundRequest, _authorization_pb2.RefundResponse]  # type: ignore[assignment]
     """Refunds captured lines (all remaining lines when line_ids is empty), restoring budget,
-    quota and serials for each refunded line.
+    quota and serials for each refunded line. A line is refunded whole: a basket voucher's
+    line returns its apportioned share of the amount off, and the basket's one quota unit
+    comes back only when the whole basket is refunded at once (a partial refund counts the
+    voucher as used).
     """
     GetAuthorization: _aio.UnaryUnaryMultiCallable[_authorization_pb2.GetAuthorizationRequest, _authorization_pb2.GetAuthorizationResponse]  # type: ignore[assignment]
     """Reads one authorization of the calling terminal's merchant."""
@@ -134,7 +140,10 @@ class AuthorizationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_authorization_pb2.RefundResponse, _abc.Awaitable[_authorization_pb2.RefundResponse]]:
         """Refunds captured lines (all remaining lines when line_ids is empty), restoring budget,
-        quota and serials for each refunded line.
+        quota and serials for each refunded line. A line is refunded whole: a basket voucher's
+        line returns its apportioned share of the amount off, and the basket's one quota unit
+        comes back only when the whole basket is refunded at once (a partial refund counts the
+        voucher as used).
         """
 
     @_abc_1.abstractmethod

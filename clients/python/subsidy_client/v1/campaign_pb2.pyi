@@ -189,9 +189,12 @@ class CategoryRule(_message.Message):
     """
     threshold_scope: Global___ThresholdScope.ValueType
     """FIXED rules: what threshold_fen applies to. LINE (or UNSPECIFIED, the contract before this
-    field): each line on its own, one line per payment. BASKET: the total of the payment's
-    eligible lines of this category; the amount off is apportioned to those lines by largest
-    remainder, to the fen, so a refund by line returns exactly its share.
+    field; answers say LINE): each line on its own, and a payment redeeming a qualification has
+    one line. BASKET: the total of the payment's lines of this category (each must be eligible
+    on its own; BASKET_BELOW_THRESHOLD below it); off_fen comes off once, apportioned to those
+    lines by largest remainder to the fen (ties to the earlier line), so a refund by line
+    returns exactly its share; the basket counts one unit against per_person_limit. BASKET on
+    a PERCENT rule is INVALID_ARGUMENT naming this field.
     """
     @_builtins.property
     def rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GradeRate]:
