@@ -382,6 +382,18 @@ class LocalCluster:
                     return self._node_by_address(entry["address"])
         raise LookupError(f"no primary serves slot {slot}")
 
+    def replicas_of(self, primary: ClusterNode) -> list[ClusterNode]:
+        """The live nodes replicating ``primary``."""
+        return [
+            self._node_by_address(entry["address"])
+            for entry in self.nodes_view()
+            if entry["master"] == primary.node_id and self._node_by_address(entry["address"]).alive
+        ]
+
+    def kill(self, node: ClusterNode) -> None:
+        """SIGKILL one node (a replica, say); :meth:`restart` brings it back."""
+        self._kill(node)
+
     def kill_primary(self, slot: int = 0, *, wait: bool = True) -> ClusterNode:
         """SIGKILL the primary serving ``slot``; with ``wait``, return once its replica has been
         promoted and every live node says cluster_state:ok again."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -14,13 +15,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from storage.cluster_dev import LocalCluster
+from storage.cluster_dev import LocalCluster, command
 from storage.redis.cluster.escrow import (
     MAX_FEN,
     MAX_SHARDS,
     EscrowBudget,
     EscrowConflict,
     EscrowError,
+    EscrowUnavailable,
     split,
 )
 from tests.integration import cluster_fixtures
@@ -189,6 +191,62 @@ async def test_crash_between_credit_and_settle_credits_nothing_more(cluster_clie
         await escrow.settle(0, "never-debited")
 
 
+async def test_a_replay_writes_so_its_wait_vouches_for_the_first_write(cluster_client: RedisCluster) -> None:
+    """WAIT counts the writes of its own connection; a retry on a fresh connection that only
+    read would be acknowledged at once, before the first attempt's write reached the replica.
+    So every replayed answer increments the shard's replay counter (an ordered write after it)."""
+    escrow = _escrow(cluster_client, shards=2)
+
+    async def replays(shard: int) -> int:
+        client = await escrow._node_client(escrow.escrow_key(shard))
+        return int(await client.hget(escrow.escrow_key(shard), "replays") or 0)
+
+    await escrow.setup(10)
+    await escrow.setup(10)
+    await escrow.reserve(0, "r", 1)
+    await escrow.reserve(0, "r", 1)
+    assert (await replays(0), await replays(1)) == (2, 1)
+    await escrow.debit(1, "t", 2, 0)
+    await escrow.debit(1, "t", 2, 0)
+    await escrow.credit(0, "t", 2, 1)
+    await escrow.credit(0, "t", 2, 1)
+    await escrow.settle(1, "t")
+    await escrow.settle(1, "t")
+    assert (await replays(0), await replays(1)) == (3, 3)
+
+
+async def test_a_write_the_replica_did_not_acknowledge_is_not_an_answer(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster
+) -> None:
+    """With the shard's replica down, WAIT 1 answers 0: the reservation is made on the primary
+    but the caller gets EscrowUnavailable, not an approval; the retry with the same id once the
+    replica is back is acknowledged and reserves nothing more."""
+    escrow = EscrowBudget(
+        cluster_client,
+        prefix="esc",
+        campaign_id=uuid.uuid4().hex[:12],
+        category=CATEGORY,
+        shards=2,
+        wait_timeout_ms=100,
+        deadline_s=1.0,
+    )
+    await escrow.setup(10)
+    primary = redis_cluster.primary_of_slot(redis_cluster.slot_of(escrow.escrow_key(0)))
+    (replica,) = redis_cluster.replicas_of(primary)
+    redis_cluster.kill(replica)
+    try:
+        with pytest.raises(EscrowUnavailable, match="WAIT 1 answered 0"):
+            await escrow.reserve(0, "unacknowledged", 3)
+        assert escrow.retried["wait"] > 1
+        assert int(primary.client().hget(escrow.escrow_key(0), f"{CATEGORY}:reserved")) == 3  # made, unanswered
+    finally:
+        redis_cluster.restart(replica)
+        await asyncio.to_thread(redis_cluster.wait_ok)
+    again = await escrow.reserve(0, "unacknowledged", 3)
+    assert again.approved and not again.new
+    assert (await escrow.audit(10)).shards[0].reserved == 3
+
+
 # --------------------------------------------------------------------------- several processes
 
 
@@ -200,11 +258,13 @@ async def _load(
     workers: int = 3,
     abandon: float = 0.0,
     kill_at: int | None = None,
+    move_at: int | None = None,
 ) -> tuple[list[LoadResult], int | None]:
     """Runs the workers to their first declines; with ``kill_at``, SIGKILLs the primary of the
     hottest shard once that many units are reserved, waits for the promotion and restarts the
-    killed node (it rejoins as a replica, so WAIT 1 can succeed again). Returns the results
-    and the reserved count seen at the kill."""
+    killed node (it rejoins as a replica, so WAIT 1 can succeed again); with ``move_at``, moves
+    the hottest shard's slot to another primary then, one key at a time with pauses so that
+    calls meet the slot mid-migration. Returns the results and the reserved count seen then."""
     specs = [
         LoadSpec(
             startup=redis_cluster.startup_nodes,
@@ -222,17 +282,32 @@ async def _load(
     seen_at_kill = None
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures: list[Future[LoadResult]] = [pool.submit(run_load, spec) for spec in specs]
-        while kill_at is not None and seen_at_kill is None and not all(f.done() for f in futures):
+        at = kill_at if kill_at is not None else move_at
+        while at is not None and seen_at_kill is None and not all(f.done() for f in futures):
             reserved = (await escrow.audit(budget)).reserved
-            if reserved >= kill_at:
+            if reserved >= at:
                 seen_at_kill = reserved
                 slot = redis_cluster.slot_of(escrow.escrow_key(0))
-                victim = await asyncio.to_thread(redis_cluster.kill_primary, slot)
-                await asyncio.to_thread(redis_cluster.restart, victim)
-                await asyncio.to_thread(redis_cluster.wait_ok)
+                if kill_at is not None:
+                    victim = await asyncio.to_thread(redis_cluster.kill_primary, slot)
+                    await asyncio.to_thread(redis_cluster.restart, victim)
+                    await asyncio.to_thread(redis_cluster.wait_ok)
+                else:
+                    await asyncio.to_thread(_move_slowly, redis_cluster, slot)
             await asyncio.sleep(0.02)
         results = [await asyncio.wrap_future(f) for f in futures]
     return results, seen_at_kill
+
+
+def _move_slowly(cluster: LocalCluster, slot: int) -> None:
+    source = cluster.primary_of_slot(slot)
+    target = next(node for node in cluster.primaries_now() if node is not source)
+    cluster.begin_slot_move(slot, target)
+    while keys := command(source.client(), "CLUSTER GETKEYSINSLOT", slot, 1):
+        command(source.client(), "MIGRATE", "127.0.0.1", target.port, "", 0, 10_000, "KEYS", *keys)
+        time.sleep(0.1)
+    cluster.finish_slot_move(slot, source, target)
+    assert cluster.primary_of_slot(slot) is target
 
 
 async def _check_exactly_the_budget(escrow: EscrowBudget, budget: int, results: list[LoadResult]) -> None:
@@ -317,3 +392,23 @@ async def test_amounts_near_the_maximum_stay_exact(cluster_client: RedisCluster)
     assert (await escrow.reserve(0, "rest", MAX_FEN // 2 + 1)).available == 0
     audit = await escrow.audit(MAX_FEN)
     assert audit.alloc == MAX_FEN and audit.reserved == MAX_FEN and audit.conserved
+
+
+@pytest.mark.slow
+async def test_exactly_the_budget_while_the_hot_shard_moves_to_another_primary(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster
+) -> None:
+    """Resharding under load: calls see ASK, TRYAGAIN (a script whose keys the migration has
+    split) and MOVED, and are re-sent; never a wrong answer."""
+    escrow = _escrow(cluster_client)
+    budget = 3000
+    await escrow.setup(budget)
+    results, seen_at_move = await _load(escrow, redis_cluster, budget, move_at=budget // 4)
+    assert seen_at_move is not None and seen_at_move < budget
+    retried: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.retried.items():
+            retried[reason] = retried.get(reason, 0) + count
+    print(f"reserved at the move: {seen_at_move}; steps re-sent: {retried}")
+    assert retried.get("ask", 0) + retried.get("TryAgainError", 0) > 0 and retried.get("MovedError", 0) > 0
+    await _check_exactly_the_budget(escrow, budget, results)

@@ -326,7 +326,10 @@ class EscrowBudget:
         self._check_shard(lender)
         _check_id("transfer_id", transfer_id)
         answer = await self._run(
-            lender, "escrow_settle", [self.transfers_key(lender), self.open_key(lender)], [transfer_id]
+            lender,
+            "escrow_settle",
+            [self.transfers_key(lender), self.open_key(lender), self.escrow_key(lender)],
+            [transfer_id],
         )
         return bool(answer["state"] == "new")
 

@@ -24,4 +24,11 @@ local function emit(stream, event, fields)
   redis.call('XADD', stream, '*', unpack(flat))
 end
 
+-- A replayed answer (the id was seen) writes too: WAIT vouches for the writes of *its own
+-- connection*, and a retry comes on a new one whose last write offset is 0, so a read-only
+-- replay would be "acknowledged" at once even when the first attempt's write (made on the old
+-- connection) has not reached the replica yet. Replication is one ordered stream: once the
+-- replica has this counter's increment it has everything written before it.
+local function replayed(escrow) redis.call('HINCRBY', escrow, 'replays', 1) end
+
 local function conflict(what) return redis.error_reply('ESCROW_CONFLICT ' .. what) end

@@ -7,6 +7,7 @@ local id, category, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local seen = redis.call('HGET', credited, id)
 if seen then
   if tonumber(seen) ~= amount then return conflict('credit ' .. seen) end
+  replayed(escrow)
   return cjson.encode({state = 'again', amount = int(amount)})
 end
 if not redis.call('HGET', escrow, category .. ':alloc') then

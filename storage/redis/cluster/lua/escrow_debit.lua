@@ -12,6 +12,7 @@ if seen then
   if record.category ~= category or record.to ~= borrower or tonumber(record.asked) ~= asked then
     return conflict('transfer ' .. seen)
   end
+  replayed(escrow)
   return cjson.encode({state = 'again', amount = record.amount, record = record})
 end
 local fields = redis.call('HMGET', escrow, category .. ':alloc', category .. ':reserved')

@@ -12,6 +12,7 @@ local available = num(fields[1]) - num(fields[2])
 local seen = redis.call('HGET', reservations, id)
 if seen then
   if seen ~= category .. '|' .. ARGV[3] then return conflict('reservation ' .. seen) end
+  replayed(escrow)
   return cjson.encode({decision = 'APPROVED', state = 'again', available = int(available)})
 end
 if amount > available then return cjson.encode({decision = 'SHORT', available = int(available)}) end

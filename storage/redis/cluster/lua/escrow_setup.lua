@@ -7,6 +7,7 @@ local category, slice = ARGV[1], tonumber(ARGV[2])
 local current = redis.call('HGET', escrow, category .. ':slice')
 if current then
   if tonumber(current) ~= slice then return conflict('slice ' .. current) end
+  replayed(escrow)
   return cjson.encode({state = 'again', slice = int(slice)})
 end
 redis.call('HSET', escrow, category .. ':slice', int(slice), category .. ':alloc', int(slice), category .. ':reserved', 0)
