@@ -802,21 +802,23 @@ def run_redis_client(bench: Bench, result: RunResult) -> None:
     try:
         redis_py = bench.start_gateway(name, GatewaySettings(redis_client="redis-py"), redis_server)
         lean = bench.targets["gateway"]
-        bench.measure(
-            "warm-up bare echo",
-            bare_target,
-            "echo",
-            "closed",
-            warmup_s=0.0,
-            duration_s=bench.plan.initial_warmup_s,
-            concurrency=bench.plan.concurrency,
-        )
-        bench.warm(redis_py)
+        if not bench.plan.quick:  # quick: a smoke run, each round's own warm-up only
+            bench.measure(
+                "warm-up bare echo",
+                bare_target,
+                "echo",
+                "closed",
+                warmup_s=0.0,
+                duration_s=bench.plan.initial_warmup_s,
+                concurrency=bench.plan.concurrency,
+            )
+            bench.warm(redis_py)
         bare: list[Measurement] = []
         through_lean: list[Measurement] = []
         through_redis_py: list[Measurement] = []
-        for index in range(bench.plan.pairs):
-            bench.log(f"redis_client: triple {index + 1}/{bench.plan.pairs}")
+        triples = 1 if bench.plan.quick else bench.plan.pairs  # quick: one keeps --quick under 2 minutes
+        for index in range(triples):
+            bench.log(f"redis_client: triple {index + 1}/{triples}")
             bare.append(bench.closed_round("bare echo", bare_target, "echo"))
             order = [("lean", lean, through_lean), ("redis-py", redis_py, through_redis_py)]
             for label, target, rounds in order if index % 2 == 0 else reversed(order):
