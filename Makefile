@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: reset run test test-fast fuzz lint format gen-protos check-protos bench bench-recon bench-report demo clean venv
+.PHONY: reset run test test-fast test-cluster fuzz lint format gen-protos check-protos bench bench-recon bench-report demo clean venv
 .PHONY: certs run-tls run-mtls demo-tls demo-mtls
 .PHONY: lock check-lock buf
 
@@ -74,6 +74,11 @@ test: $(STAMP)
 ## Unit and integration tests without the multi-process load and fault tests.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+## Only the Redis Cluster tests (issue 16): a local 6-node cluster, the escrow budget shards
+## under load, a killed primary and a moving slot (part of make test too; 28-45 s here).
+test-cluster: $(STAMP)
+	$(PY) -m pytest tests/integration/test_cluster_harness.py tests/integration/test_cluster_escrow.py
 
 ## Property-based fuzzing of the public RPCs (tests/fuzz/run.py): at least 100,000 calls through a
 ## real gateway; prints the case count, the seed and the time. SUBSIDY_FUZZ_CASES / _SEED override.
