@@ -24,7 +24,7 @@ from subsidy_client.v1 import authorization_pb2 as pb
 from storage.devenv import Services
 from storage.redis.contract import EXPIRE_HOLD, HoldKeys, NoArgs
 from storage.redis.keys import Keys
-from storage.redis.lean import LeanRedis, command_prefix, encode
+from storage.redis.lean import Connection, LeanRedis, command_prefix, encode
 from storage.redis.scripts import Scripts, script_source
 from tests.conftest import Environment, consumer_key, running_gateway
 
@@ -399,3 +399,61 @@ async def test_the_gateway_uses_the_configured_client(environment: Environment, 
             assert second.decision == pb.DECISION_APPROVED
         if gateway.lean is not None:
             assert gateway.lean.connections == 1
+
+
+class RecordingTransport(asyncio.Transport):
+    """Takes the protocol's writes (the replies come from the real Redis, below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_replies_split_at_every_byte_are_matched_in_order(services: Services) -> None:
+    """The real Redis's replies to a pipeline (a nested array, an error, a bulk string with CRLF
+    inside, an integer, a nil) fed to the protocol one byte at a time: each call gets its own
+    reply once its last byte arrives, not before."""
+    loop = asyncio.get_running_loop()
+    connection = Connection(loop, timeout_s=10)
+    transport = RecordingTransport()
+    connection.connection_made(transport)
+    commands = [
+        encode(command_prefix("EVAL", "return {ARGV[1], {1, 2}, 'x'}"), 2, (0, "outer")),
+        encode(command_prefix("NO-SUCH-COMMAND"), 1, ()),
+        echo("line\r\nbreak"),
+        encode(command_prefix("EVAL", "return 42"), 2, (0,)),
+        encode(command_prefix("GET"), 1, (unique("lean-missing"),)),
+    ]
+    futures = [connection.send(command) for command in commands]
+    await asyncio.sleep(0)  # the tick's flush
+    assert transport.written == [b"".join(commands)]
+    host, port = services.redis_url.split("//", 1)[1].split("/", 1)[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(transport.written[0])
+        await writer.drain()
+        raw = b""
+        # Read until the last reply (the nil) has arrived: the raw bytes Redis sent back.
+        while not raw.endswith(b"$-1\r\n"):
+            raw += await asyncio.wait_for(reader.read(65536), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    completed = []
+    for index in range(len(raw)):
+        connection.data_received(raw[index : index + 1])
+        completed.append(sum(future.done() for future in futures))
+    assert completed == sorted(completed) and completed[-1] == len(futures)
+    assert completed[-2] == len(futures) - 1  # the last reply completed only with its last byte
+    replies = [future.result() for future in futures]
+    assert replies[0] == [b"outer", [1, 2], b"x"]
+    assert isinstance(replies[1], hiredis.ReplyError)
+    assert replies[2:] == [b"line\r\nbreak", 42, None]
+    assert not transport.aborted
