@@ -76,7 +76,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 ## Only the Redis Cluster tests (issue 16): a local 6-node cluster, the escrow budget shards
-## under load, a killed primary and a moving slot (part of make test too; 28-45 s here).
+## under load, a killed primary and a moving slot (part of make test too; 30-50 s here).
 test-cluster: $(STAMP)
 	$(PY) -m pytest tests/integration/test_cluster_harness.py tests/integration/test_cluster_escrow.py
 

@@ -390,6 +390,17 @@ class LocalCluster:
             if entry["master"] == primary.node_id and self._node_by_address(entry["address"]).alive
         ]
 
+    def freeze(self, node: ClusterNode) -> None:
+        """SIGSTOP a node: it reads nothing and answers nothing until :meth:`thaw` (a replica
+        frozen this way misses what its primary writes once the link is cut)."""
+        if node.process is None:
+            raise RuntimeError(f"{node.address} is not running")
+        node.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self, node: ClusterNode) -> None:
+        if node.process is not None:
+            node.process.send_signal(signal.SIGCONT)
+
     def kill(self, node: ClusterNode) -> None:
         """SIGKILL one node (a replica, say); :meth:`restart` brings it back."""
         self._kill(node)

@@ -4,7 +4,7 @@ over with what WAIT acknowledged; a slot moves with its keys, clients following 
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 from redis.cluster import ClusterNode as Startup
@@ -82,7 +82,7 @@ def test_killed_primary_replica_promoted_with_what_wait_acknowledged(redis_clust
         client.close()
 
 
-def test_stop_kills_every_node_and_removes_the_directory(tmp_path: os.PathLike[str]) -> None:
+def test_stop_kills_every_node_and_removes_the_directory(tmp_path: Path) -> None:
     cluster = LocalCluster(base_dir=tmp_path)
     cluster.start()
     processes = [node.process for node in cluster.nodes]
