@@ -9,7 +9,9 @@ own directory under one temporary directory that :meth:`LocalCluster.stop` remov
 
 Teardown is guaranteed three ways: :meth:`stop` (the context manager's exit, the pytest
 fixture's finally), an ``atexit`` backstop, and on Linux ``PR_SET_PDEATHSIG`` so that a node
-dies with the process that started it even when that process is killed.
+dies with the process that started it even when that process is killed. The signal follows the
+*thread* that started the node, so call :meth:`start` and :meth:`restart` from a thread that
+outlives the cluster (the main thread; not ``asyncio.to_thread``, whose worker may end first).
 
 Fault helpers: :meth:`LocalCluster.kill_primary` (``SIGKILL``, then waits until the replica has
 been promoted and every surviving node says ``cluster_state:ok``), :meth:`LocalCluster.restart`

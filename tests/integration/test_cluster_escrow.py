@@ -364,7 +364,7 @@ async def _load(
                 slot = redis_cluster.slot_of(escrow.escrow_key(0))
                 if kill_at is not None:
                     victim = await asyncio.to_thread(redis_cluster.kill_primary, slot)
-                    await asyncio.to_thread(redis_cluster.restart, victim)
+                    redis_cluster.restart(victim)  # in this thread: see LocalCluster.restart
                     await asyncio.to_thread(redis_cluster.wait_ok)
                 else:
                     await asyncio.to_thread(_move_slowly, redis_cluster, slot)
