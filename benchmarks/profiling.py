@@ -25,7 +25,12 @@ COMPONENT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("protobuf (parse, serialize, build)", re.compile(r"google/protobuf|_message\.|upb|protobuf")),
     ("uuid", re.compile(r"uuid")),
     ("json (orjson)", re.compile(r"orjson")),
-    ("redis-py client (EVALSHA round trip)", re.compile(r"redis/|hiredis")),
+    # The script call's client: the lean path (storage/redis/lean.py, scripts.py) or redis-py;
+    # storage/redis's other files are the store's (below).
+    (
+        "Redis client: lean path or redis-py (EVALSHA round trip)",
+        re.compile(r"storage/redis/(lean|scripts)\.py|(?<!storage/)redis/|hiredis"),
+    ),
     # Before the store's rule: the credential cache is the auth interceptor's.
     ("gateway: auth interceptor", re.compile(r"server/rpc/auth\.py|storage/redis/credentials\.py")),
     ("gateway: store (key names, args)", re.compile(r"storage/redis/")),
