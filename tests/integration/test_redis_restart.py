@@ -2,8 +2,9 @@
 (``appendfsync always``), under the gateway's lean Redis path: the calls in flight fail with
 UNAVAILABLE, the clients retry with the same request_id, the gateway reconnects and reloads its
 scripts, and afterwards every approval a client was told of exists, none twice, and the budget
-adds up to the fen. A Redis of the test's own (its own port and data directory): the shared one
-is never killed."""
+adds up to the fen. And Redis stalled (SIGSTOP) past the timeout: UNAVAILABLE, then the same
+request acts once. A Redis of the test's own (its own port and data directory): the shared one
+is never killed or stopped."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import os
 import signal
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
+import grpc
 import orjson
+import pytest
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line, RetryPolicy
+from subsidy_client.errors import SubsidyError
 from subsidy_client.v1 import authorization_pb2 as pb
 
 from benchmarks.services import redis_binary
@@ -173,3 +178,61 @@ async def test_redis_killed_mid_load_loses_and_doubles_nothing(environment: Envi
                 assert await redis.hget(keys.authorization(answer.authorization_id), "state") == b"PENDING"
         finally:
             await redis.aclose()
+
+
+async def test_a_stalled_redis_times_out_as_unavailable_and_the_retry_acts_once(
+    environment: Environment, tmp_path: Path
+) -> None:
+    """Redis stopped (SIGSTOP) longer than SUBSIDY_REDIS_TIMEOUT_S: the call answers UNAVAILABLE
+    with reason DEPENDENCY_UNAVAILABLE (the lean client's timeout, not the client's deadline), and
+    the gateway drops the connection. Redis continued (SIGCONT): the same request_id, sent again,
+    is approved, and the ledger holds one AUTHORIZED event for it whether or not the stalled
+    attempt ran."""
+    with own_redis(tmp_path) as server:
+        server.start()
+        await wait_ready(server.url)
+        env = replace(environment, redis_url=server.url)
+        redis = Redis.from_url(server.url)
+        connection = await asyncpg.connect(env.pg_dsn, timeout=10)
+        try:
+            await publish_reference(redis, env.keys, await fetch_reference(connection))
+        finally:
+            await connection.close()
+        async with running_gateway(env.config(redis_timeout_s=0.5)) as gateway:
+            assert gateway.lean is not None
+            async with AuthorizationClient(
+                f"127.0.0.1:{gateway.port}",
+                "t-main-01",
+                env.credentials["t-main-01"],
+                deadline_s=5,
+                retry=RetryPolicy(max_attempts=1),
+            ) as client:
+                request = {
+                    "campaign_id": "c-main",
+                    "consumer_key": consumer_key(),
+                    "lines": [Line("1", "6970000000017", 300_000, serial())],
+                    "request_id": str(uuid.uuid4()),
+                }
+                warm = await client.authorize(
+                    campaign_id="c-main",
+                    consumer_key=consumer_key(),
+                    lines=[Line("1", "6970000000017", 300_000, serial())],
+                )
+                assert warm.decision == pb.DECISION_APPROVED
+                assert server.process is not None
+                os.kill(server.process.pid, signal.SIGSTOP)
+                try:
+                    with pytest.raises(SubsidyError) as raised:
+                        await client.authorize(**request)  # type: ignore[arg-type]
+                finally:
+                    os.kill(server.process.pid, signal.SIGCONT)
+                assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+                assert raised.value.reason == "DEPENDENCY_UNAVAILABLE"
+                again = await client.authorize(**request)  # type: ignore[arg-type]
+                assert again.decision == pb.DECISION_APPROVED
+            assert gateway.lean.connections == 2
+        events = [orjson.loads(fields[b"e"]) for _, fields in await redis.xrange(env.keys.ledger)]
+        mine = [event for event in events if event["authorization_id"] == again.authorization_id]
+        assert [event["type"] for event in mine] == ["AUTHORIZED"]
+        assert sum(event["type"] == "AUTHORIZED" for event in events) == 2
+        await redis.aclose()
