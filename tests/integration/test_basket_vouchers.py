@@ -42,8 +42,10 @@ from subsidy_client.v1.common_pb2 import COORDINATE_SYSTEM_WGS84, Location
 from server.ctl.campaign import campaign_message, campaigns_from_file
 from server.domain.gtin import gtin13_check_digit
 from storage.devenv import Services
-from storage.postgres.audit import reconcile
+from storage.postgres.audit import rebuild, reconcile, redis_counters
+from storage.postgres.reference import fetch_reference
 from storage.postgres.writer import LedgerWriter, WriterConfig
+from storage.redis.reference import publish_reference
 from tests.conftest import (
     ROOT,
     Environment,
@@ -444,6 +446,35 @@ async def test_a_refund_after_the_voucher_expired_counts_it_as_used(services: Se
         assert (await world.till.refund(approved.authorization_id)).refunded_subsidy_fen == 5_000
         assert (await world.wallet.get(code)).state == qpb.QUALIFICATION_STATE_REDEEMED
         assert (await world.try_claim(person, "c-brief-basket")).decision == qpb.CLAIM_DECISION_DECLINED
+        assert await world.reconciled() == []
+
+
+async def test_a_partly_refunded_basket_is_rebuilt_from_the_ledger(services: Services) -> None:
+    """After a Redis loss, rebuild restores a partly refunded basket's counters from the ledger
+    (its one unit still counted, the refunded share back in the budget) and the authorization
+    with its shares, so the rest of the basket then refunds exactly its own shares."""
+    async with basket_world(services) as world:
+        await world.create(campaigns_from_file(EXAMPLE)[0])
+        person, _code, approved = await voucher_payment(world, [7_000, 7_000, 7_000])
+        assert (await world.till.refund(approved.authorization_id, ["3"])).refunded_subsidy_fen == 1_666
+        assert await world.reconciled() == []
+        before = await redis_counters(world.redis, world.env.keys)
+        for pattern in ("usage", "serial", "budget", "auth", "holds"):
+            doomed = [key async for key in world.redis.scan_iter(match=f"{world.env.keys.tag}:{pattern}*")]
+            if doomed:
+                await world.redis.delete(*doomed)
+        connection = await asyncpg.connect(world.env.pg_dsn)
+        try:
+            await publish_reference(world.redis, world.env.keys, await fetch_reference(connection))
+            await rebuild(connection, world.redis, world.env.keys)
+        finally:
+            await connection.close()
+        assert (await redis_counters(world.redis, world.env.keys)).nonzero() == before.nonzero()
+        assert await world.units(HUBEI, consumer_key_of(person)) == 1
+        rest = await world.till.refund(approved.authorization_id)
+        assert rest.refunded_subsidy_fen == 1_667 + 1_667
+        assert rest.authorization.refunded_subsidy_fen == 5_000
+        assert await world.units(HUBEI, consumer_key_of(person)) == 1
         assert await world.reconciled() == []
 
 
