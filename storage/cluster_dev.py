@@ -24,6 +24,7 @@ the middle of a migration.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import shutil
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -391,6 +393,22 @@ class LocalCluster:
             for entry in self.nodes_view()
             if entry["master"] == primary.node_id and self._node_by_address(entry["address"]).alive
         ]
+
+    @contextlib.contextmanager
+    def writes_paused(self, timeout_ms: int = 5000) -> Iterator[None]:
+        """Hold every write on every primary (``CLIENT PAUSE <ms> WRITE``; reads go on) for the
+        body: once all are paused nothing changes anywhere, so what the body reads shard by
+        shard is the cluster's state at one instant. Unpaused at exit, or after ``timeout_ms``."""
+        paused = []
+        try:
+            for node in self.primaries_now():
+                command(node.client(), "CLIENT", "PAUSE", timeout_ms, "WRITE")
+                paused.append(node)
+            yield
+        finally:
+            for node in paused:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    command(node.client(), "CLIENT", "UNPAUSE")
 
     def freeze(self, node: ClusterNode) -> None:
         """SIGSTOP a node: it reads nothing and answers nothing until :meth:`thaw` (a replica

@@ -20,6 +20,7 @@ from storage.cluster_dev import LocalCluster, command
 from storage.redis.cluster.escrow import (
     MAX_FEN,
     MAX_SHARDS,
+    Audit,
     EscrowBudget,
     EscrowConflict,
     EscrowError,
@@ -333,12 +334,15 @@ async def _load(
     abandon: float = 0.0,
     kill_at: int | None = None,
     move_at: int | None = None,
+    snapshots: list[Audit] | None = None,
 ) -> tuple[list[LoadResult], int | None]:
     """Runs the workers to their first declines; with ``kill_at``, SIGKILLs the primary of the
     hottest shard once that many units are reserved, waits for the promotion and restarts the
     killed node (it rejoins as a replica, so WAIT 1 can succeed again); with ``move_at``, moves
     the hottest shard's slot to another primary then, one key at a time with pauses so that
-    calls meet the slot mid-migration. Returns the results and the reserved count seen then."""
+    calls meet the slot mid-migration. With ``snapshots``, appends an audit taken every few
+    tens of ms with writes paused on every primary (the whole cluster at one instant) until the
+    workers are done. Returns the results and the reserved count seen at the kill or move."""
     specs = [
         LoadSpec(
             startup=redis_cluster.startup_nodes,
@@ -369,6 +373,10 @@ async def _load(
                 else:
                     await asyncio.to_thread(_move_slowly, redis_cluster, slot)
             await asyncio.sleep(0.02)
+        while snapshots is not None and not all(f.done() for f in futures):
+            with redis_cluster.writes_paused():
+                snapshots.append(await escrow.audit(budget))
+            await asyncio.sleep(0.03)
         results = [await asyncio.wrap_future(f) for f in futures]
     return results, seen_at_kill
 
@@ -430,8 +438,17 @@ async def test_exactly_the_budget_from_several_processes_with_borrowing(
     escrow = _escrow(cluster_client)
     budget = 1500
     await escrow.setup(budget)
-    results, _ = await _load(escrow, redis_cluster, budget, abandon=0.05)
+    snapshots: list[Audit] = []
+    results, _ = await _load(escrow, redis_cluster, budget, abandon=0.05, snapshots=snapshots)
     assert sum(r.abandoned for r in results) > 0  # some borrowers "died" between the steps
+    # I1 and I2 at every instant sampled while the load ran, transfers caught mid-way included.
+    assert len(snapshots) >= 3
+    for snapshot in snapshots:
+        assert snapshot.conserved, (snapshot.alloc, snapshot.in_flight, budget)
+        assert snapshot.reserved <= budget
+        assert all(state.reserved <= state.alloc for state in snapshot.shards)
+    caught = sum(1 for snapshot in snapshots if snapshot.in_flight or snapshot.debited_credited_unsettled)
+    print(f"{len(snapshots)} snapshots under load, {caught} with a transfer between its steps")
     await _check_exactly_the_budget(escrow, budget, results)
 
 
