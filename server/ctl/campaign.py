@@ -63,6 +63,7 @@ def campaign_message(record: Any, path: Path) -> pb.Campaign:
         per_merchant_daily_limit=campaign.per_merchant_daily_limit,
         reclaim_after_expiry=campaign.reclaim_after_expiry,
         require_location_at_redemption=campaign.require_location_at_redemption,
+        risk_limits=pb.RiskLimits(**campaign.risk_limits) if campaign.risk_limits else None,
         rules=[
             pb.CategoryRule(
                 category=rule.category,

@@ -110,6 +110,8 @@ class Campaign:
     reclaim_after_expiry: bool = False
     # Authorize needs the phone's location, checked as a claim's (LOCATION_*); needs a region.
     require_location_at_redemption: bool = False
+    # Hot-path risk rules (RiskLimits in campaign.proto): the fields set (non-zero), by name.
+    risk_limits: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def issues_qualifications(self) -> bool:
@@ -425,6 +427,38 @@ def _with_packs(campaign: Campaign, record: Mapping[str, Any], path: str) -> Cam
     return replace(campaign, packs=tuple(packs))
 
 
+# RiskLimits' fields (campaign.proto), each 0 (none) to RISK_LIMIT_MAX.
+RISK_LIMIT_FIELDS = (
+    "terminal_sales_per_minute",
+    "terminal_sales_per_hour",
+    "merchant_sales_per_day",
+    "consumer_sales_per_hour",
+    "price_flag_min_sales",
+    "price_flag_ratio_percent",
+)
+RISK_LIMIT_MAX = 1_000_000
+
+
+def parse_risk_limits(record: Any, path: str) -> dict[str, int]:
+    """A campaign's risk_limits: a mapping of RiskLimits' fields, each 0 to RISK_LIMIT_MAX;
+    returns the non-zero ones. The price flag needs a ratio above 100 % of the norm."""
+    if record is None:
+        return {}
+    if not isinstance(record, Mapping):
+        raise ReferenceError(path, "must be a mapping of limits")
+    for key in record:
+        if key not in RISK_LIMIT_FIELDS:
+            raise ReferenceError(f"{path}.{key}", f"is not a risk limit ({', '.join(RISK_LIMIT_FIELDS)})")
+    limits = {key: _integer(record, key, path, 0, RISK_LIMIT_MAX, 0) for key in RISK_LIMIT_FIELDS}
+    if limits["price_flag_min_sales"] and limits["price_flag_ratio_percent"] <= 100:
+        raise ReferenceError(
+            f"{path}.price_flag_ratio_percent", "must be above 100 (percent of the norm) when the price flag is on"
+        )
+    if limits["price_flag_ratio_percent"] and not limits["price_flag_min_sales"]:
+        raise ReferenceError(f"{path}.price_flag_min_sales", "is needed with price_flag_ratio_percent")
+    return {key: value for key, value in limits.items() if value}
+
+
 def _with_redemption_rules(campaign: Campaign, record: Mapping[str, Any], path: str) -> Campaign:
     """The redemption-side rules (issue 13), each refused naming its field when it contradicts
     the rest of the campaign: region-bound redemption without a region, a per-day limit of 0,
@@ -452,6 +486,7 @@ def _with_redemption_rules(campaign: Campaign, record: Mapping[str, Any], path: 
         per_merchant_daily_limit=daily_limit,
         reclaim_after_expiry=reclaim_after_expiry,
         require_location_at_redemption=require_location,
+        risk_limits=parse_risk_limits(record.get("risk_limits"), f"{path}.risk_limits"),
     )
 
 

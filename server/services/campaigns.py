@@ -18,7 +18,7 @@ from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc, common_pb2
 
 from server.domain.budget import released_by
 from server.domain.geo import CoordinateSystem
-from server.domain.reference import Campaign, ReferenceError, parse_campaign
+from server.domain.reference import RISK_LIMIT_FIELDS, Campaign, ReferenceError, parse_campaign
 from server.rpc.auth import OPERATOR, caller
 from server.rpc.errors import invalid_field
 from server.services.common import COORDINATE_SYSTEMS, checked_timestamp
@@ -129,6 +129,9 @@ def campaign_document(message: campaign_pb2.Campaign) -> dict[str, Any]:
     document["require_location_at_redemption"] = message.require_location_at_redemption
     if message.HasField("per_merchant_daily_limit"):
         document["per_merchant_daily_limit"] = message.per_merchant_daily_limit
+    # Hot-path risk rules: every field of the message (0: none), validated by the domain.
+    if message.HasField("risk_limits"):
+        document["risk_limits"] = {name: getattr(message.risk_limits, name) for name in RISK_LIMIT_FIELDS}
     return document
 
 
@@ -170,6 +173,12 @@ def _stamp(moment: datetime) -> Timestamp:
     return stamp
 
 
+def risk_limits_message(stored: Any) -> campaign_pb2.RiskLimits | None:
+    """The risk_limits column (JSON text of the non-zero limits) as the message; None for none."""
+    limits = orjson.loads(stored) if isinstance(stored, str | bytes) else (stored or {})
+    return pb.RiskLimits(**limits) if limits else None
+
+
 def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Campaign:
     kinds = {name: value for value, name in KINDS.items()}
     region = row["region"]
@@ -191,6 +200,7 @@ def campaign_message(row: Any, rules: list[dict[str, Any]]) -> campaign_pb2.Camp
         per_merchant_daily_limit=row["per_merchant_daily_limit"],
         reclaim_after_expiry=row["reclaim_after_expiry"],
         require_location_at_redemption=row["require_location_at_redemption"],
+        risk_limits=risk_limits_message(row["risk_limits"]),
         rules=[
             pb.CategoryRule(
                 category=rule["category"],

@@ -37,8 +37,8 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
         "INSERT INTO campaigns (campaign_id, name, status, starts_at, ends_at, region,"
         " qualification_validity_s, refund_policy, location_max_accuracy_m, location_max_age_s,"
         " redeem_in_region_only, per_merchant_daily_limit, reclaim_after_expiry,"
-        " require_location_at_redemption)"
-        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14)"
+        " require_location_at_redemption, risk_limits)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)"
         " ON CONFLICT (campaign_id) DO UPDATE SET name = excluded.name,"
         " status = excluded.status, starts_at = excluded.starts_at,"
         " ends_at = excluded.ends_at, region = excluded.region,"
@@ -49,7 +49,8 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
         " redeem_in_region_only = excluded.redeem_in_region_only,"
         " per_merchant_daily_limit = excluded.per_merchant_daily_limit,"
         " reclaim_after_expiry = excluded.reclaim_after_expiry,"
-        " require_location_at_redemption = excluded.require_location_at_redemption, updated_at = now()",
+        " require_location_at_redemption = excluded.require_location_at_redemption,"
+        " risk_limits = excluded.risk_limits, updated_at = now()",
         campaign.campaign_id,
         campaign.name,
         campaign.status,
@@ -64,6 +65,7 @@ async def save_campaign(connection: asyncpg.Connection, campaign: Campaign) -> N
         campaign.per_merchant_daily_limit,
         campaign.reclaim_after_expiry,
         campaign.require_location_at_redemption,
+        orjson.dumps(dict(campaign.risk_limits)).decode(),
     )
     await connection.execute("DELETE FROM campaign_rules WHERE campaign_id = $1", campaign.campaign_id)
     await connection.executemany(
@@ -284,7 +286,7 @@ async def fetch_reference(
         campaigns = await rows(
             "SELECT campaign_id, status, starts_at, ends_at, region, qualification_validity_s, refund_policy,"
             " location_max_accuracy_m, location_max_age_s, redeem_in_region_only, per_merchant_daily_limit,"
-            " reclaim_after_expiry, require_location_at_redemption FROM campaigns",
+            " reclaim_after_expiry, require_location_at_redemption, risk_limits::text AS risk_limits FROM campaigns",
             "campaign_id",
             campaign_ids,
         )

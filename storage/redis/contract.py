@@ -339,6 +339,15 @@ class AuthorizeKeys(NamedTuple):
     region_stores: str
     blocks: str  # hash: <KIND>:<subject id> -> block expiry ms (0: until lifted), the blocks in force
     risk_events: str  # stream: each decline by a risk rule and each flag, written into PostgreSQL
+    # Velocity counters of the campaign (touched only for the limits it sets): zset of the
+    # terminal's sales (authorization id scored by ms, the last hour); hash day -> the merchant's
+    # sales; zset of the consumer's sales (a prefix, completed by the script like usage, when
+    # ARGV has no consumer_key)
+    velocity_terminal: str
+    velocity_merchant: str
+    velocity_consumer: str
+    # hash per programme day (a prefix: the script appends the day): the price flag's counts
+    price_mix: str
 
 
 class LineKeys(NamedTuple):

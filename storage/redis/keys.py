@@ -137,6 +137,17 @@ class Keys:
         PostgreSQL change it reflects (storage/redis/blocks.py). Read by the scripts in their call."""
         return f"{self.tag}:blocks"
 
+    def velocity(self, campaign_id: str, kind: str, subject_id: str) -> str:
+        """A campaign's velocity counter for a subject (kind ``t`` terminal: sorted set of its sales
+        in the last hour; ``m`` merchant: hash programme day -> sales; ``c`` consumer: sorted set,
+        with an empty subject the prefix authorize.lua completes). See authorize.lua."""
+        return f"{self.tag}:vel:{campaign_id}:{kind}:{subject_id}"
+
+    def price_mix(self, campaign_id: str) -> str:
+        """The prefix of the price flag's per-day hash of a campaign (authorize.lua appends the
+        programme day): <category>:n / :t and <category>:<merchant>:n / :t / :flagged."""
+        return f"{self.tag}:pricemix:{campaign_id}:"
+
     @property
     def risk_events(self) -> str:
         """Stream: every decline by a risk rule and every flag (``risk_event`` in _lib.lua), which

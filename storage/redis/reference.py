@@ -28,6 +28,27 @@ def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
+# The order of a campaign's "risk" field: the RiskLimits fields authorize.lua reads by position.
+RISK_FIELD_ORDER = (
+    "terminal_sales_per_minute",
+    "terminal_sales_per_hour",
+    "merchant_sales_per_day",
+    "consumer_sales_per_hour",
+    "price_flag_min_sales",
+    "price_flag_ratio_percent",
+)
+
+
+def risk_field(limits: Any) -> str:
+    """A campaign's risk limits (the risk_limits column: JSON text or a mapping) as the
+    comma-separated integers authorize.lua reads, in RISK_FIELD_ORDER; "" when none is set, so
+    a campaign without risk rules costs the script one empty field."""
+    if isinstance(limits, str | bytes):
+        limits = orjson.loads(limits)
+    values = [int((limits or {}).get(name, 0)) for name in RISK_FIELD_ORDER]
+    return ",".join(str(value) for value in values) if any(values) else ""
+
+
 def _region_text(region: Any) -> str:
     if region is None:
         return ""
@@ -140,6 +161,8 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                     "day_limit": campaign.get("per_merchant_daily_limit") or 0,
                     "q_reclaim": "1" if campaign.get("reclaim_after_expiry") else "0",
                     "loc_redeem": "1" if campaign.get("require_location_at_redemption") else "0",
+                    # Hot-path risk rules, read by authorize.lua: "" for none.
+                    "risk": risk_field(campaign.get("risk_limits")),
                 },
             )
             # Replace the rule set whole, so a category removed from the campaign disappears.

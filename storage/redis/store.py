@@ -197,6 +197,12 @@ class RedisStore:
                 region_stores=keys.region_stores(request.campaign_id),
                 blocks=keys.blocks,
                 risk_events=keys.risk_events,
+                # Touched only when the campaign sets the limit; the consumer's is a prefix the
+                # script completes without a consumer key, like usage.
+                velocity_terminal=keys.velocity(request.campaign_id, "t", request.terminal_id),
+                velocity_merchant=keys.velocity(request.campaign_id, "m", request.merchant_id),
+                velocity_consumer=keys.velocity(request.campaign_id, "c", request.consumer_key),
+                price_mix=keys.price_mix(request.campaign_id),
             ),
             AuthorizeArgs(
                 payload_hash=request.payload_hash,

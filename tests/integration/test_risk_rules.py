@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -35,6 +36,7 @@ from subsidy_client import AuthorizationClient, Line, QualificationClient, Retry
 from subsidy_client.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import blocklist_pb2 as bpb
+from subsidy_client.v1 import campaign_pb2 as cpb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
@@ -42,7 +44,15 @@ from server.ctl import main as subsidyctl
 from storage.devenv import Services
 from storage.postgres import risk_blocks
 from storage.postgres.risk_events import RiskEventWriter
-from tests.conftest import Environment, consumer_key, consumer_key_of, id_number, isolated_environment, running_gateway
+from tests.conftest import (
+    Environment,
+    consumer_key,
+    consumer_key_of,
+    id_number,
+    isolated_environment,
+    load_document,
+    running_gateway,
+)
 
 BLOCKS = "/subsidy.v1.BlockListService/"
 OPERATOR = "op-auditor"
@@ -92,9 +102,39 @@ class World:
             await connection.close()
 
 
+def risk_campaign(campaign_id: str, limits: dict[str, int], per_person_limit: int = 1000) -> dict[str, Any]:
+    return {
+        "id": campaign_id,
+        "starts_at": "2020-01-01T00:00:00+08:00",
+        "ends_at": "2099-01-01T00:00:00+08:00",
+        "rules": [
+            {"category": "fridge", "kind": "PERCENT", "rates_bp": {"1": 2000, "2": 1500, "0": 1500},
+             "cap_fen": 200_000, "per_person_limit": per_person_limit, "budget_fen": 100_000_000_000},
+        ],
+        "risk_limits": limits,
+    }  # fmt: skip
+
+
+# The module's campaigns with risk rules, loaded as a reference file (parse_reference, save,
+# publish); c-main of the shared fixtures has none.
+RISK_CAMPAIGNS = {
+    "campaigns": [
+        risk_campaign("c-vel-terminal", {"terminal_sales_per_minute": 2, "terminal_sales_per_hour": 3}),
+        risk_campaign("c-vel-merchant", {"merchant_sales_per_day": 3}),
+        risk_campaign("c-vel-consumer", {"consumer_sales_per_hour": 1}),
+        risk_campaign("c-price", {"price_flag_min_sales": 5, "price_flag_ratio_percent": 300}),
+        risk_campaign("c-price-edge", {"price_flag_min_sales": 2, "price_flag_ratio_percent": 200}),
+    ]
+}
+# c-price's fridge rule for FRIDGE (grade 2): 15 %, capped at 200,000 fen, reached from
+# ceil(200,000 * 10,000 / 1,500) = 1,333,334 fen.
+CAP_THRESHOLD = 1_333_334
+
+
 @pytest.fixture(scope="module")
 async def world(services: Services) -> AsyncIterator[World]:
     async with isolated_environment(services) as env:
+        await load_document(env, RISK_CAMPAIGNS)
         redis = Redis.from_url(env.redis_url)
         async with running_gateway(env.config()) as first, running_gateway(env.config()) as second:
             made = World(env, redis, {"a": f"127.0.0.1:{first.port}", "b": f"127.0.0.1:{second.port}"}, [])
@@ -399,3 +439,227 @@ async def test_subsidyctl_risk_block_unblock_and_blocks(world: World) -> None:
     assert reason(await fridge(till, key=key)) == "APPROVED"
     again = await invoke(world.env, "--operator", OPERATOR, "risk", "unblock", "consumer", key)
     assert again.exit_code == 1 and "NOT_FOUND" in again.output, again.output
+
+
+# --- Velocity limits ---------------------------------------------------------------------------
+
+
+async def slide(redis: Redis, key: str, back_ms: int) -> None:
+    """Moves every sale of a velocity window back in time, as if it had been made back_ms earlier
+    (the script's clock cannot be moved; its counters can)."""
+    sales: list[tuple[bytes, float]] = await redis.zrange(key, 0, -1, withscores=True)  # type: ignore[assignment]
+    assert sales, key
+    moved: dict[Any, float] = {member: score - back_ms for member, score in sales}
+    await redis.zadd(key, moved)
+
+
+async def test_terminal_velocity_per_minute_and_hour_with_the_window_sliding(world: World) -> None:
+    main, main2 = world.till("t-main-01"), world.till("t-main-02", "b")
+    key = world.env.keys.velocity("c-vel-terminal", "t", "t-main-01")
+    before = len(await world.risk_events())
+
+    async def sale(till: AuthorizationClient = main) -> str:
+        return reason(await fridge(till, campaign_id="c-vel-terminal"))
+
+    # The limit is 2 a minute: the first two approved, the third declined; another terminal is not.
+    assert [await sale(), await sale()] == ["APPROVED", "APPROVED"]
+    assert await sale() == "TERMINAL_VELOCITY_MINUTE"
+    assert await sale(main2) == "APPROVED"
+    # A minute later (the two sales moved 61 s back): approved, the third of the hour (limit 3)...
+    await slide(world.redis, key, 61_000)
+    assert await sale() == "APPROVED"
+    # ...so the next is over the hour's limit, though the minute has room.
+    assert await sale() == "TERMINAL_VELOCITY_HOUR"
+    # An hour later, room again.
+    await slide(world.redis, key, 3_600_000)
+    assert await sale() == "APPROVED"
+
+    events = (await world.risk_events())[before:]
+    assert [(row["rule"], row["subject_kind"], row["subject_id"]) for row in events] == [
+        ("TERMINAL_VELOCITY_MINUTE", "TERMINAL", "t-main-01"),
+        ("TERMINAL_VELOCITY_HOUR", "TERMINAL", "t-main-01"),
+    ]
+    assert orjson.loads(events[0]["evidence"]) == {"limit": 2, "sales": 2, "window_s": 60}
+    assert orjson.loads(events[1]["evidence"]) == {"limit": 3, "sales": 3, "window_s": 3600}
+
+
+async def test_merchant_velocity_per_programme_day(world: World) -> None:
+    main, main2, other = world.till("t-main-01"), world.till("t-main-02"), world.till("t-other-01")
+    before = len(await world.risk_events())
+
+    async def sale(till: AuthorizationClient) -> str:
+        return reason(await fridge(till, campaign_id="c-vel-merchant"))
+
+    # 3 a day for the merchant, whichever of its terminals sells.
+    assert [await sale(main), await sale(main2), await sale(main)] == ["APPROVED"] * 3
+    assert await sale(main2) == "MERCHANT_VELOCITY_DAY"
+    assert await sale(other) == "APPROVED"
+    # Yesterday's sales do not count today: today's count moved to the day before.
+    counter = world.env.keys.velocity("c-vel-merchant", "m", "m-main")
+    ((day, count),) = (await world.redis.hgetall(counter)).items()
+    await world.redis.hset(counter, mapping={str(int(day) - 1): count, day: 0})
+    assert await sale(main) == "APPROVED"
+    events = (await world.risk_events())[before:]
+    assert [(row["rule"], row["subject_id"], row["terminal_id"]) for row in events] == [
+        ("MERCHANT_VELOCITY_DAY", "m-main", "t-main-02")
+    ]
+    assert orjson.loads(events[0]["evidence"]) == {"limit": 3, "sales": 3, "day": int(day)}
+
+
+async def test_consumer_velocity_across_merchants_and_a_void_gives_nothing_back(world: World) -> None:
+    main, other = world.till("t-main-01"), world.till("t-other-01", "b")
+    person = consumer_key()
+    before = len(await world.risk_events())
+    first = await fridge(main, key=person, campaign_id="c-vel-consumer")
+    assert reason(first) == "APPROVED"
+    # One an hour, across merchants; another consumer is not limited.
+    assert reason(await fridge(other, key=person, campaign_id="c-vel-consumer")) == "CONSUMER_VELOCITY_HOUR"
+    assert reason(await fridge(other, campaign_id="c-vel-consumer")) == "APPROVED"
+    # Voiding the sale does not give the slot back: the attempt is what the limit counts.
+    await main.void(first.authorization_id)
+    assert reason(await fridge(main, key=person, campaign_id="c-vel-consumer")) == "CONSUMER_VELOCITY_HOUR"
+    await slide(world.redis, world.env.keys.velocity("c-vel-consumer", "c", person), 3_600_000)
+    assert reason(await fridge(other, key=person, campaign_id="c-vel-consumer")) == "APPROVED"
+    events = (await world.risk_events())[before:]
+    assert [(row["rule"], row["subject_id"]) for row in events] == [("CONSUMER_VELOCITY_HOUR", person)] * 2
+    # A campaign without limits (c-main) keeps no velocity counters at all.
+    assert not [key async for key in world.redis.scan_iter(match=f"{world.env.keys.tag}:vel:c-main:*")]
+
+
+# --- The price flag ----------------------------------------------------------------------------
+
+
+async def test_the_price_flag_is_raised_on_a_merchant_pricing_at_the_cap_threshold_and_not_on_normal_sales(
+    world: World,
+) -> None:
+    main, other, scoped = world.till("t-main-01"), world.till("t-other-01"), world.till("t-scoped-01")
+    before = len(await world.risk_events())
+
+    async def sale(till: AuthorizationClient, price: int) -> None:
+        assert reason(await fridge(till, price=price, campaign_id="c-price")) == "APPROVED"
+
+    async def flags() -> list[asyncpg.Record]:
+        return [row for row in (await world.risk_events())[before:] if row["action"] == "FLAG"]
+
+    # Normal data: m-other 10 lines (1 at the threshold), m-main 6 (1 at it, one cent either
+    # side of it twice): shares 10 % and 17 %, neither over 3 times the other's.
+    for price in (300_000, 500_000, 800_000, 1_000_000, 1_200_000, 1_500_000, 2_000_000, 900_000, 700_000):
+        await sale(other, price)
+    await sale(other, CAP_THRESHOLD)
+    for price in (CAP_THRESHOLD - 1, CAP_THRESHOLD + 1, CAP_THRESHOLD - 1, CAP_THRESHOLD + 1, 600_000):
+        await sale(main, price)
+    await sale(main, CAP_THRESHOLD)
+    assert await flags() == []
+    # Planted: m-scoped sells only at the threshold. Four sales are below the minimum of 5...
+    for _ in range(4):
+        await sale(scoped, CAP_THRESHOLD)
+    assert await flags() == []
+    # ...the fifth flags it (5 of 5 against 2 of 16), once; the sale itself is approved.
+    await sale(scoped, CAP_THRESHOLD)
+    await sale(scoped, CAP_THRESHOLD)
+    found = await flags()
+    assert [(row["rule"], row["subject_kind"], row["subject_id"], row["terminal_id"]) for row in found] == [
+        ("PRICE_AT_CAP_THRESHOLD", "MERCHANT", "m-scoped", "t-scoped-01")
+    ]
+    assert found[0]["authorization_id"]
+    evidence = orjson.loads(found[0]["evidence"])
+    assert {key: evidence[key] for key in ("merchant_lines", "merchant_at_threshold", "others_lines")} == {
+        "merchant_lines": 5,
+        "merchant_at_threshold": 5,
+        "others_lines": 16,
+    }
+    assert (evidence["others_at_threshold"], evidence["threshold_fen"], evidence["category"]) == (
+        2,
+        CAP_THRESHOLD,
+        "fridge",
+    )
+    # No decline anywhere in this test.
+    assert all(row["action"] == "FLAG" for row in (await world.risk_events())[before:])
+
+
+async def test_the_price_flag_at_exactly_the_ratio_and_just_over_it(world: World) -> None:
+    """c-price-edge flags a share over 200 % of the others' with at least 2 lines each side."""
+    main, other = world.till("t-main-01"), world.till("t-other-01")
+    before = len(await world.risk_events())
+
+    async def sale(till: AuthorizationClient, price: int) -> None:
+        assert reason(await fridge(till, price=price, campaign_id="c-price-edge")) == "APPROVED"
+
+    # The others: 1 of 4 lines at the threshold (25 %).
+    for price in (CAP_THRESHOLD, 500_000, 600_000, 700_000):
+        await sale(other, price)
+    # m-main: 1 of 2 (50 %): exactly 200 % of 25 %, not over it.
+    await sale(main, 500_000)
+    await sale(main, CAP_THRESHOLD)
+    assert (await world.risk_events())[before:] == []
+    # 2 of 3 (67 %): over it.
+    await sale(main, CAP_THRESHOLD)
+    events = (await world.risk_events())[before:]
+    assert [(row["action"], row["subject_id"]) for row in events] == [("FLAG", "m-main")]
+
+
+# --- Campaign.risk_limits through CampaignService ----------------------------------------------
+
+CAMPAIGNS = "/subsidy.v1.CampaignService/"
+
+
+def limited_campaign(campaign_id: str, **limits: int) -> cpb.Campaign:
+    start = datetime.now(UTC) - timedelta(days=1)
+    campaign = cpb.Campaign(campaign_id=campaign_id, name="risk", status=cpb.CAMPAIGN_STATUS_ACTIVE)
+    campaign.starts_at.FromDatetime(start)
+    campaign.ends_at.FromDatetime(start + timedelta(days=30))
+    campaign.rules.append(
+        cpb.CategoryRule(
+            category="fridge",
+            kind=cpb.RULE_KIND_PERCENT,
+            rates=[cpb.GradeRate(energy_grade=2, rate_bp=1500)],
+            cap_fen=200_000,
+            per_person_limit=10,
+            budget_fen=10_000_000_000,
+        )
+    )
+    campaign.risk_limits.CopyFrom(cpb.RiskLimits(**limits))
+    return campaign
+
+
+async def test_risk_limits_through_the_campaign_service(world: World) -> None:
+    operator, till = world.signed(OPERATOR), world.till("t-main-01")
+
+    async def create(campaign: cpb.Campaign) -> cpb.CreateCampaignResponse:
+        request = cpb.CreateCampaignRequest(request_id=str(uuid.uuid4()), campaign=campaign)
+        return await operator._call(CAMPAIGNS + "CreateCampaign", request, cpb.CreateCampaignResponse)
+
+    # The most a limit may be, and one more; a price flag without a ratio over 100 %, or a ratio
+    # alone: each refused naming its field, nothing created.
+    refusals = [
+        ({"terminal_sales_per_minute": 1_000_001}, "terminal_sales_per_minute"),
+        ({"consumer_sales_per_hour": -1}, "consumer_sales_per_hour"),
+        ({"price_flag_min_sales": 5, "price_flag_ratio_percent": 100}, "price_flag_ratio_percent"),
+        ({"price_flag_ratio_percent": 300}, "price_flag_min_sales"),
+    ]
+    for limits, field in refusals:
+        campaign_id = "c-refused-" + uuid.uuid4().hex[:6]
+        with pytest.raises(InvalidArgument) as refused:
+            await create(limited_campaign(campaign_id, **limits))
+        assert refused.value.metadata["field"] == f"campaign.risk_limits.{field}", limits
+        assert not await world.redis.exists(world.env.keys.campaign(campaign_id))
+    created = await create(
+        limited_campaign("c-vel-api", terminal_sales_per_minute=1_000_000, consumer_sales_per_hour=1)
+    )
+    assert created.campaign.risk_limits == cpb.RiskLimits(
+        terminal_sales_per_minute=1_000_000, consumer_sales_per_hour=1
+    )
+    got = await operator._call(
+        CAMPAIGNS + "GetCampaign", cpb.GetCampaignRequest(campaign_id="c-vel-api"), cpb.GetCampaignResponse
+    )
+    assert got.campaign.risk_limits == created.campaign.risk_limits
+    # Limit 1 on the consumer: the second sale within the hour is declined.
+    person = consumer_key()
+    assert reason(await fridge(till, key=person, campaign_id="c-vel-api")) == "APPROVED"
+    assert reason(await fridge(till, key=person, campaign_id="c-vel-api")) == "CONSUMER_VELOCITY_HOUR"
+    # Updated to no limits (0 everywhere): the campaign keeps no risk rules.
+    update = cpb.UpdateCampaignRequest(request_id=str(uuid.uuid4()), campaign=limited_campaign("c-vel-api"))
+    updated = await operator._call(CAMPAIGNS + "UpdateCampaign", update, cpb.UpdateCampaignResponse)
+    assert not updated.campaign.HasField("risk_limits")
+    assert await world.redis.hget(world.env.keys.campaign("c-vel-api"), "risk") == b""
+    assert reason(await fridge(till, key=person, campaign_id="c-vel-api")) == "APPROVED"

@@ -188,7 +188,7 @@ def test_the_bindings_follow_the_declaration() -> None:
     bindings = contract.AUTHORIZE.lua_bindings()
     assert "  nonce = KEYS[1],\n" in bindings and "  qualification_events = KEYS[14],\n" in bindings
     assert "  hold_ttl_s = tonumber(ARGV[9]),\n" in bindings and "  redemption_code = ARGV[12],\n" in bindings
-    assert "for i = 18, #KEYS, 2 do" in bindings and "for i = 15, #ARGV, 4 do" in bindings
+    assert "for i = 22, #KEYS, 2 do" in bindings and "for i = 15, #ARGV, 4 do" in bindings
     assert "unit_price_fen = tonumber(ARGV[i + 2])" in bindings
     refund = contract.REFUND.lua_bindings()
     assert "local tail, n = KEY.serials, 0\n  for i = 16, #KEYS do\n    n = n + 1\n    tail[n] = KEYS[i]\n" in refund

@@ -60,7 +60,7 @@ if terminal[2] ~= ARG.merchant_id then return fail('TERMINAL_MERCHANT_MISMATCH')
 local merchant = redis.call('HMGET', KEY.merchant, 'status', 'categories')
 if merchant[1] ~= 'ACTIVE' then return decline(MERCHANT_INACTIVE) end
 local campaign = redis.call('HMGET', KEY.campaign, 'status', 'starts_ms', 'ends_ms', 'q_validity_s',
-  'region_bound', 'day_limit', 'loc_redeem')
+  'region_bound', 'day_limit', 'loc_redeem', 'risk')
 if campaign[1] ~= 'ACTIVE' then return decline(CAMPAIGN_NOT_FOUND) end
 if now < tonumber(campaign[2]) or now >= tonumber(campaign[3]) then
   return decline(CAMPAIGN_NOT_ACTIVE)
@@ -153,6 +153,19 @@ local function line_subsidy(rule, grade, price, reference_price)
   return math.min(math.floor(price * rate / 10000), rule.cap_fen), nil
 end
 
+-- Hot-path risk rules (Campaign.risk_limits; "" when the campaign has none): {terminal per
+-- minute, terminal per hour, merchant per day, consumer per hour, price-flag minimum sales,
+-- price-flag ratio in percent}, 0 = off (storage/redis/reference.py risk_field).
+local limits = nil
+if campaign[8] and campaign[8] ~= '' then
+  limits = {}
+  for value in string.gmatch(campaign[8], '[^,]+') do limits[#limits + 1] = tonumber(value) end
+end
+-- With the price flag on: per approved line (index in lines), the cap threshold of its PERCENT
+-- rule (the lowest price whose percentage reaches the cap), when it has one.
+local cap_thresholds = {}
+local price_flag = limits ~= nil and limits[5] > 0
+
 -- Line-level checks. Every line is checked so that the reported reason is the one with the
 -- highest precedence over the whole request, not merely the first line's.
 local rules, lines = {}, {}
@@ -218,6 +231,11 @@ for i, line in ipairs(ARG.lines) do
       if subsidy == 0 and nothing_line == nil and not basket then nothing_line = line_id end
       -- u: set below on a basket's lines (nil, left out, on the others).
       lines[#lines + 1] = {l = line_id, g = gtin, c = category, p = price, s = subsidy, sn = serial, r = 0, u = nil}
+      local rule = rules[category]
+      if price_flag and rule.kind == 'PERCENT' and rule.cap_fen > 0 then
+        local rate = rule.rates_bp[product[3]]
+        if rate and rate > 0 then cap_thresholds[#lines] = math.ceil(rule.cap_fen * 10000 / rate) end
+      end
     end
   end
 end
@@ -303,6 +321,47 @@ end
 
 if nothing_line then return decline(NO_SUBSIDY, nothing_line) end
 
+-- Velocity limits (Campaign.risk_limits), after every other check: only a payment that would
+-- otherwise be approved is a sale that could exceed one. Counted per campaign from approvals
+-- only, never given back (a void or expiry still moved a hold: what a fraud pattern repeats).
+-- Terminal per minute, per hour, merchant per programme day, consumer per hour: each decline
+-- is a risk event with the limit and the count. Sliding windows are the sales of the last
+-- 60 s / 3,600 s by Redis TIME, kept in a sorted set trimmed to the hour.
+local velocity_consumer = KEY.velocity_consumer
+if ARG.consumer_key == '' then velocity_consumer = KEY.velocity_consumer .. consumer end
+local velocity_day = math.floor((now + ARG.day_offset_ms) / 86400000)
+if limits then
+  local function over(limit, seen, reason, rule, subject_kind, subject_id, window_s)
+    if limit > 0 and seen >= limit then
+      return risk_decline(reason, rule, subject_kind, subject_id, {limit = limit, sales = seen, window_s = window_s})
+    end
+  end
+  local function recent(key, window_ms) return redis.call('ZCOUNT', key, '(' .. int(now - window_ms), '+inf') end
+  local refused = nil
+  if limits[1] > 0 then
+    refused = over(limits[1], recent(KEY.velocity_terminal, 60000), TERMINAL_VELOCITY_MINUTE,
+      'TERMINAL_VELOCITY_MINUTE', 'TERMINAL', ARG.terminal_id, 60)
+    if refused then return refused end
+  end
+  if limits[2] > 0 then
+    refused = over(limits[2], recent(KEY.velocity_terminal, 3600000), TERMINAL_VELOCITY_HOUR,
+      'TERMINAL_VELOCITY_HOUR', 'TERMINAL', ARG.terminal_id, 3600)
+    if refused then return refused end
+  end
+  if limits[3] > 0 then
+    local seen = tonumber(redis.call('HGET', KEY.velocity_merchant, int(velocity_day)) or '0')
+    if seen >= limits[3] then
+      return risk_decline(MERCHANT_VELOCITY_DAY, 'MERCHANT_VELOCITY_DAY', 'MERCHANT', ARG.merchant_id,
+        {limit = limits[3], sales = seen, day = velocity_day})
+    end
+  end
+  if limits[4] > 0 then
+    refused = over(limits[4], recent(velocity_consumer, 3600000), CONSUMER_VELOCITY_HOUR,
+      'CONSUMER_VELOCITY_HOUR', 'CONSUMER', consumer, 3600)
+    if refused then return refused end
+  end
+end
+
 -- Every check passed: reserve, record, and append the ledger event.
 local total_fen, subsidy_fen = 0, 0
 for _, line in ipairs(lines) do
@@ -338,4 +397,53 @@ if qualification then
 end
 redis.call('ZADD', KEY.holds, int(expires_ms), authorization_id)
 emit(KEY.ledger, 'AUTHORIZED', auth, lines, subsidy_fen, now, ARG.payload_hash)
+if limits then
+  -- This sale, counted by the velocity limits that are set (sorted sets trimmed to the hour
+  -- and gone an hour after their last sale; the merchant's day counts gone two days after).
+  local function count_sale(key)
+    redis.call('ZADD', key, int(now), authorization_id)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - 3600000))
+    redis.call('PEXPIRE', key, 3600000)
+  end
+  if limits[1] > 0 or limits[2] > 0 then count_sale(KEY.velocity_terminal) end
+  if limits[3] > 0 then
+    redis.call('HINCRBY', KEY.velocity_merchant, int(velocity_day), 1)
+    redis.call('PEXPIRE', KEY.velocity_merchant, 2 * 86400000)
+  end
+  if limits[4] > 0 then count_sale(velocity_consumer) end
+  -- The price flag (flags, never declines; campaign.proto RiskLimits): today's approved lines
+  -- of each capped PERCENT category, all merchants and this one, and those priced exactly at
+  -- the cap threshold, in one hash per programme day. A line at the threshold compares this
+  -- merchant's share with the other merchants' (their count at it taken as at least 1); once
+  -- over price_flag_ratio_percent of it, with price_flag_min_sales on each side, the merchant
+  -- is flagged for the category and day, once (a risk event on this authorization).
+  if price_flag then
+    local mix = KEY.price_mix .. int(velocity_day)
+    local minimum, ratio, merchant_id = limits[5], limits[6], ARG.merchant_id
+    for i, line in ipairs(lines) do
+      local threshold = cap_thresholds[i]
+      if threshold then
+        local own = line.c .. ':' .. merchant_id
+        local all_n = redis.call('HINCRBY', mix, line.c .. ':n', 1)
+        local own_n = redis.call('HINCRBY', mix, own .. ':n', 1)
+        if line.p == threshold then
+          local all_t = redis.call('HINCRBY', mix, line.c .. ':t', 1)
+          local own_t = redis.call('HINCRBY', mix, own .. ':t', 1)
+          local others_n, others_t = all_n - own_n, all_t - own_t
+          if own_n >= minimum and others_n >= minimum
+            and 100 * own_t * others_n > ratio * own_n * math.max(others_t, 1)
+            and redis.call('HSETNX', mix, own .. ':flagged', authorization_id) == 1 then
+            risk_event(KEY.risk_events, 'FLAG', 'PRICE_AT_CAP_THRESHOLD', 'MERCHANT', merchant_id,
+              {campaign = ARG.campaign_id, merchant = merchant_id, terminal = ARG.terminal_id,
+               request_id = ARG.request_id, authorization = authorization_id},
+              {category = line.c, threshold_fen = threshold, day = velocity_day, merchant_lines = own_n,
+               merchant_at_threshold = own_t, others_lines = others_n, others_at_threshold = others_t,
+               ratio_percent = ratio, min_sales = minimum}, now)
+          end
+        end
+      end
+    end
+    redis.call('PEXPIRE', mix, 2 * 86400000)
+  end
+end
 return answer(KEY, ARG, {decision = 'APPROVED', authorization = auth_view(auth)})

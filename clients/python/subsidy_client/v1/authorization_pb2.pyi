@@ -156,8 +156,12 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     DECLINE_REASON_TERMINAL_VELOCITY_MINUTE: _DeclineReason.ValueType  # 30
     """30-33. Velocity limits (Campaign.risk_limits): the terminal's subsidised sales in the last
     minute (30) or hour (31), the merchant's today (32, the programme's day), or the consumer's
-    across all merchants in the last hour (33) reached the campaign's limit. Each decline is
-    recorded as a risk event.
+    across all merchants in the last hour (33) reached the campaign's limit (RiskLimits in
+    campaign.proto: sales of that campaign, counted when approved, by the server's clock, and
+    not given back by a void or an expiry). Each decline is recorded as a risk event. They rank
+    last of all, after NO_SUBSIDY (21), in this order: only a payment that every other rule
+    would approve is a sale that could exceed a limit, so a payment declined anyway is not
+    reported as a velocity risk.
     """
     DECLINE_REASON_TERMINAL_VELOCITY_HOUR: _DeclineReason.ValueType  # 31
     DECLINE_REASON_MERCHANT_VELOCITY_DAY: _DeclineReason.ValueType  # 32
@@ -277,8 +281,12 @@ is reported with its own reason rather than this one.
 DECLINE_REASON_TERMINAL_VELOCITY_MINUTE: DeclineReason.ValueType  # 30
 """30-33. Velocity limits (Campaign.risk_limits): the terminal's subsidised sales in the last
 minute (30) or hour (31), the merchant's today (32, the programme's day), or the consumer's
-across all merchants in the last hour (33) reached the campaign's limit. Each decline is
-recorded as a risk event.
+across all merchants in the last hour (33) reached the campaign's limit (RiskLimits in
+campaign.proto: sales of that campaign, counted when approved, by the server's clock, and
+not given back by a void or an expiry). Each decline is recorded as a risk event. They rank
+last of all, after NO_SUBSIDY (21), in this order: only a payment that every other rule
+would approve is a sale that could exceed a limit, so a payment declined anyway is not
+reported as a velocity risk.
 """
 DECLINE_REASON_TERMINAL_VELOCITY_HOUR: DeclineReason.ValueType  # 31
 DECLINE_REASON_MERCHANT_VELOCITY_DAY: DeclineReason.ValueType  # 32

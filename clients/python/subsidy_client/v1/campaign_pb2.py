@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from subsidy_client.v1 import common_pb2 as subsidy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19subsidy/v1/campaign.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"2\n\tGradeRate\x12\x14\n\x0c\x65nergy_grade\x18\x01 \x01(\x05\x12\x0f\n\x07rate_bp\x18\x02 \x01(\x05\"S\n\rBudgetTranche\x12.\n\nrelease_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\namount_fen\x18\x02 \x01(\x03\"\xad\x03\n\x0c\x43\x61tegoryRule\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.subsidy.v1.RuleKind\x12$\n\x05rates\x18\x03 \x03(\x0b\x32\x15.subsidy.v1.GradeRate\x12\x0f\n\x07\x63\x61p_fen\x18\x04 \x01(\x03\x12\x15\n\rthreshold_fen\x18\x05 \x01(\x03\x12\x0f\n\x07off_fen\x18\x06 \x01(\x03\x12\x19\n\x11price_ceiling_fen\x18\x07 \x01(\x03\x12\x18\n\x10per_person_limit\x18\x08 \x01(\x05\x12\x12\n\nbudget_fen\x18\t \x01(\x03\x12+\n\x08tranches\x18\n \x03(\x0b\x32\x19.subsidy.v1.BudgetTranche\x12\x1b\n\x13qualification_quota\x18\x0b \x01(\x03\x12@\n\x16qualification_tranches\x18\x0c \x03(\x0b\x32 .subsidy.v1.QualificationTranche\x12\x33\n\x0fthreshold_scope\x18\r \x01(\x0e\x32\x1a.subsidy.v1.ThresholdScope\"\x91\x01\n\nRiskLimits\x12!\n\x19terminal_sales_per_minute\x18\x01 \x01(\x05\x12\x1f\n\x17terminal_sales_per_hour\x18\x02 \x01(\x05\x12\x1e\n\x16merchant_sales_per_day\x18\x03 \x01(\x05\x12\x1f\n\x17\x63onsumer_sales_per_hour\x18\x04 \x01(\x05\"U\n\x14QualificationTranche\x12.\n\nrelease_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xc4\x05\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.subsidy.v1.CampaignStatus\x12-\n\tstarts_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65nds_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eregion_geojson\x18\x06 \x01(\t\x12\'\n\x05rules\x18\x07 \x03(\x0b\x32\x18.subsidy.v1.CategoryRule\x12 \n\x18qualification_validity_s\x18\x08 \x01(\x03\x12/\n\rrefund_policy\x18\t \x01(\x0e\x32\x18.subsidy.v1.RefundPolicy\x12\x1f\n\x17location_max_accuracy_m\x18\n \x01(\x05\x12\x1a\n\x12location_max_age_s\x18\x0b \x01(\x05\x12\x1d\n\x15redeem_in_region_only\x18\x0c \x01(\x08\x12%\n\x18per_merchant_daily_limit\x18\r \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x14reclaim_after_expiry\x18\x0e \x01(\x08\x12>\n\x18region_coordinate_system\x18\x0f \x01(\x0e\x32\x1c.subsidy.v1.CoordinateSystem\x12&\n\x1erequire_location_at_redemption\x18\x10 \x01(\x08\x12+\n\x0brisk_limits\x18\x11 \x01(\x0b\x32\x16.subsidy.v1.RiskLimits\x12&\n\x05packs\x18\x12 \x03(\x0b\x32\x17.subsidy.v1.VoucherPackB\x1b\n\x19_per_merchant_daily_limit\"G\n\x0bPackVoucher\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x15\n\rthreshold_fen\x18\x02 \x01(\x03\x12\x0f\n\x07off_fen\x18\x03 \x01(\x03\"\x8c\x01\n\x0bVoucherPack\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12)\n\x08vouchers\x18\x02 \x03(\x0b\x32\x17.subsidy.v1.PackVoucher\x12\r\n\x05quota\x18\x03 \x01(\x03\x12\x32\n\x08tranches\x18\x04 \x03(\x0b\x32 .subsidy.v1.QualificationTranche\"S\n\x15\x43reateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x14.subsidy.v1.Campaign\"[\n\x16\x43reateCampaignResponse\x12&\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Campaign\x12\x19\n\x11reference_version\x18\x02 \x01(\x03\"S\n\x15UpdateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x14.subsidy.v1.Campaign\"[\n\x16UpdateCampaignResponse\x12&\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Campaign\x12\x19\n\x11reference_version\x18\x02 \x01(\x03\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"=\n\x13GetCampaignResponse\x12&\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Campaign\"-\n\x16GetBudgetStatusRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"\x80\x02\n\x0e\x43\x61tegoryBudget\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x12\n\nbudget_fen\x18\x02 \x01(\x03\x12\x14\n\x0creleased_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\x12\x14\n\x0crefunded_fen\x18\x06 \x01(\x03\x12\x15\n\ravailable_fen\x18\x07 \x01(\x03\x12\x1b\n\x13qualification_quota\x18\x08 \x01(\x03\x12\x1f\n\x17qualifications_released\x18\t \x01(\x03\x12\x1e\n\x16qualifications_claimed\x18\n \x01(\x03\"\xb0\x01\n\x17GetBudgetStatusResponse\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12.\n\ncategories\x18\x02 \x03(\x0b\x32\x1a.subsidy.v1.CategoryBudget\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05packs\x18\x04 \x03(\x0b\x32\x16.subsidy.v1.PackBudget\"O\n\nPackBudget\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12\r\n\x05quota\x18\x02 \x01(\x03\x12\x10\n\x08released\x18\x03 \x01(\x03\x12\x0f\n\x07\x63laimed\x18\x04 \x01(\x03*i\n\x0e\x43\x61mpaignStatus\x12\x1f\n\x1b\x43\x41MPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41MPAIGN_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x43\x41MPAIGN_STATUS_PAUSED\x10\x02*Q\n\x08RuleKind\x12\x19\n\x15RULE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11RULE_KIND_PERCENT\x10\x01\x12\x13\n\x0fRULE_KIND_FIXED\x10\x02*x\n\x0cRefundPolicy\x12\x1d\n\x19REFUND_POLICY_UNSPECIFIED\x10\x00\x12(\n$REFUND_POLICY_RESTORE_ON_FULL_REFUND\x10\x01\x12\x1f\n\x1bREFUND_POLICY_COUNT_AS_USED\x10\x02*g\n\x0eThresholdScope\x12\x1f\n\x1bTHRESHOLD_SCOPE_UNSPECIFIED\x10\x00\x12\x18\n\x14THRESHOLD_SCOPE_LINE\x10\x01\x12\x1a\n\x16THRESHOLD_SCOPE_BASKET\x10\x02\x32\xef\x02\n\x0f\x43\x61mpaignService\x12W\n\x0e\x43reateCampaign\x12!.subsidy.v1.CreateCampaignRequest\x1a\".subsidy.v1.CreateCampaignResponse\x12W\n\x0eUpdateCampaign\x12!.subsidy.v1.UpdateCampaignRequest\x1a\".subsidy.v1.UpdateCampaignResponse\x12N\n\x0bGetCampaign\x12\x1e.subsidy.v1.GetCampaignRequest\x1a\x1f.subsidy.v1.GetCampaignResponse\x12Z\n\x0fGetBudgetStatus\x12\".subsidy.v1.GetBudgetStatusRequest\x1a#.subsidy.v1.GetBudgetStatusResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19subsidy/v1/campaign.proto\x12\nsubsidy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17subsidy/v1/common.proto\"2\n\tGradeRate\x12\x14\n\x0c\x65nergy_grade\x18\x01 \x01(\x05\x12\x0f\n\x07rate_bp\x18\x02 \x01(\x05\"S\n\rBudgetTranche\x12.\n\nrelease_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\namount_fen\x18\x02 \x01(\x03\"\xad\x03\n\x0c\x43\x61tegoryRule\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.subsidy.v1.RuleKind\x12$\n\x05rates\x18\x03 \x03(\x0b\x32\x15.subsidy.v1.GradeRate\x12\x0f\n\x07\x63\x61p_fen\x18\x04 \x01(\x03\x12\x15\n\rthreshold_fen\x18\x05 \x01(\x03\x12\x0f\n\x07off_fen\x18\x06 \x01(\x03\x12\x19\n\x11price_ceiling_fen\x18\x07 \x01(\x03\x12\x18\n\x10per_person_limit\x18\x08 \x01(\x05\x12\x12\n\nbudget_fen\x18\t \x01(\x03\x12+\n\x08tranches\x18\n \x03(\x0b\x32\x19.subsidy.v1.BudgetTranche\x12\x1b\n\x13qualification_quota\x18\x0b \x01(\x03\x12@\n\x16qualification_tranches\x18\x0c \x03(\x0b\x32 .subsidy.v1.QualificationTranche\x12\x33\n\x0fthreshold_scope\x18\r \x01(\x0e\x32\x1a.subsidy.v1.ThresholdScope\"\xd1\x01\n\nRiskLimits\x12!\n\x19terminal_sales_per_minute\x18\x01 \x01(\x05\x12\x1f\n\x17terminal_sales_per_hour\x18\x02 \x01(\x05\x12\x1e\n\x16merchant_sales_per_day\x18\x03 \x01(\x05\x12\x1f\n\x17\x63onsumer_sales_per_hour\x18\x04 \x01(\x05\x12\x1c\n\x14price_flag_min_sales\x18\x05 \x01(\x05\x12 \n\x18price_flag_ratio_percent\x18\x06 \x01(\x05\"U\n\x14QualificationTranche\x12.\n\nrelease_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xc4\x05\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.subsidy.v1.CampaignStatus\x12-\n\tstarts_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65nds_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eregion_geojson\x18\x06 \x01(\t\x12\'\n\x05rules\x18\x07 \x03(\x0b\x32\x18.subsidy.v1.CategoryRule\x12 \n\x18qualification_validity_s\x18\x08 \x01(\x03\x12/\n\rrefund_policy\x18\t \x01(\x0e\x32\x18.subsidy.v1.RefundPolicy\x12\x1f\n\x17location_max_accuracy_m\x18\n \x01(\x05\x12\x1a\n\x12location_max_age_s\x18\x0b \x01(\x05\x12\x1d\n\x15redeem_in_region_only\x18\x0c \x01(\x08\x12%\n\x18per_merchant_daily_limit\x18\r \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x14reclaim_after_expiry\x18\x0e \x01(\x08\x12>\n\x18region_coordinate_system\x18\x0f \x01(\x0e\x32\x1c.subsidy.v1.CoordinateSystem\x12&\n\x1erequire_location_at_redemption\x18\x10 \x01(\x08\x12+\n\x0brisk_limits\x18\x11 \x01(\x0b\x32\x16.subsidy.v1.RiskLimits\x12&\n\x05packs\x18\x12 \x03(\x0b\x32\x17.subsidy.v1.VoucherPackB\x1b\n\x19_per_merchant_daily_limit\"G\n\x0bPackVoucher\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x15\n\rthreshold_fen\x18\x02 \x01(\x03\x12\x0f\n\x07off_fen\x18\x03 \x01(\x03\"\x8c\x01\n\x0bVoucherPack\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12)\n\x08vouchers\x18\x02 \x03(\x0b\x32\x17.subsidy.v1.PackVoucher\x12\r\n\x05quota\x18\x03 \x01(\x03\x12\x32\n\x08tranches\x18\x04 \x03(\x0b\x32 .subsidy.v1.QualificationTranche\"S\n\x15\x43reateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x14.subsidy.v1.Campaign\"[\n\x16\x43reateCampaignResponse\x12&\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Campaign\x12\x19\n\x11reference_version\x18\x02 \x01(\x03\"S\n\x15UpdateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x14.subsidy.v1.Campaign\"[\n\x16UpdateCampaignResponse\x12&\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Campaign\x12\x19\n\x11reference_version\x18\x02 \x01(\x03\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"=\n\x13GetCampaignResponse\x12&\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x14.subsidy.v1.Campaign\"-\n\x16GetBudgetStatusRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"\x80\x02\n\x0e\x43\x61tegoryBudget\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x12\n\nbudget_fen\x18\x02 \x01(\x03\x12\x14\n\x0creleased_fen\x18\x03 \x01(\x03\x12\x14\n\x0creserved_fen\x18\x04 \x01(\x03\x12\x11\n\tspent_fen\x18\x05 \x01(\x03\x12\x14\n\x0crefunded_fen\x18\x06 \x01(\x03\x12\x15\n\ravailable_fen\x18\x07 \x01(\x03\x12\x1b\n\x13qualification_quota\x18\x08 \x01(\x03\x12\x1f\n\x17qualifications_released\x18\t \x01(\x03\x12\x1e\n\x16qualifications_claimed\x18\n \x01(\x03\"\xb0\x01\n\x17GetBudgetStatusResponse\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12.\n\ncategories\x18\x02 \x03(\x0b\x32\x1a.subsidy.v1.CategoryBudget\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05packs\x18\x04 \x03(\x0b\x32\x16.subsidy.v1.PackBudget\"O\n\nPackBudget\x12\x0f\n\x07pack_id\x18\x01 \x01(\t\x12\r\n\x05quota\x18\x02 \x01(\x03\x12\x10\n\x08released\x18\x03 \x01(\x03\x12\x0f\n\x07\x63laimed\x18\x04 \x01(\x03*i\n\x0e\x43\x61mpaignStatus\x12\x1f\n\x1b\x43\x41MPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41MPAIGN_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x43\x41MPAIGN_STATUS_PAUSED\x10\x02*Q\n\x08RuleKind\x12\x19\n\x15RULE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11RULE_KIND_PERCENT\x10\x01\x12\x13\n\x0fRULE_KIND_FIXED\x10\x02*x\n\x0cRefundPolicy\x12\x1d\n\x19REFUND_POLICY_UNSPECIFIED\x10\x00\x12(\n$REFUND_POLICY_RESTORE_ON_FULL_REFUND\x10\x01\x12\x1f\n\x1bREFUND_POLICY_COUNT_AS_USED\x10\x02*g\n\x0eThresholdScope\x12\x1f\n\x1bTHRESHOLD_SCOPE_UNSPECIFIED\x10\x00\x12\x18\n\x14THRESHOLD_SCOPE_LINE\x10\x01\x12\x1a\n\x16THRESHOLD_SCOPE_BASKET\x10\x02\x32\xef\x02\n\x0f\x43\x61mpaignService\x12W\n\x0e\x43reateCampaign\x12!.subsidy.v1.CreateCampaignRequest\x1a\".subsidy.v1.CreateCampaignResponse\x12W\n\x0eUpdateCampaign\x12!.subsidy.v1.UpdateCampaignRequest\x1a\".subsidy.v1.UpdateCampaignResponse\x12N\n\x0bGetCampaign\x12\x1e.subsidy.v1.GetCampaignRequest\x1a\x1f.subsidy.v1.GetCampaignResponse\x12Z\n\x0fGetBudgetStatus\x12\".subsidy.v1.GetBudgetStatusRequest\x1a#.subsidy.v1.GetBudgetStatusResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subsidy.v1.campaign_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rcn.subsidy.v1P\001Z\024subsidy/v1;subsidyv1'
-  _globals['_CAMPAIGNSTATUS']._serialized_start=2858
-  _globals['_CAMPAIGNSTATUS']._serialized_end=2963
-  _globals['_RULEKIND']._serialized_start=2965
-  _globals['_RULEKIND']._serialized_end=3046
-  _globals['_REFUNDPOLICY']._serialized_start=3048
-  _globals['_REFUNDPOLICY']._serialized_end=3168
-  _globals['_THRESHOLDSCOPE']._serialized_start=3170
-  _globals['_THRESHOLDSCOPE']._serialized_end=3273
+  _globals['_CAMPAIGNSTATUS']._serialized_start=2922
+  _globals['_CAMPAIGNSTATUS']._serialized_end=3027
+  _globals['_RULEKIND']._serialized_start=3029
+  _globals['_RULEKIND']._serialized_end=3110
+  _globals['_REFUNDPOLICY']._serialized_start=3112
+  _globals['_REFUNDPOLICY']._serialized_end=3232
+  _globals['_THRESHOLDSCOPE']._serialized_start=3234
+  _globals['_THRESHOLDSCOPE']._serialized_end=3337
   _globals['_GRADERATE']._serialized_start=99
   _globals['_GRADERATE']._serialized_end=149
   _globals['_BUDGETTRANCHE']._serialized_start=151
@@ -49,35 +49,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CATEGORYRULE']._serialized_start=237
   _globals['_CATEGORYRULE']._serialized_end=666
   _globals['_RISKLIMITS']._serialized_start=669
-  _globals['_RISKLIMITS']._serialized_end=814
-  _globals['_QUALIFICATIONTRANCHE']._serialized_start=816
-  _globals['_QUALIFICATIONTRANCHE']._serialized_end=901
-  _globals['_CAMPAIGN']._serialized_start=904
-  _globals['_CAMPAIGN']._serialized_end=1612
-  _globals['_PACKVOUCHER']._serialized_start=1614
-  _globals['_PACKVOUCHER']._serialized_end=1685
-  _globals['_VOUCHERPACK']._serialized_start=1688
-  _globals['_VOUCHERPACK']._serialized_end=1828
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=1830
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=1913
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=1915
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=2006
-  _globals['_UPDATECAMPAIGNREQUEST']._serialized_start=2008
-  _globals['_UPDATECAMPAIGNREQUEST']._serialized_end=2091
-  _globals['_UPDATECAMPAIGNRESPONSE']._serialized_start=2093
-  _globals['_UPDATECAMPAIGNRESPONSE']._serialized_end=2184
-  _globals['_GETCAMPAIGNREQUEST']._serialized_start=2186
-  _globals['_GETCAMPAIGNREQUEST']._serialized_end=2227
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=2229
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=2290
-  _globals['_GETBUDGETSTATUSREQUEST']._serialized_start=2292
-  _globals['_GETBUDGETSTATUSREQUEST']._serialized_end=2337
-  _globals['_CATEGORYBUDGET']._serialized_start=2340
-  _globals['_CATEGORYBUDGET']._serialized_end=2596
-  _globals['_GETBUDGETSTATUSRESPONSE']._serialized_start=2599
-  _globals['_GETBUDGETSTATUSRESPONSE']._serialized_end=2775
-  _globals['_PACKBUDGET']._serialized_start=2777
-  _globals['_PACKBUDGET']._serialized_end=2856
-  _globals['_CAMPAIGNSERVICE']._serialized_start=3276
-  _globals['_CAMPAIGNSERVICE']._serialized_end=3643
+  _globals['_RISKLIMITS']._serialized_end=878
+  _globals['_QUALIFICATIONTRANCHE']._serialized_start=880
+  _globals['_QUALIFICATIONTRANCHE']._serialized_end=965
+  _globals['_CAMPAIGN']._serialized_start=968
+  _globals['_CAMPAIGN']._serialized_end=1676
+  _globals['_PACKVOUCHER']._serialized_start=1678
+  _globals['_PACKVOUCHER']._serialized_end=1749
+  _globals['_VOUCHERPACK']._serialized_start=1752
+  _globals['_VOUCHERPACK']._serialized_end=1892
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=1894
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=1977
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=1979
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=2070
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_start=2072
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_end=2155
+  _globals['_UPDATECAMPAIGNRESPONSE']._serialized_start=2157
+  _globals['_UPDATECAMPAIGNRESPONSE']._serialized_end=2248
+  _globals['_GETCAMPAIGNREQUEST']._serialized_start=2250
+  _globals['_GETCAMPAIGNREQUEST']._serialized_end=2291
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=2293
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=2354
+  _globals['_GETBUDGETSTATUSREQUEST']._serialized_start=2356
+  _globals['_GETBUDGETSTATUSREQUEST']._serialized_end=2401
+  _globals['_CATEGORYBUDGET']._serialized_start=2404
+  _globals['_CATEGORYBUDGET']._serialized_end=2660
+  _globals['_GETBUDGETSTATUSRESPONSE']._serialized_start=2663
+  _globals['_GETBUDGETSTATUSRESPONSE']._serialized_end=2839
+  _globals['_PACKBUDGET']._serialized_start=2841
+  _globals['_PACKBUDGET']._serialized_end=2920
+  _globals['_CAMPAIGNSERVICE']._serialized_start=3340
+  _globals['_CAMPAIGNSERVICE']._serialized_end=3707
 # @@protoc_insertion_point(module_scope)

@@ -236,7 +236,16 @@ Global___CategoryRule: _TypeAlias = CategoryRule  # noqa: Y015
 
 @_typing.final
 class RiskLimits(_message.Message):
-    """Velocity limits checked on the hot path in the same atomic step as the rules. 0 = no limit."""
+    """Hot-path risk rules checked in the same atomic step as the rules (README "Risk rules on the
+    hot path"). 0 = no limit / off; each at most 1,000,000, else INVALID_ARGUMENT naming it.
+
+    Velocity: a sale is an approved Authorize of this campaign, counted when approved (by the
+    server's clock) and never given back by a void, an expiry or a refund: the limits count
+    attempts to move subsidy, which is what a fraud pattern repeats. Only sales made while a limit
+    is set are counted (setting one starts from zero). A payment at the limit is declined
+    (TERMINAL_VELOCITY_MINUTE, TERMINAL_VELOCITY_HOUR, MERCHANT_VELOCITY_DAY,
+    CONSUMER_VELOCITY_HOUR), each decline a risk event.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -244,13 +253,33 @@ class RiskLimits(_message.Message):
     TERMINAL_SALES_PER_HOUR_FIELD_NUMBER: _builtins.int
     MERCHANT_SALES_PER_DAY_FIELD_NUMBER: _builtins.int
     CONSUMER_SALES_PER_HOUR_FIELD_NUMBER: _builtins.int
+    PRICE_FLAG_MIN_SALES_FIELD_NUMBER: _builtins.int
+    PRICE_FLAG_RATIO_PERCENT_FIELD_NUMBER: _builtins.int
     terminal_sales_per_minute: _builtins.int
-    """Subsidised sales per terminal in a sliding minute and hour."""
+    """Subsidised sales of the campaign per terminal in a sliding minute and hour (the last 60 s /
+    3,600 s before the payment, to the millisecond).
+    """
     terminal_sales_per_hour: _builtins.int
     merchant_sales_per_day: _builtins.int
-    """Subsidised sales per merchant per programme day (Asia/Shanghai)."""
+    """Subsidised sales of the campaign per merchant per programme day (a calendar day in
+    SUBSIDY_REPORT_TIMEZONE, Asia/Shanghai), all its terminals together.
+    """
     consumer_sales_per_hour: _builtins.int
-    """Subsidised sales per consumer in a sliding hour, across all merchants."""
+    """Subsidised sales of the campaign per consumer in a sliding hour, across all merchants."""
+    price_flag_min_sales: _builtins.int
+    """The price flag (flags, never declines): on an approved sale with a line priced exactly at
+    its PERCENT rule's cap threshold (the lowest price whose percentage reaches the cap,
+    ceil(cap_fen * 10000 / rate_bp)), the merchant is flagged for the category and day when,
+    over today's approved lines of that category (programme day): the merchant has at least
+    price_flag_min_sales, the other merchants together at least price_flag_min_sales too (the
+    norm), and
+    the merchant's share at the threshold exceeds price_flag_ratio_percent / 100 times the
+    others' share (their count at the threshold taken as at least 1, so a lone such sale
+    elsewhere does not make every merchant an outlier). At most one flag per merchant,
+    category and day; each a risk event (rule PRICE_AT_CAP_THRESHOLD). 0: off.
+    """
+    price_flag_ratio_percent: _builtins.int
+    """Required above 100 when price_flag_min_sales is set (for example 300: three times the norm)."""
     def __init__(
         self,
         *,
@@ -258,10 +287,12 @@ class RiskLimits(_message.Message):
         terminal_sales_per_hour: _builtins.int = ...,
         merchant_sales_per_day: _builtins.int = ...,
         consumer_sales_per_hour: _builtins.int = ...,
+        price_flag_min_sales: _builtins.int = ...,
+        price_flag_ratio_percent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_sales_per_hour", b"consumer_sales_per_hour", "merchant_sales_per_day", b"merchant_sales_per_day", "terminal_sales_per_hour", b"terminal_sales_per_hour", "terminal_sales_per_minute", b"terminal_sales_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_sales_per_hour", b"consumer_sales_per_hour", "merchant_sales_per_day", b"merchant_sales_per_day", "price_flag_min_sales", b"price_flag_min_sales", "price_flag_ratio_percent", b"price_flag_ratio_percent", "terminal_sales_per_hour", b"terminal_sales_per_hour", "terminal_sales_per_minute", b"terminal_sales_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
