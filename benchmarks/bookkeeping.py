@@ -1,4 +1,4 @@
-"""The error interceptor's per-call bookkeeping, timed in this process (no network, no gateway):
+"""The call guard's per-call bookkeeping, timed in this process (no network, no gateway):
 what the Prometheus metrics cost per call, and what a span costs on the call's path and in the
 exporter's thread. The tracing scenario runs it beside its A/B rounds, whose server CPU per
 call is the whole truth; these split it up.

@@ -3,7 +3,7 @@
 py-spy samples the server's Python threads (``--native`` adds their C and Cython frames).
 Samples whose innermost frame is a blocking wait (epoll, poll, futex) are left out. Each other
 sample is charged to one *component*: the first rule that matches, walking from the innermost
-frame outwards (so time in ``hmac`` called from the auth interceptor is "hashing", and time in
+frame outwards (so time in ``hmac`` called from authentication is "hashing", and time in
 the interpreter's own C code goes to the Python frame that called it).
 
 A sample says where a thread *was*, not that it had a core: on a busy machine a runnable thread
@@ -31,10 +31,11 @@ COMPONENT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "Redis client: lean path or redis-py (EVALSHA round trip)",
         re.compile(r"storage/redis/(lean|scripts)\.py|(?<!storage/)redis/|hiredis"),
     ),
-    # Before the store's rule: the credential cache is the auth interceptor's.
-    ("gateway: auth interceptor", re.compile(r"server/rpc/auth\.py|storage/redis/credentials\.py")),
+    # Before the store's rule: the credential cache is authentication's.
+    ("gateway: authentication", re.compile(r"server/rpc/auth\.py|storage/redis/credentials\.py")),
     ("gateway: store (key names, args)", re.compile(r"storage/redis/")),
-    ("gateway: error interceptor", re.compile(r"server/rpc/errors\.py")),
+    # The wrapper around every handler (server/rpc/handlers.py): error mapping, metrics, span.
+    ("gateway: call guard", re.compile(r"server/rpc/(handlers|errors|metrics)\.py")),
     ("gateway: validation", re.compile(r"server/domain/|server/services/requests\.py")),
     ("gateway: Authorize handler, response", re.compile(r"server/services/(authorization|common)\.py")),
     ("gateway: Echo handler", re.compile(r"server/services/diagnostics\.py")),

@@ -566,7 +566,7 @@ def markdown(result: RunResult, png_name: str) -> str:
         kept = result.checks.get("bookkeeping")
         if kept:
             lines.append(
-                f"- the interceptor's bookkeeping timed in the bench's process (benchmarks/bookkeeping.py, best of"
+                f"- the call guard's bookkeeping timed in the bench's process (benchmarks/bookkeeping.py, best of"
                 f" {kept['repeats']} runs of {kept['calls']:,} calls): Prometheus metrics"
                 f" **{kept['metrics_us_per_call']:.1f} µs** per call; a span (start and end, batch queue)"
                 f" **{kept['span_us_per_call']:.1f} µs** on the call's path, then"
@@ -703,7 +703,7 @@ def floor_section(result: RunResult) -> list[str]:
         "| server | calls/s, median (range) | server CPU-µs per call, median (range) | CPU ÷ bare | calls/s ÷ bare |",
         "|---|---:|---:|---:|---:|",
         row("bare grpc.aio Echo (no interceptors, no auth)", bare_rounds, None, None),
-        row("the gateway's Echo (interceptors + HMAC)", echo.rounds_a, echo.server_cpu, echo.throughput),
+        row("the gateway's Echo (call guard + HMAC)", echo.rounds_a, echo.server_cpu, echo.throughput),
         row("the gateway's Authorize", authorize.rounds_a, authorize.server_cpu, authorize.throughput),
         "",
         f"Rotated bare Echo, gateway Echo, gateway Authorize in each of {len(bare_rounds)} triples, closed loop,"

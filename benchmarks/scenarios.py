@@ -1480,7 +1480,7 @@ def run_tracing(bench: Bench, result: RunResult) -> None:
         bench.servers.remove(sink)
     received = [line for line in sink.log_path.read_text().splitlines() if line.startswith("spans ")]
     result.checks["tracing"] = {"receiver": received[-1] if received else "no count (receiver did not stop cleanly)"}
-    bench.log("bookkeeping: the interceptor's metrics and a span, timed in this process")
+    bench.log("bookkeeping: the call guard's metrics and a span, timed in this process")
     result.checks["bookkeeping"] = bookkeeping.measure()
     bench.log(f"  {result.checks['bookkeeping']}")
 
