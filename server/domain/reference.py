@@ -6,6 +6,7 @@ Pure functions: a file or an operator call becomes these frozen dataclasses or a
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -363,7 +364,37 @@ def parse_campaign(record: Mapping[str, Any], path: str) -> Campaign:
         location_max_accuracy_m=_integer(record, "location_max_accuracy_m", path, 1, 100_000, 100),
         location_max_age_s=_integer(record, "location_max_age_s", path, 1, 86_400, 300),
     )
-    return _with_packs(_with_redemption_rules(campaign, record, path), record, path)
+    return _validity_covers_releases(_with_packs(_with_redemption_rules(campaign, record, path), record, path), path)
+
+
+def _validity_covers_releases(campaign: Campaign, path: str) -> Campaign:
+    """Refuses a qualification validity shorter than the interval between two releases of the
+    same quota (a rule's qualification_tranches, a pack's tranches): a voucher claimed at one
+    release would lapse before the next one opens, so each round would end with days in which
+    nobody holds a usable voucher and the quota that lapsed unused waits for a release to be
+    claimable again. The shortest interval of each release plan counts, so an irregular plan
+    (a release on each of two days, then one a month later) is refused only when the validity
+    is shorter than all of its intervals."""
+    validity_s = campaign.qualification_validity_s
+    if validity_s == 0:
+        return campaign
+    plans = [
+        (f"{path}.rules[{index}].qualification_tranches", rule.qualification_tranches)
+        for index, rule in enumerate(campaign.rules)
+    ]
+    plans += [(f"{path}.packs[{index}].tranches", pack.tranches) for index, pack in enumerate(campaign.packs)]
+    for plan_path, tranches in plans:
+        if len(tranches) < 2:
+            continue
+        interval_s = min(
+            int((later - earlier).total_seconds()) for (earlier, _), (later, _) in itertools.pairwise(tranches)
+        )
+        if validity_s < interval_s:
+            raise ReferenceError(
+                f"{path}.qualification_validity_s",
+                f"{validity_s} s is shorter than the {interval_s} s between two releases of {plan_path}",
+            )
+    return campaign
 
 
 def _with_packs(campaign: Campaign, record: Mapping[str, Any], path: str) -> Campaign:

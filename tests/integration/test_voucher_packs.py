@@ -570,6 +570,11 @@ def _bad_campaigns() -> list[tuple[str, Any, str]]:
             extra.CopyFrom(campaign.packs[0])
             extra.pack_id = f"p{index}"
 
+    def short_validity(campaign: cpb.Campaign) -> None:
+        # Releases an hour and a second apart, vouchers valid for an hour (pack_campaign's).
+        campaign.packs[0].tranches.add(release_at=stamp(time.time()), count=10)
+        campaign.packs[0].tranches.add(release_at=stamp(time.time() + 3601), count=10)
+
     return [
         ("no rule", (lambda c: setattr(c.packs[0].vouchers[1], "category", "phone")), "vouchers[1].category"),
         ("percent rule", percent_rule, "vouchers[0].category"),
@@ -582,6 +587,7 @@ def _bad_campaigns() -> list[tuple[str, Any, str]]:
         ("duplicate", duplicate, "packs"),
         ("too many", more_packs, "packs"),
         ("no qualifications", (lambda c: setattr(c, "qualification_validity_s", 0)), "packs"),
+        ("validity under the release interval", short_validity, "qualification_validity_s"),
     ]  # fmt: skip
 
 
@@ -595,7 +601,7 @@ async def test_packs_that_cannot_work_are_refused_naming_the_field(
     change(campaign)
     with pytest.raises(InvalidArgument) as refused:
         await create(world, campaign)
-    expected = "campaign." + field if field == "packs" else "campaign.packs[0]." + field
+    expected = "campaign." + field if field in ("packs", "qualification_validity_s") else "campaign.packs[0]." + field
     assert refused.value.metadata["field"] == expected, name
     with pytest.raises(NotFound):
         await fetch(world, campaign_id)

@@ -102,17 +102,49 @@ def test_qualification_tranches_must_fit_the_quota_and_be_ordered() -> None:
         {"release_at": "2026-01-01T20:00:00+08:00", "count": 5},
         {"release_at": "2026-01-02T20:00:00+08:00", "count": 5},
     ]
-    parsed = parse_campaign(campaign(3600, qualification_quota=10, qualification_tranches=tranches), "c")
+    parsed = parse_campaign(campaign(86_400, qualification_quota=10, qualification_tranches=tranches), "c")
     assert [count for _, count in parsed.rules[0].qualification_tranches] == [5, 5]
     with pytest.raises(ReferenceError) as too_many:
-        parse_campaign(campaign(3600, qualification_quota=9, qualification_tranches=tranches), "c")
+        parse_campaign(campaign(86_400, qualification_quota=9, qualification_tranches=tranches), "c")
     assert too_many.value.field == "c.rules[0].qualification_tranches"
     with pytest.raises(ReferenceError) as unordered:
-        parse_campaign(campaign(3600, qualification_tranches=list(reversed(tranches))), "c")
+        parse_campaign(campaign(86_400, qualification_tranches=list(reversed(tranches))), "c")
     assert unordered.value.field == "c.rules[0].qualification_tranches"
     with pytest.raises(ReferenceError) as uncounted:
         parse_campaign(campaign(3600, qualification_tranches=[{"release_at": "2026-01-01T20:00:00+08:00"}]), "c")
     assert uncounted.value.field == "c.rules[0].qualification_tranches[0].count"
+
+
+def test_a_validity_shorter_than_the_release_interval_is_refused_naming_the_field() -> None:
+    """Issue 13: a voucher claimed at one release must still be valid when the next opens. The
+    shortest interval of each release plan counts: one second short is refused, the interval
+    itself is accepted; one release (or none) has no interval; pack tranches are held to it too."""
+    daily = [
+        {"release_at": "2026-01-01T20:00:00+08:00", "count": 5},
+        {"release_at": "2026-01-02T20:00:00+08:00", "count": 5},
+        {"release_at": "2026-01-30T20:00:00+08:00", "count": 5},  # a longer gap: the shortest counts
+    ]
+    assert parse_campaign(campaign(86_400, qualification_tranches=daily), "c").qualification_validity_s == 86_400
+    with pytest.raises(ReferenceError) as short:
+        parse_campaign(campaign(86_399, qualification_tranches=daily), "c")
+    assert short.value.field == "c.qualification_validity_s"
+    assert "86400 s between two releases of c.rules[0].qualification_tranches" in short.value.reason
+    assert parse_campaign(campaign(1, qualification_tranches=daily[:1]), "c").qualification_validity_s == 1
+    assert parse_campaign(campaign(1), "c").qualification_validity_s == 1
+    pack = {
+        "pack_id": "p",
+        "quota": 10,
+        "vouchers": [{"category": "general", "threshold_fen": 2000, "off_fen": 500}],
+        "tranches": [
+            {"release_at": "2026-01-01T20:00:00+08:00", "count": 5},
+            {"release_at": "2026-01-08T20:00:00+08:00", "count": 5},
+        ],
+    }
+    assert parse_campaign({**campaign(7 * 86_400), "packs": [pack]}, "c").packs[0].quota == 10
+    with pytest.raises(ReferenceError) as short_pack:
+        parse_campaign({**campaign(7 * 86_400 - 1), "packs": [pack]}, "c")
+    assert short_pack.value.field == "c.qualification_validity_s"
+    assert "c.packs[0].tranches" in short_pack.value.reason
 
 
 def test_location_limits_are_bounded() -> None:
