@@ -2,8 +2,9 @@
 
 Every script that changes a qualification appends its new state to the qualification stream
 (``mirror_qualification`` in _lib.lua). ``QualificationMirror`` runs in the ledger writer
-process beside the ledger writer: a consumer of its own group on that stream that upserts each
-snapshot into ``qualifications`` and only then acknowledges and deletes the entries. Delivery
+process beside the ledger writer: a consumer of its own group on that stream (stream_consumer.py)
+that upserts each snapshot into ``qualifications`` and only then acknowledges and deletes the
+entries. Delivery
 is at least once; a snapshot never overwrites a newer one (the stream entry id orders them),
 so redelivery after a crash and two mirrors racing are both harmless.
 
@@ -18,10 +19,8 @@ authorization's link to its qualification, all derived from the mirrored rows.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -32,10 +31,9 @@ from redis.asyncio import Redis
 from server.domain.sealing import at_rest_form
 from storage.postgres.audit import advance_stream_id
 from storage.postgres.ledger import from_ms, to_ms
-from storage.postgres.writer import read_group
+from storage.postgres.stream_consumer import StreamConsumer
 from storage.redis.keys import Keys
 from storage.redis.masks import scrub_clear_masks
-from storage.redis.store import text
 
 log = logging.getLogger("subsidy.qualifications")
 GROUP = "qualification-mirror"
@@ -89,129 +87,27 @@ def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-@dataclass
-class MirrorStats:
-    snapshots_written: int = 0
-    dead_letters: int = 0
-    postgres_failures: int = 0
-
-
-class QualificationMirror:
-    def __init__(
-        self,
-        redis: Redis,
-        keys: Keys,
-        pg_dsn: str,
-        consumer: str = "mirror-1",
-        batch_size: int = 500,
-        block_ms: int = 200,
-        claim_idle_ms: int = 30_000,
-    ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.stats = MirrorStats()
-        self._pg_dsn = pg_dsn
-        self._consumer = consumer
-        self._batch_size = batch_size
-        self._block_ms = block_ms
-        self._claim_idle_ms = claim_idle_ms
-        self._connection: asyncpg.Connection | None = None
-        self._backoff_s = 0.1
+class QualificationMirror(StreamConsumer):
+    group = GROUP
+    statement = UPSERT
+    malformed = (KeyError, ValueError, TypeError, orjson.JSONDecodeError)
+    default_consumer = "mirror-1"
+    what = "the qualification mirror"
+    item = "qualification event"
+    log = log
 
     @property
     def stream(self) -> str:
         return self.keys.qualification_events
 
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except redis_errors.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+    def row(self, entry_id: str, fields: dict[bytes, bytes]) -> tuple[Any, ...]:
+        return snapshot_row(entry_id, orjson.loads(fields[b"q"]))
 
-    async def _read(self, block: bool) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        return await read_group(
-            self.redis,
-            self.stream,
-            GROUP,
-            self._consumer,
-            self._batch_size,
-            self._claim_idle_ms,
-            self._block_ms if block else None,
-        )
-
-    async def step(self, block: bool = True) -> int:
-        """One batch: read, upsert in one transaction, then acknowledge and delete. Returns the
-        number of entries handled (0 when PostgreSQL is unavailable: they stay pending)."""
-        entries = await self._read(block)
-        if not entries:
-            return 0
-        parsed: list[tuple[bytes, tuple[Any, ...]]] = []
-        refused: list[tuple[bytes, dict[bytes, bytes]]] = []
-        for raw_id, fields in entries:
-            try:
-                parsed.append((raw_id, snapshot_row(text(raw_id), orjson.loads(fields[b"q"]))))
-            except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
-                refused.append((raw_id, fields))
-        try:
-            connection = await self._pg()
-            try:
-                async with connection.transaction():
-                    await connection.executemany(UPSERT, [row for _, row in parsed])
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
-                # PostgreSQL refuses some row's data: write them one by one, set the refused aside.
-                fields_of = dict(entries)
-                for raw_id, row in parsed:
-                    try:
-                        await connection.execute(UPSERT, *row)
-                    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
-                        refused.append((raw_id, fields_of[raw_id]))
-        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
-            self.stats.postgres_failures += 1
-            log.warning("postgres unavailable for the qualification mirror", extra={"error": type(error).__name__})
-            if self._connection is not None:
-                self._connection.terminate()
-                self._connection = None
-            await asyncio.sleep(self._backoff_s)
-            self._backoff_s = min(self._backoff_s * 2, 5.0)
-            return 0
-        self._backoff_s = 0.1
-        for raw_id, fields in refused:
-            # Kept, never dropped: a human looks at the dead-letter stream.
-            await self.redis.xadd(self.stream + ":dead", {b"id": raw_id, **fields})  # type: ignore[dict-item]
-            self.stats.dead_letters += 1
-            log.error("qualification event dead-lettered", extra={"entry": text(raw_id)})
-        ids = [raw_id for raw_id, _ in entries]
-        await self.redis.xack(self.stream, GROUP, *ids)
-        await self.redis.xdel(self.stream, *ids)
-        self.stats.snapshots_written += len(entries) - len(refused)
-        return len(entries)
-
-    async def _pg(self) -> asyncpg.Connection:
-        if self._connection is None or self._connection.is_closed():
-            self._connection = await asyncpg.connect(self._pg_dsn, timeout=5)
-        return self._connection
-
-    async def drain(self) -> None:
-        """Handles every entry present now (for tests and before a rebuild)."""
-        await self.ensure_group()
-        while await self.step(block=False):
-            pass
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        await self.ensure_group()
+    async def prepare(self) -> None:
         try:
             await scrub_clear_masks(self.redis, self.keys)
         except redis_errors.RedisError:
             log.warning("blanking masks stored in clear failed; retried at the next start", exc_info=True)
-        while not stopping.is_set():
-            try:
-                await self.step()
-            except redis_errors.RedisError:
-                log.warning("redis unavailable for the qualification mirror", exc_info=True)
-                await asyncio.sleep(1.0)
-        if self._connection is not None:
-            await self._connection.close()
 
 
 async def mirror_backlog(redis: Redis, keys: Keys) -> tuple[int, int]:
