@@ -76,9 +76,11 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 ## Only the Redis Cluster tests (issue 16): a local 6-node cluster, the escrow budget shards
-## under load, a killed primary and a moving slot (part of make test too; 30-50 s here).
+## under load, a killed primary and a moving slot, the shard streams drained into PostgreSQL
+## (part of make test too; 45-70 s here).
 test-cluster: $(STAMP)
-	$(PY) -m pytest tests/integration/test_cluster_harness.py tests/integration/test_cluster_escrow.py
+	$(PY) -m pytest tests/integration/test_cluster_harness.py tests/integration/test_cluster_escrow.py \
+		tests/integration/test_cluster_streams.py
 
 ## Property-based fuzzing of the public RPCs (tests/fuzz/run.py): at least 100,000 calls through a
 ## real gateway; prints the case count, the seed and the time. SUBSIDY_FUZZ_CASES / _SEED override.

@@ -47,8 +47,6 @@ from typing import Any
 
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
@@ -62,6 +60,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from storage.redis.cluster.nodes import NodeConnections
+from storage.redis.cluster.streams import register_streams
 from storage.redis.keys import PREFIX_PATTERN
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -200,7 +200,7 @@ class EscrowBudget:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.deadline_s = deadline_s
-        self._nodes: dict[tuple[str, int], redis.asyncio.Redis] = {}
+        self._nodes = NodeConnections(cluster)
         self._tags: dict[int, str] = {}
         # Why calls were retried (a redirect, WAIT short of its replicas, a dead connection):
         # counts for tests and metrics.
@@ -265,6 +265,15 @@ class EscrowBudget:
         no-op, another budget is an EscrowConflict on the first shard that differs)."""
         _check_fen("budget", budget, 0)
         slices = split(budget, self.shards)
+        # The writer learns of the shards' streams from the registry: listed before any event.
+        await register_streams(
+            self._nodes,
+            self.prefix,
+            [self.ledger_key(shard) for shard in range(self.shards)],
+            wait_replicas=self.wait_replicas,
+            wait_timeout_ms=self.wait_timeout_ms,
+            deadline_s=self.deadline_s,
+        )
         for shard, slice_fen in enumerate(slices):
             await self._run(
                 shard,
@@ -434,29 +443,12 @@ class EscrowBudget:
         await self.cluster.nodes_manager.initialize()
 
     async def aclose(self) -> None:
-        clients, self._nodes = list(self._nodes.values()), {}
-        for client in clients:
-            await client.aclose()
+        await self._nodes.aclose()
 
     # ---- one acknowledged script call
 
     async def _node_client(self, key: str) -> redis.asyncio.Redis:
-        await self.cluster.initialize()  # a no-op once the slot map is loaded
-        node = self.cluster.get_node_from_key(key)
-        if node is None:
-            raise RedisConnectionError(f"no node serves the slot of {key}")
-        return self._client_at(node.host, int(node.port))
-
-    def _client_at(self, host: str, port: int) -> redis.asyncio.Redis:
-        client = self._nodes.get((host, port))
-        if client is None:
-            # No retries of its own: _run retries with the slot map refreshed, and a dead node
-            # must not cost seconds of backoff first.
-            client = redis.asyncio.Redis(
-                host=host, port=port, socket_timeout=5.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
-            )
-            self._nodes[(host, port)] = client
-        return client
+        return await self._nodes.for_key(key)
 
     async def _run(self, shard: int, name: str, keys: Sequence[str], args: Sequence[str | int]) -> dict[str, Any]:
         """Run the script on the slot's primary with WAIT on the same connection, following
@@ -468,7 +460,7 @@ class EscrowBudget:
         last = "no attempt"
         while time.monotonic() < deadline:
             try:
-                client = self._client_at(*ask) if ask else await self._node_client(keys[0])
+                client = self._nodes.at(*ask) if ask else await self._node_client(keys[0])
                 async with client.pipeline(transaction=False) as pipe:
                     if ask:
                         pipe.execute_command("ASKING")
@@ -520,7 +512,7 @@ class EscrowBudget:
                 last = f"{type(exc).__name__}: {exc}"
                 self._count("connection")
                 ask = None
-                await self._drop_dead_clients()
+                await self._nodes.drop_dead()
                 await asyncio.sleep(RETRY_PAUSE_S * 4)
                 try:
                     await self.cluster.nodes_manager.initialize()
@@ -530,14 +522,6 @@ class EscrowBudget:
 
     def _count(self, reason: str) -> None:
         self.retried[reason] = self.retried.get(reason, 0) + 1
-
-    async def _drop_dead_clients(self) -> None:
-        for address, client in list(self._nodes.items()):
-            try:
-                await asyncio.wait_for(client.ping(), 0.5)
-            except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
-                self._nodes.pop(address, None)
-                await client.aclose()
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,139 @@
+"""The ledger writer's cluster seam (issue 16, docs/scale-out.md 2.3): drains every shard's
+ledger stream on a Redis Cluster into PostgreSQL, exactly once.
+
+Each step reads a batch from every primary (storage/redis/cluster/streams.py: this consumer's
+unacknowledged entries first, then new ones, only entries the replicas have), stores it in one
+PostgreSQL transaction with ``ON CONFLICT (stream, entry_id) DO NOTHING``, and only then
+acknowledges it. A crash anywhere re-reads what was not acknowledged, and the insert skips what
+was stored; an entry stored under an id whose content differs is an :class:`EventCollision`,
+never a silent duplicate.
+
+Not yet the gateway's writer: the shards emit the escrow events (funding, reservations,
+transfers) into ``shard_events``; posting them to the double-entry ledger comes with the
+authorize script on the cluster. The single-Redis writer (storage/postgres/writer.py) is
+unchanged and stays the default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+
+from storage.postgres.ledger import EventCollision
+from storage.redis.cluster.streams import ShardStreamReader, StreamEntry
+
+log = logging.getLogger("subsidy.shard_writer")
+
+
+@dataclass
+class ShardWriterStats:
+    batches: int = 0
+    events_written: int = 0
+    duplicates_skipped: int = 0
+    postgres_failures: int = 0
+
+
+async def store_entries(connection: asyncpg.Connection, entries: Sequence[StreamEntry]) -> int:
+    """Insert the entries in one transaction; returns how many were new. Safe to call again
+    with any of the same entries; one stored with other content raises EventCollision."""
+    streams = [entry.stream for entry in entries]
+    ids = [entry.entry_id for entry in entries]
+    payloads = [orjson.dumps(entry.fields, option=orjson.OPT_SORT_KEYS).decode() for entry in entries]
+    types = [entry.fields.get("event", "") for entry in entries]
+    async with connection.transaction():
+        rows = await connection.fetch(
+            "INSERT INTO shard_events (stream, entry_id, event_type, payload)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"
+            " ON CONFLICT (stream, entry_id) DO NOTHING RETURNING stream, entry_id",
+            streams,
+            ids,
+            types,
+            payloads,
+        )
+        inserted = {(row["stream"], row["entry_id"]) for row in rows}
+        again = [entry for entry in entries if (entry.stream, entry.entry_id) not in inserted]
+        if again:
+            stored = await connection.fetch(
+                "SELECT s.stream, s.entry_id, s.payload FROM shard_events s"
+                " JOIN unnest($1::text[], $2::text[]) AS k(stream, entry_id) USING (stream, entry_id)",
+                [entry.stream for entry in again],
+                [entry.entry_id for entry in again],
+            )
+            content = {(row["stream"], row["entry_id"]): orjson.loads(row["payload"]) for row in stored}
+            for entry in again:
+                if content.get((entry.stream, entry.entry_id)) != entry.fields:
+                    raise EventCollision(f"{entry.stream} {entry.entry_id} is stored with different content")
+    return len(inserted)
+
+
+class ShardLedgerWriter:
+    """Reads with ``reader``, stores in PostgreSQL at ``pg_dsn``, acknowledges after commit."""
+
+    def __init__(self, reader: ShardStreamReader, pg_dsn: str, *, idle_pause_s: float = 0.2) -> None:
+        self.reader = reader
+        self.pg_dsn = pg_dsn
+        self.idle_pause_s = idle_pause_s
+        self.stats = ShardWriterStats()
+        self._connection: asyncpg.Connection | None = None
+
+    async def _pg(self) -> asyncpg.Connection:
+        if self._connection is None or self._connection.is_closed():
+            self._connection = await asyncpg.connect(self.pg_dsn, timeout=5)
+        return self._connection
+
+    async def step(self) -> int:
+        """One batch: read, store, acknowledge. Returns the number of entries handled."""
+        entries = await self.reader.read()
+        if not entries:
+            return 0
+        try:
+            new = await store_entries(await self._pg(), entries)
+        except EventCollision:
+            raise  # a broken invariant: stop rather than acknowledge it away
+        except (Exception, asyncio.CancelledError) as error:
+            if self._connection is not None:
+                self._connection.terminate()
+                self._connection = None
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            # PostgreSQL's condition, not the entries': they stay pending and come back.
+            self.stats.postgres_failures += 1
+            log.warning("postgres unavailable; will retry", extra={"error": type(error).__name__})
+            await asyncio.sleep(1.0)
+            return 0
+        await self.reader.ack(entries)
+        self.stats.batches += 1
+        self.stats.events_written += new
+        self.stats.duplicates_skipped += len(entries) - new
+        return len(entries)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                handled = await self.step()
+            except EventCollision:
+                raise
+            except Exception:  # a bug or an unforeseen Redis error: entries stay pending
+                log.error("shard writer step failed", exc_info=True)
+                handled = 0
+            if handled == 0:
+                await asyncio.sleep(self.idle_pause_s)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Store until every registered stream's group has nothing pending or undelivered."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await self.step() == 0 and await self.reader.backlog() == 0:
+                return
+        raise TimeoutError("the shard streams did not drain in time")
+
+    async def close(self) -> None:
+        if self._connection is not None and not self._connection.is_closed():
+            await self._connection.close()
+        self._connection = None

@@ -1,0 +1,220 @@
+"""The shards' ledger streams drained into PostgreSQL exactly once (storage/redis/cluster/streams.py,
+storage/postgres/shard_writer.py, docs/scale-out.md 2.3) on the real six-node local cluster:
+every shard's events, over all three primaries, once each; a writer that stored a batch and died
+before acknowledging it; the replication fence (a reader is never handed an entry the replica
+lacks); and several processes reserving a budget while a primary is killed and the writer runs."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import orjson
+import pytest
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from storage.cluster_dev import LocalCluster
+from storage.postgres.ledger import EventCollision
+from storage.postgres.shard_writer import ShardLedgerWriter, store_entries
+from storage.redis.cluster.escrow import EscrowBudget
+from storage.redis.cluster.streams import ShardStreamReader, StreamEntry, registry_key
+from tests.conftest import Environment
+from tests.integration import cluster_fixtures
+from tests.integration.test_cluster_escrow import (
+    _check_exactly_the_budget,
+    _fail_over,
+    _load,
+    _lose_the_replication_link,
+)
+
+redis_cluster = cluster_fixtures.redis_cluster  # the module's fixture
+
+CATEGORY = "phone"
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in redis_cluster.startup_nodes])
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A deployment prefix of its own per test: its own registry, hence its own streams."""
+    return "sw" + uuid.uuid4().hex[:8]
+
+
+async def _stored(environment: Environment, prefix: str) -> dict[tuple[str, str], dict[str, str]]:
+    connection = await asyncpg.connect(environment.pg_dsn)
+    try:
+        rows = await connection.fetch(
+            "SELECT stream, entry_id, payload FROM shard_events WHERE stream LIKE $1", "{" + prefix + ":%"
+        )
+    finally:
+        await connection.close()
+    return {(row["stream"], row["entry_id"]): orjson.loads(row["payload"]) for row in rows}
+
+
+async def _in_redis(escrow: EscrowBudget) -> dict[tuple[str, str], dict[str, str]]:
+    """Every entry of every shard stream, read on the primaries now."""
+    found = {}
+    for shard in range(escrow.shards):
+        stream = escrow.ledger_key(shard)
+        client = await escrow._node_client(stream)
+        for entry_id, fields in await client.xrange(stream):
+            found[(stream, entry_id.decode())] = {k.decode(): v.decode() for k, v in fields.items()}
+    return found
+
+
+def _check_one_event_per_reservation(stored: dict[tuple[str, str], dict[str, str]], budget: int) -> None:
+    reserved = [fields["id"] for fields in stored.values() if fields["event"] == "RESERVED"]
+    assert len(reserved) == len(set(reserved))
+    funded = sum(int(fields["amount"]) for fields in stored.values() if fields["event"] == "SHARD_FUNDED")
+    moved_out = sum(int(fields["amount"]) for fields in stored.values() if fields["event"] == "TRANSFER_OUT")
+    moved_in = sum(int(fields["amount"]) for fields in stored.values() if fields["event"] == "TRANSFER_IN")
+    assert funded == budget and moved_out == moved_in
+
+
+async def test_every_shards_stream_lands_once(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """Six shards spread over the three primaries, reservations and transfers on all of them:
+    after a drain PostgreSQL holds exactly the entries of every stream, once (an entry id is
+    unique per stream only, so the same id on two shards is two events); a second drain adds
+    nothing; a writer that stored a batch and died before acknowledging it leaves the batch
+    pending, and the next drain skips every entry of it as already stored."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c1", category=CATEGORY, shards=6)
+    budget = 60
+    await escrow.setup(budget)
+    for number in range(20):  # shard 0 and 1 only: they run dry and borrow from the others
+        assert (await escrow.reserve_or_borrow(number % 2, f"r{number}", 2, chunk=3)).approved
+    reader = ShardStreamReader(cluster_client, prefix)
+    writer = ShardLedgerWriter(reader, environment.pg_dsn)
+    try:
+        assert sorted(await reader.streams()) == sorted(escrow.ledger_key(s) for s in range(6))
+        nodes = {reader.nodes.address_of(stream) for stream in await reader.streams()}
+        assert len(nodes) == 3  # one read per primary, several streams each
+        await writer.drain()
+        stored = await _stored(environment, prefix)
+        assert stored == await _in_redis(escrow)
+        _check_one_event_per_reservation(stored, budget)
+        assert sum(f["event"] == "RESERVED" for f in stored.values()) == 20
+        assert sum(f["event"] == "TRANSFER_IN" for f in stored.values()) > 0  # borrowing happened
+        assert writer.stats.events_written == len(stored) and writer.stats.duplicates_skipped == 0
+
+        await writer.drain()
+        assert writer.stats.events_written == len(stored)
+
+        # A writer dies between its commit and its XACK: the batch stays pending for it.
+        for number in range(20, 26):
+            await escrow.reserve_or_borrow(number % 6, f"r{number}", 1)
+        batch = await reader.read()
+        assert len(batch) >= 6
+        connection = await asyncpg.connect(environment.pg_dsn)
+        try:
+            assert await store_entries(connection, batch) == len(batch)
+            # The same id with other content is a collision, never a silent duplicate.
+            forged = StreamEntry(batch[0].stream, batch[0].entry_id, {**batch[0].fields, "amount": "999"})
+            with pytest.raises(EventCollision):
+                await store_entries(connection, [forged])
+        finally:
+            await connection.close()
+        await writer.drain()
+        assert writer.stats.duplicates_skipped == len(batch)
+        assert await _stored(environment, prefix) == await _in_redis(escrow)
+        assert await reader.backlog() == 0
+    finally:
+        await writer.close()
+        await reader.aclose()
+        await escrow.aclose()
+
+
+async def test_a_reader_is_never_handed_an_entry_the_replica_lacks(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """Shard 0's replica is frozen and its link cut; a reservation is made on the primary (the
+    producer without WAIT, so it is answered). A reader without the fence is handed its event;
+    the fenced reader is not (WAIT answered 0: held back in its pending list). The primary is
+    killed and the frozen replica promoted: the event is gone from Redis. After the drain
+    PostgreSQL equals Redis: what the unfenced reader was handed would have been a ledger event
+    of a reservation that no longer exists."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c2", category=CATEGORY, shards=2, wait_replicas=0)
+    await escrow.setup(10)
+    assert (await escrow.reserve(0, "before", 1)).approved
+    fenced = ShardStreamReader(cluster_client, prefix, wait_timeout_ms=200)
+    unfenced = ShardStreamReader(cluster_client, prefix, group="unfenced", wait_replicas=0)
+    writer = ShardLedgerWriter(fenced, environment.pg_dsn)
+    try:
+        await writer.drain()  # "before" and the funding, replicated
+        await unfenced.ack(await unfenced.read())
+        primary, replica = await _lose_the_replication_link(redis_cluster, escrow)
+        try:
+            assert (await escrow.reserve(0, "lost", 1)).approved
+            handed = [entry.fields.get("id") for entry in await unfenced.read()]
+            assert handed == ["lost"]
+            assert await fenced.read() == []
+            assert fenced.stats.fenced_out == 1
+        finally:
+            await _fail_over(redis_cluster, escrow, primary, replica)
+        assert (await escrow.audit(10)).shards[0].reserved == 1  # "lost" is gone
+        await writer.drain()
+        stored = await _stored(environment, prefix)
+        assert stored == await _in_redis(escrow)
+        assert "lost" not in {fields.get("id") for fields in stored.values()}
+    finally:
+        await writer.close()
+        await fenced.aclose()
+        await unfenced.aclose()
+        await escrow.aclose()
+
+
+@pytest.mark.slow
+async def test_the_writer_drains_every_shard_once_through_a_failover(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """Three processes reserve a budget of 2,000 over six shards with borrowing while the
+    writer runs; the hottest shard's primary is SIGKILLed at a quarter of it and its replica
+    promoted. After the load, the sweep and the tail: PostgreSQL holds exactly every entry of
+    every shard stream once, one RESERVED per reservation, exactly the budget reserved, as much
+    transferred in as out."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c3", category=CATEGORY, shards=6)
+    budget = 2000
+    await escrow.setup(budget)
+    reader = ShardStreamReader(cluster_client, prefix)
+    writer = ShardLedgerWriter(reader, environment.pg_dsn)
+    stopping = asyncio.Event()
+    running = asyncio.create_task(writer.run(stopping))
+    try:
+        results, seen_at_kill = await _load(escrow, redis_cluster, budget, kill_at=budget // 4)
+        assert seen_at_kill is not None and seen_at_kill < budget
+        written_during_load = writer.stats.events_written
+        await _check_exactly_the_budget(escrow, budget, results)
+        stopping.set()
+        await running
+        await writer.drain(timeout_s=60)
+        stored = await _stored(environment, prefix)
+        assert stored == await _in_redis(escrow)
+        _check_one_event_per_reservation(stored, budget)
+        assert sum(f["event"] == "RESERVED" for f in stored.values()) == budget
+        print(
+            f"written during the load {written_during_load}, in all {len(stored)};"
+            f" reader {reader.stats}; writer {writer.stats}"
+        )
+        assert written_during_load > 0 and reader.stats.node_failures > 0
+    finally:
+        stopping.set()
+        await running
+        await writer.close()
+        await reader.aclose()
+        await escrow.aclose()
+
+
+async def test_registry_key_refuses_a_bad_prefix() -> None:
+    with pytest.raises(ValueError):
+        registry_key("bad prefix")
+    assert registry_key("p") == "{p}:shard-streams"
