@@ -45,6 +45,11 @@ SCRIPT_ERRORS: Mapping[str, tuple[grpc.StatusCode, int, str]] = {
         common_pb2.ERROR_REASON_CHANNEL_REFERENCE_CONFLICT,
         "the authorization was captured under another payment-channel reference",
     ),
+    "MERCHANT_SUSPENDED": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        common_pb2.ERROR_REASON_MERCHANT_SUSPENDED,
+        "the merchant is on the block list: its pending holds cannot be captured until the block is lifted",
+    ),
     "LINE_ALREADY_REFUNDED": (
         grpc.StatusCode.FAILED_PRECONDITION,
         common_pb2.ERROR_REASON_LINE_ALREADY_REFUNDED,

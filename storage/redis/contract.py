@@ -171,8 +171,8 @@ class Failure(msgspec.Struct, frozen=True, gc=False):
     error: str
     state: str = ""
     line_id: str = ""
-    # Why a state-allowed call was refused anyway (capture of a blocked merchant's hold:
-    # MERCHANT_BLOCKED), or "".
+    # Why a state-allowed call was refused anyway (capture of a blocked merchant's hold: error
+    # MERCHANT_SUSPENDED, refusal MERCHANT_BLOCKED), or "".
     refusal: str = ""
 
     def details(self) -> dict[str, str]:

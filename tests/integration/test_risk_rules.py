@@ -33,7 +33,7 @@ from click.testing import CliRunner, Result
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy, SignedClient
-from subsidy_client.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from subsidy_client.errors import FailedPrecondition, InvalidArgument, MerchantSuspended, NotFound, PermissionDenied
 from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import blocklist_pb2 as bpb
 from subsidy_client.v1 import campaign_pb2 as cpb
@@ -349,7 +349,8 @@ async def test_a_blocked_merchant_keeps_its_hold_and_is_paid_nothing_until_lifte
     try:
         with pytest.raises(FailedPrecondition) as refused:
             await till.capture(approved.authorization_id)
-        assert refused.value.reason == "INVALID_STATE"
+        assert refused.value.reason == "MERCHANT_SUSPENDED"
+        assert isinstance(refused.value, MerchantSuspended)
         assert refused.value.metadata == {"state": "AUTHORIZATION_STATE_PENDING", "refusal": "MERCHANT_BLOCKED"}
         # Kept as it was: pending, its reservation in place, nothing spent.
         held = await till.get_authorization(approved.authorization_id)

@@ -10,7 +10,7 @@
 -- the payment channel's transaction id, kept on the authorization and in the event, or '').
 --
 -- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE" or "CHANNEL_REFERENCE_CONFLICT", "state": ...}
--- (INVALID_STATE with "refusal": "MERCHANT_BLOCKED" for a pending hold of a blocked merchant).
+-- (MERCHANT_SUSPENDED with "refusal": "MERCHANT_BLOCKED" for a pending hold of a blocked merchant).
 
 local auth, now = begin_lifecycle(KEY, ARG)
 if auth == nil then return now end
@@ -24,7 +24,7 @@ end
 -- their reservation (the sweeper still expires them at their usual time, which pays nothing),
 -- and capture is refused without writing anything, so it succeeds once the block is lifted.
 if auth.state == 'PENDING' and blocked(redis.call('HGET', KEY.blocks, 'MERCHANT:' .. auth.merchant), now) then
-  return fail('INVALID_STATE', {state = auth.state, refusal = 'MERCHANT_BLOCKED'})
+  return fail('MERCHANT_SUSPENDED', {state = auth.state, refusal = 'MERCHANT_BLOCKED'})
 end
 if auth.state == 'PENDING' then
   local sums, _, order = per_category(auth.lines)

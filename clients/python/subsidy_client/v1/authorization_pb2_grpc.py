@@ -94,6 +94,8 @@ class AuthorizationServiceServicer:
 
     def Capture(self, request, context):
         """Makes a PENDING hold final. Capturing an already CAPTURED authorization returns it as is.
+        While the merchant is on the block list the hold stays PENDING and Capture is refused
+        FAILED_PRECONDITION, ERROR_REASON_MERCHANT_SUSPENDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

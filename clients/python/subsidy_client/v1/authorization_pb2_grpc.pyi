@@ -48,7 +48,10 @@ class AuthorizationServiceStub:
     a normal response (decision DECLINED plus a DeclineReason), not an error status.
     """
     Capture: _grpc.UnaryUnaryMultiCallable[_authorization_pb2.CaptureRequest, _authorization_pb2.CaptureResponse]
-    """Makes a PENDING hold final. Capturing an already CAPTURED authorization returns it as is."""
+    """Makes a PENDING hold final. Capturing an already CAPTURED authorization returns it as is.
+    While the merchant is on the block list the hold stays PENDING and Capture is refused
+    FAILED_PRECONDITION, ERROR_REASON_MERCHANT_SUSPENDED.
+    """
     Void: _grpc.UnaryUnaryMultiCallable[_authorization_pb2.VoidRequest, _authorization_pb2.VoidResponse]
     """Releases a PENDING hold. Voiding an already VOIDED authorization returns it as is."""
     Refund: _grpc.UnaryUnaryMultiCallable[_authorization_pb2.RefundRequest, _authorization_pb2.RefundResponse]
@@ -81,7 +84,10 @@ class AuthorizationServiceAsyncStub(AuthorizationServiceStub):
     a normal response (decision DECLINED plus a DeclineReason), not an error status.
     """
     Capture: _aio.UnaryUnaryMultiCallable[_authorization_pb2.CaptureRequest, _authorization_pb2.CaptureResponse]  # type: ignore[assignment]
-    """Makes a PENDING hold final. Capturing an already CAPTURED authorization returns it as is."""
+    """Makes a PENDING hold final. Capturing an already CAPTURED authorization returns it as is.
+    While the merchant is on the block list the hold stays PENDING and Capture is refused
+    FAILED_PRECONDITION, ERROR_REASON_MERCHANT_SUSPENDED.
+    """
     Void: _aio.UnaryUnaryMultiCallable[_authorization_pb2.VoidRequest, _authorization_pb2.VoidResponse]  # type: ignore[assignment]
     """Releases a PENDING hold. Voiding an already VOIDED authorization returns it as is."""
     Refund: _aio.UnaryUnaryMultiCallable[_authorization_pb2.RefundRequest, _authorization_pb2.RefundResponse]  # type: ignore[assignment]
@@ -123,7 +129,10 @@ class AuthorizationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _authorization_pb2.CaptureRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authorization_pb2.CaptureResponse, _abc.Awaitable[_authorization_pb2.CaptureResponse]]:
-        """Makes a PENDING hold final. Capturing an already CAPTURED authorization returns it as is."""
+        """Makes a PENDING hold final. Capturing an already CAPTURED authorization returns it as is.
+        While the merchant is on the block list the hold stays PENDING and Capture is refused
+        FAILED_PRECONDITION, ERROR_REASON_MERCHANT_SUSPENDED.
+        """
 
     @_abc_1.abstractmethod
     def Void(

@@ -39,7 +39,7 @@ class BlockListServiceStub:
     - CONSUMER: Authorize declines CONSUMER_BLOCKED; ClaimQualification declines CONSUMER_BLOCKED.
     - DEVICE: Authorize declines DEVICE_BLOCKED for a line carrying the serial.
     - MERCHANT: Authorize declines MERCHANT_BLOCKED; Capture of its pending holds is refused
-    FAILED_PRECONDITION (ERROR_REASON_INVALID_STATE, metadata["refusal"] = "MERCHANT_BLOCKED",
+    FAILED_PRECONDITION (ERROR_REASON_MERCHANT_SUSPENDED, metadata["refusal"] = "MERCHANT_BLOCKED",
     metadata["state"] the hold's state), so no money is paid out; the holds stay PENDING with
     their reservation and expire at their usual time if the block outlasts them (the reservation
     goes back to the budget, nothing is paid). Void and Refund stay allowed (they pay nothing).
@@ -90,7 +90,7 @@ class BlockListServiceServicer:
     - CONSUMER: Authorize declines CONSUMER_BLOCKED; ClaimQualification declines CONSUMER_BLOCKED.
     - DEVICE: Authorize declines DEVICE_BLOCKED for a line carrying the serial.
     - MERCHANT: Authorize declines MERCHANT_BLOCKED; Capture of its pending holds is refused
-    FAILED_PRECONDITION (ERROR_REASON_INVALID_STATE, metadata["refusal"] = "MERCHANT_BLOCKED",
+    FAILED_PRECONDITION (ERROR_REASON_MERCHANT_SUSPENDED, metadata["refusal"] = "MERCHANT_BLOCKED",
     metadata["state"] the hold's state), so no money is paid out; the holds stay PENDING with
     their reservation and expire at their usual time if the block outlasts them (the reservation
     goes back to the budget, nothing is paid). Void and Refund stay allowed (they pay nothing).
@@ -165,7 +165,7 @@ class BlockListService:
     - CONSUMER: Authorize declines CONSUMER_BLOCKED; ClaimQualification declines CONSUMER_BLOCKED.
     - DEVICE: Authorize declines DEVICE_BLOCKED for a line carrying the serial.
     - MERCHANT: Authorize declines MERCHANT_BLOCKED; Capture of its pending holds is refused
-    FAILED_PRECONDITION (ERROR_REASON_INVALID_STATE, metadata["refusal"] = "MERCHANT_BLOCKED",
+    FAILED_PRECONDITION (ERROR_REASON_MERCHANT_SUSPENDED, metadata["refusal"] = "MERCHANT_BLOCKED",
     metadata["state"] the hold's state), so no money is paid out; the holds stay PENDING with
     their reservation and expire at their usual time if the block outlasts them (the reservation
     goes back to the budget, nothing is paid). Void and Refund stay allowed (they pay nothing).

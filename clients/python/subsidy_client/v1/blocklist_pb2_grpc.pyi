@@ -40,7 +40,7 @@ class BlockListServiceStub:
     - CONSUMER: Authorize declines CONSUMER_BLOCKED; ClaimQualification declines CONSUMER_BLOCKED.
     - DEVICE: Authorize declines DEVICE_BLOCKED for a line carrying the serial.
     - MERCHANT: Authorize declines MERCHANT_BLOCKED; Capture of its pending holds is refused
-      FAILED_PRECONDITION (ERROR_REASON_INVALID_STATE, metadata["refusal"] = "MERCHANT_BLOCKED",
+      FAILED_PRECONDITION (ERROR_REASON_MERCHANT_SUSPENDED, metadata["refusal"] = "MERCHANT_BLOCKED",
       metadata["state"] the hold's state), so no money is paid out; the holds stay PENDING with
       their reservation and expire at their usual time if the block outlasts them (the reservation
       goes back to the budget, nothing is paid). Void and Refund stay allowed (they pay nothing).
@@ -80,7 +80,7 @@ class BlockListServiceAsyncStub(BlockListServiceStub):
     - CONSUMER: Authorize declines CONSUMER_BLOCKED; ClaimQualification declines CONSUMER_BLOCKED.
     - DEVICE: Authorize declines DEVICE_BLOCKED for a line carrying the serial.
     - MERCHANT: Authorize declines MERCHANT_BLOCKED; Capture of its pending holds is refused
-      FAILED_PRECONDITION (ERROR_REASON_INVALID_STATE, metadata["refusal"] = "MERCHANT_BLOCKED",
+      FAILED_PRECONDITION (ERROR_REASON_MERCHANT_SUSPENDED, metadata["refusal"] = "MERCHANT_BLOCKED",
       metadata["state"] the hold's state), so no money is paid out; the holds stay PENDING with
       their reservation and expire at their usual time if the block outlasts them (the reservation
       goes back to the budget, nothing is paid). Void and Refund stay allowed (they pay nothing).
@@ -116,7 +116,7 @@ class BlockListServiceServicer(metaclass=_abc_1.ABCMeta):
     - CONSUMER: Authorize declines CONSUMER_BLOCKED; ClaimQualification declines CONSUMER_BLOCKED.
     - DEVICE: Authorize declines DEVICE_BLOCKED for a line carrying the serial.
     - MERCHANT: Authorize declines MERCHANT_BLOCKED; Capture of its pending holds is refused
-      FAILED_PRECONDITION (ERROR_REASON_INVALID_STATE, metadata["refusal"] = "MERCHANT_BLOCKED",
+      FAILED_PRECONDITION (ERROR_REASON_MERCHANT_SUSPENDED, metadata["refusal"] = "MERCHANT_BLOCKED",
       metadata["state"] the hold's state), so no money is paid out; the holds stay PENDING with
       their reservation and expire at their usual time if the block outlasts them (the reservation
       goes back to the budget, nothing is paid). Void and Refund stay allowed (they pay nothing).

@@ -93,8 +93,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the same capture sends the same reference (or none) and gets the authorization as it is.
     """
     ERROR_REASON_MERCHANT_SUSPENDED: _ErrorReason.ValueType  # 18
-    """FAILED_PRECONDITION: the merchant is on the operator's block list; its pending holds are
-    kept but cannot be captured (no money is paid out) until the block is lifted.
+    """FAILED_PRECONDITION: a Capture of a PENDING hold whose merchant is on the operator's block
+    list (blocklist.proto, BLOCK_KIND_MERCHANT); metadata["state"] names the hold's state and
+    metadata["refusal"] = "MERCHANT_BLOCKED". Nothing is written: the hold is kept with its
+    reservation (no money is paid out) and can be captured once the block is lifted. A merchant
+    the operator suspended (MerchantService.SetMerchantStatus) is refused every call instead,
+    reads included: PERMISSION_DENIED.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -150,8 +154,12 @@ payment-channel reference (or none): one authorization is one channel payment. A
 the same capture sends the same reference (or none) and gets the authorization as it is.
 """
 ERROR_REASON_MERCHANT_SUSPENDED: ErrorReason.ValueType  # 18
-"""FAILED_PRECONDITION: the merchant is on the operator's block list; its pending holds are
-kept but cannot be captured (no money is paid out) until the block is lifted.
+"""FAILED_PRECONDITION: a Capture of a PENDING hold whose merchant is on the operator's block
+list (blocklist.proto, BLOCK_KIND_MERCHANT); metadata["state"] names the hold's state and
+metadata["refusal"] = "MERCHANT_BLOCKED". Nothing is written: the hold is kept with its
+reservation (no money is paid out) and can be captured once the block is lifted. A merchant
+the operator suspended (MerchantService.SetMerchantStatus) is refused every call instead,
+reads included: PERMISSION_DENIED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
