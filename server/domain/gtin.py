@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def gtin13_check_digit(first_twelve: str) -> int:
     """The GS1 check digit: weights 1,3,1,3,... from the left over the first 12 digits."""
-    total = sum(int(digit) * (3 if index % 2 else 1) for index, digit in enumerate(first_twelve))
+    total = sum(map(int, first_twelve[0::2])) + 3 * sum(map(int, first_twelve[1::2]))
     return (10 - total % 10) % 10
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import secrets
 import unicodedata
-import uuid
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -74,7 +73,7 @@ def canonical_request_id(value: str) -> str:
     form = canonical(value).lower()
     if not UUID_FORM.fullmatch(form):
         raise InvalidField("request_id", "must be a UUID in its 36-character hyphenated form")
-    return str(uuid.UUID(form))
+    return form  # lower-case 8-4-4-4-12 hex is already str(uuid.UUID(form)), without its ~3 us
 
 
 def check_request_id(value: str) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -149,7 +149,9 @@ class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
                 campaign_id=request.campaign_id,
                 consumer_key=request.consumer_key,
                 channel=request.channel,
-                authorization_id=uuid.uuid4().hex,
+                # 128 random bits as 32 hex characters, the form every authorization id has
+                # (validation.AUTHORIZATION_ID); uuid4().hex cost ~3 us more per call.
+                authorization_id=os.urandom(16).hex(),
                 redemption_code=request.redemption_code,
                 lines=[
                     LineInput(line.line_id, line.gtin, line.unit_price_fen, line.serial_number)

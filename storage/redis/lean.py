@@ -251,7 +251,10 @@ class LeanRedis:
         """One command's reply (an error reply is returned as a ``hiredis.ReplyError``).
         Raises redis-py's ``ConnectionError`` (no slot within the timeout, Redis unreachable)
         or ``TimeoutError`` (no answer within the timeout)."""
-        await self._acquire()
+        if self._in_flight < self._max_in_flight and not self._slot_waiters and not self._closed:
+            self._in_flight += 1  # _acquire's common case inline: no coroutine per call
+        else:
+            await self._acquire()
         try:
             connection = self._connection
             if connection is None or connection.broken is not None:
