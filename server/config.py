@@ -55,6 +55,9 @@ class Config:
     max_pending_rpcs: int = 10_000
     use_uvloop: bool = True
     writer_consumer: str = "writer-1"
+    # Redis Cluster (issue 16, docs/scale-out.md): "host:port,..." of some of its nodes. Empty
+    # (the default): one Redis only. Set: the ledger writer also drains the shards' streams.
+    redis_cluster_nodes: str = ""
     writer_batch_size: int = 500
     writer_block_ms: int = 200
     writer_claim_idle_ms: int = 30_000
@@ -178,6 +181,7 @@ class Config:
             raise ConfigError("SUBSIDY_REDIS_URL must start with redis://, rediss:// or unix://")
         if self.redis_client not in ("lean", "redis-py"):
             raise ConfigError(f"SUBSIDY_REDIS_CLIENT must be lean or redis-py, got {self.redis_client!r}")
+        cluster_nodes(self.redis_cluster_nodes)
         _positive("SUBSIDY_WRITER_BATCH_SIZE", self.writer_batch_size, 10_000)
         _positive("SUBSIDY_WRITER_BLOCK_MS", self.writer_block_ms, 60_000)
         _positive("SUBSIDY_WRITER_CLAIM_IDLE_MS", self.writer_claim_idle_ms, 3_600_000)
@@ -320,6 +324,23 @@ def _percents(variable: str, text: str) -> tuple[int, ...]:
     if not all(1 <= value <= 100 for value in values) or any(b <= a for a, b in itertools.pairwise(values)):
         raise ConfigError(f"{variable} must be strictly increasing percentages from 1 to 100; got {text!r}")
     return values
+
+
+def cluster_nodes(text: str) -> list[tuple[str, int]]:
+    """SUBSIDY_REDIS_CLUSTER_NODES as (host, port) pairs: 0 to 32 ``host:port``, comma-separated."""
+    if not text:
+        return []
+    found = []
+    for part in text.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host) or not (port.isascii() and port.isdigit()):
+            raise ConfigError(f"SUBSIDY_REDIS_CLUSTER_NODES must list host:port pairs, got {part.strip()!r}")
+        if not 1 <= int(port) <= 65535:
+            raise ConfigError(f"SUBSIDY_REDIS_CLUSTER_NODES: port must be 1-65535, got {port}")
+        found.append((host, int(port)))
+    if len(found) > 32:
+        raise ConfigError(f"SUBSIDY_REDIS_CLUSTER_NODES lists at most 32 nodes, got {len(found)}")
+    return found
 
 
 def _positive(variable: str, value: int, maximum: int) -> None:

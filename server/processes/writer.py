@@ -19,8 +19,9 @@ from typing import Any
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from server.config import Config
+from server.config import Config, cluster_nodes
 from server.processes.alert_watch import run_alert_watch
 from server.processes.http import HttpEndpoint, serve_http
 from server.processes.publisher import PublishState, run_publisher
@@ -29,7 +30,9 @@ from server.rpc.tls import metrics_tls
 from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror
 from storage.postgres.risk_events import RiskEventWriter
+from storage.postgres.shard_writer import ShardLedgerWriter
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
+from storage.redis.cluster.streams import ShardStreamReader
 from storage.redis.keys import Keys
 from storage.redis.store import sweep_backlog
 
@@ -148,6 +151,21 @@ async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SS
     return serve_http(listen, metrics.registry, health, ssl_context)
 
 
+async def run_shard_writer(config: Config, stopping: asyncio.Event) -> None:
+    """Drain every shard stream of the Redis Cluster at SUBSIDY_REDIS_CLUSTER_NODES until
+    ``stopping`` (docs/scale-out.md 2.3)."""
+    startup = [ClusterNode(host, port) for host, port in cluster_nodes(config.redis_cluster_nodes)]
+    cluster = RedisCluster(startup_nodes=startup, socket_timeout=10)
+    reader = ShardStreamReader(cluster, config.redis_prefix, consumer=config.writer_consumer)
+    shard_writer = ShardLedgerWriter(reader, config.pg_dsn)
+    try:
+        await shard_writer.run(stopping)
+    finally:
+        await shard_writer.close()
+        await reader.aclose()
+        await cluster.aclose()
+
+
 async def run_writer(config: Config) -> None:
     redis = Redis.from_url(config.redis_url, socket_timeout=10)
     connection = await asyncpg.connect(config.pg_dsn, timeout=10)
@@ -196,11 +214,14 @@ async def run_writer(config: Config) -> None:
     )
     # Supervision alerts (thresholds, merchant surges) even while no gateway is watched.
     alerting = asyncio.create_task(run_alert_watch(config, redis, stopping))
+    # Redis Cluster (SUBSIDY_REDIS_CLUSTER_NODES): the shards' streams too (shard_writer.py).
+    shard_writing = asyncio.create_task(run_shard_writer(config, stopping)) if config.redis_cluster_nodes else None
     try:
         await writer.run(stopping)
     finally:
         stopping.set()
         background = [mirroring, risk_writing, alerting, publishing, *([reporting] if reporting else [])]
+        background += [shard_writing] if shard_writing else []
         await asyncio.gather(*background, return_exceptions=True)
         if server is not None:
             server.close()

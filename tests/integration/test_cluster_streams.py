@@ -7,6 +7,9 @@ lacks); and several processes reserving a budget while a primary is killed and t
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,7 +23,7 @@ from storage.postgres.ledger import EventCollision
 from storage.postgres.shard_writer import ShardLedgerWriter, store_entries
 from storage.redis.cluster.escrow import EscrowBudget
 from storage.redis.cluster.streams import ShardStreamReader, StreamEntry, registry_key
-from tests.conftest import Environment
+from tests.conftest import ROOT, Environment
 from tests.integration import cluster_fixtures
 from tests.integration.test_cluster_escrow import (
     _check_exactly_the_budget,
@@ -50,6 +53,7 @@ def prefix() -> str:
 
 
 async def _stored(environment: Environment, prefix: str) -> dict[tuple[str, str], dict[str, str]]:
+    """What PostgreSQL holds of the streams whose tag starts with ``prefix``."""
     connection = await asyncpg.connect(environment.pg_dsn)
     try:
         rows = await connection.fetch(
@@ -210,6 +214,46 @@ async def test_the_writer_drains_every_shard_once_through_a_failover(
         stopping.set()
         await running
         await writer.close()
+        await reader.aclose()
+        await escrow.aclose()
+
+
+async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_cluster(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment
+) -> None:
+    """``python -m server.ledger writer`` with SUBSIDY_REDIS_CLUSTER_NODES set (one node named;
+    the client finds the others) drains the shards' streams of its prefix into PostgreSQL next
+    to the single Redis's ledger stream, and stops cleanly on SIGTERM."""
+    campaign = "p" + uuid.uuid4().hex[:8]
+    escrow = EscrowBudget(cluster_client, prefix=environment.prefix, campaign_id=campaign, category=CATEGORY, shards=3)
+    await escrow.setup(30)
+    for number in range(12):
+        assert (await escrow.reserve_or_borrow(number % 3, f"r{number}", 2)).approved
+    host, port = redis_cluster.startup_nodes[0]
+    environ = {
+        **os.environ,
+        "SUBSIDY_PG_DSN": environment.pg_dsn,
+        "SUBSIDY_REDIS_URL": environment.redis_url,
+        "SUBSIDY_REDIS_PREFIX": environment.prefix,
+        "SUBSIDY_REDIS_CLUSTER_NODES": f"{host}:{port}",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.ledger", "writer", cwd=ROOT, env=environ
+    )
+    reader = ShardStreamReader(cluster_client, environment.prefix)
+    try:
+        expected = await _in_redis(escrow)
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            if await _stored(environment, f"{environment.prefix}:{campaign}") == expected:
+                break
+        assert await _stored(environment, f"{environment.prefix}:{campaign}") == expected
+        assert await reader.backlog() == 0
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
         await reader.aclose()
         await escrow.aclose()
 
