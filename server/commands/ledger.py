@@ -6,8 +6,9 @@ server/ctl/ledger.py; ``python -m server.ledger`` is their alias).
   republishes reference changes whose publication failed after commit, and mirrors
   qualifications into PostgreSQL (storage/postgres/qualifications.py).
 - ``verify``: recomputes the hash chains; a finding at the first break.
-- ``reconcile``: Redis counters against the ledger, and the sweepers' backlog (holds and
-  qualifications overdue by more than a minute, or set aside because their expiry failed);
+- ``reconcile``: Redis counters against the ledger, the qualification quota and holder hashes
+  (voucher packs' included) against the qualification mirror, and the sweepers' backlog (holds
+  and qualifications overdue by more than a minute, or set aside because their expiry failed);
   a finding on any difference or backlog.
 - ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
   other providers' reports from theirs (after a Redis loss); refuses while either stream still
@@ -34,7 +35,7 @@ from server.commands.common import EXIT_PROBLEM, EXIT_USAGE
 from server.commands.exchange import Progress, reapply
 from server.config import Config
 from storage.postgres.audit import rebuild, reconcile, verify
-from storage.postgres.qualifications import mirror_backlog, restore_qualifications
+from storage.postgres.qualifications import mirror_backlog, reconcile_qualifications, restore_qualifications
 from storage.postgres.writer import lag
 from storage.redis.keys import Keys
 from storage.redis.store import requeue_set_aside, sweep_backlog
@@ -91,6 +92,8 @@ async def with_connections(config: Config, action: str, force: bool, step: Step 
             return (0 if report.ok else EXIT_PROBLEM), dataclasses.asdict(report)
         if action == "reconcile":
             differences = await reconcile(connection, redis, keys)
+            # Claims are not money: their counters are compared with the mirror, not the ledger.
+            differences += await reconcile_qualifications(connection, redis, keys)
             # Work the sweepers have not done is a difference too: a hold past its expiry still
             # reserves budget, quota and serials the ledger will release.
             sweeper = await sweep_backlog(redis, keys)

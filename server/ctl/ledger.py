@@ -69,7 +69,8 @@ def verify() -> None:
 @ledger.command(short_help="Redis counters against the ledger; the sweepers' backlog.")
 @json_option
 def reconcile() -> None:
-    """Compare Redis budget, usage and serial counters with the ledger's sums, and report the
+    """Compare Redis budget, usage and serial counters with the ledger's sums and the
+    qualification and voucher-pack counters with the qualification mirror, and report the
     sweepers' overdue and set-aside work (any difference or backlog: exit status 1)."""
     _run("reconcile")
 

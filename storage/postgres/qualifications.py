@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import asyncpg
@@ -29,11 +30,12 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from server.domain.sealing import at_rest_form
-from storage.postgres.audit import advance_stream_id
+from storage.postgres.audit import Difference, advance_stream_id
 from storage.postgres.ledger import from_ms, to_ms
 from storage.postgres.stream_consumer import StreamConsumer
 from storage.redis.keys import Keys
 from storage.redis.masks import scrub_clear_masks
+from storage.redis.store import text
 
 log = logging.getLogger("subsidy.qualifications")
 GROUP = "qualification-mirror"
@@ -115,19 +117,78 @@ async def mirror_backlog(redis: Redis, keys: Keys) -> tuple[int, int]:
     return await redis.xlen(keys.qualification_events), await redis.xlen(keys.qualification_events + ":dead")
 
 
-def _pack_counters(pack_claims: Counter[tuple[str, str, str, str, str]]) -> Counter[tuple[str, str, str, str]]:
+# A counter of the qualification hashes: (campaign, consumer key, field); the consumer key is ""
+# for the campaign's quota hash (Keys.qualification_quota), else the holder hash's.
+CounterKey = tuple[str, str, str]
+
+
+def _pack_counters(pack_claims: Counter[tuple[str, str, str, str, str]]) -> Counter[CounterKey]:
     """The packs' counters from their claims' vouchers still out: per campaign and pack,
-    "claimed" (claims holding the pack: the quota's count, consumer ""); per consumer and pack,
-    "" (held), ":issued" (claimed this round, whatever became of it) and ":live" (the held
-    claim's vouchers still out)."""
-    counters: Counter[tuple[str, str, str, str]] = Counter()
+    "claimed" (claims holding the pack: the quota's count); per consumer and pack, "" (held),
+    ":issued" (claimed this round, whatever became of it) and ":live" (the held claim's vouchers
+    still out)."""
+    counters: Counter[CounterKey] = Counter()
     for (campaign_id, consumer_key, pack_id, _, _), out in pack_claims.items():
-        counters[(campaign_id, consumer_key, pack_id, ":issued")] += 1
+        counters[(campaign_id, consumer_key, f"pack:{pack_id}:issued")] += 1
         if out:
-            counters[(campaign_id, "", pack_id, "claimed")] += 1
-            counters[(campaign_id, consumer_key, pack_id, "")] += 1
-            counters[(campaign_id, consumer_key, pack_id, ":live")] += out
+            counters[(campaign_id, "", f"pack:{pack_id}:claimed")] += 1
+            counters[(campaign_id, consumer_key, f"pack:{pack_id}")] += 1
+            counters[(campaign_id, consumer_key, f"pack:{pack_id}:live")] += out
     return counters
+
+
+def qualification_counters(rows: Iterable[Mapping[str, Any]]) -> Counter[CounterKey]:
+    """What the quota and holder hashes hold for these mirrored qualifications (the scripts'
+    HINCRBYs, recounted): per campaign, ``<category>:claimed`` (out of the pool) and the packs'
+    ``pack:<id>:claimed``; per consumer, ``<category>`` (held), ``<category>:issued`` (ever
+    issued: claim once per round) and the packs' fields (``_pack_counters``)."""
+    counters: Counter[CounterKey] = Counter()
+    # Pack vouchers count against their pack, not their category (return_qualification in
+    # _lib.lua): per claim of a pack (campaign, consumer, pack, partner, request id), how many
+    # of its vouchers are still out of the pool; the claim holds the pack while any is.
+    pack_claims: Counter[tuple[str, str, str, str, str]] = Counter()
+    for row in rows:
+        campaign_id, consumer_key = row["campaign_id"], row["consumer_key"]
+        if row["pack_id"]:
+            claim = (campaign_id, consumer_key, row["pack_id"], row["partner_id"], row["request_id"])
+            pack_claims[claim] += row["state"] in OUT_OF_POOL
+            continue
+        # Every qualification ever issued to a person, whatever its state: claim once per round.
+        counters[(campaign_id, consumer_key, f"{row['category']}:issued")] += 1
+        if row["state"] in OUT_OF_POOL:
+            counters[(campaign_id, "", f"{row['category']}:claimed")] += 1
+            counters[(campaign_id, consumer_key, row["category"])] += 1
+    counters.update(_pack_counters(pack_claims))
+    return counters
+
+
+async def reconcile_qualifications(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> list[Difference]:
+    """Every counter of the quota and holder hashes on which Redis and the mirrored rows
+    disagree (zero and absent are the same): kind ``voucher_pack`` for a pack's, else
+    ``qualification``; the key ``quota:<campaign>:<field>`` or
+    ``holder:<campaign>:<consumer key>:<field>``. Meaningful with the qualification stream
+    drained (``mirror_backlog``), as the ledger's comparison is with the ledger stream drained."""
+    rows = await connection.fetch(
+        "SELECT campaign_id, consumer_key, category, state, pack_id, partner_id, request_id FROM qualifications"
+    )
+    mirrored = qualification_counters(rows)
+    held: Counter[CounterKey] = Counter()
+    async for raw_key in redis.scan_iter(match=keys.qualification_quota("*"), count=1000):
+        campaign_id = text(raw_key).removeprefix(keys.qualification_quota(""))
+        for field, value in (await redis.hgetall(raw_key)).items():
+            held[(campaign_id, "", text(field))] = int(value)
+    async for raw_key in redis.scan_iter(match=keys.qualification_holder("*", "*"), count=1000):
+        campaign_id, consumer_key = text(raw_key).removeprefix(keys.qualification_holder("", "")[:-1]).split(":", 1)
+        for field, value in (await redis.hgetall(raw_key)).items():
+            held[(campaign_id, consumer_key, text(field))] = int(value)
+    differences = []
+    for key in sorted(set(mirrored) | set(held)):
+        if mirrored[key] != held[key]:
+            campaign_id, consumer_key, field = key
+            kind = "voucher_pack" if field.startswith("pack:") else "qualification"
+            name = f"holder:{campaign_id}:{consumer_key}:{field}" if consumer_key else f"quota:{campaign_id}:{field}"
+            differences.append(Difference(kind, name, mirrored[key], held[key]))
+    return differences
 
 
 async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> int:
@@ -137,14 +198,6 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
     stale = []
     for pattern in ("qual", "qquota", "qholder", "quals"):
         stale += [key async for key in redis.scan_iter(match=f"{keys.tag}:{pattern}:*")]
-    claimed: Counter[tuple[str, str]] = Counter()
-    held: Counter[tuple[str, str, str]] = Counter()
-    # Every qualification ever issued to a person, whatever its state: claim once per round.
-    issued: Counter[tuple[str, str, str]] = Counter()
-    # Pack vouchers count against their pack, not their category (return_qualification in
-    # _lib.lua): per claim of a pack (campaign, consumer, pack, partner, request id), how many
-    # of its vouchers are still out of the pool; the claim holds the pack while any is.
-    pack_claims: Counter[tuple[str, str, str, str, str]] = Counter()
     # Which qualification each payment redeemed, from the ledger (the mirror keeps only each
     # qualification's latest holder): voided and refunded payments keep showing their code.
     links = await connection.fetch(
@@ -185,29 +238,13 @@ async def restore_qualifications(connection: asyncpg.Connection, redis: Redis, k
                     keys.qualification(code),
                     mapping={"pack": row["pack_id"], "threshold_fen": row["threshold_fen"], "off_fen": row["off_fen"]},
                 )
-                claim = (row["campaign_id"], row["consumer_key"], row["pack_id"], row["partner_id"], row["request_id"])
-                pack_claims[claim] += row["state"] in OUT_OF_POOL
-            else:
-                issued[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
             if row["state"] == "ISSUED":
                 pipe.zadd(keys.qualification_expiry, {code: to_ms(row["expires_at"])})
-            if row["pack_id"]:
-                continue
-            if row["state"] in OUT_OF_POOL:
-                claimed[(row["campaign_id"], row["category"])] += 1
-                held[(row["campaign_id"], row["consumer_key"], row["category"])] += 1
-        for (campaign_id, category), count in claimed.items():
-            pipe.hset(keys.qualification_quota(campaign_id), f"{category}:claimed", count)
-        for (campaign_id, consumer_key, category), count in held.items():
-            pipe.hset(keys.qualification_holder(campaign_id, consumer_key), category, count)
-        for (campaign_id, consumer_key, category), count in issued.items():
-            pipe.hset(keys.qualification_holder(campaign_id, consumer_key), f"{category}:issued", count)
-        for (campaign_id, consumer_key, pack_id, field), count in _pack_counters(pack_claims).items():
-            if field == "claimed":
-                pipe.hset(keys.qualification_quota(campaign_id), f"pack:{pack_id}:claimed", count)
+        for (campaign_id, consumer_key, field), count in qualification_counters(rows).items():
+            if consumer_key:
+                pipe.hset(keys.qualification_holder(campaign_id, consumer_key), field, count)
             else:
-                holder = keys.qualification_holder(campaign_id, consumer_key)
-                pipe.hset(holder, f"pack:{pack_id}{field}", count)
+                pipe.hset(keys.qualification_quota(campaign_id), field, count)
         await pipe.execute()
     newest = await connection.fetchrow(
         "SELECT last_event_ms, last_event_seq FROM qualifications ORDER BY last_event_ms DESC, last_event_seq DESC"
