@@ -120,6 +120,15 @@ class Connection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
 
+    @property
+    def local_address(self) -> str:
+        """This end's "host:port", as Redis's CLIENT LIST and MONITOR name the client ("" before
+        the connection is made or on a Unix socket)."""
+        if self._transport is None:
+            return ""
+        sockname = self._transport.get_extra_info("sockname")
+        return f"{sockname[0]}:{sockname[1]}" if isinstance(sockname, tuple) else ""
+
     def send(self, command: bytes) -> asyncio.Future[Any]:
         """Queue one encoded command; the future gets its reply (an error reply as a
         ``hiredis.ReplyError`` value), or the exception that broke the connection."""

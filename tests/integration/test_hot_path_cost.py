@@ -154,7 +154,9 @@ async def test_authorize_survives_a_script_cache_flush(redis: Redis, client: Aut
 
 async def test_a_claim_is_one_script_call(environment: Environment, gateway: Application) -> None:
     """30 claims cost 30 EVALSHA of the claim script; besides them only the campaign's location
-    rules are read (one HMGET, cached for a second per process)."""
+    rules are read (one HMGET, cached for a second per process). The EVALSHAs all come from the
+    lean client's connection (SUBSIDY_REDIS_CLIENT=lean, the default): claims, the flash crowd's
+    call, take the same lean path as Authorize, not redis-py's pool."""
     async with QualificationClient(
         f"127.0.0.1:{gateway.port}", "p-wallet-01", environment.credentials["p-wallet-01"]
     ) as wallet:
@@ -194,4 +196,13 @@ async def test_a_claim_is_one_script_call(environment: Environment, gateway: App
     )
     assert from_clients["EVALSHA"] == 30
     assert set(from_clients) <= {"EVALSHA", "HMGET"}
+    assert gateway.lean is not None and gateway.lean.connection is not None
+    lean_address = gateway.lean.connection.local_address
+    assert lean_address in gateway_addresses
+    script_senders = Counter(
+        f"{entry['client_address']}:{entry['client_port']}"
+        for entry in commands
+        if entry["client_type"] != "lua" and entry["command"].split()[0].upper() == "EVALSHA"
+    )
+    assert script_senders[lean_address] == 30
     assert from_clients["HMGET"] <= math.ceil(elapsed_s) + 1
