@@ -62,7 +62,8 @@ def at_rest(value: str) -> str:
 
 
 def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
-    """A stream entry as the upsert's parameters; KeyError or ValueError when malformed."""
+    """A stream entry as the upsert's parameters; KeyError, ValueError, TypeError or
+    OverflowError when malformed."""
     milliseconds, sequence = entry_id.split("-")
     return (
         payload["code"],
@@ -92,7 +93,6 @@ def snapshot_row(entry_id: str, payload: dict[str, Any]) -> tuple[Any, ...]:
 class QualificationMirror(StreamConsumer):
     group = GROUP
     statement = UPSERT
-    malformed = (KeyError, ValueError, TypeError, orjson.JSONDecodeError)
     default_consumer = "mirror-1"
     what = "the qualification mirror"
     item = "qualification event"

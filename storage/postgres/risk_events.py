@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import msgspec
 import orjson
 
 from storage.postgres.ledger import from_ms
@@ -35,7 +34,9 @@ ON CONFLICT (stream_id) DO NOTHING
 
 
 def event_row(entry_id: str, raw: bytes) -> tuple[Any, ...]:
-    """A stream entry as the insert's parameters; msgspec.ValidationError or DecodeError when malformed."""
+    """A stream entry as the insert's parameters; msgspec.ValidationError or DecodeError,
+    OverflowError (a time out of range) or orjson.JSONEncodeError (evidence JSON cannot hold)
+    when malformed."""
     event = RISK_EVENT.decode(raw)
     return (
         entry_id,
@@ -56,7 +57,6 @@ def event_row(entry_id: str, raw: bytes) -> tuple[Any, ...]:
 class RiskEventWriter(StreamConsumer):
     group = GROUP
     statement = INSERT
-    malformed = (KeyError, msgspec.ValidationError, msgspec.DecodeError, OverflowError)
     default_consumer = "risk-1"
     what = "the risk events"
     item = "risk event"

@@ -8,11 +8,14 @@ PostgreSQL transaction, and only then acknowledges and deletes the entries. Deli
 least once; the subclass's statement makes the write idempotent (keyed by the stream entry id
 or ordered by it), so a redelivery after a crash, or two consumers racing, change nothing.
 
-A poison item never stalls the stream: an entry the subclass cannot parse, or whose row
-PostgreSQL refuses for its data (SQLSTATE classes 22 and 23, found by writing the batch's rows
-one by one), goes to the dead-letter stream ``<stream>:dead`` (kept whole, for a human) and is
-acknowledged with the rest. Any other PostgreSQL failure is the database's condition, not the
-entries': the batch stays pending and the consumer backs off (0.1 s doubling to 5 s).
+A poison item never stalls the stream: an entry the subclass cannot turn into a row (whatever
+its parser raises: the parser is a function of the entry alone, so its failure is the entry's),
+or whose row PostgreSQL refuses for its data (SQLSTATE classes 22 and 23, found by writing the
+batch's rows one by one), goes to the dead-letter stream ``<stream>:dead`` (kept whole, for a
+human) and is acknowledged with the rest. Any other PostgreSQL failure is the database's
+condition, not the entries': the batch stays pending and the consumer backs off (0.1 s doubling
+to 5 s). ``run`` outlives any failure of a step (logged, retried a second later), so the task
+never ends before it is stopped.
 """
 
 from __future__ import annotations
@@ -50,8 +53,6 @@ class StreamConsumer(ABC):
 
     group: ClassVar[str]
     statement: ClassVar[str]
-    # What ``row`` raises for a malformed entry (anything else is a bug and propagates).
-    malformed: ClassVar[tuple[type[Exception], ...]]
     default_consumer: ClassVar[str]
     what: ClassVar[str]  # in log messages: "the qualification mirror"
     item: ClassVar[str]  # in log messages: "qualification event"
@@ -84,7 +85,7 @@ class StreamConsumer(ABC):
 
     @abstractmethod
     def row(self, entry_id: str, fields: dict[bytes, bytes]) -> tuple[Any, ...]:
-        """The entry as the statement's parameters; one of ``malformed`` when it is not one."""
+        """The entry as the statement's parameters; raises when the entry is not one."""
 
     async def ensure_group(self) -> None:
         try:
@@ -120,7 +121,10 @@ class StreamConsumer(ABC):
         for raw_id, fields in entries:
             try:
                 parsed.append((raw_id, self.row(text(raw_id), fields)))
-            except self.malformed:
+            except Exception as error:  # e.g. a time out of range (OverflowError), an unencodable value
+                self.log.warning(
+                    f"{self.item} not parsed", extra={"entry": text(raw_id), "error": type(error).__name__}
+                )
                 refused.append((raw_id, fields))
         try:
             connection = await self._pg()
@@ -176,6 +180,9 @@ class StreamConsumer(ABC):
                 await self.step()
             except redis_errors.RedisError:
                 self.log.warning(f"redis unavailable for {self.what}", exc_info=True)
+                await asyncio.sleep(1.0)
+            except Exception:  # a bug must not end the task: the entries stay pending, visible
+                self.log.error(f"a step of {self.what} failed", exc_info=True)
                 await asyncio.sleep(1.0)
         if self._connection is not None:
             await self._connection.close()
