@@ -7,14 +7,15 @@ server/ctl/ledger.py; ``python -m server.ledger`` is their alias).
   qualifications into PostgreSQL (storage/postgres/qualifications.py).
 - ``verify``: recomputes the hash chains; a finding at the first break.
 - ``reconcile``: Redis counters against the ledger, the qualification quota and holder hashes
-  (voucher packs' included) against the qualification mirror, and the sweepers' backlog (holds
-  and qualifications overdue by more than a minute, or set aside because their expiry failed);
-  a finding on any difference or backlog.
+  (voucher packs' included) against the qualification mirror, the sweepers' backlog (holds and
+  qualifications overdue by more than a minute, or set aside because their expiry failed) and
+  the stream consumers' (qualification mirror, risk events: unwritten, dead-lettered); a finding
+  on any difference, sweeper backlog or dead letter.
 - ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
   other providers' reports from theirs (after a Redis loss); refuses while either stream still
   holds unwritten entries unless ``--force``.
-- ``lag``: the stream backlog, the qualification mirror's (entries not yet mirrored and
-  dead-lettered) and the sweepers' (overdue, set aside).
+- ``lag``: the stream backlog, the qualification mirror's and the risk event writer's (entries
+  not yet written and dead-lettered) and the sweepers' (overdue, set aside).
 - ``requeue-set-aside``: puts set-aside holds and qualifications back on their schedule, due
   now, once the defect that made their expiry fail is fixed (an item failing again is set
   aside again).
@@ -36,6 +37,7 @@ from server.commands.exchange import Progress, reapply
 from server.config import Config
 from storage.postgres.audit import rebuild, reconcile, verify
 from storage.postgres.qualifications import mirror_backlog, reconcile_qualifications, restore_qualifications
+from storage.postgres.stream_consumer import consumer_backlogs
 from storage.postgres.writer import lag
 from storage.redis.keys import Keys
 from storage.redis.store import requeue_set_aside, sweep_backlog
@@ -59,10 +61,13 @@ async def redis_lag(config: Config) -> dict[str, Any]:
         current = await lag(redis, keys, "ledger-writer")
         ledger = {**dataclasses.asdict(current), "backlog": current.backlog}
         qualification_backlog, qualification_dead_letters = await mirror_backlog(redis, keys)
+        risk_events = (await consumer_backlogs(redis, keys))["risk_events"]
         return {
             **ledger,
             "qualification_backlog": qualification_backlog,
             "qualification_dead_letters": qualification_dead_letters,
+            "risk_event_backlog": risk_events.backlog,
+            "risk_event_dead_letters": risk_events.dead_letters,
             "sweeper": dataclasses.asdict(await sweep_backlog(redis, keys)),
         }
     finally:
@@ -97,9 +102,15 @@ async def with_connections(config: Config, action: str, force: bool, step: Step 
             # Work the sweepers have not done is a difference too: a hold past its expiry still
             # reserves budget, quota and serials the ledger will release.
             sweeper = await sweep_backlog(redis, keys)
-            return (EXIT_PROBLEM if differences or sweeper.total else 0), {
+            # Entries a consumer set aside are stuck work: the rows they should have written are
+            # missing (a qualification's newer state, a risk event). Unwritten ones only make
+            # the qualification comparison premature: drain first.
+            streams = await consumer_backlogs(redis, keys)
+            dead_letters = sum(stream.dead_letters for stream in streams.values())
+            return (EXIT_PROBLEM if differences or sweeper.total or dead_letters else 0), {
                 "differences": [dataclasses.asdict(item) for item in differences],
                 "sweeper": dataclasses.asdict(sweeper),
+                "streams": {name: dataclasses.asdict(stream) for name, stream in streams.items()},
             }
         current = await lag(redis, keys, "ledger-writer")
         # Dead-lettered snapshots count too: rebuilding from rows they should have updated would

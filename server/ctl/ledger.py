@@ -71,7 +71,9 @@ def verify() -> None:
 def reconcile() -> None:
     """Compare Redis budget, usage and serial counters with the ledger's sums and the
     qualification and voucher-pack counters with the qualification mirror, and report the
-    sweepers' overdue and set-aside work (any difference or backlog: exit status 1)."""
+    sweepers' overdue and set-aside work and the stream consumers' (qualification mirror, risk
+    events) backlog and dead letters (any difference, sweeper backlog or dead letter: exit
+    status 1)."""
     _run("reconcile")
 
 
@@ -90,7 +92,8 @@ def rebuild(force: bool) -> None:
 @json_option
 def lag() -> None:
     """The ledger stream's backlog (events not yet in PostgreSQL), dead letters, the
-    qualification mirror's backlog and the sweepers' (Redis only)."""
+    qualification mirror's and the risk event writer's backlog and dead letters, and the
+    sweepers' (Redis only)."""
     _run("lag")
 
 

@@ -31,6 +31,7 @@ from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror
 from storage.postgres.risk_events import RiskEventWriter
 from storage.postgres.shard_writer import ShardLedgerWriter
+from storage.postgres.stream_consumer import consumer_backlogs
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.cluster.streams import ShardStreamReader
 from storage.redis.keys import Keys
@@ -107,6 +108,18 @@ class WriterMetrics:
             labels,
             registry=self.registry,
         )
+        self.consumer_backlog = Gauge(
+            "subsidy_stream_consumer_backlog",
+            "Entries of the qualification mirror's / risk event writer's stream not yet written to PostgreSQL",
+            [*labels, "consumer"],
+            registry=self.registry,
+        )
+        self.consumer_dead_letters = Gauge(
+            "subsidy_stream_consumer_dead_letters",
+            "Entries the qualification mirror / risk event writer set aside (alert when > 0)",
+            [*labels, "consumer"],
+            registry=self.registry,
+        )
         self._written_seen = 0
 
     async def snapshot(self) -> dict[str, Any]:
@@ -123,6 +136,10 @@ class WriterMetrics:
         self.overdue.labels(prefix, "qualification").set(sweeper.overdue_qualifications)
         self.set_aside.labels(prefix, "hold").set(sweeper.set_aside_holds)
         self.set_aside.labels(prefix, "qualification").set(sweeper.set_aside_qualifications)
+        streams = await consumer_backlogs(self.writer.redis, self.writer.keys)
+        for name, stream in streams.items():
+            self.consumer_backlog.labels(prefix, name).set(stream.backlog)
+            self.consumer_dead_letters.labels(prefix, name).set(stream.dead_letters)
         publishing = self.publishing.last
         self.unpublished_failed.labels(prefix).set(publishing.failed)
         self.unpublished_age.labels(prefix).set(publishing.oldest_age_s)
@@ -131,14 +148,16 @@ class WriterMetrics:
             **dataclasses.asdict(current),
             "backlog": current.backlog,
             "sweeper": dataclasses.asdict(sweeper),
+            "streams": {name: dataclasses.asdict(stream) for name, stream in streams.items()},
             "stats": dataclasses.asdict(self.writer.stats),
         }
 
 
 async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None) -> HttpEndpoint:
-    """GET /metrics (Prometheus text) and GET /health (JSON: 503 when events are dead-lettered
-    or the sweepers have overdue or set-aside work, or an operator change has stayed unpublished
-    for over a minute: publisher.py), by prometheus_client's server in a thread;
+    """GET /metrics (Prometheus text) and GET /health (JSON: 503 when entries are dead-lettered
+    (ledger events, qualification changes, risk events) or the sweepers have overdue or set-aside
+    work, or an operator change has stayed unpublished for over a minute: publisher.py), by
+    prometheus_client's server in a thread;
     HTTPS with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded
     with it). Every request refreshes the gauges from Redis on the writer's event loop."""
     loop = asyncio.get_running_loop()
@@ -146,6 +165,7 @@ async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SS
     def health() -> tuple[bool, dict[str, Any]]:
         details = asyncio.run_coroutine_threadsafe(metrics.snapshot(), loop).result(timeout=5)
         healthy = details["dead_letters"] == 0 and not any(details["sweeper"].values())
+        healthy = healthy and not any(stream["dead_letters"] for stream in details["streams"].values())
         return healthy and not details["publishing"]["stuck"], details
 
     return serve_http(listen, metrics.registry, health, ssl_context)

@@ -40,6 +40,28 @@ BACKOFF_S_MIN = 0.1
 BACKOFF_S_MAX = 5.0
 
 
+@dataclass(frozen=True)
+class StreamBacklog:
+    """A consumer's stuck or waiting work: entries not yet written (a handled entry is deleted,
+    so the stream's length) and entries set aside in its dead-letter stream (alert when > 0)."""
+
+    backlog: int
+    dead_letters: int
+
+
+async def stream_backlog(redis: Redis, stream: str) -> StreamBacklog:
+    return StreamBacklog(await redis.xlen(stream), await redis.xlen(stream + ":dead"))
+
+
+async def consumer_backlogs(redis: Redis, keys: Keys) -> dict[str, StreamBacklog]:
+    """The backlog of each consumer built on this one: the qualification mirror's and the risk
+    event writer's (shown by reconcile and lag, the writer's metrics and health)."""
+    return {
+        "qualification_mirror": await stream_backlog(redis, keys.qualification_events),
+        "risk_events": await stream_backlog(redis, keys.risk_events),
+    }
+
+
 @dataclass
 class ConsumerStats:
     written: int = 0  # entries written (or found already written) in PostgreSQL

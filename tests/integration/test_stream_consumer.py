@@ -4,13 +4,19 @@ consumer that dies, and poison entries set aside, whatever makes them poison."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import orjson
 from redis.asyncio import Redis
 
+from server.commands.common import EXIT_PROBLEM
+from server.commands.ledger import with_connections
+from server.processes.writer import WriterMetrics, serve_metrics
 from storage.devenv import Services
 from storage.postgres.qualifications import QualificationMirror
 from storage.postgres.risk_events import GROUP, INSERT, RiskEventWriter, event_row
+from storage.postgres.writer import LedgerWriter, WriterConfig
 from tests.conftest import isolated_environment
 
 
@@ -114,3 +120,55 @@ async def test_a_snapshot_out_of_the_time_range_is_set_aside_by_the_mirror(servi
             await connection.close()
             await redis.delete(stream, stream + ":dead")
             await redis.aclose()
+
+
+async def test_set_aside_entries_show_in_reconcile_lag_metrics_and_health(services: Services) -> None:
+    """A risk event dead-lettered is stuck work: ``ledger reconcile`` exits 1 and names it under
+    ``streams``, ``ledger lag`` counts it, the writer's /metrics has it per consumer and its
+    /health answers 503. Fails if a consumer's dead letters are visible nowhere (they were)."""
+    async with isolated_environment(services) as env:
+        redis = Redis.from_url(env.redis_url)
+        stream = env.keys.risk_events
+        try:
+            status, result = await with_connections(env.config(), "reconcile", force=False)
+            assert status == 0 and result["streams"]["risk_events"] == {"backlog": 0, "dead_letters": 0}
+            await redis.xadd(stream, {"r": b"{not json"})
+            await redis.xadd(stream, {"r": risk_event("waiting")})
+            status, result = await with_connections(env.config(), "reconcile", force=False)
+            assert status == 0 and result["streams"]["risk_events"] == {"backlog": 2, "dead_letters": 0}
+            await RiskEventWriter(redis, env.keys, env.pg_dsn).drain()
+            status, result = await with_connections(env.config(), "reconcile", force=False)
+            assert (status, result["differences"]) == (EXIT_PROBLEM, [])
+            assert result["streams"] == {
+                "qualification_mirror": {"backlog": 0, "dead_letters": 0},
+                "risk_events": {"backlog": 0, "dead_letters": 1},
+            }
+            _, lagging = await with_connections(env.config(), "lag", force=False)
+            assert (lagging["risk_event_backlog"], lagging["risk_event_dead_letters"]) == (0, 1)
+
+            writer = LedgerWriter(WriterConfig(pg_dsn=env.pg_dsn, redis_url=env.redis_url, prefix=env.prefix), redis)
+            await writer.ensure_group()
+            server = await serve_metrics(WriterMetrics(writer), "127.0.0.1:0")
+            try:
+                metrics = await http_get(server.port, "/metrics")
+                assert (
+                    f'subsidy_stream_consumer_dead_letters{{consumer="risk_events",prefix="{env.prefix}"}} 1.0'
+                    in metrics
+                )
+                health = await http_get(server.port, "/health")
+                assert " 503 " in health.splitlines()[0] and '"status":"degraded"' in health
+                await redis.delete(stream + ":dead")  # resolved by a human
+                assert " 200 " in (await http_get(server.port, "/health")).splitlines()[0]
+            finally:
+                server.close()
+        finally:
+            await redis.delete(stream, stream + ":dead")
+            await redis.aclose()
+
+
+async def http_get(port: int, path: str) -> str:
+    reader, stream = await asyncio.open_connection("127.0.0.1", port)
+    stream.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    body = (await reader.read()).decode()
+    stream.close()
+    return body
