@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,40}\Z")
 
@@ -23,8 +24,9 @@ class Keys:
         if not PREFIX_PATTERN.match(self.prefix):
             raise ValueError(f"redis key prefix must match {PREFIX_PATTERN.pattern}")
 
-    @property
+    @cached_property
     def tag(self) -> str:
+        # Built once: an Authorize names ~23 keys, each starting with it (issue 15).
         return "{" + self.prefix + "}"
 
     def pattern(self) -> str:

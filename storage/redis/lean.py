@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
@@ -71,12 +71,31 @@ def command_prefix(*parts: Any) -> bytes:
     return b"".join(bulk(part) for part in parts)
 
 
-def encode(prefix: bytes, prefix_count: int, arguments: Iterable[Any]) -> bytes:
-    """A whole command: the pre-encoded prefix of ``prefix_count`` parts, then the arguments."""
+def encode(prefix: bytes, prefix_count: int, arguments: Sequence[Any]) -> bytes:
+    """A whole command: the pre-encoded prefix of ``prefix_count`` parts, then the arguments.
+
+    The common command (an Authorize's ~40 arguments, all ASCII text or int) is built as one
+    str and encoded once: 11-13 us against 14-15 us for a bytes part per argument (timeit here).
+    Anything else (non-ASCII text, whose byte length differs from its length; bytes; float; a
+    type to refuse) takes the part-per-argument path."""
+    texts: list[str] = []
+    append = texts.append
+    for value in arguments:
+        kind = type(value)
+        if kind is str and value.isascii():
+            append(f"${len(value)}\r\n{value}\r\n")
+        elif kind is int:
+            digits = str(value)
+            append(f"${len(digits)}\r\n{digits}\r\n")
+        else:
+            return _encode_parts(prefix, prefix_count, arguments)
+    return b"*%d\r\n%b%b" % (prefix_count + len(texts), prefix, "".join(texts).encode())
+
+
+def _encode_parts(prefix: bytes, prefix_count: int, arguments: Sequence[Any]) -> bytes:
     parts = [b"", prefix]
     append = parts.append
     for value in arguments:
-        # bulk() inlined for the common types: this loop runs ~35 times per Authorize.
         kind = type(value)
         if kind is str:
             data = value.encode()

@@ -18,6 +18,7 @@ import pytest
 import uvloop
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection as PackingConnection
 from subsidy_client import AuthorizationClient, Line
 from subsidy_client.v1 import authorization_pb2 as pb
 
@@ -126,6 +127,23 @@ async def test_error_replies_and_bad_arguments(services: Services) -> None:
                 encode(ECHO, 1, (bad,))
     finally:
         await lean.aclose()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        (22, "{bench}:nonce:t-1:abc", "", 0, -1, 2**63, "a" * 64, 604_800),  # ASCII text and int: one str
+        ("caf\u00e9", "\u4e2d\u6587", 7),  # non-ASCII: UTF-8 byte lengths, not character counts
+        ("ascii", b"\x00\xff", 1.5, "\u00e9"),  # bytes and float among text
+        (),
+    ],
+)
+def test_commands_are_encoded_as_redis_py_packs_them(arguments: tuple[Any, ...]) -> None:
+    """``encode`` (its one-str path for ASCII text and int, its per-part path otherwise) gives
+    byte for byte what redis-py's own ``pack_command`` sends for the same command."""
+    sha = "0" * 40
+    packed = b"".join(PackingConnection().pack_command("EVALSHA", sha, *arguments))
+    assert encode(command_prefix("EVALSHA", sha), 2, arguments) == packed
 
 
 async def test_scripts_reload_after_a_script_flush_and_answer_as_redis_py_does(services: Services) -> None:
