@@ -165,6 +165,7 @@ class LocalCluster:
         self._base_dir = base_dir
         self._root: Path | None = None
         self.nodes: list[ClusterNode] = []
+        self.standalone: list[ClusterNode] = []  # single Redis servers started beside it
         self.server = _find_redis_server()
         self.cli = find_redis_cli(self.server)
 
@@ -192,9 +193,9 @@ class LocalCluster:
     def stop(self) -> None:
         """Kill every node this object started and remove their directories; idempotent."""
         atexit.unregister(self.stop)
-        for node in self.nodes:
+        for node in [*self.nodes, *self.standalone]:
             self._kill(node)
-        self.nodes = []
+        self.nodes, self.standalone = [], []
         root, self._root = self._root, None
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
@@ -223,24 +224,41 @@ class LocalCluster:
 
     # ---- the processes
 
-    def _launch(self, node: ClusterNode) -> None:
+    def start_standalone(self) -> ClusterNode:
+        """One more ``redis-server``, *not* in cluster mode, with the same binary and AOF
+        settings, in this cluster's directory and stopped with it: the single Redis a benchmark
+        compares the cluster with in the same run."""
+        if self._root is None:
+            raise RuntimeError("start the cluster first")
+        (port,) = _free_ports(1)
+        node = ClusterNode(port=port, directory=self._root / f"standalone-{len(self.standalone)}")
+        node.directory.mkdir()
+        self.standalone.append(node)
+        self._launch(node, cluster=False)
+        self._wait_ping(node)
+        return node
+
+    def _launch(self, node: ClusterNode, *, cluster: bool = True) -> None:
         cmd = [
             self.server,
             "--bind", "127.0.0.1",
             "--port", str(node.port),
             "--dir", str(node.directory),
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", str(self.node_timeout_ms),
-            # A replica may always take over, however long it was cut off: the tests kill
-            # primaries on purpose and want the promotion, not a stalled slot range.
-            "--cluster-replica-validity-factor", "0",
             "--appendonly", "yes",
             "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--logfile", "",
         ]  # fmt: skip
+        if cluster:
+            cmd += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                # A replica may always take over, however long it was cut off: the tests kill
+                # primaries on purpose and want the promotion, not a stalled slot range.
+                "--cluster-replica-validity-factor", "0",
+            ]  # fmt: skip
         log = (node.directory / "redis-server.log").open("ab")
         try:
             node.process = subprocess.Popen(

@@ -95,3 +95,20 @@ def test_stop_kills_every_node_and_removes_the_directory(tmp_path: Path) -> None
             cluster.stop()
     assert all(p is not None and p.poll() is not None for p in processes)
     assert not root.exists()
+
+
+def test_a_standalone_redis_beside_the_cluster_for_benchmarks(redis_cluster: LocalCluster) -> None:
+    """start_standalone: one more redis-server of the same binary and AOF settings, not in
+    cluster mode (a script there may touch any key), in the cluster's directory, not a member."""
+    node = redis_cluster.start_standalone()
+    try:
+        client = node.client()
+        assert "cluster_enabled:0" in node.command_text("INFO", "cluster")
+        config = client.config_get("append*")
+        assert config["appendonly"] == "yes" and config["appendfsync"] == "always"
+        assert client.mset({"{a}x": 1, "{b}y": 2})  # two slots in one command: no CROSSSLOT
+        assert str(node.directory).startswith(str(redis_cluster._root))
+        assert node.address not in {entry["address"] for entry in redis_cluster.nodes_view()}
+    finally:
+        redis_cluster.kill(node)
+    assert not node.alive
