@@ -218,6 +218,46 @@ async def test_the_writer_drains_every_shard_once_through_a_failover(
         await escrow.aclose()
 
 
+@pytest.mark.slow
+async def test_the_writer_drains_every_shard_once_while_a_shard_stream_moves(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """Resharding under the writer: the hottest shard's slot (its budget, its reservations and
+    its ledger stream with the consumer group) moves to another primary key by key while three
+    processes reserve and the writer reads; the reader meets ASK, TRYAGAIN or MOVED, skips the
+    node for a moment and follows the new map. PostgreSQL ends equal to the streams, each
+    entry once."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c4", category=CATEGORY, shards=6)
+    budget = 2000
+    await escrow.setup(budget)
+    reader = ShardStreamReader(cluster_client, prefix)
+    writer = ShardLedgerWriter(reader, environment.pg_dsn)
+    stopping = asyncio.Event()
+    running = asyncio.create_task(writer.run(stopping))
+    stream = escrow.ledger_key(0)
+    before = await escrow._node_client(stream)
+    try:
+        results, seen_at_move = await _load(escrow, redis_cluster, budget, move_at=budget // 4)
+        assert seen_at_move is not None and seen_at_move < budget
+        await escrow.refresh()
+        assert await escrow._node_client(stream) is not before  # the stream lives elsewhere now
+        await _check_exactly_the_budget(escrow, budget, results)
+        stopping.set()
+        await running
+        await writer.drain(timeout_s=60)
+        stored = await _stored(environment, prefix)
+        assert stored == await _in_redis(escrow)
+        _check_one_event_per_reservation(stored, budget)
+        assert sum(f["event"] == "RESERVED" for f in stored.values()) == budget
+        print(f"reader {reader.stats}; writer {writer.stats}")
+    finally:
+        stopping.set()
+        await running
+        await writer.close()
+        await reader.aclose()
+        await escrow.aclose()
+
+
 async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_cluster(
     cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment
 ) -> None:
