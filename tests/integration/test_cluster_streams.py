@@ -258,6 +258,36 @@ async def test_the_writer_drains_every_shard_once_while_a_shard_stream_moves(
         await escrow.aclose()
 
 
+async def test_a_dead_writers_entries_are_taken_over_by_another(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """Writer w1 reads a batch from every shard and dies before storing it (its entries stay in
+    its pending list); writer w2 of the same group takes them over once idle for claim_idle_ms
+    and stores every entry once; before that idle time it leaves them alone."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c5", category=CATEGORY, shards=6)
+    await escrow.setup(60)
+    for number in range(12):
+        assert (await escrow.reserve_or_borrow(number % 6, f"r{number}", 1)).approved
+    dead = ShardStreamReader(cluster_client, prefix, consumer="w1")
+    survivor = ShardStreamReader(cluster_client, prefix, consumer="w2", claim_idle_ms=1500)
+    writer = ShardLedgerWriter(survivor, environment.pg_dsn)
+    try:
+        held = await dead.read()
+        assert len(held) == 18  # 6 fundings and 12 reservations, on three nodes
+        assert await survivor.read() == [] and survivor.stats.claimed == 0  # not idle yet
+        await asyncio.sleep(1.6)
+        await writer.drain()
+        assert survivor.stats.claimed == len(held)
+        stored = await _stored(environment, prefix)
+        assert stored == await _in_redis(escrow) and len(stored) == len(held)
+        assert writer.stats.duplicates_skipped == 0
+    finally:
+        await writer.close()
+        await dead.aclose()
+        await survivor.aclose()
+        await escrow.aclose()
+
+
 async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_cluster(
     cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment
 ) -> None:

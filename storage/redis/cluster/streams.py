@@ -121,6 +121,7 @@ class ReaderStats:
     fenced_out: int = 0  # entries held back because their node's fence was not acknowledged
     node_failures: int = 0  # a node's read skipped (dead, moved, loading, not a primary)
     groups_created: int = 0
+    claimed: int = 0  # entries taken over from another consumer's pending list
 
 
 @dataclass
@@ -135,6 +136,8 @@ class ShardStreamReader:
     wait_replicas: int = 1
     wait_timeout_ms: int = 1000
     registry_refresh_s: float = 1.0
+    # Entries idle this long in another consumer's pending list (a dead writer's) are taken over.
+    claim_idle_ms: int = 30_000
     stats: ReaderStats = field(default_factory=ReaderStats)
 
     def __post_init__(self) -> None:
@@ -144,11 +147,14 @@ class ShardStreamReader:
             raise ValueError("wait_replicas must be >= 0")
         if not 0 < self.wait_timeout_ms <= 60_000:
             raise ValueError("wait_timeout_ms must be between 1 and 60000")
+        if not 0 < self.claim_idle_ms <= 3_600_000:
+            raise ValueError("claim_idle_ms must be between 1 and 3600000")
         self.registry = registry_key(self.prefix)
         self.nodes = NodeConnections(self.cluster)
         self._streams: list[str] = []
         self._grouped: set[str] = set()
         self._loaded_at = float("-inf")
+        self._claimed_at = float("-inf")
 
     async def streams(self, *, reload: bool = False) -> list[str]:
         """The registered streams (re-read at most every ``registry_refresh_s``), each with the
@@ -189,8 +195,28 @@ class ShardStreamReader:
             # The registry's node died or moved (the cluster client gave up its retries).
             await self._node_failed()
             return []
+        if time.monotonic() - self._claimed_at >= self.claim_idle_ms / 2000:
+            self._claimed_at = time.monotonic()
+            await asyncio.gather(*(self._claim_node(address, names) for address, names in grouped.items()))
         results = await asyncio.gather(*(self._read_node(address, names) for address, names in grouped.items()))
         return [entry for entries in results for entry in entries]
+
+    async def _claim_node(self, address: tuple[str, int], streams: list[str]) -> None:
+        """Take over entries idle for ``claim_idle_ms`` in other consumers' pending lists (a
+        writer that died holding them): they become this consumer's and are read with its own
+        pending entries next, behind the fence. Failures are left to the read that follows."""
+        try:
+            async with self.nodes.at(*address).pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.xautoclaim(
+                        stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.count, justid=True
+                    )
+                replies = await pipe.execute(raise_on_error=False)
+        except NODE_ERRORS:
+            return
+        for reply in replies:
+            if isinstance(reply, list):  # with JUSTID, redis-py answers the claimed ids
+                self.stats.claimed += len(reply)
 
     async def _read_node(self, address: tuple[str, int], streams: list[str]) -> list[StreamEntry]:
         client = self.nodes.at(*address)
