@@ -37,6 +37,7 @@ class ShardWriterStats:
     events_written: int = 0
     duplicates_skipped: int = 0
     postgres_failures: int = 0
+    trimmed: int = 0  # entries removed from the streams after every group acknowledged them
 
 
 async def store_entries(connection: asyncpg.Connection, entries: Sequence[StreamEntry]) -> int:
@@ -75,10 +76,15 @@ async def store_entries(connection: asyncpg.Connection, entries: Sequence[Stream
 class ShardLedgerWriter:
     """Reads with ``reader``, stores in PostgreSQL at ``pg_dsn``, acknowledges after commit."""
 
-    def __init__(self, reader: ShardStreamReader, pg_dsn: str, *, idle_pause_s: float = 0.2) -> None:
+    def __init__(
+        self, reader: ShardStreamReader, pg_dsn: str, *, idle_pause_s: float = 0.2, trim_interval_s: float | None = 5.0
+    ) -> None:
         self.reader = reader
         self.pg_dsn = pg_dsn
         self.idle_pause_s = idle_pause_s
+        # When idle, at most this often: remove what every group acknowledged (None: never).
+        self.trim_interval_s = trim_interval_s
+        self._trimmed_at = float("-inf")
         self.stats = ShardWriterStats()
         self._connection: asyncpg.Connection | None = None
 
@@ -123,7 +129,17 @@ class ShardLedgerWriter:
                 log.error("shard writer step failed", exc_info=True)
                 handled = 0
             if handled == 0:
+                await self._trim_when_due()
                 await asyncio.sleep(self.idle_pause_s)
+
+    async def _trim_when_due(self) -> None:
+        if self.trim_interval_s is None or time.monotonic() - self._trimmed_at < self.trim_interval_s:
+            return
+        self._trimmed_at = time.monotonic()
+        try:
+            self.stats.trimmed += await self.reader.trim()
+        except Exception:  # trimming is housekeeping: a failure must not stop the writer
+            log.warning("trimming the shard streams failed", exc_info=True)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Store until every registered stream's group has nothing pending or undelivered."""

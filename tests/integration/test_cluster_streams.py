@@ -190,7 +190,7 @@ async def test_the_writer_drains_every_shard_once_through_a_failover(
     budget = 1200
     await escrow.setup(budget)
     reader = ShardStreamReader(cluster_client, prefix)
-    writer = ShardLedgerWriter(reader, environment.pg_dsn)
+    writer = ShardLedgerWriter(reader, environment.pg_dsn, trim_interval_s=None)  # compared with XRANGE below
     stopping = asyncio.Event()
     running = asyncio.create_task(writer.run(stopping))
     try:
@@ -231,7 +231,7 @@ async def test_the_writer_drains_every_shard_once_while_a_shard_stream_moves(
     budget = 1200
     await escrow.setup(budget)
     reader = ShardStreamReader(cluster_client, prefix)
-    writer = ShardLedgerWriter(reader, environment.pg_dsn)
+    writer = ShardLedgerWriter(reader, environment.pg_dsn, trim_interval_s=None)  # compared with XRANGE below
     stopping = asyncio.Event()
     running = asyncio.create_task(writer.run(stopping))
     stream = escrow.ledger_key(0)
@@ -288,17 +288,59 @@ async def test_a_dead_writers_entries_are_taken_over_by_another(
         await escrow.aclose()
 
 
+async def test_trimming_removes_only_what_every_group_acknowledged(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """A second group ("audit") on the same streams: while it has read nothing, trimming
+    removes nothing although the writer stored and acknowledged everything; once it has
+    acknowledged all but one entry, trimming keeps that entry's stream from it on and empties
+    the others; once it acknowledges that one too, every stream is empty. PostgreSQL keeps all."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c6", category=CATEGORY, shards=3)
+    await escrow.setup(30)
+    for number in range(6):
+        assert (await escrow.reserve(number % 3, f"r{number}", 1)).approved
+    reader = ShardStreamReader(cluster_client, prefix)
+    audit = ShardStreamReader(cluster_client, prefix, group="audit", consumer="a1")
+    writer = ShardLedgerWriter(reader, environment.pg_dsn, trim_interval_s=None)
+    try:
+        await audit.streams()  # its group exists, nothing read
+        await writer.drain()
+        everything = await _in_redis(escrow)
+        assert len(everything) == 9  # 3 fundings, 6 reservations
+        assert await reader.trim() == 0
+        batch = await audit.read()
+        (held,) = [entry for entry in batch if entry.fields.get("id") == "r4"]
+        await audit.ack([entry for entry in batch if entry is not held])
+        kept_stream = [key for key in everything if key[0] == held.stream and key[1] >= held.entry_id]
+        assert await reader.trim() == len(everything) - len(kept_stream)
+        assert sorted(await _in_redis(escrow)) == sorted(kept_stream)
+        await audit.ack([held])
+        assert await reader.trim() == len(kept_stream)
+        assert await _in_redis(escrow) == {}
+        assert len(await _stored(environment, prefix)) == 9
+        # New events after a trim are read and stored as before.
+        assert (await escrow.reserve(0, "after", 1)).approved
+        await writer.drain()
+        assert len(await _stored(environment, prefix)) == 10
+    finally:
+        await writer.close()
+        await reader.aclose()
+        await audit.aclose()
+        await escrow.aclose()
+
+
 async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_cluster(
     cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment
 ) -> None:
     """``python -m server.ledger writer`` with SUBSIDY_REDIS_CLUSTER_NODES set (one node named;
     the client finds the others) drains the shards' streams of its prefix into PostgreSQL next
-    to the single Redis's ledger stream, and stops cleanly on SIGTERM."""
+    to the single Redis's ledger stream, trims them once idle, and stops cleanly on SIGTERM."""
     campaign = "p" + uuid.uuid4().hex[:8]
     escrow = EscrowBudget(cluster_client, prefix=environment.prefix, campaign_id=campaign, category=CATEGORY, shards=3)
     await escrow.setup(30)
     for number in range(12):
         assert (await escrow.reserve_or_borrow(number % 3, f"r{number}", 2)).approved
+    expected = await _in_redis(escrow)  # before the writer can trim what it stored
     host, port = redis_cluster.startup_nodes[0]
     environ = {
         **os.environ,
@@ -312,13 +354,17 @@ async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_c
     )
     reader = ShardStreamReader(cluster_client, environment.prefix)
     try:
-        expected = await _in_redis(escrow)
         for _ in range(300):
             await asyncio.sleep(0.1)
             if await _stored(environment, f"{environment.prefix}:{campaign}") == expected:
                 break
         assert await _stored(environment, f"{environment.prefix}:{campaign}") == expected
         assert await reader.backlog() == 0
+        for _ in range(100):  # idle, the process trims what it acknowledged
+            if sum(len(entries) for entries in [await _in_redis(escrow)]) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await _in_redis(escrow) == {}
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:

@@ -292,6 +292,49 @@ class ShardStreamReader:
             except NODE_ERRORS:
                 await self._node_failed()
 
+    async def trim(self) -> int:
+        """Remove from every stream the entries that *every* group of it has acknowledged
+        (below each group's oldest pending entry and its last delivered one), so a stream's
+        length is its backlog. Returns the entries removed. A node that fails is skipped."""
+        removed = 0
+        try:
+            grouped = await self._by_node(await self.streams())
+        except (*NODE_ERRORS, ClusterDownError, TryAgainError, MovedError):
+            return 0
+        for address, streams in grouped.items():
+            try:
+                removed += await self._trim_node(self.nodes.at(*address), streams)
+            except (*NODE_ERRORS, ResponseError):
+                await self._node_failed()
+        return removed
+
+    async def _trim_node(self, client: Any, streams: list[str]) -> int:
+        async with client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            infos = await pipe.execute()
+        keep: dict[str, str] = {}
+        async with client.pipeline(transaction=False) as pipe:
+            asked = []
+            for stream, groups in zip(streams, infos, strict=True):
+                if not groups:
+                    continue  # no group has read it: nothing is acknowledged
+                keep[stream] = min((_after(_text(g["last-delivered-id"])) for g in groups), key=_order)
+                for group in groups:
+                    if int(group["pending"]):
+                        pipe.xpending(stream, _text(group["name"]))
+                        asked.append(stream)
+            summaries = await pipe.execute() if asked else []
+        for stream, summary in zip(asked, summaries, strict=True):
+            if summary["pending"] and summary["min"] is not None:
+                keep[stream] = min(keep[stream], _text(summary["min"]), key=_order)
+        if not keep:
+            return 0
+        async with client.pipeline(transaction=False) as pipe:
+            for stream, first_kept in keep.items():
+                pipe.xtrim(stream, minid=first_kept, approximate=False)
+            return sum(int(count) for count in await pipe.execute())
+
     async def backlog(self) -> int:
         """Entries not yet acknowledged by the group (pending or never delivered), over every
         registered stream, read on the primaries now."""
@@ -328,6 +371,17 @@ async def _refresh_quietly(nodes: NodeConnections) -> None:
         await nodes.refresh_map()
     except (*NODE_ERRORS, ResponseError):
         pass  # the next call tries again
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def _after(entry_id: str) -> str:
+    """The smallest id after ``entry_id``."""
+    milliseconds, sequence = _order(entry_id)
+    return f"{milliseconds}-{sequence + 1}"
 
 
 def _text(value: bytes | str) -> str:
