@@ -20,9 +20,9 @@ import hmac
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
+import msgspec
 from subsidy_client import signing
 from subsidy_client.v1 import common_pb2
 
@@ -46,9 +46,10 @@ TERMINAL, OPERATOR, PARTNER, PROVIDER = "terminal", "operator", "partner", "prov
 GOVERNMENT, AUDITOR = "government", "auditor"
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: a terminal (with its merchant) or an operator (merchant empty)."""
+class Caller(msgspec.Struct, frozen=True, gc=False):
+    """Who is calling: a terminal (with its merchant) or an operator (merchant empty). A frozen
+    msgspec Struct (built on every authenticated call: ~0.3 us against a frozen dataclass's
+    ~1.4 us, issue 15)."""
 
     terminal_id: str
     merchant_id: str

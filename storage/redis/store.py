@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -74,8 +75,10 @@ UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 LineInput = LineArgs
 
 
-@dataclass(frozen=True)
-class AuthorizeInput:
+class AuthorizeInput(msgspec.Struct, frozen=True, gc=False):
+    """What Authorize passes the store. A frozen msgspec Struct, not a frozen dataclass: built
+    once per Authorize, it costs ~0.4 us against ~2.5 us (issue 15); no field refers back to it."""
+
     payload_hash: str
     request_id: str
     terminal_id: str
