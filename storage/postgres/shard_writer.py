@@ -124,6 +124,9 @@ class ShardLedgerWriter:
             try:
                 handled = await self.step()
             except EventCollision:
+                # A broken invariant (an entry id reused with other content): stop, loudly, with
+                # the entries left pending for whoever investigates.
+                log.critical("shard event collision; the shard writer stops", exc_info=True)
                 raise
             except Exception:  # a bug or an unforeseen Redis error: entries stay pending
                 log.error("shard writer step failed", exc_info=True)
