@@ -77,7 +77,7 @@ test-fast: $(STAMP)
 
 ## Only the Redis Cluster tests (issue 16): a local 6-node cluster, the escrow budget shards
 ## under load, a killed primary and a moving slot, the shard streams drained into PostgreSQL
-## (part of make test too; 60-90 s here).
+## (part of make test too; 70-130 s here, with the machine's load).
 test-cluster: $(STAMP)
 	$(PY) -m pytest tests/integration/test_cluster_harness.py tests/integration/test_cluster_escrow.py \
 		tests/integration/test_cluster_streams.py
