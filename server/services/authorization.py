@@ -41,9 +41,12 @@ LOCATION_VERDICTS: Mapping[location.Verdict, int] = {
 }
 
 
-def line_results(lines: Sequence[Line]) -> list[authorization_pb2.LineResult]:
-    return [
-        pb.LineResult(
+def add_line_results(target: Any, lines: Sequence[Line]) -> None:
+    """Each line as a LineResult, built in place in ``target`` (a message's repeated ``lines``)
+    rather than as messages copied in afterwards (issue 15)."""
+    add = target.add
+    for line in lines:
+        add(
             line_id=line.line_id,
             gtin=line.gtin,
             category=line.category,
@@ -52,19 +55,16 @@ def line_results(lines: Sequence[Line]) -> list[authorization_pb2.LineResult]:
             payable_fen=line.unit_price_fen - line.subsidy_fen,
             refunded=line.refunded == 1,
         )
-        for line in lines
-    ]
 
 
 def authorization_message(view: AuthorizationView) -> authorization_pb2.Authorization:
-    return pb.Authorization(
+    message = pb.Authorization(
         authorization_id=view.authorization_id,
         state=pb.AuthorizationState.Value("AUTHORIZATION_STATE_" + view.state),
         campaign_id=view.campaign_id,
         merchant_id=view.merchant_id,
         terminal_id=view.terminal_id,
         channel=pb.Channel.ValueType(view.channel),
-        lines=line_results(view.lines),
         total_price_fen=view.total_price_fen,
         subsidy_fen=view.subsidy_fen,
         refunded_subsidy_fen=view.refunded_fen,
@@ -74,6 +74,8 @@ def authorization_message(view: AuthorizationView) -> authorization_pb2.Authoriz
         redemption_code=view.redemption_code,
         channel_reference=view.channel_reference,
     )
+    add_line_results(message.lines, view.lines)
+    return message
 
 
 def authorize_response(answer: Answer[AuthorizeAnswer]) -> authorization_pb2.AuthorizeResponse:
@@ -86,16 +88,19 @@ def authorize_response(answer: Answer[AuthorizeAnswer]) -> authorization_pb2.Aut
             replayed=answer.replayed,
         )
     view = body.authorization
-    return pb.AuthorizeResponse(
+    # Lines and the expiry are built in place in the response, not as messages then copied in
+    # (4.4-4.5 against 5.5-8.0 us for a one-line approval, timeit here; issue 15).
+    response = pb.AuthorizeResponse(
         decision=pb.DECISION_APPROVED,
         authorization_id=view.authorization_id,
-        lines=line_results(view.lines),
         total_price_fen=view.total_price_fen,
         subsidy_fen=view.subsidy_fen,
         payable_fen=view.total_price_fen - view.subsidy_fen,
-        hold_expires_at=timestamp_ms(view.hold_expires_ms),
         replayed=answer.replayed,
     )
+    add_line_results(response.lines, view.lines)
+    response.hold_expires_at.FromMilliseconds(view.hold_expires_ms)
+    return response
 
 
 class AuthorizationService(authorization_pb2_grpc.AuthorizationServiceServicer):
