@@ -41,6 +41,12 @@ LOCATION_VERDICTS: Mapping[location.Verdict, int] = {
 }
 
 
+# A line's r in the authorization's hash: 1 once refunded (refund.lua), 2 once clawed back
+# (clawback.lua). LineResult.refunded and LineResult.clawed_back say which.
+REFUNDED = 1
+CLAWED_BACK = 2
+
+
 def add_line_results(target: Any, lines: Sequence[Line]) -> None:
     """Each line as a LineResult, built in place in ``target`` (a message's repeated ``lines``)
     rather than as messages copied in afterwards (issue 15)."""
@@ -53,7 +59,7 @@ def add_line_results(target: Any, lines: Sequence[Line]) -> None:
             unit_price_fen=line.unit_price_fen,
             subsidy_fen=line.subsidy_fen,
             payable_fen=line.unit_price_fen - line.subsidy_fen,
-            refunded=line.refunded == 1,
+            refunded=line.refunded == REFUNDED,
         )
 
 
@@ -75,6 +81,14 @@ def authorization_message(view: AuthorizationView) -> authorization_pb2.Authoriz
         channel_reference=view.channel_reference,
     )
     add_line_results(message.lines, view.lines)
+    # Claw-backs (clawback.lua marks a line r = 2) are shown here and not in add_line_results:
+    # an Authorize answer never has one, and its hot path keeps building one field less.
+    clawed_back_fen = 0
+    for result, line in zip(message.lines, view.lines, strict=True):
+        if line.refunded == CLAWED_BACK:
+            result.clawed_back = True
+            clawed_back_fen += line.subsidy_fen
+    message.clawed_back_fen = clawed_back_fen
     return message
 
 

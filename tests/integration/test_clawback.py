@@ -217,7 +217,8 @@ async def test_a_claw_back_keeps_the_ledger_verified_and_reconciled(world: World
     assert await world.redis.get(world.env.keys.serial(device)) == authorization_id.encode()
     got = await world.till.get_authorization(authorization_id)
     assert got.state == pb.AUTHORIZATION_STATE_CAPTURED
-    assert [line.refunded for line in got.lines] == [False, False]
+    assert [(line.refunded, line.clawed_back) for line in got.lines] == [(False, True), (False, True)]
+    assert got.clawed_back_fen == 90_000 and got.refunded_subsidy_fen == 0
     events = await world.stream_events(authorization_id)
     assert [event["type"] for event in events] == ["AUTHORIZED", "CAPTURED", "CLAWED_BACK"]
     clawed = events[-1]
@@ -399,6 +400,60 @@ async def test_partial_refund_then_claw_back_then_refund_refused(world: World) -
         assert await reconcile(connection, world.redis, world.env.keys) == []
 
 
+def line_marks(authorization: pb.Authorization) -> dict[str, tuple[bool, bool]]:
+    """Each line's (refunded, clawed_back) as the public view shows them."""
+    return {line.line_id: (line.refunded, line.clawed_back) for line in authorization.lines}
+
+
+async def test_get_authorization_shows_what_was_clawed_back(world: World) -> None:
+    """The public read (GetAuthorization, a till's) shows a claw-back: the state stays CAPTURED
+    (AuthorizationState has no value for it) but each clawed-back line says so and
+    Authorization.clawed_back_fen sums their subsidy. A sale never clawed back shows zero and no
+    line; one line clawed back shows that line and its subsidy, the other line not; the claw-back
+    of the rest shows both. A line refunded before a claw-back stays refunded, not clawed back,
+    and its subsidy stays in refunded_subsidy_fen only; a fully refunded sale shows zero."""
+    campaign = await world.campaign()
+    authorization_id = await world.sale(campaign, consumer_key(), new_serial())
+    await world.till.capture(authorization_id)
+    never = await world.till.get_authorization(authorization_id)
+    assert line_marks(never) == {"f": (False, False), "w": (False, False)}
+    assert never.clawed_back_fen == 0 and never.subsidy_fen == 90_000
+
+    case_id = await world.case()
+    await world.claw_back(case_id, authorization_id, ("f",))
+    one = await world.till.get_authorization(authorization_id)
+    assert one.state == pb.AUTHORIZATION_STATE_CAPTURED
+    assert line_marks(one) == {"f": (False, True), "w": (False, False)}
+    assert one.clawed_back_fen == 60_000 and one.refunded_subsidy_fen == 0
+    # What was granted at the sale is still shown as granted: the claw-back is told apart.
+    assert [(line.subsidy_fen, line.payable_fen) for line in one.lines] == [(60_000, 240_000), (30_000, 120_000)]
+    assert one.subsidy_fen == 90_000
+
+    await world.claw_back(case_id, authorization_id)
+    both = await world.till.get_authorization(authorization_id)
+    assert both.state == pb.AUTHORIZATION_STATE_CAPTURED
+    assert line_marks(both) == {"f": (False, True), "w": (False, True)}
+    assert both.clawed_back_fen == 90_000
+
+    # Refunded first, then the rest clawed back: the refund is not shown as a claw-back.
+    partly = await world.sale(campaign, consumer_key(), new_serial())
+    await world.till.capture(partly)
+    await world.till.refund(partly, ["w"])
+    await world.claw_back(case_id, partly)
+    mixed = await world.till.get_authorization(partly)
+    assert mixed.state == pb.AUTHORIZATION_STATE_PARTIALLY_REFUNDED
+    assert line_marks(mixed) == {"f": (False, True), "w": (True, False)}
+    assert (mixed.clawed_back_fen, mixed.refunded_subsidy_fen) == (60_000, 30_000)
+
+    refunded = await world.sale(campaign, consumer_key(), new_serial())
+    await world.till.capture(refunded)
+    whole = (await world.till.refund(refunded)).authorization
+    assert line_marks(whole) == {"f": (True, False), "w": (True, False)}
+    assert whole.clawed_back_fen == 0
+    read = await world.till.get_authorization(refunded)
+    assert line_marks(read) == line_marks(whole) and read.clawed_back_fen == 0
+
+
 async def test_subsidyctl_risk_clawback(world: World) -> None:
     """`subsidyctl risk clawback CASE AUTHORIZATION --note ... [--line ...]` over the gateway with
     the operator's credential; a refusal exits 1 with the gateway's reason."""
@@ -529,6 +584,10 @@ async def test_a_redis_loss_after_a_claw_back_is_rebuilt_from_the_ledger(service
         with pytest.raises(FailedPrecondition) as refused:
             await world.till.refund(authorization_id, ["f"])
         assert refused.value.metadata["line_id"] == "f"
-        assert (await world.till.refund(authorization_id)).refunded_subsidy_fen == 30_000
+        rest = await world.till.refund(authorization_id)
+        assert rest.refunded_subsidy_fen == 30_000
+        # The rebuilt hash still marks the clawed-back line, as the public view shows it.
+        assert line_marks(rest.authorization) == {"f": (False, True), "w": (True, False)}
+        assert rest.authorization.clawed_back_fen == 60_000
         assert device in {record.serial for record in exported.serials}
         assert (person, "fridge") in {(record.consumer_key, record.category) for record in exported.consumers}

@@ -456,6 +456,7 @@ class LineResult(_message.Message):
     SUBSIDY_FEN_FIELD_NUMBER: _builtins.int
     PAYABLE_FEN_FIELD_NUMBER: _builtins.int
     REFUNDED_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FIELD_NUMBER: _builtins.int
     line_id: _builtins.str
     gtin: _builtins.str
     category: _builtins.str
@@ -464,6 +465,13 @@ class LineResult(_message.Message):
     payable_fen: _builtins.int
     """unit_price_fen - subsidy_fen: what the consumer pays for this unit."""
     refunded: _builtins.bool
+    clawed_back: _builtins.bool
+    """True once the line's subsidy was clawed back (RiskCaseService.ClawBack, on a confirmed risk
+    case: README "Claw-back"): the subsidy is no longer owed to the merchant, and the line can
+    be neither refunded nor clawed back again. Exclusive with refunded (a line is refunded, or
+    clawed back, or neither). subsidy_fen and payable_fen stay what was granted at the sale.
+    Always false in an AuthorizeResponse.
+    """
     def __init__(
         self,
         *,
@@ -474,10 +482,11 @@ class LineResult(_message.Message):
         subsidy_fen: _builtins.int = ...,
         payable_fen: _builtins.int = ...,
         refunded: _builtins.bool = ...,
+        clawed_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "gtin", b"gtin", "line_id", b"line_id", "payable_fen", b"payable_fen", "refunded", b"refunded", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "clawed_back", b"clawed_back", "gtin", b"gtin", "line_id", b"line_id", "payable_fen", b"payable_fen", "refunded", b"refunded", "subsidy_fen", b"subsidy_fen", "unit_price_fen", b"unit_price_fen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,6 +567,7 @@ class Authorization(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     REDEMPTION_CODE_FIELD_NUMBER: _builtins.int
     CHANNEL_REFERENCE_FIELD_NUMBER: _builtins.int
+    CLAWED_BACK_FEN_FIELD_NUMBER: _builtins.int
     authorization_id: _builtins.str
     state: Global___AuthorizationState.ValueType
     campaign_id: _builtins.str
@@ -571,6 +581,14 @@ class Authorization(_message.Message):
     """The qualification this payment redeems (empty for campaigns that issue none)."""
     channel_reference: _builtins.str
     """The payment channel's reference given at capture (empty when none was given)."""
+    clawed_back_fen: _builtins.int
+    """The subsidy of the lines clawed back (LineResult.clawed_back): the sum of their
+    subsidy_fen; 0 when none was. A claw-back leaves state as it was (CAPTURED or
+    PARTIALLY_REFUNDED), so this and the lines are how a reader sees it. What the merchant is
+    still owed is subsidy_fen - refunded_subsidy_fen - clawed_back_fen. The risk case behind a
+    claw-back is not shown here: cases are the risk team's (RiskCaseService.GetRiskCase lists a
+    case's claw-backs), and this view is read by the sale's own terminals.
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineResult]: ...
     @_builtins.property
@@ -597,10 +615,11 @@ class Authorization(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         redemption_code: _builtins.str = ...,
         channel_reference: _builtins.str = ...,
+        clawed_back_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "channel", b"channel", "channel_reference", b"channel_reference", "created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "lines", b"lines", "merchant_id", b"merchant_id", "redemption_code", b"redemption_code", "refunded_subsidy_fen", b"refunded_subsidy_fen", "state", b"state", "subsidy_fen", b"subsidy_fen", "terminal_id", b"terminal_id", "total_price_fen", b"total_price_fen", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_id", b"authorization_id", "campaign_id", b"campaign_id", "channel", b"channel", "channel_reference", b"channel_reference", "clawed_back_fen", b"clawed_back_fen", "created_at", b"created_at", "hold_expires_at", b"hold_expires_at", "lines", b"lines", "merchant_id", b"merchant_id", "redemption_code", b"redemption_code", "refunded_subsidy_fen", b"refunded_subsidy_fen", "state", b"state", "subsidy_fen", b"subsidy_fen", "terminal_id", b"terminal_id", "total_price_fen", b"total_price_fen", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -120,7 +120,8 @@ class AuthorizationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAuthorization(self, request, context):
-        """Reads one authorization of the calling terminal's merchant.
+        """Reads one authorization of the calling terminal's merchant, its lines refunded or clawed
+        back as they stand (LineResult.refunded, LineResult.clawed_back).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,7 +62,9 @@ class AuthorizationServiceStub:
     voucher as used).
     """
     GetAuthorization: _grpc.UnaryUnaryMultiCallable[_authorization_pb2.GetAuthorizationRequest, _authorization_pb2.GetAuthorizationResponse]
-    """Reads one authorization of the calling terminal's merchant."""
+    """Reads one authorization of the calling terminal's merchant, its lines refunded or clawed
+    back as they stand (LineResult.refunded, LineResult.clawed_back).
+    """
 
 @_typing.type_check_only
 class AuthorizationServiceAsyncStub(AuthorizationServiceStub):
@@ -98,7 +100,9 @@ class AuthorizationServiceAsyncStub(AuthorizationServiceStub):
     voucher as used).
     """
     GetAuthorization: _aio.UnaryUnaryMultiCallable[_authorization_pb2.GetAuthorizationRequest, _authorization_pb2.GetAuthorizationResponse]  # type: ignore[assignment]
-    """Reads one authorization of the calling terminal's merchant."""
+    """Reads one authorization of the calling terminal's merchant, its lines refunded or clawed
+    back as they stand (LineResult.refunded, LineResult.clawed_back).
+    """
 
 class AuthorizationServiceServicer(metaclass=_abc_1.ABCMeta):
     """The authorization hot path, called by cashier terminals and e-commerce checkouts.
@@ -161,6 +165,8 @@ class AuthorizationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _authorization_pb2.GetAuthorizationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authorization_pb2.GetAuthorizationResponse, _abc.Awaitable[_authorization_pb2.GetAuthorizationResponse]]:
-        """Reads one authorization of the calling terminal's merchant."""
+        """Reads one authorization of the calling terminal's merchant, its lines refunded or clawed
+        back as they stand (LineResult.refunded, LineResult.clawed_back).
+        """
 
 def add_AuthorizationServiceServicer_to_server(servicer: AuthorizationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
