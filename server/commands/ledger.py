@@ -35,8 +35,9 @@ from redis.asyncio import Redis
 from server.commands.common import EXIT_PROBLEM, EXIT_USAGE
 from server.commands.exchange import Progress, reapply
 from server.config import Config
-from storage.postgres.audit import rebuild, reconcile, verify
-from storage.postgres.qualifications import mirror_backlog, reconcile_qualifications, restore_qualifications
+from storage.postgres.audit import rebuild, verify
+from storage.postgres.counter_check import check_counters
+from storage.postgres.qualifications import restore_qualifications
 from storage.postgres.stream_consumer import consumer_backlogs
 from storage.postgres.writer import lag
 from storage.redis.keys import Keys
@@ -60,12 +61,12 @@ async def redis_lag(config: Config) -> dict[str, Any]:
     try:
         current = await lag(redis, keys, "ledger-writer")
         ledger = {**dataclasses.asdict(current), "backlog": current.backlog}
-        qualification_backlog, qualification_dead_letters = await mirror_backlog(redis, keys)
-        risk_events = (await consumer_backlogs(redis, keys))["risk_events"]
+        streams = await consumer_backlogs(redis, keys)
+        qualifications, risk_events = streams["qualification_mirror"], streams["risk_events"]
         return {
             **ledger,
-            "qualification_backlog": qualification_backlog,
-            "qualification_dead_letters": qualification_dead_letters,
+            "qualification_backlog": qualifications.backlog,
+            "qualification_dead_letters": qualifications.dead_letters,
             "risk_event_backlog": risk_events.backlog,
             "risk_event_dead_letters": risk_events.dead_letters,
             "sweeper": dataclasses.asdict(await sweep_backlog(redis, keys)),
@@ -96,26 +97,21 @@ async def with_connections(config: Config, action: str, force: bool, step: Step 
             report = await verify(connection)
             return (0 if report.ok else EXIT_PROBLEM), dataclasses.asdict(report)
         if action == "reconcile":
-            differences = await reconcile(connection, redis, keys)
-            # Claims are not money: their counters are compared with the mirror, not the ledger.
-            differences += await reconcile_qualifications(connection, redis, keys)
-            # Work the sweepers have not done is a difference too: a hold past its expiry still
-            # reserves budget, quota and serials the ledger will release.
-            sweeper = await sweep_backlog(redis, keys)
-            # Entries a consumer set aside are stuck work: the rows they should have written are
-            # missing (a qualification's newer state, a risk event). Unwritten ones only make
-            # the qualification comparison premature: drain first.
-            streams = await consumer_backlogs(redis, keys)
-            dead_letters = sum(stream.dead_letters for stream in streams.values())
-            return (EXIT_PROBLEM if differences or sweeper.total or dead_letters else 0), {
-                "differences": [dataclasses.asdict(item) for item in differences],
-                "sweeper": dataclasses.asdict(sweeper),
-                "streams": {name: dataclasses.asdict(stream) for name, stream in streams.items()},
+            # The same questions as ReportingService.Reconcile (storage/postgres/counter_check.py).
+            # Qualification differences carry "mirror" where the ledger's carry "ledger": claims
+            # are compared with the qualification mirror, not the ledger.
+            check = await check_counters(connection, redis, keys)
+            return (EXIT_PROBLEM if check.problem else 0), {
+                "differences": [dataclasses.asdict(item) for item in check.ledger_differences]
+                + [dataclasses.asdict(item) for item in check.mirror_differences],
+                "sweeper": dataclasses.asdict(check.sweeper),
+                "streams": {name: dataclasses.asdict(stream) for name, stream in check.streams.items()},
             }
         current = await lag(redis, keys, "ledger-writer")
         # Dead-lettered snapshots count too: rebuilding from rows they should have updated would
         # restore stale states.
-        unmirrored = sum(await mirror_backlog(redis, keys))
+        mirror = (await consumer_backlogs(redis, keys))["qualification_mirror"]
+        unmirrored = mirror.backlog + mirror.dead_letters
         if (current.backlog or current.dead_letters or unmirrored) and not force:
             problem = (
                 f"{current.backlog} events are not yet written, {current.dead_letters} are dead-lettered"

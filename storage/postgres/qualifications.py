@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -30,7 +31,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from server.domain.sealing import at_rest_form
-from storage.postgres.audit import Difference, advance_stream_id
+from storage.postgres.audit import advance_stream_id
 from storage.postgres.ledger import from_ms, to_ms
 from storage.postgres.stream_consumer import StreamConsumer
 from storage.redis.keys import Keys
@@ -112,9 +113,15 @@ class QualificationMirror(StreamConsumer):
             log.warning("blanking masks stored in clear failed; retried at the next start", exc_info=True)
 
 
-async def mirror_backlog(redis: Redis, keys: Keys) -> tuple[int, int]:
-    """Qualification changes not yet mirrored, and those dead-lettered (their stream lengths)."""
-    return await redis.xlen(keys.qualification_events), await redis.xlen(keys.qualification_events + ":dead")
+@dataclass(frozen=True)
+class MirrorDifference:
+    """A qualification counter on which Redis and the qualification mirror disagree: ``mirror``
+    is what the mirrored rows imply (not the ledger's: claims are not money)."""
+
+    kind: str  # qualification or voucher_pack
+    key: str
+    mirror: int
+    redis: int
 
 
 # A counter of the qualification hashes: (campaign, consumer key, field); the consumer key is ""
@@ -162,12 +169,12 @@ def qualification_counters(rows: Iterable[Mapping[str, Any]]) -> Counter[Counter
     return counters
 
 
-async def reconcile_qualifications(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> list[Difference]:
+async def reconcile_qualifications(connection: asyncpg.Connection, redis: Redis, keys: Keys) -> list[MirrorDifference]:
     """Every counter of the quota and holder hashes on which Redis and the mirrored rows
     disagree (zero and absent are the same): kind ``voucher_pack`` for a pack's, else
     ``qualification``; the key ``quota:<campaign>:<field>`` or
     ``holder:<campaign>:<consumer key>:<field>``. Meaningful with the qualification stream
-    drained (``mirror_backlog``), as the ledger's comparison is with the ledger stream drained."""
+    drained (``consumer_backlogs``), as the ledger's comparison is with the ledger stream drained."""
     rows = await connection.fetch(
         "SELECT campaign_id, consumer_key, category, state, pack_id, partner_id, request_id FROM qualifications"
     )
@@ -187,7 +194,7 @@ async def reconcile_qualifications(connection: asyncpg.Connection, redis: Redis,
             campaign_id, consumer_key, field = key
             kind = "voucher_pack" if field.startswith("pack:") else "qualification"
             name = f"holder:{campaign_id}:{consumer_key}:{field}" if consumer_key else f"quota:{campaign_id}:{field}"
-            differences.append(Difference(kind, name, mirrored[key], held[key]))
+            differences.append(MirrorDifference(kind, name, mirrored[key], held[key]))
     return differences
 
 

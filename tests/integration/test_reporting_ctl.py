@@ -38,7 +38,19 @@ async def test_reporting_reconcile_and_lag_over_the_gateway(services: Services, 
         assert "no differences" in clean.output and "ledger backlog: 0 events" in clean.output
         clean_json = await invoke([*base, "--json", "reporting", "reconcile"])
         assert clean_json.exit_code == 0, clean_json.output
-        assert json.loads(clean_json.output) == {"differences": [], "ledger_backlog": "0"}
+        none = {"backlog": "0", "dead_letters": "0"}
+        assert json.loads(clean_json.output) == {
+            "differences": [],
+            "ledger_backlog": "0",
+            "qualification_mirror": none,
+            "risk_events": none,
+            "sweeper": {
+                "overdue_holds": "0",
+                "overdue_qualifications": "0",
+                "set_aside_holds": "0",
+                "set_aside_qualifications": "0",
+            },
+        }
 
         terminal = AuthorizationClient(target, "t-main-01", env.credentials["t-main-01"], retry=RetryPolicy(1))
         try:

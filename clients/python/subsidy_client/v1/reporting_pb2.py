@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asubsidy/v1/reporting.proto\x12\nsubsidy.v1\"\x12\n\x10ReconcileRequest\"\x84\x01\n\x11\x43ounterDifference\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x14\n\x0cledger_value\x18\x03 \x01(\x03\x12\x13\n\x0bredis_value\x18\x04 \x01(\x03\x12\x14\n\x0cledger_owner\x18\x05 \x01(\t\x12\x13\n\x0bredis_owner\x18\x06 \x01(\t\"_\n\x11ReconcileResponse\x12\x32\n\x0b\x64ifferences\x18\x01 \x03(\x0b\x32\x1d.subsidy.v1.CounterDifference\x12\x16\n\x0eledger_backlog\x18\x02 \x01(\x03\"\x18\n\x16GetLedgerStatusRequest\"\x8c\x01\n\x17GetLedgerStatusResponse\x12\x15\n\rstream_length\x18\x01 \x01(\x03\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x13\n\x0bundelivered\x18\x03 \x01(\x03\x12\x1e\n\x16oldest_unwritten_age_s\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x05 \x01(\x03\x32\xb8\x01\n\x10ReportingService\x12H\n\tReconcile\x12\x1c.subsidy.v1.ReconcileRequest\x1a\x1d.subsidy.v1.ReconcileResponse\x12Z\n\x0fGetLedgerStatus\x12\".subsidy.v1.GetLedgerStatusRequest\x1a#.subsidy.v1.GetLedgerStatusResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asubsidy/v1/reporting.proto\x12\nsubsidy.v1\"\x12\n\x10ReconcileRequest\"\x9a\x01\n\x11\x43ounterDifference\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x14\n\x0cledger_value\x18\x03 \x01(\x03\x12\x13\n\x0bredis_value\x18\x04 \x01(\x03\x12\x14\n\x0cledger_owner\x18\x05 \x01(\t\x12\x13\n\x0bredis_owner\x18\x06 \x01(\t\x12\x14\n\x0cmirror_value\x18\x07 \x01(\x03\"6\n\rStreamBacklog\x12\x0f\n\x07\x62\x61\x63klog\x18\x01 \x01(\x03\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x02 \x01(\x03\"\x82\x01\n\x0eSweeperBacklog\x12\x15\n\roverdue_holds\x18\x01 \x01(\x03\x12\x1e\n\x16overdue_qualifications\x18\x02 \x01(\x03\x12\x17\n\x0fset_aside_holds\x18\x03 \x01(\x03\x12 \n\x18set_aside_qualifications\x18\x04 \x01(\x03\"\xf5\x01\n\x11ReconcileResponse\x12\x32\n\x0b\x64ifferences\x18\x01 \x03(\x0b\x32\x1d.subsidy.v1.CounterDifference\x12\x16\n\x0eledger_backlog\x18\x02 \x01(\x03\x12\x37\n\x14qualification_mirror\x18\x03 \x01(\x0b\x32\x19.subsidy.v1.StreamBacklog\x12.\n\x0brisk_events\x18\x04 \x01(\x0b\x32\x19.subsidy.v1.StreamBacklog\x12+\n\x07sweeper\x18\x05 \x01(\x0b\x32\x1a.subsidy.v1.SweeperBacklog\"\x18\n\x16GetLedgerStatusRequest\"\x8c\x01\n\x17GetLedgerStatusResponse\x12\x15\n\rstream_length\x18\x01 \x01(\x03\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x13\n\x0bundelivered\x18\x03 \x01(\x03\x12\x1e\n\x16oldest_unwritten_age_s\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x05 \x01(\x03\x32\xb8\x01\n\x10ReportingService\x12H\n\tReconcile\x12\x1c.subsidy.v1.ReconcileRequest\x1a\x1d.subsidy.v1.ReconcileResponse\x12Z\n\x0fGetLedgerStatus\x12\".subsidy.v1.GetLedgerStatusRequest\x1a#.subsidy.v1.GetLedgerStatusResponseB\'\n\rcn.subsidy.v1P\x01Z\x14subsidy/v1;subsidyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECONCILEREQUEST']._serialized_start=42
   _globals['_RECONCILEREQUEST']._serialized_end=60
   _globals['_COUNTERDIFFERENCE']._serialized_start=63
-  _globals['_COUNTERDIFFERENCE']._serialized_end=195
-  _globals['_RECONCILERESPONSE']._serialized_start=197
-  _globals['_RECONCILERESPONSE']._serialized_end=292
-  _globals['_GETLEDGERSTATUSREQUEST']._serialized_start=294
-  _globals['_GETLEDGERSTATUSREQUEST']._serialized_end=318
-  _globals['_GETLEDGERSTATUSRESPONSE']._serialized_start=321
-  _globals['_GETLEDGERSTATUSRESPONSE']._serialized_end=461
-  _globals['_REPORTINGSERVICE']._serialized_start=464
-  _globals['_REPORTINGSERVICE']._serialized_end=648
+  _globals['_COUNTERDIFFERENCE']._serialized_end=217
+  _globals['_STREAMBACKLOG']._serialized_start=219
+  _globals['_STREAMBACKLOG']._serialized_end=273
+  _globals['_SWEEPERBACKLOG']._serialized_start=276
+  _globals['_SWEEPERBACKLOG']._serialized_end=406
+  _globals['_RECONCILERESPONSE']._serialized_start=409
+  _globals['_RECONCILERESPONSE']._serialized_end=654
+  _globals['_GETLEDGERSTATUSREQUEST']._serialized_start=656
+  _globals['_GETLEDGERSTATUSREQUEST']._serialized_end=680
+  _globals['_GETLEDGERSTATUSRESPONSE']._serialized_start=683
+  _globals['_GETLEDGERSTATUSRESPONSE']._serialized_end=823
+  _globals['_REPORTINGSERVICE']._serialized_start=826
+  _globals['_REPORTINGSERVICE']._serialized_end=1010
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,9 @@ Global___ReconcileRequest: _TypeAlias = ReconcileRequest  # noqa: Y015
 
 @_typing.final
 class CounterDifference(_message.Message):
-    """One counter on which Redis and the ledger disagree."""
+    """One counter on which Redis and the ledger (or, for qualifications, the qualification mirror)
+    disagree.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -45,18 +47,26 @@ class CounterDifference(_message.Message):
     REDIS_VALUE_FIELD_NUMBER: _builtins.int
     LEDGER_OWNER_FIELD_NUMBER: _builtins.int
     REDIS_OWNER_FIELD_NUMBER: _builtins.int
+    MIRROR_VALUE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"budget", "usage" or "serial"."""
+    """"budget", "usage" or "serial" (against the ledger); "qualification" or "voucher_pack"
+    (against the qualification mirror).
+    """
     key: _builtins.str
     """For budget: campaign:category:field (reserved, spent, refunded); for usage:
-    campaign:consumer_key:category; for serial: gtin:serial.
+    campaign:consumer_key:category; for serial: gtin:serial; for qualification and
+    voucher_pack: quota:campaign:field or holder:campaign:consumer_key:field.
     """
     ledger_value: _builtins.int
-    """Numeric counters (budget in fen, usage in units)."""
+    """Numeric counters (budget in fen, usage in units); 0 for qualification and voucher_pack,
+    whose expected count is mirror_value.
+    """
     redis_value: _builtins.int
     ledger_owner: _builtins.str
     """Serial owners (authorization ids); empty when absent on that side."""
     redis_owner: _builtins.str
+    mirror_value: _builtins.int
+    """qualification and voucher_pack: the count the qualification mirror's rows imply."""
     def __init__(
         self,
         *,
@@ -66,14 +76,73 @@ class CounterDifference(_message.Message):
         redis_value: _builtins.int = ...,
         ledger_owner: _builtins.str = ...,
         redis_owner: _builtins.str = ...,
+        mirror_value: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "kind", b"kind", "ledger_owner", b"ledger_owner", "ledger_value", b"ledger_value", "redis_owner", b"redis_owner", "redis_value", b"redis_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "kind", b"kind", "ledger_owner", b"ledger_owner", "ledger_value", b"ledger_value", "mirror_value", b"mirror_value", "redis_owner", b"redis_owner", "redis_value", b"redis_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CounterDifference: _TypeAlias = CounterDifference  # noqa: Y015
+
+@_typing.final
+class StreamBacklog(_message.Message):
+    """A stream consumer's work: entries not yet written to PostgreSQL, and entries it set aside
+    (dead-lettered: rows missing from PostgreSQL until they are resolved).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    backlog: _builtins.int
+    dead_letters: _builtins.int
+    def __init__(
+        self,
+        *,
+        backlog: _builtins.int = ...,
+        dead_letters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "dead_letters", b"dead_letters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamBacklog: _TypeAlias = StreamBacklog  # noqa: Y015
+
+@_typing.final
+class SweeperBacklog(_message.Message):
+    """What the sweepers have not done: work overdue by more than a minute, and items set aside
+    because their expiry failed. Each is 0 on a healthy deployment.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OVERDUE_HOLDS_FIELD_NUMBER: _builtins.int
+    OVERDUE_QUALIFICATIONS_FIELD_NUMBER: _builtins.int
+    SET_ASIDE_HOLDS_FIELD_NUMBER: _builtins.int
+    SET_ASIDE_QUALIFICATIONS_FIELD_NUMBER: _builtins.int
+    overdue_holds: _builtins.int
+    overdue_qualifications: _builtins.int
+    set_aside_holds: _builtins.int
+    set_aside_qualifications: _builtins.int
+    def __init__(
+        self,
+        *,
+        overdue_holds: _builtins.int = ...,
+        overdue_qualifications: _builtins.int = ...,
+        set_aside_holds: _builtins.int = ...,
+        set_aside_qualifications: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["overdue_holds", b"overdue_holds", "overdue_qualifications", b"overdue_qualifications", "set_aside_holds", b"set_aside_holds", "set_aside_qualifications", b"set_aside_qualifications"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SweeperBacklog: _TypeAlias = SweeperBacklog  # noqa: Y015
 
 @_typing.final
 class ReconcileResponse(_message.Message):
@@ -81,19 +150,37 @@ class ReconcileResponse(_message.Message):
 
     DIFFERENCES_FIELD_NUMBER: _builtins.int
     LEDGER_BACKLOG_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_MIRROR_FIELD_NUMBER: _builtins.int
+    RISK_EVENTS_FIELD_NUMBER: _builtins.int
+    SWEEPER_FIELD_NUMBER: _builtins.int
     ledger_backlog: _builtins.int
     """Events still in the stream, not yet in the ledger, when the comparison ran."""
     @_builtins.property
     def differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___CounterDifference]: ...
+    @_builtins.property
+    def qualification_mirror(self) -> Global___StreamBacklog:
+        """The qualification mirror's stream when the comparison ran: while its backlog is above 0
+        the qualification and voucher_pack comparison is premature.
+        """
+
+    @_builtins.property
+    def risk_events(self) -> Global___StreamBacklog:
+        """The risk event writer's stream."""
+
+    @_builtins.property
+    def sweeper(self) -> Global___SweeperBacklog: ...
     def __init__(
         self,
         *,
         differences: _abc.Iterable[Global___CounterDifference] | None = ...,
         ledger_backlog: _builtins.int = ...,
+        qualification_mirror: Global___StreamBacklog | None = ...,
+        risk_events: Global___StreamBacklog | None = ...,
+        sweeper: Global___SweeperBacklog | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["qualification_mirror", b"qualification_mirror", "risk_events", b"risk_events", "sweeper", b"sweeper"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["differences", b"differences", "ledger_backlog", b"ledger_backlog"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["differences", b"differences", "ledger_backlog", b"ledger_backlog", "qualification_mirror", b"qualification_mirror", "risk_events", b"risk_events", "sweeper", b"sweeper"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

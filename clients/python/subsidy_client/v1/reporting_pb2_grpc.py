@@ -55,8 +55,11 @@ class ReportingServiceServicer:
 
     def Reconcile(self, request, context):
         """Compares every Redis budget, consumer-usage and serial counter with the sums over the
-        PostgreSQL ledger and lists each difference, to the fen. Meaningful once the ledger
-        writer has drained the stream (see ledger_backlog).
+        PostgreSQL ledger and lists each difference, to the fen; compares the qualification quota
+        and holder counters (voucher packs' included) with the qualification mirror in PostgreSQL;
+        and reports the sweepers' backlog and the stream consumers' (the same questions as
+        `subsidyctl ledger reconcile`). Meaningful once the ledger writer and the qualification
+        mirror have drained their streams (see ledger_backlog, qualification_mirror.backlog).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

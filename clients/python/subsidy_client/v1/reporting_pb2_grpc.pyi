@@ -37,8 +37,11 @@ class ReportingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ReportingServiceAsyncStub: ...
     Reconcile: _grpc.UnaryUnaryMultiCallable[_reporting_pb2.ReconcileRequest, _reporting_pb2.ReconcileResponse]
     """Compares every Redis budget, consumer-usage and serial counter with the sums over the
-    PostgreSQL ledger and lists each difference, to the fen. Meaningful once the ledger
-    writer has drained the stream (see ledger_backlog).
+    PostgreSQL ledger and lists each difference, to the fen; compares the qualification quota
+    and holder counters (voucher packs' included) with the qualification mirror in PostgreSQL;
+    and reports the sweepers' backlog and the stream consumers' (the same questions as
+    `subsidyctl ledger reconcile`). Meaningful once the ledger writer and the qualification
+    mirror have drained their streams (see ledger_backlog, qualification_mirror.backlog).
     """
     GetLedgerStatus: _grpc.UnaryUnaryMultiCallable[_reporting_pb2.GetLedgerStatusRequest, _reporting_pb2.GetLedgerStatusResponse]
     """How far the ledger is behind the Redis event stream."""
@@ -52,8 +55,11 @@ class ReportingServiceAsyncStub(ReportingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Reconcile: _aio.UnaryUnaryMultiCallable[_reporting_pb2.ReconcileRequest, _reporting_pb2.ReconcileResponse]  # type: ignore[assignment]
     """Compares every Redis budget, consumer-usage and serial counter with the sums over the
-    PostgreSQL ledger and lists each difference, to the fen. Meaningful once the ledger
-    writer has drained the stream (see ledger_backlog).
+    PostgreSQL ledger and lists each difference, to the fen; compares the qualification quota
+    and holder counters (voucher packs' included) with the qualification mirror in PostgreSQL;
+    and reports the sweepers' backlog and the stream consumers' (the same questions as
+    `subsidyctl ledger reconcile`). Meaningful once the ledger writer and the qualification
+    mirror have drained their streams (see ledger_backlog, qualification_mirror.backlog).
     """
     GetLedgerStatus: _aio.UnaryUnaryMultiCallable[_reporting_pb2.GetLedgerStatusRequest, _reporting_pb2.GetLedgerStatusResponse]  # type: ignore[assignment]
     """How far the ledger is behind the Redis event stream."""
@@ -70,8 +76,11 @@ class ReportingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_reporting_pb2.ReconcileResponse, _abc.Awaitable[_reporting_pb2.ReconcileResponse]]:
         """Compares every Redis budget, consumer-usage and serial counter with the sums over the
-        PostgreSQL ledger and lists each difference, to the fen. Meaningful once the ledger
-        writer has drained the stream (see ledger_backlog).
+        PostgreSQL ledger and lists each difference, to the fen; compares the qualification quota
+        and holder counters (voucher packs' included) with the qualification mirror in PostgreSQL;
+        and reports the sweepers' backlog and the stream consumers' (the same questions as
+        `subsidyctl ledger reconcile`). Meaningful once the ledger writer and the qualification
+        mirror have drained their streams (see ledger_backlog, qualification_mirror.backlog).
         """
 
     @_abc_1.abstractmethod
