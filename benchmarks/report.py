@@ -81,8 +81,10 @@ def git_facts() -> dict[str, Any]:
             completed = subprocess.run(["git", *arguments], capture_output=True, text=True, timeout=10, check=False)
         except OSError:
             return ""
-        return completed.stdout.strip()
+        return completed.stdout.rstrip()
 
+    # Porcelain lines are "XY path": the leading column is significant (" M benchmarks/x.py"),
+    # so the output is only right-stripped.
     changed = [line[3:] for line in run("status", "--porcelain").splitlines() if line]
     return {
         "commit": run("rev-parse", "--short=12", "HEAD"),
