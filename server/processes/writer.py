@@ -2,7 +2,8 @@
 
 Drains the ledger stream into PostgreSQL (storage/postgres/writer.py), mirrors qualifications
 into PostgreSQL in the same process (storage/postgres/qualifications.py), writes the risk events
-(storage/postgres/risk_events.py), and, with
+(storage/postgres/risk_events.py), with SUBSIDY_REDIS_CLUSTER_NODES also drains the Redis Cluster
+shards' ledger streams (storage/postgres/shard_writer.py), and, with
 SUBSIDY_WRITER_METRICS_LISTEN set, serves ``/metrics`` (Prometheus) and ``/health`` (JSON lag
 details) on it, over HTTPS when the gateway has a TLS certificate.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import logging
 import signal
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -55,12 +57,43 @@ def writer_config(config: Config) -> WriterConfig:
     )
 
 
+@dataclass
+class ShardWriting:
+    """The shard writer of this process (Redis Cluster, docs/scale-out.md 2.3) and its task, for
+    /metrics and /health: the task ends only on an EventCollision (or a bug in setting it up)."""
+
+    writer: ShardLedgerWriter
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def snapshot(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"running": self.running, "stats": dataclasses.asdict(self.writer.stats)}
+        if self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception():
+            details["stopped_by"] = type(self.task.exception()).__name__
+        try:
+            details.update(dataclasses.asdict(await self.writer.reader.lag()))
+        except Exception as error:  # the cluster unreachable: the shards cannot be drained either
+            log.warning("reading the shard streams' lag failed", exc_info=True)
+            details["error"] = type(error).__name__
+        return details
+
+    @staticmethod
+    def healthy(details: dict[str, Any]) -> bool:
+        return bool(details["running"]) and "error" not in details and details["dead_letters"] == 0
+
+
 class WriterMetrics:
     """Prometheus gauges and counters of the writer, refreshed from Redis on each scrape."""
 
-    def __init__(self, writer: LedgerWriter, publishing: PublishState | None = None) -> None:
+    def __init__(
+        self, writer: LedgerWriter, publishing: PublishState | None = None, shards: ShardWriting | None = None
+    ) -> None:
         self.writer = writer
         self.publishing = publishing or PublishState()
+        self.shards = shards
         self.registry = CollectorRegistry()
         labels = ["prefix"]
         self.stream_length = Gauge(
@@ -120,6 +153,24 @@ class WriterMetrics:
             [*labels, "consumer"],
             registry=self.registry,
         )
+        self.shard_writer_up = Gauge(
+            "subsidy_shard_writer_running",
+            "1 while the shard streams' writer runs (Redis Cluster); 0 once it stopped (alert)",
+            labels,
+            registry=self.registry,
+        )
+        self.shard_backlog = Gauge(
+            "subsidy_shard_stream_backlog",
+            "Entries of the Redis Cluster shards' ledger streams not yet written to PostgreSQL",
+            labels,
+            registry=self.registry,
+        )
+        self.shard_dead_letters = Gauge(
+            "subsidy_shard_stream_dead_letters",
+            "Entries of the shards' ledger streams set aside in their dead-letter streams (alert when > 0)",
+            labels,
+            registry=self.registry,
+        )
         self._written_seen = 0
 
     async def snapshot(self) -> dict[str, Any]:
@@ -143,7 +194,14 @@ class WriterMetrics:
         publishing = self.publishing.last
         self.unpublished_failed.labels(prefix).set(publishing.failed)
         self.unpublished_age.labels(prefix).set(publishing.oldest_age_s)
+        shards = await self.shards.snapshot() if self.shards is not None else None
+        if shards is not None:
+            self.shard_writer_up.labels(prefix).set(1 if shards["running"] else 0)
+            if "error" not in shards:
+                self.shard_backlog.labels(prefix).set(shards["backlog"])
+                self.shard_dead_letters.labels(prefix).set(shards["dead_letters"])
         return {
+            **({"shard_streams": shards} if shards is not None else {}),
             "publishing": {**dataclasses.asdict(publishing), "stuck": self.publishing.stuck},
             **dataclasses.asdict(current),
             "backlog": current.backlog,
@@ -155,8 +213,9 @@ class WriterMetrics:
 
 async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None) -> HttpEndpoint:
     """GET /metrics (Prometheus text) and GET /health (JSON: 503 when entries are dead-lettered
-    (ledger events, qualification changes, risk events) or the sweepers have overdue or set-aside
-    work, or an operator change has stayed unpublished for over a minute: publisher.py), by
+    (ledger events, qualification changes, risk events, shard stream events) or the sweepers have
+    overdue or set-aside work, or an operator change has stayed unpublished for over a minute:
+    publisher.py, or the shard writer has stopped or cannot read the cluster), by
     prometheus_client's server in a thread;
     HTTPS with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded
     with it). Every request refreshes the gauges from Redis on the writer's event loop."""
@@ -166,24 +225,25 @@ async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SS
         details = asyncio.run_coroutine_threadsafe(metrics.snapshot(), loop).result(timeout=5)
         healthy = details["dead_letters"] == 0 and not any(details["sweeper"].values())
         healthy = healthy and not any(stream["dead_letters"] for stream in details["streams"].values())
+        healthy = healthy and ("shard_streams" not in details or ShardWriting.healthy(details["shard_streams"]))
         return healthy and not details["publishing"]["stuck"], details
 
     return serve_http(listen, metrics.registry, health, ssl_context)
 
 
-async def run_shard_writer(config: Config, stopping: asyncio.Event) -> None:
-    """Drain every shard stream of the Redis Cluster at SUBSIDY_REDIS_CLUSTER_NODES until
-    ``stopping`` (docs/scale-out.md 2.3)."""
+def shard_writer_of(config: Config) -> ShardLedgerWriter:
+    """The writer of every shard stream of the Redis Cluster at SUBSIDY_REDIS_CLUSTER_NODES
+    (docs/scale-out.md 2.3); :func:`close_shard_writer` releases it."""
     startup = [ClusterNode(host, port) for host, port in cluster_nodes(config.redis_cluster_nodes)]
     cluster = RedisCluster(startup_nodes=startup, socket_timeout=10)
     reader = ShardStreamReader(cluster, config.redis_prefix, consumer=config.writer_consumer)
-    shard_writer = ShardLedgerWriter(reader, config.pg_dsn)
-    try:
-        await shard_writer.run(stopping)
-    finally:
-        await shard_writer.close()
-        await reader.aclose()
-        await cluster.aclose()
+    return ShardLedgerWriter(reader, config.pg_dsn)
+
+
+async def close_shard_writer(shard_writer: ShardLedgerWriter) -> None:
+    await shard_writer.close()
+    await shard_writer.reader.aclose()
+    await shard_writer.reader.cluster.aclose()
 
 
 async def run_writer(config: Config) -> None:
@@ -219,8 +279,12 @@ async def run_writer(config: Config) -> None:
     publishing = asyncio.create_task(
         run_publisher(config.pg_dsn, redis, Keys(config.redis_prefix), stopping, publish_state)
     )
+    # Redis Cluster (SUBSIDY_REDIS_CLUSTER_NODES): the shards' streams too (shard_writer.py).
+    shards = ShardWriting(shard_writer_of(config)) if config.redis_cluster_nodes else None
     server = (
-        await serve_metrics(WriterMetrics(writer, publish_state), config.writer_metrics_listen, metrics_tls(config))
+        await serve_metrics(
+            WriterMetrics(writer, publish_state, shards), config.writer_metrics_listen, metrics_tls(config)
+        )
         if config.writer_metrics_listen
         else None
     )
@@ -234,15 +298,18 @@ async def run_writer(config: Config) -> None:
     )
     # Supervision alerts (thresholds, merchant surges) even while no gateway is watched.
     alerting = asyncio.create_task(run_alert_watch(config, redis, stopping))
-    # Redis Cluster (SUBSIDY_REDIS_CLUSTER_NODES): the shards' streams too (shard_writer.py).
-    shard_writing = asyncio.create_task(run_shard_writer(config, stopping)) if config.redis_cluster_nodes else None
+    if shards is not None:
+        # Ends only on an EventCollision (logged critical): /health then answers 503.
+        shards.task = asyncio.create_task(shards.writer.run(stopping))
     try:
         await writer.run(stopping)
     finally:
         stopping.set()
         background = [mirroring, risk_writing, alerting, publishing, *([reporting] if reporting else [])]
-        background += [shard_writing] if shard_writing else []
+        background += [shards.task] if shards is not None and shards.task is not None else []
         await asyncio.gather(*background, return_exceptions=True)
         if server is not None:
             server.close()
+        if shards is not None:
+            await close_shard_writer(shards.writer)
         await redis.aclose()

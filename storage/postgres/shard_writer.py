@@ -6,7 +6,18 @@ unacknowledged entries first, then new ones, only entries the replicas have), st
 PostgreSQL transaction with ``ON CONFLICT (stream, entry_id) DO NOTHING``, and only then
 acknowledges it. A crash anywhere re-reads what was not acknowledged, and the insert skips what
 was stored; an entry stored under an id whose content differs is an :class:`EventCollision`,
-never a silent duplicate.
+never a silent duplicate: it stops the writer (``run`` raises; the writer process's /health then
+answers 503).
+
+A poison entry never stalls the streams (a batch spans every stream on every primary, so one
+entry kept pending would stop them all): an entry whose fields are not UTF-8, or whose row
+PostgreSQL refuses for its data (SQLSTATE classes 22 and 23, e.g. a NUL in a field: found by
+storing the batch's entries one by one once the batch is refused), is set aside whole in its
+stream's dead-letter stream ``<stream>:dead`` (same slot) and acknowledged, in one transaction
+on its primary; the rest of the batch is stored and acknowledged as usual. Any other
+PostgreSQL failure is the database's condition, not the entries': the batch stays pending and
+the writer backs off (0.1 s doubling to 5 s). ``ShardStreamReader.lag`` counts the backlog and
+the dead letters (the writer process's /metrics and /health).
 
 Not yet the gateway's writer: the shards emit the escrow events (funding, reservations,
 transfers) into ``shard_events``; posting them to the double-entry ledger comes with the
@@ -26,7 +37,11 @@ import asyncpg
 import orjson
 
 from storage.postgres.ledger import EventCollision
+from storage.postgres.stream_consumer import BACKOFF_S_MAX, BACKOFF_S_MIN, REFUSED_DATA
 from storage.redis.cluster.streams import ShardStreamReader, StreamEntry
+
+# PostgreSQL unavailable (the entries stay pending): its errors, and losing the connection.
+UNAVAILABLE = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 log = logging.getLogger("subsidy.shard_writer")
 
@@ -37,6 +52,7 @@ class ShardWriterStats:
     events_written: int = 0
     duplicates_skipped: int = 0
     postgres_failures: int = 0
+    dead_letters: int = 0  # entries set aside (not UTF-8, or refused by PostgreSQL for their data)
     trimmed: int = 0  # entries removed from the streams after every group acknowledged them
 
 
@@ -87,6 +103,7 @@ class ShardLedgerWriter:
         self._trimmed_at = float("-inf")
         self.stats = ShardWriterStats()
         self._connection: asyncpg.Connection | None = None
+        self._backoff_s = BACKOFF_S_MIN
 
     async def _pg(self) -> asyncpg.Connection:
         if self._connection is None or self._connection.is_closed():
@@ -94,15 +111,18 @@ class ShardLedgerWriter:
         return self._connection
 
     async def step(self) -> int:
-        """One batch: read, store, acknowledge. Returns the number of entries handled."""
+        """One batch: read, store, set poison entries aside, acknowledge. Returns the number of
+        entries handled (0 when PostgreSQL is unavailable: they stay pending)."""
         entries = await self.reader.read()
         if not entries:
             return 0
+        refused: list[tuple[StreamEntry, str]] = [(entry, "not UTF-8") for entry in entries if entry.raw is not None]
+        storable = [entry for entry in entries if entry.raw is None]
         try:
-            new = await store_entries(await self._pg(), entries)
+            new, refused_by_postgres = await self._store(storable)
         except EventCollision:
             raise  # a broken invariant: stop rather than acknowledge it away
-        except (Exception, asyncio.CancelledError) as error:
+        except (*UNAVAILABLE, asyncio.CancelledError) as error:
             if self._connection is not None:
                 self._connection.terminate()
                 self._connection = None
@@ -111,13 +131,44 @@ class ShardLedgerWriter:
             # PostgreSQL's condition, not the entries': they stay pending and come back.
             self.stats.postgres_failures += 1
             log.warning("postgres unavailable; will retry", extra={"error": type(error).__name__})
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self._backoff_s)
+            self._backoff_s = min(self._backoff_s * 2, BACKOFF_S_MAX)
             return 0
-        await self.reader.ack(entries)
+        self._backoff_s = BACKOFF_S_MIN
+        refused += refused_by_postgres
+        if refused:
+            # Kept, never dropped: a human looks at the dead-letter streams (/health is 503 meanwhile).
+            self.stats.dead_letters += await self.reader.dead_letter(refused)
+            for entry, reason in refused:
+                log.error(
+                    "shard event dead-lettered",
+                    extra={"stream": entry.stream, "entry": entry.entry_id, "reason": reason},
+                )
+        set_aside = {(entry.stream, entry.entry_id) for entry, _ in refused}
+        await self.reader.ack([entry for entry in storable if (entry.stream, entry.entry_id) not in set_aside])
         self.stats.batches += 1
         self.stats.events_written += new
-        self.stats.duplicates_skipped += len(entries) - new
+        self.stats.duplicates_skipped += len(storable) - len(refused_by_postgres) - new
         return len(entries)
+
+    async def _store(self, entries: list[StreamEntry]) -> tuple[int, list[tuple[StreamEntry, str]]]:
+        """Store the entries in one transaction; when PostgreSQL refuses the batch for its data,
+        one by one. Returns how many were new and the entries refused, with the reason."""
+        if not entries:
+            return 0, []
+        connection = await self._pg()
+        try:
+            return await store_entries(connection, entries), []
+        except REFUSED_DATA:
+            pass
+        new = 0
+        refused: list[tuple[StreamEntry, str]] = []
+        for entry in entries:
+            try:
+                new += await store_entries(connection, [entry])
+            except REFUSED_DATA as error:
+                refused.append((entry, type(error).__name__))
+        return new, refused
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

@@ -9,20 +9,32 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from server.processes.writer import ShardWriting, WriterMetrics, serve_metrics
 from storage.cluster_dev import LocalCluster
 from storage.postgres.ledger import EventCollision
 from storage.postgres.shard_writer import ShardLedgerWriter, store_entries
+from storage.postgres.writer import LedgerWriter, WriterConfig
 from storage.redis.cluster.escrow import EscrowBudget
-from storage.redis.cluster.streams import ShardStreamReader, StreamEntry, registry_key
+from storage.redis.cluster.streams import (
+    ShardStreamReader,
+    StreamEntry,
+    StreamsLag,
+    dead_letter_key,
+    hash_tag,
+    registry_key,
+)
 from tests.conftest import ROOT, Environment
 from tests.integration import cluster_fixtures
 from tests.integration.test_cluster_escrow import (
@@ -334,7 +346,8 @@ async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_c
 ) -> None:
     """``python -m server.ledger writer`` with SUBSIDY_REDIS_CLUSTER_NODES set (one node named;
     the client finds the others) drains the shards' streams of its prefix into PostgreSQL next
-    to the single Redis's ledger stream, trims them once idle, and stops cleanly on SIGTERM."""
+    to the single Redis's ledger stream, trims them once idle, shows the shard writer running
+    with no backlog in /health and /metrics, and stops cleanly on SIGTERM."""
     campaign = "p" + uuid.uuid4().hex[:8]
     escrow = EscrowBudget(cluster_client, prefix=environment.prefix, campaign_id=campaign, category=CATEGORY, shards=3)
     await escrow.setup(30)
@@ -348,6 +361,7 @@ async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_c
         "SUBSIDY_REDIS_URL": environment.redis_url,
         "SUBSIDY_REDIS_PREFIX": environment.prefix,
         "SUBSIDY_REDIS_CLUSTER_NODES": f"{host}:{port}",
+        "SUBSIDY_WRITER_METRICS_LISTEN": f"127.0.0.1:{(metrics_port := _free_port())}",
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server.ledger", "writer", cwd=ROOT, env=environ
@@ -365,6 +379,11 @@ async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_c
                 break
             await asyncio.sleep(0.1)
         assert await _in_redis(escrow) == {}
+        _, health = await _health(metrics_port)
+        assert health["shard_streams"]["running"] and health["shard_streams"]["streams"] >= 3
+        assert (health["shard_streams"]["backlog"], health["shard_streams"]["dead_letters"]) == (0, 0)
+        metric = f'{{prefix="{environment.prefix}"}}'
+        assert f"subsidy_shard_writer_running{metric} 1.0" in await _http_get(metrics_port, "/metrics")
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
@@ -372,6 +391,186 @@ async def test_the_writer_process_drains_the_shards_when_the_setting_names_the_c
             process.kill()
         await reader.aclose()
         await escrow.aclose()
+
+
+async def test_poison_entries_of_one_shard_are_set_aside_and_the_other_shards_stored(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """Shard 1's stream gets an entry with a NUL in a field (PostgreSQL refuses it: jsonb has no
+    \\u0000) and one whose fields are not UTF-8, among good ones on every shard. One drain:
+    every good entry of every shard stored exactly once, the two poison entries set aside whole
+    (fields as written, their entry id, the reason) in shard 1's dead-letter stream, in its
+    slot, and acknowledged; the lag counts 2 dead letters and no backlog; a second drain changes
+    nothing. PostgreSQL unreachable is not the entries' fault: nothing is set aside, the batch
+    stays pending. Fails without the poison handling (the batch was retried forever, and a
+    non-UTF-8 entry made every read raise)."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c7", category=CATEGORY, shards=3)
+    await escrow.setup(30)
+    for number in range(6):
+        assert (await escrow.reserve(number % 3, f"r{number}", 1)).approved
+    stream = escrow.ledger_key(1)
+    client = await escrow._node_client(stream)
+    nul = {b"event": b"RESERVED", b"id": b"bad\x00id", b"amount": b"1"}
+    not_utf8 = {b"event": b"RESERVED", b"id": b"\xff\xfe", b"amount": b"1"}
+    nul_id = (await client.xadd(stream, nul)).decode()  # type: ignore[arg-type]
+    not_utf8_id = (await client.xadd(stream, not_utf8)).decode()  # type: ignore[arg-type]
+    assert (await escrow.reserve(1, "after-the-poison", 1)).approved
+    poison = {(stream, nul_id), (stream, not_utf8_id)}
+    reader = ShardStreamReader(cluster_client, prefix)
+    writer = ShardLedgerWriter(reader, environment.pg_dsn, trim_interval_s=None)
+    unreachable = ShardLedgerWriter(reader, "postgresql://nobody@127.0.0.1:1/none")
+    try:
+        assert await unreachable.step() == 0 and unreachable.stats.postgres_failures == 1
+        assert unreachable.stats.dead_letters == 0 and await client.xlen(dead_letter_key(stream)) == 0
+        assert await reader.lag() == StreamsLag(streams=3, backlog=3 + 6 + 3, dead_letters=0)
+        assert await reader.backlog() == 12
+
+        await writer.drain(timeout_s=20)
+        in_redis = {key: fields for key, fields in (await _in_redis_raw(escrow)).items() if key not in poison}
+        stored = await _stored(environment, prefix)
+        assert stored == {key: {k.decode(): v.decode() for k, v in f.items()} for key, f in in_redis.items()}
+        assert len(stored) == 10 and writer.stats.events_written == 10 and writer.stats.duplicates_skipped == 0
+        assert writer.stats.dead_letters == 2 and reader.stats.undecodable == 2  # read by both writers
+
+        dead = dead_letter_key(stream)
+        assert hash_tag(dead) == hash_tag(stream)
+        assert await client.execute_command("CLUSTER", "KEYSLOT", dead) == await client.execute_command(
+            "CLUSTER", "KEYSLOT", stream
+        )
+        set_aside = {fields.pop(b"source_id").decode(): fields for _, fields in await client.xrange(dead)}  # type: ignore[union-attr]
+        assert set(set_aside) == {nul_id, not_utf8_id}
+        assert set_aside[nul_id].pop(b"reason") == b"UntranslatableCharacterError"
+        assert set_aside[not_utf8_id].pop(b"reason") == b"not UTF-8"
+        assert set_aside == {nul_id: nul, not_utf8_id: not_utf8}  # whole, as written
+        assert await reader.lag() == StreamsLag(streams=3, backlog=0, dead_letters=2)
+        assert await reader.backlog() == 0
+
+        await writer.drain(timeout_s=20)
+        assert await client.xlen(dead) == 2 and writer.stats.dead_letters == 2
+        assert len(await _stored(environment, prefix)) == 10
+    finally:
+        await writer.close()
+        await unreachable.close()
+        await reader.aclose()
+        await escrow.aclose()
+
+
+async def _in_redis_raw(escrow: EscrowBudget) -> dict[tuple[str, str], dict[bytes, bytes]]:
+    found = {}
+    for shard in range(escrow.shards):
+        stream = escrow.ledger_key(shard)
+        client = await escrow._node_client(stream)
+        for entry_id, fields in await client.xrange(stream):
+            found[(stream, entry_id.decode())] = fields
+    return found
+
+
+async def test_a_stopped_shard_writer_or_a_dead_letter_makes_the_writer_unhealthy(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
+) -> None:
+    """The writer process's /health and /metrics with the shard writer running: 200 and the
+    shard gauges at 0 once drained; a poison entry set aside: 503 and
+    subsidy_shard_stream_dead_letters 1, 200 again once a human removed it; an entry id stored
+    with other content (an EventCollision) stops the shard writer's task: 503 with running
+    false and subsidy_shard_writer_running 0 (it was 200: the task's death showed nowhere)."""
+    escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c8", category=CATEGORY, shards=3)
+    await escrow.setup(30)
+    for number in range(3):
+        assert (await escrow.reserve(number, f"r{number}", 1)).approved
+    redis = Redis.from_url(environment.redis_url)
+    ledger = LedgerWriter(
+        WriterConfig(pg_dsn=environment.pg_dsn, redis_url=environment.redis_url, prefix=environment.prefix), redis
+    )
+    await ledger.ensure_group()
+    reader = ShardStreamReader(cluster_client, prefix)
+    writer = ShardLedgerWriter(reader, environment.pg_dsn, idle_pause_s=0.05, trim_interval_s=None)
+    shards = ShardWriting(writer)
+    stopping = asyncio.Event()
+    shards.task = asyncio.create_task(writer.run(stopping))
+    server = await serve_metrics(WriterMetrics(ledger, shards=shards), "127.0.0.1:0")
+    stream = escrow.ledger_key(2)
+    client = await escrow._node_client(stream)
+    metric = f'{{prefix="{environment.prefix}"}}'
+    try:
+        status, health = await _health_until(server.port, lambda h: h["shard_streams"].get("backlog") == 0)
+        assert status == 200 and health["shard_streams"]["running"] and health["shard_streams"]["dead_letters"] == 0
+        metrics = await _http_get(server.port, "/metrics")
+        assert f"subsidy_shard_stream_backlog{metric} 0.0" in metrics
+        assert f"subsidy_shard_stream_dead_letters{metric} 0.0" in metrics
+        assert f"subsidy_shard_writer_running{metric} 1.0" in metrics
+
+        await client.xadd(stream, {"event": "RESERVED", "id": "nul\x00", "amount": "1"})
+        status, health = await _health_until(server.port, lambda h: h["shard_streams"].get("dead_letters") == 1)
+        assert (status, health["status"], health["shard_streams"]["backlog"]) == (503, "degraded", 0)
+        assert f"subsidy_shard_stream_dead_letters{metric} 1.0" in await _http_get(server.port, "/metrics")
+        await client.delete(dead_letter_key(stream))  # resolved by a human
+        assert (await _health(server.port))[0] == 200
+
+        # An id stored with other content than the stream's entry: a broken invariant.
+        forged_id = f"{await _now_ms(client) + 60_000}-0"
+        connection = await asyncpg.connect(environment.pg_dsn)
+        try:
+            await connection.execute(
+                "INSERT INTO shard_events (stream, entry_id, event_type, payload) VALUES ($1, $2, 'RESERVED', '{}')",
+                stream,
+                forged_id,
+            )
+        finally:
+            await connection.close()
+        await client.xadd(stream, {"event": "RESERVED", "id": "x", "amount": "1"}, id=forged_id)
+        for _ in range(300):
+            if shards.task.done():
+                break
+            await asyncio.sleep(0.1)
+        assert shards.task.done() and isinstance(shards.task.exception(), EventCollision)
+        status, health = await _health(server.port)
+        assert status == 503 and not health["shard_streams"]["running"]
+        assert health["shard_streams"]["stopped_by"] == "EventCollision" and health["shard_streams"]["backlog"] == 1
+        assert f"subsidy_shard_writer_running{metric} 0.0" in await _http_get(server.port, "/metrics")
+        assert f"subsidy_shard_stream_backlog{metric} 1.0" in await _http_get(server.port, "/metrics")
+    finally:
+        stopping.set()
+        await asyncio.gather(shards.task, return_exceptions=True)
+        server.close()
+        await writer.close()
+        await reader.aclose()
+        await escrow.aclose()
+        await redis.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _now_ms(client: Redis) -> int:
+    seconds, microseconds = await client.time()
+    return int(seconds) * 1000 + int(microseconds) // 1000
+
+
+async def _health(port: int) -> tuple[int, dict[str, Any]]:
+    head, _, body = (await _http_get(port, "/health")).partition("\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(body)
+
+
+async def _health_until(
+    port: int, condition: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0
+) -> tuple[int, dict[str, Any]]:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        status, health = await _health(port)
+        if condition(health) or asyncio.get_running_loop().time() > deadline:
+            return status, health
+        await asyncio.sleep(0.1)
+
+
+async def _http_get(port: int, path: str) -> str:
+    reader, stream = await asyncio.open_connection("127.0.0.1", port)
+    stream.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    body = (await reader.read()).decode()
+    stream.close()
+    return body
 
 
 async def test_registry_key_refuses_a_bad_prefix() -> None:

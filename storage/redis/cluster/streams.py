@@ -113,6 +113,34 @@ class StreamEntry:
     stream: str
     entry_id: str
     fields: dict[str, str]
+    # The fields as read when they are not UTF-8 (``fields`` is then decoded with replacement
+    # characters, for logs only): such an entry cannot be stored and is dead-lettered whole.
+    raw: dict[bytes, bytes] | None = None
+
+    def as_written(self) -> dict[bytes, bytes]:
+        """The entry's fields as the producer wrote them (bytes)."""
+        if self.raw is not None:
+            return self.raw
+        return {name.encode(): value.encode() for name, value in self.fields.items()}
+
+
+def dead_letter_key(stream: str) -> str:
+    """A stream's dead-letter stream: ``<stream>:dead``, in the stream's slot (the same hash
+    tag: a key's slot is its first ``{...}``), so the stream's primary sets an entry aside and
+    acknowledges it in one transaction."""
+    hash_tag(stream)
+    return stream + ":dead"
+
+
+@dataclass(frozen=True)
+class StreamsLag:
+    """The shard streams' stuck or waiting work: entries not yet acknowledged by the group
+    (pending or never delivered) and entries set aside in the dead-letter streams (alert when
+    > 0), over every registered stream."""
+
+    streams: int
+    backlog: int
+    dead_letters: int
 
 
 @dataclass
@@ -122,6 +150,7 @@ class ReaderStats:
     node_failures: int = 0  # a node's read skipped (dead, moved, loading, not a primary)
     groups_created: int = 0
     claimed: int = 0  # entries taken over from another consumer's pending list
+    undecodable: int = 0  # reads of entries whose fields are not UTF-8 (the writer sets them aside)
 
 
 @dataclass
@@ -246,7 +275,9 @@ class ShardStreamReader:
                 else:  # MOVED, ASK, TRYAGAIN, CLUSTERDOWN, READONLY, LOADING: read it later
                     failed = True
                 continue
-            entries.extend(_entries(reply))
+            found = _entries(reply)
+            self.stats.undecodable += sum(entry.raw is not None for entry in found)
+            entries.extend(found)
         if isinstance(fenced, ResponseError):
             failed = True
         if failed:
@@ -291,6 +322,69 @@ class ShardStreamReader:
                     await pipe.execute(raise_on_error=False)
             except NODE_ERRORS:
                 await self._node_failed()
+
+    async def dead_letter(self, refused: Sequence[tuple[StreamEntry, str]]) -> int:
+        """Set entries aside, each with the reason it was refused: per stream, one transaction on
+        its primary adds each entry whole (its fields as written, plus ``source_id``, the entry
+        id, and ``reason``) to the stream's dead-letter stream and acknowledges it. Returns how
+        many were set aside; a stream whose transaction failed (its node died or moved) keeps
+        its entries pending, and they come back on a later read (an entry whose transaction
+        was lost with its primary after it ran may then be set aside twice, never dropped)."""
+        by_stream: dict[str, list[tuple[StreamEntry, str]]] = {}
+        for entry, reason in refused:
+            by_stream.setdefault(entry.stream, []).append((entry, reason))
+        done = 0
+        try:
+            await self.nodes.load_map()
+        except NODE_ERRORS:
+            await self._node_failed()
+            return 0
+        for stream, items in by_stream.items():
+            try:
+                client = self.nodes.at(*self.nodes.address_of(stream))
+                async with client.pipeline(transaction=True) as pipe:
+                    for entry, reason in items:
+                        record = {
+                            **entry.as_written(),
+                            b"source_id": entry.entry_id.encode(),
+                            b"reason": reason.encode(),
+                        }
+                        pipe.xadd(dead_letter_key(stream), record)  # type: ignore[arg-type]
+                    pipe.xack(stream, self.group, *(entry.entry_id for entry, _ in items))
+                    await pipe.execute()
+                done += len(items)
+            except (*NODE_ERRORS, ResponseError):
+                await self._node_failed()
+        return done
+
+    async def lag(self) -> StreamsLag:
+        """The backlog and dead letters of every registered stream, read on the primaries now
+        (one pipeline per primary). Raises when a node does not answer."""
+        streams = await self.streams(reload=True)
+        grouped = await self._by_node(streams)
+        backlog = dead = 0
+        for address, names in grouped.items():
+            client = self.nodes.at(*address)
+            async with client.pipeline(transaction=False) as pipe:
+                for stream in names:
+                    pipe.xinfo_groups(stream)
+                    pipe.xlen(stream)
+                    pipe.xlen(dead_letter_key(stream))
+                replies = await pipe.execute()
+            for index, stream in enumerate(names):
+                groups, length, dead_length = replies[3 * index : 3 * index + 3]
+                dead += int(dead_length)
+                mine = next((item for item in groups if _text(item["name"]) == self.group), None)
+                if mine is None:
+                    backlog += int(length)
+                    continue
+                backlog += int(mine["pending"])
+                if mine.get("lag") is not None:  # Redis 7: entries not yet delivered to the group
+                    backlog += int(mine["lag"])
+                else:  # unknown after deletions in the range: count them
+                    after = "(" + _text(mine["last-delivered-id"])
+                    backlog += len(await client.xrange(stream, min=after, count=MAX_BATCH) or [])
+        return StreamsLag(len(streams), backlog, dead)
 
     async def trim(self) -> int:
         """Remove from every stream the entries that *every* group of it has acknowledged
@@ -356,13 +450,20 @@ class ShardStreamReader:
 
 
 def _entries(reply: Any) -> list[StreamEntry]:
-    """XREADGROUP's reply (redis-py's RESP2 shape) as entries; deleted ones left out."""
+    """XREADGROUP's reply (redis-py's RESP2 shape) as entries; deleted ones left out. Never
+    raises on an entry's content: one whose fields are not UTF-8 keeps them as read (``raw``)."""
     found = []
     for stream, messages in reply or []:
         for entry_id, fields in messages:
             if fields is None:
                 continue
-            found.append(StreamEntry(_text(stream), _text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
+            try:
+                decoded = {_strict(k): _strict(v) for k, v in fields.items()}
+                raw = None
+            except UnicodeDecodeError:
+                decoded = {_text(k): _text(v) for k, v in fields.items()}
+                raw = {_bytes(k): _bytes(v) for k, v in fields.items()}
+            found.append(StreamEntry(_text(stream), _text(entry_id), decoded, raw))
     return found
 
 
@@ -385,4 +486,13 @@ def _after(entry_id: str) -> str:
 
 
 def _text(value: bytes | str) -> str:
+    """Lenient: never raises (bytes that are not UTF-8 become replacement characters)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _strict(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
