@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -178,12 +179,21 @@ def consumer_key() -> str:
     return secrets.token_hex(32)
 
 
+_ID_NUMBERS_GIVEN: set[str] = set()
+
+
 def id_number() -> str:
     """A fresh, valid resident ID number (Hangzhou region code, a real birth date, a random
-    sequence and the GB 11643 check character); unique enough per call for the tests."""
-    born = date(1950, 1, 1) + timedelta(days=secrets.randbelow(365 * 50))
-    first = f"330109{born:%Y%m%d}{secrets.randbelow(1000):03d}"
-    return first + check_digit(first)
+    sequence and the GB 11643 check character), never the same twice in a test process: the
+    numbers come from about 18 million, so a flash crowd's 2,400 random draws repeated one about
+    one run in six, and a test counting distinct people was then one short."""
+    while True:
+        born = date(1950, 1, 1) + timedelta(days=secrets.randbelow(365 * 50))
+        first = f"330109{born:%Y%m%d}{secrets.randbelow(1000):03d}"
+        number = first + check_digit(first)
+        if number not in _ID_NUMBERS_GIVEN:
+            _ID_NUMBERS_GIVEN.add(number)
+            return number
 
 
 def consumer_key_of(number: str) -> str:
@@ -195,33 +205,74 @@ def serial() -> str:
     return "SN" + uuid.uuid4().hex[:16].upper()
 
 
-# snapshot() leaves out keys expiring within this many milliseconds.
-SNAPSHOT_EXPIRING_MS = 60_000
+class Snapshot(dict[bytes, Any]):
+    """Every key of the run and its logical value (``snapshot()``), compared knowing Redis's
+    expiry: two snapshots are equal when the keys both hold have the same values and each key
+    only one holds had run out its TTL by the time the other was taken. A nonce an earlier test
+    wrote 11 minutes before (on a busy machine) lapses between the two snapshots of a "change
+    nothing" check; that is Redis's expiry, not a write of the call under test. A key the call
+    writes or changes still makes them differ."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, values: dict[bytes, Any], deadlines_ms: dict[bytes, int], taken_ms: int) -> None:
+        super().__init__(values)
+        self.deadlines_ms = deadlines_ms  # the keys with a TTL: when they expire
+        self.taken_ms = taken_ms  # when the snapshot was complete
+
+    def without(self, prefix: bytes) -> Snapshot:
+        """The snapshot without the keys starting with ``prefix``."""
+        kept = {key: value for key, value in self.items() if not key.startswith(prefix)}
+        return Snapshot(kept, self.deadlines_ms, self.taken_ms)
+
+    def changed(self, later: Snapshot) -> set[bytes]:
+        """The keys written, changed or deleted between this snapshot and ``later``; a key that
+        ran out its TTL in between is not counted."""
+        differ = {key for key in self.keys() & later.keys() if self[key] != later[key]}
+        gone = {key for key in self.keys() - later.keys() if not self._expired_by(key, later)}
+        return differ | gone | (later.keys() - self.keys())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Snapshot):
+            return dict.__eq__(self, other)
+        earlier, later = (self, other) if self.taken_ms <= other.taken_ms else (other, self)
+        return not earlier.changed(later)
+
+    def _expired_by(self, key: bytes, other: Snapshot) -> bool:
+        deadline = self.deadlines_ms.get(key)
+        return deadline is not None and deadline <= other.taken_ms + SNAPSHOT_CLOCK_MS
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
 
 
-async def snapshot(redis: Redis, keys: Keys) -> dict[bytes, Any]:
-    """Every key of the run and its logical value, to prove a call changed nothing.
+# How far apart the test's clock and Redis's expiry may be when judging that a key lapsed.
+SNAPSHOT_CLOCK_MS = 1_000
+
+
+async def snapshot(redis: Redis, keys: Keys) -> Snapshot:
+    """Every key of the run and its logical value, to prove a call changed nothing (compare two
+    with ``==``: ``Snapshot`` knows which keys lapsed in between).
 
     Values are read per type rather than with DUMP: a hash's DUMP bytes can change when a read
     triggers an incremental rehash, though its contents did not. Reads are pipelined, since the
-    multi-process tests leave tens of thousands of keys behind.
-
-    A key that expires within the minute (or is gone by the second read) is left out: it may lapse between two snapshots
-    (a nonce an earlier test wrote 11 minutes ago on a busy machine), which is Redis's expiry,
-    not a write of the call under test. Every key a call writes lives longer than that (the
-    shortest, a nonce, 11 minutes), so a write is still seen."""
+    multi-process tests leave tens of thousands of keys behind. A key that expires while it is
+    being read is left out."""
     names = [key async for key in redis.scan_iter(match=keys.pattern(), count=10_000)]
+    started_ms = int(time.time() * 1000)
     async with redis.pipeline(transaction=False) as pipe:
         for key in names:
             pipe.pttl(key)
         lifetimes = await pipe.execute()
-    names = [key for key, ms in zip(names, lifetimes, strict=True) if ms != -2 and not 0 <= ms < SNAPSHOT_EXPIRING_MS]
+    deadlines_ms = {key: started_ms + ms for key, ms in zip(names, lifetimes, strict=True) if ms >= 0}
+    names = [key for key, ms in zip(names, lifetimes, strict=True) if ms != -2]
     async with redis.pipeline(transaction=False) as pipe:
         for key in names:
             pipe.type(key)
         kinds = await pipe.execute()
+    present = [(key, kind) for key, kind in zip(names, kinds, strict=True) if kind != b"none"]
     async with redis.pipeline(transaction=False) as pipe:
-        for key, kind in zip(names, kinds, strict=True):
+        for key, kind in present:
             if kind == b"string":
                 pipe.get(key)
             elif kind == b"hash":
@@ -233,4 +284,11 @@ async def snapshot(redis: Redis, keys: Keys) -> dict[bytes, Any]:
             else:
                 raise AssertionError(f"unexpected key type {kind!r} for {key!r}")
         values = await pipe.execute()
-    return {key: (kind, value) for key, kind, value in zip(names, kinds, values, strict=True)}
+    # A key gone between its TYPE and its read reads as nil or empty (Redis keeps no empty hash
+    # or sorted set; a stream may be empty and is kept).
+    found = {
+        key: (kind, value)
+        for (key, kind), value in zip(present, values, strict=True)
+        if value is not None and (kind == b"stream" or value)
+    }
+    return Snapshot(found, deadlines_ms, taken_ms=int(time.time() * 1000))

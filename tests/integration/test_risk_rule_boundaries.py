@@ -279,7 +279,7 @@ async def test_a_blocked_pack_claim_is_declined_with_the_block_and_reserves_noth
         await set_block(world, kind, subject, lift=True)
     assert claim_reason(declined) == expected
     assert not declined.HasField("qualification") and list(declined.qualifications) == []
-    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    changed = before.changed(after)
     nonce, answer = keys.nonce(app, "").encode(), keys.idempotency(app, "").encode()
     assert {key for key in changed if not key.startswith((nonce, answer))} == {keys.risk_events.encode()}
     assert [key for key in changed if key.startswith(answer)] != []
