@@ -37,7 +37,7 @@ import asyncpg
 import orjson
 
 from storage.postgres.ledger import EventCollision
-from storage.postgres.stream_consumer import BACKOFF_S_MAX, BACKOFF_S_MIN, REFUSED_DATA
+from storage.postgres.stream_consumer import BACKOFF_S_MAX, BACKOFF_S_MIN, REFUSED_DATA, reconnected
 from storage.redis.cluster.streams import ShardStreamReader, StreamEntry
 
 # PostgreSQL unavailable (the entries stay pending): its errors, and losing the connection.
@@ -105,11 +105,6 @@ class ShardLedgerWriter:
         self._connection: asyncpg.Connection | None = None
         self._backoff_s = BACKOFF_S_MIN
 
-    async def _pg(self) -> asyncpg.Connection:
-        if self._connection is None or self._connection.is_closed():
-            self._connection = await asyncpg.connect(self.pg_dsn, timeout=5)
-        return self._connection
-
     async def step(self) -> int:
         """One batch: read, store, set poison entries aside, acknowledge. Returns the number of
         entries handled (0 when PostgreSQL is unavailable: they stay pending)."""
@@ -156,7 +151,7 @@ class ShardLedgerWriter:
         one by one. Returns how many were new and the entries refused, with the reason."""
         if not entries:
             return 0, []
-        connection = await self._pg()
+        connection = self._connection = await reconnected(self._connection, self.pg_dsn)
         try:
             return await store_entries(connection, entries), []
         except REFUSED_DATA:

@@ -40,6 +40,14 @@ BACKOFF_S_MIN = 0.1
 BACKOFF_S_MAX = 5.0
 
 
+async def reconnected(connection: asyncpg.Connection | None, dsn: str) -> asyncpg.Connection:
+    """``connection`` while it is open, otherwise a new one (5 s to connect): a consumer's one
+    PostgreSQL connection, replaced after a failure closed or terminated it."""
+    if connection is None or connection.is_closed():
+        return await asyncpg.connect(dsn, timeout=5)
+    return connection
+
+
 @dataclass(frozen=True)
 class StreamBacklog:
     """A consumer's stuck or waiting work: entries not yet written (a handled entry is deleted,
@@ -116,11 +124,6 @@ class StreamConsumer(ABC):
             if "BUSYGROUP" not in str(error):
                 raise
 
-    async def _pg(self) -> asyncpg.Connection:
-        if self._connection is None or self._connection.is_closed():
-            self._connection = await asyncpg.connect(self._pg_dsn, timeout=5)
-        return self._connection
-
     async def _read(self, block: bool) -> list[tuple[bytes, dict[bytes, bytes]]]:
         return await read_group(
             self.redis,
@@ -149,7 +152,7 @@ class StreamConsumer(ABC):
                 )
                 refused.append((raw_id, fields))
         try:
-            connection = await self._pg()
+            connection = self._connection = await reconnected(self._connection, self._pg_dsn)
             try:
                 async with connection.transaction():
                     await connection.executemany(self.statement, [row for _, row in parsed])
