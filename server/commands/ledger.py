@@ -9,13 +9,15 @@ server/ctl/ledger.py; ``python -m server.ledger`` is their alias).
 - ``reconcile``: Redis counters against the ledger, the qualification quota and holder hashes
   (voucher packs' included) against the qualification mirror, the sweepers' backlog (holds and
   qualifications overdue by more than a minute, or set aside because their expiry failed) and
-  the stream consumers' (qualification mirror, risk events: unwritten, dead-lettered); a finding
-  on any difference, sweeper backlog or dead letter.
+  the stream consumers' (qualification mirror, risk events: unwritten, dead-lettered), and with
+  SUBSIDY_REDIS_CLUSTER_NODES the shard streams' (docs/scale-out.md 2.3); a finding on any
+  difference, sweeper backlog or dead letter, or shard streams that could not be read.
 - ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
   other providers' reports from theirs (after a Redis loss); refuses while either stream still
   holds unwritten entries unless ``--force``.
 - ``lag``: the stream backlog, the qualification mirror's and the risk event writer's (entries
-  not yet written and dead-lettered) and the sweepers' (overdue, set aside).
+  not yet written and dead-lettered), with SUBSIDY_REDIS_CLUSTER_NODES the shard streams', and
+  the sweepers' (overdue, set aside).
 - ``requeue-set-aside``: puts set-aside holds and qualifications back on their schedule, due
   now, once the defect that made their expiry fail is fixed (an item failing again is set
   aside again).
@@ -25,21 +27,24 @@ Each returns (exit status, result as plain data); the command line prints it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from server.commands.common import EXIT_PROBLEM, EXIT_USAGE
 from server.commands.exchange import Progress, reapply
-from server.config import Config
+from server.config import Config, cluster_nodes
 from storage.postgres.audit import rebuild, verify
-from storage.postgres.counter_check import check_counters
+from storage.postgres.counter_check import check_counters, shard_streams_lag
 from storage.postgres.qualifications import restore_qualifications
 from storage.postgres.stream_consumer import consumer_backlogs
 from storage.postgres.writer import lag
+from storage.redis.cluster.streams import ShardStreamReader, StreamsLag
 from storage.redis.keys import Keys
 from storage.redis.store import requeue_set_aside, sweep_backlog
 
@@ -54,6 +59,29 @@ def _no_step(_description: str) -> Progress:
     return lambda _done, _total: None
 
 
+@contextlib.asynccontextmanager
+async def shard_reader(config: Config) -> AsyncIterator[ShardStreamReader | None]:
+    """A reader of the shard streams of the Redis Cluster at SUBSIDY_REDIS_CLUSTER_NODES (None
+    when it is empty). Its lag() creates the writer's consumer group (from the streams' start)
+    on a registered stream that has none yet, as the writer itself would: nothing is read."""
+    if not config.redis_cluster_nodes:
+        yield None
+        return
+    startup = [ClusterNode(host, port) for host, port in cluster_nodes(config.redis_cluster_nodes)]
+    cluster = RedisCluster(startup_nodes=startup, socket_timeout=10)
+    reader = ShardStreamReader(cluster, config.redis_prefix)
+    try:
+        yield reader
+    finally:
+        await reader.aclose()
+        await cluster.aclose()
+
+
+def shard_streams_shown(shards: StreamsLag | str) -> dict[str, Any]:
+    """The shard streams' lag as shown: streams, backlog, dead_letters; or the error."""
+    return dataclasses.asdict(shards) if isinstance(shards, StreamsLag) else {"error": shards}
+
+
 async def redis_lag(config: Config) -> dict[str, Any]:
     """The backlogs, from Redis alone: lag answers while PostgreSQL is away (when it matters)."""
     redis = Redis.from_url(config.redis_url, socket_timeout=30)
@@ -63,12 +91,15 @@ async def redis_lag(config: Config) -> dict[str, Any]:
         ledger = {**dataclasses.asdict(current), "backlog": current.backlog}
         streams = await consumer_backlogs(redis, keys)
         qualifications, risk_events = streams["qualification_mirror"], streams["risk_events"]
+        async with shard_reader(config) as reader:
+            shards = {"shard_streams": shard_streams_shown(await shard_streams_lag(reader))} if reader else {}
         return {
             **ledger,
             "qualification_backlog": qualifications.backlog,
             "qualification_dead_letters": qualifications.dead_letters,
             "risk_event_backlog": risk_events.backlog,
             "risk_event_dead_letters": risk_events.dead_letters,
+            **shards,
             "sweeper": dataclasses.asdict(await sweep_backlog(redis, keys)),
         }
     finally:
@@ -97,15 +128,18 @@ async def with_connections(config: Config, action: str, force: bool, step: Step 
             report = await verify(connection)
             return (0 if report.ok else EXIT_PROBLEM), dataclasses.asdict(report)
         if action == "reconcile":
-            # The same questions as ReportingService.Reconcile (storage/postgres/counter_check.py).
+            # The same questions as ReportingService.Reconcile (storage/postgres/counter_check.py),
+            # and the shard streams' (only here: the gateway holds no cluster connection).
             # Qualification differences carry "mirror" where the ledger's carry "ledger": claims
             # are compared with the qualification mirror, not the ledger.
-            check = await check_counters(connection, redis, keys)
+            async with shard_reader(config) as reader:
+                check = await check_counters(connection, redis, keys, reader)
+            shards = {} if check.shard_streams is None else {"shard_streams": shard_streams_shown(check.shard_streams)}
             return (EXIT_PROBLEM if check.problem else 0), {
                 "differences": [dataclasses.asdict(item) for item in check.ledger_differences]
                 + [dataclasses.asdict(item) for item in check.mirror_differences],
                 "sweeper": dataclasses.asdict(check.sweeper),
-                "streams": {name: dataclasses.asdict(stream) for name, stream in check.streams.items()},
+                "streams": {name: dataclasses.asdict(stream) for name, stream in check.streams.items()} | shards,
             }
         current = await lag(redis, keys, "ledger-writer")
         # Dead-lettered snapshots count too: rebuilding from rows they should have updated would

@@ -66,14 +66,15 @@ def verify() -> None:
     _run("verify")
 
 
-@ledger.command(short_help="Redis counters against the ledger; the sweepers' backlog.")
+@ledger.command(short_help="Redis counters against the ledger and the mirror; backlogs, dead letters.")
 @json_option
 def reconcile() -> None:
     """Compare Redis budget, usage and serial counters with the ledger's sums and the
     qualification and voucher-pack counters with the qualification mirror, and report the
-    sweepers' overdue and set-aside work and the stream consumers' (qualification mirror, risk
-    events) backlog and dead letters (any difference, sweeper backlog or dead letter: exit
-    status 1)."""
+    sweepers' overdue and set-aside work and the backlog and dead letters of the stream
+    consumers (qualification mirror, risk events) and, with SUBSIDY_REDIS_CLUSTER_NODES, of the
+    Redis Cluster's shard streams (any difference, sweeper backlog or dead letter, or shard
+    streams that cannot be read: exit status 1)."""
     _run("reconcile")
 
 
@@ -88,12 +89,14 @@ def rebuild(force: bool) -> None:
     _run("rebuild", force)
 
 
-@ledger.command(short_help="The backlog of the ledger stream, the mirror and the sweepers.")
+@ledger.command(short_help="The backlog of the ledger stream, the other streams and the sweepers.")
 @json_option
 def lag() -> None:
     """The ledger stream's backlog (events not yet in PostgreSQL), dead letters, the
-    qualification mirror's and the risk event writer's backlog and dead letters, and the
-    sweepers' (Redis only)."""
+    qualification mirror's and the risk event writer's backlog and dead letters, with
+    SUBSIDY_REDIS_CLUSTER_NODES the shard streams' (shard_streams: streams, backlog,
+    dead_letters, or the error when the cluster cannot be read), and the sweepers' (Redis
+    only)."""
     _run("lag")
 
 

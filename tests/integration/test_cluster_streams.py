@@ -21,6 +21,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from server.commands.common import EXIT_PROBLEM
+from server.commands.ledger import with_connections
 from server.processes.writer import ShardWriting, WriterMetrics, serve_metrics
 from storage.cluster_dev import LocalCluster
 from storage.postgres.ledger import EventCollision
@@ -536,6 +538,67 @@ async def test_a_stopped_shard_writer_or_a_dead_letter_makes_the_writer_unhealth
         await reader.aclose()
         await escrow.aclose()
         await redis.aclose()
+
+
+async def test_ledger_lag_and_reconcile_show_the_shard_streams_when_the_setting_names_the_cluster(
+    cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment
+) -> None:
+    """``subsidyctl ledger lag`` and ``ledger reconcile`` with SUBSIDY_REDIS_CLUSTER_NODES set
+    show the shard streams' backlog and dead letters (under ``shard_streams``): a backlog is not
+    a finding, a dead letter is (reconcile exits 1, 0 again once it is removed; lag shows it and
+    exits 0, as for the other consumers), and a cluster that cannot be read is one too. Without
+    the setting their output has no ``shard_streams``. Fails without them (they showed only in
+    the writer's /health and /metrics)."""
+    escrow = EscrowBudget(cluster_client, prefix=environment.prefix, campaign_id="c9", category=CATEGORY, shards=3)
+    await escrow.setup(30)
+    for number in range(3):
+        assert (await escrow.reserve(number, f"r{number}", 1)).approved
+    host, port = redis_cluster.startup_nodes[0]
+    clustered = environment.config(redis_cluster_nodes=f"{host}:{port}")
+    stream = escrow.ledger_key(1)
+    client = await escrow._node_client(stream)
+    writer = ShardLedgerWriter(ShardStreamReader(cluster_client, environment.prefix), environment.pg_dsn)
+
+    async def shown(config: Any) -> tuple[int, dict[str, Any], int, dict[str, Any]]:
+        status, reconciled = await with_connections(config, "reconcile", force=False)
+        lag_status, lagging = await with_connections(config, "lag", force=False)
+        return status, reconciled, lag_status, lagging
+
+    try:
+        status, reconciled, _, lagging = await shown(environment.config())
+        assert status == 0 and set(reconciled["streams"]) == {"qualification_mirror", "risk_events"}
+        assert "shard_streams" not in lagging
+
+        waiting = {"streams": 3, "backlog": 3 + 3, "dead_letters": 0}  # SHARD_FUNDED, RESERVED per shard
+        status, reconciled, lag_status, lagging = await shown(clustered)
+        assert (status, reconciled["streams"]["shard_streams"]) == (0, waiting)
+        assert (lag_status, lagging["shard_streams"]) == (0, waiting)
+
+        await client.xadd(stream, {"event": "RESERVED", "id": "nul\x00", "amount": "1"})
+        await writer.drain(timeout_s=20)
+        dead = {"streams": 3, "backlog": 0, "dead_letters": 1}
+        status, reconciled, lag_status, lagging = await shown(clustered)
+        assert (status, reconciled["differences"], any(reconciled["sweeper"].values())) == (EXIT_PROBLEM, [], False)
+        assert reconciled["streams"] == {
+            "qualification_mirror": {"backlog": 0, "dead_letters": 0},
+            "risk_events": {"backlog": 0, "dead_letters": 0},
+            "shard_streams": dead,
+        }
+        assert (lag_status, lagging["shard_streams"]) == (0, dead)
+
+        await client.delete(dead_letter_key(stream))  # resolved by a human
+        status, reconciled, _, _ = await shown(clustered)
+        assert (status, reconciled["streams"]["shard_streams"]) == (0, {**dead, "dead_letters": 0})
+
+        nobody = environment.config(redis_cluster_nodes=f"127.0.0.1:{_free_port()}")
+        status, reconciled, lag_status, lagging = await shown(nobody)
+        assert (status, reconciled["differences"]) == (EXIT_PROBLEM, [])
+        assert reconciled["streams"]["shard_streams"] == lagging["shard_streams"] == {"error": "RedisClusterException"}
+        assert lag_status == 0
+    finally:
+        await writer.close()
+        await writer.reader.aclose()
+        await escrow.aclose()
 
 
 def _free_port() -> int:
