@@ -549,12 +549,17 @@ async def test_ledger_lag_and_reconcile_show_the_shard_streams_when_the_setting_
     exits 0, as for the other consumers), and a cluster that cannot be read is one too. Without
     the setting their output has no ``shard_streams``. Fails without them (they showed only in
     the writer's /health and /metrics)."""
+    host, port = redis_cluster.startup_nodes[0]
+    clustered = environment.config(redis_cluster_nodes=f"{host}:{port}")
+    # The prefix is the session's: earlier tests of this module left their shard streams
+    # (drained, none set aside); this test counts from what they left.
+    _, before = await with_connections(clustered, "lag", force=False)
+    earlier = before["shard_streams"]
+    assert earlier["dead_letters"] == 0, earlier
     escrow = EscrowBudget(cluster_client, prefix=environment.prefix, campaign_id="c9", category=CATEGORY, shards=3)
     await escrow.setup(30)
     for number in range(3):
         assert (await escrow.reserve(number, f"r{number}", 1)).approved
-    host, port = redis_cluster.startup_nodes[0]
-    clustered = environment.config(redis_cluster_nodes=f"{host}:{port}")
     stream = escrow.ledger_key(1)
     client = await escrow._node_client(stream)
     writer = ShardLedgerWriter(ShardStreamReader(cluster_client, environment.prefix), environment.pg_dsn)
@@ -569,14 +574,16 @@ async def test_ledger_lag_and_reconcile_show_the_shard_streams_when_the_setting_
         assert status == 0 and set(reconciled["streams"]) == {"qualification_mirror", "risk_events"}
         assert "shard_streams" not in lagging
 
-        waiting = {"streams": 3, "backlog": 3 + 3, "dead_letters": 0}  # SHARD_FUNDED, RESERVED per shard
+        streams = earlier["streams"] + 3
+        # SHARD_FUNDED and RESERVED per shard, on what earlier tests left waiting
+        waiting = {"streams": streams, "backlog": earlier["backlog"] + 3 + 3, "dead_letters": 0}
         status, reconciled, lag_status, lagging = await shown(clustered)
         assert (status, reconciled["streams"]["shard_streams"]) == (0, waiting)
         assert (lag_status, lagging["shard_streams"]) == (0, waiting)
 
         await client.xadd(stream, {"event": "RESERVED", "id": "nul\x00", "amount": "1"})
         await writer.drain(timeout_s=20)
-        dead = {"streams": 3, "backlog": 0, "dead_letters": 1}
+        dead = {"streams": streams, "backlog": 0, "dead_letters": 1}
         status, reconciled, lag_status, lagging = await shown(clustered)
         assert (status, reconciled["differences"], any(reconciled["sweeper"].values())) == (EXIT_PROBLEM, [], False)
         assert reconciled["streams"] == {

@@ -18,12 +18,16 @@ async def test_a_lapsed_key_is_not_a_change_and_every_write_is(environment: Envi
         f"{tag}:snapshot-test:{name}:{uuid.uuid4().hex}" for name in ("lapsing", "kept", "volatile")
     )
     try:
-        await redis.set(lapsing, b"1", px=300)
+        # Long enough to be read by a snapshot of tens of thousands of keys on a busy machine.
+        await redis.set(lapsing, b"1", px=10_000)
         await redis.set(kept, b"1")
         await redis.set(volatile, b"1", ex=600)
         before = await snapshot(redis, environment.keys)
         assert lapsing.encode() in before
-        await asyncio.sleep(0.4 + 1.0)  # past the TTL and the comparison's clock allowance
+        for _ in range(300):  # until Redis has expired it (10 s, and up to 20 s more when slow)
+            if not await redis.exists(lapsing):
+                break
+            await asyncio.sleep(0.1)
         after = await snapshot(redis, environment.keys)
         assert lapsing.encode() not in after
         assert after == before and before == after and not before != after
