@@ -3,13 +3,15 @@ needs the cluster imports the fixture by name, so no other test starts six redis
 
     from tests.integration import cluster_fixtures
     redis_cluster = cluster_fixtures.redis_cluster
+    cluster_client = cluster_fixtures.cluster_client  # a redis-py cluster client on it, per test
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from storage.cluster_dev import LocalCluster
 
@@ -24,3 +26,13 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    """redis-py's cluster client on the module's cluster, closed after the test."""
+    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in redis_cluster.startup_nodes])
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -9,11 +9,10 @@ import asyncio
 import multiprocessing
 import time
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import pytest
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 
 from storage.cluster_dev import ClusterNode as LocalNode
 from storage.cluster_dev import LocalCluster, command
@@ -31,18 +30,10 @@ from tests.integration import cluster_fixtures
 from tests.integration.escrow_load import LoadResult, LoadSpec, run_load
 
 redis_cluster = cluster_fixtures.redis_cluster  # the module's fixture
+cluster_client = cluster_fixtures.cluster_client
 
 SHARDS = 6
 CATEGORY = "phone"
-
-
-@pytest.fixture
-async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in redis_cluster.startup_nodes])
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _escrow(client: RedisCluster, shards: int = SHARDS) -> EscrowBudget:

@@ -12,14 +12,14 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 
 from server.commands.common import EXIT_PROBLEM
 from server.commands.ledger import with_connections
@@ -47,17 +47,9 @@ from tests.integration.test_cluster_escrow import (
 )
 
 redis_cluster = cluster_fixtures.redis_cluster  # the module's fixture
+cluster_client = cluster_fixtures.cluster_client
 
 CATEGORY = "phone"
-
-
-@pytest.fixture
-async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in redis_cluster.startup_nodes])
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

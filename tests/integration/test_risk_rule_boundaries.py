@@ -50,6 +50,7 @@ from tests.conftest import (
     running_gateway,
     snapshot,
 )
+from tests.integration.test_risk_rules import claim_reason
 
 BLOCKS = "/subsidy.v1.BlockListService/"
 CAMPAIGNS = "/subsidy.v1.CampaignService/"
@@ -232,12 +233,6 @@ async def claim_pack(wallet: QualificationClient, person: str, campaign_id: str)
         location=XIAOSHAN,
         fix_time_ms=int(time.time() * 1000),
     )
-
-
-def claim_reason(response: qpb.ClaimQualificationResponse) -> str:
-    if response.decision == qpb.CLAIM_DECISION_ISSUED:
-        return "ISSUED"
-    return qpb.ClaimDeclineReason.Name(response.decline_reason).removeprefix("CLAIM_DECLINE_REASON_")
 
 
 async def set_block(world: World, kind: int, subject: str, *, lift: bool = False) -> None:
