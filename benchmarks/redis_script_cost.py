@@ -4,9 +4,9 @@
 redis-server (``/usr/bin/redis-server``: AOF on, ``appendfsync always``) under valgrind's
 callgrind, loads the bench's reference data into it (``benchmarks/services.py``: one campaign with
 a huge budget, one product, the bench merchant; a scratch PostgreSQL database on the dev server,
-dropped at the end), and for the authorize script of each tree (``DIR/storage/redis/lua/_lib.lua``
-and ``authorize.lua`` with this checkout's bindings from ``storage/redis/contract.py``, so the
-trees must share the KEYS/ARGV contract; default: this checkout) sends ``--calls`` approvable
+dropped at the end), and for the authorize script of each tree (as that tree's own loader,
+``storage/redis/scripts.py``, puts it together, so a change of the loader or the bindings is
+measured too; the trees must share the KEYS/ARGV contract; default: this checkout) sends ``--calls`` approvable
 one-line Authorizes built as ``benchmarks/redis_direct.py`` builds them (32 pipelined), after 200
 unmeasured ones, on reference data restored afresh. It prints the instructions per call of the
 whole redis-server, of EVALSHA alone (what ``usec_per_call`` times) and of feeding the AOF.
@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -40,15 +42,21 @@ DEPTH = 32
 DATABASE = "subsidy_script_cost"
 PREFIX = "cost"  # the Redis key prefix of the reference data and the calls
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Prints the authorize script as the loader of the checkout it runs in builds it.
+LOADED = (
+    "import sys; from storage.redis.contract import AUTHORIZE; from storage.redis.scripts import script_source;"
+    " sys.stdout.write(script_source(AUTHORIZE))"
+)
 # The callgrind functions reported, by the name callgrind_annotate gives them.
 PARTS = {"evalsha": "evalShaCommand", "aof_feed": "propagatePendingCommands"}
 
 
 def script_source(tree: Path) -> str:
-    lua = tree / "storage" / "redis" / "lua"
-    library = (lua / "_lib.lua").read_text(encoding="utf-8")
-    own = (lua / "authorize.lua").read_text(encoding="utf-8")
-    return library + "\n" + AUTHORIZE.lua_bindings() + "\n" + own
+    """The authorize script as the tree's loader builds it (run in a process importing the tree)."""
+    return subprocess.run(
+        [sys.executable, "-c", LOADED],
+        cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
 
 
 def send_all(sock: socket.socket, commands: list[bytes]) -> Counter[str]:

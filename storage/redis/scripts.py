@@ -1,8 +1,11 @@
 """Loads the Lua scripts (package files) once and calls them by SHA.
 
-Each script is ``_lib.lua``, then the bindings its declaration in ``storage/redis/contract.py``
-produces (``KEY``, ``ARG``, its enum constants), then the script's own file, so shared helpers
-need no cross-script calls and no script reads ``KEYS[i]`` or ``ARGV[i]`` itself. A call is
+Each script is the part of ``_lib.lua`` it uses, then the bindings its declaration in
+``storage/redis/contract.py`` produces (``KEY``, ``ARG``, its enum constants), then the script's
+own file, so shared helpers need no cross-script calls and no script reads ``KEYS[i]`` or
+``ARGV[i]`` itself. Only the helpers a script calls (directly or through other helpers) are put
+in: every ``local function`` of the library is a closure built anew on every call of the script,
+so an unused one is a cost (README, "The authorize script inside Redis"). A call is
 one EVALSHA; on NOSCRIPT (after a Redis restart or SCRIPT FLUSH) it loads the script and
 retries, as redis-py's Script objects do, so callers never see the miss.
 
@@ -14,6 +17,7 @@ callers (``storage/redis/store.py``) see the same replies and the same exception
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from importlib import resources
 from itertools import chain
@@ -32,11 +36,64 @@ A = TypeVar("A", bound=tuple[Any, ...])
 R = TypeVar("R")
 
 
+# A top-level definition of _lib.lua: "local function name(" or "local NAME =" at column 0.
+DEFINITION = re.compile(r"local\s+(?:function\s+)?([A-Za-z_]\w*)")
+# What the used names are found among: comments and string literals (skipped), and names that
+# are not a field (after "." or ":").
+TOKENS = re.compile(
+    r"""--\[(?P<level>=*)\[.*?\](?P=level)\]|--[^\n]*"""
+    r"""|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*"|\[(?P<string>=*)\[.*?\](?P=string)\]"""
+    r"""|(?<![\w.:])(?P<name>[A-Za-z_]\w*)""",
+    re.DOTALL,
+)
+
+
 def script_source(script: Script[Any, Any, Any]) -> str:
     package = resources.files("storage.redis") / "lua"
     library = (package / "_lib.lua").read_text(encoding="utf-8")
     own = (package / f"{script.name}.lua").read_text(encoding="utf-8")
-    return library + "\n" + script.lua_bindings() + "\n" + own
+    bindings = script.lua_bindings()
+    return library_used_by(library, bindings + own) + "\n" + bindings + "\n" + own
+
+
+def library_used_by(library: str, code: str) -> str:
+    """The library's opening comment and the definitions ``code`` uses, directly or through
+    the definitions it uses (each with the comment above it), in the library's order."""
+    opening, definitions = _definitions(library)
+    used: set[str] = set()
+    wanted = _names(code)
+    while wanted - used:
+        used |= wanted
+        wanted = used.union(*(_names(text) for name, text in definitions if name in used))
+    return opening + "".join(text for name, text in definitions if name in used)
+
+
+def _definitions(library: str) -> tuple[str, list[tuple[str, str]]]:
+    """The library's opening comment, and its top-level definitions in order: (name, text),
+    the text starting with the comment lines above the definition."""
+    opening, definitions, pending = "", [], ""
+    for line in library.splitlines(keepends=True):
+        found = DEFINITION.match(line)
+        if found:
+            definitions.append((found.group(1), pending + line))
+            pending = ""
+        elif not definitions:
+            opening += line
+        elif line.startswith("--") or not line.strip():
+            pending += line  # the comment above the next definition, or a blank line
+        else:
+            name, text = definitions[-1]
+            definitions[-1] = (name, text + pending + line)
+            pending = ""
+    if definitions:
+        name, text = definitions[-1]
+        definitions[-1] = (name, text + pending)
+    return opening, definitions
+
+
+def _names(code: str) -> set[str]:
+    """The names ``code`` reads outside comments and strings, fields excluded."""
+    return {found.group("name") for found in TOKENS.finditer(code) if found.group("name")}
 
 
 class Scripts:
