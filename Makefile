@@ -76,11 +76,12 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 ## Only the Redis Cluster tests (issue 16): a local 6-node cluster, the escrow budget shards
-## under load, a killed primary and a moving slot, the shard streams drained into PostgreSQL
+## under load, a killed primary and a moving slot, the shard streams drained into PostgreSQL,
+## the unchanged sale scripts in consumer shards
 ## (part of make test too; 70-130 s here, with the machine's load).
 test-cluster: $(STAMP)
 	$(PY) -m pytest tests/integration/test_cluster_harness.py tests/integration/test_cluster_escrow.py \
-		tests/integration/test_cluster_streams.py
+		tests/integration/test_cluster_streams.py tests/integration/test_cluster_shards.py
 
 ## Property-based fuzzing of the public RPCs (tests/fuzz/run.py): at least 100,000 calls through a
 ## real gateway; prints the case count, the seed and the time. SUBSIDY_FUZZ_CASES / _SEED override.

@@ -14,24 +14,32 @@ from dataclasses import dataclass
 from functools import cached_property
 
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,40}\Z")
+# A shard's part of the hash tag on a Redis Cluster: "s<shard>.<salt>" (storage/redis/cluster/shards.py).
+SHARD_PATTERN = re.compile(r"s[0-9]{1,4}\.[0-9]{1,6}")
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str
+    # On a Redis Cluster, the keys of one consumer shard: every key named here then carries the
+    # tag ``{prefix:<shard>}`` instead of ``{prefix}``, so that each shard is a whole deployment's
+    # key set in one hash slot and every script runs unchanged inside it (docs/scale-out.md).
+    shard: str = ""
 
     def __post_init__(self) -> None:
         if not PREFIX_PATTERN.match(self.prefix):
             raise ValueError(f"redis key prefix must match {PREFIX_PATTERN.pattern}")
+        if self.shard and not SHARD_PATTERN.fullmatch(self.shard):
+            raise ValueError(f"redis key shard must match {SHARD_PATTERN.pattern}")
 
     @cached_property
     def tag(self) -> str:
         # Built once: an Authorize names ~23 keys, each starting with it (issue 15).
-        return "{" + self.prefix + "}"
+        return "{" + self.prefix + (":" + self.shard if self.shard else "") + "}"
 
     def pattern(self) -> str:
-        """A SCAN pattern matching every key of this deployment."""
-        return "{" + self.prefix + "}:*"
+        """A SCAN pattern matching every key of this deployment (of this shard, for a shard's)."""
+        return self.tag + ":*"
 
     def nonce(self, terminal_id: str, nonce: str) -> str:
         return f"{self.tag}:nonce:{terminal_id}:{nonce}"

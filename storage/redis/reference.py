@@ -7,6 +7,7 @@ touched here; only each category's released total is set.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any
@@ -111,121 +112,152 @@ def pack_json(packs: list[dict[str, Any]]) -> bytes:
     )
 
 
-def _place_stores(pipe: Any, keys: Keys, snapshot: ReferenceSnapshot) -> None:
-    """Region-bound redemption, precomputed: each campaign with redeem_in_region_only gets the
-    set of stores inside its region. A published campaign's set is replaced whole (its region
-    may have changed; the snapshot then holds every store); for the others, only the published
-    merchants' stores are placed in or taken out. A published campaign that does not bind
-    redemption has no set."""
+@dataclass(frozen=True)
+class StorePlacement:
+    """Region-bound redemption, precomputed from a snapshot (once, also on a cluster where it is
+    written into each shard): the published campaigns whose store set goes (they no longer bind
+    redemption), each bound campaign's stores inside its region, and every store of the snapshot."""
+
+    unbound: frozenset[str]
+    inside: dict[str, set[str]]
+    stores: frozenset[str]
+
+
+def store_placement(snapshot: ReferenceSnapshot) -> StorePlacement:
     published = {campaign["campaign_id"] for campaign in snapshot.campaigns}
     bound = {row["campaign_id"]: row["region"] for row in snapshot.bound_campaigns}
     stores = [(row["store_id"], row["latitude"], row["longitude"]) for row in snapshot.stores]
-    for campaign_id in published - set(bound):
+    return StorePlacement(
+        frozenset(published - set(bound)),
+        {campaign_id: geo.stores_inside(region, stores) for campaign_id, region in bound.items()},
+        frozenset(store_id for store_id, _, _ in stores),
+    )
+
+
+def _place_stores(pipe: Any, keys: Keys, snapshot: ReferenceSnapshot, placement: StorePlacement) -> None:
+    """Each campaign with redeem_in_region_only gets the set of stores inside its region. A
+    published campaign's set is replaced whole (its region may have changed; the snapshot then
+    holds every store); for the others, only the published merchants' stores are placed in or
+    taken out. A published campaign that does not bind redemption has no set."""
+    published = {campaign["campaign_id"] for campaign in snapshot.campaigns}
+    for campaign_id in placement.unbound:
         pipe.delete(keys.region_stores(campaign_id))
-    for campaign_id, region in bound.items():
-        inside = geo.stores_inside(region, stores)
+    for campaign_id, inside in placement.inside.items():
         key = keys.region_stores(campaign_id)
         if campaign_id in published:
             pipe.delete(key)
-        outside = {store_id for store_id, _, _ in stores} - inside
+        outside = placement.stores - inside
         if inside:
             pipe.sadd(key, *sorted(inside))
         if outside and campaign_id not in published:
             pipe.srem(key, *sorted(outside))
 
 
-async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapshot) -> int:
-    """Writes the snapshot into Redis; returns the new reference version."""
-    rules_by_campaign: dict[str | bytes, Any] = {}
+def rules_by_campaign(snapshot: ReferenceSnapshot, tranches: bool) -> dict[str | bytes, Any]:
+    rules: dict[str | bytes, Any] = {}
     for row in snapshot.rules:
-        rules_by_campaign.setdefault(row["campaign_id"], {})[row["category"]] = rule_json(row)
-    async with redis.pipeline(transaction=True) as pipe:
-        for campaign in snapshot.campaigns:
-            campaign_id = campaign["campaign_id"]
-            pipe.hset(
-                keys.campaign(campaign_id),
-                mapping={
-                    "status": campaign["status"],
-                    "starts_ms": _epoch_ms(campaign["starts_at"]),
-                    "ends_ms": _epoch_ms(campaign["ends_at"]),
-                    # Qualifications: validity (0: the campaign issues none), what a full refund
-                    # does, and the claim's location rules and region (read by the service).
-                    "q_validity_s": campaign.get("qualification_validity_s", 0),
-                    "q_refund": campaign.get("refund_policy", "COUNT_AS_USED"),
-                    "loc_accuracy_m": campaign.get("location_max_accuracy_m", 100),
-                    "loc_age_s": campaign.get("location_max_age_s", 300),
-                    "region": _region_text(campaign.get("region")),
-                    # Redemption-side rules, read by authorize.lua (region_bound, day_limit: 0
-                    # for none, loc_redeem) and claim_qualification.lua (q_reclaim).
-                    "region_bound": "1" if campaign.get("redeem_in_region_only") else "0",
-                    "day_limit": campaign.get("per_merchant_daily_limit") or 0,
-                    "q_reclaim": "1" if campaign.get("reclaim_after_expiry") else "0",
-                    "loc_redeem": "1" if campaign.get("require_location_at_redemption") else "0",
-                    # Hot-path risk rules, read by authorize.lua: "" for none.
-                    "risk": risk_field(campaign.get("risk_limits")),
-                },
-            )
-            # Replace the rule set whole, so a category removed from the campaign disappears.
-            pipe.delete(keys.rules(campaign_id))
-            if rules_by_campaign.get(campaign_id):
-                pipe.hset(keys.rules(campaign_id), mapping=rules_by_campaign[campaign_id])
-        for row in snapshot.rules:
-            pipe.hset(keys.budget(row["campaign_id"]), f"{row['category']}:total", row["budget_fen"])
-        # Voucher packs, read by claim_qualification.lua; replaced whole ("{}": none).
-        for campaign in snapshot.campaigns:
-            campaign_id = campaign["campaign_id"]
-            pipe.hset(keys.campaign(campaign_id), "packs", pack_json(snapshot.packs.get(campaign_id, [])))
-        for merchant in snapshot.merchants:
-            scope = "," + ",".join(merchant["categories"]) + "," if merchant["categories"] else ""
-            pipe.hset(
-                keys.merchant(merchant["merchant_id"]), mapping={"status": merchant["status"], "categories": scope}
-            )
-        _place_stores(pipe, keys, snapshot)
-        for terminal in snapshot.terminals:
-            pipe.hset(
-                keys.terminal(terminal["terminal_id"]),
-                # The store: where the terminal sells, for region-bound campaigns ("" for none).
-                mapping={
-                    "status": terminal["status"],
+        if not tranches:
+            row = {**row, "tranches": []}
+        rules.setdefault(row["campaign_id"], {})[row["category"]] = rule_json(row)
+    return rules
+
+
+def write_sale_reference(
+    pipe: Any,
+    keys: Keys,
+    snapshot: ReferenceSnapshot,
+    rules_by_campaign: dict[str | bytes, Any],
+    placement: StorePlacement,
+) -> None:
+    """What the scripts read for a sale or a claim: campaigns, rules, packs, merchants, the
+    region-bound stores, terminals (one Redis: the deployment's keys; a cluster: each shard's)."""
+    for campaign in snapshot.campaigns:
+        campaign_id = campaign["campaign_id"]
+        pipe.hset(
+            keys.campaign(campaign_id),
+            mapping={
+                "status": campaign["status"],
+                "starts_ms": _epoch_ms(campaign["starts_at"]),
+                "ends_ms": _epoch_ms(campaign["ends_at"]),
+                # Qualifications: validity (0: the campaign issues none), what a full refund
+                # does, and the claim's location rules and region (read by the service).
+                "q_validity_s": campaign.get("qualification_validity_s", 0),
+                "q_refund": campaign.get("refund_policy", "COUNT_AS_USED"),
+                "loc_accuracy_m": campaign.get("location_max_accuracy_m", 100),
+                "loc_age_s": campaign.get("location_max_age_s", 300),
+                "region": _region_text(campaign.get("region")),
+                # Redemption-side rules, read by authorize.lua (region_bound, day_limit: 0
+                # for none, loc_redeem) and claim_qualification.lua (q_reclaim).
+                "region_bound": "1" if campaign.get("redeem_in_region_only") else "0",
+                "day_limit": campaign.get("per_merchant_daily_limit") or 0,
+                "q_reclaim": "1" if campaign.get("reclaim_after_expiry") else "0",
+                "loc_redeem": "1" if campaign.get("require_location_at_redemption") else "0",
+                # Hot-path risk rules, read by authorize.lua: "" for none.
+                "risk": risk_field(campaign.get("risk_limits")),
+                # Voucher packs, read by claim_qualification.lua; replaced whole ("{}": none).
+                "packs": pack_json(snapshot.packs.get(campaign_id, [])),
+            },
+        )
+        # Replace the rule set whole, so a category removed from the campaign disappears.
+        pipe.delete(keys.rules(campaign_id))
+        if rules_by_campaign.get(campaign_id):
+            pipe.hset(keys.rules(campaign_id), mapping=rules_by_campaign[campaign_id])
+    for merchant in snapshot.merchants:
+        scope = "," + ",".join(merchant["categories"]) + "," if merchant["categories"] else ""
+        pipe.hset(keys.merchant(merchant["merchant_id"]), mapping={"status": merchant["status"], "categories": scope})
+    _place_stores(pipe, keys, snapshot, placement)
+    for terminal in snapshot.terminals:
+        pipe.hset(
+            keys.terminal(terminal["terminal_id"]),
+            # The store: where the terminal sells, for region-bound campaigns ("" for none).
+            mapping={
+                "status": terminal["status"],
+                "merchant": terminal["merchant_id"],
+                "store": terminal.get("store_id") or "",
+            },
+        )
+
+
+def write_credentials(pipe: Any, keys: Keys, snapshot: ReferenceSnapshot) -> None:
+    """Every caller's credential, in the deployment's own keys (one copy, also on a cluster)."""
+    for terminal in snapshot.terminals:
+        pipe.hset(
+            keys.credentials,
+            terminal["terminal_id"],
+            orjson.dumps(
+                {
+                    "role": "terminal",
                     "merchant": terminal["merchant_id"],
-                    "store": terminal.get("store_id") or "",
-                },
-            )
-            pipe.hset(
-                keys.credentials,
-                terminal["terminal_id"],
-                orjson.dumps(
-                    {
-                        "role": "terminal",
-                        "merchant": terminal["merchant_id"],
-                        "secret": terminal["secret"],
-                        # Mutual TLS required (server/rpc/tls.py); absent means not required.
-                        "mtls": bool(terminal.get("require_client_certificate", False)),
-                    }
-                ),
-            )
-        for operator in snapshot.operators:
-            # A suspended operator's credential is withdrawn; a suspended terminal's is kept so
-            # that its calls get the TERMINAL_INACTIVE decline.
-            if operator["status"] == "ACTIVE":
-                # operator, government or auditor (migration 0010; server/rpc/auth.py)
-                record = {"role": operator.get("role", "operator"), "merchant": "", "secret": operator["secret"]}
-                pipe.hset(keys.credentials, operator["operator_id"], orjson.dumps(record))
-            else:
-                pipe.hdel(keys.credentials, operator["operator_id"])
-        for partner in snapshot.partners:
-            if partner["status"] == "ACTIVE":
-                role = "partner" if partner["kind"] == "APP" else "provider"
-                record = {
-                    "role": role,
-                    "merchant": "",
-                    "secret": partner["secret"],
-                    "mtls": bool(partner.get("require_client_certificate", False)),
+                    "secret": terminal["secret"],
+                    # Mutual TLS required (server/rpc/tls.py); absent means not required.
+                    "mtls": bool(terminal.get("require_client_certificate", False)),
                 }
-                pipe.hset(keys.credentials, partner["partner_id"], orjson.dumps(record))
-            else:
-                pipe.hdel(keys.credentials, partner["partner_id"])
-        await pipe.execute()
+            ),
+        )
+    for operator in snapshot.operators:
+        # A suspended operator's credential is withdrawn; a suspended terminal's is kept so
+        # that its calls get the TERMINAL_INACTIVE decline.
+        if operator["status"] == "ACTIVE":
+            # operator, government or auditor (migration 0010; server/rpc/auth.py)
+            record = {"role": operator.get("role", "operator"), "merchant": "", "secret": operator["secret"]}
+            pipe.hset(keys.credentials, operator["operator_id"], orjson.dumps(record))
+        else:
+            pipe.hdel(keys.credentials, operator["operator_id"])
+    for partner in snapshot.partners:
+        if partner["status"] == "ACTIVE":
+            role = "partner" if partner["kind"] == "APP" else "provider"
+            record = {
+                "role": role,
+                "merchant": "",
+                "secret": partner["secret"],
+                "mtls": bool(partner.get("require_client_certificate", False)),
+            }
+            pipe.hset(keys.credentials, partner["partner_id"], orjson.dumps(record))
+        else:
+            pipe.hdel(keys.credentials, partner["partner_id"])
+
+
+async def write_products(redis: Any, keys: Keys, snapshot: ReferenceSnapshot) -> None:
     for batch in _batches(snapshot.products):
         async with redis.pipeline(transaction=False) as pipe:
             for product in batch:
@@ -240,5 +272,16 @@ async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapsho
                     },
                 )
             await pipe.execute()
+
+
+async def publish_reference(redis: Redis, keys: Keys, snapshot: ReferenceSnapshot) -> int:
+    """Writes the snapshot into Redis; returns the new reference version."""
+    async with redis.pipeline(transaction=True) as pipe:
+        write_sale_reference(pipe, keys, snapshot, rules_by_campaign(snapshot, True), store_placement(snapshot))
+        for row in snapshot.rules:
+            pipe.hset(keys.budget(row["campaign_id"]), f"{row['category']}:total", row["budget_fen"])
+        write_credentials(pipe, keys, snapshot)
+        await pipe.execute()
+    await write_products(redis, keys, snapshot)
     version: int = await redis.incr(keys.reference_version)
     return version

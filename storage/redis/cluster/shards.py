@@ -1,0 +1,165 @@
+"""Consumer shards on a Redis Cluster: each shard a whole deployment's key set in one hash slot
+(issue 16, docs/scale-out.md section 2 and "Shards as whole key sets").
+
+A shard is ``Keys(prefix, "s<k>.<salt>")``: every key the scripts name carries the tag
+``{prefix:s<k>.<salt>}``, so the authorize, capture, void, refund and expiry scripts run
+*unchanged* inside one shard, with its own copy of the reference data, its slice of every
+budget, its consumers' counters, its authorizations, holds, idempotency answers, nonces and its
+own ledger stream. What picks the shard:
+
+- a sale: its consumer key (``shard_of_consumer``), so the per-person rules and the budget check
+  meet in one script, as on one Redis;
+- a capture, void, refund, expiry or read of an authorization: its id, which the sale drew so
+  that it hashes to its shard (``new_authorization_id``): no lookup, no extra round trip, and a
+  retry of the sale (same payload, same consumer) lands in the same shard and replays its
+  answer from the idempotency record there.
+
+The salt places shard *k* in the *k*-th of *S* equal slot ranges (the smallest salt that does),
+so shards spread over the primaries evenly whatever CRC16 does with the names.
+
+Not built yet (docs/scale-out.md, "What exists"): lines with device serials (the serial step,
+section 2.2: a serial's uniqueness spans shards, so such a sale is refused here), redemption
+codes and claims, the gateway and sweepers wired to this, the writer posting shard ledger
+streams into the double-entry ledger.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import msgspec
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from storage.postgres.reference import ReferenceSnapshot
+from storage.redis import reference
+from storage.redis.contract import AuthorizeAnswer, Refunded, Reply, Settled
+from storage.redis.keys import Keys
+from storage.redis.store import AuthorizeInput, LifecycleInput, RedisStore
+
+SLOTS = 16384
+MAX_SHARDS = 1024
+MAX_SALT = 999_999  # the tag pattern's six digits (storage/redis/keys.py SHARD_PATTERN)
+
+
+class ShardingNotSupported(Exception):
+    """A request this first slice of cluster mode cannot serve yet (a line with a device serial,
+    a redemption code): refused before anything is written."""
+
+
+def shard_tag(prefix: str, shard: int, count: int) -> str:
+    """The shard's part of the hash tag: ``s<shard>.<salt>`` with the smallest salt whose slot
+    falls in the shard's equal range of the 16,384 slots."""
+    low, high = shard * SLOTS // count, (shard + 1) * SLOTS // count
+    for salt in range(MAX_SALT + 1):
+        name = f"s{shard}.{salt}"
+        if low <= key_slot(f"{{{prefix}:{name}}}".encode()) < high:
+            return name
+    raise AssertionError(f"no salt places shard {shard} of {count}")  # 16 slots a range: ~1,000 tries at most
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A deployment's shards: how many, their key sets, and what routes a call to one."""
+
+    prefix: str
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= MAX_SHARDS:
+            raise ValueError(f"shard count must be 1..{MAX_SHARDS}, not {self.count}")
+        Keys(self.prefix)  # validates the prefix
+
+    @cached_property
+    def keys(self) -> tuple[Keys, ...]:
+        """Each shard's key set, in shard order."""
+        return tuple(Keys(self.prefix, shard_tag(self.prefix, shard, self.count)) for shard in range(self.count))
+
+    @cached_property
+    def control(self) -> Keys:
+        """The deployment's own key set (``{prefix}``): credentials, block lists' source, the
+        reference version, schema: what is not per shard."""
+        return Keys(self.prefix)
+
+    def shard_of_consumer(self, consumer_key: str) -> int:
+        return zlib.crc32(consumer_key.encode()) % self.count
+
+    def shard_of_id(self, identifier: str) -> int:
+        """The shard an authorization id names (``new_authorization_id`` drew it so)."""
+        return zlib.crc32(identifier.encode()) % self.count
+
+    def new_authorization_id(self, shard: int) -> str:
+        """32 random hex characters, as on one Redis, drawn until they hash to ``shard``
+        (``count`` draws on average)."""
+        while True:
+            candidate = os.urandom(16).hex()
+            if self.shard_of_id(candidate) == shard:
+                return candidate
+
+
+class ShardedStore:
+    """The sale path of ``RedisStore`` over a layout's shards: each call routed to one shard's
+    ``RedisStore``, which runs the same script there. ``stores[k]`` serves ``layout.keys[k]``."""
+
+    def __init__(self, layout: ShardLayout, stores: Sequence[RedisStore]) -> None:
+        if [store.keys for store in stores] != list(layout.keys):
+            raise ValueError("one RedisStore per shard, in shard order, on the shard's keys")
+        self.layout = layout
+        self.stores = tuple(stores)
+
+    def _of(self, authorization_id: str) -> RedisStore:
+        return self.stores[self.layout.shard_of_id(authorization_id)]
+
+    async def authorize(self, request: AuthorizeInput) -> Reply[AuthorizeAnswer]:
+        """In the consumer's shard, under an authorization id drawn to name that shard (the
+        caller's id is replaced: it was random too)."""
+        if request.redemption_code or not request.consumer_key:
+            raise ShardingNotSupported("a redemption code on a cluster deployment")
+        if any(line.serial_number for line in request.lines):
+            raise ShardingNotSupported("a line with a device serial on a cluster deployment")
+        shard = self.layout.shard_of_consumer(request.consumer_key)
+        routed = msgspec.structs.replace(request, authorization_id=self.layout.new_authorization_id(shard))
+        return await self.stores[shard].authorize(routed)
+
+    async def capture(self, request: LifecycleInput) -> Reply[Settled]:
+        return await self._of(request.authorization_id).capture(request)
+
+    async def void(self, request: LifecycleInput) -> Reply[Settled]:
+        return await self._of(request.authorization_id).void(request)
+
+    async def refund(self, request: LifecycleInput, line_ids: Sequence[str]) -> Reply[Refunded]:
+        return await self._of(request.authorization_id).refund(request, line_ids)
+
+    async def expire_due_holds(self, limit: int) -> int:
+        """Each shard's due holds, up to ``limit`` per shard."""
+        expired = 0
+        for store in self.stores:
+            expired += await store.expire_due_holds(limit)
+        return expired
+
+
+async def publish_to_shards(cluster: RedisCluster, layout: ShardLayout, snapshot: ReferenceSnapshot) -> int:
+    """Writes the snapshot into every shard (its own MULTI on its primary, then its products)
+    and the credentials into the deployment's own keys; returns the new reference version.
+
+    Each shard gets the rules *without* tranches and no budget total: on a cluster, a shard's
+    ``<category>:total`` is its funded slice of what the schedule has released
+    (storage/redis/cluster/shard_budget.py), so the script's ``released()`` is the whole total.
+    A suspension reaches each shard when its MULTI runs and all of them when this returns."""
+    rules = reference.rules_by_campaign(snapshot, tranches=False)
+    placement = reference.store_placement(snapshot)
+    for keys in layout.keys:
+        async with cluster.pipeline(transaction=True) as pipe:
+            reference.write_sale_reference(pipe, keys, snapshot, rules, placement)
+            await pipe.execute()
+        await reference.write_products(cluster, keys, snapshot)
+    control = layout.control
+    async with cluster.pipeline(transaction=True) as pipe:
+        reference.write_credentials(pipe, control, snapshot)
+        await pipe.execute()
+    version: int = await cluster.incr(control.reference_version)
+    return version

@@ -1,0 +1,138 @@
+"""A load process for the sharded sale-path tests (test_cluster_shards.py): its own event loop,
+cluster client and ``ShardedStore``, several concurrent tills sending one-line Authorizes of the
+given consumers through the real authorize script, each consumer several times with new request
+ids (the per-person limit of one must let exactly one through, whichever process sends it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from storage.postgres.reference import ReferenceSnapshot
+from storage.redis.cluster.shards import ShardedStore, ShardLayout
+from storage.redis.contract import Approved, Failure
+from storage.redis.scripts import Scripts
+from storage.redis.store import AuthorizeInput, LineInput, RedisStore, StoreLimits
+
+CAMPAIGN, CATEGORY, MERCHANT, TERMINAL = "c-shard", "fridge", "m-shard", "t-shard"
+GTIN = "06901234567892"
+PRICE_FEN, SUBSIDY_FEN = 100_000, 100  # 15% of the price, capped at 100 fen
+LIMITS = StoreLimits(hold_ttl_s=600, idempotency_ttl_s=86_400, nonce_ttl_s=600, programme_timezone="Asia/Shanghai")
+
+
+def snapshot(budget_fen: int) -> ReferenceSnapshot:
+    """One active campaign (per-person limit 1, 100 fen a fridge), its merchant and terminal."""
+    now = datetime.now(UTC)
+    return ReferenceSnapshot(
+        campaigns=[
+            {
+                "campaign_id": CAMPAIGN,
+                "status": "ACTIVE",
+                "starts_at": now - timedelta(days=1),
+                "ends_at": now + timedelta(days=30),
+            }
+        ],
+        rules=[
+            {
+                "campaign_id": CAMPAIGN,
+                "category": CATEGORY,
+                "kind": "PERCENT",
+                "rates_bp": {"1": 1500},
+                "cap_fen": SUBSIDY_FEN,
+                "threshold_fen": 0,
+                "off_fen": 0,
+                "price_ceiling_fen": 0,
+                "per_person_limit": 1,
+                "budget_fen": budget_fen,
+                "tranches": [],
+            }
+        ],
+        products=[
+            {
+                "gtin": GTIN,
+                "active": True,
+                "category": CATEGORY,
+                "energy_grade": 1,
+                "reference_price_fen": PRICE_FEN,
+                "serial_required": False,
+            }
+        ],
+        merchants=[{"merchant_id": MERCHANT, "status": "ACTIVE", "categories": [CATEGORY]}],
+        terminals=[{"terminal_id": TERMINAL, "status": "ACTIVE", "merchant_id": MERCHANT, "secret": "s" * 32}],
+        operators=[],
+        partners=[],
+    )
+
+
+def sale(consumer_key: str, serial: str = "", redemption_code: str = "") -> AuthorizeInput:
+    return AuthorizeInput(
+        payload_hash=os.urandom(32).hex(),
+        request_id=str(uuid.uuid4()),
+        terminal_id=TERMINAL,
+        merchant_id=MERCHANT,
+        nonce=os.urandom(12).hex(),
+        campaign_id=CAMPAIGN,
+        consumer_key=consumer_key,
+        channel=1,
+        authorization_id=os.urandom(16).hex(),
+        lines=[LineInput("l1", GTIN, PRICE_FEN, serial)],
+        redemption_code=redemption_code,
+    )
+
+
+async def sharded_store(client: RedisCluster, layout: ShardLayout) -> ShardedStore:
+    scripts = Scripts(client)
+    await scripts.preload()
+    return ShardedStore(layout, [RedisStore(client, keys, scripts, LIMITS) for keys in layout.keys])
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    startup: list[tuple[str, int]]
+    prefix: str
+    shards: int
+    consumers: list[str]
+    attempts: int = 2  # sales per consumer, each with its own request id
+    tasks: int = 8
+
+
+@dataclass
+class LoadResult:
+    approved: list[tuple[str, str]] = field(default_factory=list)  # (consumer key, authorization id)
+    declined: dict[int, int] = field(default_factory=dict)  # decline reason -> count
+    failures: list[str] = field(default_factory=list)
+
+
+async def _load(spec: LoadSpec) -> LoadResult:
+    client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in spec.startup])
+    try:
+        store = await sharded_store(client, ShardLayout(spec.prefix, spec.shards))
+        queue = [consumer for consumer in spec.consumers for _ in range(spec.attempts)]
+        result = LoadResult()
+
+        async def till() -> None:
+            while queue:
+                consumer = queue.pop()
+                reply = await store.authorize(sale(consumer))
+                if isinstance(reply, Failure):
+                    result.failures.append(reply.error)
+                elif isinstance(reply.body, Approved):
+                    result.approved.append((consumer, reply.body.authorization.authorization_id))
+                else:
+                    reason = reply.body.reason
+                    result.declined[reason] = result.declined.get(reason, 0) + 1
+
+        await asyncio.gather(*(till() for _ in range(spec.tasks)))
+        return result
+    finally:
+        await client.aclose()
+
+
+def run_load(spec: LoadSpec) -> LoadResult:
+    """A process pool's entry point."""
+    return asyncio.run(_load(spec))

@@ -1,0 +1,216 @@
+"""Consumer shards on a real Redis Cluster (issue 16, storage/redis/cluster/shards.py): each
+shard a whole deployment's key set in one slot, the unchanged authorize, capture and void scripts
+running inside it, sales routed by consumer and lifecycle calls by authorization id."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import zlib
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from storage.cluster_dev import LocalCluster
+from storage.redis.cluster.shards import (
+    MAX_SHARDS,
+    SLOTS,
+    ShardingNotSupported,
+    ShardLayout,
+    publish_to_shards,
+)
+from storage.redis.contract import DECLINE_REASONS, Approved, Declined, Failure
+from storage.redis.keys import Keys
+from storage.redis.store import LifecycleInput
+from tests.integration import cluster_fixtures, shard_load
+from tests.integration.shard_load import CAMPAIGN, CATEGORY, MERCHANT, SUBSIDY_FEN, TERMINAL, LoadSpec, sale
+
+redis_cluster = cluster_fixtures.redis_cluster
+cluster_client = cluster_fixtures.cluster_client
+
+
+def new_prefix() -> str:
+    return "sh" + os.urandom(4).hex()
+
+
+def consumers_of(layout: ShardLayout, per_shard: int) -> list[str]:
+    """``per_shard`` new consumer keys hashing to each shard."""
+    found: dict[int, list[str]] = {shard: [] for shard in range(layout.count)}
+    while any(len(keys) < per_shard for keys in found.values()):
+        key = os.urandom(16).hex()
+        shard = layout.shard_of_consumer(key)
+        if len(found[shard]) < per_shard:
+            found[shard].append(key)
+    return [key for keys in found.values() for key in keys]
+
+
+async def fund(client: RedisCluster, layout: ShardLayout, per_shard_fen: int) -> None:
+    for keys in layout.keys:
+        await client.hset(keys.budget(CAMPAIGN), f"{CATEGORY}:total", per_shard_fen)
+
+
+async def ledger_events(client: RedisCluster, layout: ShardLayout) -> list[tuple[int, dict[str, Any]]]:
+    """Every shard's ledger stream: (shard, event)."""
+    events = []
+    for shard, keys in enumerate(layout.keys):
+        for _, fields in await client.xrange(keys.ledger):
+            events.append((shard, orjson.loads(fields[b"e"])))
+    return events
+
+
+# --- The layout ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 6, 64, MAX_SHARDS])
+def test_each_shard_lands_in_its_own_equal_slot_range(count: int) -> None:
+    layout = ShardLayout("p", count)
+    for shard, keys in enumerate(layout.keys):
+        slot = key_slot(keys.ledger.encode())
+        assert shard * SLOTS // count <= slot < (shard + 1) * SLOTS // count
+        # Every key of the shard is in that one slot: the scripts stay atomic inside it.
+        assert {key_slot(name.encode()) for name in (keys.budget("c"), keys.authorization("a"), keys.holds)} == {slot}
+    assert len({keys.tag for keys in layout.keys}) == count
+
+
+@pytest.mark.parametrize("count", [0, -1, MAX_SHARDS + 1])
+def test_a_shard_count_outside_one_to_the_maximum_is_refused(count: int) -> None:
+    with pytest.raises(ValueError, match="shard count"):
+        ShardLayout("p", count)
+
+
+def test_a_shard_tag_is_matched_whole() -> None:
+    assert Keys("p", "s3.17").tag == "{p:s3.17}"
+    for bad in ("s3.17\n", "s3", "x3.17", "s3.17:x", " s3.17"):
+        with pytest.raises(ValueError, match="shard"):
+            Keys("p", bad)
+
+
+def test_an_authorization_id_names_its_shard() -> None:
+    layout = ShardLayout("p", 6)
+    for shard in range(layout.count):
+        for _ in range(20):
+            drawn = layout.new_authorization_id(shard)
+            assert len(drawn) == 32 and int(drawn, 16) >= 0
+            assert layout.shard_of_id(drawn) == shard == zlib.crc32(drawn.encode()) % 6
+
+
+# --- The sale path on the cluster ---------------------------------------------------------------
+
+
+async def test_each_shard_approves_exactly_its_slice_and_a_person_once_from_several_processes(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """Six shards, 5 sales' worth of budget each (30 in all), four consumers per shard each
+    trying twice, from three processes at once: exactly 5 approved per shard, 30 in all, no
+    consumer twice; each shard's ledger stream holds one AUTHORIZED event per approval and its
+    budget hash the reserved total."""
+    layout = ShardLayout(new_prefix(), 6)
+    await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=30 * SUBSIDY_FEN))
+    await fund(cluster_client, layout, 5 * SUBSIDY_FEN)
+    consumers = consumers_of(layout, 8)
+    parts = [consumers[worker::3] for worker in range(3)]
+    # Each consumer is tried by two processes (its own part and the next one's).
+    specs = [
+        LoadSpec(redis_cluster.startup_nodes, layout.prefix, layout.count, parts[w] + parts[(w + 1) % 3], attempts=1)
+        for w in range(3)
+    ]
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = await asyncio.gather(
+            *(asyncio.get_running_loop().run_in_executor(pool, shard_load.run_load, spec) for spec in specs)
+        )
+    approved = [pair for result in results for pair in result.approved]
+    assert not [failure for result in results for failure in result.failures]
+    assert len(approved) == 30
+    assert len({consumer for consumer, _ in approved}) == 30  # nobody twice
+    per_shard = Counter(layout.shard_of_consumer(consumer) for consumer, _ in approved)
+    assert per_shard == {shard: 5 for shard in range(6)}
+    assert all(
+        layout.shard_of_id(authorization) == layout.shard_of_consumer(consumer) for consumer, authorization in approved
+    )
+    declined: Counter[int] = Counter()
+    for result in results:
+        declined.update(result.declined)
+    assert sum(declined.values()) == 2 * len(consumers) - 30
+    assert set(declined) <= {DECLINE_REASONS["BUDGET_EXHAUSTED"], DECLINE_REASONS["CONSUMER_LIMIT_REACHED"]}
+    events = await ledger_events(cluster_client, layout)
+    assert sorted(
+        (shard, event["authorization_id"]) for shard, event in events if event["type"] == "AUTHORIZED"
+    ) == sorted((layout.shard_of_id(authorization), authorization) for _, authorization in approved)
+    for keys in layout.keys:
+        assert int(await cluster_client.hget(keys.budget(CAMPAIGN), f"{CATEGORY}:reserved")) == 5 * SUBSIDY_FEN
+
+
+async def test_a_retry_replays_in_its_shard_and_capture_and_void_find_the_shard_from_the_id(
+    cluster_client: RedisCluster,
+) -> None:
+    layout = ShardLayout(new_prefix(), 3)
+    await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=6 * SUBSIDY_FEN))
+    await fund(cluster_client, layout, 2 * SUBSIDY_FEN)
+    store = await shard_load.sharded_store(cluster_client, layout)
+    first, second = consumers_of(layout, 1)[:2]
+    request = sale(first)
+    approved = await store.authorize(request)
+    assert not isinstance(approved, Failure) and isinstance(approved.body, Approved)
+    authorization_id = approved.body.authorization.authorization_id
+    # The same request again (a till's retry, new nonce): the first answer, from the same shard.
+    again = await store.authorize(msgspec.structs.replace(request, nonce=os.urandom(12).hex()))
+    assert not isinstance(again, Failure) and again.replayed
+    assert isinstance(again.body, Approved) and again.body.authorization.authorization_id == authorization_id
+
+    def lifecycle(authorization: str) -> LifecycleInput:
+        return LifecycleInput(
+            payload_hash=os.urandom(32).hex(),
+            request_id=os.urandom(16).hex(),
+            terminal_id=TERMINAL,
+            merchant_id=MERCHANT,
+            nonce=os.urandom(12).hex(),
+            authorization_id=authorization,
+        )
+
+    captured = await store.capture(lifecycle(authorization_id))
+    assert not isinstance(captured, Failure) and captured.body.authorization.state == "CAPTURED"
+    other = await store.authorize(sale(second))
+    assert not isinstance(other, Failure) and isinstance(other.body, Approved)
+    voided = await store.void(lifecycle(other.body.authorization.authorization_id))
+    assert not isinstance(voided, Failure) and voided.body.authorization.state == "VOIDED"
+    shard = layout.keys[layout.shard_of_consumer(first)]
+    budget = await cluster_client.hgetall(shard.budget(CAMPAIGN))
+    assert int(budget[f"{CATEGORY}:spent".encode()]) == SUBSIDY_FEN
+    # An id naming no authorization: not found in the shard it names, nothing written.
+    missing = await store.capture(lifecycle(layout.new_authorization_id(0)))
+    assert isinstance(missing, Failure) and missing.error == "AUTHORIZATION_NOT_FOUND"
+
+
+async def test_a_serial_or_a_redemption_code_is_refused_before_anything_is_written(
+    cluster_client: RedisCluster,
+) -> None:
+    """Not built on a cluster yet (a serial's uniqueness spans shards; a code names its owner's
+    shard): refused, and no key of any shard changes."""
+    layout = ShardLayout(new_prefix(), 3)
+    await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=3 * SUBSIDY_FEN))
+    await fund(cluster_client, layout, SUBSIDY_FEN)
+    store = await shard_load.sharded_store(cluster_client, layout)
+
+    async def every_key() -> set[bytes]:
+        found: set[bytes] = set()
+        for keys in layout.keys:
+            found.update([key async for key in cluster_client.scan_iter(match=keys.pattern())])
+        return found
+
+    before = await every_key()
+    consumer = consumers_of(layout, 1)[0]
+    with pytest.raises(ShardingNotSupported, match="serial"):
+        await store.authorize(sale(consumer, serial="SN0001"))
+    with pytest.raises(ShardingNotSupported, match="redemption code"):
+        await store.authorize(sale(consumer, redemption_code="ABCD2345"))
+    assert await every_key() == before
+    declined = await store.authorize(msgspec.structs.replace(sale(consumer), campaign_id="nope"))
+    assert not isinstance(declined, Failure) and isinstance(declined.body, Declined)
+    assert declined.body.reason == DECLINE_REASONS["CAMPAIGN_NOT_FOUND"]
