@@ -28,12 +28,12 @@ sent on a plain connection to the slot's primary so that the WAIT follows the sc
 same connection (the cluster client's own pipeline may re-send commands one by one after a
 redirect, on other connections, where a WAIT would vouch for nothing). MOVED refreshes the slot
 map, ASK is followed with ASKING, TRYAGAIN / CLUSTERDOWN / a dead connection are retried until
-``deadline_s``; then :class:`EscrowUnavailable`.
+``deadline_s``; then :class:`EscrowUnavailable` (``acked.run_acked``, shared with the consumer
+shards' budget transfers in shard_budget.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import random
@@ -42,24 +42,17 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
-    NoScriptError,
-    ResponseError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+# The errors live in acked.py (shared with shard_budget.py) and are still imported from here.
+from storage.redis.cluster.acked import EscrowConflict as EscrowConflict
+from storage.redis.cluster.acked import EscrowError as EscrowError
+from storage.redis.cluster.acked import EscrowUnavailable as EscrowUnavailable
+from storage.redis.cluster.acked import LuaScript, run_acked
 from storage.redis.cluster.nodes import NodeConnections
 from storage.redis.cluster.streams import register_streams
 from storage.redis.keys import PREFIX_PATTERN
@@ -71,21 +64,6 @@ CATEGORY_PATTERN = re.compile(r"[a-z0-9_]{1,32}")
 MAX_FEN = 10**15
 MAX_SHARDS = 1024
 SLOTS = 16384
-LUA_DIR = Path(__file__).resolve().parent / "lua"
-RETRY_PAUSE_S = 0.05
-
-
-class EscrowError(Exception):
-    """A refused call (bad input, a conflicting reuse of an id); nothing was written."""
-
-
-class EscrowConflict(EscrowError):
-    """An id reused with other values (a reservation, a transfer, a shard's slice)."""
-
-
-class EscrowUnavailable(Exception):
-    """The step was not acknowledged by the replicas before the deadline (the cluster is down, a
-    slot has no primary, or no replica is in sync). Retrying with the same ids is safe."""
 
 
 @dataclass(frozen=True)
@@ -156,15 +134,9 @@ def split(budget: int, shards: int) -> list[int]:
     return [base + (1 if i < rest else 0) for i in range(shards)]
 
 
-class _Script:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.source = (LUA_DIR / "_escrow_lib.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-
 _SCRIPTS = {
-    name: _Script(name) for name in ("escrow_setup", "escrow_reserve", "escrow_debit", "escrow_credit", "escrow_settle")
+    name: LuaScript.load(name)
+    for name in ("escrow_setup", "escrow_reserve", "escrow_debit", "escrow_credit", "escrow_settle")
 }
 
 
@@ -451,77 +423,18 @@ class EscrowBudget:
         return await self._nodes.for_key(key)
 
     async def _run(self, shard: int, name: str, keys: Sequence[str], args: Sequence[str | int]) -> dict[str, Any]:
-        """Run the script on the slot's primary with WAIT on the same connection, following
-        MOVED / ASK and retrying until the replicas acknowledged it or the deadline passed."""
-        script = _SCRIPTS[name]
-        deadline = time.monotonic() + self.deadline_s
-        ask: tuple[str, int] | None = None
-        use_eval = False
-        last = "no attempt"
-        while time.monotonic() < deadline:
-            try:
-                client = self._nodes.at(*ask) if ask else await self._node_client(keys[0])
-                async with client.pipeline(transaction=False) as pipe:
-                    if ask:
-                        pipe.execute_command("ASKING")
-                    if use_eval:
-                        pipe.execute_command("EVAL", script.source, len(keys), *keys, *args)
-                    else:
-                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                    replies = await pipe.execute(raise_on_error=False)
-                reply, acked = replies[-2], replies[-1]
-                ask = None
-                if isinstance(reply, NoScriptError):
-                    self._count("noscript")
-                    use_eval = True  # a promoted replica's script cache may be empty
-                    continue
-                if isinstance(reply, AskError) and not isinstance(reply, MovedError):
-                    self._count("ask")
-                    ask = (reply.host, int(reply.port))  # the slot is migrating: follow it once
-                    continue
-                if isinstance(reply, (MovedError, ClusterDownError, TryAgainError)):
-                    last = f"{type(reply).__name__}: {reply}"
-                    self._count(type(reply).__name__)
-                    if not isinstance(reply, TryAgainError):  # TRYAGAIN: keys split by a migration
-                        await self.cluster.nodes_manager.initialize()
-                    await asyncio.sleep(RETRY_PAUSE_S)
-                    continue
-                if isinstance(reply, ResponseError):
-                    text = str(reply)
-                    if text.startswith("ESCROW_CONFLICT"):
-                        raise EscrowConflict(f"{name} on shard {shard}: {text}")
-                    if text.startswith("ESCROW_"):
-                        raise EscrowError(f"{name} on shard {shard}: {text}")
-                    if not text.startswith(("READONLY", "LOADING", "MASTERDOWN")):
-                        raise reply
-                    last = text  # a node that just changed role or is loading its AOF
-                    self._count(text.split()[0])
-                    await self.cluster.nodes_manager.initialize()
-                    await asyncio.sleep(RETRY_PAUSE_S)
-                    continue
-                if isinstance(acked, Exception) or int(acked) < self.wait_replicas:
-                    last = f"WAIT {self.wait_replicas} answered {acked!r}"
-                    self._count("wait")
-                    await asyncio.sleep(RETRY_PAUSE_S)  # not acknowledged: the same ids again
-                    continue
-                answer: dict[str, Any] = json.loads(reply)
-                return answer
-            except (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError) as exc:
-                # The node died or is unreachable: forget its connection, learn the new map.
-                last = f"{type(exc).__name__}: {exc}"
-                self._count("connection")
-                ask = None
-                await self._nodes.drop_dead()
-                await asyncio.sleep(RETRY_PAUSE_S * 4)
-                try:
-                    await self.cluster.nodes_manager.initialize()
-                except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as refresh:
-                    last = f"{last}; slot map refresh: {refresh}"
-        raise EscrowUnavailable(f"{name} on shard {shard} not acknowledged within {self.deadline_s:g} s ({last})")
-
-    def _count(self, reason: str) -> None:
-        self.retried[reason] = self.retried.get(reason, 0) + 1
+        """Run the script on the slot's primary, acknowledged by the replicas (acked.py)."""
+        return await run_acked(
+            self._nodes,
+            _SCRIPTS[name],
+            keys,
+            args,
+            wait_replicas=self.wait_replicas,
+            wait_timeout_ms=self.wait_timeout_ms,
+            deadline_s=self.deadline_s,
+            retried=self.retried,
+            label=f"{name} on shard {shard}",
+        )
 
 
 def _text(value: bytes | str) -> str:
