@@ -1,0 +1,20 @@
+-- shard_fund.lua: set a consumer shard's funding of a campaign category to its part of the
+-- released budget (storage/redis/cluster/shard_budget.py), idempotently.
+-- KEYS: budget (the shard's budget hash, the one authorize.lua reads), replays (hash: the
+-- shard's replay counter), ledger (the shard's stream). ARGV: campaign, category, target (fen).
+-- <category>:funded is the cumulative target applied; <category>:total (what authorize.lua
+-- approves against on a cluster, where shards are published without tranches) moves by
+-- target - funded, down too: a lowered budget may leave total below reserved + spent, which
+-- only stops new approvals in that shard.
+local budget, replays, ledger = KEYS[1], KEYS[2], KEYS[3]
+local campaign, category, target = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local funded = redis.call('HGET', budget, category .. ':funded')
+local delta = target - num(funded)
+if funded and delta == 0 then
+  replayed(replays)
+  return cjson.encode({state = 'again', funded = int(target), delta = '0'})
+end
+redis.call('HINCRBY', budget, category .. ':total', int(delta))
+redis.call('HSET', budget, category .. ':funded', int(target))
+emit(ledger, 'SHARD_FUNDED', {campaign = campaign, category = category, amount = delta, funded = target, at = now_ms()})
+return cjson.encode({state = 'new', funded = int(target), delta = int(delta)})
