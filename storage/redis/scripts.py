@@ -1,11 +1,13 @@
 """Loads the Lua scripts (package files) once and calls them by SHA.
 
-Each script is the part of ``_lib.lua`` it uses, then the bindings its declaration in
-``storage/redis/contract.py`` produces (``KEY``, ``ARG``, its enum constants), then the script's
-own file, so shared helpers need no cross-script calls and no script reads ``KEYS[i]`` or
-``ARGV[i]`` itself. Only the helpers a script calls (directly or through other helpers) are put
-in: every ``local function`` of the library is a closure built anew on every call of the script,
-so an unused one is a cost (README, "The authorize script inside Redis"). A call is
+Each script is the bindings its declaration in ``storage/redis/contract.py`` produces (the
+count of its KEYS and ARGV checked, its tails, its enum constants), then the part of
+``_lib.lua`` it uses, then the script's own file, with every ``KEY.<name>`` and ``ARG.<name>``
+of the last two turned into the read of ``KEYS`` or ``ARGV`` it stands for (``Script.bind``), so
+shared helpers need no cross-script calls and no script reads ``KEYS[i]`` or ``ARGV[i]`` itself.
+Only the helpers a script calls (directly or through other helpers) are put in: every ``local
+function`` of the library is a closure built anew on every call of the script, so an unused one
+is a cost, as tables of the names would be (README, "The authorize script inside Redis"). A call is
 one EVALSHA; on NOSCRIPT (after a Redis restart or SCRIPT FLUSH) it loads the script and
 retries, as redis-py's Script objects do, so callers never see the miss.
 
@@ -28,7 +30,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from storage.redis.contract import FAILURE, SCRIPTS, Answer, Reply, Script
+from storage.redis.contract import FAILURE, LUA_COMMENTS_AND_STRINGS, SCRIPTS, Answer, Reply, Script
 from storage.redis.lean import LeanRedis, command_prefix, encode, reply_error
 
 K = TypeVar("K", bound=tuple[Any, ...])
@@ -38,22 +40,15 @@ R = TypeVar("R")
 
 # A top-level definition of _lib.lua: "local function name(" or "local NAME =" at column 0.
 DEFINITION = re.compile(r"local\s+(?:function\s+)?([A-Za-z_]\w*)")
-# What the used names are found among: comments and string literals (skipped), and names that
-# are not a field (after "." or ":").
-TOKENS = re.compile(
-    r"""--\[(?P<level>=*)\[.*?\](?P=level)\]|--[^\n]*"""
-    r"""|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*"|\[(?P<string>=*)\[.*?\](?P=string)\]"""
-    r"""|(?<![\w.:])(?P<name>[A-Za-z_]\w*)""",
-    re.DOTALL,
-)
+# The names Lua code reads: outside comments and strings, and not a field (after "." or ":").
+NAMES = re.compile(LUA_COMMENTS_AND_STRINGS + r"|(?<![\w.:])(?P<name>[A-Za-z_]\w*)", re.DOTALL)
 
 
 def script_source(script: Script[Any, Any, Any]) -> str:
     package = resources.files("storage.redis") / "lua"
     library = (package / "_lib.lua").read_text(encoding="utf-8")
     own = (package / f"{script.name}.lua").read_text(encoding="utf-8")
-    bindings = script.lua_bindings()
-    return library_used_by(library, bindings + own) + "\n" + bindings + "\n" + own
+    return script.lua_bindings() + "\n" + script.bind(library_used_by(library, own) + "\n" + own)
 
 
 def library_used_by(library: str, code: str) -> str:
@@ -93,7 +88,7 @@ def _definitions(library: str) -> tuple[str, list[tuple[str, str]]]:
 
 def _names(code: str) -> set[str]:
     """The names ``code`` reads outside comments and strings, fields excluded."""
-    return {found.group("name") for found in TOKENS.finditer(code) if found.group("name")}
+    return {found.group("name") for found in NAMES.finditer(code) if found.group("name")}
 
 
 class Scripts:

@@ -65,12 +65,14 @@ async def test_lua_and_python_release_the_same_amount(redis: Redis) -> None:
 
 
 async def test_a_name_the_declaration_lacks_is_an_error(redis: Redis) -> None:
-    bindings = LIBRARY + "\n" + contract.CANCEL.lua_bindings() + "\n"
+    cancel = contract.CANCEL
     keys = [f"k{index}" for index in range(len(contract.CancelKeys._fields))]
     args = [str(index) for index in range(len(contract.CancelArgs._fields))]
-    assert await redis.eval(bindings + "return ARG.nonce_ttl_s + #KEY.qualification", len(keys), *keys, *args) == 6
-    with pytest.raises(redis_errors.ResponseError, match="not in the script contract: line_ids"):
-        await redis.eval(bindings + "return ARG.line_ids", len(keys), *keys, *args)
-    # An argument the caller did not send is missing, not nil.
-    with pytest.raises(redis_errors.ResponseError, match="not in the script contract: consumer_key"):
-        await redis.eval(bindings + "return ARG.consumer_key", len(keys), *keys, *args[:-1])
+    code = cancel.lua_bindings() + cancel.bind("return ARG.nonce_ttl_s + #KEY.qualification")
+    assert await redis.eval(code, len(keys), *keys, *args) == 6
+    with pytest.raises(ValueError, match="not in the script contract"):
+        cancel.bind("return ARG.line_ids")
+    # An argument the caller did not send is missing, not nil: the script stops before reading any.
+    code = cancel.lua_bindings() + cancel.bind("return ARG.consumer_key")
+    with pytest.raises(redis_errors.ResponseError, match="not in the script contract: 7 KEYS and 6 ARGV, not 7 and 7"):
+        await redis.eval(code, len(keys), *keys, *args[:-1])

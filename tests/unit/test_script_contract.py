@@ -186,15 +186,27 @@ def test_the_scripts_json_field_names_are_the_structs() -> None:
 
 def test_the_bindings_follow_the_declaration() -> None:
     bindings = contract.AUTHORIZE.lua_bindings()
-    assert "  nonce = KEYS[1],\n" in bindings and "  qualification_events = KEYS[14],\n" in bindings
-    assert "  hold_ttl_s = tonumber(ARGV[9]),\n" in bindings and "  redemption_code = ARGV[12],\n" in bindings
+    assert "if #KEYS < 21 or #ARGV < 14 then\n" in bindings
     assert "for i = 22, #KEYS, 2 do" in bindings and "for i = 15, #ARGV, 4 do" in bindings
     assert "unit_price_fen = tonumber(ARGV[i + 2])" in bindings
+    bind = contract.AUTHORIZE.bind
+    assert bind("KEY.nonce .. KEY.qualification_events") == "KEYS[1] .. KEYS[14]"
+    assert bind("ARG.hold_ttl_s + #ARG.redemption_code") == "tonumber(ARGV[9]) + #ARGV[12]"
+    # A tail is its table; comments and strings are left as they are.
+    kept = "KEY_lines[i].product -- KEY.nonce\nlocal text = 'ARG.nonce'"
+    assert bind("KEY.lines[i].product -- KEY.nonce\nlocal text = 'ARG.nonce'") == kept
     refund = contract.REFUND.lua_bindings()
-    assert "local tail, n = KEY.serials, 0\n  for i = 16, #KEYS do\n    n = n + 1\n    tail[n] = KEYS[i]\n" in refund
+    assert "local tail, n = KEY_serials, 0\n  for i = 16, #KEYS do\n    n = n + 1\n    tail[n] = KEYS[i]\n" in refund
     # The channel's reference is the ninth argument; the line ids follow it.
-    assert "  channel_reference = ARGV[9],\n" in refund
-    assert "local tail, n = ARG.line_ids, 0\n  for i = 10, #ARGV do\n    n = n + 1\n    tail[n] = ARGV[i]\n" in refund
+    assert contract.REFUND.bind("ARG.channel_reference") == "ARGV[9]"
+    assert "local tail, n = ARG_line_ids, 0\n  for i = 10, #ARGV do\n    n = n + 1\n    tail[n] = ARGV[i]\n" in refund
+
+
+def test_a_name_the_declaration_lacks_is_refused_when_loading() -> None:
+    with pytest.raises(ValueError, match=r"reads ARG\.line_ids: not in the script contract"):
+        contract.CANCEL.bind("return ARG.line_ids")
+    with pytest.raises(ValueError, match=r"uses KEY other than as KEY\.<name>"):
+        contract.CANCEL.bind("return helper(KEY)")
 
 
 def test_replies_decode_into_the_declared_structs() -> None:

@@ -1,11 +1,13 @@
--- _lib.lua: helpers shared by every script. The loader prepends this file to each script
--- before SCRIPT LOAD, so each script stays one atomic unit with no cross-script calls.
+-- _lib.lua: helpers shared by every script. The loader puts the helpers a script uses (and
+-- those they use) before it at SCRIPT LOAD, so each script stays one atomic unit with no
+-- cross-script calls (storage/redis/scripts.py).
 --
 -- Conventions for all scripts:
---   * A script reads its KEYS and ARGV by name, through the tables KEY and ARG that the loader
---     writes between this file and the script from the script's declaration in
---     storage/redis/contract.py (integer arguments already numbers; reading a name the
---     declaration lacks is an error). Helpers here take those tables as parameters.
+--   * A script reads its KEYS and ARGV by name, KEY.<name> and ARG.<name>, as its declaration in
+--     storage/redis/contract.py names them (integer arguments as numbers); the loader turns each
+--     into the read of KEYS or ARGV it stands for, and refuses to load a script that reads a
+--     name its declaration lacks. Helpers here read the KEY and ARG of the script they are
+--     loaded with, so only scripts that declare the names a helper reads may call it.
 --   * Money is integer fen. Lua numbers are doubles, exact below 2^53; the server validates
 --     prices (< 1e10 fen) and budgets (< 1e13 fen) so every product and sum stays exact.
 --   * Time comes from Redis TIME (milliseconds), never from the application's clock.
@@ -14,9 +16,6 @@
 --     that a hold found past its expiry is expired first, as the sweeper would have done).
 --     The JSON of each is declared in storage/redis/contract.py, which decodes it.
 --   * Every check runs before the first write, so a script never half-applies.
-
--- The metatable of KEY, ARG and their tails' items: a name the declaration lacks is an error.
-local STRICT = {__index = function(_, name) error('not in the script contract: ' .. tostring(name), 2) end}
 
 -- A canonical decimal integer for HINCRBY / INCRBY / ZADD / HSET arguments. Lua numbers are
 -- doubles: passed as they are, Redis formats them with %.17g, so -0 becomes "-0" (which HINCRBY
@@ -219,12 +218,12 @@ end
 
 -- Gives a qualification's quota back to the pool and the consumer's claim back (expiry,
 -- cancellation): called exactly once per qualification, on its one transition out of use.
--- KEY: the script's, with the qualification's keys (contract.py's QualificationKeys).
+-- Reads the script's KEY: the qualification's keys (contract.py's QualificationKeys).
 -- A pack's voucher (q.pack) counts against its pack, not its category: the pack's vouchers
 -- still out (pack:<id>:live in the holder's hash) go down by one, and the pack itself returns
 -- to the pool, and to the person, only with the last of them, so only when every voucher of it
 -- expired unused or was cancelled (a redeemed one never comes back here: the pack stays used).
-local function return_qualification(KEY, q, new_state, at_ms)
+local function return_qualification(q, new_state, at_ms)
   if (q.pack or '') ~= '' then
     local pack = 'pack:' .. q.pack
     if redis.call('HINCRBY', KEY.qualification_holder, pack .. ':live', -1) <= 0 then
@@ -244,12 +243,12 @@ end
 
 -- A RESERVED qualification whose authorization was voided or expired: ISSUED again until its
 -- own expiry, or EXPIRED (quota back to the pool) when that has passed meanwhile.
-local function unreserve_qualification(KEY, auth, at_ms)
+local function unreserve_qualification(auth, at_ms)
   if (auth.qualification or '') == '' then return end
   local q = load_hash(KEY.qualification)
   if q == nil or q.state ~= 'RESERVED' or q.authorization ~= auth.id then return end
   if at_ms >= tonumber(q.expires_ms) then
-    return_qualification(KEY, q, 'EXPIRED', at_ms)
+    return_qualification(q, 'EXPIRED', at_ms)
   else
     redis.call('HSET', KEY.qualification, 'state', 'ISSUED', 'updated_ms', at_ms, 'authorization', '')
     redis.call('ZADD', KEY.qualification_expiry, int(tonumber(q.expires_ms)), q.code)
@@ -258,8 +257,8 @@ local function unreserve_qualification(KEY, auth, at_ms)
 end
 
 -- Releases a PENDING hold (void or expiry): budget reservation, consumer quota and serials.
--- KEY: the script's, with the authorization's keys (contract.py's HoldKeys) and its serials.
-local function release_hold(KEY, auth, new_state, at_ms, request_id, payload_hash)
+-- Reads the script's KEY: the authorization's keys (contract.py's HoldKeys) and its serials.
+local function release_hold(auth, new_state, at_ms, request_id, payload_hash)
   local sums, counts, order = per_category(auth.lines)
   for _, category in ipairs(order) do
     hincrby(KEY.budget, category .. ':reserved', -sums[category])
@@ -276,7 +275,7 @@ local function release_hold(KEY, auth, new_state, at_ms, request_id, payload_has
     if redis.call('HINCRBY', KEY.usage, field, -1) <= 0 then redis.call('HDEL', KEY.usage, field) end
   end
   redis.call('ZREM', KEY.holds, auth.id)
-  unreserve_qualification(KEY, auth, at_ms)
+  unreserve_qualification(auth, at_ms)
   auth.state = new_state
   auth.updated_ms = at_ms
   auth.last_request_id = request_id
@@ -308,7 +307,7 @@ end
 -- id looked up. Returns nil to go on, or the reply to return at once: NONCE_REUSED,
 -- IDEMPOTENCY_CONFLICT (the request id with another payload), or the stored answer (a replay).
 -- KEY.nonce, KEY.idempotency; ARG.payload_hash, ARG.nonce_ttl_s.
-local function open_request(KEY, ARG)
+local function open_request()
   if not claim_nonce(KEY.nonce, ARG.nonce_ttl_s) then return fail('NONCE_REUSED') end
   local stored, conflict = idempotent_answer(KEY.idempotency, ARG.payload_hash)
   if conflict then return fail('IDEMPOTENCY_CONFLICT') end
@@ -317,7 +316,7 @@ local function open_request(KEY, ARG)
 end
 
 -- Stores a signed call's answer under its request id (ARG.idempotency_ttl_s) and returns it.
-local function answer(KEY, ARG, body)
+local function answer(body)
   local encoded = cjson.encode(body)
   remember(KEY.idempotency, ARG.payload_hash, encoded, ARG.idempotency_ttl_s)
   return {'new', encoded}
@@ -340,8 +339,8 @@ end
 -- The common opening of capture, void and refund (contract.py's LifecycleKeys and
 -- LifecycleArgs): the nonce and request id, the calling terminal and its merchant, then the
 -- authorization. Returns auth and now, or nil and the reply to return at once.
-local function begin_lifecycle(KEY, ARG)
-  local early = open_request(KEY, ARG)
+local function begin_lifecycle()
+  local early = open_request()
   if early then return nil, early end
   -- A suspended terminal or merchant may not move money, in either direction.
   local terminal = redis.call('HMGET', KEY.terminal, 'status', 'merchant')
@@ -357,15 +356,15 @@ local function begin_lifecycle(KEY, ARG)
   end
   local now = now_ms()
   if auth.state == 'PENDING' and now >= tonumber(auth.expires_ms) then
-    release_hold(KEY, auth, 'EXPIRED', now, '')
+    release_hold(auth, 'EXPIRED', now, '')
   end
   auth.acting_terminal = ARG.terminal_id
   return auth, now
 end
 
 -- Stores and returns a lifecycle answer.
-local function finish_lifecycle(KEY, ARG, auth, extra)
+local function finish_lifecycle(auth, extra)
   local body = extra or {}
   body.authorization = auth_view(auth)
-  return answer(KEY, ARG, body)
+  return answer(body)
 end

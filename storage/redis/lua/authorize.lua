@@ -20,13 +20,13 @@ if ARG.redemption_code ~= '' and #ARG.lines > 1 then
   if not raw_rule or cjson.decode(raw_rule).threshold_scope ~= 'BASKET' then return fail('VOUCHER_NEEDS_ONE_LINE') end
 end
 
-local early = open_request(KEY, ARG)
+local early = open_request()
 if early then return early end
 
 local now = now_ms()
 
 local function decline(reason, line_id)
-  return answer(KEY, ARG, {decision = 'DECLINED', reason = reason, line_id = line_id or ''})
+  return answer({decision = 'DECLINED', reason = reason, line_id = line_id or ''})
 end
 
 -- A decline by a risk rule: the same answer, and one risk event in this same call (a replay

@@ -12,7 +12,7 @@
 -- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE" or "CHANNEL_REFERENCE_CONFLICT", "state": ...}
 -- (MERCHANT_SUSPENDED with "refusal": "MERCHANT_BLOCKED" for a pending hold of a blocked merchant).
 
-local auth, now = begin_lifecycle(KEY, ARG)
+local auth, now = begin_lifecycle()
 if auth == nil then return now end
 if auth.state == 'VOIDED' or auth.state == 'EXPIRED' then
   return fail('INVALID_STATE', {state = auth.state})
@@ -51,4 +51,4 @@ if auth.state == 'PENDING' then
     end
   end
 end
-return finish_lifecycle(KEY, ARG, auth)
+return finish_lifecycle(auth)

@@ -21,13 +21,13 @@
 
 local category, code = ARG.category, ARG.redemption_code
 
-local early = open_request(KEY, ARG)
+local early = open_request()
 if early then return early end
 
 local now = now_ms()
 
 local function decline(reason)
-  return answer(KEY, ARG, {decision = 'DECLINED', reason = reason})
+  return answer({decision = 'DECLINED', reason = reason})
 end
 
 -- The operator's blocks (qualification.proto): the partner app making the claim ranks first, the
@@ -110,7 +110,7 @@ if ARG.pack_id ~= '' then
     views[i] = issue(KEY.vouchers[i], arg.code, voucher[1], arg.masked_id_number, arg.masked_phone_number, expires_ms,
       {ARG.pack_id, voucher[2], voucher[3]})
   end
-  return answer(KEY, ARG, {decision = 'ISSUED', qualification = views[1], qualifications = views})
+  return answer({decision = 'ISSUED', qualification = views[1], qualifications = views})
 end
 
 -- A category the campaign does not cover is a malformed request, not a business outcome.
@@ -152,4 +152,4 @@ hincrby(KEY.qualification_holder, category, 1)
 hincrby(KEY.qualification_holder, category .. ':issued', 1)
 local view = issue(KEY.qualification, code, category, ARG.masked_id_number, ARG.masked_phone_number,
   now + validity_s * 1000, nil)
-return answer(KEY, ARG, {decision = 'ISSUED', qualification = view, qualifications = {view}})
+return answer({decision = 'ISSUED', qualification = view, qualifications = {view}})

@@ -18,5 +18,5 @@ if auth.state ~= 'PENDING' then
   return {'new', cjson.encode({expired = false, state = auth.state})}
 end
 if now < tonumber(auth.expires_ms) then return {'new', cjson.encode({expired = false, state = 'PENDING'})} end
-release_hold(KEY, auth, 'EXPIRED', now, '')
+release_hold(auth, 'EXPIRED', now, '')
 return {'new', cjson.encode({expired = true, state = 'EXPIRED'})}

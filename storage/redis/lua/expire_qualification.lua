@@ -18,5 +18,5 @@ if q.state ~= 'ISSUED' then
 end
 local now = now_ms()
 if now < tonumber(q.expires_ms) then return {'new', cjson.encode({expired = false, state = 'ISSUED'})} end
-return_qualification(KEY, q, 'EXPIRED', now)
+return_qualification(q, 'EXPIRED', now)
 return {'new', cjson.encode({expired = true, state = 'EXPIRED'})}

@@ -10,7 +10,7 @@
 --
 -- Returns {kind, JSON}: {"authorization": view, "refunded_fen": n} or {"error": ...}.
 
-local auth, now = begin_lifecycle(KEY, ARG)
+local auth, now = begin_lifecycle()
 if auth == nil then return now end
 if auth.state ~= 'CAPTURED' and auth.state ~= 'PARTIALLY_REFUNDED' then
   return fail('INVALID_STATE', {state = auth.state})
@@ -103,4 +103,4 @@ auth.updated_ms, auth.last_request_id = now, ARG.request_id
 redis.call('HSET', KEY.authorization, 'state', auth.state, 'lines', cjson.encode(auth.lines),
   'refunded_fen', auth.refunded_fen, 'updated_ms', now, 'last_request_id', ARG.request_id)
 emit(KEY.ledger, 'REFUNDED', auth, refunded_lines, refunded_fen, now, ARG.payload_hash, ARG.channel_reference)
-return finish_lifecycle(KEY, ARG, auth, {refunded_fen = refunded_fen})
+return finish_lifecycle(auth, {refunded_fen = refunded_fen})

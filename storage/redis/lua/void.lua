@@ -5,11 +5,11 @@
 --
 -- Returns {kind, JSON}: {"authorization": view} or {"error": "INVALID_STATE", "state": ...}.
 
-local auth, now = begin_lifecycle(KEY, ARG)
+local auth, now = begin_lifecycle()
 if auth == nil then return now end
 if auth.state == 'PENDING' then
-  release_hold(KEY, auth, 'VOIDED', now, ARG.request_id, ARG.payload_hash)
+  release_hold(auth, 'VOIDED', now, ARG.request_id, ARG.payload_hash)
 elseif auth.state ~= 'VOIDED' then
   return fail('INVALID_STATE', {state = auth.state})
 end
-return finish_lifecycle(KEY, ARG, auth)
+return finish_lifecycle(auth)
