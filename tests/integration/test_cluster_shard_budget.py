@@ -377,8 +377,9 @@ async def test_a_rebalance_feeds_the_shards_a_crowd_hits(budget: ShardBudget, cl
     audit = await budget.audit(campaign_id, CATEGORY)
     _assert_sound(audit)
     assert audit.used == approved[0] <= released
-    assert approved[0] > 2 * split(released, SHARDS)[0] + 2_000  # far more than the two shards' own 2,000
-    assert sum(moved) > 2_000
+    # Far more than the two shards' own 2,000 (5,890 to 5,910 of the 6,000 in the runs here: what
+    # is left is under the 10-fen unit and the minimum transfer in the other shards).
+    assert approved[0] > 5_000 and sum(moved) > 3_000
     assert all(s.reserved == 0 for s in audit.shards[2:])  # the crowd never reserved elsewhere
     # Nothing needs money when every shard is above the mark, and an empty campaign moves nothing.
     assert await budget.rebalance(campaign_id, CATEGORY, low_water=0) == []
