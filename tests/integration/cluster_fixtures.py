@@ -8,12 +8,14 @@ needs the cluster imports the fixture by name, so no other test starts six redis
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from storage.cluster_dev import LocalCluster
+from storage.cluster_dev import ClusterNode as LocalNode
+from storage.cluster_dev import LocalCluster, command
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +38,24 @@ async def cluster_client(redis_cluster: LocalCluster) -> AsyncIterator[RedisClus
         yield client
     finally:
         await client.aclose()
+
+
+def lose_the_replication_link(cluster: LocalCluster, key: str) -> tuple[LocalNode, LocalNode]:
+    """Freeze the replica of ``key``'s primary and cut its link on the primary: what the primary
+    writes next reaches no replica (what a slow or partitioned replica makes of asynchronous
+    replication). Returns (primary, replica)."""
+    primary = cluster.primary_of_slot(cluster.slot_of(key))
+    (replica,) = cluster.replicas_of(primary)
+    cluster.freeze(replica)
+    command(primary.client(), "CLIENT", "KILL", "TYPE", "replica")
+    return primary, replica
+
+
+async def fail_over(cluster: LocalCluster, key: str, primary: LocalNode, replica: LocalNode) -> None:
+    """Kill the primary, let the frozen replica go on (promoted without what it missed), and
+    restart the old primary, which rejoins as the new one's replica."""
+    cluster.kill(primary)
+    cluster.thaw(replica)
+    await asyncio.to_thread(cluster.wait_promoted, primary, cluster.slot_of(key))
+    cluster.restart(primary)
+    await asyncio.to_thread(cluster.wait_ok)

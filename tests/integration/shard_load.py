@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from storage.postgres.reference import ReferenceSnapshot
-from storage.redis.cluster.shards import ShardedStore, ShardLayout
-from storage.redis.contract import Approved, Failure
+from storage.redis.cluster.shards import AcknowledgedScripts, NotAcknowledged, ShardedStore, ShardLayout
+from storage.redis.contract import Approved, AuthorizeAnswer, Failure, Reply
 from storage.redis.scripts import Scripts
 from storage.redis.store import AuthorizeInput, LineInput, RedisStore, StoreLimits
 
 CAMPAIGN, CATEGORY, MERCHANT, TERMINAL = "c-shard", "fridge", "m-shard", "t-shard"
 GTIN = "06901234567892"
 PRICE_FEN, SUBSIDY_FEN = 100_000, 100  # 15% of the price, capped at 100 fen
+RETRY_FOR_S = 60.0
 LIMITS = StoreLimits(hold_ttl_s=600, idempotency_ttl_s=86_400, nonce_ttl_s=600, programme_timezone="Asia/Shanghai")
 
 
@@ -85,8 +88,9 @@ def sale(consumer_key: str, serial: str = "", redemption_code: str = "") -> Auth
     )
 
 
-async def sharded_store(client: RedisCluster, layout: ShardLayout) -> ShardedStore:
-    scripts = Scripts(client)
+async def sharded_store(client: RedisCluster, layout: ShardLayout, scripts: Scripts | None = None) -> ShardedStore:
+    """The layout's store over ``scripts`` (default: plain cluster calls, no WAIT)."""
+    scripts = scripts or Scripts(client)  # type: ignore[arg-type]
     await scripts.preload()
     return ShardedStore(layout, [RedisStore(client, keys, scripts, LIMITS) for keys in layout.keys])
 
@@ -99,6 +103,13 @@ class LoadSpec:
     consumers: list[str]
     attempts: int = 2  # sales per consumer, each with its own request id
     tasks: int = 8
+    # WAIT 1 on every call, and a call not acknowledged (a primary killed) re-sent as a till
+    # would: the same request re-signed with a new nonce, until answered (at most RETRY_FOR_S).
+    acknowledged: bool = False
+    # When given: incremented once the process has loaded its scripts, and the sales start when
+    # it reaches ``processes`` (all started together, so a fault injected mid-load meets them all).
+    ready_key: str = ""
+    processes: int = 1
 
 
 @dataclass
@@ -106,19 +117,38 @@ class LoadResult:
     approved: list[tuple[str, str]] = field(default_factory=list)  # (consumer key, authorization id)
     declined: dict[int, int] = field(default_factory=dict)  # decline reason -> count
     failures: list[str] = field(default_factory=list)
+    unacknowledged: int = 0  # NotAcknowledged answers, each retried
+    resent: dict[str, int] = field(default_factory=dict)  # AcknowledgedScripts.retried: why calls were re-sent
 
 
 async def _load(spec: LoadSpec) -> LoadResult:
     client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in spec.startup])
     try:
-        store = await sharded_store(client, ShardLayout(spec.prefix, spec.shards))
+        scripts = AcknowledgedScripts(client, wait_timeout_ms=500) if spec.acknowledged else None
+        store = await sharded_store(client, ShardLayout(spec.prefix, spec.shards), scripts)
+        if spec.ready_key:
+            await client.incr(spec.ready_key)
+            while int(await client.get(spec.ready_key) or 0) < spec.processes:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         queue = [consumer for consumer in spec.consumers for _ in range(spec.attempts)]
         result = LoadResult()
+
+        async def answer(request: AuthorizeInput) -> Reply[AuthorizeAnswer]:
+            give_up = time.monotonic() + RETRY_FOR_S
+            while True:
+                try:
+                    return await store.authorize(request)
+                except NotAcknowledged:
+                    result.unacknowledged += 1
+                    if time.monotonic() > give_up:
+                        raise
+                    request = msgspec.structs.replace(request, nonce=os.urandom(12).hex())
+                    await asyncio.sleep(0.05)
 
         async def till() -> None:
             while queue:
                 consumer = queue.pop()
-                reply = await store.authorize(sale(consumer))
+                reply = await answer(sale(consumer))
                 if isinstance(reply, Failure):
                     result.failures.append(reply.error)
                 elif isinstance(reply.body, Approved):
@@ -128,6 +158,7 @@ async def _load(spec: LoadSpec) -> LoadResult:
                     result.declined[reason] = result.declined.get(reason, 0) + 1
 
         await asyncio.gather(*(till() for _ in range(spec.tasks)))
+        result.resent = dict(scripts.retried) if scripts else {}
         return result
     finally:
         await client.aclose()

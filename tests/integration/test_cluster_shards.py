@@ -22,13 +22,17 @@ from storage.cluster_dev import LocalCluster
 from storage.redis.cluster.shards import (
     MAX_SHARDS,
     SLOTS,
+    AcknowledgedScripts,
+    NotAcknowledged,
+    ShardedStore,
     ShardingNotSupported,
     ShardLayout,
     publish_to_shards,
 )
 from storage.redis.contract import DECLINE_REASONS, Approved, Declined, Failure
 from storage.redis.keys import Keys
-from storage.redis.store import LifecycleInput
+from storage.redis.scripts import Scripts
+from storage.redis.store import LifecycleInput, RedisStore
 from tests.integration import cluster_fixtures, shard_load
 from tests.integration.shard_load import CAMPAIGN, CATEGORY, MERCHANT, SUBSIDY_FEN, TERMINAL, LoadSpec, sale
 
@@ -214,3 +218,124 @@ async def test_a_serial_or_a_redemption_code_is_refused_before_anything_is_writt
     declined = await store.authorize(msgspec.structs.replace(sale(consumer), campaign_id="nope"))
     assert not isinstance(declined, Failure) and isinstance(declined.body, Declined)
     assert declined.body.reason == DECLINE_REASONS["CAMPAIGN_NOT_FOUND"]
+
+
+# --- A failover: WAIT decides what an answer is worth ----------------------------------------------
+
+
+async def _one_shard_world(cluster_client: RedisCluster, scripts: Scripts) -> tuple[ShardLayout, ShardedStore]:
+    layout = ShardLayout(new_prefix(), 1)
+    await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=10 * SUBSIDY_FEN))
+    await fund(cluster_client, layout, 10 * SUBSIDY_FEN)
+    await scripts.preload()
+    return layout, ShardedStore(layout, [RedisStore(cluster_client, layout.keys[0], scripts, shard_load.LIMITS)])
+
+
+async def _reserved(cluster_client: RedisCluster, layout: ShardLayout) -> int:
+    return int(await cluster_client.hget(layout.keys[0].budget(CAMPAIGN), f"{CATEGORY}:reserved") or 0)
+
+
+async def test_without_wait_a_failover_takes_back_an_approval_the_till_saw(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """Why the sale path waits for a replica: with plain cluster calls, an approval answered by
+    a primary whose replica missed it is gone after the replica's promotion: no reservation, no
+    ledger event, and the consumer may be approved again."""
+    layout, store = await _one_shard_world(cluster_client, Scripts(cluster_client))  # type: ignore[arg-type]
+    consumer = consumers_of(layout, 1)[0]
+    primary, replica = cluster_fixtures.lose_the_replication_link(redis_cluster, layout.keys[0].ledger)
+    try:
+        seen = await store.authorize(sale(consumer))
+    finally:
+        await cluster_fixtures.fail_over(redis_cluster, layout.keys[0].ledger, primary, replica)
+    assert not isinstance(seen, Failure) and isinstance(seen.body, Approved)  # the till saw it
+    assert await _reserved(cluster_client, layout) == 0
+    assert await ledger_events(cluster_client, layout) == []
+    again = await store.authorize(sale(consumer))
+    assert not isinstance(again, Failure) and isinstance(again.body, Approved)  # a second time
+
+
+async def test_with_wait_nothing_answered_is_lost_and_the_retry_acts_once(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """The same failover through AcknowledgedScripts (WAIT 1): the approval the replica missed is
+    never answered (NotAcknowledged, a ConnectionError: UNAVAILABLE to the till); the till's
+    retry after the promotion, re-signed with a new nonce, approves once; the consumer's next
+    sale is declined by the per-person limit. Reserved, ledger and answer agree."""
+    scripts = AcknowledgedScripts(cluster_client, wait_timeout_ms=100)
+    layout, store = await _one_shard_world(cluster_client, scripts)
+    consumer = consumers_of(layout, 1)[0]
+    request = sale(consumer)
+    primary, replica = cluster_fixtures.lose_the_replication_link(redis_cluster, layout.keys[0].ledger)
+    try:
+        with pytest.raises(NotAcknowledged, match="WAIT 1 answered 0"):
+            await store.authorize(request)
+    finally:
+        await cluster_fixtures.fail_over(redis_cluster, layout.keys[0].ledger, primary, replica)
+    retried = await store.authorize(msgspec.structs.replace(request, nonce=os.urandom(12).hex()))
+    assert not isinstance(retried, Failure) and isinstance(retried.body, Approved) and not retried.replayed
+    assert await _reserved(cluster_client, layout) == SUBSIDY_FEN
+    events = await ledger_events(cluster_client, layout)
+    assert [event["authorization_id"] for _, event in events] == [retried.body.authorization.authorization_id]
+    declined = await store.authorize(sale(consumer))
+    assert not isinstance(declined, Failure) and isinstance(declined.body, Declined)
+    assert declined.body.reason == DECLINE_REASONS["CONSUMER_LIMIT_REACHED"]
+    assert scripts.retried.get("wait") == 1
+    await scripts.aclose()
+
+
+@pytest.mark.slow
+async def test_a_primary_killed_mid_load_loses_no_answered_sale_and_overspends_nothing(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """Six shards of 40 sales each (240), 60 consumers a shard each trying twice from three
+    processes, every call acknowledged by a replica (WAIT 1); the primary serving shard 0 is
+    SIGKILLed once sales are flowing and its replica promoted. The tills re-send what was not
+    acknowledged (new nonce, same request). After: exactly 40 approved per shard, nobody twice,
+    each shard's reserved budget equal to its approvals, and each approval's AUTHORIZED event in
+    its shard's stream exactly once."""
+    layout = ShardLayout(new_prefix(), 6)
+    await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=240 * SUBSIDY_FEN))
+    await fund(cluster_client, layout, 40 * SUBSIDY_FEN)
+    consumers = consumers_of(layout, 60)
+    parts = [consumers[worker::3] for worker in range(3)]
+    specs = [
+        LoadSpec(
+            redis_cluster.startup_nodes,
+            layout.prefix,
+            layout.count,
+            parts[w] + parts[(w + 1) % 3],
+            attempts=1,
+            acknowledged=True,
+            ready_key=f"{layout.control.tag}:ready",
+            processes=3,
+        )
+        for w in range(3)
+    ]
+    slot = redis_cluster.slot_of(layout.keys[0].ledger)
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = [loop.run_in_executor(pool, shard_load.run_load, spec) for spec in specs]
+        for _ in range(6000):  # every process started, sales flowing (at most 60 s)
+            started = int(await cluster_client.get(f"{layout.control.tag}:ready") or 0) == 3
+            if started and sum([await cluster_client.xlen(keys.ledger) for keys in layout.keys]) >= 30:
+                break
+            await asyncio.sleep(0.01)
+        victim = await asyncio.to_thread(redis_cluster.kill_primary, slot, wait=False)
+        # The promoted replica has no replica of its own until the old primary rejoins as one:
+        # till then WAIT 1 cannot be met and the shard's sales are unavailable (not lost).
+        await asyncio.to_thread(redis_cluster.wait_promoted, victim, slot)
+        redis_cluster.restart(victim)
+        results = await asyncio.gather(*running)
+    await asyncio.to_thread(redis_cluster.wait_ok)
+    approved = [pair for result in results for pair in result.approved]
+    assert not [failure for result in results for failure in result.failures]
+    # The kill was felt: calls re-sent after a dead connection, or refused NotAcknowledged.
+    assert sum(result.unacknowledged + result.resent.get("connection", 0) for result in results) > 0
+    assert len(approved) == 240 and len({consumer for consumer, _ in approved}) == 240
+    per_shard = Counter(layout.shard_of_consumer(consumer) for consumer, _ in approved)
+    assert per_shard == {shard: 40 for shard in range(6)}
+    events = Counter((shard, event["authorization_id"]) for shard, event in await ledger_events(cluster_client, layout))
+    assert events == Counter((layout.shard_of_id(made), made) for _, made in approved)
+    for keys in layout.keys:
+        assert int(await cluster_client.hget(keys.budget(CAMPAIGN), f"{CATEGORY}:reserved")) == 40 * SUBSIDY_FEN

@@ -25,25 +25,43 @@ streams into the double-entry ledger.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import msgspec
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis import reference
+from storage.redis.cluster.nodes import NodeConnections
 from storage.redis.contract import AuthorizeAnswer, Refunded, Reply, Settled
 from storage.redis.keys import Keys
+from storage.redis.scripts import Scripts
 from storage.redis.store import AuthorizeInput, LifecycleInput, RedisStore
 
 SLOTS = 16384
 MAX_SHARDS = 1024
 MAX_SALT = 999_999  # the tag pattern's six digits (storage/redis/keys.py SHARD_PATTERN)
+RETRY_PAUSE_S = 0.05
 
 
 class ShardingNotSupported(Exception):
@@ -99,6 +117,100 @@ class ShardLayout:
             candidate = os.urandom(16).hex()
             if self.shard_of_id(candidate) == shard:
                 return candidate
+
+
+class NotAcknowledged(RedisConnectionError):
+    """The script ran on the shard's primary but no replica confirmed it within the WAIT
+    timeout (or the connection died mid-call): the answer is not given, since a failover could
+    still take it back. A ConnectionError, so the caller answers UNAVAILABLE ("retry with the
+    same request_id"); the client's retry, re-signed with a new nonce, replays the first answer
+    if it survived and acts once if it did not."""
+
+
+class AcknowledgedScripts(Scripts):
+    """The sale scripts on a cluster, each answer vouched for by the shard's replicas: the
+    EVALSHA goes to the primary of its first key's slot on a plain connection, pipelined with
+    ``WAIT <replicas> <timeout>`` (a WAIT covers only the writes of its own connection:
+    storage/redis/cluster/nodes.py). What cannot have run the script (MOVED, ASK, CLUSTERDOWN,
+    TRYAGAIN, READONLY, LOADING, NOSCRIPT, a dead connection) is re-sent until ``deadline_s``. An
+    answer the replicas did not confirm is never given: NotAcknowledged, and the till re-signs."""
+
+    def __init__(
+        self, cluster: RedisCluster, *, wait_replicas: int = 1, wait_timeout_ms: int = 200, deadline_s: float = 5.0
+    ) -> None:
+        super().__init__(cluster)  # type: ignore[arg-type]  # it only registers and loads scripts: both clients can
+        if wait_replicas < 0 or wait_timeout_ms < 1 or deadline_s <= 0:
+            raise ValueError("wait_replicas >= 0, wait_timeout_ms >= 1 and deadline_s > 0")
+        self.nodes = NodeConnections(cluster)
+        self.wait_replicas, self.wait_timeout_ms, self.deadline_s = wait_replicas, wait_timeout_ms, deadline_s
+        self.retried: dict[str, int] = {}  # why calls were re-sent (tests and metrics)
+
+    async def aclose(self) -> None:
+        await self.nodes.aclose()
+        await super().aclose()
+
+    def _count(self, reason: str) -> None:
+        self.retried[reason] = self.retried.get(reason, 0) + 1
+
+    async def _relearn(self) -> None:
+        """Forget dead nodes' connections and reload the slot map, pausing before the next try;
+        a map that cannot be read yet (the cluster mid-failover) is tried again next time."""
+        try:
+            await self.nodes.drop_dead()
+            await self.nodes.refresh_map()
+        except (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, SlotNotCoveredError) as error:
+            self._count("map:" + type(error).__name__)
+        await asyncio.sleep(RETRY_PAUSE_S)
+
+    async def _redis_py_call(self, loaded: AsyncScript, arguments: tuple[Any, ...]) -> Any:
+        first_key = arguments[1]
+        deadline = time.monotonic() + self.deadline_s
+        ask: tuple[str, int] | None = None
+        last = "no attempt"
+        lost = False  # a connection died during an attempt: that attempt may have run the script
+        while time.monotonic() < deadline:
+            try:
+                client = self.nodes.at(*ask) if ask else await self.nodes.for_key(first_key)
+                async with client.pipeline(transaction=False) as pipe:
+                    if ask:
+                        pipe.execute_command("ASKING")
+                    pipe.execute_command("EVALSHA", loaded.sha, *arguments)
+                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                    replies = await pipe.execute(raise_on_error=False)
+            except (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError) as error:
+                # A node died or changed role (a failover): learn the new map and send it again.
+                # Safe for money: if the lost attempt did run, this one is refused NONCE_REUSED
+                # (its nonce is taken), which is turned into NotAcknowledged below.
+                last, lost = f"{type(error).__name__}: {error}", True
+                self._count("connection")
+                await self._relearn()
+                continue
+            reply, acknowledged = replies[-2], replies[-1]
+            ask = None
+            if isinstance(reply, NoScriptError):  # a promoted replica's script cache may be empty
+                self._count("noscript")
+                await client.script_load(loaded.script)
+                continue
+            if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+                self._count("ask")
+                ask = (reply.host, int(reply.port))  # the slot is migrating: follow it once
+                continue
+            if isinstance(reply, (MovedError, ClusterDownError, TryAgainError)) or (
+                isinstance(reply, ResponseError) and str(reply).startswith(("READONLY", "LOADING", "MASTERDOWN"))
+            ):
+                last = f"{type(reply).__name__}: {reply}"
+                self._count(type(reply).__name__)
+                await self._relearn()
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if lost and reply[0] == b"error" and b"NONCE_REUSED" in reply[1]:
+                raise NotAcknowledged(f"the call may have run before its connection was lost ({last})")
+            if isinstance(acknowledged, Exception) or int(acknowledged) < self.wait_replicas:
+                self._count("wait")
+                raise NotAcknowledged(f"WAIT {self.wait_replicas} answered {acknowledged!r}")
+            return reply
+        raise NotAcknowledged(f"no primary took the call within {self.deadline_s:g} s: {last}")
 
 
 class ShardedStore:
