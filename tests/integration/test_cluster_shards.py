@@ -19,6 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from storage.cluster_dev import LocalCluster
+from storage.redis.cluster.shard_budget import ShardBudget
 from storage.redis.cluster.shards import (
     MAX_SHARDS,
     SLOTS,
@@ -56,8 +57,9 @@ def consumers_of(layout: ShardLayout, per_shard: int) -> list[str]:
 
 
 async def fund(client: RedisCluster, layout: ShardLayout, per_shard_fen: int) -> None:
-    for keys in layout.keys:
-        await client.hset(keys.budget(CAMPAIGN), f"{CATEGORY}:total", per_shard_fen)
+    """Each shard funded with ``per_shard_fen`` of the campaign's released budget (ShardBudget:
+    the shard's ``<category>:total``, which the unchanged authorize script spends)."""
+    await ShardBudget(client, layout).fund(CAMPAIGN, CATEGORY, per_shard_fen * layout.count)
 
 
 async def ledger_events(client: RedisCluster, layout: ShardLayout) -> list[tuple[int, dict[str, Any]]]:
@@ -190,6 +192,38 @@ async def test_a_retry_replays_in_its_shard_and_capture_and_void_find_the_shard_
     # An id naming no authorization: not found in the shard it names, nothing written.
     missing = await store.capture(lifecycle(layout.new_authorization_id(0)))
     assert isinstance(missing, Failure) and missing.error == "AUTHORIZATION_NOT_FOUND"
+
+
+async def test_money_a_shard_borrowed_is_spent_by_the_unchanged_script(cluster_client: RedisCluster) -> None:
+    """Three shards of 2 sales each; a crowd of consumers all hashed to shard 0 gets its 2,
+    then BUDGET_EXHAUSTED; one rebalance moves the others' money in (a transfer per lender) and
+    the same script approves one more there; the budget stays conserved and never overspent."""
+    layout = ShardLayout(new_prefix(), 3)
+    await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=6 * SUBSIDY_FEN))
+    await fund(cluster_client, layout, 2 * SUBSIDY_FEN)
+    store = await shard_load.sharded_store(cluster_client, layout)
+    budget = ShardBudget(cluster_client, layout)
+    crowd = [consumer for consumer in consumers_of(layout, 8) if layout.shard_of_consumer(consumer) == 0]
+
+    async def outcomes(consumers: list[str]) -> list[str]:
+        found = []
+        for consumer in consumers:
+            reply = await store.authorize(sale(consumer))
+            assert not isinstance(reply, Failure)
+            found.append("APPROVED" if isinstance(reply.body, Approved) else str(reply.body.reason))
+        return found
+
+    exhausted = str(DECLINE_REASONS["BUDGET_EXHAUSTED"])
+    assert await outcomes(crowd[:3]) == ["APPROVED", "APPROVED", exhausted]
+    # Shard 0 is brought up to the even level of what is left: (0 + 200 + 200) // 3 = 133 fen.
+    moved = await budget.rebalance(CAMPAIGN, CATEGORY, low_water=SUBSIDY_FEN)
+    assert sorted(transfer.amount for transfer in moved) == [66, 67]
+    assert await outcomes(crowd[3:5]) == ["APPROVED", exhausted]
+    audit = await budget.audit(CAMPAIGN, CATEGORY)
+    assert audit.conserved and audit.within_budget
+    funds = await budget.read(CAMPAIGN, CATEGORY)
+    assert (funds[0].reserved, funds[0].available) == (300, 33)
+    assert sorted(state.available for state in funds[1:]) == [133, 134]  # whichever lent 66
 
 
 async def test_a_serial_or_a_redemption_code_is_refused_before_anything_is_written(

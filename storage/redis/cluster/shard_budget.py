@@ -27,9 +27,10 @@ used, which only stops approvals).
 Every script runs through ``acked.run_acked`` (WAIT on the same connection, retried with the
 same ids until acknowledged; a replay writes the shard's replay counter). The money events
 (``SHARD_FUNDED`` with the signed change, ``TRANSFER_OUT``, ``TRANSFER_IN``, each naming its
-campaign) go into the shard's ledger stream ``keys.ledger``, registered for the shard writer
-before the first one. Errors: acked.py's EscrowError (bad input, nothing written),
-EscrowConflict (an id reused with other values), EscrowUnavailable (not acknowledged in time).
+campaign) go into the shard's budget stream (``ledger_key``: ``<shard tag>:budget_events``,
+beside the sale scripts' ``keys.ledger``), registered for the shard writer before the first one.
+Errors: acked.py's EscrowError (bad input, nothing written), EscrowConflict (an id reused with
+other values), EscrowUnavailable (not acknowledged in time).
 """
 
 from __future__ import annotations
@@ -194,7 +195,10 @@ class ShardBudget:
         return f"{self.layout.keys[shard].tag}:budget_replays"
 
     def ledger_key(self, shard: int) -> str:
-        return self.layout.keys[shard].ledger
+        """The shard's stream of budget movements (SHARD_FUNDED, TRANSFER_OUT, TRANSFER_IN), which
+        the shard writer drains into ``shard_events``. Not the shard's ``ledger`` stream: that one
+        carries the sale scripts' events in the one-Redis format, for the ledger writer."""
+        return f"{self.layout.keys[shard].tag}:budget_events"
 
     # ---- input
 
