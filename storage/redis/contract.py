@@ -6,13 +6,13 @@ ids), the decline reasons it numbers, and the type of its answer. From that one 
 
 - the Python call: ``storage/redis/store.py`` builds the NamedTuples (mypy checks every name)
   and ``Scripts.call`` sends them flattened, in declared order;
-- the Lua names: a script reads ``KEY.nonce`` and ``ARG.hold_ttl_s`` (integers as numbers),
-  never ``KEYS[1]`` or ``ARGV[9]``; the loader (``storage/redis/scripts.py``) turns each such
-  name into the read it stands for (``bind``: ``KEYS[1]``, ``tonumber(ARGV[9])``), and refuses a
-  name the declaration lacks when it loads the script, so no script reads a nil; it puts
-  ``lua_bindings()`` first: the count of KEYS and ARGV checked, the tails' tables, the decline
-  reasons as constants (``BUDGET_EXHAUSTED``, checked against the proto by
-  tests/unit/test_script_contract.py);
+- the Lua names: a script reads ``KEY.nonce`` and ``ARG.hold_ttl_s`` (integers as numbers, but
+  those marked ``IntAsSent`` as the decimal sent), never ``KEYS[1]`` or ``ARGV[9]``; the loader
+  (``storage/redis/scripts.py``) turns each such name into the read it stands for (``bind``:
+  ``KEYS[1]``, ``tonumber(ARGV[9])``), and refuses a name the declaration lacks when it loads the
+  script, so no script reads a nil; it puts ``lua_bindings()`` first: the count of KEYS and ARGV
+  checked, the tails' tables, the decline reasons as constants (``BUDGET_EXHAUSTED``, checked
+  against the proto by tests/unit/test_script_contract.py);
 - the answer: decoded by msgspec into the declared Structs (no ``dict[str, Any]``), the lines'
   one-letter JSON fields (kept in Redis, ledger events and PostgreSQL) into named attributes.
 
@@ -317,6 +317,17 @@ CLAIM_DECLINE_REASONS: Mapping[str, int] = {
 # --- KEYS and ARGV -----------------------------------------------------------------------------
 
 
+class _AsSent:
+    """The mark of ``IntAsSent``."""
+
+
+# An integer argument the scripts only pass on (to a Redis command, or into their JSON): the script
+# reads it as the decimal the caller sent, not as a Lua number, which would cost a tonumber on the
+# way in and Redis's number-to-text conversion on the way out, about 3,400 instructions a TTL
+# (README, "The authorize script inside Redis"). Python gives an int, as for any integer.
+IntAsSent = Annotated[int, _AsSent]
+
+
 class AuthorizeKeys(NamedTuple):
     nonce: str  # string: the request's nonce, claimed first
     idempotency: str  # string: "<payload hash>|<answer JSON>" under the caller and request id
@@ -365,11 +376,11 @@ class AuthorizeArgs(NamedTuple):
     merchant_id: str
     campaign_id: str
     consumer_key: str  # "" when the consumer is the redemption code's owner (read by the script)
-    channel: int
+    channel: IntAsSent
     authorization_id: str  # the new authorization's id
     hold_ttl_s: int
-    idempotency_ttl_s: int
-    nonce_ttl_s: int
+    idempotency_ttl_s: IntAsSent
+    nonce_ttl_s: IntAsSent
     redemption_code: str  # "" when none
     # The programme time zone's UTC offset now, in ms: the script's day (per-merchant daily
     # limit) is floor((Redis TIME + this) / 86,400,000), a calendar day in that zone.
@@ -431,8 +442,8 @@ class LifecycleArgs(NamedTuple):
     payload_hash: str
     request_id: str
     merchant_id: str  # the caller's merchant
-    idempotency_ttl_s: int
-    nonce_ttl_s: int
+    idempotency_ttl_s: IntAsSent
+    nonce_ttl_s: IntAsSent
     campaign_id: str  # as the caller read them from the authorization (re-checked)
     consumer_key: str
     terminal_id: str  # the calling terminal
@@ -469,8 +480,8 @@ class ClaimArgs(NamedTuple):
     consumer_key: str
     redemption_code: str  # the new qualification's code
     location_verdict: int  # 0, or the ClaimDeclineReason the service's location check gave
-    idempotency_ttl_s: int
-    nonce_ttl_s: int
+    idempotency_ttl_s: IntAsSent
+    nonce_ttl_s: IntAsSent
     # Each sealed under the provider's local data key, or "" (no key, no phone); never a mask
     # in clear (docs/privacy.md).
     masked_id_number: str
@@ -504,8 +515,8 @@ class CancelArgs(NamedTuple):
     payload_hash: str
     request_id: str
     partner_id: str
-    idempotency_ttl_s: int
-    nonce_ttl_s: int
+    idempotency_ttl_s: IntAsSent
+    nonce_ttl_s: IntAsSent
     campaign_id: str  # as the caller read them from the qualification (re-checked)
     consumer_key: str
 
@@ -537,7 +548,7 @@ class ClawBackKeys(NamedTuple):
 class ClawBackArgs(NamedTuple):
     payload_hash: str
     request_id: str
-    idempotency_ttl_s: int
+    idempotency_ttl_s: IntAsSent
     campaign_id: str  # as the caller read it from the authorization (re-checked)
     operator_id: str  # the event's terminal is "operator:<operator id>"
     risk_case: int  # the CONFIRMED risk case, carried in the event
@@ -619,7 +630,7 @@ class Script(Generic[K, A, R]):
 
     def bind(self, code: str) -> str:
         """``code`` (Lua) with each ``KEY.<name>`` and ``ARG.<name>`` replaced by the read it stands
-        for: ``KEYS[i]``, ``ARGV[i]`` or ``tonumber(ARGV[i])`` for an integer, the tail's table for
+        for: ``KEYS[i]``, ``ARGV[i]`` or ``tonumber(ARGV[i])`` for an integer (not ``IntAsSent``), the tail's table for
         a tail. A name the declaration lacks, or ``KEY`` or ``ARG`` not followed by a name, raises
         ValueError: the script would read a nil. Comments and strings are left as they are."""
         reads: dict[str, dict[str, str]] = {}
@@ -659,8 +670,9 @@ LUA_TABLE_READS = re.compile(
 
 
 def _fields(item: type[Any]) -> list[tuple[str, bool]]:
-    """(name, is an integer) for each field of a NamedTuple, in order."""
-    hints = get_type_hints(item)
+    """(name, is a Lua number: an integer not marked ``IntAsSent``) for each field of a
+    NamedTuple, in order."""
+    hints = get_type_hints(item, include_extras=True)
     return [(name, hints[name] is int) for name in item._fields]
 
 
@@ -713,8 +725,8 @@ class ChannelLifecycleArgs(NamedTuple):
     payload_hash: str
     request_id: str
     merchant_id: str
-    idempotency_ttl_s: int
-    nonce_ttl_s: int
+    idempotency_ttl_s: IntAsSent
+    nonce_ttl_s: IntAsSent
     campaign_id: str
     consumer_key: str
     terminal_id: str

@@ -4,10 +4,11 @@
 --
 -- Conventions for all scripts:
 --   * A script reads its KEYS and ARGV by name, KEY.<name> and ARG.<name>, as its declaration in
---     storage/redis/contract.py names them (integer arguments as numbers); the loader turns each
---     into the read of KEYS or ARGV it stands for, and refuses to load a script that reads a
---     name its declaration lacks. Helpers here read the KEY and ARG of the script they are
---     loaded with, so only scripts that declare the names a helper reads may call it.
+--     storage/redis/contract.py names them (integer arguments as numbers, but those it marks
+--     IntAsSent as the decimal the caller sent); the loader turns each into the read of KEYS or
+--     ARGV it stands for, and refuses to load a script that reads a name its declaration lacks.
+--     Helpers here read the KEY and ARG of the script they are loaded with, so only scripts that
+--     declare the names a helper reads may call it.
 --   * Money is integer fen. Lua numbers are doubles, exact below 2^53; the server validates
 --     prices (< 1e10 fen) and budgets (< 1e13 fen) so every product and sum stays exact.
 --   * Time comes from Redis TIME (milliseconds), never from the application's clock.

@@ -402,7 +402,8 @@ local authorization_id = ARG.authorization_id
 -- Redis".
 local json_string = cjson.encode
 local now_text, expires_text = int(now), int(expires_ms)
-local total_text, subsidy_text, channel_text, day_text = int(total_fen), int(subsidy_fen), int(ARG.channel), int(day)
+-- ARG.channel is the decimal the caller sent (IntAsSent in contract.py).
+local total_text, subsidy_text, channel_text, day_text = int(total_fen), int(subsidy_fen), ARG.channel, int(day)
 local lines_json = cjson.encode(lines)
 local qualification_text = qualification or ''
 redis.call('HSET', KEY.authorization, 'id', authorization_id, 'state', 'PENDING', 'campaign', ARG.campaign_id,
