@@ -31,10 +31,10 @@ end
 
 -- A decline by a risk rule: the same answer, and one risk event in this same call (a replay
 -- returns the stored answer before reaching here, so a retried request adds no second event).
-local event_fields = {campaign = ARG.campaign_id, merchant = ARG.merchant_id, terminal = ARG.terminal_id,
-  request_id = ARG.request_id}
+-- The event's fields are a table built only here: the approval path builds no table it does not use.
 local function risk_decline(reason, rule, subject_kind, subject_id, evidence, line_id)
-  risk_event(KEY.risk_events, 'DECLINE', rule, subject_kind, subject_id, event_fields, evidence, now)
+  risk_event(KEY.risk_events, 'DECLINE', rule, subject_kind, subject_id, {campaign = ARG.campaign_id,
+    merchant = ARG.merchant_id, terminal = ARG.terminal_id, request_id = ARG.request_id}, evidence, now)
   return decline(reason, line_id)
 end
 
@@ -174,10 +174,10 @@ if campaign[8] and campaign[8] ~= '' then
   limits = {}
   for value in string.gmatch(campaign[8], '[^,]+') do limits[#limits + 1] = tonumber(value) end
 end
+local price_flag = limits ~= nil and limits[5] > 0
 -- With the price flag on: per approved line (index in lines), the cap threshold of its PERCENT
 -- rule (the lowest price whose percentage reaches the cap), when it has one.
-local cap_thresholds = {}
-local price_flag = limits ~= nil and limits[5] > 0
+local cap_thresholds = price_flag and {}
 
 -- Line-level checks. Every line is checked so that the reported reason is the one with the
 -- highest precedence over the whole request, not merely the first line's.
@@ -344,7 +344,8 @@ if nothing_line then return decline(NO_SUBSIDY, nothing_line) end
 -- 60 s / 3,600 s by Redis TIME, kept in a sorted set trimmed to the hour.
 local velocity_consumer = KEY.velocity_consumer
 if ARG.consumer_key == '' then velocity_consumer = KEY.velocity_consumer .. consumer end
-local velocity_day = math.floor((now + ARG.day_offset_ms) / 86400000)
+-- The programme day the velocity limits count by (only with limits: read nowhere else).
+local velocity_day = limits and math.floor((now + ARG.day_offset_ms) / 86400000)
 if limits then
   local function over(limit, seen, reason, rule, subject_kind, subject_id, window_s)
     if limit > 0 and seen >= limit then
@@ -403,7 +404,10 @@ local authorization_id = ARG.authorization_id
 local json_string = cjson.encode
 local now_text, expires_text = int(now), int(expires_ms)
 -- ARG.channel is the decimal the caller sent (IntAsSent in contract.py).
-local total_text, subsidy_text, channel_text, day_text = int(total_fen), int(subsidy_fen), ARG.channel, int(day)
+local total_text, subsidy_text, channel_text = int(total_fen), int(subsidy_fen), ARG.channel
+-- The programme day, 0 when not counted against a per-merchant daily limit (day_of in _lib.lua).
+local day_text = '0'
+if day > 0 then day_text = int(day) end
 local lines_json = cjson.encode(lines)
 local qualification_text = qualification or ''
 redis.call('HSET', KEY.authorization, 'id', authorization_id, 'state', 'PENDING', 'campaign', ARG.campaign_id,
