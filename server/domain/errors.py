@@ -50,3 +50,14 @@ class IdempotencyConflict(Exception):
 
     def __init__(self) -> None:
         super().__init__("request_id was already used with a different payload")
+
+
+class NotSupportedHere(Exception):
+    """A request this deployment cannot serve yet (``field`` names what: on a Redis Cluster
+    deployment, a line with a device serial or a redemption code: docs/scale-out.md 2.0). The gRPC
+    edge: UNIMPLEMENTED with metadata ``field``; nothing was written."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason

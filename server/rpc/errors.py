@@ -24,7 +24,14 @@ from grpc_status import rpc_status
 from prometheus_client import Counter
 from subsidy_client.v1 import common_pb2
 
-from server.domain.errors import AlreadyExists, IdempotencyConflict, InvalidField, NotFound, TooManyLines
+from server.domain.errors import (
+    AlreadyExists,
+    IdempotencyConflict,
+    InvalidField,
+    NotFound,
+    NotSupportedHere,
+    TooManyLines,
+)
 from storage.redis.store import UNAVAILABLE
 
 DOMAIN = "subsidy.gateway"
@@ -94,6 +101,13 @@ def classify(exception: BaseException) -> ApiError:
         )
     if isinstance(exception, InvalidField):
         return invalid_field(exception.field, exception.reason)
+    if isinstance(exception, NotSupportedHere):
+        return ApiError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            common_pb2.ERROR_REASON_INVALID_FIELD,
+            str(exception),
+            {"field": exception.field},
+        )
     if isinstance(exception, NotFound):
         return ApiError(
             grpc.StatusCode.NOT_FOUND,

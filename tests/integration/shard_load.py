@@ -92,7 +92,11 @@ async def sharded_store(client: RedisCluster, layout: ShardLayout, scripts: Scri
     """The layout's store over ``scripts`` (default: plain cluster calls, no WAIT)."""
     scripts = scripts or Scripts(client)  # type: ignore[arg-type]
     await scripts.preload()
-    return ShardedStore(layout, [RedisStore(client, keys, scripts, LIMITS) for keys in layout.keys])
+    return ShardedStore(
+        layout,
+        [RedisStore(client, keys, scripts, LIMITS) for keys in layout.keys],  # type: ignore[arg-type]
+        RedisStore(client, layout.control, scripts, LIMITS),  # type: ignore[arg-type]
+    )
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from storage.redis.cluster.shards import (
 from storage.redis.contract import DECLINE_REASONS, Approved, Declined, Failure
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
-from storage.redis.store import LifecycleInput, RedisStore
+from storage.redis.store import LifecycleInput
 from tests.integration import cluster_fixtures, shard_load
 from tests.integration.shard_load import CAMPAIGN, CATEGORY, MERCHANT, SUBSIDY_FEN, TERMINAL, LoadSpec, sale
 
@@ -261,8 +261,7 @@ async def _one_shard_world(cluster_client: RedisCluster, scripts: Scripts) -> tu
     layout = ShardLayout(new_prefix(), 1)
     await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=10 * SUBSIDY_FEN))
     await fund(cluster_client, layout, 10 * SUBSIDY_FEN)
-    await scripts.preload()
-    return layout, ShardedStore(layout, [RedisStore(cluster_client, layout.keys[0], scripts, shard_load.LIMITS)])
+    return layout, await shard_load.sharded_store(cluster_client, layout, scripts)
 
 
 async def _reserved(cluster_client: RedisCluster, layout: ShardLayout) -> int:

@@ -50,10 +50,11 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.domain.errors import NotSupportedHere
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis import reference
 from storage.redis.cluster.nodes import NodeConnections
-from storage.redis.contract import AuthorizeAnswer, Refunded, Reply, Settled
+from storage.redis.contract import AuthorizationView, AuthorizeAnswer, Refunded, Reply, Settled
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
 from storage.redis.store import AuthorizeInput, LifecycleInput, RedisStore
@@ -64,9 +65,9 @@ MAX_SALT = 999_999  # the tag pattern's six digits (storage/redis/keys.py SHARD_
 RETRY_PAUSE_S = 0.05
 
 
-class ShardingNotSupported(Exception):
+class ShardingNotSupported(NotSupportedHere):
     """A request this first slice of cluster mode cannot serve yet (a line with a device serial,
-    a redemption code): refused before anything is written."""
+    a redemption code): refused before anything is written (UNIMPLEMENTED at the gRPC edge)."""
 
 
 def shard_tag(prefix: str, shard: int, count: int) -> str:
@@ -215,13 +216,29 @@ class AcknowledgedScripts(Scripts):
 
 class ShardedStore:
     """The sale path of ``RedisStore`` over a layout's shards: each call routed to one shard's
-    ``RedisStore``, which runs the same script there. ``stores[k]`` serves ``layout.keys[k]``."""
+    ``RedisStore``, which runs the same script there. ``stores[k]`` serves ``layout.keys[k]``;
+    ``control`` serves the deployment's own keys (the nonces of read-only calls)."""
 
-    def __init__(self, layout: ShardLayout, stores: Sequence[RedisStore]) -> None:
-        if [store.keys for store in stores] != list(layout.keys):
-            raise ValueError("one RedisStore per shard, in shard order, on the shard's keys")
+    def __init__(self, layout: ShardLayout, stores: Sequence[RedisStore], control: RedisStore) -> None:
+        if [store.keys for store in stores] != list(layout.keys) or control.keys != layout.control:
+            raise ValueError("one RedisStore per shard, in order, on its keys; and one on the control keys")
         self.layout = layout
         self.stores = tuple(stores)
+        self.control = control
+
+    @property
+    def nonce_ttl_s(self) -> int:
+        return self.control.nonce_ttl_s
+
+    async def claim_nonce(self, terminal_id: str, nonce: str) -> bool:
+        """For read-only calls (GetAuthorization): in the deployment's own keys."""
+        return await self.control.claim_nonce(terminal_id, nonce)
+
+    async def get_authorization(
+        self, authorization_id: str, terminal_id: str, merchant_id: str
+    ) -> AuthorizationView | str | None:
+        """In the shard the id names, with that shard's copy of the terminal and the merchant."""
+        return await self._of(authorization_id).get_authorization(authorization_id, terminal_id, merchant_id)
 
     def _of(self, authorization_id: str) -> RedisStore:
         return self.stores[self.layout.shard_of_id(authorization_id)]
@@ -230,9 +247,12 @@ class ShardedStore:
         """In the consumer's shard, under an authorization id drawn to name that shard (the
         caller's id is replaced: it was random too)."""
         if request.redemption_code or not request.consumer_key:
-            raise ShardingNotSupported("a redemption code on a cluster deployment")
-        if any(line.serial_number for line in request.lines):
-            raise ShardingNotSupported("a line with a device serial on a cluster deployment")
+            raise ShardingNotSupported("redemption_code", "a redemption code is not served on a cluster deployment yet")
+        for index, line in enumerate(request.lines):
+            if line.serial_number:
+                raise ShardingNotSupported(
+                    f"lines[{index}].serial_number", "a device serial is not served on a cluster deployment yet"
+                )
         shard = self.layout.shard_of_consumer(request.consumer_key)
         routed = msgspec.structs.replace(request, authorization_id=self.layout.new_authorization_id(shard))
         return await self.stores[shard].authorize(routed)
