@@ -58,6 +58,10 @@ class Config:
     # Redis Cluster (issue 16, docs/scale-out.md): "host:port,..." of some of its nodes. Empty
     # (the default): one Redis only. Set: the ledger writer also drains the shards' streams.
     redis_cluster_nodes: str = ""
+    # With SUBSIDY_REDIS_CLUSTER_NODES: the number of consumer shards (1-1024; 0, the default:
+    # none). Set, the gateway serves the sale path in the shards (server/processes/sharded_app.py,
+    # docs/scale-out.md 2.0) and the ledger writer drains each shard's ledger stream.
+    redis_shards: int = 0
     writer_batch_size: int = 500
     writer_block_ms: int = 200
     writer_claim_idle_ms: int = 30_000
@@ -182,6 +186,10 @@ class Config:
         if self.redis_client not in ("lean", "redis-py"):
             raise ConfigError(f"SUBSIDY_REDIS_CLIENT must be lean or redis-py, got {self.redis_client!r}")
         cluster_nodes(self.redis_cluster_nodes)
+        if not 0 <= self.redis_shards <= 1024:
+            raise ConfigError(f"SUBSIDY_REDIS_SHARDS must be 0 to 1024, got {self.redis_shards}")
+        if self.redis_shards and not self.redis_cluster_nodes:
+            raise ConfigError("SUBSIDY_REDIS_SHARDS needs SUBSIDY_REDIS_CLUSTER_NODES (the shards live on a Redis Cluster)")
         _positive("SUBSIDY_WRITER_BATCH_SIZE", self.writer_batch_size, 10_000)
         _positive("SUBSIDY_WRITER_BLOCK_MS", self.writer_block_ms, 60_000)
         _positive("SUBSIDY_WRITER_CLAIM_IDLE_MS", self.writer_claim_idle_ms, 3_600_000)
