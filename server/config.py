@@ -189,7 +189,7 @@ class Config:
         if not 0 <= self.redis_shards <= 1024:
             raise ConfigError(f"SUBSIDY_REDIS_SHARDS must be 0 to 1024, got {self.redis_shards}")
         if self.redis_shards and not self.redis_cluster_nodes:
-            raise ConfigError("SUBSIDY_REDIS_SHARDS needs SUBSIDY_REDIS_CLUSTER_NODES (the shards live on a Redis Cluster)")
+            raise ConfigError("SUBSIDY_REDIS_SHARDS needs SUBSIDY_REDIS_CLUSTER_NODES (the shards are on a cluster)")
         _positive("SUBSIDY_WRITER_BATCH_SIZE", self.writer_batch_size, 10_000)
         _positive("SUBSIDY_WRITER_BLOCK_MS", self.writer_block_ms, 60_000)
         _positive("SUBSIDY_WRITER_CLAIM_IDLE_MS", self.writer_claim_idle_ms, 3_600_000)
