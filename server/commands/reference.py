@@ -3,13 +3,16 @@
 
 ``load`` validates a YAML or JSON file, upserts it into PostgreSQL in one transaction,
 publishes everything to Redis and writes the callers' credentials to a file readable only by
-its owner. ``publish`` rebuilds the Redis reference cache from PostgreSQL.
+its owner. ``publish`` rebuilds the Redis reference cache from PostgreSQL. With
+SUBSIDY_REDIS_SHARDS both publish into every consumer shard of the Redis Cluster and fund the
+shards' budgets (``publish_snapshot``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,39 @@ import orjson
 import yaml
 from redis.asyncio import Redis
 
-from server.config import Config
+from server.config import Config, cluster_nodes
 from server.domain.reference import ReferenceData, ReferenceError, parse_reference
 from storage.postgres.migrate import migrate
-from storage.postgres.reference import fetch_reference, save_reference
+from storage.postgres.reference import ReferenceSnapshot, fetch_reference, save_reference
+from storage.redis.cluster.nodes import cluster_client
+from storage.redis.cluster.shard_budget import ShardBudget, released_fen
+from storage.redis.cluster.shards import ShardLayout, publish_to_shards
 from storage.redis.keys import Keys
-from storage.redis.reference import publish_reference
+from storage.redis.reference import publish_reference, tranche_schedule
+
+
+async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
+    """Publishes to one Redis, or with SUBSIDY_REDIS_SHARDS to every consumer shard of the Redis
+    Cluster and funds each shard's slice of every campaign category's released budget
+    (docs/scale-out.md 2.0 and "Funding the shards"); returns the reference version."""
+    if not config.redis_shards:
+        redis = Redis.from_url(config.redis_url)
+        try:
+            return await publish_reference(redis, Keys(config.redis_prefix), snapshot)
+        finally:
+            await redis.aclose()
+    cluster = cluster_client(cluster_nodes(config.redis_cluster_nodes), timeout_s=config.redis_timeout_s)
+    budget = ShardBudget(cluster, ShardLayout(config.redis_prefix, config.redis_shards))
+    try:
+        version = await publish_to_shards(cluster, budget.layout, snapshot)
+        now_ms = int(time.time() * 1000)
+        for rule in snapshot.rules:
+            released = released_fen(rule["budget_fen"], tranche_schedule(rule.get("tranches")), now_ms)
+            await budget.fund(rule["campaign_id"], rule["category"], released)
+        return version
+    finally:
+        await budget.aclose()
+        await cluster.aclose()
 
 
 def read_reference(path: Path) -> ReferenceData:
@@ -54,14 +84,12 @@ def write_credentials(path: Path, credentials: dict[str, str], data: ReferenceDa
 async def load(config: Config, path: Path, credentials_out: Path | None) -> int:
     data = read_reference(path)
     connection = await asyncpg.connect(config.pg_dsn, timeout=10)
-    redis = Redis.from_url(config.redis_url)
     try:
         await migrate(connection)
         credentials = await save_reference(connection, data)
-        version = await publish_reference(redis, Keys(config.redis_prefix), await fetch_reference(connection))
+        version = await publish_snapshot(config, await fetch_reference(connection))
     finally:
         await connection.close()
-        await redis.aclose()
     if credentials_out is not None:
         write_credentials(credentials_out, credentials, data, config.listen)
     print(
@@ -75,11 +103,9 @@ async def load(config: Config, path: Path, credentials_out: Path | None) -> int:
 
 async def publish(config: Config) -> int:
     connection = await asyncpg.connect(config.pg_dsn, timeout=10)
-    redis = Redis.from_url(config.redis_url)
     try:
-        version = await publish_reference(redis, Keys(config.redis_prefix), await fetch_reference(connection))
+        version = await publish_snapshot(config, await fetch_reference(connection))
     finally:
         await connection.close()
-        await redis.aclose()
     print(f"published reference version {version}", file=sys.stderr)
     return version

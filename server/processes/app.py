@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -130,12 +131,16 @@ class Application:
     poller: FundsPoller | None = None
     # The money path's lean Redis client (None with SUBSIDY_REDIS_CLIENT=redis-py or TLS).
     lean: LeanRedis | None = None
+    # The services registered (set SERVING by start): all of them on one Redis, fewer on a
+    # cluster (server/processes/sharded_app.py); and what else stop must close.
+    service_names: tuple[str, ...] = SERVICE_NAMES
+    closing: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.server.start()
-        for name in (*SERVICE_NAMES, ""):
+        for name in (*self.service_names, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen:
             self.metrics = serve_gateway_metrics(self.config, REGISTRY, lambda: not self.stopping.is_set())
@@ -155,6 +160,8 @@ class Application:
         await self.operator_pool.close()
         if self.lean is not None:
             await self.lean.aclose()
+        for close in self.closing:
+            await close()
         await self.redis.aclose()
         if self.spans is not None:
             await asyncio.to_thread(self.spans.shutdown)
@@ -162,6 +169,11 @@ class Application:
 
 
 async def create_server(config: Config) -> Application:
+    if config.redis_shards:
+        # A Redis Cluster deployment: the sale path in consumer shards (issue 16).
+        from server.processes.sharded_app import create_sharded_server
+
+        return await create_sharded_server(config)
     check_listeners(config)
     spans: CallSpans | None = None
     if config.tracing != "off":

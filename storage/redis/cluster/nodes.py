@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -72,3 +72,16 @@ class NodeConnections:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+
+
+def cluster_client(
+    startup: list[tuple[str, int]], *, timeout_s: float = 5.0, client_name: str | None = None
+) -> RedisCluster:
+    """redis-py's cluster client on some of the cluster's nodes (SUBSIDY_REDIS_CLUSTER_NODES): it
+    learns the rest and the slot map from them."""
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in startup],
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        client_name=client_name,
+    )

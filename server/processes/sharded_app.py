@@ -1,0 +1,141 @@
+"""The gateway on a Redis Cluster (issue 16, docs/scale-out.md 2.0): ``create_server`` builds this
+one instead when SUBSIDY_REDIS_CLUSTER_NODES and SUBSIDY_REDIS_SHARDS are set.
+
+What it serves: AuthorizationService (Authorize, Capture, Void, Refund, GetAuthorization) over
+``ShardedStore``, each sale in its consumer's shard and every answer acknowledged by a replica
+(``AcknowledgedScripts``, WAIT 1); Diagnostics, health and reflection; the hold sweeper of every
+shard. Credentials come from the deployment's own keys on the cluster, as the reference
+publication (``subsidyctl reference load`` with the same settings: ``publish_to_shards`` and the
+shard budget's funding) writes them.
+
+What it does not serve yet: the operator, reporting, qualification, exchange, complaint, risk
+and supervision services. They read and publish through one Redis's keys, which a cluster
+deployment does not have; a call to them is answered UNIMPLEMENTED by gRPC itself (unregistered),
+rather than served from keys no sale reads. Sales with a device serial or a redemption code are
+refused UNIMPLEMENTED naming the field (storage/redis/cluster/shards.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc
+
+from server.config import Config, cluster_nodes
+from server.processes.app import Application
+from server.rpc.auth import Authenticator
+from server.rpc.handlers import GuardedServer
+from server.rpc.metrics import SWEEPER_EXPIRED
+from server.rpc.tls import ClientCertificatePolicy, bind, check_listeners
+from server.services.authorization import AuthorizationService
+from server.services.diagnostics import DiagnosticsService
+from storage.postgres.pool import LazyPool
+from storage.redis.cluster.nodes import cluster_client
+from storage.redis.cluster.shards import AcknowledgedScripts, ShardedStore, ShardLayout
+from storage.redis.credentials import CredentialCache
+from storage.redis.store import RedisStore, StoreLimits
+
+log = logging.getLogger("subsidy.app")
+SHARDED_SERVICE_NAMES = (
+    authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
+    diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
+)
+
+
+def store_limits(config: Config) -> StoreLimits:
+    return StoreLimits(
+        hold_ttl_s=config.hold_ttl_s,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+        # Twice the accepted skew (a timestamp can be early or late), plus a margin for the
+        # clocks of the gateway and Redis differing.
+        nonce_ttl_s=2 * config.auth_clock_skew_s + 60,
+        programme_timezone=config.report_timezone,
+    )
+
+
+async def run_shard_sweeper(store: ShardedStore, config: Config, stopping: asyncio.Event) -> None:
+    """Expires every shard's due holds (each shard's expiry script; concurrent gateways are safe
+    as on one Redis)."""
+    while not stopping.is_set():
+        try:
+            expired = await store.expire_due_holds(config.sweep_batch_size)
+            if expired:
+                SWEEPER_EXPIRED.labels("hold").inc(expired)
+                log.info("holds expired", extra={"count": expired})
+        except Exception:
+            log.warning("hold sweep failed", exc_info=True)
+        try:
+            await asyncio.wait_for(stopping.wait(), config.sweep_interval_ms / 1000)
+        except TimeoutError:
+            pass
+
+
+async def create_sharded_server(config: Config) -> Application:
+    check_listeners(config)
+    startup = cluster_nodes(config.redis_cluster_nodes)
+    cluster = cluster_client(startup, timeout_s=config.redis_timeout_s, client_name=config.redis_client_name)
+    scripts = AcknowledgedScripts(cluster)
+    try:
+        await scripts.preload()
+        layout = ShardLayout(config.redis_prefix, config.redis_shards)
+        limits = store_limits(config)
+        store = ShardedStore(
+            layout,
+            [RedisStore(cluster, keys, scripts, limits) for keys in layout.keys],  # type: ignore[arg-type]
+            RedisStore(cluster, layout.control, scripts, limits),  # type: ignore[arg-type]
+        )
+        credentials = CredentialCache(cluster, layout.control, nonce_ttl_s=store.nonce_ttl_s)  # type: ignore[arg-type]
+        await credentials.refresh()
+        grpc_server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
+            ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        server = GuardedServer(
+            grpc_server,
+            Authenticator(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config)),
+            None,
+        )
+        authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
+            AuthorizationService(store, config.max_lines, config.programme_key),  # type: ignore[arg-type]
+            server,
+        )
+        diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsService(), server)
+        health_servicer = health_async.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in (*SHARDED_SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (*SHARDED_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+        )
+        listeners = bind(grpc_server, config)
+    except (Exception, asyncio.CancelledError):
+        await scripts.aclose()
+        await cluster.aclose()
+        raise
+    application = Application(
+        grpc_server,
+        listeners.port,
+        cluster,  # type: ignore[arg-type]
+        store,  # type: ignore[arg-type]
+        health_servicer,
+        config,
+        LazyPool(config.pg_dsn),
+        mtls_port=listeners.mtls_port,
+        certificates=listeners.reloader,
+        service_names=SHARDED_SERVICE_NAMES,
+        closing=[scripts.aclose],
+    )
+    application.tasks.append(asyncio.create_task(run_shard_sweeper(store, config, application.stopping)))
+    application.tasks.append(
+        asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))
+    )
+    return application

@@ -1,0 +1,226 @@
+"""The gateway on a Redis Cluster (issue 16, server/processes/sharded_app.py): with
+SUBSIDY_REDIS_CLUSTER_NODES and SUBSIDY_REDIS_SHARDS it serves the sale path in consumer shards
+(docs/scale-out.md 2.0), signed gRPC calls from the Python client end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import secrets
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from subsidy_client import AuthorizationClient, Line, SubsidyError
+from subsidy_client.v1 import authorization_pb2 as pb
+from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
+
+from server.commands.reference import publish_snapshot
+from server.config import Config
+from storage.cluster_dev import LocalCluster
+from storage.postgres.reference import fetch_reference
+from storage.redis.cluster.shard_budget import ShardBudget
+from storage.redis.cluster.shards import ShardLayout
+from tests.conftest import Environment, load_document, running_gateway
+from tests.integration import cluster_fixtures
+from tests.integration.loadgen import Job, run_job
+from tests.integration.test_concurrency import free_port, server_processes
+
+redis_cluster = cluster_fixtures.redis_cluster
+cluster_client = cluster_fixtures.cluster_client
+
+GTIN = "6970000000024"  # a grade-2 fridge without a serial
+PRICE_FEN, SUBSIDY_FEN = 300_000, 60_000  # 20%
+SHARDS = 6
+
+
+def campaign_document(campaign_id: str, sales: int) -> dict[str, object]:
+    return {
+        "campaigns": [
+            {
+                "id": campaign_id,
+                "starts_at": "2020-01-01T00:00:00+00:00",
+                "ends_at": "2099-01-01T00:00:00+00:00",
+                "rules": [
+                    {
+                        "category": "fridge",
+                        "kind": "PERCENT",
+                        "rates_bp": {"2": 2000},
+                        "cap_fen": 200_000,
+                        "per_person_limit": 1,
+                        "budget_fen": sales * SUBSIDY_FEN,
+                    }
+                ],
+            }
+        ]
+    }
+
+
+def cluster_config(environment: Environment, redis_cluster: LocalCluster, prefix: str) -> Config:
+    return environment.config(
+        redis_prefix=prefix,
+        redis_cluster_nodes=",".join(f"{host}:{port}" for host, port in redis_cluster.startup_nodes),
+        redis_shards=SHARDS,
+    )
+
+
+async def published(environment: Environment, config: Config, sales: int) -> str:
+    """A campaign of ``sales`` sales' budget, saved in the run's database and published into the
+    cluster's shards with each shard funded its slice; returns its id."""
+    campaign_id = "c-cl-" + secrets.token_hex(4)
+    await load_document(environment, campaign_document(campaign_id, sales))
+    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
+    try:
+        await publish_snapshot(config, await fetch_reference(connection))
+    finally:
+        await connection.close()
+    return campaign_id
+
+
+def consumers_per_shard(layout: ShardLayout, count: int) -> list[str]:
+    found: dict[int, list[str]] = {shard: [] for shard in range(layout.count)}
+    while any(len(keys) < count for keys in found.values()):
+        key = secrets.token_hex(32)
+        if len(found[layout.shard_of_consumer(key)]) < count:
+            found[layout.shard_of_consumer(key)].append(key)
+    return [key for keys in found.values() for key in keys]
+
+
+@pytest.fixture
+async def cluster_gateway(environment: Environment, redis_cluster: LocalCluster) -> AsyncIterator[tuple[Config, str]]:
+    config = cluster_config(environment, redis_cluster, "cg" + secrets.token_hex(4))
+    async with running_gateway(config) as application:
+        yield replace(config, listen=f"127.0.0.1:{application.port}"), f"127.0.0.1:{application.port}"
+
+
+async def test_the_gateway_serves_sales_in_shards_end_to_end(
+    environment: Environment, cluster_gateway: tuple[Config, str], cluster_client: RedisCluster
+) -> None:
+    """Six shards of 2 sales each; 4 consumers a shard, each asking twice: exactly 12 approved,
+    2 a shard, nobody twice; capture, void and GetAuthorization find each authorization's shard."""
+    config, target = cluster_gateway
+    campaign_id = await published(environment, config, sales=2 * SHARDS)
+    layout = ShardLayout(config.redis_prefix, SHARDS)
+    client = AuthorizationClient(target, "t-main-01", environment.credentials["t-main-01"])
+    try:
+        answers = []
+        for consumer in consumers_per_shard(layout, 4) * 2:
+            response = await client.authorize(
+                campaign_id=campaign_id, consumer_key=consumer, lines=[Line("1", GTIN, PRICE_FEN)]
+            )
+            answers.append((consumer, response))
+        approved = [(consumer, response) for consumer, response in answers if response.decision == pb.DECISION_APPROVED]
+        assert len(approved) == 2 * SHARDS and len({consumer for consumer, _ in approved}) == 2 * SHARDS
+        assert Counter(layout.shard_of_consumer(consumer) for consumer, _ in approved) == dict.fromkeys(
+            range(SHARDS), 2
+        )
+        assert {
+            pb.DeclineReason.Name(response.decline_reason)
+            for _, response in answers
+            if response.decision != pb.DECISION_APPROVED
+        } == {"DECLINE_REASON_BUDGET_EXHAUSTED", "DECLINE_REASON_CONSUMER_LIMIT_REACHED"}
+        assert all(response.subsidy_fen == SUBSIDY_FEN for _, response in approved)
+        first, second = approved[0][1].authorization_id, approved[1][1].authorization_id
+        await client.capture(first)
+        await client.void(second)
+        assert (await client.get_authorization(first)).state == pb.AUTHORIZATION_STATE_CAPTURED
+        assert (await client.get_authorization(second)).state == pb.AUTHORIZATION_STATE_VOIDED
+        budget = ShardBudget(cluster_client, layout)
+        funds = await budget.read(campaign_id, "fridge")
+        assert sum(state.spent for state in funds) == SUBSIDY_FEN
+        assert sum(state.reserved for state in funds) == (2 * SHARDS - 2) * SUBSIDY_FEN
+        await budget.aclose()
+    finally:
+        await client.close()
+
+
+async def test_what_the_cluster_gateway_does_not_serve_yet_is_refused_unimplemented(
+    environment: Environment, cluster_gateway: tuple[Config, str]
+) -> None:
+    """A device serial or a redemption code: UNIMPLEMENTED naming the field, nothing reserved;
+    the operator services are not registered (UNIMPLEMENTED from gRPC itself)."""
+    config, target = cluster_gateway
+    campaign_id = await published(environment, config, sales=SHARDS)
+    client = AuthorizationClient(target, "t-main-01", environment.credentials["t-main-01"])
+    try:
+        with pytest.raises(SubsidyError) as refused:
+            await client.authorize(
+                campaign_id=campaign_id,
+                consumer_key=secrets.token_hex(32),
+                lines=[Line("1", GTIN, PRICE_FEN, "SN" + secrets.token_hex(4))],
+            )
+        assert refused.value.code == grpc.StatusCode.UNIMPLEMENTED
+        assert refused.value.metadata.get("field") == "lines[0].serial_number"
+        with pytest.raises(SubsidyError) as refused:
+            await client.authorize(
+                campaign_id=campaign_id, redemption_code="ABCD2345", lines=[Line("1", GTIN, PRICE_FEN)]
+            )
+        assert refused.value.code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT)
+    finally:
+        await client.close()
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as unserved:
+            await campaign_pb2_grpc.CampaignServiceStub(channel).GetCampaign(campaign_pb2.GetCampaignRequest())
+        assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.slow
+async def test_two_gateway_workers_and_three_client_processes_approve_exactly_the_budget(
+    environment: Environment, redis_cluster: LocalCluster, cluster_client: RedisCluster, tmp_path: Path
+) -> None:
+    """``python -m server`` (2 worker processes) on the cluster, 3 client processes of 8 channels:
+    6 shards of 20 sales (120), 40 consumers a shard each asking twice (480 calls): exactly 120
+    approved, 20 a shard, nobody twice, each shard's reserved budget equal to its approvals."""
+    prefix = "cg" + secrets.token_hex(4)
+    config = cluster_config(environment, redis_cluster, prefix)
+    campaign_id = await published(environment, config, sales=20 * SHARDS)
+    layout = ShardLayout(prefix, SHARDS)
+    consumers = consumers_per_shard(layout, 40)
+    requests = [(str(uuid.uuid4()), consumer, "") for consumer in consumers * 2]
+    port = free_port()
+    extra_env = {
+        "SUBSIDY_REDIS_PREFIX": prefix,
+        "SUBSIDY_REDIS_CLUSTER_NODES": config.redis_cluster_nodes,
+        "SUBSIDY_REDIS_SHARDS": str(SHARDS),
+        "SUBSIDY_LOG_LEVEL": "WARNING",
+    }
+    async with server_processes(environment, port, tmp_path / "server.log", extra_env=extra_env):
+        jobs = [
+            Job(
+                target=f"127.0.0.1:{port}",
+                terminal_id="t-main-01",
+                secret=environment.credentials["t-main-01"],
+                campaign_id=campaign_id,
+                gtin=GTIN,
+                price_fen=PRICE_FEN,
+                requests=requests[worker::3],
+                channels=8,
+                max_attempts=5,
+            )
+            for worker in range(3)
+        ]
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(len(jobs)) as pool:
+            results = await asyncio.get_running_loop().run_in_executor(None, pool.map, run_job, jobs)
+    outcomes = [outcome for result in results for outcome in result]
+    assert not [outcome.error for outcome in outcomes if outcome.error]
+    approved = [outcome for outcome in outcomes if outcome.decision == "DECISION_APPROVED"]
+    assert len(approved) == 20 * SHARDS and len({outcome.consumer for outcome in approved}) == 20 * SHARDS
+    assert Counter(layout.shard_of_consumer(outcome.consumer) for outcome in approved) == dict.fromkeys(
+        range(SHARDS), 20
+    )
+    assert all(
+        layout.shard_of_id(outcome.authorization_id) == layout.shard_of_consumer(outcome.consumer)
+        for outcome in approved
+    )
+    budget = ShardBudget(cluster_client, layout)
+    try:
+        assert [state.reserved for state in await budget.read(campaign_id, "fridge")] == [20 * SUBSIDY_FEN] * SHARDS
+    finally:
+        await budget.aclose()
