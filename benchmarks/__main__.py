@@ -36,7 +36,11 @@ FLASH_IN_FLIGHT = 1024
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: short rounds, fewer of them (< 2 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run (< 2 min): every headline, short rounds, fewer of them, fewer side measurements",
+    )
     parser.add_argument(
         "--duration-s",
         type=float,
@@ -57,7 +61,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         "--after-tree", type=Path, help="structure scenario: the checkout measured as after (default: this one)"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results", help="results directory")
-    parser.add_argument("--pairs", type=int, help="A/B pairs per comparison (default 5, --quick 3)")
+    parser.add_argument(
+        "--pairs", type=int, help="A/B pairs per comparison (default 5, --quick 3; --quick's tls and tracing: 1)"
+    )
     parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     parser.add_argument("--concurrency", type=int, default=32, help="closed loop: calls in flight in all (default 32)")
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) per client process")
@@ -74,8 +80,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         choices=("auto", "always", "never"),
-        default="auto",
-        help="py-spy the gateway after the scenarios: when a target is missed (auto), always, or never",
+        help="py-spy the gateway after the scenarios: when a target is missed (auto, the default), always, or"
+        " never (the default with --quick)",
     )
     return parser.parse_args(argv)
 
@@ -116,6 +122,7 @@ def build_plan(arguments: argparse.Namespace, command: str) -> Plan:
         round_s=round_s,
         round_warmup_s=0.5 if quick else 1.0,
         pairs=pairs,
+        side_pairs=1 if quick else pairs,
         scaling_pairs=1 if quick else max(1, min(pairs, 3)),
         open_loop_s=2 * round_s if quick else round_s,
         open_loop_pairs=1 if quick else 2,
@@ -134,7 +141,7 @@ def build_plan(arguments: argparse.Namespace, command: str) -> Plan:
         channels=arguments.channels,
         concurrency=arguments.concurrency,
         baseline_pool_size=arguments.baseline_pool_size,
-        profile=arguments.profile,
+        profile=arguments.profile or ("never" if quick else "auto"),
         profile_s=3 * round_s if quick else 4 * round_s,
         output=arguments.output,
         command=command,

@@ -80,6 +80,7 @@ class Plan:
     round_s: float  # one A/B round's measured window
     round_warmup_s: float  # unmeasured lead-in of each round
     pairs: int  # A/B pairs per comparison
+    side_pairs: int  # A/B pairs of the side comparisons (tls, tracing)
     scaling_pairs: int
     open_loop_s: float
     open_loop_warmup_s: float
@@ -734,12 +735,29 @@ def describe(measurement: Measurement) -> str:
 
 
 def run_transport(bench: Bench, result: RunResult) -> None:
-    """Scenario 2 (and the CPU headline): Authorize vs Echo on the same gateway, alternating."""
+    """Scenario 2 (and the CPU headline): Authorize vs Echo on the same gateway, alternating.
+
+    A quick run that ran the floor takes the floor's gateway Authorize and Echo rounds instead of
+    measuring rounds of its own: each of its triples already runs the two on the same gateway,
+    one after the other, at the same concurrency (it keeps --quick under 2 minutes)."""
+    floor_echo = result.comparisons.get("floor: echo")
+    floor_authorize = result.comparisons.get("floor: authorize")
+    if bench.plan.quick and floor_echo is not None and floor_authorize is not None:
+        result.comparisons["transport"] = compare(
+            "authorize vs echo", "authorize", "echo", floor_authorize.rounds_a, floor_echo.rounds_a
+        )
+        result.checks["transport_rounds"] = TRANSPORT_FROM_FLOOR
+        bench.log("transport: quick, the floor's gateway Authorize and Echo rounds")
+        return
     gateway = bench.targets["gateway"]
     result.comparisons["transport"] = bench.alternate(
         "authorize vs echo", ("authorize", gateway, "authorize"), ("echo", gateway, "echo"), bench.plan.pairs
     )
 
+
+TRANSPORT_FROM_FLOOR = (
+    "quick run: the gateway Authorize and Echo rounds of the floor's triples (section 0), paired triple by triple"
+)
 
 # The redis_script scenario: driver processes (one connection each) and EVALSHAs in flight on each.
 REDIS_DIRECT_CONNECTIONS = 4
@@ -958,7 +976,7 @@ def run_tls(bench: Bench, result: RunResult) -> None:
             "tls vs plaintext",
             ("tls", target, "authorize"),
             ("plaintext", bench.targets["gateway"], "authorize"),
-            bench.plan.pairs,
+            bench.plan.side_pairs,
         )
     finally:
         bench.stop_target("gateway tls")
@@ -997,29 +1015,32 @@ def run_open_loop(bench: Bench, result: RunResult) -> None:
     First the gateway at fractions of its own maximum. Then, at each fraction of the
     *baseline's* maximum (a load both can carry), the gateway, the baseline and Echo (the
     transport floor) in turn, ``open_loop_pairs`` times, so a disturbance from outside lands on
-    all three alike; each side's phases are merged."""
+    all three alike; each side's phases are merged. A quick run measures only what the p99
+    headline needs: the gateway and the baseline at the baseline's rates (it keeps --quick
+    under 2 minutes)."""
     plan = bench.plan
-    gateway_max = closed_loop_maximum(bench, result, "gateway")
-    for fraction in plan.open_loop_fractions:
-        result.open_loop_gateway.append(open_point(bench, "gateway", fraction, "gateway", gateway_max))
+    if not plan.quick:
+        gateway_max = closed_loop_maximum(bench, result, "gateway")
+        for fraction in plan.open_loop_fractions:
+            result.open_loop_gateway.append(open_point(bench, "gateway", fraction, "gateway", gateway_max))
     if "baseline" not in bench.targets:
         return
     baseline_max = closed_loop_maximum(bench, result, "baseline")
+    turns = [("gateway", "gateway", "authorize"), ("baseline", "baseline", "authorize")]
+    if not plan.quick:
+        turns.append(("echo", "gateway", "echo"))
     for fraction in plan.open_loop_fractions:
-        sides: dict[str, list[Measurement]] = {"gateway": [], "baseline": [], "echo": []}
+        sides: dict[str, list[Measurement]] = {side: [] for side, _, _ in turns}
         for _ in range(plan.open_loop_pairs):
-            for side, name, method in (
-                ("gateway", "gateway", "authorize"),
-                ("baseline", "baseline", "authorize"),
-                ("echo", "gateway", "echo"),
-            ):
+            for side, name, method in turns:
                 sides[side].append(open_phase(bench, name, fraction, "baseline", baseline_max, method))
         points = {
             side: OpenLoopPoint(fraction, "baseline", baseline_max, merge(phases), phases)
             for side, phases in sides.items()
         }
         result.open_loop_equal.append((points["gateway"], points["baseline"]))
-        result.open_loop_floor.append(points["echo"])
+        if "echo" in points:
+            result.open_loop_floor.append(points["echo"])
 
 
 def open_phase(
@@ -1051,11 +1072,17 @@ SCALING_VARIANTS = (
 )
 
 
+# A quick run leaves uvloop off out (it keeps --quick under 2 minutes).
+QUICK_SCALING_VARIANTS = ("2 workers", "AOF everysec")
+
+
 def run_scaling(bench: Bench, result: RunResult) -> None:
     """Scenario 5: each variant alternates with the reference gateway (1 worker, uvloop on,
     AOF always), one variant at a time, so only one extra server is up."""
     reference = bench.targets["gateway"]
     for variant, settings, appendfsync in SCALING_VARIANTS:
+        if bench.plan.quick and variant not in QUICK_SCALING_VARIANTS:
+            continue
         redis_server = bench.redis.get(appendfsync) or bench.start_redis(appendfsync)
         if appendfsync != "always":
             services.run_async(services.republish_reference(bench.gateway_dsn, redis_server.url, bench.prefix))
@@ -1366,7 +1393,8 @@ def run_flash_crowd(bench: Bench, result: RunResult) -> None:
     target = bench.start_gateway(name, FLASH_SETTINGS, bench.redis["always"])
     rng = random.Random()
     try:
-        bench.warm(target)
+        if not bench.plan.quick:  # quick: the warm-up crowd and each round's own warm-up only
+            bench.warm(target)
         # The claim path warm too (region, HMAC, the campaign cache); not measured.
         warm_crowd, _ = crowd_claims(FLASH_WARMUP_CLAIMS, FLASH_WARMUP_CLAIMS, 0.5, rng)
         flash_burst(bench, target, partner_secret, "warm-up crowd", FLASH_WARMUP_CLAIMS // 4, warm_crowd)
@@ -1451,7 +1479,8 @@ def run_tracing(bench: Bench, result: RunResult) -> None:
     receiver of its own (benchmarks/otlp_sink.py, whose CPU is counted with the store's),
     alternating with the reference gateway (tracing off) on Authorize and on Echo. After the
     rounds the traced gateway stops (flushing its queue) and the receiver reports how many
-    spans it got."""
+    spans it got. Then (not in a quick run) the call guard's bookkeeping is timed in this
+    process (benchmarks/bookkeeping.py)."""
     sink = services.otlp_sink_process("otlp sink")
     sink.start(wait_serving=False)
     bench.servers.append(sink)
@@ -1470,7 +1499,7 @@ def run_tracing(bench: Bench, result: RunResult) -> None:
             ("traced", target),
             ("untraced", bench.targets["gateway"]),
             ("authorize", "echo"),
-            bench.plan.pairs,
+            bench.plan.side_pairs,
         )
         result.comparisons.update({comparison.name: comparison for comparison in comparisons.values()})
     finally:
@@ -1480,6 +1509,8 @@ def run_tracing(bench: Bench, result: RunResult) -> None:
         bench.servers.remove(sink)
     received = [line for line in sink.log_path.read_text().splitlines() if line.startswith("spans ")]
     result.checks["tracing"] = {"receiver": received[-1] if received else "no count (receiver did not stop cleanly)"}
+    if bench.plan.quick:  # quick: left out, it keeps --quick under 2 minutes
+        return
     bench.log("bookkeeping: the call guard's metrics and a span, timed in this process")
     result.checks["bookkeeping"] = bookkeeping.measure()
     bench.log(f"  {result.checks['bookkeeping']}")
