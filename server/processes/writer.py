@@ -3,7 +3,8 @@
 Drains the ledger stream into PostgreSQL (storage/postgres/writer.py), mirrors qualifications
 into PostgreSQL in the same process (storage/postgres/qualifications.py), writes the risk events
 (storage/postgres/risk_events.py), with SUBSIDY_REDIS_CLUSTER_NODES also drains the Redis Cluster
-shards' ledger streams (storage/postgres/shard_writer.py), and, with
+shards' escrow streams (storage/postgres/shard_writer.py) and, with SUBSIDY_REDIS_SHARDS too, each
+consumer shard's ledger stream into the ledger (one LedgerWriter per shard), and, with
 SUBSIDY_WRITER_METRICS_LISTEN set, serves ``/metrics`` (Prometheus) and ``/health`` (JSON lag
 details) on it, over HTTPS when the gateway has a TLS certificate.
 """
@@ -35,6 +36,7 @@ from storage.postgres.risk_events import RiskEventWriter
 from storage.postgres.shard_writer import ShardLedgerWriter
 from storage.postgres.stream_consumer import consumer_backlogs
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
+from storage.redis.cluster.shards import ShardLayout
 from storage.redis.cluster.streams import ShardStreamReader
 from storage.redis.keys import Keys
 from storage.redis.store import sweep_backlog
@@ -85,15 +87,50 @@ class ShardWriting:
         return bool(details["running"]) and "error" not in details and details["dead_letters"] == 0
 
 
+@dataclass
+class ShardLedgers:
+    """The consumer shards' ledger writers (SUBSIDY_REDIS_SHARDS, storage/redis/cluster/shards.py):
+    one LedgerWriter per shard's ``ledger`` stream, all over one cluster client, for /metrics and
+    /health."""
+
+    cluster: RedisCluster
+    writers: list[LedgerWriter]
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Each shard's lag and stats by shard name; ``error`` names why the cluster could not be read."""
+        try:
+            lags = await asyncio.gather(*(lag(w.redis, w.keys, w.config.group) for w in self.writers))
+        except Exception as error:  # the cluster unreachable: the shards cannot be drained either
+            log.warning("reading the shard ledger streams' lag failed", exc_info=True)
+            return {"error": type(error).__name__}
+        return {
+            writer.keys.shard: {
+                **dataclasses.asdict(current),
+                "backlog": current.backlog,
+                "stats": dataclasses.asdict(writer.stats),
+            }
+            for writer, current in zip(self.writers, lags, strict=True)
+        }
+
+    @staticmethod
+    def healthy(details: dict[str, Any]) -> bool:
+        return "error" not in details and not any(shard["dead_letters"] for shard in details.values())
+
+
 class WriterMetrics:
     """Prometheus gauges and counters of the writer, refreshed from Redis on each scrape."""
 
     def __init__(
-        self, writer: LedgerWriter, publishing: PublishState | None = None, shards: ShardWriting | None = None
+        self,
+        writer: LedgerWriter,
+        publishing: PublishState | None = None,
+        shards: ShardWriting | None = None,
+        shard_ledgers: ShardLedgers | None = None,
     ) -> None:
         self.writer = writer
         self.publishing = publishing or PublishState()
         self.shards = shards
+        self.shard_ledgers = shard_ledgers
         self.registry = CollectorRegistry()
         labels = ["prefix"]
         self.stream_length = Gauge(
@@ -171,10 +208,39 @@ class WriterMetrics:
             labels,
             registry=self.registry,
         )
+        shard_labels = [*labels, "shard"]
+        self.shard_ledger_backlog = Gauge(
+            "subsidy_shard_ledger_backlog",
+            "Events of a consumer shard's ledger stream not yet written to PostgreSQL",
+            shard_labels,
+            registry=self.registry,
+        )
+        self.shard_ledger_oldest_age = Gauge(
+            "subsidy_shard_ledger_oldest_unwritten_age_seconds",
+            "Age of the oldest unwritten event of a consumer shard's ledger stream",
+            shard_labels,
+            registry=self.registry,
+        )
+        self.shard_ledger_dead_letters = Gauge(
+            "subsidy_shard_ledger_dead_letters",
+            "Entries in a consumer shard's ledger dead-letter stream (alert when > 0)",
+            shard_labels,
+            registry=self.registry,
+        )
+        self.shard_ledger_written = Counter(
+            "subsidy_shard_ledger_events_written",
+            "Events of a consumer shard's ledger stream written to PostgreSQL",
+            shard_labels,
+            registry=self.registry,
+        )
         self._written_seen = 0
+        self._shard_written_seen: dict[str, int] = {}
 
     async def snapshot(self) -> dict[str, Any]:
-        current = await lag(self.writer.redis, self.writer.keys, self.writer.config.group)
+        redis = self.writer.redis
+        # The deployment's own writer is on one Redis (its sweepers' and consumers' keys too).
+        assert isinstance(redis, Redis), "WriterMetrics.writer drains one Redis's ledger stream"
+        current = await lag(redis, self.writer.keys, self.writer.config.group)
         prefix = self.writer.config.prefix
         self.stream_length.labels(prefix).set(current.stream_length)
         self.backlog.labels(prefix).set(current.backlog)
@@ -182,12 +248,12 @@ class WriterMetrics:
         self.dead_letters.labels(prefix).set(current.dead_letters)
         self.written.labels(prefix).inc(self.writer.stats.events_written - self._written_seen)
         self._written_seen = self.writer.stats.events_written
-        sweeper = await sweep_backlog(self.writer.redis, self.writer.keys)
+        sweeper = await sweep_backlog(redis, self.writer.keys)
         self.overdue.labels(prefix, "hold").set(sweeper.overdue_holds)
         self.overdue.labels(prefix, "qualification").set(sweeper.overdue_qualifications)
         self.set_aside.labels(prefix, "hold").set(sweeper.set_aside_holds)
         self.set_aside.labels(prefix, "qualification").set(sweeper.set_aside_qualifications)
-        streams = await consumer_backlogs(self.writer.redis, self.writer.keys)
+        streams = await consumer_backlogs(redis, self.writer.keys)
         for name, stream in streams.items():
             self.consumer_backlog.labels(prefix, name).set(stream.backlog)
             self.consumer_dead_letters.labels(prefix, name).set(stream.dead_letters)
@@ -200,8 +266,10 @@ class WriterMetrics:
             if "error" not in shards:
                 self.shard_backlog.labels(prefix).set(shards["backlog"])
                 self.shard_dead_letters.labels(prefix).set(shards["dead_letters"])
+        shard_ledgers = await self._shard_ledgers(prefix)
         return {
             **({"shard_streams": shards} if shards is not None else {}),
+            **({"shard_ledgers": shard_ledgers} if shard_ledgers is not None else {}),
             "publishing": {**dataclasses.asdict(publishing), "stuck": self.publishing.stuck},
             **dataclasses.asdict(current),
             "backlog": current.backlog,
@@ -210,12 +278,28 @@ class WriterMetrics:
             "stats": dataclasses.asdict(self.writer.stats),
         }
 
+    async def _shard_ledgers(self, prefix: str) -> dict[str, Any] | None:
+        if self.shard_ledgers is None:
+            return None
+        details = await self.shard_ledgers.snapshot()
+        for writer in self.shard_ledgers.writers:
+            shard = writer.keys.shard
+            written = writer.stats.events_written
+            self.shard_ledger_written.labels(prefix, shard).inc(written - self._shard_written_seen.get(shard, 0))
+            self._shard_written_seen[shard] = written
+            if shard in details:
+                self.shard_ledger_backlog.labels(prefix, shard).set(details[shard]["backlog"])
+                self.shard_ledger_oldest_age.labels(prefix, shard).set(details[shard]["oldest_unwritten_age_s"])
+                self.shard_ledger_dead_letters.labels(prefix, shard).set(details[shard]["dead_letters"])
+        return details
+
 
 async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None) -> HttpEndpoint:
     """GET /metrics (Prometheus text) and GET /health (JSON: 503 when entries are dead-lettered
     (ledger events, qualification changes, risk events, shard stream events) or the sweepers have
     overdue or set-aside work, or an operator change has stayed unpublished for over a minute:
-    publisher.py, or the shard writer has stopped or cannot read the cluster), by
+    publisher.py, or the shard writer has stopped or cannot read the cluster, or a consumer
+    shard's ledger stream has dead letters or cannot be read), by
     prometheus_client's server in a thread;
     HTTPS with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded
     with it). Every request refreshes the gauges from Redis on the writer's event loop."""
@@ -226,6 +310,7 @@ async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SS
         healthy = details["dead_letters"] == 0 and not any(details["sweeper"].values())
         healthy = healthy and not any(stream["dead_letters"] for stream in details["streams"].values())
         healthy = healthy and ("shard_streams" not in details or ShardWriting.healthy(details["shard_streams"]))
+        healthy = healthy and ("shard_ledgers" not in details or ShardLedgers.healthy(details["shard_ledgers"]))
         return healthy and not details["publishing"]["stuck"], details
 
     return serve_http(listen, metrics.registry, health, ssl_context)
@@ -244,6 +329,21 @@ async def close_shard_writer(shard_writer: ShardLedgerWriter) -> None:
     await shard_writer.close()
     await shard_writer.reader.aclose()
     await shard_writer.reader.cluster.aclose()
+
+
+def shard_ledgers_of(config: Config) -> ShardLedgers:
+    """A LedgerWriter per consumer shard of the deployment (SUBSIDY_REDIS_SHARDS shards of
+    SUBSIDY_REDIS_PREFIX on the cluster at SUBSIDY_REDIS_CLUSTER_NODES), each its own consumer
+    (``<SUBSIDY_WRITER_CONSUMER>@<shard>``) of its shard's stream, over one cluster client that
+    routes each one's commands to its shard's primary; ``cluster.aclose()`` releases it."""
+    startup = [ClusterNode(host, port) for host, port in cluster_nodes(config.redis_cluster_nodes)]
+    cluster = RedisCluster(startup_nodes=startup, socket_timeout=10)
+    base = writer_config(config)
+    writers = [
+        LedgerWriter(dataclasses.replace(base, consumer=f"{base.consumer}@{keys.shard}"), cluster, keys)
+        for keys in ShardLayout(config.redis_prefix, config.redis_shards).keys
+    ]
+    return ShardLedgers(cluster, writers)
 
 
 async def run_writer(config: Config) -> None:
@@ -281,9 +381,13 @@ async def run_writer(config: Config) -> None:
     )
     # Redis Cluster (SUBSIDY_REDIS_CLUSTER_NODES): the shards' streams too (shard_writer.py).
     shards = ShardWriting(shard_writer_of(config)) if config.redis_cluster_nodes else None
+    # And with SUBSIDY_REDIS_SHARDS, each consumer shard's ledger stream into the ledger.
+    shard_ledgers = shard_ledgers_of(config) if config.redis_cluster_nodes and config.redis_shards else None
     server = (
         await serve_metrics(
-            WriterMetrics(writer, publish_state, shards), config.writer_metrics_listen, metrics_tls(config)
+            WriterMetrics(writer, publish_state, shards, shard_ledgers),
+            config.writer_metrics_listen,
+            metrics_tls(config),
         )
         if config.writer_metrics_listen
         else None
@@ -301,15 +405,19 @@ async def run_writer(config: Config) -> None:
     if shards is not None:
         # Ends only on an EventCollision (logged critical): /health then answers 503.
         shards.task = asyncio.create_task(shards.writer.run(stopping))
+    shard_writing = [asyncio.create_task(w.run(stopping)) for w in shard_ledgers.writers] if shard_ledgers else []
     try:
         await writer.run(stopping)
     finally:
         stopping.set()
         background = [mirroring, risk_writing, alerting, publishing, *([reporting] if reporting else [])]
         background += [shards.task] if shards is not None and shards.task is not None else []
+        background += shard_writing
         await asyncio.gather(*background, return_exceptions=True)
         if server is not None:
             server.close()
         if shards is not None:
             await close_shard_writer(shards.writer)
+        if shard_ledgers is not None:
+            await shard_ledgers.cluster.aclose()
         await redis.aclose()

@@ -33,11 +33,20 @@ class EventCollision(Exception):
     e.g. after a Redis loss without ``rebuild``): never silently treated as a redelivery."""
 
 
+# Separates a stream entry id from the shard it was read in: "<ms>-<seq>@<shard>" (see LedgerEvent).
+SHARD_SEPARATOR = "@"
+
+
 @dataclass(frozen=True)
 class LedgerEvent:
     """One stream entry's event: ``payload`` as the script wrote it (stored, and digested into
     the chain, as it is), ``record`` the same decoded into named fields (storage/redis/contract.py).
-    Raises msgspec.ValidationError when the payload is no ledger event."""
+    Raises msgspec.ValidationError when the payload is no ledger event.
+
+    ``event_id`` is the stream entry id ``<ms>-<seq>`` on one Redis. A consumer shard's
+    (Redis Cluster, storage/redis/cluster/shards.py) is ``<ms>-<seq>@<shard>``: two shards'
+    primaries can hand out the same entry id, and the ledger must not take the second event for
+    a redelivery of the first (or an EventCollision)."""
 
     event_id: str
     payload: dict[str, Any]
@@ -47,13 +56,23 @@ class LedgerEvent:
         object.__setattr__(self, "record", msgspec.convert(self.payload, LedgerEventRecord))
 
     @property
+    def entry_id(self) -> str:
+        """The id of the stream entry it was read from (what XACK and XPENDING name)."""
+        return self.event_id.partition(SHARD_SEPARATOR)[0]
+
+    @property
     def order(self) -> tuple[int, int]:
-        milliseconds, sequence = self.event_id.split("-")
+        """(ms, seq) of its entry: the order of one stream, hence of one authorization's events
+        (an authorization lives in one shard)."""
+        milliseconds, sequence = self.entry_id.split("-")
         return int(milliseconds), int(sequence)
 
 
-def parse_event(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LedgerEvent:
-    event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+def parse_event(entry_id: bytes | str, fields: dict[bytes, bytes], shard: str = "") -> LedgerEvent:
+    """The event of a stream entry; ``shard`` names the consumer shard whose stream it was read
+    from ("" on one Redis), qualifying its event id."""
+    entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    event_id = f"{entry}{SHARD_SEPARATOR}{shard}" if shard else entry
     try:
         payload = orjson.loads(fields[b"e"])
     except (KeyError, orjson.JSONDecodeError) as error:

@@ -12,6 +12,13 @@ It runs as its own process (``python -m server.ledger writer``), not inside the 
 gateway then holds no PostgreSQL connection at all (the hot path provably touches none), a
 PostgreSQL outage cannot slow an authorization, and the writer can be killed, restarted and
 scaled on its own.
+
+On a Redis Cluster (issue 16, storage/redis/cluster/shards.py) one writer drains one consumer
+shard's ``ledger`` stream: given that shard's ``Keys`` and a cluster client, every command it
+sends names only that shard's keys (the stream and its ``:dead`` stream share the shard's hash
+tag), so the client routes them to the shard's primary. Its events are recorded under the entry
+id qualified by the shard (``<ms>-<seq>@<shard>``, storage/postgres/ledger.py), since two
+shards' streams can hand out the same entry id; one Redis's ids stay the bare entry id.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import asyncpg
 import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from storage.postgres.ledger import EventCollision, LedgerEvent, MalformedEvent, parse_event, write_batch
 from storage.redis.keys import Keys
@@ -79,7 +87,13 @@ class WriterStats:
 
 
 async def read_group(
-    redis: Redis, stream: str, group: str, consumer: str, count: int, claim_idle_ms: int, block_ms: int | None
+    redis: Redis | RedisCluster,
+    stream: str,
+    group: str,
+    consumer: str,
+    count: int,
+    claim_idle_ms: int,
+    block_ms: int | None,
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """A consumer's next batch: its own pending entries first (left by its previous life), then
     entries idle for ``claim_idle_ms`` in another consumer's pending list, then new ones."""
@@ -96,10 +110,13 @@ async def read_group(
 
 
 class LedgerWriter:
-    def __init__(self, config: WriterConfig, redis: Redis) -> None:
+    """The writer of one ledger stream: one Redis's (``keys`` default ``Keys(config.prefix)``)
+    or one consumer shard's on a Redis Cluster (``keys`` the shard's, ``redis`` a cluster client)."""
+
+    def __init__(self, config: WriterConfig, redis: Redis | RedisCluster, keys: Keys | None = None) -> None:
         self.config = config
         self.redis = redis
-        self.keys = Keys(config.prefix)
+        self.keys = keys if keys is not None else Keys(config.prefix)
         self.stats = WriterStats()
         self._connection: asyncpg.Connection | None = None
         self._backoff_s = 0.1
@@ -153,7 +170,7 @@ class LedgerWriter:
         events, malformed = [], []
         for entry_id, fields in entries:
             try:
-                events.append(parse_event(entry_id, fields))
+                events.append(parse_event(entry_id, fields, self.keys.shard))
             except MalformedEvent:
                 malformed.append((entry_id, fields))
         if malformed:
@@ -192,7 +209,7 @@ class LedgerWriter:
             # Fault injection can die here: everything inserted, COMMIT not yet sent.
             self._crash_point("before_commit")
         self._crash_point("after_commit")
-        await self.redis.xack(self.keys.ledger, self.config.group, *[event.event_id for event in events])
+        await self.redis.xack(self.keys.ledger, self.config.group, *[event.entry_id for event in events])
         self._crash_point("after_ack")
         self.stats.events_written += result.new_events
         self.stats.duplicates_skipped += result.duplicates
@@ -209,25 +226,25 @@ class LedgerWriter:
         """A batch PostgreSQL refused for its data: write its events one by one, so one bad event
         cannot hold back the rest; an event refused ``max_deliveries`` times is dead-lettered.
         A failure that is not about the data stops the isolation (the batch stays pending)."""
-        deliveries = await self._delivery_counts([event.event_id for event in events])
+        deliveries = await self._delivery_counts([event.entry_id for event in events])
         for event in events:
             try:
                 await self._write([event])
             except DETERMINISTIC_ERRORS as error:
                 await self._drop_connection()
-                if deliveries.get(event.event_id, 1) >= self.config.max_deliveries:
+                if deliveries.get(event.entry_id, 1) >= self.config.max_deliveries:
                     fields = {b"e": orjson.dumps(event.payload)}
-                    await self._dead_letter([(event.event_id.encode(), fields)], type(error).__name__)
+                    await self._dead_letter([(event.entry_id.encode(), fields)], type(error).__name__)
                 else:
                     log.warning("event refused; will retry", extra={"event_id": event.event_id})
 
-    async def _delivery_counts(self, event_ids: list[str]) -> dict[str, int]:
+    async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
         pending = await self.redis.xpending_range(
             self.keys.ledger,
             self.config.group,
-            min=min(event_ids, key=_order),
-            max=max(event_ids, key=_order),
-            count=len(event_ids) * 2,
+            min=min(entry_ids, key=_order),
+            max=max(entry_ids, key=_order),
+            count=len(entry_ids) * 2,
         )
         return {_text(item["message_id"]): int(item["times_delivered"]) for item in pending}
 
@@ -305,7 +322,7 @@ class Lag:
         return self.pending + self.undelivered
 
 
-async def lag(redis: Redis, keys: Keys, group: str) -> Lag:
+async def lag(redis: Redis | RedisCluster, keys: Keys, group: str) -> Lag:
     """How far the ledger is behind the stream, measured on Redis's clock."""
     seconds, microseconds = await redis.time()
     now_ms = seconds * 1000 + microseconds // 1000
