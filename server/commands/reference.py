@@ -25,6 +25,7 @@ from server.config import Config, cluster_nodes
 from server.domain.reference import ReferenceData, ReferenceError, parse_reference
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import ReferenceSnapshot, fetch_reference, save_reference
+from storage.redis.cluster.keeper import Plan, record_plans
 from storage.redis.cluster.nodes import cluster_client
 from storage.redis.cluster.shard_budget import ShardBudget, released_fen
 from storage.redis.cluster.shards import ShardLayout, publish_to_shards
@@ -46,10 +47,22 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
     budget = ShardBudget(cluster, ShardLayout(config.redis_prefix, config.redis_shards))
     try:
         version = await publish_to_shards(cluster, budget.layout, snapshot)
+        plans = [
+            Plan(
+                rule["campaign_id"],
+                rule["category"],
+                rule["budget_fen"],
+                tranche_schedule(rule.get("tranches")),
+                # The most one line of the rule can take: what a shard needs for one more sale.
+                max(rule.get("cap_fen") or 0, rule.get("off_fen") or 0),
+            )
+            for rule in snapshot.rules
+        ]
+        # The gateways' keeper funds later tranches and rebalances from these (keeper.py).
+        await record_plans(cluster, budget.layout.control, plans)
         now_ms = int(time.time() * 1000)
-        for rule in snapshot.rules:
-            released = released_fen(rule["budget_fen"], tranche_schedule(rule.get("tranches")), now_ms)
-            await budget.fund(rule["campaign_id"], rule["category"], released)
+        for plan in plans:
+            await budget.fund(plan.campaign_id, plan.category, released_fen(plan.budget_fen, plan.tranches, now_ms))
         return version
     finally:
         await budget.aclose()

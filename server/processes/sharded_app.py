@@ -4,9 +4,10 @@ one instead when SUBSIDY_REDIS_CLUSTER_NODES and SUBSIDY_REDIS_SHARDS are set.
 What it serves: AuthorizationService (Authorize, Capture, Void, Refund, GetAuthorization) over
 ``ShardedStore``, each sale in its consumer's shard and every answer acknowledged by a replica
 (``AcknowledgedScripts``, WAIT 1); Diagnostics, health and reflection; the hold sweeper of every
-shard. Credentials come from the deployment's own keys on the cluster, as the reference
-publication (``subsidyctl reference load`` with the same settings: ``publish_to_shards`` and the
-shard budget's funding) writes them.
+shard, and the keeper that funds released tranches and rebalances short shards (keeper.py).
+Credentials come from the deployment's own keys on the cluster, as the reference publication
+(``subsidyctl reference load`` with the same settings: ``publish_to_shards``, the shard budget's
+funding and the plans the keeper reads) writes them.
 
 What it does not serve yet: the operator, reporting, qualification, exchange, complaint, risk
 and supervision services. They read and publish through one Redis's keys, which a cluster
@@ -35,7 +36,9 @@ from server.rpc.tls import ClientCertificatePolicy, bind, check_listeners
 from server.services.authorization import AuthorizationService
 from server.services.diagnostics import DiagnosticsService
 from storage.postgres.pool import LazyPool
+from storage.redis.cluster.keeper import keep
 from storage.redis.cluster.nodes import cluster_client
+from storage.redis.cluster.shard_budget import ShardBudget
 from storage.redis.cluster.shards import AcknowledgedScripts, ShardedStore, ShardLayout
 from storage.redis.credentials import CredentialCache
 from storage.redis.store import RedisStore, StoreLimits
@@ -58,9 +61,9 @@ def store_limits(config: Config) -> StoreLimits:
     )
 
 
-async def run_shard_sweeper(store: ShardedStore, config: Config, stopping: asyncio.Event) -> None:
+async def run_shard_sweeper(store: ShardedStore, budget: ShardBudget, config: Config, stopping: asyncio.Event) -> None:
     """Expires every shard's due holds (each shard's expiry script; concurrent gateways are safe
-    as on one Redis)."""
+    as on one Redis), then keeps the shards funded and balanced (storage/redis/cluster/keeper.py)."""
     while not stopping.is_set():
         try:
             expired = await store.expire_due_holds(config.sweep_batch_size)
@@ -69,6 +72,12 @@ async def run_shard_sweeper(store: ShardedStore, config: Config, stopping: async
                 log.info("holds expired", extra={"count": expired})
         except Exception:
             log.warning("hold sweep failed", exc_info=True)
+        try:
+            kept = await keep(budget, store.layout.control)
+            if kept.transfers:
+                log.info("shards rebalanced", extra={"count": kept.transfers, "fen": kept.moved_fen})
+        except Exception:
+            log.warning("shard funding failed", exc_info=True)
         try:
             await asyncio.wait_for(stopping.wait(), config.sweep_interval_ms / 1000)
         except TimeoutError:
@@ -134,7 +143,9 @@ async def create_sharded_server(config: Config) -> Application:
         service_names=SHARDED_SERVICE_NAMES,
         closing=[scripts.aclose],
     )
-    application.tasks.append(asyncio.create_task(run_shard_sweeper(store, config, application.stopping)))
+    budget = ShardBudget(cluster, layout)
+    application.closing.insert(0, budget.aclose)
+    application.tasks.append(asyncio.create_task(run_shard_sweeper(store, budget, config, application.stopping)))
     application.tasks.append(
         asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))
     )

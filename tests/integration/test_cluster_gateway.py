@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import secrets
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -224,3 +226,53 @@ async def test_two_gateway_workers_and_three_client_processes_approve_exactly_th
         assert [state.reserved for state in await budget.read(campaign_id, "fridge")] == [20 * SUBSIDY_FEN] * SHARDS
     finally:
         await budget.aclose()
+
+
+async def test_the_keeper_funds_a_released_tranche_and_refills_a_crowded_shard(
+    environment: Environment, redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """The gateway's keeper (every sweep, 50 ms here): a campaign of 12 sales' budget, half
+    released now and half 2 s later, over 6 shards; a crowd hashed to shard 0 alone. Before the
+    release at most the first half is approved; after it, the keeper has funded the rest and
+    refilled shard 0 from the others, so the crowd gets more than shard 0's own slice, and never
+    more than the budget; conserved and within budget throughout."""
+    prefix = "cg" + secrets.token_hex(4)
+    config = replace(cluster_config(environment, redis_cluster, prefix), sweep_interval_ms=50)
+    campaign_id = "c-cl-" + secrets.token_hex(4)
+    release_ms = int(time.time() * 1000) + 2_000
+    document = campaign_document(campaign_id, 12)
+    document["campaigns"][0]["rules"][0]["tranches"] = [  # type: ignore[index]
+        {"release_at": "2020-01-01T00:00:00+00:00", "amount_fen": 6 * SUBSIDY_FEN},
+        {"release_at": datetime.fromtimestamp(release_ms / 1000, UTC).isoformat(), "amount_fen": 6 * SUBSIDY_FEN},
+    ]
+    await load_document(environment, document)
+    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
+    try:
+        await publish_snapshot(config, await fetch_reference(connection))
+    finally:
+        await connection.close()
+    layout = ShardLayout(prefix, SHARDS)
+    budget = ShardBudget(cluster_client, layout)
+    crowd = [consumer for consumer in consumers_per_shard(layout, 40) if layout.shard_of_consumer(consumer) == 0]
+    async with running_gateway(config) as application:
+        client = AuthorizationClient(f"127.0.0.1:{application.port}", "t-main-01", environment.credentials["t-main-01"])
+        try:
+            approved = 0
+            for consumer in crowd:
+                response = await client.authorize(
+                    campaign_id=campaign_id, consumer_key=consumer, lines=[Line("1", GTIN, PRICE_FEN)]
+                )
+                approved += response.decision == pb.DECISION_APPROVED
+                audit = await budget.audit(campaign_id, "fridge")
+                assert audit.conserved and audit.within_budget
+                if time.time() * 1000 < release_ms - 200:
+                    assert sum(state.funded for state in await budget.read(campaign_id, "fridge")) == 6 * SUBSIDY_FEN
+                    assert approved <= 6
+                await asyncio.sleep(0.1)  # a sale every 100 ms: the crowd outlasts the release
+        finally:
+            await client.close()
+    funds = await budget.read(campaign_id, "fridge")
+    await budget.aclose()
+    assert sum(state.funded for state in funds) == 12 * SUBSIDY_FEN  # the second tranche funded
+    assert 2 < approved <= 12  # more than shard 0's own slice of the 12
+    assert funds[0].reserved == approved * SUBSIDY_FEN
