@@ -168,6 +168,38 @@ class Application:
         log.info("stopped")
 
 
+def store_limits(config: Config) -> StoreLimits:
+    return StoreLimits(
+        hold_ttl_s=config.hold_ttl_s,
+        idempotency_ttl_s=config.idempotency_ttl_s,
+        # Twice the accepted skew (a timestamp can be early or late), plus a margin for the
+        # clocks of the gateway and Redis differing.
+        nonce_ttl_s=2 * config.auth_clock_skew_s + 60,
+        # The programme day of per-merchant daily limits: the daily reports' business day.
+        programme_timezone=config.report_timezone,
+    )
+
+
+def guarded_server(
+    config: Config, credentials: CredentialCache, spans: CallSpans | None
+) -> tuple[grpc.aio.Server, GuardedServer]:
+    """The grpc.aio server and the registrar every service goes through: no grpc.aio interceptors
+    (each costs an async pipeline and a re-wrapped handler per call), each handler wrapped once
+    with authentication and the error guard (server/rpc/handlers.py)."""
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            # gRPC core cancels calls queued beyond 1,000 (soft) waiting for the application to
+            # pick them up, which a flash crowd reaches at once; queue more, still bounded.
+            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
+        ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    authenticator = Authenticator(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config))
+    return grpc_server, GuardedServer(grpc_server, authenticator, spans)
+
+
 async def create_server(config: Config) -> Application:
     if config.redis_shards:
         # A Redis Cluster deployment: the sale path in consumer shards (issue 16).
@@ -221,35 +253,11 @@ async def create_server(config: Config) -> Application:
             redis,
             keys,
             scripts,
-            StoreLimits(
-                hold_ttl_s=config.hold_ttl_s,
-                idempotency_ttl_s=config.idempotency_ttl_s,
-                # Twice the accepted skew (a timestamp can be early or late), plus a margin for the
-                # clocks of the gateway and Redis differing.
-                nonce_ttl_s=2 * config.auth_clock_skew_s + 60,
-                # The programme day of per-merchant daily limits: the daily reports' business day.
-                programme_timezone=config.report_timezone,
-            ),
+            store_limits(config),
         )
         credentials = CredentialCache(redis, keys, nonce_ttl_s=store.nonce_ttl_s)
         await credentials.refresh()
-        grpc_server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1),
-                # gRPC core cancels calls queued beyond 1,000 (soft) waiting for the application to
-                # pick them up, which a flash crowd reaches at once; queue more, still bounded.
-                ("grpc.server.max_pending_requests", config.max_pending_rpcs),
-                ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
-            ],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        )
-        # Every service is registered through this: no grpc.aio interceptors (each costs an async
-        # pipeline and a re-wrapped handler per call), each handler wrapped once, here.
-        server = GuardedServer(
-            grpc_server,
-            Authenticator(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config)),
-            spans,
-        )
+        grpc_server, server = guarded_server(config, credentials, spans)
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationService(store, config.max_lines, config.programme_key), server
         )

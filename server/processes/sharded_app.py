@@ -21,18 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc
 
 from server.config import Config, cluster_nodes
-from server.processes.app import Application
-from server.rpc.auth import Authenticator
-from server.rpc.handlers import GuardedServer
+from server.processes.app import Application, guarded_server, store_limits
 from server.rpc.metrics import SWEEPER_EXPIRED
-from server.rpc.tls import ClientCertificatePolicy, bind, check_listeners
+from server.rpc.tls import bind, check_listeners
 from server.services.authorization import AuthorizationService
 from server.services.diagnostics import DiagnosticsService
 from storage.postgres.pool import LazyPool
@@ -41,24 +38,13 @@ from storage.redis.cluster.nodes import cluster_client
 from storage.redis.cluster.shard_budget import ShardBudget
 from storage.redis.cluster.shards import AcknowledgedScripts, ShardedStore, ShardLayout
 from storage.redis.credentials import CredentialCache
-from storage.redis.store import RedisStore, StoreLimits
+from storage.redis.store import RedisStore
 
 log = logging.getLogger("subsidy.app")
 SHARDED_SERVICE_NAMES = (
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
 )
-
-
-def store_limits(config: Config) -> StoreLimits:
-    return StoreLimits(
-        hold_ttl_s=config.hold_ttl_s,
-        idempotency_ttl_s=config.idempotency_ttl_s,
-        # Twice the accepted skew (a timestamp can be early or late), plus a margin for the
-        # clocks of the gateway and Redis differing.
-        nonce_ttl_s=2 * config.auth_clock_skew_s + 60,
-        programme_timezone=config.report_timezone,
-    )
 
 
 async def run_shard_sweeper(store: ShardedStore, budget: ShardBudget, config: Config, stopping: asyncio.Event) -> None:
@@ -100,19 +86,7 @@ async def create_sharded_server(config: Config) -> Application:
         )
         credentials = CredentialCache(cluster, layout.control, nonce_ttl_s=store.nonce_ttl_s)  # type: ignore[arg-type]
         await credentials.refresh()
-        grpc_server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1),
-                ("grpc.server.max_pending_requests", config.max_pending_rpcs),
-                ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
-            ],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        )
-        server = GuardedServer(
-            grpc_server,
-            Authenticator(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config)),
-            None,
-        )
+        grpc_server, server = guarded_server(config, credentials, None)
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationService(store, config.max_lines, config.programme_key),  # type: ignore[arg-type]
             server,

@@ -14,7 +14,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from storage.cluster_dev import ClusterNode as LocalNode
 from storage.cluster_dev import LocalCluster, command
 from storage.redis.cluster.escrow import (
     MAX_FEN,
@@ -240,28 +239,6 @@ async def test_a_write_the_replica_did_not_acknowledge_is_not_an_answer(
     assert (await escrow.audit(10)).shards[0].reserved == 3
 
 
-async def _lose_the_replication_link(redis_cluster: LocalCluster, escrow: EscrowBudget) -> tuple[LocalNode, LocalNode]:
-    """Freeze shard 0's replica and cut its link on the primary: what the primary writes next
-    reaches no replica (what a slow or partitioned replica makes of asynchronous replication).
-    Returns (primary, replica)."""
-    primary = redis_cluster.primary_of_slot(redis_cluster.slot_of(escrow.escrow_key(0)))
-    (replica,) = redis_cluster.replicas_of(primary)
-    redis_cluster.freeze(replica)
-    command(primary.client(), "CLIENT", "KILL", "TYPE", "replica")
-    return primary, replica
-
-
-async def _fail_over(redis_cluster: LocalCluster, escrow: EscrowBudget, primary: LocalNode, replica: LocalNode) -> None:
-    """Kill the primary, let the frozen replica go on (promoted without what it missed), and
-    restart the old primary, which rejoins as the new one's replica."""
-    redis_cluster.kill(primary)
-    redis_cluster.thaw(replica)
-    slot = redis_cluster.slot_of(escrow.escrow_key(0))
-    await asyncio.to_thread(redis_cluster.wait_promoted, primary, slot)
-    redis_cluster.restart(primary)
-    await asyncio.to_thread(redis_cluster.wait_ok)
-
-
 async def test_without_wait_a_failover_loses_acknowledged_reservations(
     cluster_client: RedisCluster, redis_cluster: LocalCluster
 ) -> None:
@@ -274,11 +251,11 @@ async def test_without_wait_a_failover_loses_acknowledged_reservations(
     await escrow.setup(10)
     assert (await escrow.reserve(0, "before", 1)).approved
     await asyncio.sleep(0.2)  # replicated (no WAIT to say so)
-    primary, replica = await _lose_the_replication_link(redis_cluster, escrow)
+    primary, replica = cluster_fixtures.lose_the_replication_link(redis_cluster, escrow.escrow_key(0))
     try:
         answers = [await escrow.reserve(0, f"lost{index}", 1) for index in range(3)]
     finally:
-        await _fail_over(redis_cluster, escrow, primary, replica)
+        await cluster_fixtures.fail_over(redis_cluster, escrow.escrow_key(0), primary, replica)
     assert all(answer.approved and answer.new for answer in answers)  # the till saw approvals
     audit = await escrow.audit(10)
     assert audit.shards[0].reserved == 1  # only "before": the three approvals are gone
@@ -301,12 +278,12 @@ async def test_with_wait_nothing_acknowledged_is_lost_in_that_failover(
     )
     await escrow.setup(10)
     assert (await escrow.reserve(0, "before", 1)).approved
-    primary, replica = await _lose_the_replication_link(redis_cluster, escrow)
+    primary, replica = cluster_fixtures.lose_the_replication_link(redis_cluster, escrow.escrow_key(0))
     try:
         with pytest.raises(EscrowUnavailable, match="WAIT 1 answered 0"):
             await escrow.reserve(0, "unacknowledged", 1)
     finally:
-        await _fail_over(redis_cluster, escrow, primary, replica)
+        await cluster_fixtures.fail_over(redis_cluster, escrow.escrow_key(0), primary, replica)
     escrow.deadline_s = 30.0
     retried = await escrow.reserve(0, "unacknowledged", 1)
     assert retried.approved and retried.new  # the first write died with the old primary
