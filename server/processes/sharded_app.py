@@ -28,7 +28,7 @@ from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, diagnos
 
 from server.config import Config, cluster_nodes
 from server.processes.app import Application, guarded_server, store_limits
-from server.rpc.metrics import SWEEPER_EXPIRED
+from server.processes.sweeper import Step, expiring, sweep_forever
 from server.rpc.tls import bind, check_listeners
 from server.services.authorization import AuthorizationService
 from server.services.diagnostics import DiagnosticsService
@@ -47,27 +47,16 @@ SHARDED_SERVICE_NAMES = (
 )
 
 
-async def run_shard_sweeper(store: ShardedStore, budget: ShardBudget, config: Config, stopping: asyncio.Event) -> None:
-    """Expires every shard's due holds (each shard's expiry script; concurrent gateways are safe
-    as on one Redis), then keeps the shards funded and balanced (storage/redis/cluster/keeper.py)."""
-    while not stopping.is_set():
-        try:
-            expired = await store.expire_due_holds(config.sweep_batch_size)
-            if expired:
-                SWEEPER_EXPIRED.labels("hold").inc(expired)
-                log.info("holds expired", extra={"count": expired})
-        except Exception:
-            log.warning("hold sweep failed", exc_info=True)
-        try:
-            kept = await keep(budget, store.layout.control)
-            if kept.transfers:
-                log.info("shards rebalanced", extra={"count": kept.transfers, "fen": kept.moved_fen})
-        except Exception:
-            log.warning("shard funding failed", exc_info=True)
-        try:
-            await asyncio.wait_for(stopping.wait(), config.sweep_interval_ms / 1000)
-        except TimeoutError:
-            pass
+def shard_sweeps(store: ShardedStore, budget: ShardBudget, config: Config) -> list[Step]:
+    """Every shard's due holds expired (each shard's expiry script; concurrent gateways are safe
+    as on one Redis), then the shards kept funded and balanced (storage/redis/cluster/keeper.py)."""
+
+    async def keep_shards() -> None:
+        kept = await keep(budget, store.layout.control)
+        if kept.transfers:
+            log.info("shards rebalanced", extra={"count": kept.transfers, "fen": kept.moved_fen})
+
+    return [expiring("hold", lambda: store.expire_due_holds(config.sweep_batch_size)), ("shard funding", keep_shards)]
 
 
 async def create_sharded_server(config: Config) -> Application:
@@ -119,7 +108,8 @@ async def create_sharded_server(config: Config) -> Application:
     )
     budget = ShardBudget(cluster, layout)
     application.closing.insert(0, budget.aclose)
-    application.tasks.append(asyncio.create_task(run_shard_sweeper(store, budget, config, application.stopping)))
+    sweeps = shard_sweeps(store, budget, config)
+    application.tasks.append(asyncio.create_task(sweep_forever(sweeps, config.sweep_interval_ms, application.stopping)))
     application.tasks.append(
         asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))
     )
