@@ -71,6 +71,41 @@ class LuaScript:
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
+async def send_with_wait(
+    nodes: NodeConnections,
+    key: str,
+    command: Sequence[Any],
+    wait_replicas: int,
+    wait_timeout_ms: int,
+    ask: tuple[str, int] | None = None,
+) -> tuple[Any, Any]:
+    """One attempt: ``command`` on the primary of ``key``'s slot (or the node an ASK named, after
+    ASKING) pipelined with ``WAIT`` on the same plain connection. Returns the command's reply and
+    WAIT's, each possibly an exception (``raise_on_error=False``); a dead connection raises."""
+    client = nodes.at(*ask) if ask else await nodes.for_key(key)
+    async with client.pipeline(transaction=False) as pipe:
+        if ask:
+            pipe.execute_command("ASKING")
+        pipe.execute_command(*command)
+        pipe.execute_command("WAIT", wait_replicas, wait_timeout_ms)
+        replies = await pipe.execute(raise_on_error=False)
+    return replies[-2], replies[-1]
+
+
+def not_run(reply: Any) -> str | None:
+    """Why a reply says the command did not run and may be sent again (``noscript``, ``ask``,
+    MOVED / CLUSTERDOWN / TRYAGAIN, a node that is READONLY, LOADING or MASTERDOWN), else None."""
+    if isinstance(reply, NoScriptError):
+        return "noscript"
+    if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+        return "ask"
+    if isinstance(reply, (MovedError, ClusterDownError, TryAgainError)):
+        return type(reply).__name__
+    if isinstance(reply, ResponseError) and str(reply).startswith(("READONLY", "LOADING", "MASTERDOWN")):
+        return str(reply).split()[0]
+    return None
+
+
 async def run_acked(
     nodes: NodeConnections,
     script: LuaScript,
@@ -97,30 +132,26 @@ async def run_acked(
 
     while time.monotonic() < deadline:
         try:
-            client = nodes.at(*ask) if ask else await nodes.for_key(keys[0])
-            async with client.pipeline(transaction=False) as pipe:
-                if ask:
-                    pipe.execute_command("ASKING")
-                if use_eval:
-                    pipe.execute_command("EVAL", script.source, len(keys), *keys, *args)
-                else:
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", wait_replicas, wait_timeout_ms)
-                replies = await pipe.execute(raise_on_error=False)
-            reply, acked = replies[-2], replies[-1]
+            command = (
+                ("EVAL", script.source, len(keys), *keys, *args)
+                if use_eval
+                else ("EVALSHA", script.sha, len(keys), *keys, *args)
+            )
+            reply, acked = await send_with_wait(nodes, keys[0], command, wait_replicas, wait_timeout_ms, ask)
             ask = None
-            if isinstance(reply, NoScriptError):
-                count("noscript")
+            reason = not_run(reply)
+            if reason == "noscript":
+                count(reason)
                 use_eval = True  # a promoted replica's script cache may be empty
                 continue
-            if isinstance(reply, AskError) and not isinstance(reply, MovedError):
-                count("ask")
+            if reason == "ask":
+                count(reason)
                 ask = (reply.host, int(reply.port))  # the slot is migrating: follow it once
                 continue
-            if isinstance(reply, (MovedError, ClusterDownError, TryAgainError)):
+            if reason is not None:
                 last = f"{type(reply).__name__}: {reply}"
-                count(type(reply).__name__)
-                if not isinstance(reply, TryAgainError):  # TRYAGAIN: keys split by a migration
+                count(reason)
+                if reason != "TryAgainError":  # TRYAGAIN: keys split by a migration
                     await nodes.refresh_map()
                 await asyncio.sleep(RETRY_PAUSE_S)
                 continue
@@ -130,13 +161,7 @@ async def run_acked(
                     raise EscrowConflict(f"{label}: {text}")
                 if text.startswith("ESCROW_"):
                     raise EscrowError(f"{label}: {text}")
-                if not text.startswith(("READONLY", "LOADING", "MASTERDOWN")):
-                    raise reply
-                last = text  # a node that just changed role or is loading its AOF
-                count(text.split()[0])
-                await nodes.refresh_map()
-                await asyncio.sleep(RETRY_PAUSE_S)
-                continue
+                raise reply
             if isinstance(acked, Exception) or int(acked) < wait_replicas:
                 last = f"WAIT {wait_replicas} answered {acked!r}"
                 count("wait")

@@ -38,21 +38,14 @@ import msgspec
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
-    NoScriptError,
-    ResponseError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
+from redis.exceptions import ClusterDownError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.domain.errors import NotSupportedHere
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis import reference
+from storage.redis.cluster.acked import not_run, send_with_wait
 from storage.redis.cluster.nodes import NodeConnections
 from storage.redis.contract import AuthorizationView, AuthorizeAnswer, Refunded, Reply, Settled
 from storage.redis.keys import Keys
@@ -164,20 +157,20 @@ class AcknowledgedScripts(Scripts):
         await asyncio.sleep(RETRY_PAUSE_S)
 
     async def _redis_py_call(self, loaded: AsyncScript, arguments: tuple[Any, ...]) -> Any:
-        first_key = arguments[1]
         deadline = time.monotonic() + self.deadline_s
         ask: tuple[str, int] | None = None
         last = "no attempt"
         lost = False  # a connection died during an attempt: that attempt may have run the script
         while time.monotonic() < deadline:
             try:
-                client = self.nodes.at(*ask) if ask else await self.nodes.for_key(first_key)
-                async with client.pipeline(transaction=False) as pipe:
-                    if ask:
-                        pipe.execute_command("ASKING")
-                    pipe.execute_command("EVALSHA", loaded.sha, *arguments)
-                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                    replies = await pipe.execute(raise_on_error=False)
+                reply, acknowledged = await send_with_wait(
+                    self.nodes,
+                    arguments[1],
+                    ("EVALSHA", loaded.sha, *arguments),
+                    self.wait_replicas,
+                    self.wait_timeout_ms,
+                    ask,
+                )
             except (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError) as error:
                 # A node died or changed role (a failover): learn the new map and send it again.
                 # Safe for money: if the lost attempt did run, this one is refused NONCE_REUSED
@@ -186,22 +179,18 @@ class AcknowledgedScripts(Scripts):
                 self._count("connection")
                 await self._relearn()
                 continue
-            reply, acknowledged = replies[-2], replies[-1]
-            ask = None
-            if isinstance(reply, NoScriptError):  # a promoted replica's script cache may be empty
-                self._count("noscript")
-                await client.script_load(loaded.script)
-                continue
-            if isinstance(reply, AskError) and not isinstance(reply, MovedError):
-                self._count("ask")
-                ask = (reply.host, int(reply.port))  # the slot is migrating: follow it once
-                continue
-            if isinstance(reply, (MovedError, ClusterDownError, TryAgainError)) or (
-                isinstance(reply, ResponseError) and str(reply).startswith(("READONLY", "LOADING", "MASTERDOWN"))
-            ):
-                last = f"{type(reply).__name__}: {reply}"
-                self._count(type(reply).__name__)
-                await self._relearn()
+            asked, ask = ask, None
+            reason = not_run(reply)
+            if reason is not None:
+                self._count(reason)
+                if reason == "noscript":  # a promoted replica's script cache may be empty
+                    node = self.nodes.at(*asked) if asked else await self.nodes.for_key(arguments[1])
+                    await node.script_load(loaded.script)
+                elif reason == "ask":
+                    ask = (reply.host, int(reply.port))  # the slot is migrating: follow it once
+                else:
+                    last = f"{type(reply).__name__}: {reply}"
+                    await self._relearn()
                 continue
             if isinstance(reply, Exception):
                 raise reply
