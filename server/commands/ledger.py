@@ -11,13 +11,18 @@ server/ctl/ledger.py; ``python -m server.ledger`` is their alias).
   qualifications overdue by more than a minute, or set aside because their expiry failed) and
   the stream consumers' (qualification mirror, risk events: unwritten, dead-lettered), and with
   SUBSIDY_REDIS_CLUSTER_NODES the shard streams' (docs/scale-out.md 2.3); a finding on any
-  difference, sweeper backlog or dead letter, or shard streams that could not be read.
+  difference, sweeper backlog or dead letter, or shard streams that could not be read. With
+  SUBSIDY_REDIS_SHARDS (``mode``: consumer shards) the money counters compared are the
+  consumer shards' summed, the sweepers' backlog theirs (summed, and per shard where there is
+  one), and each shard's ledger stream's backlog and dead letters are findings too
+  (``streams.shard_ledgers``).
 - ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
   other providers' reports from theirs (after a Redis loss); refuses while either stream still
   holds unwritten entries unless ``--force``.
 - ``lag``: the stream backlog, the qualification mirror's and the risk event writer's (entries
-  not yet written and dead-lettered), with SUBSIDY_REDIS_CLUSTER_NODES the shard streams', and
-  the sweepers' (overdue, set aside).
+  not yet written and dead-lettered), with SUBSIDY_REDIS_CLUSTER_NODES the shard streams', with
+  SUBSIDY_REDIS_SHARDS each consumer shard's ledger stream's, and the sweepers' (overdue, set
+  aside).
 - ``requeue-set-aside``: puts set-aside holds and qualifications back on their schedule, due
   now, once the defect that made their expiry fail is fixed (an item failing again is set
   aside again).
@@ -40,10 +45,17 @@ from server.commands.common import EXIT_PROBLEM, EXIT_USAGE
 from server.commands.exchange import Progress, reapply
 from server.config import Config, cluster_nodes
 from storage.postgres.audit import rebuild, verify
-from storage.postgres.counter_check import check_counters, shard_streams_lag
+from storage.postgres.counter_check import (
+    ConsumerShards,
+    ShardLedgersLag,
+    check_counters,
+    shard_ledgers_lag,
+    shard_streams_lag,
+)
 from storage.postgres.qualifications import restore_qualifications
 from storage.postgres.stream_consumer import consumer_backlogs
 from storage.postgres.writer import lag
+from storage.redis.cluster.shards import ShardLayout
 from storage.redis.cluster.streams import ShardStreamReader, StreamsLag
 from storage.redis.keys import Keys
 from storage.redis.store import requeue_set_aside, sweep_backlog
@@ -59,6 +71,12 @@ def _no_step(_description: str) -> Progress:
     return lambda _done, _total: None
 
 
+def cluster_client(config: Config) -> RedisCluster:
+    """A client of the Redis Cluster at SUBSIDY_REDIS_CLUSTER_NODES."""
+    startup = [ClusterNode(host, port) for host, port in cluster_nodes(config.redis_cluster_nodes)]
+    return RedisCluster(startup_nodes=startup, socket_timeout=10)
+
+
 @contextlib.asynccontextmanager
 async def shard_reader(config: Config) -> AsyncIterator[ShardStreamReader | None]:
     """A reader of the shard streams of the Redis Cluster at SUBSIDY_REDIS_CLUSTER_NODES (None
@@ -67,14 +85,41 @@ async def shard_reader(config: Config) -> AsyncIterator[ShardStreamReader | None
     if not config.redis_cluster_nodes:
         yield None
         return
-    startup = [ClusterNode(host, port) for host, port in cluster_nodes(config.redis_cluster_nodes)]
-    cluster = RedisCluster(startup_nodes=startup, socket_timeout=10)
+    cluster = cluster_client(config)
     reader = ShardStreamReader(cluster, config.redis_prefix)
     try:
         yield reader
     finally:
         await reader.aclose()
         await cluster.aclose()
+
+
+@contextlib.asynccontextmanager
+async def consumer_shards(config: Config) -> AsyncIterator[ConsumerShards | None]:
+    """The deployment's consumer shards (SUBSIDY_REDIS_SHARDS of SUBSIDY_REDIS_PREFIX on the
+    cluster), None without them: their counters and streams are what a cluster deployment's
+    sales change, the one-Redis keys never."""
+    if not config.redis_shards:
+        yield None
+        return
+    cluster = cluster_client(config)
+    try:
+        yield ConsumerShards(cluster, ShardLayout(config.redis_prefix, config.redis_shards))
+    finally:
+        await cluster.aclose()
+
+
+def shard_ledgers_shown(lags: ShardLedgersLag) -> dict[str, Any]:
+    """The consumer shards' ledger streams as shown: backlog and dead letters in all, then each
+    shard's lag (as the writer's /health shows it), one row a shard (a table)."""
+    return {
+        "backlog": lags.backlog,
+        "dead_letters": lags.dead_letters,
+        "shards": [
+            {"shard": name, "backlog": current.backlog, **dataclasses.asdict(current)}
+            for name, current in lags.shards.items()
+        ],
+    }
 
 
 def shard_streams_shown(shards: StreamsLag | str) -> dict[str, Any]:
@@ -93,6 +138,9 @@ async def redis_lag(config: Config) -> dict[str, Any]:
         qualifications, risk_events = streams["qualification_mirror"], streams["risk_events"]
         async with shard_reader(config) as reader:
             shards = {"shard_streams": shard_streams_shown(await shard_streams_lag(reader))} if reader else {}
+        async with consumer_shards(config) as sharded:
+            if sharded is not None:
+                shards["shard_ledgers"] = shard_ledgers_shown(await shard_ledgers_lag(sharded))
         return {
             **ledger,
             "qualification_backlog": qualifications.backlog,
@@ -132,13 +180,28 @@ async def with_connections(config: Config, action: str, force: bool, step: Step 
             # and the shard streams' (only here: the gateway holds no cluster connection).
             # Qualification differences carry "mirror" where the ledger's carry "ledger": claims
             # are compared with the qualification mirror, not the ledger.
-            async with shard_reader(config) as reader:
-                check = await check_counters(connection, redis, keys, reader)
+            # With consumer shards, the money counters and sweepers are theirs (check_counters).
+            async with shard_reader(config) as reader, consumer_shards(config) as sharded:
+                check = await check_counters(connection, redis, keys, reader, sharded)
             shards = {} if check.shard_streams is None else {"shard_streams": shard_streams_shown(check.shard_streams)}
+            mode, shard_sweepers = {}, {}
+            if check.shard_ledgers is not None:
+                shards["shard_ledgers"] = shard_ledgers_shown(check.shard_ledgers)
+                mode = {"mode": "consumer shards", "shard_count": config.redis_shards}
+                # Only the shards with work left, one row a shard: the sum is in "sweeper".
+                shard_sweepers = {
+                    "shard_sweepers": [
+                        {"shard": name, **dataclasses.asdict(backlog)}
+                        for name, backlog in check.shard_sweepers.items()
+                        if backlog.total
+                    ]
+                }
             return (EXIT_PROBLEM if check.problem else 0), {
+                **mode,
                 "differences": [dataclasses.asdict(item) for item in check.ledger_differences]
                 + [dataclasses.asdict(item) for item in check.mirror_differences],
                 "sweeper": dataclasses.asdict(check.sweeper),
+                **shard_sweepers,
                 "streams": {name: dataclasses.asdict(stream) for name, stream in check.streams.items()} | shards,
             }
         current = await lag(redis, keys, "ledger-writer")

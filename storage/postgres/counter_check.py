@@ -15,22 +15,60 @@ has neither) both call ``check_counters``, so the two cannot drift apart.
   missing from PostgreSQL, and a cluster that cannot be read hides them, so both are findings.
   Only the command line reads them: the gateway holds no cluster connection, and
   ReconcileResponse has no field for them.
+- With consumer shards (SUBSIDY_REDIS_SHARDS, docs/scale-out.md 2.0), the money counters are the
+  shards' summed (a cluster deployment's sales never touch the one-Redis keys), each shard's
+  ``ledger`` stream's backlog and dead letters, and each shard's sweeper backlog. A shard
+  ledger backlog is a finding, unlike the one-Redis streams': the shards' counters are then
+  ahead of the ledger, and the differences that makes cannot be told from a wrong counter
+  (drain, then reconcile again). Command line only, as the shard streams.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from storage.postgres.audit import Difference, reconcile
+from storage.postgres.audit import Counters, Difference, compare, ledger_counters, reconcile, redis_counters
 from storage.postgres.qualifications import MirrorDifference, reconcile_qualifications
 from storage.postgres.stream_consumer import StreamBacklog, consumer_backlogs
+from storage.postgres.writer import Lag, WriterConfig, lag
+from storage.redis.cluster.shards import ShardLayout
 from storage.redis.cluster.streams import ShardStreamReader, StreamsLag
 from storage.redis.keys import Keys
 from storage.redis.store import SweepBacklog, sweep_backlog
+
+# The shard budget's own field (storage/redis/cluster/shard_budget.py: the funding target
+# applied to the shard), not money the ledger moves.
+SHARD_BUDGET_FIELDS = frozenset({"funded"})
+# The ledger writer's consumer group on every ledger stream, a shard's too.
+LEDGER_GROUP = WriterConfig.group
+
+
+@dataclass(frozen=True)
+class ConsumerShards:
+    """A cluster deployment's consumer shards: the client that routes to each shard's primary."""
+
+    cluster: RedisCluster
+    layout: ShardLayout
+
+
+@dataclass(frozen=True)
+class ShardLedgersLag:
+    """Each consumer shard's ``ledger`` stream behind the ledger, by shard name."""
+
+    shards: dict[str, Lag]
+
+    @property
+    def backlog(self) -> int:
+        return sum(current.backlog for current in self.shards.values())
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(current.dead_letters for current in self.shards.values())
 
 
 @dataclass(frozen=True)
@@ -42,11 +80,16 @@ class CounterCheck:
     streams: dict[str, StreamBacklog]
     # The shard streams (Redis Cluster): None when not asked; a str names why they could not be read.
     shard_streams: StreamsLag | str | None = None
+    # With consumer shards: their ledger streams' lag, and each shard's sweeper backlog (summed
+    # in ``sweeper``). None and empty on one Redis.
+    shard_ledgers: ShardLedgersLag | None = None
+    shard_sweepers: dict[str, SweepBacklog] = field(default_factory=dict)
 
     @property
     def dead_letters(self) -> int:
         shards = self.shard_streams.dead_letters if isinstance(self.shard_streams, StreamsLag) else 0
-        return sum(stream.dead_letters for stream in self.streams.values()) + shards
+        ledgers = self.shard_ledgers.dead_letters if self.shard_ledgers is not None else 0
+        return sum(stream.dead_letters for stream in self.streams.values()) + shards + ledgers
 
     @property
     def mirror_behind(self) -> bool:
@@ -55,12 +98,18 @@ class CounterCheck:
 
     @property
     def problem(self) -> bool:
-        """A finding: a difference, work the sweepers have not done, a dead letter, or shard
-        streams that could not be read. (A backlog alone is not one: the caller decides whether
-        a premature comparison is.)"""
+        """A finding: a difference, work the sweepers have not done, a dead letter, shard
+        streams that could not be read, or a consumer shard's unwritten ledger events. (Another
+        backlog alone is not one: the caller decides whether a premature comparison is.)"""
         unread = isinstance(self.shard_streams, str)
+        unwritten = self.shard_ledgers is not None and self.shard_ledgers.backlog > 0
         return bool(
-            self.ledger_differences or self.mirror_differences or self.sweeper.total or self.dead_letters or unread
+            self.ledger_differences
+            or self.mirror_differences
+            or self.sweeper.total
+            or self.dead_letters
+            or unread
+            or unwritten
         )
 
 
@@ -72,19 +121,66 @@ async def shard_streams_lag(reader: ShardStreamReader) -> StreamsLag | str:
         return type(error).__name__
 
 
+async def shard_ledgers_lag(shards: ConsumerShards) -> ShardLedgersLag:
+    """Each consumer shard's ledger stream's lag, as the ledger writer's /health reads it."""
+    return ShardLedgersLag({keys.shard: await lag(shards.cluster, keys, LEDGER_GROUP) for keys in shards.layout.keys})
+
+
+async def shard_counters(shards: ConsumerShards) -> Counters:
+    """The shards' money counters summed: budget fields per campaign category (each shard holds
+    a slice), usage and serials (each consumer lives in one shard, so these only add up)."""
+    summed = Counters()
+    for keys in shards.layout.keys:
+        # redis_counters names only this shard's keys (one slot): the cluster client routes them.
+        shard = await redis_counters(shards.cluster, keys)  # type: ignore[arg-type]
+        for key, value in shard.budget.items():
+            if key[2] not in SHARD_BUDGET_FIELDS:
+                summed.budget[key] = summed.budget.get(key, 0) + value
+        for key, units in shard.usage.items():
+            summed.usage[key] = summed.usage.get(key, 0) + units
+        summed.serials.update(shard.serials)
+    return summed
+
+
 async def check_counters(
-    connection: asyncpg.Connection, redis: Redis, keys: Keys, shards: ShardStreamReader | None = None
+    connection: asyncpg.Connection,
+    redis: Redis,
+    keys: Keys,
+    shards: ShardStreamReader | None = None,
+    consumer_shards: ConsumerShards | None = None,
 ) -> CounterCheck:
-    """Every check; ``shards`` (the Redis Cluster's shard streams) only when given."""
+    """Every check; ``shards`` (the Redis Cluster's shard streams) only when given; with
+    ``consumer_shards`` the money counters and sweepers are theirs instead of ``keys``'."""
     # The backlogs are read first: a backlog of 0 then means every change made before the
     # comparison started is in PostgreSQL.
     shard_streams = await shard_streams_lag(shards) if shards is not None else None
+    shard_ledgers = await shard_ledgers_lag(consumer_shards) if consumer_shards is not None else None
     streams = await consumer_backlogs(redis, keys)
-    sweeper = await sweep_backlog(redis, keys)
+    if consumer_shards is None:
+        sweeper, shard_sweepers = await sweep_backlog(redis, keys), {}
+        ledger_differences = await reconcile(connection, redis, keys)
+    else:
+        shard_sweepers = {
+            shard.shard: await sweep_backlog(consumer_shards.cluster, shard)  # type: ignore[arg-type]
+            for shard in consumer_shards.layout.keys
+        }
+        sweeper = summed_sweepers(list(shard_sweepers.values()))
+        ledger_differences = compare(await ledger_counters(connection), await shard_counters(consumer_shards))
     return CounterCheck(
-        ledger_differences=await reconcile(connection, redis, keys),
+        ledger_differences=ledger_differences,
         mirror_differences=await reconcile_qualifications(connection, redis, keys),
         sweeper=sweeper,
         streams=streams,
         shard_streams=shard_streams,
+        shard_ledgers=shard_ledgers,
+        shard_sweepers=shard_sweepers,
+    )
+
+
+def summed_sweepers(backlogs: list[SweepBacklog]) -> SweepBacklog:
+    return SweepBacklog(
+        sum(item.overdue_holds for item in backlogs),
+        sum(item.overdue_qualifications for item in backlogs),
+        sum(item.set_aside_holds for item in backlogs),
+        sum(item.set_aside_qualifications for item in backlogs),
     )
