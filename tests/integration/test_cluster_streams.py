@@ -41,9 +41,7 @@ from tests.conftest import ROOT, Environment
 from tests.integration import cluster_fixtures
 from tests.integration.test_cluster_escrow import (
     _check_exactly_the_budget,
-    _fail_over,
     _load,
-    _lose_the_replication_link,
 )
 
 redis_cluster = cluster_fixtures.redis_cluster  # the module's fixture
@@ -162,7 +160,7 @@ async def test_a_reader_is_never_handed_an_entry_the_replica_lacks(
     try:
         await writer.drain()  # "before" and the funding, replicated
         await unfenced.ack(await unfenced.read())
-        primary, replica = await _lose_the_replication_link(redis_cluster, escrow)
+        primary, replica = cluster_fixtures.lose_the_replication_link(redis_cluster, escrow.escrow_key(0))
         try:
             assert (await escrow.reserve(0, "lost", 1)).approved
             handed = [entry.fields.get("id") for entry in await unfenced.read()]
@@ -170,7 +168,7 @@ async def test_a_reader_is_never_handed_an_entry_the_replica_lacks(
             assert await fenced.read() == []
             assert fenced.stats.fenced_out == 1
         finally:
-            await _fail_over(redis_cluster, escrow, primary, replica)
+            await cluster_fixtures.fail_over(redis_cluster, escrow.escrow_key(0), primary, replica)
         assert (await escrow.audit(10)).shards[0].reserved == 1  # "lost" is gone
         await writer.drain()
         stored = await _stored(environment, prefix)
