@@ -74,7 +74,9 @@ def reconcile() -> None:
     sweepers' overdue and set-aside work and the backlog and dead letters of the stream
     consumers (qualification mirror, risk events) and, with SUBSIDY_REDIS_CLUSTER_NODES, of the
     Redis Cluster's shard streams (any difference, sweeper backlog or dead letter, or shard
-    streams that cannot be read: exit status 1)."""
+    streams that cannot be read: exit status 1). With SUBSIDY_REDIS_SHARDS too (mode "consumer
+    shards"), the counters compared are the sum of the consumer shards', and each shard's ledger
+    stream backlog and dead letters are findings (shard_ledgers, shard_sweepers)."""
     _run("reconcile")
 
 
@@ -95,8 +97,8 @@ def lag() -> None:
     """The ledger stream's backlog (events not yet in PostgreSQL), dead letters, the
     qualification mirror's and the risk event writer's backlog and dead letters, with
     SUBSIDY_REDIS_CLUSTER_NODES the shard streams' (shard_streams: streams, backlog,
-    dead_letters, or the error when the cluster cannot be read), and the sweepers' (Redis
-    only)."""
+    dead_letters, or the error when the cluster cannot be read), with SUBSIDY_REDIS_SHARDS each
+    consumer shard's ledger stream (shard_ledgers), and the sweepers' (one Redis only)."""
     _run("lag")
 
 
