@@ -1,7 +1,8 @@
 """What one Authorize script call costs inside Redis, counted in instructions (noise-free).
 
-``python -m benchmarks.redis_script_cost [--tree DIR ...] [--calls N]``: starts a scratch
-redis-server (``/usr/bin/redis-server``: AOF on, ``appendfsync always``) under valgrind's
+``python -m benchmarks.redis_script_cost [--tree DIR ...] [--calls N] [--redis-config NAME=VALUE ...]``:
+starts a scratch redis-server (``/usr/bin/redis-server``: AOF on, ``appendfsync always``, and any
+``--redis-config`` settings, to measure a setting by running once with it and once without) under valgrind's
 callgrind, loads the bench's reference data into it (``benchmarks/services.py``: one campaign with
 a huge budget, one product, the bench merchant; a scratch PostgreSQL database on the dev server,
 dropped at the end), and for the authorize script of each tree (as that tree's own loader,
@@ -102,10 +103,20 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, action="append", help="a checkout whose authorize script to count")
     parser.add_argument("--calls", type=int, default=1000, help="measured calls per tree")
     parser.add_argument("--pg-dsn", default=ADMIN_DSN, help="PostgreSQL admin DSN (a scratch database is made)")
+    parser.add_argument(
+        "--redis-config", action="append", default=[], metavar="NAME=VALUE",
+        help="a redis-server setting for the run (e.g. hash-max-listpack-value=256), to measure a setting",
+    )  # fmt: skip
     arguments = parser.parse_args()
     if arguments.calls <= 0:
         raise SystemExit("--calls must be positive")
     trees = [tree.resolve() for tree in (arguments.tree or [services.ROOT])]
+    settings: list[str] = []
+    for setting in arguments.redis_config:
+        name, separator, value = setting.partition("=")
+        if not separator or not name:
+            raise SystemExit(f"--redis-config wants NAME=VALUE, got {setting!r}")
+        settings += [f"--{name}", value]
     folder = Path(tempfile.mkdtemp(prefix="script-cost-"))
     with socket.socket() as probe:
         probe.bind((services.LOOPBACK, 0))
@@ -114,7 +125,7 @@ def main() -> None:
     server = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={folder}/callgrind.%p", "/usr/bin/redis-server",
          "--bind", services.LOOPBACK, "--port", str(port), "--dir", str(folder), "--appendonly", "yes",
-         "--appendfsync", "always", "--save", ""],
+         "--appendfsync", "always", "--save", "", *settings],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     dsn = services.with_database(arguments.pg_dsn, DATABASE)
