@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,16 +48,23 @@ SHARDED_SERVICE_NAMES = (
 )
 
 
-def shard_sweeps(store: ShardedStore, budget: ShardBudget, config: Config) -> list[Step]:
-    """Every shard's due holds expired (each shard's expiry script; concurrent gateways are safe
-    as on one Redis), then the shards kept funded and balanced (storage/redis/cluster/keeper.py)."""
+def shard_sweeps(store: ShardedStore, budget: ShardBudget, config: Config) -> list[list[Step]]:
+    """The background loops, each run as its own task: one per shard expiring its due holds
+    (that shard's expiry script; concurrent gateways are safe as on one Redis), and one keeping
+    the shards funded and balanced (storage/redis/cluster/keeper.py).
+
+    Separate loops because a shard whose slot is lost (its primary and replicas down, or mid
+    failover) makes every call there wait out a deadline (5 s for a script, 30 s for the
+    keeper's escrow steps): in one loop that would delay, or stop, the expiry of every other
+    shard's holds, whose budget would stay reserved for the whole outage."""
 
     async def keep_shards() -> None:
         kept = await keep(budget, store.layout.control)
         if kept.transfers:
             log.info("shards rebalanced", extra={"count": kept.transfers, "fen": kept.moved_fen})
 
-    return [expiring("hold", lambda: store.expire_due_holds(config.sweep_batch_size)), ("shard funding", keep_shards)]
+    holds = [[expiring("hold", partial(shard.expire_due_holds, config.sweep_batch_size))] for shard in store.stores]
+    return [*holds, [("shard funding", keep_shards)]]
 
 
 async def create_sharded_server(config: Config) -> Application:
@@ -108,8 +116,10 @@ async def create_sharded_server(config: Config) -> Application:
     )
     budget = ShardBudget(cluster, layout)
     application.closing.insert(0, budget.aclose)
-    sweeps = shard_sweeps(store, budget, config)
-    application.tasks.append(asyncio.create_task(sweep_forever(sweeps, config.sweep_interval_ms, application.stopping)))
+    for steps in shard_sweeps(store, budget, config):
+        application.tasks.append(
+            asyncio.create_task(sweep_forever(steps, config.sweep_interval_ms, application.stopping))
+        )
     application.tasks.append(
         asyncio.create_task(credentials.run_refresher(config.credentials_refresh_ms, application.stopping))
     )

@@ -147,10 +147,13 @@ class AcknowledgedScripts(Scripts):
         self.retried[reason] = self.retried.get(reason, 0) + 1
 
     async def _relearn(self) -> None:
-        """Forget dead nodes' connections and reload the slot map, pausing before the next try;
-        a map that cannot be read yet (the cluster mid-failover) is tried again next time."""
+        """Reload the slot map, pausing before the next try; a map that cannot be read yet (the
+        cluster mid-failover) is tried again next time. Dead nodes' clients are kept, not dropped
+        (``NodeConnections.drop_dead``): the map no longer routes to them, a broken connection is
+        remade on its next use, and closing a node's client closes it under every call using it,
+        which those calls meet as an unexpected error, not a connection error (INTERNAL answers
+        while a slot moved under load: tests/integration/test_cluster_gateway_faults.py)."""
         try:
-            await self.nodes.drop_dead()
             await self.nodes.refresh_map()
         except (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, SlotNotCoveredError) as error:
             self._count("map:" + type(error).__name__)
