@@ -84,6 +84,7 @@ test-cluster: $(STAMP)
 		tests/integration/test_cluster_streams.py tests/integration/test_cluster_shards.py \
 		tests/integration/test_cluster_shard_budget.py tests/integration/test_cluster_gateway.py \
 		tests/integration/test_cluster_shard_ledger.py tests/integration/test_cluster_reconcile.py \
+		tests/integration/test_cluster_serials.py \
 		tests/integration/test_cluster_gateway_faults.py
 
 ## Property-based fuzzing of the public RPCs (tests/fuzz/run.py): at least 100,000 calls through a

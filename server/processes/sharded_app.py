@@ -12,13 +12,15 @@ funding and the plans the keeper reads) writes them.
 What it does not serve yet: the operator, reporting, qualification, exchange, complaint, risk
 and supervision services. They read and publish through one Redis's keys, which a cluster
 deployment does not have; a call to them is answered UNIMPLEMENTED by gRPC itself (unregistered),
-rather than served from keys no sale reads. Sales with a device serial or a redemption code are
-refused UNIMPLEMENTED naming the field (storage/redis/cluster/shards.py).
+rather than served from keys no sale reads. Sales by redemption code are refused UNIMPLEMENTED
+naming the field (storage/redis/cluster/shards.py); a device serial is reserved in its home shard
+first (storage/redis/cluster/serials.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from functools import partial
 
@@ -27,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc
 
-from server.config import Config, cluster_nodes
+from server.config import Config, ConfigError, cluster_nodes
 from server.processes.app import Application, guarded_server, store_limits
 from server.processes.sweeper import Step, expiring, sweep_forever
 from server.rpc.tls import bind, check_listeners
@@ -36,6 +38,7 @@ from server.services.diagnostics import DiagnosticsService
 from storage.postgres.pool import LazyPool
 from storage.redis.cluster.keeper import keep
 from storage.redis.cluster.nodes import cluster_client
+from storage.redis.cluster.serials import SerialRegistry
 from storage.redis.cluster.shard_budget import ShardBudget
 from storage.redis.cluster.shards import AcknowledgedScripts, ShardedStore, ShardLayout
 from storage.redis.credentials import CredentialCache
@@ -63,8 +66,13 @@ def shard_sweeps(store: ShardedStore, budget: ShardBudget, config: Config) -> li
         if kept.transfers:
             log.info("shards rebalanced", extra={"count": kept.transfers, "fen": kept.moved_fen})
 
-    holds = [[expiring("hold", partial(shard.expire_due_holds, config.sweep_batch_size))] for shard in store.stores]
-    return [*holds, [("shard funding", keep_shards)]]
+    def shard_steps(index: int) -> list[Step]:
+        steps = [expiring("hold", partial(store.stores[index].expire_due_holds, config.sweep_batch_size))]
+        if store.serials is not None:  # then its serials' reservations (serials.py settle_due)
+            steps.append(expiring("serial", partial(store.serials.settle_due, index, config.sweep_batch_size)))
+        return steps
+
+    return [*(shard_steps(index) for index in range(len(store.stores))), [("shard funding", keep_shards)]]
 
 
 async def create_sharded_server(config: Config) -> Application:
@@ -76,10 +84,14 @@ async def create_sharded_server(config: Config) -> Application:
         await scripts.preload()
         layout = ShardLayout(config.redis_prefix, config.redis_shards)
         limits = store_limits(config)
+        if not config.programme_key:
+            raise ConfigError("a cluster deployment needs SUBSIDY_PROGRAMME_KEY: it derives the authorization ids")
         store = ShardedStore(
             layout,
             [RedisStore(cluster, keys, scripts, limits) for keys in layout.keys],  # type: ignore[arg-type]
             RedisStore(cluster, layout.control, scripts, limits),  # type: ignore[arg-type]
+            id_key=hashlib.sha256(b"authorization ids\x00" + config.programme_key.encode()).digest(),
+            serials=SerialRegistry(cluster, layout.keys),
         )
         credentials = CredentialCache(cluster, layout.control, nonce_ttl_s=store.nonce_ttl_s)  # type: ignore[arg-type]
         await credentials.refresh()
@@ -116,6 +128,8 @@ async def create_sharded_server(config: Config) -> Application:
     )
     budget = ShardBudget(cluster, layout)
     application.closing.insert(0, budget.aclose)
+    if store.serials is not None:
+        application.closing.insert(0, store.serials.aclose)
     for steps in shard_sweeps(store, budget, config):
         application.tasks.append(
             asyncio.create_task(sweep_forever(steps, config.sweep_interval_ms, application.stopping))

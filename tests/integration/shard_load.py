@@ -16,6 +16,7 @@ import msgspec
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from storage.postgres.reference import ReferenceSnapshot
+from storage.redis.cluster.serials import SerialRegistry
 from storage.redis.cluster.shards import AcknowledgedScripts, NotAcknowledged, ShardedStore, ShardLayout
 from storage.redis.contract import Approved, AuthorizeAnswer, Failure, Reply
 from storage.redis.scripts import Scripts
@@ -88,14 +89,27 @@ def sale(consumer_key: str, serial: str = "", redemption_code: str = "") -> Auth
     )
 
 
-async def sharded_store(client: RedisCluster, layout: ShardLayout, scripts: Scripts | None = None) -> ShardedStore:
-    """The layout's store over ``scripts`` (default: plain cluster calls, no WAIT)."""
+ID_KEY = b"shard-test-authorization-ids"
+
+
+async def sharded_store(
+    client: RedisCluster,
+    layout: ShardLayout,
+    scripts: Scripts | None = None,
+    *,
+    serials: bool = True,
+    limits: StoreLimits = LIMITS,
+) -> ShardedStore:
+    """The layout's store over ``scripts`` (default: plain cluster calls, no WAIT), with the
+    device serials' registry unless ``serials`` is False."""
     scripts = scripts or Scripts(client)  # type: ignore[arg-type]
     await scripts.preload()
     return ShardedStore(
         layout,
-        [RedisStore(client, keys, scripts, LIMITS) for keys in layout.keys],  # type: ignore[arg-type]
-        RedisStore(client, layout.control, scripts, LIMITS),  # type: ignore[arg-type]
+        [RedisStore(client, keys, scripts, limits) for keys in layout.keys],  # type: ignore[arg-type]
+        RedisStore(client, layout.control, scripts, limits),  # type: ignore[arg-type]
+        id_key=ID_KEY,
+        serials=SerialRegistry(client, layout.keys) if serials else None,
     )
 
 
@@ -105,6 +119,8 @@ class LoadSpec:
     prefix: str
     shards: int
     consumers: list[str]
+    # The device each consumer buys ("" for none), by position in ``consumers``.
+    serials: list[str] = field(default_factory=list)
     attempts: int = 2  # sales per consumer, each with its own request id
     tasks: int = 8
     # WAIT 1 on every call, and a call not acknowledged (a primary killed) re-sent as a till
@@ -134,7 +150,8 @@ async def _load(spec: LoadSpec) -> LoadResult:
             await client.incr(spec.ready_key)
             while int(await client.get(spec.ready_key) or 0) < spec.processes:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        queue = [consumer for consumer in spec.consumers for _ in range(spec.attempts)]
+        devices = spec.serials or [""] * len(spec.consumers)
+        queue = [pair for pair in zip(spec.consumers, devices, strict=True) for _ in range(spec.attempts)]
         result = LoadResult()
 
         async def answer(request: AuthorizeInput) -> Reply[AuthorizeAnswer]:
@@ -151,8 +168,8 @@ async def _load(spec: LoadSpec) -> LoadResult:
 
         async def till() -> None:
             while queue:
-                consumer = queue.pop()
-                reply = await answer(sale(consumer))
+                consumer, device = queue.pop()
+                reply = await answer(sale(consumer, serial=device))
                 if isinstance(reply, Failure):
                     result.failures.append(reply.error)
                 elif isinstance(reply.body, Approved):

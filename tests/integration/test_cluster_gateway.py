@@ -25,6 +25,7 @@ from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
 
 from server.commands.reference import publish_snapshot
 from server.config import Config
+from server.domain.validation import new_redemption_code
 from storage.cluster_dev import LocalCluster
 from storage.postgres.reference import fetch_reference
 from storage.redis.cluster.shard_budget import ShardBudget
@@ -145,31 +146,67 @@ async def test_the_gateway_serves_sales_in_shards_end_to_end(
 async def test_what_the_cluster_gateway_does_not_serve_yet_is_refused_unimplemented(
     environment: Environment, cluster_gateway: tuple[Config, str]
 ) -> None:
-    """A device serial or a redemption code: UNIMPLEMENTED naming the field, nothing reserved;
-    the operator services are not registered (UNIMPLEMENTED from gRPC itself)."""
+    """A redemption code: UNIMPLEMENTED naming the field; the operator services are not
+    registered (UNIMPLEMENTED from gRPC itself)."""
     config, target = cluster_gateway
     campaign_id = await published(environment, config, sales=SHARDS)
     client = AuthorizationClient(target, "t-main-01", environment.credentials["t-main-01"])
     try:
         with pytest.raises(SubsidyError) as refused:
             await client.authorize(
-                campaign_id=campaign_id,
-                consumer_key=secrets.token_hex(32),
-                lines=[Line("1", GTIN, PRICE_FEN, "SN" + secrets.token_hex(4))],
+                campaign_id=campaign_id, redemption_code=new_redemption_code(), lines=[Line("1", GTIN, PRICE_FEN)]
             )
         assert refused.value.code == grpc.StatusCode.UNIMPLEMENTED
-        assert refused.value.metadata.get("field") == "lines[0].serial_number"
-        with pytest.raises(SubsidyError) as refused:
-            await client.authorize(
-                campaign_id=campaign_id, redemption_code="ABCD2345", lines=[Line("1", GTIN, PRICE_FEN)]
-            )
-        assert refused.value.code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT)
+        assert refused.value.metadata.get("field") == "redemption_code"
     finally:
         await client.close()
     async with grpc.aio.insecure_channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as unserved:
             await campaign_pb2_grpc.CampaignServiceStub(channel).GetCampaign(campaign_pb2.GetCampaignRequest())
         assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_device_is_subsidised_once_across_shards_through_the_gateway(
+    environment: Environment, cluster_gateway: tuple[Config, str]
+) -> None:
+    """One serial sold to consumers of different shards: the first sale is approved, the others
+    declined SERIAL_ALREADY_SUBSIDISED; a retry of the first (same request id) replays its
+    approval; once it is voided the device sells again, and once that sale is captured it never
+    sells again."""
+    config, target = cluster_gateway
+    campaign_id = await published(environment, config, sales=4 * SHARDS)
+    layout = ShardLayout(config.redis_prefix, SHARDS)
+    buyers = consumers_per_shard(layout, 1)  # one consumer in each shard
+    device = "SN" + secrets.token_hex(6)
+    client = AuthorizationClient(target, "t-main-01", environment.credentials["t-main-01"])
+
+    async def buy(consumer: str, request_id: str | None = None) -> pb.AuthorizeResponse:
+        return await client.authorize(
+            campaign_id=campaign_id,
+            consumer_key=consumer,
+            lines=[Line("1", GTIN, PRICE_FEN, device)],
+            request_id=request_id,
+        )
+
+    def outcome(response: pb.AuthorizeResponse) -> str:
+        if response.decision == pb.DECISION_APPROVED:
+            return "APPROVED"
+        return pb.DeclineReason.Name(response.decline_reason).removeprefix("DECLINE_REASON_")
+
+    try:
+        request_id = str(uuid.uuid4())
+        first = await buy(buyers[0], request_id)
+        assert outcome(first) == "APPROVED"
+        assert [outcome(await buy(buyer)) for buyer in buyers[1:]] == ["SERIAL_ALREADY_SUBSIDISED"] * (SHARDS - 1)
+        again = await buy(buyers[0], request_id)
+        assert outcome(again) == "APPROVED" and again.authorization_id == first.authorization_id
+        await client.void(first.authorization_id)
+        second = await buy(buyers[1])
+        assert outcome(second) == "APPROVED"
+        await client.capture(second.authorization_id)
+        assert [outcome(await buy(buyer)) for buyer in buyers[2:]] == ["SERIAL_ALREADY_SUBSIDISED"] * (SHARDS - 2)
+    finally:
+        await client.close()
 
 
 @pytest.mark.slow

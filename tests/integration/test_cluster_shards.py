@@ -229,12 +229,13 @@ async def test_money_a_shard_borrowed_is_spent_by_the_unchanged_script(cluster_c
 async def test_a_serial_or_a_redemption_code_is_refused_before_anything_is_written(
     cluster_client: RedisCluster,
 ) -> None:
-    """Not built on a cluster yet (a serial's uniqueness spans shards; a code names its owner's
-    shard): refused, and no key of any shard changes."""
+    """A redemption code is not served on a cluster yet (it must name its owner's shard), nor a
+    serial by a store built without the serials' registry: refused, and no key of any shard
+    changes."""
     layout = ShardLayout(new_prefix(), 3)
     await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=3 * SUBSIDY_FEN))
     await fund(cluster_client, layout, SUBSIDY_FEN)
-    store = await shard_load.sharded_store(cluster_client, layout)
+    store = await shard_load.sharded_store(cluster_client, layout, serials=False)
 
     async def every_key() -> set[bytes]:
         found: set[bytes] = set()

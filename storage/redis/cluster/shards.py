@@ -26,6 +26,9 @@ streams into the double-entry ledger.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import logging
 import os
 import time
 import zlib
@@ -45,9 +48,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server.domain.errors import NotSupportedHere
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis import reference
-from storage.redis.cluster.acked import not_run, send_with_wait
+from storage.redis.cluster.acked import EscrowUnavailable, not_run, send_with_wait
 from storage.redis.cluster.nodes import NodeConnections
-from storage.redis.contract import AuthorizationView, AuthorizeAnswer, Refunded, Reply, Settled
+from storage.redis.cluster.serials import GRACE_MS as SERIAL_GRACE_MS
+from storage.redis.cluster.serials import Action, SerialRegistry
+from storage.redis.contract import (
+    DECLINE_REASONS,
+    Answer,
+    AuthorizationView,
+    AuthorizeAnswer,
+    Declined,
+    Failure,
+    Refunded,
+    Reply,
+    Settled,
+)
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
 from storage.redis.store import AuthorizeInput, LifecycleInput, RedisStore
@@ -56,6 +71,7 @@ SLOTS = 16384
 MAX_SHARDS = 1024
 MAX_SALT = 999_999  # the tag pattern's six digits (storage/redis/keys.py SHARD_PATTERN)
 RETRY_PAUSE_S = 0.05
+log = logging.getLogger("subsidy.shards")
 
 
 class ShardingNotSupported(NotSupportedHere):
@@ -103,6 +119,18 @@ class ShardLayout:
     def shard_of_id(self, identifier: str) -> int:
         """The shard an authorization id names (``new_authorization_id`` drew it so)."""
         return zlib.crc32(identifier.encode()) % self.count
+
+    def authorization_id(self, shard: int, id_key: bytes, terminal_id: str, request_id: str) -> str:
+        """The sale's authorization id: 32 hex characters of HMAC(``id_key``, terminal, request id,
+        n) with the smallest n whose id hashes to ``shard`` (``count`` tries on average). Derived,
+        not drawn: a retry of the sale on any gateway names the same authorization, so the
+        serials it reserves before the script (serials.py) are reserved once."""
+        message = f"{terminal_id}\x00{request_id}\x00".encode()
+        for attempt in range(1_000_000):
+            candidate = hmac.new(id_key, message + str(attempt).encode(), hashlib.sha256).hexdigest()[:32]
+            if self.shard_of_id(candidate) == shard:
+                return candidate
+        raise AssertionError("no id for the shard")  # each try hits with probability 1/count
 
     def new_authorization_id(self, shard: int) -> str:
         """32 random hex characters, as on one Redis, drawn until they hash to ``shard``
@@ -209,14 +237,28 @@ class AcknowledgedScripts(Scripts):
 class ShardedStore:
     """The sale path of ``RedisStore`` over a layout's shards: each call routed to one shard's
     ``RedisStore``, which runs the same script there. ``stores[k]`` serves ``layout.keys[k]``;
-    ``control`` serves the deployment's own keys (the nonces of read-only calls)."""
+    ``control`` serves the deployment's own keys (the nonces of read-only calls); ``serials``, the
+    device serials' owner records in their home shards (serials.py; without it, a sale with a
+    serial is refused); ``id_key`` derives the authorization ids."""
 
-    def __init__(self, layout: ShardLayout, stores: Sequence[RedisStore], control: RedisStore) -> None:
+    def __init__(
+        self,
+        layout: ShardLayout,
+        stores: Sequence[RedisStore],
+        control: RedisStore,
+        *,
+        id_key: bytes,
+        serials: SerialRegistry | None = None,
+    ) -> None:
         if [store.keys for store in stores] != list(layout.keys) or control.keys != layout.control:
             raise ValueError("one RedisStore per shard, in order, on its keys; and one on the control keys")
+        if not id_key:
+            raise ValueError("the authorization id key must not be empty")
         self.layout = layout
         self.stores = tuple(stores)
         self.control = control
+        self.id_key = id_key
+        self.serials = serials
 
     @property
     def nonce_ttl_s(self) -> int:
@@ -236,34 +278,76 @@ class ShardedStore:
         return self.stores[self.layout.shard_of_id(authorization_id)]
 
     async def authorize(self, request: AuthorizeInput) -> Reply[AuthorizeAnswer]:
-        """In the consumer's shard, under an authorization id drawn to name that shard (the
-        caller's id is replaced: it was random too)."""
+        """In the consumer's shard, under the authorization id derived for the sale (the caller's
+        random one is replaced). A sale with device serials reserves them in their home shards
+        first (serials.py): one held by another sale declines it SERIAL_ALREADY_SUBSIDISED
+        before the script runs, unless an earlier attempt of the same request answered (then the
+        script replays that answer); a declined sale releases what it reserved."""
         if request.redemption_code or not request.consumer_key:
             raise ShardingNotSupported("redemption_code", "a redemption code is not served on a cluster deployment yet")
-        for index, line in enumerate(request.lines):
-            if line.serial_number:
-                raise ShardingNotSupported(
-                    f"lines[{index}].serial_number", "a device serial is not served on a cluster deployment yet"
-                )
+        serials = sorted({line.serial_number for line in request.lines if line.serial_number})
+        if serials and self.serials is None:
+            index = next(i for i, line in enumerate(request.lines) if line.serial_number)
+            raise ShardingNotSupported(f"lines[{index}].serial_number", "a device serial is not served by this store")
         shard = self.layout.shard_of_consumer(request.consumer_key)
-        routed = msgspec.structs.replace(request, authorization_id=self.layout.new_authorization_id(shard))
-        return await self.stores[shard].authorize(routed)
+        store = self.stores[shard]
+        authorization_id = self.layout.authorization_id(shard, self.id_key, request.terminal_id, request.request_id)
+        routed = msgspec.structs.replace(request, authorization_id=authorization_id)
+        if not serials or self.serials is None:
+            return await store.authorize(routed)
+        expires_ms = int(time.time() * 1000) + store.hold_ttl_s * 1000 + SERIAL_GRACE_MS
+        reserved = await self.serials.reserve(serials, authorization_id, expires_ms)
+        ours = [serial for serial in serials if reserved[serial].state != "held"]
+        fresh = [serial for serial in serials if reserved[serial].state == "new"]
+        held = [serial for serial in serials if reserved[serial].state == "held"]
+        if held and not await store.has_answer(request.terminal_id, request.request_id):
+            await self.serials.settle(ours, authorization_id, "release")
+            line = next(line for line in request.lines if line.serial_number in held)
+            return Answer(Declined(DECLINE_REASONS["SERIAL_ALREADY_SUBSIDISED"], line.line_id), False)
+        reply = await store.authorize(routed)
+        if isinstance(reply, Failure) or held:
+            # Refused (nothing written), or the replay of an answer made without these serials:
+            # only what this attempt newly reserved is released.
+            await self.serials.settle(fresh, authorization_id, "release")
+        elif isinstance(reply.body, Declined):
+            await self.serials.settle(ours, authorization_id, "release")  # a declined sale holds nothing
+        return reply
 
     async def capture(self, request: LifecycleInput) -> Reply[Settled]:
-        return await self._of(request.authorization_id).capture(request)
+        """Captured: its serials are the device's for good (a lost confirmation is made by the
+        sweep, which finds the authorization captured)."""
+        reply = await self._of(request.authorization_id).capture(request)
+        await self._settle_lines(reply, request.authorization_id, "confirm", refunded_only=False)
+        return reply
 
     async def void(self, request: LifecycleInput) -> Reply[Settled]:
-        return await self._of(request.authorization_id).void(request)
+        reply = await self._of(request.authorization_id).void(request)
+        await self._settle_lines(reply, request.authorization_id, "release", refunded_only=False)
+        return reply
 
     async def refund(self, request: LifecycleInput, line_ids: Sequence[str]) -> Reply[Refunded]:
-        return await self._of(request.authorization_id).refund(request, line_ids)
+        """Refunded lines give their devices back (a serial whose line was refunded is free)."""
+        reply = await self._of(request.authorization_id).refund(request, line_ids)
+        await self._settle_lines(reply, request.authorization_id, "release", refunded_only=True)
+        return reply
 
-    async def expire_due_holds(self, limit: int) -> int:
-        """Each shard's due holds, up to ``limit`` per shard."""
-        expired = 0
-        for store in self.stores:
-            expired += await store.expire_due_holds(limit)
-        return expired
+    async def _settle_lines(
+        self, reply: Reply[Settled] | Reply[Refunded], authorization_id: str, action: Action, *, refunded_only: bool
+    ) -> None:
+        if self.serials is None or isinstance(reply, Failure):
+            return
+        serials = [
+            line.serial_number
+            for line in reply.body.authorization.lines
+            if line.serial_number and (line.refunded == 1 or not refunded_only)
+        ]
+        if not serials:
+            return
+        try:
+            await self.serials.settle(serials, authorization_id, action)
+        except EscrowUnavailable:
+            # The call's own answer stands; the sweep settles the serials from the authorization.
+            log.warning("serials not settled; the sweep will", extra={"action": action})
 
 
 async def publish_to_shards(cluster: RedisCluster, layout: ShardLayout, snapshot: ReferenceSnapshot) -> int:
