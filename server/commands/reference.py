@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,15 @@ from storage.redis.cluster.nodes import cluster_client
 from storage.redis.cluster.shard_budget import ShardBudget, released_fen
 from storage.redis.cluster.shards import ShardLayout, publish_to_shards
 from storage.redis.keys import Keys
-from storage.redis.reference import publish_reference, tranche_schedule
+from storage.redis.reference import publish_reference, risk_field, tranche_schedule
 
 
 async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
     """Publishes to one Redis, or with SUBSIDY_REDIS_SHARDS to every consumer shard of the Redis
     Cluster and funds each shard's slice of every campaign category's released budget
     (docs/scale-out.md 2.0 and "Funding the shards"); returns the reference version."""
+    if config.redis_shards:
+        refuse_cross_shard_rules(snapshot.campaigns)
     if not config.redis_shards:
         redis = Redis.from_url(config.redis_url)
         try:
@@ -69,6 +72,22 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
         await cluster.aclose()
 
 
+def refuse_cross_shard_rules(campaigns: Sequence[Any], path: str = "campaigns") -> None:
+    """On a cluster deployment each consumer shard counts its own sales, so a rule counted per
+    merchant or terminal across all consumers (a per-merchant daily limit, the risk rules'
+    velocity limits and price flag) would allow up to S times its limit (docs/scale-out.md 2.4:
+    not built). Such a campaign is refused before anything is written, naming the field."""
+    for index, campaign in enumerate(campaigns):
+        values = campaign if isinstance(campaign, dict) else vars(campaign)
+        campaign_path = f"{path}[{index}]"
+        if values.get("per_merchant_daily_limit"):
+            raise ReferenceError(
+                f"{campaign_path}.per_merchant_daily_limit", "not enforced across consumer shards on a cluster yet"
+            )
+        if risk_field(values.get("risk_limits")):
+            raise ReferenceError(f"{campaign_path}.risk_limits", "not enforced across consumer shards on a cluster yet")
+
+
 def read_reference(path: Path) -> ReferenceData:
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(document, dict):
@@ -96,6 +115,8 @@ def write_credentials(path: Path, credentials: dict[str, str], data: ReferenceDa
 
 async def load(config: Config, path: Path, credentials_out: Path | None) -> int:
     data = read_reference(path)
+    if config.redis_shards:
+        refuse_cross_shard_rules(data.campaigns)
     connection = await asyncpg.connect(config.pg_dsn, timeout=10)
     try:
         await migrate(connection)

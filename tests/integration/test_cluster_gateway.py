@@ -18,13 +18,15 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+import yaml
 from redis.asyncio.cluster import RedisCluster
 from subsidy_client import AuthorizationClient, Line, SubsidyError
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
 
-from server.commands.reference import publish_snapshot
+from server.commands.reference import load, publish_snapshot
 from server.config import Config
+from server.domain.reference import ReferenceError
 from server.domain.validation import new_redemption_code
 from storage.cluster_dev import LocalCluster
 from storage.postgres.reference import fetch_reference
@@ -80,7 +82,9 @@ async def published(environment: Environment, config: Config, sales: int) -> str
     await load_document(environment, campaign_document(campaign_id, sales))
     connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
     try:
-        await publish_snapshot(config, await fetch_reference(connection))
+        # Only this campaign: other modules' campaigns in the run's database may carry rules a
+        # cluster refuses (per-merchant and velocity limits).
+        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
     finally:
         await connection.close()
     return campaign_id
@@ -285,7 +289,9 @@ async def test_the_keeper_funds_a_released_tranche_and_refills_a_crowded_shard(
     await load_document(environment, document)
     connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
     try:
-        await publish_snapshot(config, await fetch_reference(connection))
+        # Only this campaign: other modules' campaigns in the run's database may carry rules a
+        # cluster refuses (per-merchant and velocity limits).
+        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
     finally:
         await connection.close()
     layout = ShardLayout(prefix, SHARDS)
@@ -313,3 +319,24 @@ async def test_the_keeper_funds_a_released_tranche_and_refills_a_crowded_shard(
     assert sum(state.funded for state in funds) == 12 * SUBSIDY_FEN  # the second tranche funded
     assert 2 < approved <= 12  # more than shard 0's own slice of the 12
     assert funds[0].reserved == approved * SUBSIDY_FEN
+
+
+async def test_rules_counted_per_merchant_or_terminal_are_refused_on_a_cluster(
+    environment: Environment, redis_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Each shard counts its own sales, so a per-merchant daily limit or a velocity limit would
+    allow up to 6 times its value: refused, naming the field, before anything is written."""
+    config = cluster_config(environment, redis_cluster, "cg" + secrets.token_hex(4))
+    for field, value in (("per_merchant_daily_limit", 3), ("risk_limits", {"terminal_sales_per_minute": 5})):
+        document = campaign_document("c-cl-" + secrets.token_hex(4), SHARDS)
+        document["campaigns"][0][field] = value  # type: ignore[index]
+        path = tmp_path / f"{field}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        with pytest.raises(ReferenceError, match=f"campaigns\\[0\\].{field}: not enforced across consumer shards"):
+            await load(config, path, None)
+        campaign_id = document["campaigns"][0]["id"]  # type: ignore[index]
+        connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
+        try:
+            assert await connection.fetchval("SELECT count(*) FROM campaigns WHERE campaign_id = $1", campaign_id) == 0
+        finally:
+            await connection.close()
