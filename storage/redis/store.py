@@ -178,10 +178,6 @@ class RedisStore:
     def hold_ttl_s(self) -> int:
         return self._limits.hold_ttl_s
 
-    async def has_answer(self, terminal_id: str, request_id: str) -> bool:
-        """Whether the request id has a stored answer (an earlier attempt of the call acted)."""
-        return bool(await self.redis.exists(self.keys.idempotency(terminal_id, request_id)))
-
     async def authorize(self, request: AuthorizeInput) -> Reply[AuthorizeAnswer]:
         keys, limits = self.keys, self._limits
         return await self._scripts.call(

@@ -176,3 +176,60 @@ async def test_the_sweep_settles_what_a_lost_step_left(cluster_client: RedisClus
     assert await store.serials.cluster.zscore(store.serials.pending_key(store.serials.home(pending)), pending) > 1
     assert outcome(await store.authorize(sale(buyers[2], serial=orphan))) == "APPROVED"
     assert isinstance((await store.authorize(sale(buyers[3], serial=captured))).body, Declined)  # type: ignore[union-attr]
+
+
+async def test_a_refused_duplicate_attempt_never_unguards_the_sale_it_duplicates(cluster_client: RedisCluster) -> None:
+    """The same signed sale sent twice (same nonce): the second attempt shares the first's
+    reservation ("again") and is refused NONCE_REUSED; it must not release the device, or a
+    second consumer could be subsidised for it while the first sale lives."""
+    layout, store = await world(cluster_client)
+    buyers = consumers_of(layout, 1)
+    serial = device()
+    request = sale(buyers[0], serial=serial)
+    first = await store.authorize(request)
+    assert outcome(first) == "APPROVED"
+    duplicate = await store.authorize(request)
+    assert isinstance(duplicate, Failure) and duplicate.error == "NONCE_REUSED"
+    assert await owner(store, serial) == "P:" + first.body.authorization.authorization_id  # type: ignore[union-attr]
+    assert outcome(await store.authorize(sale(buyers[1], serial=serial))) == (
+        f"DECLINED {DECLINE_REASONS['SERIAL_ALREADY_SUBSIDISED']}"
+    )
+
+
+async def test_a_retry_moves_its_reservation_out_and_a_late_extend_leaves_a_confirmed_one_alone(
+    cluster_client: RedisCluster,
+) -> None:
+    layout, store = await world(cluster_client)
+    assert store.serials is not None
+    serial, authorization_id = device(), layout.new_authorization_id(0)
+    pending = store.serials.pending_key(store.serials.home(serial))
+    await store.serials.reserve([serial], authorization_id, expires_ms=1_000)
+    assert (await store.serials.reserve([serial], authorization_id, expires_ms=5_000))[serial].state == "again"
+    assert await cluster_client.zscore(pending, serial) == 5_000  # the retry's expiry, not the first's
+    await store.serials.reserve([serial], authorization_id, expires_ms=2_000)
+    assert await cluster_client.zscore(pending, serial) == 5_000  # never moved back
+    await store.serials.settle([serial], authorization_id, "confirm")
+    await store.serials.settle([serial], authorization_id, "extend", 9_000)  # read PENDING before the capture
+    assert await cluster_client.zscore(pending, serial) is None
+    assert await owner(store, serial) == "C:" + authorization_id
+
+
+async def test_a_request_id_reused_after_its_answer_expired_never_overwrites_the_first_sale(
+    cluster_client: RedisCluster,
+) -> None:
+    """Derived ids repeat for a reused (terminal, request id): once the first sale's stored answer
+    has gone (after the idempotency window), the reuse takes the next id, not the first sale's."""
+    layout, store = await world(cluster_client)
+    first_buyer, second_buyer = consumers_of(layout, 2)[:2]  # both in shard 0: the same derived ids
+    request = sale(first_buyer, serial=device())
+    first = await store.authorize(request)
+    first_id = first.body.authorization.authorization_id  # type: ignore[union-attr]
+    shard = store.stores[layout.shard_of_id(first_id)]
+    await cluster_client.delete(shard.keys.idempotency(request.terminal_id, request.request_id))
+    reused = msgspec.structs.replace(
+        sale(second_buyer, serial=device()), request_id=request.request_id, terminal_id=request.terminal_id
+    )
+    later = await store.authorize(reused)
+    assert outcome(later) == "APPROVED"
+    assert later.body.authorization.authorization_id != first_id  # type: ignore[union-attr]
+    assert (await cluster_client.hget(shard.keys.authorization(first_id), "consumer")) == first_buyer.encode()

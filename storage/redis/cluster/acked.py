@@ -52,9 +52,11 @@ class EscrowConflict(EscrowError):
     """An id reused with other values (a reservation, a transfer, a shard's slice)."""
 
 
-class EscrowUnavailable(Exception):
+class EscrowUnavailable(RedisConnectionError):
     """The step was not acknowledged by the replicas before the deadline (the cluster is down, a
-    slot has no primary, or no replica is in sync). Retrying with the same ids is safe."""
+    slot has no primary, or no replica is in sync). Retrying with the same ids is safe. A
+    ConnectionError, so that a gateway call meeting it answers UNAVAILABLE ("retry with the same
+    request_id") like any Redis outage (storage/redis/store.py UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ async def run_acked(
             last = f"{type(exc).__name__}: {exc}"
             count("connection")
             ask = None
-            await nodes.drop_dead()
+            # The map is relearned; dead nodes' clients are not closed here: closing one closes it
+            # under every concurrent call using it (see AcknowledgedScripts._relearn).
             await asyncio.sleep(RETRY_PAUSE_S * 4)
             try:
                 await nodes.refresh_map()

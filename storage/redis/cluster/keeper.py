@@ -5,7 +5,8 @@ The publication (server/commands/reference.py ``publish_snapshot``) records each
 category's plan in the deployment's own keys: hash ``{prefix}:shard_plans``, field
 ``<campaign>|<category>``, value JSON ``{"budget_fen", "tranches", "unit_fen"}`` (tranches as
 published: [release ms, cumulative fen]; ``unit_fen`` the most one line of the rule can take).
-Every pass of :func:`keep` then, for each plan:
+Every pass of :func:`keep` first completes the campaigns' transfers left half-done
+(``ShardBudget.sweep``: debited more than 10 s ago, not settled), then, for each plan:
 
 1. funds the shards with what the schedule has released by now (``ShardBudget.fund``: the same
    target again moves nothing, so a tranche is funded within one pass of its release time);
@@ -32,6 +33,8 @@ from storage.redis.cluster.shard_budget import ShardBudget, released_fen
 from storage.redis.keys import Keys
 
 log = logging.getLogger("subsidy.keeper")
+# A transfer debited this long ago and not settled is taken to be abandoned (its keeper stopped).
+TRANSFER_ORPHAN_AGE_MS = 10_000
 
 
 def plans_key(control: Keys) -> str:
@@ -81,7 +84,11 @@ async def keep(budget: ShardBudget, control: Keys, now_ms: int | None = None) ->
     """One pass over every recorded plan: fund what is released, then rebalance."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     funded = transfers = moved = 0
-    for plan in await read_plans(budget.cluster, control):
+    plans = await read_plans(budget.cluster, control)
+    for campaign_id in sorted({plan.campaign_id for plan in plans}):
+        # Transfers left half-done (a keeper stopped between debit and credit): credited once.
+        await budget.sweep(campaign_id, min_age_ms=TRANSFER_ORPHAN_AGE_MS)
+    for plan in plans:
         await budget.fund(plan.campaign_id, plan.category, released_fen(plan.budget_fen, plan.tranches, now_ms))
         funded += 1
         made = await budget.rebalance(plan.campaign_id, plan.category, low_water=max(plan.unit_fen, 1))

@@ -16,7 +16,10 @@ Nothing here trusts a step to have happened: :meth:`SerialRegistry.settle_due` (
 gateway's sweep) takes the reservations past their expiry and asks the authorization itself,
 in the shard its id names: captured, confirm; still pending, look again at its new expiry;
 voided, expired, refunded, declined or never made, release. A gateway killed between the
-reservation and the sale, a lost release, a lost confirmation: each is settled by the sweep.
+reservation and the sale, a sale refused or declined before its script stored an answer, a lost
+void's release, a lost confirmation: each is settled by the sweep. A lost release after a
+*refund* is not (the record was confirmed, no longer pending): the device stays counted, which
+fails safe (never twice).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Consumer shards on a Redis Cluster: each shard a whole deployment's key set in one hash slot
-(issue 16, docs/scale-out.md section 2 and "Shards as whole key sets").
+(issue 16, docs/scale-out.md section "2.0 As built").
 
 A shard is ``Keys(prefix, "s<k>.<salt>")``: every key the scripts name carries the tag
 ``{prefix:s<k>.<salt>}``, so the authorize, capture, void, refund and expiry scripts run
@@ -9,18 +9,15 @@ own ledger stream. What picks the shard:
 
 - a sale: its consumer key (``shard_of_consumer``), so the per-person rules and the budget check
   meet in one script, as on one Redis;
-- a capture, void, refund, expiry or read of an authorization: its id, which the sale drew so
-  that it hashes to its shard (``new_authorization_id``): no lookup, no extra round trip, and a
-  retry of the sale (same payload, same consumer) lands in the same shard and replays its
-  answer from the idempotency record there.
+- a capture, void, refund, expiry or read of an authorization: its id, which hashes to its shard
+  (drawn so, ``new_authorization_id``, or for a sale with device serials derived so,
+  ``authorization_ids``): no lookup, no extra round trip; a retry of the sale (same payload,
+  same consumer) lands in the same shard and replays its answer from the idempotency record.
 
 The salt places shard *k* in the *k*-th of *S* equal slot ranges (the smallest salt that does),
-so shards spread over the primaries evenly whatever CRC16 does with the names.
-
-Not built yet (docs/scale-out.md, "What exists"): lines with device serials (the serial step,
-section 2.2: a serial's uniqueness spans shards, so such a sale is refused here), redemption
-codes and claims, the gateway and sweepers wired to this, the writer posting shard ledger
-streams into the double-entry ledger.
+so shards spread over the primaries evenly whatever CRC16 does with the names. Device serials
+are reserved in their own home shards (serials.py); a sale by redemption code is not served on a
+cluster yet (docs/scale-out.md, "What exists").
 """
 
 from __future__ import annotations
@@ -28,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -48,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from server.domain.errors import NotSupportedHere
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis import reference
-from storage.redis.cluster.acked import EscrowUnavailable, not_run, send_with_wait
+from storage.redis.cluster.acked import EscrowError, EscrowUnavailable, not_run, send_with_wait
 from storage.redis.cluster.nodes import NodeConnections
 from storage.redis.cluster.serials import GRACE_MS as SERIAL_GRACE_MS
 from storage.redis.cluster.serials import Action, SerialRegistry
@@ -120,17 +118,17 @@ class ShardLayout:
         """The shard an authorization id names (``new_authorization_id`` drew it so)."""
         return zlib.crc32(identifier.encode()) % self.count
 
-    def authorization_id(self, shard: int, id_key: bytes, terminal_id: str, request_id: str) -> str:
-        """The sale's authorization id: 32 hex characters of HMAC(``id_key``, terminal, request id,
-        n) with the smallest n whose id hashes to ``shard`` (``count`` tries on average). Derived,
-        not drawn: a retry of the sale on any gateway names the same authorization, so the
-        serials it reserves before the script (serials.py) are reserved once."""
+    def authorization_ids(self, shard: int, id_key: bytes, terminal_id: str, request_id: str) -> Iterator[str]:
+        """The ids a sale with device serials may take, in order: 32 hex characters of
+        HMAC(``id_key``, terminal, request id, n) for n = 0, 1, ..., those that hash to ``shard``
+        (one in ``count`` on average). Derived, not drawn: a retry of the sale on any gateway
+        names the same authorization, so the serials it reserves before the script (serials.py)
+        are reserved once; ShardedStore takes the first not used by another sale."""
         message = f"{terminal_id}\x00{request_id}\x00".encode()
-        for attempt in range(1_000_000):
+        for attempt in itertools.count():
             candidate = hmac.new(id_key, message + str(attempt).encode(), hashlib.sha256).hexdigest()[:32]
             if self.shard_of_id(candidate) == shard:
-                return candidate
-        raise AssertionError("no id for the shard")  # each try hits with probability 1/count
+                yield candidate
 
     def new_authorization_id(self, shard: int) -> str:
         """32 random hex characters, as on one Redis, drawn until they hash to ``shard``
@@ -278,11 +276,18 @@ class ShardedStore:
         return self.stores[self.layout.shard_of_id(authorization_id)]
 
     async def authorize(self, request: AuthorizeInput) -> Reply[AuthorizeAnswer]:
-        """In the consumer's shard, under the authorization id derived for the sale (the caller's
-        random one is replaced). A sale with device serials reserves them in their home shards
-        first (serials.py): one held by another sale declines it SERIAL_ALREADY_SUBSIDISED
-        before the script runs, unless an earlier attempt of the same request answered (then the
-        script replays that answer); a declined sale releases what it reserved."""
+        """In the consumer's shard. A sale without device serials runs under an id drawn to name
+        that shard (the caller's random one is replaced), as on one Redis. A sale with serials
+        runs under an id derived from the sale (``_derived_id``) and reserves the serials in their
+        home shards first (serials.py): one held by another sale declines it
+        SERIAL_ALREADY_SUBSIDISED before the script runs, unless an earlier attempt of the same
+        request answered (then the script replays that answer).
+
+        Reservations are released here only after the script *declined* the sale: its answer is
+        then stored, so no other attempt of the request can approve it later. Anything else (a
+        refusal such as NONCE_REUSED, the decline above, an exception) leaves them to the sweep,
+        which releases them past their expiry unless the sale lives: a concurrent attempt of the
+        same request shares the reservation, and releasing it here could unguard its approval."""
         if request.redemption_code or not request.consumer_key:
             raise ShardingNotSupported("redemption_code", "a redemption code is not served on a cluster deployment yet")
         serials = sorted({line.serial_number for line in request.lines if line.serial_number})
@@ -291,27 +296,40 @@ class ShardedStore:
             raise ShardingNotSupported(f"lines[{index}].serial_number", "a device serial is not served by this store")
         shard = self.layout.shard_of_consumer(request.consumer_key)
         store = self.stores[shard]
-        authorization_id = self.layout.authorization_id(shard, self.id_key, request.terminal_id, request.request_id)
-        routed = msgspec.structs.replace(request, authorization_id=authorization_id)
         if not serials or self.serials is None:
+            routed = msgspec.structs.replace(request, authorization_id=self.layout.new_authorization_id(shard))
             return await store.authorize(routed)
+        authorization_id, answered = await self._derived_id(shard, request)
+        routed = msgspec.structs.replace(request, authorization_id=authorization_id)
         expires_ms = int(time.time() * 1000) + store.hold_ttl_s * 1000 + SERIAL_GRACE_MS
         reserved = await self.serials.reserve(serials, authorization_id, expires_ms)
-        ours = [serial for serial in serials if reserved[serial].state != "held"]
-        fresh = [serial for serial in serials if reserved[serial].state == "new"]
         held = [serial for serial in serials if reserved[serial].state == "held"]
-        if held and not await store.has_answer(request.terminal_id, request.request_id):
-            await self.serials.settle(ours, authorization_id, "release")
+        if held and not answered:
             line = next(line for line in request.lines if line.serial_number in held)
             return Answer(Declined(DECLINE_REASONS["SERIAL_ALREADY_SUBSIDISED"], line.line_id), False)
         reply = await store.authorize(routed)
-        if isinstance(reply, Failure) or held:
-            # Refused (nothing written), or the replay of an answer made without these serials:
-            # only what this attempt newly reserved is released.
-            await self.serials.settle(fresh, authorization_id, "release")
-        elif isinstance(reply.body, Declined):
-            await self.serials.settle(ours, authorization_id, "release")  # a declined sale holds nothing
+        if not isinstance(reply, Failure) and isinstance(reply.body, Declined) and not held:
+            # A declined sale holds nothing (stored: every attempt of the request replays it).
+            await self.serials.settle(serials, authorization_id, "release")
         return reply
+
+    async def _derived_id(self, shard: int, request: AuthorizeInput) -> tuple[str, bool]:
+        """The id of a sale with serials, and whether the request has a stored answer: the first
+        of ``ShardLayout.authorization_ids`` not taken by another sale. A retry within the
+        idempotency window gets the same id (its answer is stored), so its reservations are its
+        first attempt's; a request id reused after the window, whose first id names an
+        authorization without a stored answer, moves on to the next id rather than overwrite it."""
+        store = self.stores[shard]
+        for authorization_id in self.layout.authorization_ids(
+            shard, self.id_key, request.terminal_id, request.request_id
+        ):
+            async with store.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(store.keys.authorization(authorization_id))
+                pipe.exists(store.keys.idempotency(request.terminal_id, request.request_id))
+                taken, answered = await pipe.execute()
+            if answered or not taken:
+                return authorization_id, bool(answered)
+        raise AssertionError("authorization_ids is endless")
 
     async def capture(self, request: LifecycleInput) -> Reply[Settled]:
         """Captured: its serials are the device's for good (a lost confirmation is made by the
@@ -345,9 +363,11 @@ class ShardedStore:
             return
         try:
             await self.serials.settle(serials, authorization_id, action)
-        except EscrowUnavailable:
-            # The call's own answer stands; the sweep settles the serials from the authorization.
-            log.warning("serials not settled; the sweep will", extra={"action": action})
+        except (EscrowUnavailable, EscrowError) as error:
+            # The call's own answer stands. A lost confirmation or a lost void's release is made
+            # by the sweep (the reservation is still pending); a lost refund's release is not (the
+            # record was confirmed): the device stays counted, which fails safe.
+            log.warning("serials not settled", extra={"action": action, "error": type(error).__name__})
 
 
 async def publish_to_shards(cluster: RedisCluster, layout: ShardLayout, snapshot: ReferenceSnapshot) -> int:

@@ -4,12 +4,16 @@
 -- KEYS: owner (string: "P:<authorization id>" pending, "C:<id>" confirmed), pending (sorted set:
 -- serial by the reservation's expiry, ms), replays (hash).
 -- ARGV: serial, authorization id, expiry (ms).
--- Answer: {state = new|again} or {state = held, by = <the holder's authorization id>}.
+-- Answer: {state = new|again} (again: this authorization holds it; a pending reservation's expiry
+-- is moved out to ARGV's if later) or {state = held, by = <the holder's authorization id>}.
 local owner, pending, replays = KEYS[1], KEYS[2], KEYS[3]
 local serial, id, expires = ARGV[1], ARGV[2], ARGV[3]
 local held = redis.call('GET', owner)
 if held then
   if string.sub(held, 3) == id then
+    -- A retry of the sale: its reservation lives at least as long as this attempt's hold (the
+    -- sweep must not release it between this answer and the retry's script).
+    if held == 'P:' .. id then redis.call('ZADD', pending, 'GT', expires, serial) end
     replayed(replays)
     return cjson.encode({state = 'again'})
   end

@@ -14,6 +14,7 @@ if not held or string.sub(held, 3) ~= id then
 end
 if action == 'confirm' then
   if held == 'C:' .. id then
+    redis.call('ZREM', pending, serial)  -- a stale entry (an extend that lost a race) goes too
     replayed(replays)
     return cjson.encode({state = 'again'})
   end
@@ -23,6 +24,13 @@ elseif action == 'release' then
   redis.call('DEL', owner)
   redis.call('ZREM', pending, serial)
 elseif action == 'extend' then
+  -- Only a reservation still pending: one confirmed since the sweep read its sale stays out of
+  -- the pending set (else it would sit there for good, answered "again" by every sweep).
+  if held ~= 'P:' .. id then
+    redis.call('ZREM', pending, serial)
+    replayed(replays)
+    return cjson.encode({state = 'again'})
+  end
   redis.call('ZADD', pending, expires, serial)
 else
   return redis.error_reply('ESCROW_BAD_ACTION ' .. action)
