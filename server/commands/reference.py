@@ -58,6 +58,7 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
                 tranche_schedule(rule.get("tranches")),
                 # The most one line of the rule can take: what a shard needs for one more sale.
                 max(rule.get("cap_fen") or 0, rule.get("off_fen") or 0),
+                version,
             )
             for rule in snapshot.rules
         ]
@@ -65,7 +66,8 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
         await record_plans(cluster, budget.layout.control, plans)
         now_ms = int(time.time() * 1000)
         for plan in plans:
-            await budget.fund(plan.campaign_id, plan.category, released_fen(plan.budget_fen, plan.tranches, now_ms))
+            released = released_fen(plan.budget_fen, plan.tranches, now_ms)
+            await budget.fund(plan.campaign_id, plan.category, released, plan.version)
         return version
     finally:
         await budget.aclose()

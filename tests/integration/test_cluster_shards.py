@@ -373,3 +373,17 @@ async def test_a_primary_killed_mid_load_loses_no_answered_sale_and_overspends_n
     assert events == Counter((layout.shard_of_id(made), made) for _, made in approved)
     for keys in layout.keys:
         assert int(await cluster_client.hget(keys.budget(CAMPAIGN), f"{CATEGORY}:reserved")) == 40 * SUBSIDY_FEN
+
+
+async def test_a_funding_older_than_the_one_applied_moves_nothing(cluster_client: RedisCluster) -> None:
+    """A keeper that read the plans before a publication lowered a budget calls fund with the old
+    plan's version afterwards: the shards keep the publication's amount."""
+    layout = ShardLayout(new_prefix(), 3)
+    budget = ShardBudget(cluster_client, layout)
+    await budget.fund(CAMPAIGN, CATEGORY, 900, version=7)  # the new publication, lowered
+    await budget.fund(CAMPAIGN, CATEGORY, 1_200, version=6)  # the stale keeper's
+    assert [state.total for state in await budget.read(CAMPAIGN, CATEGORY)] == [300, 300, 300]
+    await budget.fund(CAMPAIGN, CATEGORY, 1_200, version=7)  # the same version: applied
+    await budget.fund(CAMPAIGN, CATEGORY, 1_500, version=8)
+    assert [state.total for state in await budget.read(CAMPAIGN, CATEGORY)] == [500, 500, 500]
+    await budget.aclose()

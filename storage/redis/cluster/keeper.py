@@ -48,6 +48,7 @@ class Plan:
     budget_fen: int
     tranches: list[list[int]]
     unit_fen: int
+    version: int = 0  # the reference version of the publication that recorded it
 
 
 async def record_plans(cluster: RedisCluster, control: Keys, plans: list[Plan]) -> None:
@@ -57,7 +58,12 @@ async def record_plans(cluster: RedisCluster, control: Keys, plans: list[Plan]) 
         plans_key(control),
         mapping={
             f"{plan.campaign_id}|{plan.category}": orjson.dumps(
-                {"budget_fen": plan.budget_fen, "tranches": plan.tranches, "unit_fen": plan.unit_fen}
+                {
+                    "budget_fen": plan.budget_fen,
+                    "tranches": plan.tranches,
+                    "unit_fen": plan.unit_fen,
+                    "version": plan.version,
+                }
             )
             for plan in plans
         },
@@ -69,7 +75,9 @@ async def read_plans(cluster: RedisCluster, control: Keys) -> list[Plan]:
     for field, raw in (await cluster.hgetall(plans_key(control))).items():
         campaign_id, _, category = (field.decode() if isinstance(field, bytes) else field).partition("|")
         plan = orjson.loads(raw)
-        plans.append(Plan(campaign_id, category, plan["budget_fen"], plan["tranches"], plan["unit_fen"]))
+        plans.append(
+            Plan(campaign_id, category, plan["budget_fen"], plan["tranches"], plan["unit_fen"], plan.get("version", 0))
+        )
     return plans
 
 
@@ -89,7 +97,8 @@ async def keep(budget: ShardBudget, control: Keys, now_ms: int | None = None) ->
         # Transfers left half-done (a keeper stopped between debit and credit): credited once.
         await budget.sweep(campaign_id, min_age_ms=TRANSFER_ORPHAN_AGE_MS)
     for plan in plans:
-        await budget.fund(plan.campaign_id, plan.category, released_fen(plan.budget_fen, plan.tranches, now_ms))
+        released = released_fen(plan.budget_fen, plan.tranches, now_ms)
+        await budget.fund(plan.campaign_id, plan.category, released, plan.version)
         funded += 1
         made = await budget.rebalance(plan.campaign_id, plan.category, low_water=max(plan.unit_fen, 1))
         transfers += len(made)

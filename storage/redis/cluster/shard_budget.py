@@ -215,13 +215,15 @@ class ShardBudget:
 
     # ---- funding
 
-    async def fund(self, campaign_id: str, category: str, released_fen: int) -> list[int]:
+    async def fund(self, campaign_id: str, category: str, released_fen: int, version: int = 0) -> list[int]:
         """Fund every shard with its part of ``released_fen`` (split, the remainder to the first
         shards); returns the targets. Idempotent; a lower amount than before takes the
-        difference back from each shard's total. One publisher at a time per campaign: the last
-        target applied wins."""
+        difference back from each shard's total. ``version``, the plan's (the publication's
+        reference version): a shard that has applied a newer one ignores the call, so a
+        stale keeper cannot undo a publication; among calls of one version the last applied wins."""
         self._campaign(campaign_id, category)
         _check_fen("released_fen", released_fen, 0)
+        _check_fen("version", version, 0)
         targets = split(released_fen, self.layout.count)
         # The shard writer learns of the streams from the registry: listed before any event.
         await register_streams(
@@ -238,7 +240,7 @@ class ShardBudget:
                     shard,
                     "fund",
                     [self.budget_key(shard, campaign_id), self.replays_key(shard), self.ledger_key(shard)],
-                    [campaign_id, category, target],
+                    [campaign_id, category, target, version],
                 )
                 for shard, target in enumerate(targets)
             )

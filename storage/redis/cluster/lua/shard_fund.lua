@@ -6,8 +6,17 @@
 -- approves against on a cluster, where shards are published without tranches) moves by
 -- target - funded, down too: a lowered budget may leave total below reserved + spent, which
 -- only stops new approvals in that shard.
+-- ARGV[4], the plan's version (the reference version of the publication that made it): a call
+-- with an older version than the one applied moves nothing ({state = stale}), so a keeper that
+-- read the plans before a publication cannot re-apply the budget that publication replaced.
 local budget, replays, ledger = KEYS[1], KEYS[2], KEYS[3]
-local campaign, category, target = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local campaign, category, target, version = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local applied = tonumber(redis.call('HGET', budget, category .. ':funded_version') or '0')
+if version < applied then
+  replayed(replays)
+  return cjson.encode({state = 'stale', funded = int(num(redis.call('HGET', budget, category .. ':funded'))), delta = '0'})
+end
+if version > applied then redis.call('HSET', budget, category .. ':funded_version', int(version)) end
 local funded = redis.call('HGET', budget, category .. ':funded')
 local delta = target - num(funded)
 if funded and delta == 0 then
