@@ -41,9 +41,9 @@ from storage.redis.cluster.streams import ShardStreamReader, StreamsLag
 from storage.redis.keys import Keys
 from storage.redis.store import SweepBacklog, sweep_backlog
 
-# The shard budget's own field (storage/redis/cluster/shard_budget.py: the funding target
-# applied to the shard), not money the ledger moves.
-SHARD_BUDGET_FIELDS = frozenset({"funded"})
+# The shard budget's own fields (storage/redis/cluster/shard_budget.py: the funding target
+# applied to the shard and the plan version it came from), not money the ledger moves.
+SHARD_BUDGET_FIELDS = frozenset({"funded", "funded_version"})
 # The ledger writer's consumer group on every ledger stream, a shard's too.
 LEDGER_GROUP = WriterConfig.group
 
