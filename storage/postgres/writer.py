@@ -273,16 +273,27 @@ class LedgerWriter:
         await self.redis.xtrim(self.keys.ledger, minid=keep_from)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.ensure_group()
-        log.info("ledger writer started", extra={"consumer": self.config.consumer, "group": self.config.group})
+        # The group is created inside the retry loop: an error at start (a node restarting;
+        # redis-py 8.1's AttributeError on a fresh cluster client's concurrent first commands)
+        # must be retried like a step's, not end this writer's task unseen, its stream undrained.
+        group_ready = False
         while not stopping.is_set():
             try:
+                if not group_ready:
+                    await self.ensure_group()
+                    group_ready = True
+                    log.info(
+                        "ledger writer started", extra={"consumer": self.config.consumer, "group": self.config.group}
+                    )
                 await self.step()
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
-                log.warning("redis unavailable; will retry")
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as error:
+                log.warning(
+                    "redis unavailable; will retry",
+                    extra={"consumer": self.config.consumer, "error": f"{type(error).__name__}: {error}"},
+                )
                 await asyncio.sleep(1.0)
             except Exception:  # a bug must not crash-loop the writer; entries stay pending
-                log.error("ledger writer step failed", exc_info=True)
+                log.error("ledger writer step failed", extra={"consumer": self.config.consumer}, exc_info=True)
                 await asyncio.sleep(1.0)
         # Shutdown: what this writer holds is either written and acknowledged above, or still
         # pending in the group, where the next writer (or this one restarted) takes it up.
