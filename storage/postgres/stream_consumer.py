@@ -198,10 +198,16 @@ class StreamConsumer(ABC):
         """Work done once when ``run`` starts, after the group exists (none by default)."""
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.ensure_group()
-        await self.prepare()
+        # The group and the start-up work are inside the retry loop: an error at start (Redis
+        # restarting, a key of the wrong type) is retried like a step's, instead of ending this
+        # consumer's task unseen with its stream undrained (as LedgerWriter.run, 52ec8d6).
+        started = False
         while not stopping.is_set():
             try:
+                if not started:
+                    await self.ensure_group()
+                    await self.prepare()
+                    started = True
                 await self.step()
             except redis_errors.RedisError:
                 self.log.warning(f"redis unavailable for {self.what}", exc_info=True)

@@ -98,6 +98,34 @@ async def test_a_dead_consumers_batch_is_written_once_and_poison_is_set_aside(se
             await redis.aclose()
 
 
+async def test_a_consumer_whose_group_cannot_be_created_yet_keeps_trying(services: Services) -> None:
+    """An error at start (here the stream key holds a string: XGROUP CREATE answers WRONGTYPE)
+    used to end the consumer's task unseen, its stream never drained again until a restart:
+    the risk event writer keeps running, creates its group once the key is free, and writes."""
+    async with isolated_environment(services) as env:
+        redis = Redis.from_url(env.redis_url)
+        stream = env.keys.risk_events
+        await redis.set(stream, "not a stream")
+        writer = RiskEventWriter(redis, env.keys, env.pg_dsn, consumer="risk-late", block_ms=50)
+        stopping = asyncio.Event()
+        running = asyncio.create_task(writer.run(stopping))
+        try:
+            await asyncio.sleep(0.5)
+            assert not running.done()
+            await redis.delete(stream)
+            await redis.xadd(stream, {"r": risk_event("late-person")})
+            for _ in range(100):
+                if writer.stats.written == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert writer.stats.written == 1
+        finally:
+            stopping.set()
+            await running
+            await redis.delete(stream, stream + ":dead")
+            await redis.aclose()
+
+
 async def test_a_snapshot_out_of_the_time_range_is_set_aside_by_the_mirror(services: Services) -> None:
     """A qualification snapshot whose issue time no datetime can hold (OverflowError, which the
     mirror used to let end its task, stalling every later change) is dead-lettered; the next
