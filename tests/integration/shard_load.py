@@ -20,7 +20,7 @@ from storage.redis.cluster.serials import SerialRegistry
 from storage.redis.cluster.shards import AcknowledgedScripts, NotAcknowledged, ShardedStore, ShardLayout
 from storage.redis.contract import Approved, AuthorizeAnswer, Failure, Reply
 from storage.redis.scripts import Scripts
-from storage.redis.store import AuthorizeInput, LineInput, RedisStore, StoreLimits
+from storage.redis.store import AuthorizeInput, LifecycleInput, LineInput, RedisStore, StoreLimits
 
 CAMPAIGN, CATEGORY, MERCHANT, TERMINAL = "c-shard", "fridge", "m-shard", "t-shard"
 GTIN = "06901234567892"
@@ -90,6 +90,18 @@ def sale(consumer_key: str, serial: str = "", redemption_code: str = "") -> Auth
 
 
 ID_KEY = b"shard-test-authorization-ids"
+
+
+def lifecycle(authorization_id: str) -> LifecycleInput:
+    """A capture, void or refund of the authorization by the test terminal (new request id, nonce)."""
+    return LifecycleInput(
+        payload_hash=os.urandom(32).hex(),
+        request_id=os.urandom(16).hex(),
+        terminal_id=TERMINAL,
+        merchant_id=MERCHANT,
+        nonce=os.urandom(12).hex(),
+        authorization_id=authorization_id,
+    )
 
 
 async def sharded_store(

@@ -99,6 +99,38 @@ def consumers_per_shard(layout: ShardLayout, count: int) -> list[str]:
     return [key for keys in found.values() for key in keys]
 
 
+def cluster_env(config: Config) -> dict[str, str]:
+    """What ``python -m server`` (test_concurrency.server_processes) needs beyond the run's
+    settings to serve ``config``'s shards."""
+    return {
+        "SUBSIDY_REDIS_PREFIX": config.redis_prefix,
+        "SUBSIDY_REDIS_CLUSTER_NODES": config.redis_cluster_nodes,
+        "SUBSIDY_REDIS_SHARDS": str(config.redis_shards),
+        "SUBSIDY_LOG_LEVEL": "WARNING",
+    }
+
+
+def client_jobs(
+    environment: Environment, port: int, campaign_id: str, requests: list[tuple[str, str, str]]
+) -> list[Job]:
+    """Three client processes' shares of ``requests`` (request id, consumer, serial), 8 channels
+    each, every call re-sent with its request id on UNAVAILABLE up to 5 times."""
+    return [
+        Job(
+            target=f"127.0.0.1:{port}",
+            terminal_id="t-main-01",
+            secret=environment.credentials["t-main-01"],
+            campaign_id=campaign_id,
+            gtin=GTIN,
+            price_fen=PRICE_FEN,
+            requests=requests[worker::3],
+            channels=8,
+            max_attempts=5,
+        )
+        for worker in range(3)
+    ]
+
+
 @pytest.fixture
 async def cluster_gateway(environment: Environment, redis_cluster: LocalCluster) -> AsyncIterator[tuple[Config, str]]:
     config = cluster_config(environment, redis_cluster, "cg" + secrets.token_hex(4))
@@ -227,27 +259,8 @@ async def test_two_gateway_workers_and_three_client_processes_approve_exactly_th
     consumers = consumers_per_shard(layout, 40)
     requests = [(str(uuid.uuid4()), consumer, "") for consumer in consumers * 2]
     port = free_port()
-    extra_env = {
-        "SUBSIDY_REDIS_PREFIX": prefix,
-        "SUBSIDY_REDIS_CLUSTER_NODES": config.redis_cluster_nodes,
-        "SUBSIDY_REDIS_SHARDS": str(SHARDS),
-        "SUBSIDY_LOG_LEVEL": "WARNING",
-    }
-    async with server_processes(environment, port, tmp_path / "server.log", extra_env=extra_env):
-        jobs = [
-            Job(
-                target=f"127.0.0.1:{port}",
-                terminal_id="t-main-01",
-                secret=environment.credentials["t-main-01"],
-                campaign_id=campaign_id,
-                gtin=GTIN,
-                price_fen=PRICE_FEN,
-                requests=requests[worker::3],
-                channels=8,
-                max_attempts=5,
-            )
-            for worker in range(3)
-        ]
+    async with server_processes(environment, port, tmp_path / "server.log", extra_env=cluster_env(config)):
+        jobs = client_jobs(environment, port, campaign_id, requests)
         context = multiprocessing.get_context("spawn")
         with context.Pool(len(jobs)) as pool:
             results = await asyncio.get_running_loop().run_in_executor(None, pool.map, run_job, jobs)

@@ -34,13 +34,15 @@ from storage.cluster_dev import LocalCluster, command
 from storage.redis.cluster.shards import ShardLayout
 from tests.conftest import Environment, running_gateway
 from tests.integration import cluster_fixtures
-from tests.integration.loadgen import Job, Outcome, run_job
+from tests.integration.loadgen import Outcome, run_job
 from tests.integration.test_cluster_gateway import (
     GTIN,
     PRICE_FEN,
     SHARDS,
     SUBSIDY_FEN,
+    client_jobs,
     cluster_config,
+    cluster_env,
     consumers_per_shard,
     published,
 )
@@ -74,27 +76,8 @@ async def drive_while(
     layout = ShardLayout(prefix, SHARDS)
     requests = [(str(uuid.uuid4()), consumer, "") for consumer in consumers_per_shard(layout, 60) * 2]
     port = free_port()
-    extra_env = {
-        "SUBSIDY_REDIS_PREFIX": prefix,
-        "SUBSIDY_REDIS_CLUSTER_NODES": config.redis_cluster_nodes,
-        "SUBSIDY_REDIS_SHARDS": str(SHARDS),
-        "SUBSIDY_LOG_LEVEL": "WARNING",
-    }
-    async with server_processes(environment, port, tmp_path / "server.log", extra_env=extra_env):
-        jobs = [
-            Job(
-                target=f"127.0.0.1:{port}",
-                terminal_id="t-main-01",
-                secret=environment.credentials["t-main-01"],
-                campaign_id=campaign_id,
-                gtin=GTIN,
-                price_fen=PRICE_FEN,
-                requests=requests[worker::3],
-                channels=8,
-                max_attempts=5,
-            )
-            for worker in range(3)
-        ]
+    async with server_processes(environment, port, tmp_path / "server.log", extra_env=cluster_env(config)):
+        jobs = client_jobs(environment, port, campaign_id, requests)
         with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
             running = asyncio.get_running_loop().run_in_executor(None, pool.map, run_job, jobs)
             for _ in range(6000):  # sales flowing (at most 60 s)

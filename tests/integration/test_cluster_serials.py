@@ -16,9 +16,8 @@ from redis.asyncio.cluster import RedisCluster
 from storage.cluster_dev import LocalCluster
 from storage.redis.cluster.shards import ShardedStore, ShardLayout, publish_to_shards
 from storage.redis.contract import DECLINE_REASONS, Approved, Declined, Failure
-from storage.redis.store import LifecycleInput
 from tests.integration import cluster_fixtures, shard_load
-from tests.integration.shard_load import MERCHANT, SUBSIDY_FEN, TERMINAL, LoadSpec, sale
+from tests.integration.shard_load import SUBSIDY_FEN, LoadSpec, lifecycle, sale
 from tests.integration.test_cluster_shards import consumers_of, fund, new_prefix
 
 redis_cluster = cluster_fixtures.redis_cluster
@@ -34,17 +33,6 @@ async def world(cluster_client: RedisCluster, sales_per_shard: int = 1000) -> tu
     )
     await fund(cluster_client, layout, sales_per_shard * SUBSIDY_FEN)
     return layout, await shard_load.sharded_store(cluster_client, layout)
-
-
-def lifecycle(authorization_id: str) -> LifecycleInput:
-    return LifecycleInput(
-        payload_hash=os.urandom(32).hex(),
-        request_id=os.urandom(16).hex(),
-        terminal_id=TERMINAL,
-        merchant_id=MERCHANT,
-        nonce=os.urandom(12).hex(),
-        authorization_id=authorization_id,
-    )
 
 
 def device() -> str:

@@ -32,10 +32,9 @@ from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.cluster.shards import ShardedStore, ShardLayout, publish_to_shards
 from storage.redis.contract import Approved, Failure
 from storage.redis.keys import Keys
-from storage.redis.store import LifecycleInput
 from tests.conftest import ROOT, with_database
 from tests.integration import cluster_fixtures, shard_load
-from tests.integration.shard_load import CAMPAIGN, MERCHANT, SUBSIDY_FEN, TERMINAL, sale
+from tests.integration.shard_load import CAMPAIGN, SUBSIDY_FEN, lifecycle, sale
 from tests.integration.test_cluster_shards import consumers_of, fund, new_prefix
 
 redis_cluster = cluster_fixtures.redis_cluster
@@ -70,17 +69,6 @@ def shard_writer(dsn: str, client: RedisCluster, keys: Keys, batch_size: int = 4
         pg_dsn=dsn, redis_url="redis://unused", prefix=keys.prefix, consumer=f"w@{keys.shard}", batch_size=batch_size
     )
     return LedgerWriter(config, client, keys)
-
-
-def lifecycle(authorization_id: str) -> LifecycleInput:
-    return LifecycleInput(
-        payload_hash=os.urandom(32).hex(),
-        request_id=os.urandom(16).hex(),
-        terminal_id=TERMINAL,
-        merchant_id=MERCHANT,
-        nonce=os.urandom(12).hex(),
-        authorization_id=authorization_id,
-    )
 
 
 async def sell(client: RedisCluster, layout: ShardLayout) -> list[str]:

@@ -33,9 +33,8 @@ from storage.redis.cluster.shards import (
 from storage.redis.contract import DECLINE_REASONS, Approved, Declined, Failure
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
-from storage.redis.store import LifecycleInput
 from tests.integration import cluster_fixtures, shard_load
-from tests.integration.shard_load import CAMPAIGN, CATEGORY, MERCHANT, SUBSIDY_FEN, TERMINAL, LoadSpec, sale
+from tests.integration.shard_load import CAMPAIGN, CATEGORY, SUBSIDY_FEN, LoadSpec, lifecycle, sale
 
 redis_cluster = cluster_fixtures.redis_cluster
 cluster_client = cluster_fixtures.cluster_client
@@ -169,16 +168,6 @@ async def test_a_retry_replays_in_its_shard_and_capture_and_void_find_the_shard_
     again = await store.authorize(msgspec.structs.replace(request, nonce=os.urandom(12).hex()))
     assert not isinstance(again, Failure) and again.replayed
     assert isinstance(again.body, Approved) and again.body.authorization.authorization_id == authorization_id
-
-    def lifecycle(authorization: str) -> LifecycleInput:
-        return LifecycleInput(
-            payload_hash=os.urandom(32).hex(),
-            request_id=os.urandom(16).hex(),
-            terminal_id=TERMINAL,
-            merchant_id=MERCHANT,
-            nonce=os.urandom(12).hex(),
-            authorization_id=authorization,
-        )
 
     captured = await store.capture(lifecycle(authorization_id))
     assert not isinstance(captured, Failure) and captured.body.authorization.state == "CAPTURED"
