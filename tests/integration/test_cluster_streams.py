@@ -185,13 +185,14 @@ async def test_a_reader_is_never_handed_an_entry_the_replica_lacks(
 async def test_the_writer_drains_every_shard_once_through_a_failover(
     cluster_client: RedisCluster, redis_cluster: LocalCluster, environment: Environment, prefix: str
 ) -> None:
-    """Three processes reserve a budget of 1,200 over six shards with borrowing while the
-    writer runs; the hottest shard's primary is SIGKILLed at a quarter of it and its replica
+    """Three processes reserve a budget of 4,800 over six shards with borrowing while the
+    writer runs (1,200 could all be reserved between two polls of the killer on a fast VM, which
+    then killed nothing mid-load); the hottest shard's primary is SIGKILLed at a quarter of it and its replica
     promoted. After the load, the sweep and the tail: PostgreSQL holds exactly every entry of
     every shard stream once, one RESERVED per reservation, exactly the budget reserved, as much
     transferred in as out."""
     escrow = EscrowBudget(cluster_client, prefix=prefix, campaign_id="c3", category=CATEGORY, shards=6)
-    budget = 1200
+    budget = 4800
     await escrow.setup(budget)
     reader = ShardStreamReader(cluster_client, prefix)
     writer = ShardLedgerWriter(reader, environment.pg_dsn, trim_interval_s=None)  # compared with XRANGE below
