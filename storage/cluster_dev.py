@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,6 +47,8 @@ from storage.devenv import _find_redis_server
 
 SLOTS = 16384
 BUS_PORT_OFFSET = 10000  # Redis Cluster's bus listens on port + 10000
+MIN_PORT = 10000  # below: well-known and registered services
+START_ATTEMPTS = 3  # a port taken between the choice and the bind: new ports, again
 READY_TIMEOUT_S = 30.0
 FAILOVER_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 5.0
@@ -85,16 +88,51 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` loopback ports whose cluster bus port (port + 10000) is free too."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; a common default
+    elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _candidate_ports() -> list[int]:
+    """Ports whose cluster bus port (port + 10000) is outside the ephemeral range too.
+
+    A node's port and bus port are chosen free but bound only when redis-server starts; in the
+    ephemeral range an outgoing connection of any process (a gRPC client, a test's Redis
+    client) can take one in between, and the node exits "Address already in use" (seen in CI:
+    bus port 44067). Below the ephemeral range nothing takes a port unasked."""
+    low, high = _ephemeral_range()
+    usable = [
+        port
+        for port in range(MIN_PORT, 65536 - BUS_PORT_OFFSET)
+        if not (low <= port <= high or low <= port + BUS_PORT_OFFSET <= high)
+    ]
+    if len(usable) < 64:  # an unusual kernel range: any port, and the start retries
+        usable = list(range(MIN_PORT, 65536 - BUS_PORT_OFFSET))
+    return usable
+
+
+def _free_ports(count: int, taken: frozenset[int] = frozenset()) -> list[int]:
+    """``count`` loopback ports, free now with their cluster bus ports (port + 10000)."""
+    candidates = _candidate_ports()
+    random.shuffle(candidates)
     ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port + BUS_PORT_OFFSET < 65536 and port not in ports and _port_free(port + BUS_PORT_OFFSET):
+    for port in candidates:
+        if port in taken or port + BUS_PORT_OFFSET in taken:
+            continue
+        if _port_free(port) and _port_free(port + BUS_PORT_OFFSET):
             ports.append(port)
-    return ports
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"no {count} free loopback ports with free cluster bus ports")
+
+
+class PortTaken(RuntimeError):
+    """redis-server could not bind its port or bus port: another process took it first."""
 
 
 @dataclass
@@ -175,20 +213,36 @@ class LocalCluster:
         atexit.register(self.stop)
         try:
             self._root = Path(tempfile.mkdtemp(prefix="redis-cluster-", dir=self._base_dir))
-            count = self.primaries * (1 + self.replicas_per_primary)
-            for index, port in enumerate(_free_ports(count)):
-                node = ClusterNode(port=port, directory=self._root / f"node-{index}")
-                node.directory.mkdir()
-                self.nodes.append(node)
-                self._launch(node)
-            for node in self.nodes:
-                self._wait_ping(node)
+            self._launch_nodes(self.primaries * (1 + self.replicas_per_primary))
             self._create()
             self.wait_ok()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _launch_nodes(self, count: int) -> None:
+        """Start ``count`` nodes and wait for each to answer; when a port was taken between
+        its choice and redis-server's bind, all of them again on new ports."""
+        assert self._root is not None
+        for attempt in range(1, START_ATTEMPTS + 1):
+            ports = _free_ports(count)
+            self.nodes = [
+                ClusterNode(port=port, directory=self._root / f"node-{attempt}-{index}")
+                for index, port in enumerate(ports)
+            ]
+            for node in self.nodes:
+                node.directory.mkdir()
+                self._launch(node)
+            try:
+                for node in self.nodes:
+                    self._wait_ping(node)
+                return
+            except PortTaken:
+                if attempt == START_ATTEMPTS:
+                    raise
+                for node in self.nodes:
+                    self._kill(node)
 
     def stop(self) -> None:
         """Kill every node this object started and remove their directories; idempotent."""
@@ -286,7 +340,9 @@ class LocalCluster:
         try:
             while True:
                 if node.process is not None and node.process.poll() is not None:
-                    raise RuntimeError(f"redis-server on {node.address} exited:\n{self.log_tail(node)}")
+                    log = self.log_tail(node)
+                    error = PortTaken if "Address already in use" in log else RuntimeError
+                    raise error(f"redis-server on {node.address} exited:\n{log}")
                 try:
                     client.ping()
                     return

@@ -4,12 +4,14 @@ over with what WAIT acknowledged; a slot moves with its keys, clients following 
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from redis.cluster import ClusterNode as Startup
 from redis.cluster import RedisCluster
 
+from storage import cluster_dev
 from storage.cluster_dev import SLOTS, LocalCluster
 from tests.integration import cluster_fixtures
 
@@ -112,3 +114,45 @@ def test_a_standalone_redis_beside_the_cluster_for_benchmarks(redis_cluster: Loc
     finally:
         redis_cluster.kill(node)
     assert not node.alive
+
+
+def test_ports_and_bus_ports_stay_out_of_the_ephemeral_range() -> None:
+    low, high = cluster_dev._ephemeral_range()
+    ports = cluster_dev._free_ports(6)
+    assert len(set(ports)) == 6
+    for port in ports:
+        assert not low <= port <= high and not low <= port + cluster_dev.BUS_PORT_OFFSET <= high
+
+
+def test_a_bus_port_taken_after_the_choice_starts_the_nodes_again_on_new_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CI failure of 2026-12-01: a node's bus port (port + 10000), free when chosen, was
+    taken before redis-server bound it, and the node exited "Address already in use". The
+    first choice here has its bus port bound by this test in between; the start retries."""
+    choose = cluster_dev._free_ports
+    held: list[socket.socket] = []
+    chosen: list[list[int]] = []
+
+    def choose_then_take_one(count: int) -> list[int]:
+        ports = choose(count)
+        chosen.append(ports)
+        if len(chosen) == 1:
+            squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            squatter.bind(("127.0.0.1", ports[-1] + cluster_dev.BUS_PORT_OFFSET))
+            squatter.listen()
+            held.append(squatter)
+        return ports
+
+    monkeypatch.setattr(cluster_dev, "_free_ports", choose_then_take_one)
+    cluster = LocalCluster(base_dir=tmp_path)
+    try:
+        cluster.start()
+        assert len(chosen) == 2
+        assert [node.port for node in cluster.nodes] == chosen[1]
+        assert all(node.alive for node in cluster.nodes)
+        assert len(cluster.nodes_view()) == 6
+    finally:
+        cluster.stop()
+        for squatter in held:
+            squatter.close()
