@@ -131,6 +131,12 @@ def _free_ports(count: int, taken: frozenset[int] = frozenset()) -> list[int]:
     raise RuntimeError(f"no {count} free loopback ports with free cluster bus ports")
 
 
+def free_port() -> int:
+    """One loopback port outside the ephemeral range, free now: for a server a test starts,
+    and more so for one it restarts on the same port (a killed Redis, its AOF kept)."""
+    return _free_ports(1)[0]
+
+
 class PortTaken(RuntimeError):
     """redis-server could not bind its port or bus port: another process took it first."""
 

@@ -12,7 +12,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from storage.cluster_dev import LocalCluster
+from storage.cluster_dev import LocalCluster, free_port
 from storage.devenv import Services
 from storage.postgres.audit import Counters, compare, ledger_counters, redis_counters, verify
 from storage.postgres.migrate import migrate
@@ -268,12 +267,6 @@ async def test_a_shard_writer_whose_group_cannot_be_created_yet_keeps_trying(
         stopping.set()
         await running
         await writer.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def http_get(port: int, path: str) -> str:

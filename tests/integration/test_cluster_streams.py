@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from server.commands.common import EXIT_PROBLEM
 from server.commands.ledger import with_connections
 from server.processes.writer import ShardWriting, WriterMetrics, serve_metrics
 from storage.cluster_dev import LocalCluster
+from storage.cluster_dev import free_port as _free_port
 from storage.postgres.ledger import EventCollision
 from storage.postgres.shard_writer import ShardLedgerWriter, store_entries
 from storage.postgres.writer import LedgerWriter, WriterConfig
@@ -597,12 +597,6 @@ async def test_ledger_lag_and_reconcile_show_the_shard_streams_when_the_setting_
         await writer.close()
         await writer.reader.aclose()
         await escrow.aclose()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _now_ms(client: Redis) -> int:

@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sys
 import uuid
 from collections import Counter
@@ -25,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
+from storage.cluster_dev import free_port
 from tests.conftest import PROGRAMME_KEY, ROOT, Environment, consumer_key, load_document
 from tests.integration.loadgen import Job, Outcome, run_job
 
@@ -36,12 +36,6 @@ CLIENT_PROCESSES = 4
 REQUESTS = 2_400
 DISTINCT_CONSUMERS = 1_800  # 600 consumers ask twice: the per-person limit must hold
 DISTINCT_SERIALS = 2_100  # 300 devices are sold twice: one subsidy per serial
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def load_campaign(environment: Environment) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from subsidy_client.errors import SubsidyError
 from subsidy_client.v1 import authorization_pb2 as pb
 
 from benchmarks.services import redis_binary
+from storage.cluster_dev import free_port
 from storage.postgres.reference import fetch_reference
 from storage.redis.reference import publish_reference
 from tests.conftest import Environment, consumer_key, running_gateway, serial
@@ -36,12 +36,6 @@ from tests.conftest import Environment, consumer_key, running_gateway, serial
 CALLS = 300
 IN_FLIGHT = 16
 SUBSIDY_FEN = 60_000  # 20% of 300,000 fen, grade 1 fridge in c-main
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class OwnRedis:
