@@ -159,7 +159,8 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
         scrubbed.CopyFrom(request)
         scrubbed.consumer.id_number = consumer.key
         scrubbed.consumer.phone_number = consumer.phone_digest
-        code = validation.new_redemption_code()
+        # Codes from the store: on a cluster each names the consumer's shard (shards.py).
+        code = self._store.new_redemption_code(consumer.key)
         # A pack claim: a candidate code per voucher the largest pack may hold, each with the
         # masks sealed for it; the script issues as many as the pack has (PACK_VOUCHERS_MAX
         # rather than the pack's size, which only the script reads: no extra round trip).
@@ -170,7 +171,8 @@ class QualificationService(qualification_pb2_grpc.QualificationServiceServicer):
                 masked_phone_number=self._seal(consumer.masked_phone_number, "masked_phone", candidate, consumer.key),
             )
             for candidate in (
-                validation.new_redemption_code() for _ in range(PACK_VOUCHERS_MAX if request.pack_id else 0)
+                self._store.new_redemption_code(consumer.key)
+                for _ in range(PACK_VOUCHERS_MAX if request.pack_id else 0)
             )
         ]
         reply = await self._store.claim(

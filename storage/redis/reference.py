@@ -257,20 +257,24 @@ def write_credentials(pipe: Any, keys: Keys, snapshot: ReferenceSnapshot) -> Non
             pipe.hdel(keys.credentials, partner["partner_id"])
 
 
+def queue_products(pipe: Any, keys: Keys, products: Iterable[dict[str, Any]]) -> None:
+    for product in products:
+        pipe.hset(
+            keys.product(product["gtin"]),
+            mapping={
+                "active": "1" if product["active"] else "0",
+                "category": product["category"],
+                "grade": str(product["energy_grade"]),
+                "reference_price_fen": product["reference_price_fen"],
+                "serial_required": "1" if product["serial_required"] else "0",
+            },
+        )
+
+
 async def write_products(redis: Any, keys: Keys, snapshot: ReferenceSnapshot) -> None:
     for batch in _batches(snapshot.products):
         async with redis.pipeline(transaction=False) as pipe:
-            for product in batch:
-                pipe.hset(
-                    keys.product(product["gtin"]),
-                    mapping={
-                        "active": "1" if product["active"] else "0",
-                        "category": product["category"],
-                        "grade": str(product["energy_grade"]),
-                        "reference_price_fen": product["reference_price_fen"],
-                        "serial_required": "1" if product["serial_required"] else "0",
-                    },
-                )
+            queue_products(pipe, keys, batch)
             await pipe.execute()
 
 

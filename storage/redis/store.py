@@ -20,6 +20,7 @@ import msgspec
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from server.domain.validation import new_redemption_code
 from storage.redis.contract import (
     AUTHORIZE,
     CANCEL,
@@ -451,6 +452,10 @@ class RedisStore:
         now_ms = seconds * 1000 + microseconds // 1000
         due = await self.redis.zrangebyscore(schedule, "-inf", now_ms, start=0, num=limit)
         return [member for member in due if isinstance(member, bytes)]  # plain members: no scores asked
+
+    def new_redemption_code(self, consumer_key: str) -> str:
+        """A new code for a claim of ``consumer_key`` (any code: one Redis has every key)."""
+        return new_redemption_code()
 
     async def claim(self, request: ClaimInput) -> Reply[ClaimAnswer]:
         keys, limits = self.keys, self._limits

@@ -5,6 +5,7 @@ running inside it, sales routed by consumer and lifecycle calls by authorization
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import zlib
@@ -25,6 +26,7 @@ from storage.redis.cluster.shards import (
     SLOTS,
     AcknowledgedScripts,
     NotAcknowledged,
+    PublicationIncomplete,
     ShardedStore,
     ShardingNotSupported,
     ShardLayout,
@@ -215,12 +217,11 @@ async def test_money_a_shard_borrowed_is_spent_by_the_unchanged_script(cluster_c
     assert sorted(state.available for state in funds[1:]) == [133, 134]  # whichever lent 66
 
 
-async def test_a_serial_or_a_redemption_code_is_refused_before_anything_is_written(
+async def test_a_serial_without_the_registry_is_refused_before_anything_is_written(
     cluster_client: RedisCluster,
 ) -> None:
-    """A redemption code is not served on a cluster yet (it must name its owner's shard), nor a
-    serial by a store built without the serials' registry: refused, and no key of any shard
-    changes."""
+    """A serial is refused by a store built without the serials' registry, and no key of any
+    shard changes."""
     layout = ShardLayout(new_prefix(), 3)
     await publish_to_shards(cluster_client, layout, shard_load.snapshot(budget_fen=3 * SUBSIDY_FEN))
     await fund(cluster_client, layout, SUBSIDY_FEN)
@@ -236,8 +237,6 @@ async def test_a_serial_or_a_redemption_code_is_refused_before_anything_is_writt
     consumer = consumers_of(layout, 1)[0]
     with pytest.raises(ShardingNotSupported, match="serial"):
         await store.authorize(sale(consumer, serial="SN0001"))
-    with pytest.raises(ShardingNotSupported, match="redemption code"):
-        await store.authorize(sale(consumer, redemption_code="ABCD2345"))
     assert await every_key() == before
     declined = await store.authorize(msgspec.structs.replace(sale(consumer), campaign_id="nope"))
     assert not isinstance(declined, Failure) and isinstance(declined.body, Declined)
@@ -305,6 +304,61 @@ async def test_with_wait_nothing_answered_is_lost_and_the_retry_acts_once(
     assert declined.body.reason == DECLINE_REASONS["CONSUMER_LIMIT_REACHED"]
     assert scripts.retried.get("wait") == 1
     await scripts.aclose()
+
+
+async def test_a_publication_a_failover_took_back_is_written_again(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """A campaign suspended while its shard's replica misses the write, then that primary is
+    killed and the replica promoted without it: the publication waits (WAIT 1 unmet), finds its
+    marker gone on the new primary, writes the shard again, and returns only once a replica
+    has it. The shard then declines the campaign's sales. Before this, the shard kept selling
+    under the ACTIVE copy (the suspension acknowledged by nobody, taken back by the failover)."""
+    scripts = AcknowledgedScripts(cluster_client, wait_timeout_ms=100)
+    layout, store = await _one_shard_world(cluster_client, scripts)
+    version = int(await cluster_client.get(layout.control.reference_version) or 0)
+    active = shard_load.snapshot(budget_fen=10 * SUBSIDY_FEN)
+    suspended = dataclasses.replace(active, campaigns=[{**active.campaigns[0], "status": "SUSPENDED"}])
+    key = layout.keys[0].campaign(CAMPAIGN)
+    primary, replica = cluster_fixtures.lose_the_replication_link(redis_cluster, key)
+    publication = asyncio.create_task(publish_to_shards(cluster_client, layout, suspended, wait_timeout_ms=100))
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while await asyncio.to_thread(primary.client().hget, key, "status") != "SUSPENDED":
+            assert asyncio.get_running_loop().time() < deadline, "the publication never reached the primary"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few unmet WAITs
+        assert not publication.done()
+    finally:
+        await cluster_fixtures.fail_over(redis_cluster, key, primary, replica)
+    assert await asyncio.wait_for(publication, 60) == version + 1
+    assert await cluster_client.hget(key, "status") == b"SUSPENDED"
+    declined = await store.authorize(sale(consumers_of(layout, 1)[0]))
+    assert not isinstance(declined, Failure) and isinstance(declined.body, Declined)
+    assert declined.body.reason == DECLINE_REASONS["CAMPAIGN_NOT_FOUND"]  # not ACTIVE: as one Redis says it
+    await scripts.aclose()
+
+
+async def test_a_publication_no_replica_acknowledges_moves_no_version(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """A shard whose replica is gone cannot acknowledge: the publication raises
+    PublicationIncomplete (a ConnectionError) at its deadline and the reference version stays;
+    once the replica is back, the same publication completes."""
+    layout = ShardLayout(new_prefix(), 1)
+    snapshot = shard_load.snapshot(budget_fen=SUBSIDY_FEN)
+    version = await publish_to_shards(cluster_client, layout, snapshot)
+    primary = redis_cluster.primary_of_slot(redis_cluster.slot_of(layout.keys[0].campaign(CAMPAIGN)))
+    (replica,) = redis_cluster.replicas_of(primary)
+    redis_cluster.kill(replica)
+    try:
+        with pytest.raises(PublicationIncomplete, match="not acknowledged"):
+            await publish_to_shards(cluster_client, layout, snapshot, wait_timeout_ms=100, deadline_s=1.5)
+        assert int(await cluster_client.get(layout.control.reference_version)) == version
+    finally:
+        redis_cluster.restart(replica)
+        await asyncio.to_thread(redis_cluster.wait_ok)
+    assert await publish_to_shards(cluster_client, layout, snapshot) == version + 1
 
 
 @pytest.mark.slow

@@ -16,13 +16,16 @@ own ledger stream. What picks the shard:
 
 The salt places shard *k* in the *k*-th of *S* equal slot ranges (the smallest salt that does),
 so shards spread over the primaries evenly whatever CRC16 does with the names. Device serials
-are reserved in their own home shards (serials.py); a sale by redemption code is not served on a
-cluster yet (docs/scale-out.md, "What exists").
+are reserved in their own home shards (serials.py). A qualification lives in its owner's shard:
+its code is drawn to name that shard (``new_redemption_code``), so a claim, a sale by the code
+alone, a cancel and a read find it from the code, and the claim checks that shard's slice of the
+quota (shard_budget.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -30,23 +33,24 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, SlotNotCoveredError
+from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.domain.errors import NotSupportedHere
+from server.domain.validation import new_redemption_code
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis import reference
-from storage.redis.cluster.acked import EscrowError, EscrowUnavailable, not_run, send_with_wait
+from storage.redis.cluster.acked import EscrowError, EscrowUnavailable, LuaScript, not_run, run_acked, send_with_wait
 from storage.redis.cluster.nodes import NodeConnections
 from storage.redis.cluster.serials import GRACE_MS as SERIAL_GRACE_MS
 from storage.redis.cluster.serials import Action, SerialRegistry
@@ -55,15 +59,18 @@ from storage.redis.contract import (
     Answer,
     AuthorizationView,
     AuthorizeAnswer,
+    Cancelled,
+    ClaimAnswer,
     Declined,
     Failure,
+    QualificationView,
     Refunded,
     Reply,
     Settled,
 )
 from storage.redis.keys import Keys
 from storage.redis.scripts import Scripts
-from storage.redis.store import AuthorizeInput, LifecycleInput, RedisStore
+from storage.redis.store import AuthorizeInput, CancelInput, ClaimInput, LifecycleInput, RedisStore
 
 SLOTS = 16384
 MAX_SHARDS = 1024
@@ -288,13 +295,11 @@ class ShardedStore:
         refusal such as NONCE_REUSED, the decline above, an exception) leaves them to the sweep,
         which releases them past their expiry unless the sale lives: a concurrent attempt of the
         same request shares the reservation, and releasing it here could unguard its approval."""
-        if request.redemption_code or not request.consumer_key:
-            raise ShardingNotSupported("redemption_code", "a redemption code is not served on a cluster deployment yet")
         serials = sorted({line.serial_number for line in request.lines if line.serial_number})
         if serials and self.serials is None:
             index = next(i for i, line in enumerate(request.lines) if line.serial_number)
             raise ShardingNotSupported(f"lines[{index}].serial_number", "a device serial is not served by this store")
-        shard = self.layout.shard_of_consumer(request.consumer_key)
+        shard = self._shard_of_sale(request)
         store = self.stores[shard]
         if not serials or self.serials is None:
             routed = msgspec.structs.replace(request, authorization_id=self.layout.new_authorization_id(shard))
@@ -313,6 +318,20 @@ class ShardedStore:
             await self.serials.settle(serials, authorization_id, "release")
         return reply
 
+    def _shard_of_sale(self, request: AuthorizeInput) -> int:
+        """The consumer's shard; for a till that sent only a redemption code, the code's, which
+        is its owner's (``new_redemption_code``). A sale naming a consumer and a code goes to the
+        consumer's shard even when the code names another: the code cannot be that consumer's
+        (its owner's counters are elsewhere), so the script there declines it
+        QUALIFICATION_NOT_FOUND, as on one Redis, and the consumer's own counters are the ones
+        checked. Neither (the edge refuses that) goes to the terminal's shard, to be declined
+        by the script as on one Redis."""
+        if request.consumer_key:
+            return self.layout.shard_of_consumer(request.consumer_key)
+        if request.redemption_code:
+            return self.layout.shard_of_id(request.redemption_code)
+        return self.layout.shard_of_id(request.terminal_id)
+
     async def _derived_id(self, shard: int, request: AuthorizeInput) -> tuple[str, bool]:
         """The id of a sale with serials, and whether the request has a stored answer: the first
         of ``ShardLayout.authorization_ids`` not taken by another sale. A retry within the
@@ -330,6 +349,54 @@ class ShardedStore:
             if answered or not taken:
                 return authorization_id, bool(answered)
         raise AssertionError("authorization_ids is endless")
+
+    # ---- qualifications: each issued, redeemed, cancelled and expired in its owner's shard
+
+    def new_redemption_code(self, consumer_key: str) -> str:
+        """A redemption code naming the consumer's shard: 80 random bits as on one Redis
+        (validation.new_redemption_code), drawn until the code hashes to that shard (``count``
+        draws on average). A sale by the code alone, a cancel and a read then find the owner's
+        shard, with its per-person counters, quota slice and the qualification, from the code."""
+        shard = self.layout.shard_of_consumer(consumer_key)
+        while True:
+            code = new_redemption_code()
+            if self.layout.shard_of_id(code) == shard:
+                return code
+
+    async def claim(self, request: ClaimInput) -> Reply[ClaimAnswer]:
+        """In the claimant's shard, against that shard's slice of the quota (shard_budget.py's
+        quota funding): the unchanged claim script. Its codes must name the shard."""
+        shard = self.layout.shard_of_consumer(request.consumer_key)
+        codes = [request.redemption_code, *(voucher.code for voucher in request.vouchers)]
+        if any(self.layout.shard_of_id(code) != shard for code in codes):
+            raise ValueError("a claim's redemption codes must name the consumer's shard (new_redemption_code)")
+        return await self.stores[shard].claim(request)
+
+    async def cancel_qualification(self, request: CancelInput) -> Reply[Cancelled]:
+        return await self.stores[self.layout.shard_of_id(request.redemption_code)].cancel_qualification(request)
+
+    async def get_qualification(self, redemption_code: str, partner_id: str) -> QualificationView | None:
+        return await self.stores[self.layout.shard_of_id(redemption_code)].get_qualification(
+            redemption_code, partner_id
+        )
+
+    async def list_qualifications(
+        self, consumer_key: str, partner_id: str, campaign_id: str, limit: int
+    ) -> list[QualificationView]:
+        store = self.stores[self.layout.shard_of_consumer(consumer_key)]
+        return await store.list_qualifications(consumer_key, partner_id, campaign_id, limit)
+
+    async def location_rule(self, campaign_id: str) -> tuple[float, int, str] | None:
+        """The campaign's location rule as published: every shard holds the same copy, so the
+        first shard that answers (a shard whose slot is lost is skipped)."""
+        failure: Exception | None = None
+        for store in self.stores:
+            try:
+                return await store.location_rule(campaign_id)
+            except (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, SlotNotCoveredError) as error:
+                failure = error
+        assert failure is not None
+        raise failure
 
     async def capture(self, request: LifecycleInput) -> Reply[Settled]:
         """Captured: its serials are the device's for good (a lost confirmation is made by the
@@ -370,9 +437,93 @@ class ShardedStore:
             log.warning("serials not settled", extra={"action": action, "error": type(error).__name__})
 
 
-async def publish_to_shards(cluster: RedisCluster, layout: ShardLayout, snapshot: ReferenceSnapshot) -> int:
-    """Writes the snapshot into every shard (its own MULTI on its primary, then its products)
-    and the credentials into the deployment's own keys; returns the new reference version.
+PUBLISHED = LuaScript.load("shard_published")
+# What a publication's MULTI may meet and survive by writing again (after a pause and a new slot
+# map): the slot moved or is moving, the node is not (yet) a primary, the cluster is down.
+TRANSIENT_PREFIXES = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "LOADING", "MASTERDOWN", "EXECABORT")
+
+
+class PublicationIncomplete(EscrowUnavailable):
+    """Some shard's copy of the reference (or the deployment's credentials) was not
+    acknowledged by its replicas before the deadline: the reference version is not moved, and
+    publishing again (the same snapshot or a newer one) completes it. A ConnectionError, like
+    every other "the cluster cannot take this now"."""
+
+
+async def _write_acknowledged(
+    nodes: NodeConnections,
+    keys: Keys,
+    queue: Callable[[Any], None],
+    *,
+    wait_replicas: int,
+    wait_timeout_ms: int,
+    deadline_s: float,
+) -> None:
+    """Writes what ``queue`` queues into ``keys``' slot in one MULTI on its primary, with a fresh
+    marker, until a replica has it: the marker is read back through ``run_acked`` (WAIT on its
+    connection, after a write: shard_published.lua), and a marker without this write's token (a
+    failover took the MULTI back before its replica had it) writes the whole MULTI again. Each
+    MULTI is the complete state of its keys, so writing it twice changes nothing."""
+    token = os.urandom(16).hex()
+    marker, acknowledged = f"{keys.tag}:published", f"{keys.tag}:published_ack"
+    deadline = time.monotonic() + deadline_s
+    retried: dict[str, int] = {}
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            client = await nodes.for_key(marker)
+            async with client.pipeline(transaction=True) as pipe:
+                queue(pipe)
+                pipe.set(marker, token)
+                await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError, ResponseError) as error:
+            if isinstance(error, ResponseError) and not str(error).startswith(TRANSIENT_PREFIXES):
+                raise  # a wrong type or a bad command: a defect, not an outage
+            last = f"{type(error).__name__}: {str(error)[:200]}"
+            await asyncio.sleep(RETRY_PAUSE_S)
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError, ResponseError):
+                await nodes.refresh_map()
+            continue
+        try:
+            answer = await run_acked(
+                nodes,
+                PUBLISHED,
+                [marker, acknowledged],
+                [token],
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=wait_timeout_ms,
+                deadline_s=max(deadline - time.monotonic(), RETRY_PAUSE_S),
+                retried=retried,
+                label=f"publication of {keys.tag}",
+            )
+        except EscrowUnavailable as error:
+            last = str(error)
+            break
+        if answer["present"]:
+            return
+        last = "the write was taken back by a failover"
+    raise PublicationIncomplete(f"publication of {keys.tag} not acknowledged within {deadline_s:g} s ({last})")
+
+
+async def publish_to_shards(
+    cluster: RedisCluster,
+    layout: ShardLayout,
+    snapshot: ReferenceSnapshot,
+    *,
+    wait_replicas: int = 1,
+    wait_timeout_ms: int = 1000,
+    deadline_s: float = 30.0,
+) -> int:
+    """Writes the snapshot into every shard (campaigns, rules, packs, merchants, stores,
+    terminals and products in one MULTI on its primary) and the credentials into the
+    deployment's own keys, each acknowledged by ``wait_replicas`` replicas (``_write_acknowledged``),
+    then moves the reference version; returns it. A shard that cannot be acknowledged within
+    ``deadline_s`` raises PublicationIncomplete before the version moves: the shards written
+    so far hold the new snapshot, the others the previous one, until a publication completes.
+
+    Why acknowledged: an unacknowledged write is what a failover takes back, and a copy of the
+    reference taken back in one shard would leave it selling under the previous one (a
+    suspended campaign or terminal, a revoked credential, a lowered price still in force there).
 
     Each shard gets the rules *without* tranches and no budget total: on a cluster, a shard's
     ``<category>:total`` is its funded slice of what the schedule has released
@@ -380,14 +531,23 @@ async def publish_to_shards(cluster: RedisCluster, layout: ShardLayout, snapshot
     A suspension reaches each shard when its MULTI runs and all of them when this returns."""
     rules = reference.rules_by_campaign(snapshot, tranches=False)
     placement = reference.store_placement(snapshot)
-    for keys in layout.keys:
-        async with cluster.pipeline(transaction=True) as pipe:
-            reference.write_sale_reference(pipe, keys, snapshot, rules, placement)
-            await pipe.execute()
-        await reference.write_products(cluster, keys, snapshot)
-    control = layout.control
-    async with cluster.pipeline(transaction=True) as pipe:
-        reference.write_credentials(pipe, control, snapshot)
-        await pipe.execute()
-    version: int = await cluster.incr(control.reference_version)
+    nodes = NodeConnections(cluster)
+    write = partial(
+        _write_acknowledged, nodes, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms, deadline_s=deadline_s
+    )
+    try:
+
+        def shard_copy(keys: Keys) -> Callable[[Any], None]:
+            def queue(pipe: Any) -> None:
+                reference.write_sale_reference(pipe, keys, snapshot, rules, placement)
+                reference.queue_products(pipe, keys, snapshot.products)
+
+            return queue
+
+        await asyncio.gather(*(write(keys, shard_copy(keys)) for keys in layout.keys))
+        control = layout.control
+        await write(control, lambda pipe: reference.write_credentials(pipe, control, snapshot))
+    finally:
+        await nodes.aclose()
+    version: int = await cluster.incr(layout.control.reference_version)
     return version
