@@ -5,7 +5,7 @@
 publishes everything to Redis and writes the callers' credentials to a file readable only by
 its owner. ``publish`` rebuilds the Redis reference cache from PostgreSQL. With
 SUBSIDY_REDIS_SHARDS both publish into every consumer shard of the Redis Cluster and fund the
-shards' budgets (``publish_snapshot``).
+shards' budgets and qualification quotas (``publish_snapshot``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from server.config import Config, cluster_nodes
 from server.domain.reference import ReferenceData, ReferenceError, parse_reference
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import ReferenceSnapshot, fetch_reference, save_reference
-from storage.redis.cluster.keeper import Plan, record_plans
+from storage.redis.cluster.keeper import Plan, QuotaPlan, fund_quotas, record_plans, record_quota_plans
 from storage.redis.cluster.nodes import cluster_client
 from storage.redis.cluster.shard_budget import ShardBudget, released_fen
 from storage.redis.cluster.shards import ShardLayout, publish_to_shards
@@ -36,8 +36,14 @@ from storage.redis.reference import publish_reference, risk_field, tranche_sched
 
 async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
     """Publishes to one Redis, or with SUBSIDY_REDIS_SHARDS to every consumer shard of the Redis
-    Cluster and funds each shard's slice of every campaign category's released budget
-    (docs/scale-out.md 2.0 and "Funding the shards"); returns the reference version."""
+    Cluster and funds each shard's slice of every campaign category's released budget and of
+    every released qualification quota, a category's or a voucher pack's (docs/scale-out.md 2.0
+    and "Funding the shards"); returns the reference version.
+
+    The quotas are funded once before the rules are written too (at the version the shards
+    have): a shard's quota hash without ``<category>:total`` lets claim_qualification.lua issue
+    the whole released quota, as on one Redis, so no shard may hold a rule its quota is not
+    funded for. (A budget needs no such step: without ``:total`` a shard approves nothing.)"""
     if config.redis_shards:
         refuse_cross_shard_rules(snapshot.campaigns)
     if not config.redis_shards:
@@ -49,6 +55,10 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
     cluster = cluster_client(cluster_nodes(config.redis_cluster_nodes), timeout_s=config.redis_timeout_s)
     budget = ShardBudget(cluster, ShardLayout(config.redis_prefix, config.redis_shards))
     try:
+        control = budget.layout.control
+        now_ms = int(time.time() * 1000)
+        before = int(await cluster.get(control.reference_version) or 0)
+        await fund_quotas(budget.quota, quota_plans(snapshot, before), now_ms)
         version = await publish_to_shards(cluster, budget.layout, snapshot)
         plans = [
             Plan(
@@ -63,15 +73,46 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
             for rule in snapshot.rules
         ]
         # The gateways' keeper funds later tranches and rebalances from these (keeper.py).
-        await record_plans(cluster, budget.layout.control, plans)
+        await record_plans(cluster, control, plans)
+        await record_quota_plans(cluster, control, quota_plans(snapshot, version))
         now_ms = int(time.time() * 1000)
         for plan in plans:
             released = released_fen(plan.budget_fen, plan.tranches, now_ms)
             await budget.fund(plan.campaign_id, plan.category, released, plan.version)
+        await fund_quotas(budget.quota, quota_plans(snapshot, version), now_ms)
         return version
     finally:
         await budget.aclose()
         await cluster.aclose()
+
+
+def quota_plans(snapshot: ReferenceSnapshot, version: int) -> list[QuotaPlan]:
+    """The snapshot's qualification quotas, as the shards' claim script reads them
+    (storage/redis/reference.py rule_json and pack_json): each rule with a quota (``q_quota``,
+    ``q_tranches``) and each voucher pack (``pack:<id>``: ``q``, ``qt``, counted in packs)."""
+    plans = [
+        QuotaPlan(
+            rule["campaign_id"],
+            rule["category"],
+            rule["qualification_quota"],
+            tranche_schedule(rule.get("qualification_tranches"), "count"),
+            version,
+        )
+        for rule in snapshot.rules
+        if rule.get("qualification_quota")
+    ]
+    for campaign_id, packs in snapshot.packs.items():
+        plans += [
+            QuotaPlan(
+                campaign_id,
+                f"pack:{pack['pack_id']}",
+                pack["quota"],
+                tranche_schedule(pack.get("tranches") or [], "count"),
+                version,
+            )
+            for pack in packs
+        ]
+    return plans
 
 
 def refuse_cross_shard_rules(campaigns: Sequence[Any], path: str = "campaigns") -> None:

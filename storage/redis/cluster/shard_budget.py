@@ -1,5 +1,6 @@
 """The budget of a campaign category over the consumer shards of a Redis Cluster deployment
-(issue 16, docs/scale-out.md 2.1 and "Funding the shards from the published budget").
+(issue 16, docs/scale-out.md 2.1 and "Funding the shards from the published budget"), and its
+qualification quota, the same mechanism counted in vouchers (:class:`ShardQuota`, below).
 
 A consumer shard (shards.py) is a whole deployment's key set in one slot, and its budget is the
 hash ``keys.budget(campaign)`` that authorize.lua reads: ``<category>:total``, ``:reserved``,
@@ -31,17 +32,30 @@ campaign) go into the shard's budget stream (``ledger_key``: ``<shard tag>:budge
 beside the sale scripts' ``keys.ledger``), registered for the shard writer before the first one.
 Errors: acked.py's EscrowError (bad input, nothing written), EscrowConflict (an id reused with
 other values), EscrowUnavailable (not acknowledged in time).
+
+**The quota** (:class:`ShardQuota`, ``ShardBudget.quota``): a shard's qualification quota hash
+``keys.qualification_quota(campaign)`` gets ``<category>:total`` (and ``pack:<id>:total`` for a
+voucher pack), which claim_qualification.lua takes as the shard's quota when it is below the
+released one. The same scripts fund, debit and credit it, with ``:claimed`` as what is used
+(available = ``total - claimed``; claimed goes down when a qualification returns to the pool),
+so the same conservation holds in vouchers: ``Σ total + F = Σ funded`` and ``Σ claimed ≤ Σ
+funded``, never past the released quota. Vouchers are no money: quota moves write no event (no
+``budget_events`` entry for the ledger to book); their transfers keep their own records
+(``<shard tag>:quota_transfers:<campaign>`` and its open and credited sets), so a budget's
+sweep or audit never meets a quota transfer and the other way round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
@@ -95,6 +109,24 @@ def released_fen(budget_fen: int, tranches: Sequence[Sequence[int]], now_ms: int
     return released([(int(moment), int(cumulative)) for moment, cumulative in tranches], budget_fen, now_ms)
 
 
+class ShardSlice(Protocol):
+    """One shard's part of what a campaign category shares out (its budget, its quota)."""
+
+    @property
+    def shard(self) -> int: ...
+    @property
+    def funded(self) -> int: ...
+    @property
+    def total(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def available(self) -> int: ...
+
+
+SliceT = TypeVar("SliceT", bound=ShardSlice)
+
+
 @dataclass(frozen=True)
 class ShardFunds:
     """One shard's budget of a campaign category, as the scripts keep it."""
@@ -107,17 +139,42 @@ class ShardFunds:
     refunded: int
 
     @property
+    def used(self) -> int:
+        return self.reserved + self.spent
+
+    @property
     def available(self) -> int:
         """What authorize.lua would approve here (negative after a budget lowered below use)."""
         return self.total - self.reserved - self.spent
 
 
 @dataclass(frozen=True)
-class ShardBudgetAudit:
-    """Every shard of a campaign category and its transfers (exact only while nothing runs: the
-    primaries are read one pipeline each, not at one instant)."""
+class ShardQuotaSlice:
+    """One shard's qualification quota of a campaign category or pack, in vouchers (a pack's
+    count packs claimed)."""
 
-    shards: list[ShardFunds]
+    shard: int
+    funded: int
+    total: int
+    claimed: int  # issued and not returned to the pool
+
+    @property
+    def used(self) -> int:
+        return self.claimed
+
+    @property
+    def available(self) -> int:
+        """What claim_qualification.lua would still issue here (below 0 after a lowered quota)."""
+        return self.total - self.claimed
+
+
+@dataclass(frozen=True)
+class ShardBudgetAudit(Generic[SliceT]):
+    """Every shard of a campaign category and its transfers (exact only while nothing runs: the
+    primaries are read one pipeline each, not at one instant). A quota's audit is the same, in
+    vouchers (``ShardBudgetAudit[ShardQuotaSlice]``)."""
+
+    shards: list[SliceT]
     open_transfers: dict[int, dict[str, dict[str, Any]]]  # lender -> id -> record, this category
     in_flight: int  # F: debited, not yet credited
     credited_unsettled: int  # credited, the lender's record still open
@@ -132,8 +189,8 @@ class ShardBudgetAudit:
 
     @property
     def used(self) -> int:
-        """Σ (reserved + spent)."""
-        return sum(s.reserved + s.spent for s in self.shards)
+        """Σ (reserved + spent); a quota's Σ claimed."""
+        return sum(s.used for s in self.shards)
 
     @property
     def conserved(self) -> bool:
@@ -142,12 +199,22 @@ class ShardBudgetAudit:
 
     @property
     def within_budget(self) -> bool:
-        """Σ (reserved + spent) ≤ Σ funded."""
+        """Σ (reserved + spent) ≤ Σ funded (a quota's Σ claimed)."""
         return self.used <= self.funded
 
 
-class ShardBudget:
-    """The budgets of a deployment's campaigns over its consumer shards (``layout``)."""
+class _ShardShares(Generic[SliceT]):
+    """What :class:`ShardBudget` and :class:`ShardQuota` share: funding, the three transfer
+    steps, rebalance, sweep and audit over the consumer shards (``layout``), on the shard's hash
+    ``counts_key`` whose ``USED`` fields count what is used of ``<category>:total``."""
+
+    # The fields of <category>: that count what is used (available = total - their sum).
+    USED: ClassVar[tuple[str, ...]]
+    # The fields read per shard (funded and total first), and the transfer keys' name.
+    FIELDS: ClassVar[tuple[str, ...]]
+    TRANSFERS: ClassVar[str]
+    # What the amount given to fund() is called in its error.
+    RELEASED: ClassVar[str]
 
     def __init__(
         self,
@@ -157,6 +224,7 @@ class ShardBudget:
         wait_replicas: int = 1,
         wait_timeout_ms: int = 1000,
         deadline_s: float = 30.0,
+        nodes: NodeConnections | None = None,
     ) -> None:
         if wait_replicas < 0:
             raise EscrowError("wait_replicas must be >= 0")
@@ -165,40 +233,49 @@ class ShardBudget:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.deadline_s = deadline_s
-        self._nodes = NodeConnections(cluster)
+        self._nodes = nodes if nodes is not None else NodeConnections(cluster)
         # Why calls were retried (a redirect, WAIT short of its replicas, a dead connection).
         self.retried: dict[str, int] = {}
 
-    # ---- keys, all in the shard's slot
+    # ---- what differs
 
-    def budget_key(self, shard: int, campaign_id: str) -> str:
-        """The hash authorize.lua reads: <category>:total, :reserved, :spent, :refunded, and
-        :funded (this module's)."""
-        return self.layout.keys[shard].budget(campaign_id)
+    def counts_key(self, shard: int, campaign_id: str) -> str:
+        """The shard's hash of the category's <category>:funded, :total and the USED fields."""
+        raise NotImplementedError
+
+    def event_keys(self, shard: int) -> list[str]:
+        """The shard's stream of this module's events, or none."""
+        raise NotImplementedError
+
+    def _slice(self, shard: int, values: Sequence[bytes | None]) -> SliceT:
+        raise NotImplementedError
+
+    @staticmethod
+    def _category(category: str) -> None:
+        raise NotImplementedError
+
+    async def _before_funding(self) -> None:
+        """Anything to do before the first funding writes (the budget registers its streams)."""
+
+    # ---- keys, all in the shard's slot
 
     def transfers_key(self, shard: int, campaign_id: str) -> str:
         """Hash: transfer id -> the lender's record (JSON: category, to, asked, amount, state)."""
-        return f"{self.layout.keys[shard].tag}:transfers:{campaign_id}"
+        return f"{self.layout.keys[shard].tag}:{self.TRANSFERS}:{campaign_id}"
 
     def open_key(self, shard: int, campaign_id: str) -> str:
         """Sorted set: the lender's transfers not yet settled, by debit time (ms)."""
-        return f"{self.layout.keys[shard].tag}:transfers_open:{campaign_id}"
+        return f"{self.layout.keys[shard].tag}:{self.TRANSFERS}_open:{campaign_id}"
 
     def credited_key(self, shard: int, campaign_id: str) -> str:
         """Hash: transfer id -> "<lender>|<amount>" credited into this shard; kept, so a replay
         adds nothing."""
-        return f"{self.layout.keys[shard].tag}:transfers_in:{campaign_id}"
+        return f"{self.layout.keys[shard].tag}:{self.TRANSFERS}_in:{campaign_id}"
 
     def replays_key(self, shard: int) -> str:
         """Hash: field ``replays``, written by each replayed answer so that its WAIT vouches
         for the first attempt's write (scale-out.md 3)."""
         return f"{self.layout.keys[shard].tag}:budget_replays"
-
-    def ledger_key(self, shard: int) -> str:
-        """The shard's stream of budget movements (SHARD_FUNDED, TRANSFER_OUT, TRANSFER_IN), which
-        the shard writer drains into ``shard_events``. Not the shard's ``ledger`` stream: that one
-        carries the sale scripts' events in the one-Redis format, for the ledger writer."""
-        return f"{self.layout.keys[shard].tag}:budget_events"
 
     # ---- input
 
@@ -207,39 +284,25 @@ class ShardBudget:
             raise EscrowError(f"shard must be an integer from 0 to {self.layout.count - 1}")
         return shard
 
-    @staticmethod
-    def _campaign(campaign_id: str, category: str | None = None) -> None:
+    def _campaign(self, campaign_id: str, category: str | None = None) -> None:
         _check_id("campaign_id", campaign_id)
-        if category is not None and (not isinstance(category, str) or not CATEGORY_PATTERN.fullmatch(category)):
-            raise EscrowError(f"category must match {CATEGORY_PATTERN.pattern}")
+        if category is not None:
+            self._category(category)
 
     # ---- funding
 
-    async def fund(self, campaign_id: str, category: str, released_fen: int, version: int = 0) -> list[int]:
-        """Fund every shard with its part of ``released_fen`` (split, the remainder to the first
-        shards); returns the targets. Idempotent; a lower amount than before takes the
-        difference back from each shard's total. ``version``, the plan's (the publication's
-        reference version): a shard that has applied a newer one ignores the call, so a
-        stale keeper cannot undo a publication; among calls of one version the last applied wins."""
+    async def _fund(self, campaign_id: str, category: str, released: int, version: int) -> list[int]:
         self._campaign(campaign_id, category)
-        _check_fen("released_fen", released_fen, 0)
+        _check_fen(self.RELEASED, released, 0)
         _check_fen("version", version, 0)
-        targets = split(released_fen, self.layout.count)
-        # The shard writer learns of the streams from the registry: listed before any event.
-        await register_streams(
-            self._nodes,
-            self.layout.prefix,
-            [self.ledger_key(shard) for shard in range(self.layout.count)],
-            wait_replicas=self.wait_replicas,
-            wait_timeout_ms=self.wait_timeout_ms,
-            deadline_s=self.deadline_s,
-        )
+        targets = split(released, self.layout.count)
+        await self._before_funding()
         await asyncio.gather(
             *(
                 self._run(
                     shard,
                     "fund",
-                    [self.budget_key(shard, campaign_id), self.replays_key(shard), self.ledger_key(shard)],
+                    [self.counts_key(shard, campaign_id), self.replays_key(shard), *self.event_keys(shard)],
                     [campaign_id, category, target, version],
                 )
                 for shard, target in enumerate(targets)
@@ -264,13 +327,13 @@ class ShardBudget:
             lender,
             "debit",
             [
-                self.budget_key(lender, campaign_id),
+                self.counts_key(lender, campaign_id),
                 self.transfers_key(lender, campaign_id),
                 self.open_key(lender, campaign_id),
-                self.ledger_key(lender),
                 self.replays_key(lender),
+                *self.event_keys(lender),
             ],
-            [transfer_id, campaign_id, category, asked, str(borrower)],
+            [transfer_id, campaign_id, category, asked, str(borrower), *self.USED],
         )
         return int(answer["amount"])
 
@@ -287,10 +350,10 @@ class ShardBudget:
             borrower,
             "credit",
             [
-                self.budget_key(borrower, campaign_id),
+                self.counts_key(borrower, campaign_id),
                 self.credited_key(borrower, campaign_id),
-                self.ledger_key(borrower),
                 self.replays_key(borrower),
+                *self.event_keys(borrower),
             ],
             [transfer_id, campaign_id, category, amount, str(lender)],
         )
@@ -322,12 +385,12 @@ class ShardBudget:
 
     # ---- every shard
 
-    async def read(self, campaign_id: str, category: str) -> list[ShardFunds]:
-        """Every shard's budget of the category: one pipeline per primary, all at once."""
+    async def read(self, campaign_id: str, category: str) -> list[SliceT]:
+        """Every shard's budget (or quota) of the category: one pipeline per primary, all at once."""
         self._campaign(campaign_id, category)
-        fields = [f"{category}:{name}" for name in ("funded", "total", "reserved", "spent", "refunded")]
-        replies = await self._per_shard(lambda pipe, shard: pipe.hmget(self.budget_key(shard, campaign_id), fields))
-        return [_funds(shard, values[0]) for shard, values in enumerate(replies)]
+        fields = [f"{category}:{name}" for name in self.FIELDS]
+        replies = await self._per_shard(lambda pipe, shard: pipe.hmget(self.counts_key(shard, campaign_id), fields))
+        return [self._slice(shard, values[0]) for shard, values in enumerate(replies)]
 
     async def rebalance(
         self, campaign_id: str, category: str, *, low_water: int, min_transfer: int = 1
@@ -381,19 +444,19 @@ class ShardBudget:
                 settled.append(Transfer(transfer_id, lender, borrower, amount))
         return settled
 
-    async def audit(self, campaign_id: str, category: str) -> ShardBudgetAudit:
-        """Every shard's budget of the category, its open transfers and F."""
+    async def audit(self, campaign_id: str, category: str) -> ShardBudgetAudit[SliceT]:
+        """Every shard's budget (or quota) of the category, its open transfers and F."""
         self._campaign(campaign_id, category)
-        fields = [f"{category}:{name}" for name in ("funded", "total", "reserved", "spent", "refunded")]
+        fields = [f"{category}:{name}" for name in self.FIELDS]
 
         def queue(pipe: Pipeline, shard: int) -> None:
-            pipe.hmget(self.budget_key(shard, campaign_id), fields)
+            pipe.hmget(self.counts_key(shard, campaign_id), fields)
             pipe.zrange(self.open_key(shard, campaign_id), 0, -1)
             pipe.hgetall(self.transfers_key(shard, campaign_id))
             pipe.hgetall(self.credited_key(shard, campaign_id))
 
         replies = await self._per_shard(queue)
-        shards = [_funds(shard, values) for shard, (values, _, _, _) in enumerate(replies)]
+        shards = [self._slice(shard, values) for shard, (values, _, _, _) in enumerate(replies)]
         credited = [{_text(key) for key in reply[3]} for reply in replies]
         open_transfers: dict[int, dict[str, dict[str, Any]]] = {}
         in_flight = unsettled = 0
@@ -439,7 +502,7 @@ class ShardBudget:
                 await self._nodes.load_map()
                 by_node: dict[tuple[str, int], list[int]] = {}
                 for shard in range(self.layout.count):
-                    by_node.setdefault(self._nodes.address_of(self.ledger_key(shard)), []).append(shard)
+                    by_node.setdefault(self._nodes.address_of(self.replays_key(shard)), []).append(shard)
                 parts = await asyncio.gather(
                     *(self._read_node(address, shards, queue) for address, shards in by_node.items())
                 )
@@ -475,9 +538,115 @@ class ShardBudget:
         return replies
 
 
-def _funds(shard: int, values: Sequence[bytes | None]) -> ShardFunds:
-    funded, total, reserved, spent, refunded = (int(value or 0) for value in values)
-    return ShardFunds(shard, funded, total, reserved, spent, refunded)
+class ShardBudget(_ShardShares[ShardFunds]):
+    """The budgets of a deployment's campaigns over its consumer shards (``layout``)."""
+
+    USED = ("reserved", "spent")
+    FIELDS = ("funded", "total", "reserved", "spent", "refunded")
+    TRANSFERS = "transfers"
+    RELEASED = "released_fen"
+
+    def budget_key(self, shard: int, campaign_id: str) -> str:
+        """The hash authorize.lua reads: <category>:total, :reserved, :spent, :refunded, and
+        :funded (this module's)."""
+        return self.layout.keys[shard].budget(campaign_id)
+
+    def counts_key(self, shard: int, campaign_id: str) -> str:
+        return self.budget_key(shard, campaign_id)
+
+    def ledger_key(self, shard: int) -> str:
+        """The shard's stream of budget movements (SHARD_FUNDED, TRANSFER_OUT, TRANSFER_IN), which
+        the shard writer drains into ``shard_events``. Not the shard's ``ledger`` stream: that one
+        carries the sale scripts' events in the one-Redis format, for the ledger writer."""
+        return f"{self.layout.keys[shard].tag}:budget_events"
+
+    def event_keys(self, shard: int) -> list[str]:
+        return [self.ledger_key(shard)]
+
+    @cached_property
+    def quota(self) -> ShardQuota:
+        """The qualification quota over the same shards, on this budget's connections (closed by
+        its ``aclose``), so that what holds a budget (the keeper) moves the quota too."""
+        return ShardQuota(
+            self.cluster,
+            self.layout,
+            wait_replicas=self.wait_replicas,
+            wait_timeout_ms=self.wait_timeout_ms,
+            deadline_s=self.deadline_s,
+            nodes=self._nodes,
+        )
+
+    def _slice(self, shard: int, values: Sequence[bytes | None]) -> ShardFunds:
+        funded, total, reserved, spent, refunded = (int(value or 0) for value in values)
+        return ShardFunds(shard, funded, total, reserved, spent, refunded)
+
+    @staticmethod
+    def _category(category: str) -> None:
+        if not isinstance(category, str) or not CATEGORY_PATTERN.fullmatch(category):
+            raise EscrowError(f"category must match {CATEGORY_PATTERN.pattern}")
+
+    async def _before_funding(self) -> None:
+        # The shard writer learns of the streams from the registry: listed before any event.
+        await register_streams(
+            self._nodes,
+            self.layout.prefix,
+            [self.ledger_key(shard) for shard in range(self.layout.count)],
+            wait_replicas=self.wait_replicas,
+            wait_timeout_ms=self.wait_timeout_ms,
+            deadline_s=self.deadline_s,
+        )
+
+    async def fund(self, campaign_id: str, category: str, released_fen: int, version: int = 0) -> list[int]:
+        """Fund every shard with its part of ``released_fen`` (split, the remainder to the first
+        shards); returns the targets. Idempotent; a lower amount than before takes the
+        difference back from each shard's total. ``version``, the plan's (the publication's
+        reference version): a shard that has applied a newer one ignores the call, so a
+        stale keeper cannot undo a publication; among calls of one version the last applied wins."""
+        return await self._fund(campaign_id, category, released_fen, version)
+
+
+# What a quota is kept for: a rule's category, or a campaign's voucher pack ("pack:<pack id>",
+# the field claim_qualification.lua counts a pack under; pack ids as server/domain/reference.py
+# IDENTIFIER).
+QUOTA_SUBJECT_PATTERN = re.compile(rf"(?:{CATEGORY_PATTERN.pattern}|pack:[A-Za-z0-9_.-]{{1,64}})")
+
+
+class ShardQuota(_ShardShares[ShardQuotaSlice]):
+    """The qualification quotas of a deployment's campaigns over its consumer shards, counted in
+    vouchers (a pack's in packs): ``category`` is a rule's category or ``pack:<pack id>``. Every
+    method is ShardBudget's, on the quota hash, with available = ``total - claimed``; nothing is
+    written to the budget's event stream."""
+
+    USED = ("claimed",)
+    FIELDS = ("funded", "total", "claimed")
+    TRANSFERS = "quota_transfers"
+    RELEASED = "released"
+
+    def quota_key(self, shard: int, campaign_id: str) -> str:
+        """The hash claim_qualification.lua reads: <category>:claimed and <category>:total (the
+        shard's quota), and :funded, :funded_version (this module's)."""
+        return self.layout.keys[shard].qualification_quota(campaign_id)
+
+    def counts_key(self, shard: int, campaign_id: str) -> str:
+        return self.quota_key(shard, campaign_id)
+
+    def event_keys(self, shard: int) -> list[str]:
+        return []  # vouchers are no money: no event for the shard ledger
+
+    def _slice(self, shard: int, values: Sequence[bytes | None]) -> ShardQuotaSlice:
+        funded, total, claimed = (int(value or 0) for value in values)
+        return ShardQuotaSlice(shard, funded, total, claimed)
+
+    @staticmethod
+    def _category(category: str) -> None:
+        if not isinstance(category, str) or not QUOTA_SUBJECT_PATTERN.fullmatch(category):
+            raise EscrowError(f"category must match {QUOTA_SUBJECT_PATTERN.pattern}")
+
+    async def fund(self, campaign_id: str, category: str, released: int, version: int = 0) -> list[int]:
+        """Fund every shard with its part of the ``released`` quota (vouchers, or packs): as
+        ShardBudget.fund. A shard's total is then at most its part, and claims there issue at
+        most that many (claim_qualification.lua takes the smaller of it and the released quota)."""
+        return await self._fund(campaign_id, category, released, version)
 
 
 def _text(value: bytes | str) -> str:

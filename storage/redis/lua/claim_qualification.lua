@@ -95,7 +95,9 @@ if ARG.pack_id ~= '' then
   if campaign[6] ~= '1' and tonumber(holder[2] or '0') >= 1 then return decline(ALREADY_CLAIMED_THIS_ROUND) end
   local quota = released(pack.qt, pack.q, now)
   if quota == 0 then return decline(NOT_YET_RELEASED) end
-  if tonumber(redis.call('HGET', KEY.qualification_quota, field .. ':claimed') or '0') >= quota then
+  -- A consumer shard's slice when it has one (<pack>:total; see the claim by category below).
+  local counts = redis.call('HMGET', KEY.qualification_quota, field .. ':claimed', field .. ':total')
+  if tonumber(counts[1] or '0') >= math.min(quota, tonumber(counts[2] or quota)) then
     return decline(QUOTA_EXHAUSTED)
   end
   -- Every check passed: the whole pack, in one step.
@@ -140,9 +142,13 @@ if campaign[6] ~= '1' and tonumber(holder[2] or '0') >= rule.per_person_limit th
   return decline(ALREADY_CLAIMED_THIS_ROUND)
 end
 -- The released quota: the whole quota, or the tranches due by now (see released in _lib.lua).
+-- On a Redis Cluster deployment each consumer shard issues at most its slice of it,
+-- <category>:total, which storage/redis/cluster/shard_budget.py (ShardQuota) funds and moves
+-- between shards; on one Redis that field does not exist and the quota is the released one.
 local quota = released(rule.q_tranches, rule.q_quota, now)
 if quota == 0 then return decline(NOT_YET_RELEASED) end
-if tonumber(redis.call('HGET', KEY.qualification_quota, category .. ':claimed') or '0') >= quota then
+local counts = redis.call('HMGET', KEY.qualification_quota, category .. ':claimed', category .. ':total')
+if tonumber(counts[1] or '0') >= math.min(quota, tonumber(counts[2] or quota)) then
   return decline(QUOTA_EXHAUSTED)
 end
 

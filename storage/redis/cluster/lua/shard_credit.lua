@@ -1,9 +1,10 @@
 -- shard_credit.lua: step 2 of a transfer between consumer shards, in the borrower's slot: adds
 -- the amount the lender's record holds to <category>:total, once per transfer id (the credited
 -- hash, id -> "<lender>|<amount>", is the proof, kept for good).
--- KEYS: budget (hash), credited (hash), ledger, replays.
+-- KEYS: budget (hash; for a quota, the quota hash), credited (hash), replays, ledger (absent for
+-- a quota: no money, no event).
 -- ARGV: transfer id, campaign, category, amount, lender shard.
-local budget, credited, ledger, replays = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local budget, credited, replays, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, campaign, category, amount, lender = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local proof = lender .. '|' .. int(amount)
 local seen = redis.call('HGET', credited, id)
@@ -17,5 +18,7 @@ if not redis.call('HGET', budget, category .. ':funded') then
 end
 redis.call('HINCRBY', budget, category .. ':total', int(amount))
 redis.call('HSET', credited, id, proof)
-emit(ledger, 'TRANSFER_IN', {id = id, campaign = campaign, category = category, amount = amount, from = lender, at = now_ms()})
+if ledger then
+  emit(ledger, 'TRANSFER_IN', {id = id, campaign = campaign, category = category, amount = amount, from = lender, at = now_ms()})
+end
 return cjson.encode({state = 'new', amount = int(amount)})

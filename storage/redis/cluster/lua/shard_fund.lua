@@ -1,7 +1,10 @@
 -- shard_fund.lua: set a consumer shard's funding of a campaign category to its part of the
--- released budget (storage/redis/cluster/shard_budget.py), idempotently.
--- KEYS: budget (the shard's budget hash, the one authorize.lua reads), replays (hash: the
--- shard's replay counter), ledger (the shard's stream). ARGV: campaign, category, target (fen).
+-- released budget (storage/redis/cluster/shard_budget.py), idempotently; or, the same way, its
+-- part of a released qualification quota (ShardQuota: counted in vouchers, not fen).
+-- KEYS: budget (the shard's budget hash, the one authorize.lua reads; for a quota, its quota
+-- hash, the one claim_qualification.lua reads), replays (hash: the shard's replay counter),
+-- ledger (the shard's stream; absent for a quota, whose moves are no money and no event).
+-- ARGV: campaign, category (for a quota: a category or "pack:<id>"), target (fen, or vouchers).
 -- <category>:funded is the cumulative target applied; <category>:total (what authorize.lua
 -- approves against on a cluster, where shards are published without tranches) moves by
 -- target - funded, down too: a lowered budget may leave total below reserved + spent, which
@@ -25,5 +28,7 @@ if funded and delta == 0 then
 end
 redis.call('HINCRBY', budget, category .. ':total', int(delta))
 redis.call('HSET', budget, category .. ':funded', int(target))
-emit(ledger, 'SHARD_FUNDED', {campaign = campaign, category = category, amount = delta, funded = target, at = now_ms()})
+if ledger then
+  emit(ledger, 'SHARD_FUNDED', {campaign = campaign, category = category, amount = delta, funded = target, at = now_ms()})
+end
 return cjson.encode({state = 'new', funded = int(target), delta = int(delta)})
