@@ -1,20 +1,21 @@
 """The gateway on a Redis Cluster (issue 16, docs/scale-out.md 2.0): ``create_server`` builds this
 one instead when SUBSIDY_REDIS_CLUSTER_NODES and SUBSIDY_REDIS_SHARDS are set.
 
-What it serves: AuthorizationService (Authorize, Capture, Void, Refund, GetAuthorization) over
-``ShardedStore``, each sale in its consumer's shard and every answer acknowledged by a replica
-(``AcknowledgedScripts``, WAIT 1); Diagnostics, health and reflection; the hold sweeper of every
-shard, and the keeper that funds released tranches and rebalances short shards (keeper.py).
+What it serves: AuthorizationService (Authorize, Capture, Void, Refund, GetAuthorization) and
+QualificationService (Claim, Get, List, Cancel) over ``ShardedStore``, each sale and claim in its
+consumer's shard (a sale by redemption code alone in the code's, which is its owner's) and every
+answer acknowledged by a replica (``AcknowledgedScripts``, WAIT 1); Diagnostics, health and
+reflection; the hold and qualification sweepers of every shard, and the keeper that funds
+released tranches and quota and rebalances short shards (keeper.py).
 Credentials come from the deployment's own keys on the cluster, as the reference publication
 (``subsidyctl reference load`` with the same settings: ``publish_to_shards``, the shard budget's
 funding and the plans the keeper reads) writes them.
 
-What it does not serve yet: the operator, reporting, qualification, exchange, complaint, risk
-and supervision services. They read and publish through one Redis's keys, which a cluster
-deployment does not have; a call to them is answered UNIMPLEMENTED by gRPC itself (unregistered),
-rather than served from keys no sale reads. Sales by redemption code are refused UNIMPLEMENTED
-naming the field (storage/redis/cluster/shards.py); a device serial is reserved in its home shard
-first (storage/redis/cluster/serials.py).
+What it does not serve yet: the operator, reporting, exchange, complaint, risk and supervision
+services. They read and publish through one Redis's keys, which a cluster deployment does not
+have; a call to them is answered UNIMPLEMENTED by gRPC itself (unregistered), rather than served
+from keys no sale reads. A device serial is reserved in its home shard first
+(storage/redis/cluster/serials.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from functools import partial
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from subsidy_client.v1 import authorization_pb2, authorization_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc
+from subsidy_client.v1 import (
+    authorization_pb2,
+    authorization_pb2_grpc,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    qualification_pb2,
+    qualification_pb2_grpc,
+)
 
 from server.config import Config, ConfigError, cluster_nodes
 from server.processes.app import Application, guarded_server, store_limits
@@ -35,6 +43,7 @@ from server.processes.sweeper import Step, expiring, sweep_forever
 from server.rpc.tls import bind, check_listeners
 from server.services.authorization import AuthorizationService
 from server.services.diagnostics import DiagnosticsService
+from server.services.qualification import QualificationService
 from storage.postgres.pool import LazyPool
 from storage.redis.cluster.keeper import keep
 from storage.redis.cluster.nodes import cluster_client
@@ -48,6 +57,7 @@ log = logging.getLogger("subsidy.app")
 SHARDED_SERVICE_NAMES = (
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
+    qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
 )
 
 
@@ -67,7 +77,11 @@ def shard_sweeps(store: ShardedStore, budget: ShardBudget, config: Config) -> li
             log.info("shards rebalanced", extra={"count": kept.transfers, "fen": kept.moved_fen})
 
     def shard_steps(index: int) -> list[Step]:
-        steps = [expiring("hold", partial(store.stores[index].expire_due_holds, config.sweep_batch_size))]
+        shard = store.stores[index]
+        steps = [
+            expiring("hold", partial(shard.expire_due_holds, config.sweep_batch_size)),
+            expiring("qualification", partial(shard.expire_due_qualifications, config.qualification_sweep_batch_size)),
+        ]
         if store.serials is not None:  # then its serials' reservations (serials.py settle_due)
             steps.append(expiring("serial", partial(store.serials.settle_due, index, config.sweep_batch_size)))
         return steps
@@ -98,6 +112,10 @@ async def create_sharded_server(config: Config) -> Application:
         grpc_server, server = guarded_server(config, credentials, None)
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationService(store, config.max_lines, config.programme_key),  # type: ignore[arg-type]
+            server,
+        )
+        qualification_pb2_grpc.add_QualificationServiceServicer_to_server(
+            QualificationService(store, config.programme_key, config.local_data_key),  # type: ignore[arg-type]
             server,
         )
         diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsService(), server)
