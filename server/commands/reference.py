@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from server.config import Config, cluster_nodes
 from server.domain.reference import ReferenceData, ReferenceError, parse_reference
 from storage.postgres.migrate import migrate
 from storage.postgres.reference import ReferenceSnapshot, fetch_reference, save_reference
-from storage.redis.cluster.keeper import Plan, QuotaPlan, fund_quotas, record_plans, record_quota_plans
+from storage.redis.cluster.keeper import Plan, QuotaPlan, cluster_time_ms, fund_quotas, record_plans, record_quota_plans
 from storage.redis.cluster.nodes import cluster_client
 from storage.redis.cluster.shard_budget import ShardBudget, released_fen
 from storage.redis.cluster.shards import ShardLayout, publish_to_shards
@@ -56,7 +55,7 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
     budget = ShardBudget(cluster, ShardLayout(config.redis_prefix, config.redis_shards))
     try:
         control = budget.layout.control
-        now_ms = int(time.time() * 1000)
+        now_ms = await cluster_time_ms(budget, budget.layout.control)
         before = int(await cluster.get(control.reference_version) or 0)
         await fund_quotas(budget.quota, quota_plans(snapshot, before), now_ms)
         version = await publish_to_shards(cluster, budget.layout, snapshot)
@@ -75,7 +74,7 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
         # The gateways' keeper funds later tranches and rebalances from these (keeper.py).
         await record_plans(cluster, control, plans)
         await record_quota_plans(cluster, control, quota_plans(snapshot, version))
-        now_ms = int(time.time() * 1000)
+        now_ms = await cluster_time_ms(budget, budget.layout.control)
         for plan in plans:
             released = released_fen(plan.budget_fen, plan.tranches, now_ms)
             await budget.fund(plan.campaign_id, plan.category, released, plan.version)

@@ -29,6 +29,7 @@ from server.config import Config
 from server.domain.reference import ReferenceError
 from storage.cluster_dev import LocalCluster
 from storage.postgres.reference import fetch_reference
+from storage.redis.cluster.keeper import keep
 from storage.redis.cluster.shard_budget import ShardBudget
 from storage.redis.cluster.shards import ShardLayout
 from tests.conftest import Environment, load_document, running_gateway
@@ -320,6 +321,41 @@ async def test_the_keeper_funds_a_released_tranche_and_refills_a_crowded_shard(
     assert sum(state.funded for state in funds) == 12 * SUBSIDY_FEN  # the second tranche funded
     assert 2 < approved <= 12  # more than shard 0's own slice of the 12
     assert funds[0].reserved == approved * SUBSIDY_FEN
+
+
+async def test_a_keeper_whose_clock_runs_ahead_funds_no_tranche_early(
+    environment: Environment,
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tranche times are judged by the cluster's clock (Redis TIME where the plans are), not the
+    keeper's process: a gateway whose clock is two hours ahead funds nothing of a tranche due in
+    one hour (before, it funded the tranche at once)."""
+    prefix = "cg" + secrets.token_hex(4)
+    config = cluster_config(environment, redis_cluster, prefix)
+    campaign_id = "c-cl-" + secrets.token_hex(4)
+    document = campaign_document(campaign_id, 12)
+    document["campaigns"][0]["rules"][0]["tranches"] = [  # type: ignore[index]
+        {"release_at": "2020-01-01T00:00:00+00:00", "amount_fen": 6 * SUBSIDY_FEN},
+        {"release_at": datetime.fromtimestamp(time.time() + 3600, UTC).isoformat(), "amount_fen": 6 * SUBSIDY_FEN},
+    ]
+    await load_document(environment, document)
+    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
+    try:
+        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
+    finally:
+        await connection.close()
+    layout = ShardLayout(prefix, SHARDS)
+    budget = ShardBudget(cluster_client, layout)
+    try:
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 7200)
+        await keep(budget, layout.control)
+        monkeypatch.undo()
+        assert sum(state.funded for state in await budget.read(campaign_id, "fridge")) == 6 * SUBSIDY_FEN
+    finally:
+        await budget.aclose()
 
 
 async def test_rules_counted_per_merchant_or_terminal_are_refused_on_a_cluster(

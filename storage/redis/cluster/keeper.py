@@ -31,7 +31,6 @@ turn for one pass (the total dips, then returns); never above the released amoun
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import orjson
@@ -149,10 +148,18 @@ class KeptPass:
     moved_vouchers: int = 0  # what they moved, in vouchers (a pack's in packs): never money
 
 
+async def cluster_time_ms(budget: ShardBudget, control: Keys) -> int:
+    """The deployment's clock for tranche release times: Redis TIME on the primary of its own
+    keys (where the plans are), not the calling process's clock. Every keeper and publication
+    then funds a tranche at the same instant, however skewed the gateways' clocks are (a
+    gateway clock ahead by a minute would fund a tranche a minute early)."""
+    return await budget.server_time_ms(plans_key(control))
+
+
 async def keep(budget: ShardBudget, control: Keys, now_ms: int | None = None) -> KeptPass:
     """One pass over every recorded plan: fund what is released, then rebalance; the budgets,
     then the quotas (``budget.quota``)."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    now_ms = await cluster_time_ms(budget, control) if now_ms is None else now_ms
     funded = transfers = moved = 0
     plans = await read_plans(budget.cluster, control)
     for campaign_id in sorted({plan.campaign_id for plan in plans}):

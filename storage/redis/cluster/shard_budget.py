@@ -237,6 +237,12 @@ class _ShardShares(Generic[SliceT]):
         # Why calls were retried (a redirect, WAIT short of its replicas, a dead connection).
         self.retried: dict[str, int] = {}
 
+    async def server_time_ms(self, key: str) -> int:
+        """Redis TIME on the primary serving ``key``'s slot, in ms: the one clock every keeper
+        of a deployment reads (keeper.py), as the scripts read their node's."""
+        seconds, microseconds = await (await self._nodes.for_key(key)).time()
+        return int(seconds) * 1000 + int(microseconds) // 1000
+
     # ---- what differs
 
     def counts_key(self, shard: int, campaign_id: str) -> str:
