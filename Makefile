@@ -80,12 +80,7 @@ test-fast: $(STAMP)
 ## the unchanged sale scripts in consumer shards
 ## (part of make test too; 70-130 s here, with the machine's load).
 test-cluster: $(STAMP)
-	$(PY) -m pytest tests/integration/test_cluster_harness.py tests/integration/test_cluster_escrow.py \
-		tests/integration/test_cluster_streams.py tests/integration/test_cluster_shards.py \
-		tests/integration/test_cluster_shard_budget.py tests/integration/test_cluster_gateway.py \
-		tests/integration/test_cluster_shard_ledger.py tests/integration/test_cluster_reconcile.py \
-		tests/integration/test_cluster_serials.py \
-		tests/integration/test_cluster_gateway_faults.py
+	$(PY) -m pytest tests/integration/test_cluster_*.py
 
 ## Property-based fuzzing of the public RPCs (tests/fuzz/run.py): at least 100,000 calls through a
 ## real gateway; prints the case count, the seed and the time. SUBSIDY_FUZZ_CASES / _SEED override.
