@@ -56,8 +56,11 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
     try:
         control = budget.layout.control
         now_ms = await cluster_time_ms(budget, budget.layout.control)
+        # At the version this publication will most likely get: a keeper still holding the
+        # previous plans (recorded at ``before``) is then ignored by every shard rather than
+        # restoring a quota this publication lowers (equal versions: the last call wins).
         before = int(await cluster.get(control.reference_version) or 0)
-        await fund_quotas(budget.quota, quota_plans(snapshot, before), now_ms)
+        await fund_quotas(budget.quota, quota_plans(snapshot, before + 1), now_ms)
         version = await publish_to_shards(cluster, budget.layout, snapshot)
         plans = [
             Plan(
@@ -78,7 +81,14 @@ async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
         for plan in plans:
             released = released_fen(plan.budget_fen, plan.tranches, now_ms)
             await budget.fund(plan.campaign_id, plan.category, released, plan.version)
-        await fund_quotas(budget.quota, quota_plans(snapshot, version), now_ms)
+            # A lowered budget takes the same part back from every shard, which leaves a shard
+            # that had borrowed below what it has used while the others can still spend their
+            # part: the rebalance brings it back up from them at once (as the keeper's next
+            # pass would; docs/scale-out.md "Funding the shards").
+            await budget.rebalance(plan.campaign_id, plan.category, low_water=max(plan.unit_fen, 1))
+        for quota_plan in quota_plans(snapshot, version):
+            await fund_quotas(budget.quota, [quota_plan], now_ms)
+            await budget.quota.rebalance(quota_plan.campaign_id, quota_plan.category, low_water=1)
         return version
     finally:
         await budget.aclose()

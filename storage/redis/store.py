@@ -68,7 +68,15 @@ from storage.redis.scripts import Scripts
 log = logging.getLogger("subsidy.store")
 
 # Redis not answering: a condition of the server, never of one item, so a sweep stops there.
-UNAVAILABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError)
+# On a cluster also a slot without a primary (CLUSTERDOWN, or no node for it in the client's
+# map) and a key caught in a slot migration past the client's retries (TRYAGAIN).
+UNAVAILABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.TryAgainError,
+)
 
 
 # One line of an Authorize: its ARGV as authorize.lua reads them (line id, GTIN, unit price in

@@ -339,6 +339,33 @@ async def test_a_publication_a_failover_took_back_is_written_again(
     await scripts.aclose()
 
 
+async def test_a_publication_waits_out_a_slot_migration(
+    redis_cluster: LocalCluster, cluster_client: RedisCluster
+) -> None:
+    """The shard's slot is mid-migration (MIGRATING on its primary, half its keys moved): the
+    publication's MULTI is redirected (ASK, then EXECABORT), which is an outage to wait out,
+    not a defect: it writes again until the slot has moved, then completes on the new owner.
+    Before, the redirect was raised at once (redis-py strips "ASK" from the error's text, which
+    the retry test looked for)."""
+    layout = ShardLayout(new_prefix(), 1)
+    snapshot = shard_load.snapshot(budget_fen=SUBSIDY_FEN)
+    version = await publish_to_shards(cluster_client, layout, snapshot)
+    key = layout.keys[0].campaign(CAMPAIGN)
+    slot = redis_cluster.slot_of(key)
+    target = next(node for node in redis_cluster.primaries_now() if node is not redis_cluster.primary_of_slot(slot))
+    source = redis_cluster.begin_slot_move(slot, target)
+    try:
+        await asyncio.to_thread(redis_cluster.migrate_keys, slot, source, target, 1)  # every key gone: ASK
+        publication = asyncio.create_task(publish_to_shards(cluster_client, layout, snapshot))
+        await asyncio.sleep(0.5)
+        assert not publication.done(), publication
+    finally:
+        await asyncio.to_thread(redis_cluster.finish_slot_move, slot, source, target)
+    assert await asyncio.wait_for(publication, 30) == version + 1
+    assert redis_cluster.primary_of_slot(slot) is target
+    assert await cluster_client.hget(key, "status") == b"ACTIVE"
+
+
 async def test_a_publication_no_replica_acknowledges_moves_no_version(
     redis_cluster: LocalCluster, cluster_client: RedisCluster
 ) -> None:

@@ -4,6 +4,8 @@ would (server/rpc/errors.py): the same code, reason, message and metadata."""
 from __future__ import annotations
 
 import grpc
+import pytest
+from redis import exceptions as redis_errors
 from subsidy_client.v1 import common_pb2
 
 from server.domain import validation
@@ -44,3 +46,25 @@ def test_the_pure_checks_name_the_field_path() -> None:
     else:
         raise AssertionError("a repeated device was accepted")
     assert validation.canonical_line_ids([" a ", "B"], 10) == ["a", "B"]
+
+
+@pytest.mark.parametrize(
+    "exception",
+    [
+        redis_errors.ConnectionError("gone"),
+        redis_errors.TimeoutError("slow"),
+        redis_errors.ClusterDownError("The cluster is down"),
+        redis_errors.MasterDownError("Link with MASTER is down"),
+        redis_errors.SlotNotCoveredError("no node for slot 42"),
+        redis_errors.TryAgainError("keys split by a migration"),
+    ],
+    ids=type,
+)
+def test_redis_and_cluster_outages_are_unavailable_never_internal(exception: Exception) -> None:
+    """On a cluster a slot without a primary (a failover under way, a lost slot) is an outage
+    like a dead connection: UNAVAILABLE with the retry advice (it was INTERNAL with an incident
+    for CLUSTERDOWN, a slot missing from the client's map and TRYAGAIN)."""
+    error = classify(exception)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == common_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE
+    assert "retry with the same request_id" in error.message

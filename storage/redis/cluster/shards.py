@@ -42,7 +42,15 @@ import msgspec
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ExecAbortError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -438,9 +446,13 @@ class ShardedStore:
 
 
 PUBLISHED = LuaScript.load("shard_published")
+VERSION = LuaScript.load("shard_version")
 # What a publication's MULTI may meet and survive by writing again (after a pause and a new slot
-# map): the slot moved or is moving, the node is not (yet) a primary, the cluster is down.
-TRANSIENT_PREFIXES = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "LOADING", "MASTERDOWN", "EXECABORT")
+# map): the slot moved or is moving (MOVED, ASK, TRYAGAIN, and EXECABORT for a MULTI whose
+# commands were redirected), the node is not (yet) a primary (READONLY; LOADING is a
+# ConnectionError), the cluster is down (CLUSTERDOWN, MASTERDOWN). By type: redis-py strips the
+# error's first word from its text.
+TRANSIENT = (AskError, TryAgainError, ClusterDownError, ReadOnlyError, ExecAbortError)
 
 
 class PublicationIncomplete(EscrowUnavailable):
@@ -477,7 +489,7 @@ async def _write_acknowledged(
                 pipe.set(marker, token)
                 await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError, ResponseError) as error:
-            if isinstance(error, ResponseError) and not str(error).startswith(TRANSIENT_PREFIXES):
+            if isinstance(error, ResponseError) and not isinstance(error, TRANSIENT):
                 raise  # a wrong type or a bad command: a defect, not an outage
             last = f"{type(error).__name__}: {str(error)[:200]}"
             await asyncio.sleep(RETRY_PAUSE_S)
@@ -547,7 +559,21 @@ async def publish_to_shards(
         await asyncio.gather(*(write(keys, shard_copy(keys)) for keys in layout.keys))
         control = layout.control
         await write(control, lambda pipe: reference.write_credentials(pipe, control, snapshot))
+        try:
+            moved = await run_acked(
+                nodes,
+                VERSION,
+                [control.reference_version],
+                [],
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=wait_timeout_ms,
+                deadline_s=deadline_s,
+                retried={},
+                label="the reference version",
+            )
+        except EscrowUnavailable as error:
+            raise PublicationIncomplete(str(error)) from error
     finally:
         await nodes.aclose()
-    version: int = await cluster.incr(layout.control.reference_version)
+    version: int = moved["version"]
     return version
