@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from server.domain.validation import canonical_redemption_code
 from storage.cluster_dev import LocalCluster
 from storage.redis.cluster.shard_budget import ShardBudget
 from storage.redis.cluster.shards import (
@@ -90,6 +91,23 @@ def test_each_shard_lands_in_its_own_equal_slot_range(count: int) -> None:
 def test_a_shard_count_outside_one_to_the_maximum_is_refused(count: int) -> None:
     with pytest.raises(ValueError, match="shard count"):
         ShardLayout("p", count)
+
+
+@pytest.mark.parametrize("count", [1, 2, 6, MAX_SHARDS])
+def test_a_redemption_code_names_its_owners_shard(count: int) -> None:
+    """ShardedStore.new_redemption_code: a canonical 16-character code whose shard (the one a
+    sale by the code alone is routed to) is the consumer's, for one shard, a few and the most;
+    codes differ, and across consumers every shard is named."""
+    layout = ShardLayout("p", count)
+    store = ShardedStore.__new__(ShardedStore)  # only the layout is used: no Redis
+    store.layout = layout
+    consumers = [f"consumer-{index}" for index in range(3 * count)]
+    codes = [store.new_redemption_code(consumer) for consumer in consumers]
+    for consumer, code in zip(consumers, codes, strict=True):
+        assert canonical_redemption_code(code) == code
+        assert layout.shard_of_id(code) == layout.shard_of_consumer(consumer)
+    assert len(set(codes)) == len(codes)
+    assert {layout.shard_of_id(code) for code in codes} == {layout.shard_of_consumer(c) for c in consumers}
 
 
 def test_a_shard_tag_is_matched_whole() -> None:

@@ -31,6 +31,7 @@ import hmac
 import itertools
 import logging
 import os
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -55,7 +56,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.domain.errors import NotSupportedHere
-from server.domain.validation import new_redemption_code
+from server.domain.validation import CROCKFORD, new_redemption_code
 from storage.postgres.reference import ReferenceSnapshot
 from storage.redis import reference
 from storage.redis.cluster.acked import EscrowError, EscrowUnavailable, LuaScript, not_run, run_acked, send_with_wait
@@ -84,6 +85,8 @@ SLOTS = 16384
 MAX_SHARDS = 1024
 MAX_SALT = 999_999  # the tag pattern's six digits (storage/redis/keys.py SHARD_PATTERN)
 RETRY_PAUSE_S = 0.05
+# A redemption code's last two characters, chosen to name its shard.
+SUFFIXES = tuple(f"{first}{second}".encode() for first in CROCKFORD for second in CROCKFORD)
 log = logging.getLogger("subsidy.shards")
 
 
@@ -361,15 +364,21 @@ class ShardedStore:
     # ---- qualifications: each issued, redeemed, cancelled and expired in its owner's shard
 
     def new_redemption_code(self, consumer_key: str) -> str:
-        """A redemption code naming the consumer's shard: 80 random bits as on one Redis
-        (validation.new_redemption_code), drawn until the code hashes to that shard (``count``
-        draws on average). A sale by the code alone, a cancel and a read then find the owner's
-        shard, with its per-person counters, quota slice and the qualification, from the code."""
-        shard = self.layout.shard_of_consumer(consumer_key)
+        """A redemption code naming the consumer's shard: 14 random characters (70 bits, from
+        validation.new_redemption_code) and the first two-character suffix, from a random start
+        among the 1,024, whose code hashes to that shard (``count`` tries on average, a new stem
+        when none of the 1,024 does). Drawing whole codes until one fits cost ``count`` × 4.5 µs
+        on the event loop (a pack's 11 codes at 1,024 shards: 50 ms); a suffix try is a CRC32
+        of 16 bytes. A sale by the code alone, a cancel and a read then find the owner's shard,
+        with its per-person counters, quota slice and the qualification, from the code."""
+        shard, count = self.layout.shard_of_consumer(consumer_key), self.layout.count
         while True:
-            code = new_redemption_code()
-            if self.layout.shard_of_id(code) == shard:
-                return code
+            stem = new_redemption_code()[:14]
+            running = zlib.crc32(stem.encode())  # the stem's CRC, continued over each suffix
+            start = secrets.randbelow(len(SUFFIXES))
+            for suffix in itertools.chain(SUFFIXES[start:], SUFFIXES[:start]):
+                if zlib.crc32(suffix, running) % count == shard:  # ShardLayout.shard_of_id(code)
+                    return stem + suffix.decode()
 
     async def claim(self, request: ClaimInput) -> Reply[ClaimAnswer]:
         """In the claimant's shard, against that shard's slice of the quota (shard_budget.py's
