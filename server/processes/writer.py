@@ -4,7 +4,9 @@ Drains the ledger stream into PostgreSQL (storage/postgres/writer.py), mirrors q
 into PostgreSQL in the same process (storage/postgres/qualifications.py), writes the risk events
 (storage/postgres/risk_events.py), with SUBSIDY_REDIS_CLUSTER_NODES also drains the Redis Cluster
 shards' escrow streams (storage/postgres/shard_writer.py) and, with SUBSIDY_REDIS_SHARDS too, each
-consumer shard's ledger stream into the ledger (one LedgerWriter per shard), and, with
+consumer shard's ledger stream into the ledger (one LedgerWriter per shard) and its qualification
+and risk event streams into the same tables as one Redis's (one QualificationMirror and one
+ShardRiskEventWriter per shard), and, with
 SUBSIDY_WRITER_METRICS_LISTEN set, serves ``/metrics`` (Prometheus) and ``/health`` (JSON lag
 details) on it, over HTTPS when the gateway has a TLS certificate.
 """
@@ -32,9 +34,9 @@ from server.processes.report_scheduler import ReportScheduler
 from server.rpc.tls import metrics_tls
 from storage.postgres.migrate import migrate
 from storage.postgres.qualifications import QualificationMirror
-from storage.postgres.risk_events import RiskEventWriter
+from storage.postgres.risk_events import RiskEventWriter, event_row
 from storage.postgres.shard_writer import ShardLedgerWriter
-from storage.postgres.stream_consumer import consumer_backlogs
+from storage.postgres.stream_consumer import StreamConsumer, consumer_backlogs, stream_backlog
 from storage.postgres.writer import LedgerWriter, WriterConfig, lag
 from storage.redis.cluster.shards import ShardLayout
 from storage.redis.cluster.streams import ShardStreamReader
@@ -117,6 +119,50 @@ class ShardLedgers:
         return "error" not in details and not any(shard["dead_letters"] for shard in details.values())
 
 
+class ShardRiskEventWriter(RiskEventWriter):
+    """The risk event writer of one consumer shard's ``risk_events`` stream (``keys`` the shard's,
+    ``redis`` a cluster client). Its rows' ``stream_id`` is ``<entry id>@<shard>``: two shards'
+    primaries hand out the same entry ids, and under the bare id the second shard's event would be
+    taken for a redelivery of the first's and never written (``ON CONFLICT (stream_id) DO
+    NOTHING``), as the shard ledger's event ids are qualified (storage/postgres/writer.py)."""
+
+    def row(self, entry_id: str, fields: dict[bytes, bytes]) -> tuple[Any, ...]:
+        return event_row(f"{entry_id}@{self.keys.shard}", fields[b"r"])
+
+
+@dataclass
+class ShardConsumers:
+    """The consumer shards' qualification mirrors and risk event writers (SUBSIDY_REDIS_SHARDS):
+    one of each per shard's ``qualification_events`` / ``risk_events`` stream, over the shard
+    ledgers' cluster client, each its own consumer (``<SUBSIDY_WRITER_CONSUMER>@<shard>``) of the
+    group one Redis's uses; for /metrics and /health, by shard and by the name
+    ``consumer_backlogs`` gives it on one Redis."""
+
+    consumers: list[tuple[str, StreamConsumer]]  # (qualification_mirror | risk_events, consumer)
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Each shard's consumers' backlog, dead letters and stats: shard -> name -> details;
+        ``error`` names why the cluster could not be read."""
+        try:
+            backlogs = await asyncio.gather(*(stream_backlog(c.redis, c.stream) for _, c in self.consumers))
+        except Exception as error:  # the cluster unreachable: the shards cannot be drained either
+            log.warning("reading the shard qualification and risk event streams' backlog failed", exc_info=True)
+            return {"error": type(error).__name__}
+        details: dict[str, Any] = {}
+        for (name, consumer), backlog in zip(self.consumers, backlogs, strict=True):
+            details.setdefault(consumer.keys.shard, {})[name] = {
+                **dataclasses.asdict(backlog),
+                "stats": dataclasses.asdict(consumer.stats),
+            }
+        return details
+
+    @staticmethod
+    def healthy(details: dict[str, Any]) -> bool:
+        return "error" not in details and not any(
+            consumer["dead_letters"] for shard in details.values() for consumer in shard.values()
+        )
+
+
 class WriterMetrics:
     """Prometheus gauges and counters of the writer, refreshed from Redis on each scrape."""
 
@@ -126,11 +172,13 @@ class WriterMetrics:
         publishing: PublishState | None = None,
         shards: ShardWriting | None = None,
         shard_ledgers: ShardLedgers | None = None,
+        shard_consumers: ShardConsumers | None = None,
     ) -> None:
         self.writer = writer
         self.publishing = publishing or PublishState()
         self.shards = shards
         self.shard_ledgers = shard_ledgers
+        self.shard_consumers = shard_consumers
         self.registry = CollectorRegistry()
         labels = ["prefix"]
         self.stream_length = Gauge(
@@ -233,6 +281,19 @@ class WriterMetrics:
             shard_labels,
             registry=self.registry,
         )
+        consumer_labels = [*shard_labels, "consumer"]
+        self.shard_consumer_backlog = Gauge(
+            "subsidy_shard_stream_consumer_backlog",
+            "Entries of a consumer shard's qualification / risk event stream not yet written to PostgreSQL",
+            consumer_labels,
+            registry=self.registry,
+        )
+        self.shard_consumer_dead_letters = Gauge(
+            "subsidy_shard_stream_consumer_dead_letters",
+            "Entries of a consumer shard's qualification / risk event stream set aside (alert when > 0)",
+            consumer_labels,
+            registry=self.registry,
+        )
         self._written_seen = 0
         self._shard_written_seen: dict[str, int] = {}
 
@@ -267,9 +328,11 @@ class WriterMetrics:
                 self.shard_backlog.labels(prefix).set(shards["backlog"])
                 self.shard_dead_letters.labels(prefix).set(shards["dead_letters"])
         shard_ledgers = await self._shard_ledgers(prefix)
+        shard_consumers = await self._shard_consumers(prefix)
         return {
             **({"shard_streams": shards} if shards is not None else {}),
             **({"shard_ledgers": shard_ledgers} if shard_ledgers is not None else {}),
+            **({"shard_consumers": shard_consumers} if shard_consumers is not None else {}),
             "publishing": {**dataclasses.asdict(publishing), "stuck": self.publishing.stuck},
             **dataclasses.asdict(current),
             "backlog": current.backlog,
@@ -293,13 +356,24 @@ class WriterMetrics:
                 self.shard_ledger_dead_letters.labels(prefix, shard).set(details[shard]["dead_letters"])
         return details
 
+    async def _shard_consumers(self, prefix: str) -> dict[str, Any] | None:
+        if self.shard_consumers is None:
+            return None
+        details = await self.shard_consumers.snapshot()
+        if "error" not in details:
+            for shard, consumers in details.items():
+                for name, consumer in consumers.items():
+                    self.shard_consumer_backlog.labels(prefix, shard, name).set(consumer["backlog"])
+                    self.shard_consumer_dead_letters.labels(prefix, shard, name).set(consumer["dead_letters"])
+        return details
+
 
 async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SSLContext | None = None) -> HttpEndpoint:
     """GET /metrics (Prometheus text) and GET /health (JSON: 503 when entries are dead-lettered
     (ledger events, qualification changes, risk events, shard stream events) or the sweepers have
     overdue or set-aside work, or an operator change has stayed unpublished for over a minute:
     publisher.py, or the shard writer has stopped or cannot read the cluster, or a consumer
-    shard's ledger stream has dead letters or cannot be read), by
+    shard's ledger, qualification or risk event stream has dead letters or cannot be read), by
     prometheus_client's server in a thread;
     HTTPS with ``ssl_context`` (server.rpc.tls: the gateway's certificate, TLS 1.2+, reloaded
     with it). Every request refreshes the gauges from Redis on the writer's event loop."""
@@ -311,6 +385,7 @@ async def serve_metrics(metrics: WriterMetrics, listen: str, ssl_context: ssl.SS
         healthy = healthy and not any(stream["dead_letters"] for stream in details["streams"].values())
         healthy = healthy and ("shard_streams" not in details or ShardWriting.healthy(details["shard_streams"]))
         healthy = healthy and ("shard_ledgers" not in details or ShardLedgers.healthy(details["shard_ledgers"]))
+        healthy = healthy and ("shard_consumers" not in details or ShardConsumers.healthy(details["shard_consumers"]))
         return healthy and not details["publishing"]["stuck"], details
 
     return serve_http(listen, metrics.registry, health, ssl_context)
@@ -335,15 +410,72 @@ def shard_ledgers_of(config: Config) -> ShardLedgers:
     """A LedgerWriter per consumer shard of the deployment (SUBSIDY_REDIS_SHARDS shards of
     SUBSIDY_REDIS_PREFIX on the cluster at SUBSIDY_REDIS_CLUSTER_NODES), each its own consumer
     (``<SUBSIDY_WRITER_CONSUMER>@<shard>``) of its shard's stream, over one cluster client that
-    routes each one's commands to its shard's primary; ``cluster.aclose()`` releases it."""
+    routes each one's commands to its shard's primary; ``cluster.aclose()`` releases it.
+
+    redis-py's cluster client answers MaxConnectionsError past ``max_connections`` connections to
+    a node (100 by default), and each shard takes up to five on its node at once: the blocked reads
+    (XREADGROUP BLOCK) of its ledger writer, qualification mirror and risk event writer
+    (shard_consumers_of), and two reads of a /metrics scrape. Room for that with every shard on one
+    node (after failovers one may serve them all), plus the default for the rest."""
     startup = [ClusterNode(host, port) for host, port in cluster_nodes(config.redis_cluster_nodes)]
-    cluster = RedisCluster(startup_nodes=startup, socket_timeout=10)
+    cluster = RedisCluster(startup_nodes=startup, socket_timeout=10, max_connections=100 + 5 * config.redis_shards)
     base = writer_config(config)
     writers = [
         LedgerWriter(dataclasses.replace(base, consumer=f"{base.consumer}@{keys.shard}"), cluster, keys)
         for keys in ShardLayout(config.redis_prefix, config.redis_shards).keys
     ]
     return ShardLedgers(cluster, writers)
+
+
+def shard_consumers_of(config: Config, shard_ledgers: ShardLedgers) -> ShardConsumers:
+    """A QualificationMirror and a ShardRiskEventWriter per consumer shard of the deployment, over
+    the shard ledgers' cluster client: on a cluster deployment the claim, cancel, expiry and sale
+    scripts run in the claimant's shard and write the qualification's new state (and a block's
+    risk event) into that shard's streams, as on one Redis into the deployment's. Same groups,
+    statements and tables as one Redis's: a mirror's upsert is keyed by the redemption code
+    (unique across shards) and ordered by the stream entry id, which only orders one code's
+    snapshots, all written by its one shard; risk events' ids are shard-qualified. Batches and the
+    idle time after which a dead consumer's entries are taken over are the writer's settings, as
+    for the shard ledger writers."""
+    # StreamConsumer is typed for one Redis; its commands name one shard's keys, so one slot.
+    cluster: Any = shard_ledgers.cluster
+    kinds: list[tuple[str, type[StreamConsumer]]] = [
+        ("qualification_mirror", QualificationMirror),
+        ("risk_events", ShardRiskEventWriter),
+    ]
+    return ShardConsumers(
+        [
+            (
+                name,
+                kind(
+                    cluster,
+                    keys,
+                    config.pg_dsn,
+                    f"{config.writer_consumer}@{keys.shard}",
+                    batch_size=config.writer_batch_size,
+                    block_ms=config.writer_block_ms,
+                    claim_idle_ms=config.writer_claim_idle_ms,
+                ),
+            )
+            for keys in ShardLayout(config.redis_prefix, config.redis_shards).keys
+            for name, kind in kinds
+        ]
+    )
+
+
+async def initialize(cluster: RedisCluster) -> None:
+    """Loads the cluster client's slot map before the shards' writers and consumers send their
+    first commands all at once. redis-py 8.1's cluster client, left to initialise on those, fails
+    some of them (AttributeError 'NoneType' object has no attribute 'writelines', 'Connection
+    closed by server': about 550 failed commands in each of two runs of 150 fresh clients sending
+    18 at once, none in two runs of 150 initialised first). Each consumer retries, but a shard
+    ledger writer's XACK failing so after its commit is taken for PostgreSQL's failure and its
+    batch met again as duplicates. Failing here (the cluster unreachable at start) is logged:
+    the writers' retry loops do the rest."""
+    try:
+        await cluster.initialize()
+    except Exception:
+        log.warning("loading the cluster's slot map at start failed; the shard writers will retry", exc_info=True)
 
 
 async def run_writer(config: Config) -> None:
@@ -383,9 +515,13 @@ async def run_writer(config: Config) -> None:
     shards = ShardWriting(shard_writer_of(config)) if config.redis_cluster_nodes else None
     # And with SUBSIDY_REDIS_SHARDS, each consumer shard's ledger stream into the ledger.
     shard_ledgers = shard_ledgers_of(config) if config.redis_cluster_nodes and config.redis_shards else None
+    # And each consumer shard's qualification and risk event streams, over the same cluster client.
+    shard_consumers = shard_consumers_of(config, shard_ledgers) if shard_ledgers is not None else None
+    if shard_ledgers is not None:  # before anything sends them commands: /health, the writers
+        await initialize(shard_ledgers.cluster)
     server = (
         await serve_metrics(
-            WriterMetrics(writer, publish_state, shards, shard_ledgers),
+            WriterMetrics(writer, publish_state, shards, shard_ledgers, shard_consumers),
             config.writer_metrics_listen,
             metrics_tls(config),
         )
@@ -406,6 +542,8 @@ async def run_writer(config: Config) -> None:
         # Ends only on an EventCollision (logged critical): /health then answers 503.
         shards.task = asyncio.create_task(shards.writer.run(stopping))
     shard_writing = [asyncio.create_task(w.run(stopping)) for w in shard_ledgers.writers] if shard_ledgers else []
+    if shard_consumers is not None:
+        shard_writing += [asyncio.create_task(c.run(stopping)) for _, c in shard_consumers.consumers]
     try:
         await writer.run(stopping)
     finally:

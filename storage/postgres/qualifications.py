@@ -8,6 +8,14 @@ entries. Delivery
 is at least once; a snapshot never overwrites a newer one (the stream entry id orders them),
 so redelivery after a crash and two mirrors racing are both harmless.
 
+On a Redis Cluster deployment (SUBSIDY_REDIS_SHARDS, docs/scale-out.md 2.0) the writer process
+runs one mirror per consumer shard, on that shard's stream (``Keys`` of the shard, a cluster
+client: server/processes/writer.py ``shard_consumers_of``), into the same table. Stream entry ids
+repeat across shards, but here they only order one redemption code's snapshots, and those all come
+from one stream: a script writes the snapshot of the qualification hash it holds in the same slot
+as the stream, and a code (unique across shards) has its hash in one shard only, its claimant's.
+``restore_qualifications`` is one Redis's only.
+
 Masks are kept only in their at-rest form (a sealed token or ``""``, docs/privacy.md): a
 snapshot carrying anything else (one written before masks were sealed) is stored with them
 blank, and at start the mirror blanks what Redis kept in clear (storage/redis/masks.py).
