@@ -15,14 +15,16 @@ server/ctl/ledger.py; ``python -m server.ledger`` is their alias).
   SUBSIDY_REDIS_SHARDS (``mode``: consumer shards) the money counters compared are the
   consumer shards' summed, the sweepers' backlog theirs (summed, and per shard where there is
   one), and each shard's ledger stream's backlog and dead letters are findings too
-  (``streams.shard_ledgers``).
+  (``streams.shard_ledgers``); so are the quota and holder hashes (summed over the shards)
+  against the qualification mirror, and each shard's qualification and risk event streams'
+  backlog and dead letters (``streams.shard_qualification_mirrors``, ``shard_risk_events``).
 - ``rebuild``: restores Redis counters from the ledger, qualifications from their mirror and
   other providers' reports from theirs (after a Redis loss); refuses while either stream still
   holds unwritten entries unless ``--force``.
 - ``lag``: the stream backlog, the qualification mirror's and the risk event writer's (entries
   not yet written and dead-lettered), with SUBSIDY_REDIS_CLUSTER_NODES the shard streams', with
-  SUBSIDY_REDIS_SHARDS each consumer shard's ledger stream's, and the sweepers' (overdue, set
-  aside).
+  SUBSIDY_REDIS_SHARDS each consumer shard's ledger, qualification and risk event streams', and
+  the sweepers' (overdue, set aside).
 - ``requeue-set-aside``: puts set-aside holds and qualifications back on their schedule, due
   now, once the defect that made their expiry fail is fixed (an item failing again is set
   aside again).
@@ -48,7 +50,9 @@ from storage.postgres.audit import rebuild, verify
 from storage.postgres.counter_check import (
     ConsumerShards,
     ShardLedgersLag,
+    ShardStreamBacklogs,
     check_counters,
+    shard_consumer_backlogs,
     shard_ledgers_lag,
     shard_streams_lag,
 )
@@ -122,6 +126,24 @@ def shard_ledgers_shown(lags: ShardLedgersLag) -> dict[str, Any]:
     }
 
 
+# How reconcile and lag name each consumer shard's stream consumers (consumer_backlogs' names).
+SHARD_CONSUMERS_SHOWN = {"qualification_mirror": "shard_qualification_mirrors", "risk_events": "shard_risk_events"}
+
+
+def shard_consumers_shown(backlogs: dict[str, ShardStreamBacklogs]) -> dict[str, Any]:
+    """The consumer shards' qualification mirrors' and risk event writers' streams as shown, each
+    as ``shard_ledgers_shown``: backlog (not yet written) and dead letters in all, then one row a
+    shard."""
+    return {
+        SHARD_CONSUMERS_SHOWN[name]: {
+            "backlog": streams.backlog,
+            "dead_letters": streams.dead_letters,
+            "shards": [{"shard": shard, **dataclasses.asdict(current)} for shard, current in streams.shards.items()],
+        }
+        for name, streams in backlogs.items()
+    }
+
+
 def shard_streams_shown(shards: StreamsLag | str) -> dict[str, Any]:
     """The shard streams' lag as shown: streams, backlog, dead_letters; or the error."""
     return dataclasses.asdict(shards) if isinstance(shards, StreamsLag) else {"error": shards}
@@ -141,6 +163,7 @@ async def redis_lag(config: Config) -> dict[str, Any]:
         async with consumer_shards(config) as sharded:
             if sharded is not None:
                 shards["shard_ledgers"] = shard_ledgers_shown(await shard_ledgers_lag(sharded))
+                shards |= shard_consumers_shown(await shard_consumer_backlogs(sharded))
         return {
             **ledger,
             "qualification_backlog": qualifications.backlog,
@@ -180,13 +203,15 @@ async def with_connections(config: Config, action: str, force: bool, step: Step 
             # and the shard streams' (only here: the gateway holds no cluster connection).
             # Qualification differences carry "mirror" where the ledger's carry "ledger": claims
             # are compared with the qualification mirror, not the ledger.
-            # With consumer shards, the money counters and sweepers are theirs (check_counters).
+            # With consumer shards, the money, quota and holder counters and the sweepers are
+            # theirs, and their qualification and risk event streams' backlogs findings (check_counters).
             async with shard_reader(config) as reader, consumer_shards(config) as sharded:
                 check = await check_counters(connection, redis, keys, reader, sharded)
             shards = {} if check.shard_streams is None else {"shard_streams": shard_streams_shown(check.shard_streams)}
             mode, shard_sweepers = {}, {}
             if check.shard_ledgers is not None:
                 shards["shard_ledgers"] = shard_ledgers_shown(check.shard_ledgers)
+                shards |= shard_consumers_shown(check.shard_consumers)
                 mode = {"mode": "consumer shards", "shard_count": config.redis_shards}
                 # Only the shards with work left, one row a shard: the sum is in "sweeper".
                 shard_sweepers = {

@@ -75,8 +75,10 @@ def reconcile() -> None:
     consumers (qualification mirror, risk events) and, with SUBSIDY_REDIS_CLUSTER_NODES, of the
     Redis Cluster's shard streams (any difference, sweeper backlog or dead letter, or shard
     streams that cannot be read: exit status 1). With SUBSIDY_REDIS_SHARDS too (mode "consumer
-    shards"), the counters compared are the sum of the consumer shards', and each shard's ledger
-    stream backlog and dead letters are findings (shard_ledgers, shard_sweepers)."""
+    shards"), the counters compared are the sum of the consumer shards' (money, qualification
+    quotas, holders), and each shard's ledger, qualification and risk event streams' backlog and
+    dead letters are findings (shard_ledgers, shard_qualification_mirrors, shard_risk_events,
+    shard_sweepers)."""
     _run("reconcile")
 
 
@@ -98,7 +100,8 @@ def lag() -> None:
     qualification mirror's and the risk event writer's backlog and dead letters, with
     SUBSIDY_REDIS_CLUSTER_NODES the shard streams' (shard_streams: streams, backlog,
     dead_letters, or the error when the cluster cannot be read), with SUBSIDY_REDIS_SHARDS each
-    consumer shard's ledger stream (shard_ledgers), and the sweepers' (one Redis only)."""
+    consumer shard's ledger, qualification and risk event streams (shard_ledgers,
+    shard_qualification_mirrors, shard_risk_events), and the sweepers' (one Redis only)."""
     _run("lag")
 
 

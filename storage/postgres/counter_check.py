@@ -21,10 +21,19 @@ has neither) both call ``check_counters``, so the two cannot drift apart.
   ledger backlog is a finding, unlike the one-Redis streams': the shards' counters are then
   ahead of the ledger, and the differences that makes cannot be told from a wrong counter
   (drain, then reconcile again). Command line only, as the shard streams.
+- With consumer shards too, the qualification quota and holder hashes compared with the mirror
+  are the shards' (each quota's counts summed over the shards, each person's holder hash in
+  their shard; a shard quota's own ``:funded``, ``:total`` and ``:funded_version`` left out), and
+  each shard's ``qualification_events`` and ``risk_events`` streams' backlog and dead letters
+  (the streams the writer's per-shard QualificationMirror and ShardRiskEventWriter drain,
+  server/processes/writer.py ``shard_consumers_of``) are findings, as its ledger stream's: an
+  unwritten qualification change makes that shard's holders and quota counts run ahead of the
+  mirror, a dead letter is a row missing from PostgreSQL.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -33,7 +42,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from storage.postgres.audit import Counters, Difference, compare, ledger_counters, reconcile, redis_counters
-from storage.postgres.qualifications import MirrorDifference, reconcile_qualifications
+from storage.postgres.qualifications import (
+    CounterKey,
+    MirrorDifference,
+    held_counters,
+    mirror_differences,
+    mirrored_counters,
+    reconcile_qualifications,
+)
 from storage.postgres.stream_consumer import StreamBacklog, consumer_backlogs
 from storage.postgres.writer import Lag, WriterConfig, lag
 from storage.redis.cluster.shards import ShardLayout
@@ -44,6 +60,9 @@ from storage.redis.store import SweepBacklog, sweep_backlog
 # The shard budget's own fields (storage/redis/cluster/shard_budget.py: the funding target
 # applied to the shard and the plan version it came from), not money the ledger moves.
 SHARD_BUDGET_FIELDS = frozenset({"funded", "funded_version"})
+# The shard quota's own fields (shard_budget.py ShardQuota: the shard's slice of the quota, the
+# funding target applied and its plan version), not claims: the mirror's rows make none of them.
+SHARD_QUOTA_FIELDS = frozenset({"funded", "total", "funded_version"})
 # The ledger writer's consumer group on every ledger stream, a shard's too.
 LEDGER_GROUP = WriterConfig.group
 
@@ -72,6 +91,22 @@ class ShardLedgersLag:
 
 
 @dataclass(frozen=True)
+class ShardStreamBacklogs:
+    """One stream consumer's stream in every consumer shard (the qualification mirror's
+    ``qualification_events`` or the risk event writer's ``risk_events``), by shard name."""
+
+    shards: dict[str, StreamBacklog]
+
+    @property
+    def backlog(self) -> int:
+        return sum(current.backlog for current in self.shards.values())
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(current.dead_letters for current in self.shards.values())
+
+
+@dataclass(frozen=True)
 class CounterCheck:
     ledger_differences: list[Difference]
     mirror_differences: list[MirrorDifference]
@@ -84,25 +119,32 @@ class CounterCheck:
     # in ``sweeper``). None and empty on one Redis.
     shard_ledgers: ShardLedgersLag | None = None
     shard_sweepers: dict[str, SweepBacklog] = field(default_factory=dict)
+    # With consumer shards: their "qualification_mirror" and "risk_events" streams (as
+    # consumer_backlogs names them), by shard. Empty on one Redis.
+    shard_consumers: dict[str, ShardStreamBacklogs] = field(default_factory=dict)
 
     @property
     def dead_letters(self) -> int:
         shards = self.shard_streams.dead_letters if isinstance(self.shard_streams, StreamsLag) else 0
         ledgers = self.shard_ledgers.dead_letters if self.shard_ledgers is not None else 0
-        return sum(stream.dead_letters for stream in self.streams.values()) + shards + ledgers
+        consumers = sum(stream.dead_letters for stream in self.shard_consumers.values())
+        return sum(stream.dead_letters for stream in self.streams.values()) + shards + ledgers + consumers
 
     @property
     def mirror_behind(self) -> bool:
         """Qualification changes not yet mirrored: the qualification comparison is premature."""
-        return self.streams["qualification_mirror"].backlog > 0
+        sharded = self.shard_consumers.get("qualification_mirror")
+        return self.streams["qualification_mirror"].backlog > 0 or (sharded is not None and sharded.backlog > 0)
 
     @property
     def problem(self) -> bool:
         """A finding: a difference, work the sweepers have not done, a dead letter, shard
-        streams that could not be read, or a consumer shard's unwritten ledger events. (Another
-        backlog alone is not one: the caller decides whether a premature comparison is.)"""
+        streams that could not be read, or a consumer shard's unwritten ledger events,
+        qualification changes or risk events. (A one-Redis stream's backlog alone is not one:
+        the caller decides whether a premature comparison is.)"""
         unread = isinstance(self.shard_streams, str)
         unwritten = self.shard_ledgers is not None and self.shard_ledgers.backlog > 0
+        unwritten = unwritten or any(stream.backlog for stream in self.shard_consumers.values())
         return bool(
             self.ledger_differences
             or self.mirror_differences
@@ -124,6 +166,35 @@ async def shard_streams_lag(reader: ShardStreamReader) -> StreamsLag | str:
 async def shard_ledgers_lag(shards: ConsumerShards) -> ShardLedgersLag:
     """Each consumer shard's ledger stream's lag, as the ledger writer's /health reads it."""
     return ShardLedgersLag({keys.shard: await lag(shards.cluster, keys, LEDGER_GROUP) for keys in shards.layout.keys})
+
+
+async def shard_consumer_backlogs(shards: ConsumerShards) -> dict[str, ShardStreamBacklogs]:
+    """Each consumer shard's qualification and risk event streams' backlog and dead letters, read
+    as one Redis's (``consumer_backlogs`` on the shard's keys: the streams the writer's per-shard
+    mirror and risk event writer drain, entries deleted once written): by stream, then shard."""
+    by_shard = {
+        # consumer_backlogs names only this shard's keys (one slot): the cluster client routes them.
+        keys.shard: await consumer_backlogs(shards.cluster, keys)  # type: ignore[arg-type]
+        for keys in shards.layout.keys
+    }
+    return {
+        name: ShardStreamBacklogs({shard: streams[name] for shard, streams in by_shard.items()})
+        for name in ("qualification_mirror", "risk_events")
+    }
+
+
+async def shard_qualification_counters(shards: ConsumerShards) -> Counter[CounterKey]:
+    """The shards' quota and holder hashes as one Redis's: each campaign's quota counts summed
+    over the shards (each claims against its slice), its own fields left out; each person's
+    holder hash as their shard holds it (they live in one shard, so the sum is theirs)."""
+    summed: Counter[CounterKey] = Counter()
+    for keys in shards.layout.keys:
+        # held_counters names only this shard's keys (one slot): the cluster client routes them.
+        for key, value in (await held_counters(shards.cluster, keys)).items():  # type: ignore[arg-type]
+            _, consumer_key, name = key
+            if consumer_key or name.rsplit(":", 1)[-1] not in SHARD_QUOTA_FIELDS:
+                summed[key] += value
+    return summed
 
 
 async def shard_counters(shards: ConsumerShards) -> Counters:
@@ -150,15 +221,18 @@ async def check_counters(
     consumer_shards: ConsumerShards | None = None,
 ) -> CounterCheck:
     """Every check; ``shards`` (the Redis Cluster's shard streams) only when given; with
-    ``consumer_shards`` the money counters and sweepers are theirs instead of ``keys``'."""
+    ``consumer_shards`` the money, quota and holder counters and the sweepers are theirs instead
+    of ``keys``', and their qualification and risk event streams are read too."""
     # The backlogs are read first: a backlog of 0 then means every change made before the
     # comparison started is in PostgreSQL.
     shard_streams = await shard_streams_lag(shards) if shards is not None else None
     shard_ledgers = await shard_ledgers_lag(consumer_shards) if consumer_shards is not None else None
+    shard_consumers = await shard_consumer_backlogs(consumer_shards) if consumer_shards is not None else {}
     streams = await consumer_backlogs(redis, keys)
     if consumer_shards is None:
         sweeper, shard_sweepers = await sweep_backlog(redis, keys), {}
         ledger_differences = await reconcile(connection, redis, keys)
+        qualification_differences = await reconcile_qualifications(connection, redis, keys)
     else:
         shard_sweepers = {
             shard.shard: await sweep_backlog(consumer_shards.cluster, shard)  # type: ignore[arg-type]
@@ -166,14 +240,18 @@ async def check_counters(
         }
         sweeper = summed_sweepers(list(shard_sweepers.values()))
         ledger_differences = compare(await ledger_counters(connection), await shard_counters(consumer_shards))
+        qualification_differences = mirror_differences(
+            await mirrored_counters(connection), await shard_qualification_counters(consumer_shards)
+        )
     return CounterCheck(
         ledger_differences=ledger_differences,
-        mirror_differences=await reconcile_qualifications(connection, redis, keys),
+        mirror_differences=qualification_differences,
         sweeper=sweeper,
         streams=streams,
         shard_streams=shard_streams,
         shard_ledgers=shard_ledgers,
         shard_sweepers=shard_sweepers,
+        shard_consumers=shard_consumers,
     )
 
 

@@ -183,10 +183,21 @@ async def reconcile_qualifications(connection: asyncpg.Connection, redis: Redis,
     ``qualification``; the key ``quota:<campaign>:<field>`` or
     ``holder:<campaign>:<consumer key>:<field>``. Meaningful with the qualification stream
     drained (``consumer_backlogs``), as the ledger's comparison is with the ledger stream drained."""
+    return mirror_differences(await mirrored_counters(connection), await held_counters(redis, keys))
+
+
+async def mirrored_counters(connection: asyncpg.Connection) -> Counter[CounterKey]:
+    """What the quota and holder hashes should hold, from every mirrored row (a cluster
+    deployment's shards' rows all land in the one table)."""
     rows = await connection.fetch(
         "SELECT campaign_id, consumer_key, category, state, pack_id, partner_id, request_id FROM qualifications"
     )
-    mirrored = qualification_counters(rows)
+    return qualification_counters(rows)
+
+
+async def held_counters(redis: Redis, keys: Keys) -> Counter[CounterKey]:
+    """What the quota and holder hashes of one key set hold, every field as it is (on a cluster,
+    ``redis`` a cluster client and ``keys`` one shard's: their keys share its slot)."""
     held: Counter[CounterKey] = Counter()
     async for raw_key in redis.scan_iter(match=keys.qualification_quota("*"), count=1000):
         campaign_id = text(raw_key).removeprefix(keys.qualification_quota(""))
@@ -196,6 +207,11 @@ async def reconcile_qualifications(connection: asyncpg.Connection, redis: Redis,
         campaign_id, consumer_key = text(raw_key).removeprefix(keys.qualification_holder("", "")[:-1]).split(":", 1)
         for field, value in (await redis.hgetall(raw_key)).items():
             held[(campaign_id, consumer_key, text(field))] = int(value)
+    return held
+
+
+def mirror_differences(mirrored: Counter[CounterKey], held: Counter[CounterKey]) -> list[MirrorDifference]:
+    """Every counter on which the two disagree, as ``reconcile_qualifications`` names them."""
     differences = []
     for key in sorted(set(mirrored) | set(held)):
         if mirrored[key] != held[key]:
