@@ -30,7 +30,7 @@ from storage.redis.cluster.nodes import cluster_client
 from storage.redis.cluster.shard_budget import ShardBudget, released_fen
 from storage.redis.cluster.shards import ShardLayout, publish_to_shards
 from storage.redis.keys import Keys
-from storage.redis.reference import publish_reference, risk_field, tranche_schedule
+from storage.redis.reference import publish_reference, tranche_schedule
 
 
 async def publish_snapshot(config: Config, snapshot: ReferenceSnapshot) -> int:
@@ -124,20 +124,35 @@ def quota_plans(snapshot: ReferenceSnapshot, version: int) -> list[QuotaPlan]:
     return plans
 
 
+# The risk limits counted over every consumer's sales (a terminal's, a merchant's, the price
+# flag's daily mix): no consumer shard sees them whole. The consumer's own hourly velocity and
+# the per-merchant daily limit (a consumer's payments at one merchant, kept in the consumer's
+# usage hash) are counted in the consumer's shard, exactly.
+SHARED_RISK_LIMITS = (
+    "terminal_sales_per_minute",
+    "terminal_sales_per_hour",
+    "merchant_sales_per_day",
+    "price_flag_min_sales",
+    "price_flag_ratio_percent",
+)
+
+
 def refuse_cross_shard_rules(campaigns: Sequence[Any], path: str = "campaigns") -> None:
-    """On a cluster deployment each consumer shard counts its own sales, so a rule counted per
-    merchant or terminal across all consumers (a per-merchant daily limit, the risk rules'
-    velocity limits and price flag) would allow up to S times its limit (docs/scale-out.md 2.4:
-    not built). Such a campaign is refused before anything is written, naming the field."""
+    """On a cluster deployment each consumer shard counts its own sales, so a risk limit counted
+    over every consumer's sales (SHARED_RISK_LIMITS: a terminal's or a merchant's velocity, the
+    price flag) would allow up to S times its value (docs/scale-out.md 2.4: not built). Such a
+    campaign is refused before anything is written, naming the field. The per-merchant daily
+    limit and the consumer's hourly velocity are per consumer: served, exactly."""
     for index, campaign in enumerate(campaigns):
         values = campaign if isinstance(campaign, dict) else vars(campaign)
-        campaign_path = f"{path}[{index}]"
-        if values.get("per_merchant_daily_limit"):
-            raise ReferenceError(
-                f"{campaign_path}.per_merchant_daily_limit", "not enforced across consumer shards on a cluster yet"
-            )
-        if risk_field(values.get("risk_limits")):
-            raise ReferenceError(f"{campaign_path}.risk_limits", "not enforced across consumer shards on a cluster yet")
+        limits = values.get("risk_limits")
+        if isinstance(limits, str | bytes):
+            limits = orjson.loads(limits)
+        for name in SHARED_RISK_LIMITS:
+            if int((limits or {}).get(name, 0)):
+                raise ReferenceError(
+                    f"{path}[{index}].risk_limits.{name}", "not enforced across consumer shards on a cluster yet"
+                )
 
 
 def read_reference(path: Path) -> ReferenceData:

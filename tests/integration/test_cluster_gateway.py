@@ -24,7 +24,7 @@ from subsidy_client import AuthorizationClient, Line
 from subsidy_client.v1 import authorization_pb2 as pb
 from subsidy_client.v1 import campaign_pb2, campaign_pb2_grpc
 
-from server.commands.reference import load, publish_snapshot
+from server.commands.reference import SHARED_RISK_LIMITS, load, publish_snapshot
 from server.config import Config
 from server.domain.reference import ReferenceError
 from storage.cluster_dev import LocalCluster
@@ -358,18 +358,24 @@ async def test_a_keeper_whose_clock_runs_ahead_funds_no_tranche_early(
         await budget.aclose()
 
 
-async def test_rules_counted_per_merchant_or_terminal_are_refused_on_a_cluster(
+async def test_risk_limits_counted_over_every_consumer_are_refused_on_a_cluster(
     environment: Environment, redis_cluster: LocalCluster, tmp_path: Path
 ) -> None:
-    """Each shard counts its own sales, so a per-merchant daily limit or a velocity limit would
-    allow up to 6 times its value: refused, naming the field, before anything is written."""
+    """Each shard counts its own sales, so a terminal's or a merchant's velocity limit or the
+    price flag would allow up to 6 times its value: refused, naming the field, before anything
+    is written."""
     config = cluster_config(environment, redis_cluster, "cg" + secrets.token_hex(4))
-    for field, value in (("per_merchant_daily_limit", 3), ("risk_limits", {"terminal_sales_per_minute": 5})):
+    price_flag = {"price_flag_min_sales": 5, "price_flag_ratio_percent": 150}
+    cases = [(name, {name: 5}) for name in SHARED_RISK_LIMITS if not name.startswith("price_flag")]
+    cases.append(("price_flag_min_sales", price_flag))
+    assert {name for name, _ in cases} | set(price_flag) == set(SHARED_RISK_LIMITS)
+    for name, limits in cases:
         document = campaign_document("c-cl-" + secrets.token_hex(4), SHARDS)
-        document["campaigns"][0][field] = value  # type: ignore[index]
-        path = tmp_path / f"{field}.yaml"
+        document["campaigns"][0]["risk_limits"] = {**limits, "consumer_sales_per_hour": 2}  # type: ignore[index]
+        path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document))
-        with pytest.raises(ReferenceError, match=f"campaigns\\[0\\].{field}: not enforced across consumer shards"):
+        pattern = f"campaigns\\[0\\].risk_limits.{name}: not enforced across consumer shards"
+        with pytest.raises(ReferenceError, match=pattern):
             await load(config, path, None)
         campaign_id = document["campaigns"][0]["id"]  # type: ignore[index]
         connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
@@ -377,3 +383,48 @@ async def test_rules_counted_per_merchant_or_terminal_are_refused_on_a_cluster(
             assert await connection.fetchval("SELECT count(*) FROM campaigns WHERE campaign_id = $1", campaign_id) == 0
         finally:
             await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [
+        ({"per_merchant_daily_limit": 2}, pb.DECLINE_REASON_MERCHANT_DAILY_LIMIT_REACHED),
+        ({"risk_limits": {"consumer_sales_per_hour": 2}}, pb.DECLINE_REASON_CONSUMER_VELOCITY_HOUR),
+    ],
+    ids=["per_merchant_daily_limit", "consumer_sales_per_hour"],
+)
+async def test_limits_counted_per_consumer_are_exact_on_a_cluster(
+    environment: Environment,
+    cluster_gateway: tuple[Config, str],
+    limit: dict[str, object],
+    reason: int,
+) -> None:
+    """The per-merchant daily limit (a consumer's payments at one merchant in a day) and the
+    consumer's hourly velocity are counted in the consumer's shard: one consumer in each of the
+    6 shards buying 3 times, limit 2: exactly 2 approved each, the third declined with the
+    limit's reason."""
+    config, target = cluster_gateway
+    campaign_id = "c-cl-" + secrets.token_hex(4)
+    document = campaign_document(campaign_id, 3 * SHARDS)
+    document["campaigns"][0].update(limit)  # type: ignore[index]
+    document["campaigns"][0]["rules"][0]["per_person_limit"] = 10  # type: ignore[index]
+    await load_document(environment, document)
+    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
+    try:
+        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
+    finally:
+        await connection.close()
+    layout = ShardLayout(config.redis_prefix, SHARDS)
+    client = AuthorizationClient(target, "t-main-01", environment.credentials["t-main-01"])
+    try:
+        for consumer in consumers_per_shard(layout, 1):
+            answers = [
+                await client.authorize(
+                    campaign_id=campaign_id, consumer_key=consumer, lines=[Line("1", GTIN, PRICE_FEN)]
+                )
+                for _ in range(3)
+            ]
+            assert [answer.decision for answer in answers] == [pb.DECISION_APPROVED] * 2 + [pb.DECISION_DECLINED]
+            assert answers[2].decline_reason == reason
+    finally:
+        await client.close()
