@@ -4,18 +4,24 @@ one instead when SUBSIDY_REDIS_CLUSTER_NODES and SUBSIDY_REDIS_SHARDS are set.
 What it serves: AuthorizationService (Authorize, Capture, Void, Refund, GetAuthorization) and
 QualificationService (Claim, Get, List, Cancel) over ``ShardedStore``, each sale and claim in its
 consumer's shard (a sale by redemption code alone in the code's, which is its owner's) and every
-answer acknowledged by a replica (``AcknowledgedScripts``, WAIT 1); Diagnostics, health and
+answer acknowledged by a replica (``AcknowledgedScripts``, WAIT 1); a device serial is reserved
+in its home shard first (storage/redis/cluster/serials.py). For the bureau, whatever the
+deployment: DailyReportService and ReconciliationService, whose RPCs use only PostgreSQL (the
+ledger the writer drains from every shard); SupervisionService, its live fund view
+(``WatchFunds``) over every shard's budget and quota counts summed (storage/redis/budget.py
+``ShardedBudgetReader``), ListAlerts and GetTodayFigures from PostgreSQL. Diagnostics, health and
 reflection; the hold and qualification sweepers of every shard, and the keeper that funds
 released tranches and quota and rebalances short shards (keeper.py).
-Credentials come from the deployment's own keys on the cluster, as the reference publication
-(``subsidyctl reference load`` with the same settings: ``publish_to_shards``, the shard budget's
-funding and the plans the keeper reads) writes them.
+Credentials and roles come from the deployment's own keys on the cluster, as the reference
+publication (``subsidyctl reference load`` with the same settings: ``publish_to_shards``, the
+shard budget's funding and the plans the keeper reads) writes them: an operator or government
+credential is what it is on one Redis.
 
-What it does not serve yet: the operator, reporting, exchange, complaint, risk and supervision
-services. They read and publish through one Redis's keys, which a cluster deployment does not
-have; a call to them is answered UNIMPLEMENTED by gRPC itself (unregistered), rather than served
-from keys no sale reads. A device serial is reserved in its home shard first
-(storage/redis/cluster/serials.py).
+What it does not serve yet: the campaign, catalog, merchant, credential, block list, reporting,
+exchange, complaint and risk case services. They read or publish through one Redis's keys (the
+reference data, the block list, the authorization and qualification records, the exchange and
+complaint keys), which a cluster deployment holds per shard or not at all; a call to them is
+answered UNIMPLEMENTED by gRPC itself (unregistered), rather than served from keys no sale reads.
 """
 
 from __future__ import annotations
@@ -31,20 +37,33 @@ from grpc_reflection.v1alpha import reflection
 from subsidy_client.v1 import (
     authorization_pb2,
     authorization_pb2_grpc,
+    daily_report_pb2,
+    daily_report_pb2_grpc,
     diagnostics_pb2,
     diagnostics_pb2_grpc,
     qualification_pb2,
     qualification_pb2_grpc,
+    reconciliation_pb2,
+    reconciliation_pb2_grpc,
+    supervision_pb2,
+    supervision_pb2_grpc,
 )
 
 from server.config import Config, ConfigError, cluster_nodes
+from server.domain.daily_report import BusinessCalendar
+from server.domain.supervision import SurgeRule
 from server.processes.app import Application, guarded_server, store_limits
 from server.processes.sweeper import Step, expiring, sweep_forever
 from server.rpc.tls import bind, check_listeners
 from server.services.authorization import AuthorizationService
+from server.services.daily_reports import DailyReportService
 from server.services.diagnostics import DiagnosticsService
+from server.services.operations import OperatorDeps
 from server.services.qualification import QualificationService
+from server.services.reconciliation import ReconciliationService
+from server.services.supervision import FundsPoller, SupervisionService, SupervisionSettings
 from storage.postgres.pool import LazyPool
+from storage.redis.budget import ShardedBudgetReader
 from storage.redis.cluster.keeper import keep
 from storage.redis.cluster.nodes import cluster_client
 from storage.redis.cluster.serials import SerialRegistry
@@ -58,7 +77,36 @@ SHARDED_SERVICE_NAMES = (
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
     qualification_pb2.DESCRIPTOR.services_by_name["QualificationService"].full_name,
+    daily_report_pb2.DESCRIPTOR.services_by_name["DailyReportService"].full_name,
+    reconciliation_pb2.DESCRIPTOR.services_by_name["ReconciliationService"].full_name,
+    supervision_pb2.DESCRIPTOR.services_by_name["SupervisionService"].full_name,
 )
+
+
+def postgres_only(pool: LazyPool) -> OperatorDeps:
+    """The dependencies of a service whose RPCs use only PostgreSQL (``deps.pool``): no Redis
+    store at all, so that a later change reaching for one Redis's keys fails loudly (INTERNAL)
+    on a cluster rather than reading keys a cluster deployment does not have."""
+    return OperatorDeps(pool, None)  # type: ignore[arg-type]
+
+
+def funds_poller(config: Config, budgets: ShardedBudgetReader, pool: LazyPool) -> FundsPoller:
+    """The live supervision poller of one Redis's gateway (server/processes/app.py), with the same
+    settings, over every shard's counts."""
+    return FundsPoller(
+        budgets,
+        pool,
+        BusinessCalendar(config.report_timezone, config.report_cutoff),
+        SupervisionSettings(
+            poll_interval_ms=config.supervision_poll_ms,
+            queue_size=config.supervision_queue_size,
+            thresholds=config.alert_threshold_percents,
+            thresholds_by_campaign=config.alert_threshold_overrides,
+            surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
+            surge_check_interval_s=config.surge_check_interval_s,
+            raised_by=config.redis_client_name,
+        ),
+    )
 
 
 def shard_sweeps(store: ShardedStore, budget: ShardBudget, config: Config) -> list[list[Step]]:
@@ -94,6 +142,7 @@ async def create_sharded_server(config: Config) -> Application:
     startup = cluster_nodes(config.redis_cluster_nodes)
     cluster = cluster_client(startup, timeout_s=config.redis_timeout_s, client_name=config.redis_client_name)
     scripts = AcknowledgedScripts(cluster)
+    budgets: ShardedBudgetReader | None = None
     try:
         await scripts.preload()
         layout = ShardLayout(config.redis_prefix, config.redis_shards)
@@ -119,6 +168,19 @@ async def create_sharded_server(config: Config) -> Application:
             server,
         )
         diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsService(), server)
+        operator_pool = LazyPool(config.pg_dsn)
+        calendar = BusinessCalendar(config.report_timezone, config.report_cutoff)
+        daily_report_pb2_grpc.add_DailyReportServiceServicer_to_server(
+            DailyReportService(postgres_only(operator_pool), calendar), server
+        )
+        reconciliation_pb2_grpc.add_ReconciliationServiceServicer_to_server(
+            ReconciliationService(postgres_only(operator_pool), calendar), server
+        )
+        budgets = ShardedBudgetReader(cluster, layout.keys)
+        poller = funds_poller(config, budgets, operator_pool)
+        supervision_pb2_grpc.add_SupervisionServiceServicer_to_server(
+            SupervisionService(poller, operator_pool, calendar), server
+        )
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SHARDED_SERVICE_NAMES, ""):
@@ -128,6 +190,8 @@ async def create_sharded_server(config: Config) -> Application:
         )
         listeners = bind(grpc_server, config)
     except (Exception, asyncio.CancelledError):
+        if budgets is not None:
+            await budgets.aclose()
         await scripts.aclose()
         await cluster.aclose()
         raise
@@ -138,11 +202,12 @@ async def create_sharded_server(config: Config) -> Application:
         store,  # type: ignore[arg-type]
         health_servicer,
         config,
-        LazyPool(config.pg_dsn),
+        operator_pool,
         mtls_port=listeners.mtls_port,
         certificates=listeners.reloader,
+        poller=poller,
         service_names=SHARDED_SERVICE_NAMES,
-        closing=[scripts.aclose],
+        closing=[budgets.aclose, scripts.aclose],
     )
     budget = ShardBudget(cluster, layout)
     application.closing.insert(0, budget.aclose)

@@ -5,11 +5,12 @@ stopped when the last watcher leaves, so a gateway nobody watches makes no super
 at all (the authorization path's costs, counted by tests/integration/test_hot_path_cost.py,
 stay exact). While running it reads every campaign x category budget once per poll interval
 (one second) in ONE pipelined Redis round trip of plain reads (storage/redis/budget.py
-``read_budgets``), keeps a minute of readings per budget (server/domain/supervision.py),
-builds one WatchFundsResponse and offers it to every watcher's bounded queue. A watcher whose
-queue is full is dropped: its stream ends RESOURCE_EXHAUSTED, reason SLOW_CONSUMER, and
-``subsidy_supervision_dropped_watchers`` counts it. Watchers therefore cost a queue slot each,
-never a Redis or PostgreSQL call.
+``read_budgets``; on a Redis Cluster deployment one per primary, every consumer shard's counts
+summed: ``ShardedBudgetReader``), keeps a minute of readings per budget
+(server/domain/supervision.py), builds one WatchFundsResponse and offers it to every watcher's
+bounded queue. A watcher whose queue is full is dropped: its stream ends RESOURCE_EXHAUSTED,
+reason SLOW_CONSUMER, and ``subsidy_supervision_dropped_watchers`` counts it. Watchers therefore
+cost a queue slot each, never a Redis or PostgreSQL call.
 
 From PostgreSQL, every few seconds (not every poll): the budgets to watch (campaigns and
 rules), captures per minute, and alerts other processes recorded. Budget threshold alerts are
@@ -46,7 +47,7 @@ from storage.postgres import alerts as alert_store
 from storage.postgres import daily_reports
 from storage.postgres import supervision as supervision_store
 from storage.postgres.pool import DATABASE_FAILURES, LazyPool
-from storage.redis.budget import BudgetCounters, BudgetReader
+from storage.redis.budget import BudgetCounters, BudgetSource
 
 pb = supervision_pb2
 log = logging.getLogger("subsidy.supervision")
@@ -130,7 +131,7 @@ class FundsPoller:
 
     def __init__(
         self,
-        budgets: BudgetReader,
+        budgets: BudgetSource,
         pool: LazyPool,
         calendar: BusinessCalendar,
         settings: SupervisionSettings,
