@@ -79,7 +79,7 @@ from server.services.reporting import ReportingService
 from server.services.risk_cases import RiskCaseService
 from server.services.supervision import FundsPoller, SupervisionService, SupervisionSettings
 from storage.postgres.pool import LazyPool
-from storage.redis.budget import BudgetReader
+from storage.redis.budget import BudgetReader, BudgetSource
 from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
 from storage.redis.lean import LeanRedis
@@ -200,6 +200,25 @@ def guarded_server(
     return grpc_server, GuardedServer(grpc_server, authenticator, spans)
 
 
+def funds_poller(config: Config, budgets: BudgetSource, pool: LazyPool) -> FundsPoller:
+    """The live supervision poller of a gateway, over one Redis's budget counters or every
+    consumer shard's summed (server/processes/sharded_app.py)."""
+    return FundsPoller(
+        budgets,
+        pool,
+        BusinessCalendar(config.report_timezone, config.report_cutoff),
+        SupervisionSettings(
+            poll_interval_ms=config.supervision_poll_ms,
+            queue_size=config.supervision_queue_size,
+            thresholds=config.alert_threshold_percents,
+            thresholds_by_campaign=config.alert_threshold_overrides,
+            surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
+            surge_check_interval_s=config.surge_check_interval_s,
+            raised_by=config.redis_client_name,
+        ),
+    )
+
+
 async def create_server(config: Config) -> Application:
     if config.redis_shards:
         # A Redis Cluster deployment: the sale path in consumer shards (issue 16).
@@ -296,20 +315,7 @@ async def create_server(config: Config) -> Application:
             ),
             server,
         )
-        poller = FundsPoller(
-            BudgetReader(redis, keys),
-            operator_pool,
-            BusinessCalendar(config.report_timezone, config.report_cutoff),
-            SupervisionSettings(
-                poll_interval_ms=config.supervision_poll_ms,
-                queue_size=config.supervision_queue_size,
-                thresholds=config.alert_threshold_percents,
-                thresholds_by_campaign=config.alert_threshold_overrides,
-                surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
-                surge_check_interval_s=config.surge_check_interval_s,
-                raised_by=config.redis_client_name,
-            ),
-        )
+        poller = funds_poller(config, BudgetReader(redis, keys), operator_pool)
         supervision_pb2_grpc.add_SupervisionServiceServicer_to_server(
             SupervisionService(poller, operator_pool, BusinessCalendar(config.report_timezone, config.report_cutoff)),
             server,

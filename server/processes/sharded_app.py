@@ -51,8 +51,7 @@ from subsidy_client.v1 import (
 
 from server.config import Config, ConfigError, cluster_nodes
 from server.domain.daily_report import BusinessCalendar
-from server.domain.supervision import SurgeRule
-from server.processes.app import Application, guarded_server, store_limits
+from server.processes.app import Application, funds_poller, guarded_server, store_limits
 from server.processes.sweeper import Step, expiring, sweep_forever
 from server.rpc.tls import bind, check_listeners
 from server.services.authorization import AuthorizationService
@@ -61,7 +60,7 @@ from server.services.diagnostics import DiagnosticsService
 from server.services.operations import OperatorDeps
 from server.services.qualification import QualificationService
 from server.services.reconciliation import ReconciliationService
-from server.services.supervision import FundsPoller, SupervisionService, SupervisionSettings
+from server.services.supervision import SupervisionService
 from storage.postgres.pool import LazyPool
 from storage.redis.budget import ShardedBudgetReader
 from storage.redis.cluster.keeper import keep
@@ -88,25 +87,6 @@ def postgres_only(pool: LazyPool) -> OperatorDeps:
     store at all, so that a later change reaching for one Redis's keys fails loudly (INTERNAL)
     on a cluster rather than reading keys a cluster deployment does not have."""
     return OperatorDeps(pool, None)  # type: ignore[arg-type]
-
-
-def funds_poller(config: Config, budgets: ShardedBudgetReader, pool: LazyPool) -> FundsPoller:
-    """The live supervision poller of one Redis's gateway (server/processes/app.py), with the same
-    settings, over every shard's counts."""
-    return FundsPoller(
-        budgets,
-        pool,
-        BusinessCalendar(config.report_timezone, config.report_cutoff),
-        SupervisionSettings(
-            poll_interval_ms=config.supervision_poll_ms,
-            queue_size=config.supervision_queue_size,
-            thresholds=config.alert_threshold_percents,
-            thresholds_by_campaign=config.alert_threshold_overrides,
-            surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
-            surge_check_interval_s=config.surge_check_interval_s,
-            raised_by=config.redis_client_name,
-        ),
-    )
 
 
 def shard_sweeps(store: ShardedStore, budget: ShardBudget, config: Config) -> list[list[Step]]:
