@@ -6,8 +6,14 @@ be raised all the same, for the daily report and for the next person who opens t
 so the writer process drives the same FundsPoller, without watchers, every
 ``SUBSIDY_ALERT_CHECK_INTERVAL_S`` (10 s; 0 turns it off): one pipelined Redis read of every
 budget, the thresholds, and the merchant surge detector every ``SUBSIDY_SURGE_CHECK_INTERVAL_S``.
+On a Redis Cluster deployment (SUBSIDY_REDIS_SHARDS) the budgets are counted in every consumer
+shard's key set, not in one Redis's (which no sale touches there): the check reads them summed
+over the shards (storage/redis/budget.py ``ShardedBudgetReader``, as the cluster gateway's live
+fund view does) over the writer's cluster client, so a threshold crossed by sales in several
+shards is raised as on one Redis.
 Alerts are keyed in PostgreSQL, so the writer and any gateway noticing the same crossing record
-it once. A failure is logged and tried again at the next check; it never stops the writer.
+it once. A failure (Redis, the cluster or PostgreSQL unreadable) is logged and tried again at the
+next check; it never stops the writer. The writer's /health does not show the check.
 """
 
 from __future__ import annotations
@@ -17,22 +23,32 @@ import contextlib
 import logging
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from server.config import Config
 from server.domain.daily_report import BusinessCalendar
 from server.domain.supervision import SurgeRule
 from server.services.supervision import FundsPoller, SupervisionSettings
 from storage.postgres.pool import LazyPool
-from storage.redis.budget import BudgetReader
+from storage.redis.budget import BudgetReader, BudgetSource, ShardedBudgetReader
+from storage.redis.cluster.shards import ShardLayout
 from storage.redis.keys import Keys
 
 log = logging.getLogger("subsidy.supervision")
 
 
-def alert_poller(config: Config, redis: Redis, pool: LazyPool, raised_by: str) -> FundsPoller:
+def alert_budgets(config: Config, redis: Redis, cluster: RedisCluster | None) -> BudgetSource:
+    """Where the deployment's budgets are counted: with SUBSIDY_REDIS_SHARDS and the writer's
+    cluster client, every consumer shard's key set (summed); else one Redis's keys."""
+    if cluster is not None and config.redis_shards:
+        return ShardedBudgetReader(cluster, ShardLayout(config.redis_prefix, config.redis_shards).keys)
+    return BudgetReader(redis, Keys(config.redis_prefix))
+
+
+def alert_poller(config: Config, budgets: BudgetSource, pool: LazyPool, raised_by: str) -> FundsPoller:
     """A FundsPoller for the process's own checks (driven by ``tick``, never by watchers)."""
     return FundsPoller(
-        BudgetReader(redis, Keys(config.redis_prefix)),
+        budgets,
         pool,
         BusinessCalendar(config.report_timezone, config.report_cutoff),
         SupervisionSettings(
@@ -49,11 +65,18 @@ def alert_poller(config: Config, redis: Redis, pool: LazyPool, raised_by: str) -
     )
 
 
-async def run_alert_watch(config: Config, redis: Redis, stopping: asyncio.Event) -> None:
+async def run_alert_watch(
+    config: Config, redis: Redis, stopping: asyncio.Event, cluster: RedisCluster | None = None
+) -> None:
+    """Checks every ``SUBSIDY_ALERT_CHECK_INTERVAL_S`` until ``stopping``. ``cluster``: the
+    writer's cluster client (its shard ledgers'), given with SUBSIDY_REDIS_SHARDS; the sharded
+    reader keeps its own node connections and only uses the client's slot map, so it takes none
+    of the connections the client is sized for."""
     if config.alert_check_interval_s == 0:
         return
+    budgets = alert_budgets(config, redis, cluster)
     pool = LazyPool(config.pg_dsn, max_size=2)
-    poller = alert_poller(config, redis, pool, config.writer_consumer)
+    poller = alert_poller(config, budgets, pool, config.writer_consumer)
     try:
         while not stopping.is_set():
             try:
@@ -64,3 +87,5 @@ async def run_alert_watch(config: Config, redis: Redis, stopping: asyncio.Event)
                 await asyncio.wait_for(stopping.wait(), timeout=config.alert_check_interval_s)
     finally:
         await pool.close()
+        if isinstance(budgets, ShardedBudgetReader):
+            await budgets.aclose()

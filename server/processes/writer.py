@@ -536,8 +536,10 @@ async def run_writer(config: Config) -> None:
         if config.report_schedule
         else None
     )
-    # Supervision alerts (thresholds, merchant surges) even while no gateway is watched.
-    alerting = asyncio.create_task(run_alert_watch(config, redis, stopping))
+    # Supervision alerts (thresholds, merchant surges) even while no gateway is watched; with
+    # SUBSIDY_REDIS_SHARDS over every consumer shard's budgets, through the shard ledgers' client.
+    cluster = shard_ledgers.cluster if shard_ledgers is not None else None
+    alerting = asyncio.create_task(run_alert_watch(config, redis, stopping, cluster))
     if shards is not None:
         # Ends only on an EventCollision (logged critical): /health then answers 503.
         shards.task = asyncio.create_task(shards.writer.run(stopping))
