@@ -45,8 +45,19 @@ def alert_budgets(config: Config, redis: Redis, cluster: RedisCluster | None) ->
     return BudgetReader(redis, Keys(config.redis_prefix))
 
 
-def alert_poller(config: Config, budgets: BudgetSource, pool: LazyPool, raised_by: str) -> FundsPoller:
-    """A FundsPoller for the process's own checks (driven by ``tick``, never by watchers)."""
+def funds_poller(
+    config: Config,
+    budgets: BudgetSource,
+    pool: LazyPool,
+    *,
+    raised_by: str | None = None,
+    ledger_refresh_s: float = 5.0,
+    autostart: bool = True,
+) -> FundsPoller:
+    """The supervision poller with the deployment's settings: a gateway's (driven by its
+    watchers, server/processes/app.py and sharded_app.py) or, with ``autostart=False``, the
+    writer process's own checks (driven by ``tick``). ``raised_by`` names who records an alert
+    (the Redis client name by default)."""
     return FundsPoller(
         budgets,
         pool,
@@ -58,10 +69,10 @@ def alert_poller(config: Config, budgets: BudgetSource, pool: LazyPool, raised_b
             thresholds_by_campaign=config.alert_threshold_overrides,
             surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
             surge_check_interval_s=config.surge_check_interval_s,
-            ledger_refresh_s=0.0,
-            raised_by=raised_by,
+            ledger_refresh_s=ledger_refresh_s,
+            raised_by=config.redis_client_name if raised_by is None else raised_by,
         ),
-        autostart=False,
+        autostart=autostart,
     )
 
 
@@ -76,7 +87,9 @@ async def run_alert_watch(
         return
     budgets = alert_budgets(config, redis, cluster)
     pool = LazyPool(config.pg_dsn, max_size=2)
-    poller = alert_poller(config, budgets, pool, config.writer_consumer)
+    poller = funds_poller(
+        config, budgets, pool, raised_by=config.writer_consumer, ledger_refresh_s=0.0, autostart=False
+    )
     try:
         while not stopping.is_set():
             try:

@@ -56,7 +56,7 @@ from subsidy_client.v1 import (
 from server.config import Config
 from server.domain.complaints import SlaPolicy
 from server.domain.daily_report import BusinessCalendar
-from server.domain.supervision import SurgeRule
+from server.processes.alert_watch import funds_poller
 from server.processes.http import HttpEndpoint, serve_gateway_metrics
 from server.processes.sweeper import run_sweeper
 from server.rpc.auth import Authenticator
@@ -77,9 +77,9 @@ from server.services.qualification import QualificationService
 from server.services.reconciliation import ReconciliationService
 from server.services.reporting import ReportingService
 from server.services.risk_cases import RiskCaseService
-from server.services.supervision import FundsPoller, SupervisionService, SupervisionSettings
+from server.services.supervision import FundsPoller, SupervisionService
 from storage.postgres.pool import LazyPool
-from storage.redis.budget import BudgetReader, BudgetSource
+from storage.redis.budget import BudgetReader
 from storage.redis.credentials import CredentialCache
 from storage.redis.keys import Keys
 from storage.redis.lean import LeanRedis
@@ -198,25 +198,6 @@ def guarded_server(
     )
     authenticator = Authenticator(credentials, config.auth_clock_skew_s, ClientCertificatePolicy.from_config(config))
     return grpc_server, GuardedServer(grpc_server, authenticator, spans)
-
-
-def funds_poller(config: Config, budgets: BudgetSource, pool: LazyPool) -> FundsPoller:
-    """The live supervision poller of a gateway, over one Redis's budget counters or every
-    consumer shard's summed (server/processes/sharded_app.py)."""
-    return FundsPoller(
-        budgets,
-        pool,
-        BusinessCalendar(config.report_timezone, config.report_cutoff),
-        SupervisionSettings(
-            poll_interval_ms=config.supervision_poll_ms,
-            queue_size=config.supervision_queue_size,
-            thresholds=config.alert_threshold_percents,
-            thresholds_by_campaign=config.alert_threshold_overrides,
-            surge=SurgeRule(config.surge_factor, config.surge_min_sales, config.surge_baseline_hours),
-            surge_check_interval_s=config.surge_check_interval_s,
-            raised_by=config.redis_client_name,
-        ),
-    )
 
 
 async def create_server(config: Config) -> Application:

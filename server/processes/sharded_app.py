@@ -51,7 +51,8 @@ from subsidy_client.v1 import (
 
 from server.config import Config, ConfigError, cluster_nodes
 from server.domain.daily_report import BusinessCalendar
-from server.processes.app import Application, funds_poller, guarded_server, store_limits
+from server.processes.alert_watch import funds_poller
+from server.processes.app import Application, guarded_server, store_limits
 from server.processes.sweeper import Step, expiring, sweep_forever
 from server.rpc.tls import bind, check_listeners
 from server.services.authorization import AuthorizationService
