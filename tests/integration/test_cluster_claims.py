@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
-import asyncpg
 import pytest
 from redis.asyncio.cluster import RedisCluster
 from subsidy_client import AuthorizationClient, Line, QualificationClient, RetryPolicy
@@ -22,14 +21,12 @@ from subsidy_client.v1 import authorization_pb2 as apb
 from subsidy_client.v1 import common_pb2
 from subsidy_client.v1 import qualification_pb2 as qpb
 
-from server.commands.reference import publish_snapshot
 from server.config import Config
 from storage.cluster_dev import LocalCluster
-from storage.postgres.reference import fetch_reference
 from storage.redis.cluster.shards import ShardLayout
-from tests.conftest import Environment, consumer_key_of, id_number, load_document, running_gateway
+from tests.conftest import Environment, consumer_key_of, id_number, running_gateway
 from tests.integration import cluster_fixtures
-from tests.integration.test_cluster_gateway import SHARDS, cluster_config
+from tests.integration.test_cluster_gateway import SHARDS, cluster_config, publish_document
 
 redis_cluster = cluster_fixtures.redis_cluster
 cluster_client = cluster_fixtures.cluster_client
@@ -80,12 +77,7 @@ def claim_document(campaign_id: str, quota: int, validity_s: int = 3600) -> dict
 
 async def published(environment: Environment, config: Config, quota: int, validity_s: int = 3600) -> str:
     campaign_id = "c-clq-" + secrets.token_hex(4)
-    await load_document(environment, claim_document(campaign_id, quota, validity_s))
-    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
-    try:
-        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
-    finally:
-        await connection.close()
+    await publish_document(environment, config, claim_document(campaign_id, quota, validity_s))
     return campaign_id
 
 

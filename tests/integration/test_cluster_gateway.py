@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -75,18 +76,23 @@ def cluster_config(environment: Environment, redis_cluster: LocalCluster, prefix
     )
 
 
-async def published(environment: Environment, config: Config, sales: int) -> str:
-    """A campaign of ``sales`` sales' budget, saved in the run's database and published into the
-    cluster's shards with each shard funded its slice; returns its id."""
-    campaign_id = "c-cl-" + secrets.token_hex(4)
-    await load_document(environment, campaign_document(campaign_id, sales))
+async def publish_document(environment: Environment, config: Config, document: dict[str, Any]) -> None:
+    """Saves the document's campaigns in the run's database and publishes only them into the
+    cluster's shards, each shard funded its slice: other modules' campaigns in the run's
+    database may carry rules a cluster refuses (terminal and merchant velocity limits)."""
+    await load_document(environment, document)
+    campaign_ids = [campaign["id"] for campaign in document["campaigns"]]
     connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
     try:
-        # Only this campaign: other modules' campaigns in the run's database may carry rules a
-        # cluster refuses (per-merchant and velocity limits).
-        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
+        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=campaign_ids))
     finally:
         await connection.close()
+
+
+async def published(environment: Environment, config: Config, sales: int) -> str:
+    """A campaign of ``sales`` sales' budget, published into the cluster's shards; its id."""
+    campaign_id = "c-cl-" + secrets.token_hex(4)
+    await publish_document(environment, config, campaign_document(campaign_id, sales))
     return campaign_id
 
 
@@ -288,14 +294,7 @@ async def test_the_keeper_funds_a_released_tranche_and_refills_a_crowded_shard(
         {"release_at": "2020-01-01T00:00:00+00:00", "amount_fen": 6 * SUBSIDY_FEN},
         {"release_at": datetime.fromtimestamp(release_ms / 1000, UTC).isoformat(), "amount_fen": 6 * SUBSIDY_FEN},
     ]
-    await load_document(environment, document)
-    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
-    try:
-        # Only this campaign: other modules' campaigns in the run's database may carry rules a
-        # cluster refuses (per-merchant and velocity limits).
-        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
-    finally:
-        await connection.close()
+    await publish_document(environment, config, document)
     layout = ShardLayout(prefix, SHARDS)
     budget = ShardBudget(cluster_client, layout)
     crowd = [consumer for consumer in consumers_per_shard(layout, 40) if layout.shard_of_consumer(consumer) == 0]
@@ -340,12 +339,7 @@ async def test_a_keeper_whose_clock_runs_ahead_funds_no_tranche_early(
         {"release_at": "2020-01-01T00:00:00+00:00", "amount_fen": 6 * SUBSIDY_FEN},
         {"release_at": datetime.fromtimestamp(time.time() + 3600, UTC).isoformat(), "amount_fen": 6 * SUBSIDY_FEN},
     ]
-    await load_document(environment, document)
-    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
-    try:
-        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
-    finally:
-        await connection.close()
+    await publish_document(environment, config, document)
     layout = ShardLayout(prefix, SHARDS)
     budget = ShardBudget(cluster_client, layout)
     try:
@@ -408,12 +402,7 @@ async def test_limits_counted_per_consumer_are_exact_on_a_cluster(
     document = campaign_document(campaign_id, 3 * SHARDS)
     document["campaigns"][0].update(limit)  # type: ignore[index]
     document["campaigns"][0]["rules"][0]["per_person_limit"] = 10  # type: ignore[index]
-    await load_document(environment, document)
-    connection = await asyncpg.connect(environment.pg_dsn, timeout=10)
-    try:
-        await publish_snapshot(config, await fetch_reference(connection, campaign_ids=[campaign_id]))
-    finally:
-        await connection.close()
+    await publish_document(environment, config, document)
     layout = ShardLayout(config.redis_prefix, SHARDS)
     client = AuthorizationClient(target, "t-main-01", environment.credentials["t-main-01"])
     try:
